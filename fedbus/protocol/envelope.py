@@ -1,0 +1,142 @@
+"""The envelope codec: a message <-> one small msgpack map, validated strictly on the way in.
+
+Wire form: ``{"v": PROTOCOL_VERSION, "t": TYPE, "id": message id, **fields}``. Decoding trusts nothing:
+size cap first, then msgpack with its own container limits, then version, known type, every required
+field present, no unknown field, every value of its declared type (nested dict/list values plain and
+bounded). Any failure is a ``RemoteProtocolError`` that names the type and field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+
+from fedbus.errors import LocalProtocolError, RemoteProtocolError
+from fedbus.protocol.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message, fields_of
+
+MAX_ENVELOPE = 256 * 1024
+"""Largest envelope accepted (bytes). Headers of models with ~10^4 tensors fit; payloads never travel here."""
+
+MAX_DEPTH = 8
+"""Deepest nesting accepted inside dict/list fields (metrics, meta, config)."""
+
+_PLAIN = (int, float, str, bytes, bool, type(None))
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (float, int),
+    "str": (str,),
+    "bytes": (bytes,),
+    "bool": (bool,),
+    "dict": (dict,),
+    "list": (list,),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    kinds: tuple[type, ...]
+    optional: bool
+    required: bool
+    spec: str
+
+
+def _schema(cls: type[Message]) -> tuple[_Field, ...]:
+    """Turn a message class's annotations (strings, thanks to PEP 563) into checkable field specs."""
+    out = []
+    for f in dataclasses.fields(cls):
+        spec = str(f.type).replace(" ", "")
+        parts = spec.split("|")
+        optional = "None" in parts
+        kinds: tuple[type, ...] = ()
+        for p in parts:
+            if p != "None":
+                kinds += _SCALARS[p]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out.append(_Field(f.name, kinds, optional, required, spec))
+    return tuple(out)
+
+
+_SCHEMAS = {t: _schema(cls) for t, cls in MESSAGE_TYPES.items()}
+
+
+def encode(msg: Message, mid: int = 0) -> bytes:
+    """Serialize ``msg`` into one envelope frame."""
+    cls = MESSAGE_TYPES.get(msg.TYPE)
+    if cls is not type(msg):
+        raise LocalProtocolError(f"not a registered message: {type(msg).__name__}")
+    body = {"v": PROTOCOL_VERSION, "t": msg.TYPE, "id": mid}
+    body.update(fields_of(msg))
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes | bytearray | memoryview, max_size: int = MAX_ENVELOPE) -> tuple[Message, int]:
+    """Parse and validate one untrusted envelope frame; returns (message, message id)."""
+    size = memoryview(data).nbytes
+    if size > max_size:
+        raise RemoteProtocolError(f"envelope of {size} bytes exceeds the {max_size}-byte limit")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many unrelated types for garbage
+        raise RemoteProtocolError(f"envelope is not valid msgpack: {type(exc).__name__}") from exc
+    if not isinstance(body, dict):
+        raise RemoteProtocolError(f"envelope must be a map, got {type(body).__name__}")
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})")
+    mtype = body.pop("t", None)
+    if not isinstance(mtype, str) or mtype not in _SCHEMAS:
+        raise RemoteProtocolError(f"unknown message type {mtype!r}")
+    mid = body.pop("id", 0)
+    if type(mid) is not int:
+        raise RemoteProtocolError(f"{mtype}: field 'id' must be int")
+    kwargs: dict[str, Any] = {}
+    for f in _SCHEMAS[mtype]:
+        if f.name not in body:
+            if f.required:
+                raise RemoteProtocolError(f"{mtype}: missing field {f.name!r}")
+            continue
+        value = body.pop(f.name)
+        _check_field(mtype, f, value)
+        kwargs[f.name] = value
+    if body:
+        raise RemoteProtocolError(f"{mtype}: unknown field(s) {sorted(map(str, body))}")
+    return MESSAGE_TYPES[mtype](**kwargs), mid
+
+
+def _check_field(mtype: str, f: _Field, value: Any) -> None:
+    if value is None:
+        if f.optional:
+            return
+        raise RemoteProtocolError(f"{mtype}: field {f.name!r} must be {f.spec}, got None")
+    # bool is an int subclass: an int field must not accept True, a bool field must not accept 1.
+    ok = isinstance(value, f.kinds) and (isinstance(value, bool) == (bool in f.kinds))
+    if not ok:
+        raise RemoteProtocolError(f"{mtype}: field {f.name!r} must be {f.spec}, got {type(value).__name__}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        _check_number(mtype, f.name, value)
+    if isinstance(value, dict | list):
+        _check_plain(mtype, f.name, value, 0)
+
+
+def _check_number(mtype: str, name: str, value: float) -> None:
+    if isinstance(value, float) and value != value:  # NaN sneaks past every comparison
+        raise RemoteProtocolError(f"{mtype}: field {name!r} is NaN")
+
+
+def _check_plain(mtype: str, name: str, value: Any, depth: int) -> None:
+    """Nested values must be plain msgpack data with string keys, bounded in depth."""
+    if depth > MAX_DEPTH:
+        raise RemoteProtocolError(f"{mtype}: field {name!r} nests deeper than {MAX_DEPTH}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RemoteProtocolError(f"{mtype}: field {name!r} has a non-string key")
+            _check_plain(mtype, name, v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_plain(mtype, name, v, depth + 1)
+    elif not isinstance(value, _PLAIN):
+        raise RemoteProtocolError(f"{mtype}: field {name!r} holds a {type(value).__name__}")

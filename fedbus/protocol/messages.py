@@ -1,0 +1,275 @@
+"""Every message type of the fedbus wire protocol, as frozen dataclasses.
+
+A message is the envelope's typed content; raw payload frames (model chunks, job archives) travel beside
+it, never inside it. Each class names its wire ``TYPE`` and its fields; the field annotations are the
+schema that ``envelope.decode`` enforces on untrusted input, so adding a message is adding a class here.
+
+Field types allowed in a schema: ``int``, ``float``, ``str``, ``bytes``, ``bool``, ``dict`` (str keys,
+plain values), ``list`` and ``X | None``. ``float`` fields accept ints (msgpack may shrink them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all messages; ``TYPE`` is the wire name."""
+
+    TYPE: ClassVar[str] = ""
+
+
+# --- sessions: registration, liveness, errors -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """A peer introduces itself: a site (data owner), an admin (operator) or a client (training script)."""
+
+    TYPE: ClassVar[str] = "hello"
+    role: str
+    name: str
+    session: str
+    caps: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """The broker accepts a Hello and tells the peer how often to heartbeat."""
+
+    TYPE: ClassVar[str] = "welcome"
+    session: str
+    heartbeat_s: float
+    liveness: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Message):
+    """A peer leaves on purpose (shutdown); the other side forgets it at once instead of waiting."""
+
+    TYPE: ClassVar[str] = "bye"
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A refusal: ``code`` is machine-readable, ``reason`` is for humans, ``ref`` the refused type."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    reason: str
+    ref: str = ""
+
+
+# --- admin requests (CLI, recipes) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """An admin request: ``op`` is submit | status | abort | download | sites; one payload frame for submit."""
+
+    TYPE: ClassVar[str] = "request"
+    rid: int
+    op: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """The answer to a Request with the same ``rid``; ``ok`` false means ``error`` says why."""
+
+    TYPE: ClassVar[str] = "reply"
+    rid: int
+    ok: bool
+    data: dict = field(default_factory=dict)
+    error: str = ""
+
+
+# --- jobs between broker, site and training script -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deploy(Message):
+    """Broker → site: run a job here; its files follow as one payload frame (a zip archive)."""
+
+    TYPE: ClassVar[str] = "deploy"
+    job_id: str
+    script: str
+    args: list
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Task(Message):
+    """Broker → site → script: train or evaluate global model ``version``; the model arrives as stream ``sid``."""
+
+    TYPE: ClassVar[str] = "task"
+    job_id: str
+    task_id: str
+    kind: str
+    version: int
+    round: int
+    total_rounds: int
+    sid: int | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    """Script → site → broker: the outcome of a task; params (if any) follow as stream ``sid``."""
+
+    TYPE: ClassVar[str] = "result"
+    job_id: str
+    task_id: str
+    version: int
+    params_type: str
+    weight: float
+    metrics: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    sid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent(Message):
+    """Site → broker: something happened to a job's script (``started``, ``exited``, ``crashed``, ``log``)."""
+
+    TYPE: ClassVar[str] = "job_event"
+    job_id: str
+    event: str
+    code: int = 0
+    detail: str = ""
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EndJob(Message):
+    """Broker → site → script: the job is over (finished, failed or aborted); stop its script."""
+
+    TYPE: ClassVar[str] = "end_job"
+    job_id: str
+    reason: str = ""
+
+
+# --- model streams (see protocol.stream) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Offer(Message):
+    """Sender → receiver: a stream of ``total`` bytes whose first bytes are ``header`` (safetensors)."""
+
+    TYPE: ClassVar[str] = "offer"
+    sid: int
+    total: int
+    chunk: int
+    alg: str
+    digest: str
+    header: bytes
+    ctx: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(Message):
+    """Receiver → sender: you may send every byte below ``until`` (cumulative, so duplicates are harmless)."""
+
+    TYPE: ClassVar[str] = "credit"
+    sid: int
+    until: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk(Message):
+    """Sender → receiver: bytes [off, off + len(payload)) follow as payload frames; ``sum`` is their digest."""
+
+    TYPE: ClassVar[str] = "chunk"
+    sid: int
+    off: int
+    sum: int
+
+
+@dataclass(frozen=True, slots=True)
+class End(Message):
+    """Sender → receiver: every chunk was sent; ``digest`` covers the whole stream."""
+
+    TYPE: ClassVar[str] = "end"
+    sid: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """Receiver → sender: the whole stream arrived and its digest matched."""
+
+    TYPE: ClassVar[str] = "ack"
+    sid: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Nack(Message):
+    """Receiver → sender: bytes from ``off`` on were corrupt; send them again."""
+
+    TYPE: ClassVar[str] = "nack"
+    sid: int
+    off: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Message):
+    """Receiver → sender: continue from ``off`` (after a reconnect, a gap or a stall)."""
+
+    TYPE: ClassVar[str] = "resume"
+    sid: int
+    off: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Message):
+    """Either side gives the stream up; ``reason`` says why."""
+
+    TYPE: ClassVar[str] = "abort"
+    sid: int
+    reason: str
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Welcome,
+        Heartbeat,
+        Bye,
+        Error,
+        Request,
+        Reply,
+        Deploy,
+        Task,
+        Result,
+        JobEvent,
+        EndJob,
+        Offer,
+        Credit,
+        Chunk,
+        End,
+        Ack,
+        Nack,
+        Resume,
+        Abort,
+    )
+}
+
+STREAM_TYPES = frozenset({"offer", "credit", "chunk", "end", "ack", "nack", "resume", "abort"})
+
+
+def fields_of(msg: Message) -> dict[str, Any]:
+    """The message's fields as a plain dict (what the envelope carries besides version and type)."""
+    return {f.name: getattr(msg, f.name) for f in fields(msg)}

@@ -1,0 +1,322 @@
+"""The pump: drives protocol stream state machines over an endpoint.
+
+Theory of operation. Every outgoing stream runs in its own task: it asks its ``Sender`` for messages,
+sends them (chunks with their payload frames, straight from tensor memory), then sleeps until a control
+message (credit, ack, nack, resume, abort) arrives or the sender's deadline passes. Every incoming stream
+has a task too: chunks are checked by the ``Receiver`` before their bytes are touched, copied once into
+the sink's preallocated buffer, digested there, and confirmed. All protocol decisions live in
+``fedbus.protocol.stream``; this module only moves bytes and waits, so it stays a few dozen lines per side.
+
+Bytes in flight per stream never exceed the receiver's credit window, so a 10 GiB model costs the
+sender nothing beyond the model itself and the receiver one buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbus import digest, serde
+from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
+from fedbus.log import get_logger
+from fedbus.protocol.messages import Abort, Chunk, End, Message, Offer
+from fedbus.protocol.stream import Receiver, ReceiverState, Sender, SenderState
+from fedbus.transport.endpoint import Endpoint
+
+DEFAULT_CHUNK = 4 << 20
+"""Chunk size, from ``fedbus bench transfer`` sweeps (see docs/benchmarks.md)."""
+
+DEFAULT_WINDOW = 32 << 20
+"""Credit window in bytes, from the same sweeps."""
+
+log = get_logger("transport.streams")
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class ModelSource:
+    """Bytes to stream: the safetensors layout of a state_dict, digested once however often it is sent.
+
+    A broker broadcasting one global model to N sites pays for the chunk sums once.
+    """
+
+    def __init__(self, lay: serde.Layout) -> None:
+        self.layout = lay
+        self._sums: dict[tuple[int, str], tuple[list[int], str]] = {}
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], metadata: dict | None = None) -> ModelSource:
+        return cls(serde.layout(state_dict, metadata))
+
+    @property
+    def total(self) -> int:
+        return self.layout.total
+
+    def sums(self, chunk_size: int, alg: str) -> tuple[list[int], str]:
+        key = (chunk_size, alg)
+        if key not in self._sums:
+            triples = digest.chunk_sums(self.layout.parts, chunk_size, alg)
+            self._sums[key] = ([s for _, _, s in triples], digest.stream_digest(triples, alg))
+        return self._sums[key]
+
+    async def prepare(self, chunk_size: int, alg: str) -> tuple[list[int], str]:
+        """Chunk sums and stream digest, computed in a thread (numpy releases the GIL) and cached."""
+        async with self._lock:
+            if (chunk_size, alg) not in self._sums:
+                await asyncio.to_thread(self.sums, chunk_size, alg)
+        return self._sums[(chunk_size, alg)]
+
+    def frames(self, off: int, length: int) -> list[Any]:
+        return digest.aligned_chunk_parts(self.layout.parts, off, length)
+
+
+class BufferSink:
+    """Receives a stream into one preallocated buffer; the result is tensors that are views of it.
+
+    ``expected`` (a reference state_dict or specs) makes the offer fail fast when names, shapes or
+    dtypes differ from what the receiver will accept, before any byte of payload is taken.
+    """
+
+    def __init__(self, *, max_total: int, expected: Any = None, alg: str = digest.DEFAULT_ALG) -> None:
+        self.max_total = max_total
+        self.expected = expected
+        self.alg = alg
+        self.buffer: torch.Tensor | None = None
+        self._view: np.ndarray | None = None
+        self.specs: list[serde.TensorSpec] = []
+        self.data_start = 0
+        self.metadata: dict[str, str] = {}
+        self.header = b""
+        self.offer: Offer | None = None
+        self.peer = b""
+        self.result: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
+
+    def open(self, offer: Offer) -> None:
+        """Validate the untrusted header and allocate; raises RemoteProtocolError to refuse the stream."""
+        self.data_start, self.specs, self.metadata = serde.parse_header(
+            offer.header, max_total=self.max_total, total=offer.total
+        )
+        if self.data_start != len(offer.header):
+            raise RemoteProtocolError("offer header must be exactly the stream's header bytes")
+        if self.expected is not None:
+            serde.check_compatible(self.expected, self.specs)
+        self.header = offer.header
+        self.offer = offer
+        self.buffer = serde.allocate(offer.total)
+        self._view = self.buffer.numpy()
+
+    def write(self, off: int, frames: Sequence[memoryview]) -> int:
+        """Copy one chunk's frames into place and return the digest of what landed."""
+        view = self._view
+        assert view is not None
+        pos = off
+        for f in frames:
+            n = f.nbytes
+            view[pos : pos + n] = np.frombuffer(f, dtype=np.uint8)
+            pos += n
+        return digest.chunk_sum([view[off:pos]], self.alg)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The received tensors, as views of the buffer; the stream's own header bytes must match the offer."""
+        assert self._view is not None and self.buffer is not None
+        if self._view[: len(self.header)].tobytes() != self.header:
+            raise RemoteProtocolError("stream header bytes differ from the offered header")
+        return serde.tensors_from_buffer(self.buffer, self.specs, self.data_start)
+
+
+OfferHandler = Callable[[bytes, Offer], Awaitable[BufferSink | None]]
+
+
+class StreamHub:
+    """All streams of one endpoint, keyed by (peer, stream id).
+
+    The owner feeds every stream-type message to ``dispatch``; ``send`` streams a model to a peer and
+    returns once the receiver acknowledged it; ``on_offer`` decides whether to accept an incoming stream.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        on_offer: OfferHandler,
+        chunk_size: int = DEFAULT_CHUNK,
+        window: int = DEFAULT_WINDOW,
+        alg: str = digest.DEFAULT_ALG,
+        max_total: int = 1 << 40,
+        stall_timeout: float = 30.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.on_offer = on_offer
+        self.chunk_size = chunk_size
+        self.window = window
+        self.alg = alg
+        self.max_total = max_total
+        self.stall_timeout = stall_timeout
+        self._outgoing: dict[tuple[bytes, int], asyncio.Queue[Message]] = {}
+        self._incoming: dict[tuple[bytes, int], asyncio.Queue[tuple[Message, list[memoryview]]]] = {}
+        self._receivers: dict[tuple[bytes, int], Receiver] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- sending -------------------------------------------------------------------------------------
+
+    async def send(self, peer: bytes, source: ModelSource, ctx: dict | None = None, sid: int | None = None) -> int:
+        """Stream ``source`` to ``peer``; returns the stream id once acknowledged. Raises TransportError."""
+        sid = sid if sid is not None else secrets.randbits(62)
+        sums, stream_digest = await source.prepare(self.chunk_size, self.alg)
+        sender = Sender(
+            sid,
+            header=source.layout.header,
+            total=source.total,
+            chunk_size=self.chunk_size,
+            chunk_sums=sums,
+            digest=stream_digest,
+            alg=self.alg,
+            ctx=ctx or {},
+            now=_now(),
+            stall_timeout=self.stall_timeout,
+        )
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        key = (peer, sid)
+        self._outgoing[key] = inbox
+        try:
+            await self.endpoint.send(peer, sender.offer())
+            while True:
+                for m in sender.next_messages(_now()):
+                    payload = source.frames(m.off, sender.chunk_length(m.off)) if isinstance(m, Chunk) else ()
+                    await self.endpoint.send(peer, m, payload)
+                if sender.state in (SenderState.DONE, SenderState.FAILED):
+                    break
+                deadline = sender.deadline()
+                timeout = None if deadline is None else max(0.0, deadline - _now())
+                try:
+                    msg = await asyncio.wait_for(inbox.get(), timeout)
+                except TimeoutError:
+                    continue
+                sender.receive(msg, _now())
+                while not inbox.empty():
+                    sender.receive(inbox.get_nowait(), _now())
+        finally:
+            del self._outgoing[key]
+        if sender.state is SenderState.FAILED:
+            raise TransportError(f"stream {sid} to {peer!r} failed: {sender.failure}")
+        return sid
+
+    # --- receiving -----------------------------------------------------------------------------------
+
+    async def _accept(self, peer: bytes, offer: Offer) -> None:
+        key = (peer, offer.sid)
+        try:
+            sink = await self.on_offer(peer, offer)
+            if sink is None:
+                await self.endpoint.send(peer, Abort(offer.sid, "refused"))
+                return
+            receiver = Receiver(
+                offer,
+                window=self.window,
+                now=_now(),
+                digest_fn=lambda triples: digest.stream_digest(triples, offer.alg),
+                max_total=self.max_total,
+                stall_timeout=self.stall_timeout,
+            )
+            sink.open(offer)
+        except FedbusError as exc:
+            log.warning("stream refused", peer=peer, sid=offer.sid, reason=str(exc))
+            await self.endpoint.send(peer, Abort(offer.sid, f"refused: {exc}"))
+            return
+        sink.peer = peer
+        self._receivers[key] = receiver
+        queue: asyncio.Queue[tuple[Message, list[memoryview]]] = asyncio.Queue()
+        self._incoming[key] = queue
+        self._spawn(self._receive(key, receiver, sink, queue))
+
+    async def _receive(
+        self,
+        key: tuple[bytes, int],
+        receiver: Receiver,
+        sink: BufferSink,
+        queue: asyncio.Queue[tuple[Message, list[memoryview]]],
+    ) -> None:
+        peer, sid = key
+        try:
+            for m in receiver.start():
+                await self.endpoint.send(peer, m)
+            while receiver.state is ReceiverState.RECEIVING:
+                deadline = receiver.deadline()
+                timeout = None if deadline is None else max(0.0, deadline - _now())
+                with contextlib.suppress(TimeoutError):
+                    msg, frames = await asyncio.wait_for(queue.get(), timeout)
+                    self._feed(receiver, sink, msg, frames)
+                    while not queue.empty():
+                        self._feed(receiver, sink, *queue.get_nowait())
+                for m in receiver.next_messages(_now()):
+                    await self.endpoint.send(peer, m)
+            if receiver.state is ReceiverState.DONE:
+                sink.result.set_result(sink.finish())
+            else:
+                sink.result.set_exception(TransportError(f"stream {sid} from {peer!r}: {receiver.failure}"))
+        except FedbusError as exc:
+            log.warning("stream failed", peer=peer, sid=sid, reason=str(exc))
+            with contextlib.suppress(FedbusError):
+                await self.endpoint.send(peer, Abort(sid, str(exc)))
+            if not sink.result.done():
+                sink.result.set_exception(exc)
+        finally:
+            self._incoming.pop(key, None)
+            self._receivers.pop(key, None)
+            if not sink.result.done():
+                sink.result.set_exception(TransportError(f"stream {sid} from {peer!r} was cancelled"))
+
+    def _feed(self, receiver: Receiver, sink: BufferSink, msg: Message, frames: list[memoryview]) -> None:
+        now = _now()
+        if isinstance(msg, Chunk):
+            length = sum(f.nbytes for f in frames)
+            if receiver.accept_chunk(msg, length):
+                receiver.chunk_written(msg, sink.write(msg.off, frames), now)
+        else:
+            receiver.receive(msg, now)
+
+    # --- routing -------------------------------------------------------------------------------------
+
+    async def dispatch(self, peer: bytes, msg: Message, payload: list[memoryview]) -> None:
+        """Route one stream-type message from ``peer`` to the stream it belongs to."""
+        key = (peer, msg.sid)  # type: ignore[attr-defined]
+        if isinstance(msg, Offer):
+            if key in self._incoming:
+                return  # a duplicated offer: the stream is already being received
+            await self._accept(peer, msg)
+            return
+        if isinstance(msg, Chunk | End) or (isinstance(msg, Abort) and key in self._incoming):
+            queue = self._incoming.get(key)
+            if queue is not None:
+                queue.put_nowait((msg, payload))
+            return
+        outbox = self._outgoing.get(key)
+        if outbox is not None:
+            outbox.put_nowait(msg)
+
+    async def resume_all(self, peer: bytes | None = None) -> None:
+        """After a reconnect: ask every sender (of ``peer``) to continue from our last verified offset."""
+        for (p, _sid), receiver in list(self._receivers.items()):
+            if peer is None or p == peer:
+                for m in receiver.resume(_now()):
+                    await self.endpoint.send(p, m)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
