@@ -85,10 +85,15 @@ class BufferSink:
 
     ``expected`` (a reference state_dict or specs) makes the offer fail fast when names, shapes or
     dtypes differ from what the receiver will accept, before any byte of payload is taken.
+    With ``path`` the buffer is a shared memory map of that file: the finished file is a valid
+    ``.safetensors`` file (what a site hands its training script), and its pages live in the page cache.
     """
 
-    def __init__(self, *, max_total: int, expected: Any = None, alg: str = digest.DEFAULT_ALG) -> None:
+    def __init__(
+        self, *, max_total: int, expected: Any = None, alg: str = digest.DEFAULT_ALG, path: str | None = None
+    ) -> None:
         self.max_total = max_total
+        self.path = path
         self.expected = expected
         self.alg = alg
         self.buffer: torch.Tensor | None = None
@@ -112,7 +117,12 @@ class BufferSink:
             serde.check_compatible(self.expected, self.specs)
         self.header = offer.header
         self.offer = offer
-        self.buffer = serde.allocate(offer.total)
+        if self.path is None:
+            self.buffer = serde.allocate(offer.total)
+        else:
+            with open(self.path, "wb") as f:
+                f.truncate(offer.total)
+            self.buffer = torch.from_file(self.path, shared=True, size=offer.total, dtype=torch.uint8)
         self._view = self.buffer.numpy()
 
     def write(self, off: int, frames: Sequence[memoryview]) -> int:
@@ -166,6 +176,7 @@ class StreamHub:
         self._incoming: dict[tuple[bytes, int], asyncio.Queue[tuple[Message, list[memoryview]]]] = {}
         self._receivers: dict[tuple[bytes, int], Receiver] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._accepting: set[tuple[bytes, int]] = set()
 
     # --- sending -------------------------------------------------------------------------------------
 
@@ -216,6 +227,14 @@ class StreamHub:
     async def _accept(self, peer: bytes, offer: Offer) -> None:
         key = (peer, offer.sid)
         try:
+            await self._open(key, offer)
+        finally:
+            self._accepting.discard(key)
+
+    async def _open(self, key: tuple[bytes, int], offer: Offer) -> None:
+        peer = key[0]
+        sink: BufferSink | None = None
+        try:
             sink = await self.on_offer(peer, offer)
             if sink is None:
                 await self.endpoint.send(peer, Abort(offer.sid, "refused"))
@@ -231,6 +250,8 @@ class StreamHub:
             sink.open(offer)
         except FedbusError as exc:
             log.warning("stream refused", peer=peer, sid=offer.sid, reason=str(exc))
+            if sink is not None and not sink.result.done():
+                sink.result.set_exception(exc)
             await self.endpoint.send(peer, Abort(offer.sid, f"refused: {exc}"))
             return
         sink.peer = peer
@@ -291,9 +312,11 @@ class StreamHub:
         """Route one stream-type message from ``peer`` to the stream it belongs to."""
         key = (peer, msg.sid)  # type: ignore[attr-defined]
         if isinstance(msg, Offer):
-            if key in self._incoming:
+            if key in self._incoming or key in self._accepting:
                 return  # a duplicated offer: the stream is already being received
-            await self._accept(peer, msg)
+            # Accepting may wait (the owner can hold offers back to bound memory), so never block routing.
+            self._accepting.add(key)
+            self._spawn(self._accept(peer, msg))
             return
         if isinstance(msg, Chunk | End) or (isinstance(msg, Abort) and key in self._incoming):
             queue = self._incoming.get(key)

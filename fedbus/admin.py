@@ -1,0 +1,136 @@
+"""The admin side of the bus: submit, status, abort and download, for the CLI and the recipes' environments.
+
+An ``Admin`` is a DEALER that says hello as ``admin`` and then sends requests; each request waits for
+the reply with the same ``rid``. ``download`` also receives the final model as a stream into a
+``.safetensors`` file (written in place as chunks arrive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+
+from fedbus import jobs
+from fedbus.errors import JobError, TransportError
+from fedbus.protocol.messages import STREAM_TYPES, Error, Hello, Offer, Reply, Request, Welcome
+from fedbus.transport.endpoint import BadMessage, DealerEndpoint
+from fedbus.transport.streams import BufferSink, StreamHub
+
+
+class Admin:
+    """An async admin connection to one broker; use as ``async with Admin(address) as admin``."""
+
+    def __init__(self, address: str, *, timeout: float = 30.0, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.endpoint: DealerEndpoint | None = None
+        self.hub: StreamHub | None = None
+        self._rid = 0
+        self._replies: dict[int, asyncio.Future[Reply]] = {}
+        self._welcome: asyncio.Future[Welcome] | None = None
+        self._download: tuple[str, Path, asyncio.Future[BufferSink]] | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Admin:
+        self.endpoint = DealerEndpoint.connect(self.ctx, self.address)
+        self.hub = StreamHub(self.endpoint, on_offer=self._on_offer)
+        self._welcome = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.ensure_future(self._read())
+        await self.endpoint.send(b"", Hello(role="admin", name="admin", session=os.urandom(8).hex()))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._welcome), self.timeout)
+        except TimeoutError:
+            await self.__aexit__()
+            raise TransportError(f"no answer from a broker at {self.address} within {self.timeout:.0f} s") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self.hub is not None:
+            await self.hub.close()
+        if self.endpoint is not None:
+            self.endpoint.close()
+
+    async def _read(self) -> None:
+        assert self.endpoint is not None and self.hub is not None
+        while True:
+            try:
+                inc = await self.endpoint.recv()
+            except BadMessage:
+                continue
+            msg = inc.msg
+            if isinstance(msg, Welcome) and self._welcome is not None and not self._welcome.done():
+                self._welcome.set_result(msg)
+            elif isinstance(msg, Reply) and msg.rid in self._replies:
+                self._replies.pop(msg.rid).set_result(msg)
+            elif isinstance(msg, Error) and self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(TransportError(f"broker refused: {msg.reason}"))
+            elif msg.TYPE in STREAM_TYPES:
+                await self.hub.dispatch(inc.peer, msg, inc.payload)
+
+    async def request(self, op: str, args: dict[str, Any] | None = None, payload: list[bytes] | None = None) -> dict:
+        """Send one request and return the reply's data; a refusal raises JobError with the broker's reason."""
+        assert self.endpoint is not None
+        self._rid += 1
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._replies[self._rid] = fut
+        await self.endpoint.send(b"", Request(rid=self._rid, op=op, args=args or {}), payload or [])
+        try:
+            reply = await asyncio.wait_for(fut, self.timeout)
+        except TimeoutError:
+            self._replies.pop(self._rid, None)
+            raise TransportError(f"no reply to {op!r} within {self.timeout:.0f} s") from None
+        if not reply.ok:
+            raise JobError(reply.error)
+        return reply.data
+
+    async def submit(self, folder: str | Path) -> str:
+        """Validate and pack a job folder locally (errors name the problem before anything is sent), submit it."""
+        jobs.load_job_folder(folder)
+        data = await self.request("submit", payload=[jobs.pack_job(folder)])
+        return str(data["job_id"])
+
+    async def status(self, job_id: str | None = None) -> dict:
+        return await self.request("status", {"job_id": job_id} if job_id else {})
+
+    async def abort(self, job_id: str) -> None:
+        await self.request("abort", {"job_id": job_id})
+
+    async def download(self, job_id: str, dest: str | Path) -> dict:
+        """The job's history and its latest global model, written to ``dest/model.safetensors``."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        done: asyncio.Future[BufferSink] = asyncio.get_running_loop().create_future()
+        self._download = (job_id, dest, done)
+        data = await self.request("download", {"job_id": job_id})
+        data["model_path"] = None
+        if data.get("version") is not None:
+            sink = await asyncio.wait_for(done, self.timeout)
+            await asyncio.wait_for(sink.result, self.timeout)
+            final = dest / "model.safetensors"
+            assert sink.path is not None
+            os.replace(sink.path, final)
+            data["model_path"] = str(final)
+        self._download = None
+        return data
+
+    async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
+        if (
+            self._download is None
+            or offer.ctx.get("job_id") != self._download[0]
+            or offer.ctx.get("kind") != "download"
+        ):
+            return None
+        _, dest, done = self._download
+        sink = BufferSink(max_total=offer.total, path=str(dest / "model.safetensors.part"))
+        done.set_result(sink)
+        return sink

@@ -1,0 +1,221 @@
+"""``fedbus bench transfer``: one model from one process to another, against the bus's own ceiling.
+
+The parent process is the sender (a DEALER, like a site uploading); a child process is the receiver
+(a bound ROUTER, like the broker). In one run:
+1. raw ZeroMQ: the same byte count as 4 MiB frames, ``copy=False``, a credit window, the receiver
+   discarding what it gets: what the bus can do with no serialization, digests or placement;
+2. fedbus: a random state_dict serialized (zero-copy layout), streamed with credit and digests, received
+   into one preallocated buffer and returned as tensors;
+3. memcpy into a reused buffer: the cost of touching every byte once.
+Memory figures are peak RSS growth over the RSS before the model exists, as multiples of the model size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from fedbus.bench.common import (
+    MiB,
+    format_report,
+    memcpy_gbps,
+    model_bytes,
+    peak_rss,
+    random_state_dict,
+    reset_peak_rss,
+    rss,
+)
+from fedbus.protocol.messages import STREAM_TYPES, Reply
+from fedbus.transport.endpoint import DealerEndpoint, RouterEndpoint
+from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+
+RAW_FRAME = 4 * MiB
+
+
+def _addresses(transport: str) -> tuple[str, str]:
+    if transport == "tcp":
+        return "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"
+    folder = tempfile.mkdtemp(prefix="fedbus-bench-")
+    return f"ipc://{folder}/raw", f"ipc://{folder}/fedbus"
+
+
+# --- receiver (child process) ---------------------------------------------------------------------------
+
+
+def _raw_receive(sock: zmq.Socket, total: int) -> None:
+    """Discard ``total`` bytes of frames, granting one frame of credit back per frame consumed."""
+    got = 0
+    while got < total:
+        peer, frame = sock.recv_multipart(copy=False)
+        got += len(frame)
+        sock.send_multipart([peer.bytes, b"c"])
+    sock.send_multipart([peer.bytes, b"done"])
+
+
+async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
+    baseline = rss()
+    offered: asyncio.Future[BufferSink] = asyncio.get_running_loop().create_future()
+
+    async def on_offer(peer: bytes, offer: Any) -> BufferSink:
+        reset_peak_rss()
+        sink = BufferSink(max_total=offer.total)
+        offered.set_result(sink)
+        return sink
+
+    hub = StreamHub(ep, on_offer=on_offer, window=window, chunk_size=chunk)
+    pump = asyncio.ensure_future(_route(ep, hub))
+    sink = await offered
+    tensors = await sink.result
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    stats = {"peak_growth": peak_rss() - baseline, "tensors": len(tensors), "model_bytes": nbytes}
+    await ep.send(sink.peer, Reply(rid=0, ok=True, data=stats))
+    await asyncio.sleep(0.2)  # let the reply leave before the socket closes
+    pump.cancel()
+    await hub.close()
+
+
+async def _route(ep: RouterEndpoint, hub: StreamHub) -> None:
+    while True:
+        inc = await ep.recv()
+        if inc.msg.TYPE in STREAM_TYPES:
+            await hub.dispatch(inc.peer, inc.msg, inc.payload)
+
+
+def receiver_main(raw_addr: str, fedbus_addr: str, total: int, window: int, chunk: int) -> None:
+    """Entry point of the child process."""
+    sync_ctx = zmq.Context()
+    raw = sync_ctx.socket(zmq.ROUTER)
+    raw.bind(raw_addr)
+    actx = zmq.asyncio.Context()
+    ep = RouterEndpoint.bind(actx, fedbus_addr)
+    sys.stdout.write(json.dumps({"raw": raw.getsockopt_string(zmq.LAST_ENDPOINT), "fedbus": ep.address}) + "\n")
+    sys.stdout.flush()
+    _raw_receive(raw, total)
+    raw.close(linger=500)
+    asyncio.run(_fedbus_receive(ep, window, chunk))
+    ep.close()
+    actx.term()
+    sync_ctx.term()
+
+
+# --- sender (parent process) ----------------------------------------------------------------------------
+
+
+def _raw_send(address: str, total: int, window: int) -> float:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    buf = memoryview(bytearray(os.urandom(1024)) * (RAW_FRAME // 1024))
+    credit = max(1, window // RAW_FRAME)
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        while credit == 0:
+            sock.recv()
+            credit += 1
+        n = min(RAW_FRAME, total - sent)
+        sock.send(buf[:n], copy=False)
+        sent += n
+        credit -= 1
+    while sock.recv() != b"done":
+        pass
+    elapsed = time.perf_counter() - start
+    sock.close(linger=0)
+    ctx.term()
+    return elapsed
+
+
+async def _fedbus_send(address: str, size_mb: float, chunk: int, window: int) -> dict[str, Any]:
+    ctx = zmq.asyncio.Context()
+    ep = DealerEndpoint.connect(ctx, address)
+
+    async def refuse(peer: bytes, offer: Any) -> None:
+        return None
+
+    hub = StreamHub(ep, on_offer=refuse, chunk_size=chunk, window=window)
+    baseline = rss()
+    reset_peak_rss()
+    model = random_state_dict(size_mb, seed=1)
+    size = model_bytes(model)
+    pump = asyncio.create_task(_route_controls(ep, hub))
+    start = time.perf_counter()
+    source = ModelSource.from_state_dict(model)
+    await hub.send(b"", source)
+    elapsed = time.perf_counter() - start
+    sender_growth = peak_rss() - baseline
+    reply = await pump
+    ep.close()
+    ctx.term()
+    return {"elapsed": elapsed, "size": size, "total": source.total, "sender_growth": sender_growth, **reply}
+
+
+async def _route_controls(ep: DealerEndpoint, hub: StreamHub) -> dict[str, Any]:
+    """The sender's receive loop: stream controls to the hub until the receiver's Reply arrives."""
+    while True:
+        inc = await ep.recv()
+        if isinstance(inc.msg, Reply):
+            return inc.msg.data
+        if inc.msg.TYPE in STREAM_TYPES:
+            await hub.dispatch(inc.peer, inc.msg, inc.payload)
+
+
+def run_transfer(size_mb: float, chunk_mb: float = 4, window_mb: float = 32, transport: str = "tcp") -> str:
+    """Run the whole benchmark; returns the report (a table, then one JSON line)."""
+    chunk, window = int(chunk_mb * MiB), int(window_mb * MiB)
+    total = int(size_mb * MiB)
+    raw_addr, fedbus_addr = _addresses(transport)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "fedbus.bench.transfer", raw_addr, fedbus_addr, str(total), str(window), str(chunk)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        addrs = json.loads(child.stdout.readline())
+        raw_s = _raw_send(addrs["raw"], total, window)
+        fb = asyncio.run(_fedbus_send(addrs["fedbus"], size_mb, chunk, window))
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    mem = memcpy_gbps()
+    raw_gbps = total / raw_s / 1e9
+    fedbus_gbps = fb["size"] / fb["elapsed"] / 1e9
+    result = {
+        "size_mb": size_mb,
+        "chunk_mb": chunk_mb,
+        "window_mb": window_mb,
+        "transport": transport,
+        "fedbus_s": round(fb["elapsed"], 4),
+        "fedbus_gbps": round(fedbus_gbps, 3),
+        "raw_zmq_gbps": round(raw_gbps, 3),
+        "memcpy_gbps": round(mem, 3),
+        "ratio": round(fedbus_gbps / raw_gbps, 3),
+        "sender_rss_x": round(fb["sender_growth"] / fb["size"], 3),
+        "receiver_rss_x": round(fb["peak_growth"] / fb["size"], 3),
+        "tensors": fb["tensors"],
+    }
+    rows = [
+        ("model", f"{size_mb} MiB in {fb['tensors']} tensors, {fb['total']} bytes on the wire"),
+        ("chunk / window", f"{chunk_mb} MiB / {window_mb} MiB over {transport}"),
+        ("raw zmq", f"{raw_gbps:.2f} GB/s"),
+        ("fedbus", f"{fedbus_gbps:.2f} GB/s ({fb['elapsed']:.3f} s), {result['ratio']:.0%} of raw"),
+        ("memcpy", f"{mem:.2f} GB/s"),
+        ("sender rss", f"{result['sender_rss_x']:.2f} x model"),
+        ("receiver rss", f"{result['receiver_rss_x']:.2f} x model"),
+    ]
+    return format_report(rows, result)
+
+
+if __name__ == "__main__":
+    receiver_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,326 @@
+"""One controller per running job: binds a pure strategy to the bus and the job store.
+
+Theory of operation. The strategy decides, the controller does. Every event (a site joined or left, a
+result arrived, a task failed, a deadline passed) goes to the strategy with the current time; the
+actions it returns are executed in order:
+
+* ``Dispatch``  → a ``task`` message, then the global model streamed to the site (one ``ModelSource``
+                  per version, so N sites share one set of chunk digests);
+* ``Publish``   → the checkpoint is written (worker thread), recorded in SQLite, and becomes the source
+                  for the next dispatches;
+* ``Accepted`` / ``Rejected`` / ``Evaluated`` → recorded and logged;
+* ``Finished`` / ``Failed`` → the job's sites get ``end_job`` and the job's state is final.
+
+Results with params arrive as streams: the ``result`` message comes first (same connection, so
+ordered), then the offer; ``accept_offer`` checks the offer against the global model's names, shapes
+and dtypes before any payload byte is taken, and each upload waits for one of the broker's upload slots,
+so broker memory is bounded by (global + aggregate + slots × model) whatever the number of sites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from fedbus.broker.store import JobStore
+from fedbus.errors import FedbusError
+from fedbus.log import get_logger
+from fedbus.protocol.messages import EndJob, Message, Offer, Result, Task
+from fedbus.strategy import (
+    Accepted,
+    Action,
+    Cancel,
+    Dispatch,
+    Evaluated,
+    Failed,
+    Finished,
+    Publish,
+    Rejected,
+    Strategy,
+    Update,
+)
+from fedbus.transport.streams import BufferSink, ModelSource
+
+
+class Bus(Protocol):
+    """What a controller needs from the broker daemon."""
+
+    def peer_of(self, site: str) -> bytes | None: ...
+
+    async def send(self, peer: bytes, msg: Message, payload: Any = ()) -> None: ...
+
+    async def stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None: ...
+
+
+@dataclass
+class PendingResult:
+    site: str
+    result: Result
+
+
+class JobController:
+    """Drives one job's strategy; all methods run on the broker's event loop."""
+
+    def __init__(
+        self,
+        job_id: str,
+        spec: Mapping[str, Any],
+        strategy: Strategy,
+        store: JobStore,
+        bus: Bus,
+        *,
+        max_model_bytes: int,
+        upload_slots: asyncio.Semaphore,
+        on_end: Callable[[str], None] = lambda job_id: None,
+        keep_versions: int = 0,
+    ) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.strategy = strategy
+        self.store = store
+        self.bus = bus
+        self.max_model_bytes = max_model_bytes
+        self.upload_slots = upload_slots
+        self.on_end = on_end
+        self.keep_versions = keep_versions
+        self.sites: list[str] = []
+        self.total_rounds = int(spec.get("strategy_args", {}).get("num_rounds") or 0) or int(
+            spec.get("strategy_args", {}).get("num_versions") or 0
+        )
+        self.params_type = getattr(strategy, "params_type", "FULL")
+        self.source: ModelSource | None = None
+        self.pending: dict[tuple[bytes, int], PendingResult] = {}
+        self.tasks: dict[str, str] = {}  # task_id -> site, for tasks in flight
+        self.state = "running"
+        self.reason = ""
+        self.log = get_logger("broker.controller", job=job_id)
+        self._timer: asyncio.TimerHandle | None = None
+        self._bg: set[asyncio.Task] = set()
+        self._chain: asyncio.Future | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self, model: Mapping[str, torch.Tensor], sites: list[str], version: int = 0) -> None:
+        self.sites = list(sites)
+        self.log.info("job started", sites=sites, version=version, strategy=type(self.strategy).__name__)
+        actions = self.strategy.start(model, sites, time.monotonic(), version=version)
+        # Stream the strategy's own copy, so the caller's model can be freed.
+        self.source = ModelSource.from_state_dict(self.strategy.model)
+        self._run(actions)
+
+    def abort(self, reason: str) -> None:
+        if self.state == "running":
+            self._end("aborted", reason)
+
+    # --- events from the broker ---------------------------------------------------------------------------
+
+    def site_joined(self, site: str) -> None:
+        if site in self.sites and self.state == "running":
+            self._run(self.strategy.site_joined(site, time.monotonic()))
+
+    def site_left(self, site: str, why: str) -> None:
+        if site in self.sites and self.state == "running":
+            self.log.warning("site left", site=site, reason=why)
+            self._run(self.strategy.site_left(site, time.monotonic()))
+
+    def on_result(self, peer: bytes, site: str, result: Result) -> None:
+        """A result message: metrics-only results go in now; others wait for their stream."""
+        if self.tasks.get(result.task_id) != site:
+            self.log.warning("result for an unknown task refused", site=site, task=result.task_id)
+            return
+        if result.sid is None:
+            self._update(site, result, None)
+        else:
+            self.pending[(peer, result.sid)] = PendingResult(site, result)
+
+    async def accept_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
+        """An upload's offer: accept it into a buffer (after an upload slot is free) or refuse it."""
+        pending = self.pending.get((peer, offer.sid))
+        if pending is None or self.state != "running":
+            return None
+        await self.upload_slots.acquire()
+        sink = BufferSink(max_total=self.max_model_bytes, expected=self.strategy.model)
+        self._spawn(self._collect(peer, offer.sid, pending, sink))
+        return sink
+
+    async def _collect(self, peer: bytes, sid: int, pending: PendingResult, sink: BufferSink) -> None:
+        try:
+            params = await sink.result
+        except FedbusError as exc:
+            self.task_failed(pending.site, pending.result.task_id, f"upload failed: {exc}")
+            return
+        finally:
+            self.upload_slots.release()
+            self.pending.pop((peer, sid), None)
+        self._update(pending.site, pending.result, params)
+
+    def task_failed(self, site: str, task_id: str, reason: str) -> None:
+        if self.tasks.pop(task_id, None) is not None and self.state == "running":
+            self.store.record_update(self.job_id, task_id, site, -1, accepted=False, reason=reason)
+            self._run(self.strategy.task_failed(site, task_id, reason, time.monotonic()))
+
+    def site_crashed(self, site: str, detail: str) -> None:
+        """The site's script died: its tasks are lost and it gets no more of this job's work."""
+        for task_id, s in list(self.tasks.items()):
+            if s == site:
+                self.task_failed(site, task_id, f"script crashed: {detail}")
+        self.site_left(site, "script exited")
+
+    def _update(self, site: str, result: Result, params: Mapping[str, torch.Tensor] | None) -> None:
+        self.tasks.pop(result.task_id, None)
+        update = Update(
+            site=site,
+            task_id=result.task_id,
+            base_version=result.version,
+            params=params,
+            params_type=result.params_type,  # type: ignore[arg-type]
+            weight=result.weight,
+            metrics=result.metrics,
+        )
+        self._run(self.strategy.on_update(update, time.monotonic()))
+
+    # --- executing actions ---------------------------------------------------------------------------------
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            self._execute(action)
+        self._schedule_tick()
+
+    def _execute(self, action: Action) -> None:
+        if isinstance(action, Dispatch):
+            self._dispatch(action)
+        elif isinstance(action, Publish):
+            self._publish(action)
+        elif isinstance(action, Accepted):
+            self.store.record_update(
+                self.job_id,
+                action.task_id,
+                action.site,
+                action.version,
+                accepted=True,
+                staleness=action.staleness,
+                weight=action.weight,
+            )
+        elif isinstance(action, Rejected):
+            self.log.warning("update rejected", site=action.site, task=action.task_id, reason=action.reason)
+            self.store.record_update(self.job_id, action.task_id, action.site, -1, accepted=False, reason=action.reason)
+        elif isinstance(action, Evaluated):
+            self.store.record_event(
+                self.job_id, action.site, "evaluation", {"version": action.version, **action.metrics}
+            )
+        elif isinstance(action, Cancel):
+            self.tasks.pop(action.task_id, None)
+        elif isinstance(action, Finished):
+            self._end("finished", action.reason)
+        elif isinstance(action, Failed):
+            self._end("failed", action.reason)
+
+    def _dispatch(self, action: Dispatch) -> None:
+        peer = self.bus.peer_of(action.site)
+        if peer is None or self.source is None:
+            self.tasks[action.task_id] = action.site
+            self.task_failed(action.site, action.task_id, "site is not connected")
+            return
+        self.tasks[action.task_id] = action.site
+        sid = secrets.randbits(62)
+        task = Task(
+            job_id=self.job_id,
+            task_id=action.task_id,
+            kind=action.kind,
+            version=action.version,
+            round=action.version,
+            total_rounds=self.total_rounds,
+            sid=sid,
+            meta={"params_type": self.params_type},
+        )
+        self._spawn(self._send_task(peer, action, task, self.source))
+
+    async def _send_task(self, peer: bytes, action: Dispatch, task: Task, source: ModelSource) -> None:
+        # Publishing may still be writing the checkpoint: tasks must not overtake it.
+        if self._chain is not None:
+            await asyncio.shield(self._chain)
+        try:
+            await self.bus.send(peer, task)
+            await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": action.task_id}, task.sid or 0)
+        except FedbusError as exc:
+            self.task_failed(action.site, action.task_id, f"model download failed: {exc}")
+
+    def _publish(self, action: Publish) -> None:
+        self.source = ModelSource.from_state_dict(action.model)
+        self.log.info("new global version", version=action.version, **_short(action.metrics))
+        self._chain = asyncio.ensure_future(self._checkpoint(action))
+
+    async def _checkpoint(self, action: Publish) -> None:
+        path = await asyncio.to_thread(self.store.write_checkpoint, self.job_id, action.version, action.model)
+        self.store.add_version(self.job_id, action.version, path, action.metrics)
+        self.store.prune(self.job_id, self.keep_versions)
+
+    def _end(self, state: str, reason: str) -> None:
+        if self.state != "running":
+            return
+        self.state, self.reason = state, reason
+        if self._timer is not None:
+            self._timer.cancel()
+        self.log.info("job ended", state=state, reason=reason)
+        self._spawn(self._finish(state, reason))
+
+    async def _finish(self, state: str, reason: str) -> None:
+        if self._chain is not None:
+            with contextlib.suppress(Exception):
+                await self._chain  # the last checkpoint lands before the job is final
+        self.store.set_state(self.job_id, state, reason)
+        for site in self.sites:
+            peer = self.bus.peer_of(site)
+            if peer is not None:
+                with contextlib.suppress(FedbusError):
+                    await self.bus.send(peer, EndJob(self.job_id, f"{state}: {reason}"))
+        self.on_end(self.job_id)
+
+    # --- deadlines and tasks --------------------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.strategy.next_deadline
+        if deadline is not None and self.state == "running":
+            delay = max(0.0, deadline - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.state == "running":
+            self._run(self.strategy.tick(time.monotonic()))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._bg):
+            task.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "version": self.strategy.version,
+            "sites": self.sites,
+            "tasks_in_flight": len(self.tasks),
+            "strategy": self.strategy.state(),
+        }
+
+
+def _short(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {k.replace("/", "_"): (round(v, 4) if isinstance(v, float) else v) for k, v in list(metrics.items())[:8]}

@@ -1,0 +1,88 @@
+"""Who is connected: sites with their liveness, and admins. Pure bookkeeping over ``now``.
+
+A site is *online* from its hello until it says bye or stays silent for ``heartbeat_s × liveness``
+(the Paranoid Pirate rule); then it is *gone* and its jobs are told. A site that comes back with a
+new session (restarted process, new connection) is a rejoin, which callers may need to redeploy to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SiteRecord:
+    """One site as the broker knows it."""
+
+    name: str
+    peer: bytes
+    session: str
+    caps: dict
+    last_seen: float
+    online: bool = True
+    jobs: set[str] = field(default_factory=set)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "online": self.online,
+            "last_seen": self.last_seen,
+            "caps": self.caps,
+            "jobs": sorted(self.jobs),
+        }
+
+
+class Registry:
+    """Sites by name and by routing id, plus the set of admin peers."""
+
+    def __init__(self, heartbeat_s: float, liveness: int) -> None:
+        self.expiry = heartbeat_s * liveness
+        self.sites: dict[str, SiteRecord] = {}
+        self._by_peer: dict[bytes, SiteRecord] = {}
+        self.admins: set[bytes] = set()
+
+    def hello(self, peer: bytes, name: str, session: str, caps: dict, now: float) -> tuple[SiteRecord, bool]:
+        """Register or refresh a site; returns (record, rejoined) where rejoined means a new session."""
+        rec = self.sites.get(name)
+        if rec is None:
+            rec = SiteRecord(name, peer, session, caps, now)
+            self.sites[name] = rec
+            rejoined = True
+        else:
+            rejoined = rec.session != session or not rec.online
+            self._by_peer.pop(rec.peer, None)
+            rec.peer, rec.session, rec.caps, rec.last_seen, rec.online = peer, session, caps, now, True
+        self._by_peer[peer] = rec
+        return rec, rejoined
+
+    def seen(self, peer: bytes, now: float) -> SiteRecord | None:
+        rec = self._by_peer.get(peer)
+        if rec is not None and rec.online:
+            rec.last_seen = now
+            return rec
+        return None
+
+    def by_peer(self, peer: bytes) -> SiteRecord | None:
+        rec = self._by_peer.get(peer)
+        return rec if rec is not None and rec.online else None
+
+    def peer_of(self, name: str) -> bytes | None:
+        rec = self.sites.get(name)
+        return rec.peer if rec is not None and rec.online else None
+
+    def leave(self, peer: bytes) -> SiteRecord | None:
+        """The site said bye (or its connection was refused): it is gone now."""
+        rec = self._by_peer.pop(peer, None)
+        if rec is not None:
+            rec.online = False
+        return rec
+
+    def expire(self, now: float) -> list[SiteRecord]:
+        """Sites silent for longer than the liveness window: mark them gone and return them."""
+        gone = [r for r in self._by_peer.values() if r.online and now - r.last_seen > self.expiry]
+        for rec in gone:
+            self.leave(rec.peer)
+        return gone
+
+    def online(self) -> list[str]:
+        return sorted(r.name for r in self.sites.values() if r.online)

@@ -1,0 +1,461 @@
+"""The broker daemon: one ROUTER socket, the site registry, the job store and a controller per job.
+
+Life cycle (the uvicorn shape): ``run()`` → ``serve()`` → ``startup()`` / ``main_loop()`` /
+``shutdown()``. Signal handlers only set the stop event; shutdown tells sites and admins nothing (they
+notice the silence and reconnect to the next broker on this workspace), closes the socket, and cancels
+what is left after a deadline. Every message is untrusted: a refusal is logged with the peer's identity
+and answered with ``error``; the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from fedbus import jobs, serde
+from fedbus.broker.controller import JobController
+from fedbus.broker.registry import Registry
+from fedbus.broker.store import ACTIVE_STATES, JobStore
+from fedbus.config import BrokerConfig
+from fedbus.errors import ConfigError, FedbusError, TransportError
+from fedbus.log import get_logger
+from fedbus.protocol.messages import (
+    STREAM_TYPES,
+    Bye,
+    Deploy,
+    Error,
+    Heartbeat,
+    Hello,
+    JobEvent,
+    Message,
+    Offer,
+    Reply,
+    Request,
+    Result,
+    Welcome,
+)
+from fedbus.strategy import make_strategy
+from fedbus.transport.endpoint import BadMessage, RouterEndpoint
+from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+
+MiB = 1 << 20
+log = get_logger("broker")
+
+
+class Broker:
+    """The broker daemon; ``async with Broker(cfg) as b`` serves in the background (tests, SimEnv)."""
+
+    def __init__(self, config: BrokerConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.session = os.urandom(8).hex()
+        self.registry = Registry(config.heartbeat_s, config.liveness)
+        self.store = JobStore(config.workspace)
+        self.controllers: dict[str, JobController] = {}
+        self.upload_slots = asyncio.Semaphore(config.upload_slots)
+        self.stop = asyncio.Event()
+        self.endpoint: RouterEndpoint | None = None
+        self.hub: StreamHub | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._serving: asyncio.Task | None = None
+        self.started = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        assert self.endpoint is not None
+        return self.endpoint.address
+
+    # --- life cycle ------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM."""
+        asyncio.run(self.serve(install_signals=True))
+
+    async def serve(self, *, install_signals: bool = False) -> None:
+        await self.startup()
+        if install_signals:
+            self._install_signals()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        self.endpoint = RouterEndpoint.bind(self.ctx, self.config.bind)
+        self.hub = StreamHub(
+            self.endpoint,
+            on_offer=self._on_offer,
+            chunk_size=int(self.config.chunk_mb * MiB),
+            window=int(self.config.window_mb * MiB),
+            max_total=int(self.config.max_model_mb * MiB),
+            stall_timeout=self.config.stall_timeout_s,
+        )
+        for job in self.store.jobs(ACTIVE_STATES):
+            log.info("job will resume", job=job["id"], version=job["version"])
+            self.store.set_state(job["id"], "waiting", "resuming after a broker restart")
+        log.info("broker listening", address=self.address, workspace=str(self.store.root), session=self.session)
+        self.started.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        hits = 0
+
+        def handle() -> None:
+            nonlocal hits
+            hits += 1
+            if hits > 1:
+                os._exit(1)  # a second Ctrl-C means now
+            log.info("shutting down")
+            self.stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, handle)
+
+    async def main_loop(self) -> None:
+        receiver = asyncio.ensure_future(self._receive_loop())
+        sweeper = asyncio.ensure_future(self._liveness_loop())
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            done, _ = await asyncio.wait({receiver, sweeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in (receiver, sweeper, stopper):
+                task.cancel()
+            await asyncio.gather(receiver, sweeper, stopper, return_exceptions=True)
+
+    async def shutdown(self, deadline: float = 5.0) -> None:
+        for c in list(self.controllers.values()):
+            await c.close()
+        if self.hub is not None:
+            await self.hub.close()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), deadline)
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.store.close()
+        log.info("broker stopped")
+
+    async def __aenter__(self) -> Broker:
+        self._serving = asyncio.ensure_future(self.serve())
+        started = asyncio.ensure_future(self.started.wait())
+        await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)
+        if self._serving.done():
+            started.cancel()
+            self._serving.result()  # raises the startup error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self._serving is not None:
+            await self._serving
+
+    # --- the receive loop ---------------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self.endpoint is not None
+        while True:
+            try:
+                inc = await self.endpoint.recv()
+            except BadMessage as exc:
+                log.warning("bad message refused", peer=exc.peer, reason=str(exc))
+                await self._send_error(exc.peer, "bad_message", str(exc))
+                continue
+            try:
+                await self._handle(inc.peer, inc.msg, inc.payload)
+            except FedbusError as exc:
+                log.warning("message refused", peer=inc.peer, type=inc.msg.TYPE, reason=str(exc))
+                await self._send_error(inc.peer, "refused", str(exc), inc.msg.TYPE)
+
+    async def _send_error(self, peer: bytes, code: str, reason: str, ref: str = "") -> None:
+        with contextlib.suppress(FedbusError):
+            await self._send(peer, Error(code=code, reason=reason[:500], ref=ref))
+
+    async def _send(self, peer: bytes, msg: Message, payload: Any = ()) -> None:
+        assert self.endpoint is not None
+        await self.endpoint.send(peer, msg, payload)
+
+    async def _handle(self, peer: bytes, msg: Message, payload: list[memoryview]) -> None:
+        now = time.monotonic()
+        if isinstance(msg, Hello):
+            await self._hello(peer, msg, now)
+            return
+        if isinstance(msg, Request):
+            if peer not in self.registry.admins:
+                raise FedbusError("say hello as an admin before sending requests")
+            await self._request(peer, msg, payload)
+            return
+        if msg.TYPE in STREAM_TYPES:
+            assert self.hub is not None
+            if self.registry.by_peer(peer) is None and peer not in self.registry.admins:
+                await self._send_error(peer, "hello_required", "say hello first", msg.TYPE)
+                return
+            await self.hub.dispatch(peer, msg, payload)
+            return
+        site = self.registry.seen(peer, now)
+        if site is None:
+            await self._send_error(peer, "hello_required", "unknown peer: say hello first", msg.TYPE)
+            return
+        if isinstance(msg, Heartbeat):
+            await self._send(peer, Heartbeat())
+        elif isinstance(msg, Bye):
+            self._site_gone(peer, msg.reason or "said bye")
+        elif isinstance(msg, Result):
+            self._controller(msg.job_id, site.name).on_result(peer, site.name, msg)
+        elif isinstance(msg, JobEvent):
+            self._job_event(site.name, msg)
+        else:
+            raise FedbusError(f"unexpected message type {msg.TYPE!r} from a site")
+
+    def _controller(self, job_id: str, site: str) -> JobController:
+        c = self.controllers.get(job_id)
+        if c is None or site not in c.sites:
+            raise FedbusError(f"site {site!r} has no running job {job_id!r}")
+        return c
+
+    async def _hello(self, peer: bytes, msg: Hello, now: float) -> None:
+        if msg.role == "admin":
+            self.registry.admins.add(peer)
+        elif msg.role == "site":
+            if not jobs.SAFE_NAME.fullmatch(msg.name):
+                raise FedbusError(f"invalid site name {msg.name[:64]!r}")
+            rec, rejoined = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
+            log.info("site registered", site=msg.name, rejoined=rejoined)
+        else:
+            raise FedbusError(f"unknown role {msg.role[:32]!r}")
+        await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
+        if msg.role == "site":
+            if rejoined:
+                for c in list(self.controllers.values()):
+                    if msg.name in c.sites:
+                        await self._deploy(c.job_id, [msg.name])
+                        c.site_joined(msg.name)
+            await self._start_waiting_jobs()
+
+    async def _liveness_loop(self) -> None:
+        """Declare silent sites gone; runs at the heartbeat period (the liveness clock, not a data poll)."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            for rec in self.registry.expire(time.monotonic()):
+                self._site_gone(rec.peer, "heartbeat timeout", rec.name)
+
+    def _site_gone(self, peer: bytes, why: str, name: str | None = None) -> None:
+        rec = self.registry.leave(peer)
+        name = name or (rec.name if rec else None)
+        if name is None:
+            return
+        log.warning("site gone", site=name, reason=why)
+        for c in list(self.controllers.values()):
+            c.site_left(name, why)
+
+    def _job_event(self, site: str, msg: JobEvent) -> None:
+        c = self._controller(msg.job_id, site)
+        self.store.record_event(
+            msg.job_id, site, msg.event, {"code": msg.code, "detail": msg.detail[:2000], **msg.data}
+        )
+        if msg.event in ("crashed", "exited") and c.state == "running":
+            log.warning("script ended", job=msg.job_id, site=site, event=msg.event, code=msg.code)
+            c.site_crashed(site, f"{msg.event} with code {msg.code}: {msg.detail[-300:]}")
+
+    async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
+        job_id = offer.ctx.get("job_id")
+        c = self.controllers.get(job_id) if isinstance(job_id, str) else None
+        return None if c is None else await c.accept_offer(peer, offer)
+
+    async def _stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
+        assert self.hub is not None
+        await self.hub.send(peer, source, ctx, sid)
+
+    def peer_of(self, site: str) -> bytes | None:
+        return self.registry.peer_of(site)
+
+    async def send(self, peer: bytes, msg: Message, payload: Any = ()) -> None:
+        await self._send(peer, msg, payload)
+
+    async def stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
+        await self._stream(peer, source, ctx, sid)
+
+    # --- jobs ------------------------------------------------------------------------------------------------------
+
+    async def _start_waiting_jobs(self) -> None:
+        for job in self.store.jobs(("waiting",)):
+            if job["id"] in self.controllers:
+                continue
+            spec = job["spec"]
+            online = [s for s in self.registry.online() if not spec["include"] or s in spec["include"]]
+            if len(online) < spec["min_sites"]:
+                continue
+            sites = job["sites"] or online[: spec["max_sites"] or None]
+            if any(s not in online for s in sites):
+                continue  # a resumed job waits for its own sites
+            await self._launch(job["id"], spec, sites)
+
+    async def _launch(self, job_id: str, spec: dict, sites: list[str]) -> None:
+        try:
+            strategy = make_strategy(spec["strategy"], **spec["strategy_args"])
+            latest = self.store.latest_version(job_id)
+            if latest is None:
+                version, path = 0, self.store.job_dir(job_id) / "files" / spec["model"]
+            else:
+                version, path = latest
+            model = await asyncio.to_thread(serde.read_file, path)
+        except (FedbusError, OSError) as exc:
+            log.error("job cannot start", job=job_id, reason=str(exc))
+            self.store.set_state(job_id, "failed", f"cannot start: {exc}")
+            return
+        c = JobController(
+            job_id,
+            spec,
+            strategy,
+            self.store,
+            self,
+            max_model_bytes=int(self.config.max_model_mb * MiB),
+            upload_slots=self.upload_slots,
+            on_end=self._job_ended,
+            keep_versions=self.config.keep_versions,
+        )
+        self.controllers[job_id] = c
+        self.store.set_sites(job_id, sites)
+        self.store.set_state(job_id, "running")
+        if latest is None:
+            path = await asyncio.to_thread(self.store.write_checkpoint, job_id, 0, model)
+            self.store.add_version(job_id, 0, path, {})
+        for name in sites:
+            self.registry.sites[name].jobs.add(job_id)
+        await self._deploy(job_id, sites)
+        c.start(model, sites, version)
+
+    async def _deploy(self, job_id: str, sites: list[str]) -> None:
+        spec = self.store.job(job_id)["spec"]  # type: ignore[index]
+        archive = (self.store.job_dir(job_id) / "job.zip").read_bytes()
+        all_sites = self.store.job(job_id)["sites"]  # type: ignore[index]
+        c = self.controllers.get(job_id)
+        for name in sites:
+            peer = self.registry.peer_of(name)
+            if peer is None:
+                continue
+            config = {
+                "name": spec["name"],
+                "site_index": all_sites.index(name),
+                "num_sites": len(all_sites),
+                "strategy": spec["strategy"],
+                "params_type": c.params_type if c else "FULL",
+                "task_timeout_s": spec.get("task_timeout_s"),
+            }
+            msg = Deploy(job_id=job_id, script=spec["script"], args=list(spec["script_args"]), config=config)
+            with contextlib.suppress(TransportError):
+                await self._send(peer, msg, [archive])
+
+    def _job_ended(self, job_id: str) -> None:
+        c = self.controllers.pop(job_id, None)
+        if c is not None:
+            for name in c.sites:
+                rec = self.registry.sites.get(name)
+                if rec is not None:
+                    rec.jobs.discard(job_id)
+            self._spawn(c.close())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- admin requests --------------------------------------------------------------------------------------------
+
+    async def _request(self, peer: bytes, req: Request, payload: list[memoryview]) -> None:
+        try:
+            data = await self._admin_op(peer, req, payload)
+        except (FedbusError, OSError) as exc:
+            log.warning("request refused", op=req.op, reason=str(exc))
+            await self._send(peer, Reply(rid=req.rid, ok=False, error=str(exc)[:2000]))
+            return
+        await self._send(peer, Reply(rid=req.rid, ok=True, data=data))
+        if req.op == "download":
+            self._spawn(self._send_download(peer, data))
+        elif req.op == "submit":
+            await self._start_waiting_jobs()
+
+    async def _admin_op(self, peer: bytes, req: Request, payload: list[memoryview]) -> dict[str, Any]:
+        if req.op == "submit":
+            if len(payload) != 1:
+                raise ConfigError("submit needs exactly one payload frame: the job folder as a zip")
+            return self._submit(bytes(payload[0]))
+        if req.op == "status":
+            return self._status(req.args.get("job_id"))
+        if req.op == "sites":
+            return {"sites": [r.summary() for r in self.registry.sites.values()]}
+        job_id = req.args.get("job_id")
+        job = self.store.job(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise ConfigError(f"no such job: {job_id!r}")
+        if req.op == "abort":
+            c = self.controllers.get(job["id"])
+            if c is not None:
+                c.abort("aborted by an admin")
+            elif job["state"] in ACTIVE_STATES:
+                self.store.set_state(job["id"], "aborted", "aborted by an admin")
+            return {"job_id": job["id"]}
+        if req.op == "download":
+            latest = self.store.latest_version(job["id"])
+            return {
+                "job_id": job["id"],
+                "state": job["state"],
+                "version": latest[0] if latest else None,
+                "history": self.store.history(job["id"]),
+                "evaluations": self.store.events(job["id"], "evaluation"),
+                "updates": self.store.updates(job["id"]),
+            }
+        raise ConfigError(f"unknown request op {req.op[:32]!r}")
+
+    def _submit(self, archive: bytes) -> dict[str, Any]:
+        job_id = self.store.new_job_id("job")
+        folder = self.store.job_dir(job_id)
+        spec = jobs.unpack_job(archive, folder / "files")
+        make_strategy(spec.strategy, **spec.strategy_args)  # refuse bad arguments at submit time
+        (folder / "job.zip").write_bytes(archive)
+        job_id_final = job_id.replace("job-", f"{spec.name}-", 1)
+        if job_id_final != job_id:
+            Path(folder).rename(self.store.job_dir(job_id_final))
+            job_id = job_id_final
+        self.store.create_job(job_id, spec.name, dataclasses.asdict(spec))
+        log.info("job submitted", job=job_id, name=spec.name, strategy=spec.strategy)
+        return {"job_id": job_id}
+
+    def _status(self, job_id: Any) -> dict[str, Any]:
+        out = []
+        for job in self.store.jobs():
+            if job_id is not None and job["id"] != job_id:
+                continue
+            entry = {k: job[k] for k in ("id", "name", "state", "version", "reason", "sites", "created")}
+            c = self.controllers.get(job["id"])
+            if c is not None:
+                entry["live"] = c.status()
+            history = self.store.history(job["id"])
+            entry["last_metrics"] = history[-1]["metrics"] if history else {}
+            out.append(entry)
+        if job_id is not None and not out:
+            raise ConfigError(f"no such job: {job_id!r}")
+        return {"jobs": out, "sites": [r.summary() for r in self.registry.sites.values()]}
+
+    async def _send_download(self, peer: bytes, data: dict[str, Any]) -> None:
+        if data["version"] is None:
+            return
+        path = self.store.checkpoint_path(data["job_id"], data["version"])
+        try:
+            model = await asyncio.to_thread(serde.read_file, path)
+            ctx = {"job_id": data["job_id"], "kind": "download", "version": data["version"]}
+            await self._stream(peer, ModelSource.from_state_dict(model), ctx, int.from_bytes(os.urandom(7), "big"))
+        except (FedbusError, OSError) as exc:
+            log.warning("download failed", job=data["job_id"], reason=str(exc))

@@ -1,0 +1,192 @@
+"""The broker's workspace: SQLite for jobs, versions and updates; safetensors files for every global model.
+
+Everything needed to restart lives here. Layout::
+
+    WORKSPACE/fedbus.db                      jobs, versions, updates, events
+    WORKSPACE/jobs/JOB/job.zip               the submitted job folder, as deployed to sites
+    WORKSPACE/jobs/JOB/files/                the same, unpacked (validated at submit)
+    WORKSPACE/jobs/JOB/models/vN.safetensors global model version N (written atomically)
+
+SQLite runs in WAL mode with one connection owned by the event loop thread; every statement is small,
+so the loop never waits long. Checkpoints are written by ``serde.write_file`` (no concatenation, fsync,
+atomic rename) in a worker thread, since tensors of a published version are immutable.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbus import serde
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
+    sites TEXT NOT NULL DEFAULT '[]', version INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL, updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    job_id TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, metrics TEXT NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (job_id, version)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    job_id TEXT NOT NULL, task_id TEXT NOT NULL, site TEXT NOT NULL, version INTEGER NOT NULL,
+    accepted INTEGER NOT NULL, staleness INTEGER, weight REAL, reason TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL
+);
+"""
+
+ACTIVE_STATES = ("waiting", "running")
+FINAL_STATES = ("finished", "failed", "aborted")
+
+
+class JobStore:
+    """Jobs and their history in one workspace folder."""
+
+    def __init__(self, workspace: str | Path) -> None:
+        self.root = Path(workspace)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "fedbus.db", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    # --- jobs ------------------------------------------------------------------------------------------
+
+    def new_job_id(self, name: str) -> str:
+        return f"{name}-{secrets.token_hex(4)}"
+
+    def create_job(self, job_id: str, name: str, spec: dict[str, Any]) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO jobs (id, name, state, spec, created, updated) VALUES (?, ?, 'waiting', ?, ?, ?)",
+            (job_id, name, json.dumps(spec), now, now),
+        )
+
+    def set_state(self, job_id: str, state: str, reason: str = "") -> None:
+        self.db.execute(
+            "UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?", (state, reason, time.time(), job_id)
+        )
+
+    def set_sites(self, job_id: str, sites: list[str]) -> None:
+        self.db.execute("UPDATE jobs SET sites = ? WHERE id = ?", (json.dumps(sites), job_id))
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT id, name, state, spec, sites, version, reason, created, updated FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return None if row is None else self._job_row(row)
+
+    def jobs(self, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, name, state, spec, sites, version, reason, created, updated FROM jobs ORDER BY created"
+        ).fetchall()
+        out = [self._job_row(r) for r in rows]
+        return [j for j in out if states is None or j["state"] in states]
+
+    @staticmethod
+    def _job_row(row: tuple) -> dict[str, Any]:
+        keys = ("id", "name", "state", "spec", "sites", "version", "reason", "created", "updated")
+        job = dict(zip(keys, row, strict=True))
+        job["spec"] = json.loads(job["spec"])
+        job["sites"] = json.loads(job["sites"])
+        return job
+
+    # --- global model versions ---------------------------------------------------------------------------
+
+    def checkpoint_path(self, job_id: str, version: int) -> Path:
+        return self.job_dir(job_id) / "models" / f"v{version}.safetensors"
+
+    def write_checkpoint(self, job_id: str, version: int, model: Mapping[str, torch.Tensor]) -> Path:
+        """Write the model file (blocking: call it in a worker thread)."""
+        path = self.checkpoint_path(job_id, version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        serde.write_file(path, serde.layout(model, {"job_id": job_id, "version": str(version)}))
+        return path
+
+    def add_version(self, job_id: str, version: int, path: Path, metrics: Mapping[str, Any]) -> None:
+        """Record a checkpoint written by ``write_checkpoint``: the version now survives a restart."""
+        now = time.time()
+        self.db.execute(
+            "INSERT OR REPLACE INTO versions (job_id, version, path, metrics, created) VALUES (?, ?, ?, ?, ?)",
+            (job_id, version, str(path), json.dumps(dict(metrics)), now),
+        )
+        self.db.execute("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id))
+
+    def latest_version(self, job_id: str) -> tuple[int, Path] | None:
+        row = self.db.execute(
+            "SELECT version, path FROM versions WHERE job_id = ? ORDER BY version DESC LIMIT 1", (job_id,)
+        ).fetchone()
+        return None if row is None else (row[0], Path(row[1]))
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT version, metrics, created FROM versions WHERE job_id = ? ORDER BY version", (job_id,)
+        ).fetchall()
+        return [{"version": v, "metrics": json.loads(m), "time": c} for v, m, c in rows]
+
+    def prune(self, job_id: str, keep: int) -> None:
+        """Delete all but the newest ``keep`` checkpoint files (the rows stay, for the history)."""
+        if keep <= 0:
+            return
+        rows = self.db.execute(
+            "SELECT version, path FROM versions WHERE job_id = ? ORDER BY version DESC", (job_id,)
+        ).fetchall()
+        for _, path in rows[keep:]:
+            Path(path).unlink(missing_ok=True)
+
+    # --- updates and events --------------------------------------------------------------------------------
+
+    def record_update(
+        self,
+        job_id: str,
+        task_id: str,
+        site: str,
+        version: int,
+        *,
+        accepted: bool,
+        staleness: int | None = None,
+        weight: float | None = None,
+        reason: str = "",
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO updates (job_id, task_id, site, version, accepted, staleness, weight, reason, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, task_id, site, version, int(accepted), staleness, weight, reason, time.time()),
+        )
+
+    def updates(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT task_id, site, version, accepted, staleness, weight, reason FROM updates WHERE job_id = ?",
+            (job_id,),
+        ).fetchall()
+        keys = ("task_id", "site", "version", "accepted", "staleness", "weight", "reason")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def record_event(self, job_id: str, site: str, kind: str, data: Mapping[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO events (job_id, site, kind, data, created) VALUES (?, ?, ?, ?, ?)",
+            (job_id, site, kind, json.dumps(dict(data), default=str), time.time()),
+        )
+
+    def events(self, job_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT site, kind, data, created FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)
+        ).fetchall()
+        return [{"site": s, "kind": k, "data": json.loads(d), "time": c} for s, k, d, c in rows if kind in (None, k)]

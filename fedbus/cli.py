@@ -1,0 +1,207 @@
+"""The ``fedbus`` command: the only place that exits.
+
+Exit codes: 0 success, 1 a failure (a fedbus error, shown as one line; ``--debug`` for the traceback),
+2 a usage error (argparse). Addresses and paths also come from the environment (``FEDBUS_BROKER``,
+``FEDBUS_BIND``), below flags and above config files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fedbus.errors import FedbusError
+
+DEFAULT_BROKER = "tcp://127.0.0.1:7788"
+
+
+def _version() -> str:
+    try:
+        return version("fedbus")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedbus", description="Federated learning on a ZeroMQ message bus.")
+    p.add_argument("--version", action="version", version=f"fedbus {_version()}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("broker", help="run the broker daemon")
+    b.add_argument("--config", help="broker profile (TOML), e.g. brokers/local.toml")
+    b.add_argument("--bind", help="address to bind (default tcp://127.0.0.1:7788; env FEDBUS_BIND)")
+    b.add_argument("--workspace", help="folder for the job store and checkpoints")
+    _log_flags(b)
+
+    s = sub.add_parser("site", help="run a site daemon")
+    s.add_argument("--name", help="this site's name (letters, digits, _ . -)")
+    s.add_argument("--broker", help="broker address (env FEDBUS_BROKER)")
+    s.add_argument("--workspace", help="folder for deployed jobs")
+    s.add_argument("--config", help="site config (TOML)")
+    _log_flags(s)
+
+    sm = sub.add_parser("submit", help="submit a job folder")
+    sm.add_argument("folder", help="job folder with job.toml, the script and the initial model")
+    sm.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    _broker_flag(sm)
+
+    st = sub.add_parser("status", help="show sites and jobs")
+    st.add_argument("job", nargs="?", help="one job id")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _broker_flag(st)
+
+    ab = sub.add_parser("abort", help="abort a job")
+    ab.add_argument("job")
+    _broker_flag(ab)
+
+    dl = sub.add_parser("download", help="download a job's final model and metrics")
+    dl.add_argument("job")
+    dl.add_argument("-o", "--output", default=".", help="folder to write model.safetensors and history.json")
+    _broker_flag(dl)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    tr = bsub.add_parser("transfer", help="stream one model between two processes vs raw ZeroMQ")
+    tr.add_argument("--size-mb", type=_positive_float, default=256)
+    tr.add_argument("--chunk-mb", type=_positive_float, default=4)
+    tr.add_argument("--window-mb", type=_positive_float, default=32)
+    tr.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    return p
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-json", action="store_true", default=None, help="log JSON lines")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def _broker_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default=None, help=f"broker address (env FEDBUS_BROKER, default {DEFAULT_BROKER})")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _broker_address(args: argparse.Namespace) -> str:
+    return args.broker or os.environ.get("FEDBUS_BROKER") or DEFAULT_BROKER
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except FedbusError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"fedbus: error: {exc}\n")
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from fedbus import log
+
+    if args.command == "broker":
+        from fedbus.broker import Broker
+        from fedbus.config import BrokerConfig, load_config
+
+        cfg = load_config(BrokerConfig, args.config, _overrides(args, "bind", "workspace", "log_json", "log_level"))
+        log.configure(json=cfg.log_json or None, level=cfg.log_level)
+        Broker(cfg).run()
+        return 0
+    if args.command == "site":
+        from fedbus.config import SiteConfig, load_config
+        from fedbus.site import Site
+
+        cfg = load_config(
+            SiteConfig, args.config, _overrides(args, "name", "broker", "workspace", "log_json", "log_level")
+        )
+        log.configure(json=cfg.log_json or None, level=cfg.log_level)
+        Site(cfg).run()
+        return 0
+    if args.command == "bench":
+        from fedbus.bench.transfer import run_transfer
+
+        report = run_transfer(args.size_mb, args.chunk_mb, args.window_mb, args.transport)
+        sys.stdout.write(report + "\n")
+        return 0
+    log.configure(level="warning")
+    return asyncio.run(_admin_command(args))
+
+
+def _overrides(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+async def _admin_command(args: argparse.Namespace) -> int:
+    from fedbus.admin import Admin
+
+    async with Admin(_broker_address(args)) as admin:
+        if args.command == "submit":
+            job_id = await admin.submit(args.folder)
+            sys.stdout.write(job_id + "\n")
+            if args.wait:
+                return await _follow(admin, job_id)
+            return 0
+        if args.command == "status":
+            data = await admin.status(args.job)
+            sys.stdout.write((json.dumps(data, indent=2) if args.json else _status_table(data)) + "\n")
+            return 0
+        if args.command == "abort":
+            await admin.abort(args.job)
+            sys.stdout.write(f"aborted {args.job}\n")
+            return 0
+        if args.command == "download":
+            data = await admin.download(args.job, args.output)
+            path = os.path.join(args.output, "history.json")
+            with open(path, "w") as f:
+                json.dump(data, f, indent=2)
+            sys.stdout.write(f"{data.get('model_path') or 'no model yet'}\n{path}\n")
+            return 0
+    raise AssertionError(args.command)
+
+
+async def _follow(admin: Any, job_id: str) -> int:
+    last = None
+    while True:
+        job = (await admin.status(job_id))["jobs"][0]
+        line = f"{job['state']} version {job['version']} {job.get('last_metrics') or ''}"
+        if line != last:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            last = line
+        if job["state"] in ("finished", "failed", "aborted"):
+            return 0 if job["state"] == "finished" else 1
+        await asyncio.sleep(1.0)
+
+
+def _status_table(data: dict[str, Any]) -> str:
+    lines = ["SITE                 ONLINE  JOBS"]
+    for s in data["sites"]:
+        lines.append(f"{s['name']:<20} {'yes' if s['online'] else 'no':<7} {','.join(s['jobs'])}")
+    lines.append("")
+    lines.append("JOB                          STATE      VERSION  METRICS")
+    for j in data["jobs"]:
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in j.get("last_metrics", {}).items() if isinstance(v, float))
+        lines.append(f"{j['id']:<28} {j['state']:<10} {j['version']:<8} {metrics[:80]}")
+        if j["reason"]:
+            lines.append(f"    {j['reason']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

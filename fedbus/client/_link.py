@@ -1,0 +1,127 @@
+"""The script's end of the local link: a synchronous DEALER to the site, and noticing a dead site.
+
+The training script is single-threaded user code that blocks between calls, so this side is a plain
+(not asyncio) socket. The site sends nothing while the script trains, so silence proves nothing; what
+does: the site process is gone (our parent PID changed: the site started us and a dead parent's
+children are re-parented), the site said ``bye``, or the link has been disconnected for ``link_timeout``
+seconds (a socket monitor reports it). Every wait polls with a short timeout and checks those three, so
+a script whose site died raises ``JobError`` instead of hanging forever on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from fedbus.errors import JobError, RemoteProtocolError
+from fedbus.log import get_logger
+from fedbus.protocol.envelope import decode, encode
+from fedbus.protocol.messages import Bye, Message
+
+POLL_S = 0.25
+"""How often a blocked wait wakes up to check that the site is still there."""
+
+
+class SiteLink:
+    """One DEALER connected to the site's link address; ``recv`` returns the next valid message."""
+
+    def __init__(self, address: str, *, link_timeout: float = 30.0, ctx: zmq.Context | None = None) -> None:
+        self.address = address
+        self.link_timeout = link_timeout
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(link_timeout * 1000))
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.sock.connect(address)
+        self._ppid = os.getppid()
+        self._down_since: float | None = time.monotonic()  # until the first EVENT_CONNECTED
+        self._gone: str | None = None
+        self._mid = 0
+        self.log = get_logger("client.link")
+
+    def send(self, msg: Message) -> None:
+        """Queue ``msg`` for the site; raises JobError if the site is gone or the queue stays full."""
+        self._check_alive()
+        self._mid += 1
+        try:
+            self.sock.send(encode(msg, self._mid))
+        except zmq.Again as exc:
+            raise JobError(f"the site at {self.address} took no message for {self.link_timeout:g} s") from exc
+        except zmq.ZMQError as exc:
+            raise JobError(f"cannot send to the site at {self.address}: {exc}") from exc
+
+    def recv(self, timeout: float | None = None, *, until: Callable[[], bool] | None = None) -> Message | None:
+        """The next message from the site, or None once ``timeout`` seconds (None: forever) have passed.
+
+        ``until`` is checked on every wake-up; when it returns true the wait ends with None (used to stop
+        waiting for a reply once the job has ended). A dead site raises JobError.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        while True:
+            if until is not None and until():
+                return None
+            wait = POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()))
+            events = dict(poller.poll(wait * 1000))
+            if self.monitor in events:
+                self._drain_monitor()
+            if self.sock in events:
+                msg = self._read()  # what the site said before dying is still read first
+                if msg is not None:
+                    return msg
+                continue
+            self._check_alive()
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _read(self) -> Message | None:
+        frames = self.sock.recv_multipart()
+        try:
+            msg, _mid = decode(frames[0])
+        except RemoteProtocolError as exc:
+            self.log.warning("invalid message from the site ignored", reason=str(exc))
+            return None
+        if isinstance(msg, Bye):
+            self._gone = f"the site closed the link ({msg.reason or 'bye'})"
+            self._check_alive()
+        return msg
+
+    def _drain_monitor(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._down_since = None
+            elif event == zmq.EVENT_DISCONNECTED and self._down_since is None:
+                self._down_since = time.monotonic()
+
+    def _check_alive(self) -> None:
+        if self._gone is None and os.getppid() != self._ppid:
+            self._gone = "the site process is gone (this script's parent exited)"
+        down = self._down_since
+        if self._gone is None and down is not None and time.monotonic() - down > self.link_timeout:
+            self._gone = f"no connection to the site at {self.address} for {self.link_timeout:g} s"
+        if self._gone is not None:
+            raise JobError(self._gone)
+
+    def close(self, bye: str | None = None) -> None:
+        """Say ``bye`` (when asked and the site is still there) and close the socket."""
+        if bye is not None and self._gone is None:
+            self._mid += 1
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send(encode(Bye(bye), self._mid), zmq.NOBLOCK)
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close()
+        if self._own_ctx:
+            self.ctx.term()

@@ -1,0 +1,361 @@
+"""The training-script API: NVIDIA FLARE's client functions over fedbus's local link.
+
+Theory of operation. The site daemon starts the script with ``FEDBUS_*`` variables naming its link (an
+``ipc://`` address), a per-job token and the job's folder. ``init()`` says ``hello`` with the token and
+waits for ``welcome``. From then on the site pushes ``task`` messages whose ``meta["path"]`` is a
+``.safetensors`` file it received from the broker; ``is_running()`` blocks until one is queued (True) or
+``end_job`` arrives (False); ``receive()`` loads the file into CPU tensors; ``send()`` writes the
+script's params to ``outbox/TASK.safetensors``, sends ``result`` and blocks until the site's
+``reply``, which comes only once the broker acknowledged the upload.
+
+One ``ClientSession`` holds all of it; the module-level functions act on one session per process (what
+FLARE scripts expect), and tests create sessions directly. A session is not thread-safe: call it from
+the thread that trains, as FLARE scripts do.
+
+Evaluation tasks: the script answers with ``FLModel(metrics={...})``; any params it sets are ignored and
+only the metrics travel. DIFF: a script may send ``params_type=DIFF`` itself; and when the task says the
+strategy wants deltas (``meta["params_type"] == "DIFF"``, e.g. FedBuff) a FULL model is turned into
+``params - received`` here, so the script needs no change.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbus.client._files import load_params, save_params
+from fedbus.client._link import SiteLink
+from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType, diff_params, plain_values, to_cpu_params
+from fedbus.errors import ConfigError, JobError, LocalProtocolError
+from fedbus.protocol.messages import EndJob, Error, Hello, JobEvent, Reply, Result, Task, Welcome
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ENV_VARS = (
+    "FEDBUS_LINK",
+    "FEDBUS_LINK_TOKEN",
+    "FEDBUS_JOB_ID",
+    "FEDBUS_SITE_NAME",
+    "FEDBUS_SITE_INDEX",
+    "FEDBUS_NUM_SITES",
+    "FEDBUS_WORKSPACE",
+)
+
+
+class ClientSession:
+    """One training script's conversation with its site: tasks in, results out."""
+
+    def __init__(
+        self,
+        *,
+        link: str,
+        token: str,
+        job_id: str,
+        site_name: str,
+        site_index: int = 0,
+        num_sites: int = 1,
+        workspace: str | os.PathLike[str] = ".",
+        link_timeout: float = 30.0,
+    ) -> None:
+        self.link_address = link
+        self.token = token
+        self.job_id = job_id
+        self.site_name = site_name
+        self.site_index = site_index
+        self.num_sites = num_sites
+        self.workspace = Path(workspace)
+        self.link_timeout = link_timeout
+        self._link: SiteLink | None = None
+        self._tasks: deque[Task] = deque()
+        self._current: Task | None = None
+        self._received: dict[str, torch.Tensor] | None = None  # the current task's model, by reference
+        self._ended = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> ClientSession:
+        """A session for the variables the site set when it started this script."""
+        env = os.environ if environ is None else environ
+        missing = [v for v in ENV_VARS if not env.get(v)]
+        if missing:
+            raise ConfigError(
+                f"not started by a fedbus site: {', '.join(missing)} unset "
+                "(run the script through a job, or create a ClientSession by hand)"
+            )
+        try:
+            index, count = int(env["FEDBUS_SITE_INDEX"]), int(env["FEDBUS_NUM_SITES"])
+        except ValueError as exc:
+            raise ConfigError(f"FEDBUS_SITE_INDEX / FEDBUS_NUM_SITES must be integers: {exc}") from exc
+        return cls(
+            link=env["FEDBUS_LINK"],
+            token=env["FEDBUS_LINK_TOKEN"],
+            job_id=env["FEDBUS_JOB_ID"],
+            site_name=env["FEDBUS_SITE_NAME"],
+            site_index=index,
+            num_sites=count,
+            workspace=env["FEDBUS_WORKSPACE"],
+            **kwargs,
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Connect to the site and say hello; raises JobError if the site refuses or does not answer."""
+        if self._link is not None:
+            return
+        link = SiteLink(self.link_address, link_timeout=self.link_timeout)
+        try:
+            link.send(Hello(role="client", name=self.site_name, session=self.token, caps={"pid": os.getpid()}))
+            while True:
+                msg = link.recv(self.link_timeout)
+                if msg is None:
+                    raise JobError(f"the site at {self.link_address} did not answer hello in {self.link_timeout:g} s")
+                if isinstance(msg, Welcome):
+                    break
+                if isinstance(msg, Error):
+                    raise JobError(f"the site refused this script: {msg.code}: {msg.reason}")
+                self._handle(msg)  # a task may be queued before the welcome is read
+        except BaseException:
+            link.close()
+            raise
+        self._link = link
+
+    def close(self) -> None:
+        """Leave the link (saying bye). Idempotent."""
+        if self._link is not None:
+            self._link.close(bye="" if self._ended else "script finished")
+            self._link = None
+
+    # --- the FLARE surface ---------------------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        """Block until the next task is here (True) or the job has ended (False)."""
+        link = self._require()
+        while self._current is None and not self._tasks and not self._ended:
+            msg = link.recv(None, until=lambda: self._ended)
+            if msg is not None:
+                self._handle(msg)
+        return self._current is not None or bool(self._tasks)
+
+    def receive(self, timeout: float | None = None) -> FLModel | None:
+        """The current task's model (CPU tensors); None when the job ended or ``timeout`` passed first.
+
+        Calling it again before ``send`` returns the same task's model again.
+        """
+        link = self._require()
+        if self._current is None:
+            while not self._tasks and not self._ended:
+                msg = link.recv(timeout)
+                if msg is None:
+                    return None
+                self._handle(msg)
+            if not self._tasks:
+                return None
+            self._current = self._tasks.popleft()
+            self._received = None
+        task = self._current
+        path = task.meta.get("path")
+        if self._received is None and isinstance(path, str):
+            self._received = load_params(path)
+        meta = {k: v for k, v in task.meta.items() if k != "path"}
+        meta.update(version=task.version, job_id=task.job_id, task_id=task.task_id, site_name=self.site_name)
+        return FLModel(
+            params=self._received,
+            params_type=ParamsType.FULL,
+            meta=meta,
+            current_round=task.round,
+            total_rounds=task.total_rounds,
+        )
+
+    def send(self, model: FLModel, clear_cache: bool = True) -> None:
+        """Send the current task's result; returns once the site confirms the broker has it.
+
+        Raises JobError if the site or broker refused the update. With ``clear_cache=False`` the task stays
+        current (FLARE's semantics), so ``receive`` returns the same model again.
+        """
+        link = self._require()
+        if not isinstance(model, FLModel):
+            raise ConfigError(f"send() takes an FLModel, got {type(model).__name__}")
+        if self._current is None and self._tasks:  # FLARE allows send() without receive()
+            self._current, self._received = self._tasks.popleft(), None
+        task = self._current
+        if task is None:
+            raise LocalProtocolError("send() without a task: call is_running()/receive() first")
+        result = self._result(task, model)
+        link.send(result)
+        while True:
+            msg = link.recv(None, until=lambda: self._ended)
+            if msg is None:  # the job ended while the upload was in flight: nothing left to confirm
+                break
+            if isinstance(msg, Reply) and msg.rid == 0:
+                if not msg.ok:
+                    raise JobError(f"the site could not deliver the result of task {task.task_id}: {msg.error}")
+                break
+            self._handle(msg)
+        if clear_cache:
+            self._current = None
+            self._received = None
+
+    def log(self, key: str, value: Any, step: int | None = None) -> None:
+        """Record a metric (shown by ``fedbus status``): a ``job_event(log)`` relayed by the site."""
+        link = self._require()
+        if not isinstance(key, str):
+            raise ConfigError(f"log() key must be str, got {type(key).__name__}")
+        data = {"key": key, "value": plain_values(value, f"log value {key!r}"), "step": plain_values(step, "step")}
+        link.send(JobEvent(job_id=self.job_id, event="log", data=data))
+
+    def get_task_name(self) -> str:
+        """``"train"`` or ``"evaluate"`` for the current task (``""`` before the first one)."""
+        task = self._current or (self._tasks[0] if self._tasks else None)
+        return task.kind if task is not None else ""
+
+    def is_train(self) -> bool:
+        return self.get_task_name() == "train"
+
+    def is_evaluate(self) -> bool:
+        return self.get_task_name() == "evaluate"
+
+    def system_info(self) -> dict[str, Any]:
+        return {
+            "site_name": self.site_name,
+            "job_id": self.job_id,
+            "site_index": self.site_index,
+            "num_sites": self.num_sites,
+            "workspace": str(self.workspace),
+        }
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _require(self) -> SiteLink:
+        if self._link is None:
+            raise LocalProtocolError("fedbus.client: call init() first")
+        return self._link
+
+    def _handle(self, msg: Any) -> None:
+        """Note what the site pushed while we waited for something else."""
+        if isinstance(msg, Task):
+            if msg.job_id != self.job_id:
+                raise JobError(f"the site sent a task of job {msg.job_id!r}; this script runs {self.job_id!r}")
+            self._tasks.append(msg)
+        elif isinstance(msg, EndJob):
+            self._ended = True
+            self._tasks.clear()
+        # welcome repeats, stray replies and errors for messages we no longer wait on change nothing
+
+    def _result(self, task: Task, model: FLModel) -> Result:
+        metrics = plain_values(model.metrics or {}, "FLModel.metrics")
+        user_meta = plain_values(model.meta or {}, "FLModel.meta")
+        weight = user_meta.get(NUM_STEPS_CURRENT_ROUND) or 1.0  # absent (or 0 steps): an unweighted vote
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
+            raise ConfigError(f"meta[{NUM_STEPS_CURRENT_ROUND!r}] must be a number >= 0, got {weight!r}")
+        params_type = ParamsType(model.params_type or ParamsType.FULL)
+        meta = dict(user_meta)
+        if task.kind == "train" and model.params is not None:
+            params = to_cpu_params(model.params)
+            if task.meta.get("params_type") == ParamsType.DIFF and params_type is ParamsType.FULL:
+                path = task.meta.get("path")
+                if self._received is None and isinstance(path, str):
+                    self._received = load_params(path)
+                if self._received is None:
+                    raise JobError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
+                params, params_type = diff_params(params, self._received), ParamsType.DIFF
+            if not _SAFE_NAME.fullmatch(task.task_id):
+                raise JobError(f"task id {task.task_id!r} is not a safe file name")
+            path = self.workspace / "outbox" / f"{task.task_id}.safetensors"
+            save_params(path, params)
+            meta["path"] = str(path)
+        return Result(
+            job_id=self.job_id,
+            task_id=task.task_id,
+            version=task.version,
+            params_type=str(params_type),
+            weight=float(weight),
+            metrics=metrics,
+            meta=meta,
+            sid=None,
+        )
+
+
+# --- one session per process: the functions FLARE scripts call ----------------------------------------
+
+_session: ClientSession | None = None
+
+
+def init(rank: int | str | None = None) -> None:
+    """Connect this script to its site (reads the ``FEDBUS_*`` environment). Idempotent.
+
+    ``rank`` is FLARE's multi-process argument: only rank 0 (or None) may talk to the site; fedbus does
+    not relay for other ranks yet, so they are refused rather than silently connected twice.
+    """
+    global _session
+    if rank not in (None, 0, "0"):
+        raise ConfigError(f"init(rank={rank!r}): only rank 0 talks to the site; call init() in rank 0 only")
+    if _session is None:
+        session = ClientSession.from_env()
+        session.init()
+        atexit.register(session.close)
+        _session = session
+
+
+def _get() -> ClientSession:
+    if _session is None:
+        raise LocalProtocolError("fedbus.client: call init() first")
+    return _session
+
+
+def is_running() -> bool:
+    """Block until the next task arrives (True) or the job ends (False)."""
+    return _get().is_running()
+
+
+def receive(timeout: float | None = None) -> FLModel | None:
+    """The current task's model as CPU tensors, with ``current_round``, ``total_rounds`` and meta."""
+    return _get().receive(timeout)
+
+
+def send(model: FLModel, clear_cache: bool = True) -> None:
+    """Send the task's result; returns when the update is safe at the broker."""
+    _get().send(model, clear_cache)
+
+
+def is_train() -> bool:
+    return _get().is_train()
+
+
+def is_evaluate() -> bool:
+    return _get().is_evaluate()
+
+
+def get_task_name() -> str:
+    return _get().get_task_name()
+
+
+def get_site_name() -> str:
+    return _get().site_name
+
+
+def get_job_id() -> str:
+    return _get().job_id
+
+
+def system_info() -> dict[str, Any]:
+    """site_name, job_id, site_index, num_sites and workspace (the job's folder at the site)."""
+    return _get().system_info()
+
+
+def log(key: str, value: Any, step: int | None = None) -> None:
+    """Record a metric at the broker (a ``job_event(log)`` relayed by the site)."""
+    _get().log(key, value, step)
+
+
+def shutdown() -> None:
+    """Leave the link now instead of at exit."""
+    global _session
+    if _session is not None:
+        _session.close()
+        _session = None

@@ -1,0 +1,144 @@
+"""FLModel: what a training script receives and sends, in NVIDIA FLARE's shape.
+
+A FLARE script builds ``FLModel(params=model.state_dict(), meta={"NUM_STEPS_CURRENT_ROUND": n})`` and
+reads ``input_model.params``; fedbus keeps those names and defaults so the script runs unchanged. The
+helpers here turn whatever the script hands over (torch tensors on any device, numpy arrays, numpy or
+torch scalars in metrics) into what travels: CPU tensors and plain msgpack values, and they refuse
+anything else with an error that names the offending key, because "cannot serialize object" three
+layers down is useless to someone debugging a training loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbus.errors import ConfigError
+
+NUM_STEPS_CURRENT_ROUND = "NUM_STEPS_CURRENT_ROUND"
+"""Meta key: how many optimizer steps the script ran this round; it becomes the update's weight."""
+
+
+class ParamsType(enum.StrEnum):
+    """Whether ``params`` are whole weights (FULL) or ``local - global`` deltas (DIFF)."""
+
+    FULL = "FULL"
+    DIFF = "DIFF"
+
+
+class FLMetaKey:
+    """The meta keys FLARE scripts use, as constants (FLARE spells them ``FLMetaKey.X``)."""
+
+    NUM_STEPS_CURRENT_ROUND = NUM_STEPS_CURRENT_ROUND
+    CURRENT_ROUND = "CURRENT_ROUND"
+    TOTAL_ROUNDS = "TOTAL_ROUNDS"
+    JOB_ID = "JOB_ID"
+    SITE_NAME = "SITE_NAME"
+
+
+@dataclass
+class FLModel:
+    """A model (or a delta, or only metrics) travelling between the federation and a training script.
+
+    ``optimizer_params`` and ``start_round`` exist only so FLARE scripts that set them still run; fedbus
+    does not transmit them.
+    """
+
+    params: Mapping[str, Any] | None = None
+    params_type: ParamsType | str | None = ParamsType.FULL
+    metrics: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None
+    current_round: int | None = None
+    total_rounds: int | None = None
+    optimizer_params: Any = None
+    start_round: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params_type is None:
+            self.params_type = ParamsType.FULL
+        try:
+            self.params_type = ParamsType(self.params_type)
+        except ValueError:
+            raise ConfigError(f"FLModel.params_type must be 'FULL' or 'DIFF', got {self.params_type!r}") from None
+        if self.meta is None:
+            self.meta = {}
+
+
+def to_cpu_params(params: Any) -> dict[str, torch.Tensor]:
+    """Validate ``params`` (str -> tensor or ndarray) and return detached, contiguous CPU tensors.
+
+    Tensors already on the CPU and contiguous are passed by reference, not copied.
+    """
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"FLModel.params must be a mapping of name -> tensor, got {type(params).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in params.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"FLModel.params keys must be str, got {type(key).__name__} ({key!r})")
+        out[key] = _to_cpu_tensor(key, value)
+    return out
+
+
+def _to_cpu_tensor(key: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").contiguous()
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        if not arr.flags.writeable:  # torch.from_numpy warns about read-only arrays; a copy is honest
+            arr = arr.copy()
+        try:
+            return torch.from_numpy(arr)
+        except TypeError as exc:
+            raise ConfigError(f"FLModel.params[{key!r}]: numpy dtype {arr.dtype} has no torch equivalent") from exc
+    raise ConfigError(f"FLModel.params[{key!r}] must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def diff_params(local: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``local - received`` per tensor: what a DIFF strategy expects when the script sent FULL weights."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in local.items():
+        base = received.get(key)
+        if base is None:
+            raise ConfigError(f"cannot send DIFF: params[{key!r}] was not in the received model")
+        if base.shape != value.shape:
+            raise ConfigError(
+                f"cannot send DIFF: params[{key!r}] has shape {tuple(value.shape)}, "
+                f"the received model {tuple(base.shape)}"
+            )
+        if value.dtype == torch.bool:
+            raise ConfigError(f"cannot send DIFF: params[{key!r}] is a bool tensor (no difference defined)")
+        out[key] = torch.sub(value, base.to(value.dtype))
+    return out
+
+
+def plain_values(value: Any, where: str) -> Any:
+    """``value`` as plain msgpack data (numbers, str, bool, None, lists, str-keyed dicts).
+
+    Scalars from torch and numpy become Python numbers and small arrays lists, so ``metrics={"acc": acc}``
+    works whatever ``acc`` is. Non-finite floats are refused: they would poison an average at the broker.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} is {value} (not finite)")
+        return value
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
+        item = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+        return plain_values(item.tolist(), where)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where} has a non-str key {k!r}")
+            out[k] = plain_values(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [plain_values(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{where} must be a number, str, bool, list or dict, got {type(value).__name__}")

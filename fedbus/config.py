@@ -1,0 +1,291 @@
+"""Plain-value configs for the daemons, validated in two phases (the uvicorn lesson).
+
+Phase one is plain data: a TOML file, then the environment, then command-line flags, each layer a dict of
+field name -> value, checked key by key (unknown keys refused with a suggestion, types checked, values
+checked) so that an error names the layer it came from: ``brokers/x.toml: unknown key 'heartbeat' (did you
+mean 'heartbeat_s'?)``. Phase two builds the dataclass; names (a strategy, a transport) are resolved later by
+whoever uses the value, never here.
+
+File layout: the keys of the dataclass at the top level of the TOML file, no tables::
+
+    bind = "tcp://0.0.0.0:7788"
+    heartbeat_s = 0.5
+
+Precedence, lowest first: the dataclass defaults, the file, the environment (``FEDBUS_BIND`` for a broker,
+``FEDBUS_BROKER`` for a site), the overrides (CLI flags; a None value means "flag not given" and is ignored).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedbus.errors import ConfigError
+
+MiB = 1024 * 1024
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ADDRESS_SCHEMES = ("tcp://", "ipc://", "inproc://")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+# Which environment variable overrides which field, per config class name.
+ENV_OVERRIDES: dict[str, dict[str, str]] = {
+    "BrokerConfig": {"FEDBUS_BIND": "bind"},
+    "SiteConfig": {"FEDBUS_BROKER": "broker"},
+}
+
+
+def is_safe_name(value: object) -> bool:
+    """True for a name usable as a file name and a routing id: ``[A-Za-z0-9_.-]{1,64}``, not only dots."""
+    return isinstance(value, str) and bool(_SAFE_NAME.fullmatch(value)) and value.strip(".") != ""
+
+
+# --- value checks: each returns the (possibly normalized) value or raises ValueError("must ...") ---------
+
+
+def _safe_name(v: Any) -> Any:
+    if not is_safe_name(v):
+        raise ValueError("must be 1-64 characters from [A-Za-z0-9_.-] (and not only dots)")
+    return v
+
+
+def _address(v: Any) -> Any:
+    if not v.startswith(ADDRESS_SCHEMES) or v in ADDRESS_SCHEMES:
+        raise ValueError(f"must be a ZeroMQ address starting with one of {', '.join(ADDRESS_SCHEMES)}")
+    return v
+
+
+def _nonempty(v: Any) -> Any:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+def _positive(v: Any) -> Any:
+    if v is not None and not v > 0:
+        raise ValueError("must be > 0")
+    return v
+
+
+def _at_least(n: int) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if v < n:
+            raise ValueError(f"must be >= {n}")
+        return v
+
+    return check
+
+
+def _chunk_mb(v: Any) -> Any:
+    if not 0.0625 <= v <= 64:
+        raise ValueError("must be within [0.0625, 64]")
+    if not (v * 1024).is_integer():  # exact: 1024 is a power of two
+        raise ValueError("must be a multiple of 1/1024 (whole KiB)")
+    return v
+
+
+def _log_level(v: Any) -> Any:
+    if v.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return v.lower()
+
+
+@dataclass
+class BrokerConfig:
+    """The broker daemon's settings; see brokers/local.toml for what each key means."""
+
+    bind: str = "tcp://127.0.0.1:7788"
+    workspace: str = "./fedbus-broker"
+    heartbeat_s: float = 1.0
+    liveness: int = 5
+    chunk_mb: float = 4
+    window_mb: float = 32
+    max_model_mb: float = 16384
+    upload_slots: int = 2
+    stall_timeout_s: float = 60.0
+    round_timeout_s: float | None = None
+    keep_versions: int = 0
+    log_json: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _validate_instance(self)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Chunk size of model streams, in bytes (a whole number of KiB)."""
+        return int(self.chunk_mb * MiB)
+
+    @property
+    def window_bytes(self) -> int:
+        """Credit window of model streams, in bytes."""
+        return int(self.window_mb * MiB)
+
+    @property
+    def max_model_bytes(self) -> int:
+        """Largest model stream the broker accepts, in bytes."""
+        return int(self.max_model_mb * MiB)
+
+
+@dataclass
+class SiteConfig:
+    """The site daemon's settings; ``name`` is required (it is the site's identity at the broker)."""
+
+    name: str
+    broker: str = "tcp://127.0.0.1:7788"
+    workspace: str = "./fedbus-site"
+    heartbeat_s: float = 1.0
+    liveness: int = 5
+    python: str = sys.executable
+    task_timeout_s: float | None = None
+    log_json: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _validate_instance(self)
+
+
+_VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "bind": _address,
+    "broker": _address,
+    "name": _safe_name,
+    "workspace": _nonempty,
+    "python": _nonempty,
+    "heartbeat_s": _positive,
+    "liveness": _at_least(1),
+    "chunk_mb": _chunk_mb,
+    "window_mb": _positive,
+    "max_model_mb": _positive,
+    "upload_slots": _at_least(1),
+    "stall_timeout_s": _positive,
+    "round_timeout_s": _positive,
+    "task_timeout_s": _positive,
+    "keep_versions": _at_least(0),
+    "log_level": _log_level,
+}
+
+C = TypeVar("C", BrokerConfig, SiteConfig)
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean (true/false)"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_type(source: str, key: str, value: Any, tp: Any) -> Any:
+    """``value`` converted to the field type ``tp`` (int -> float allowed), or ConfigError naming the key."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        (tp,) = args
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{source}: key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_layer(cls: type, source: str, layer: Mapping[str, Any]) -> dict[str, Any]:
+    """One layer's keys checked for name, type and value; returns the converted values."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for key, value in layer.items():
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            if isinstance(value, dict):
+                hint += "; tables are not used: write the keys at the top level"
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        value = _check_type(source, key, value, hints[key])
+        check = _VALUE_CHECKS.get(key)
+        if check is not None and value is not None:
+            try:
+                value = check(value)
+            except ValueError as e:
+                raise ConfigError(f"{source}: key {key!r} {e}, got {value!r}") from None
+        out[key] = value
+    return out
+
+
+def _check_cross(cls_name: str, values: Mapping[str, Any], origin: Mapping[str, str]) -> None:
+    """Checks between fields, naming where each value came from."""
+    if cls_name == "BrokerConfig":
+        chunk, window = values.get("chunk_mb", 4), values.get("window_mb", 32)
+        if window < chunk:
+            where = ", ".join(sorted({origin.get("chunk_mb", "default"), origin.get("window_mb", "default")}))
+            raise ConfigError(f"{where}: window_mb ({window:g}) must be >= chunk_mb ({chunk:g})")
+
+
+def _validate_instance(cfg: BrokerConfig | SiteConfig) -> None:
+    """Direct construction (recipes, tests) gets the same checks as a loaded file."""
+    name = type(cfg).__name__
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    checked = _check_layer(type(cfg), name, values)
+    _check_cross(name, checked, {})
+    for key, value in checked.items():
+        object.__setattr__(cfg, key, value)
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file as a dict; a missing file or invalid TOML is a ConfigError naming the path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+
+
+def load_config(
+    cls: type[C],
+    path: str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Defaults <- TOML file <- environment <- overrides (None values ignored), each layer validated."""
+    environ = os.environ if environ is None else environ
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path is not None:
+        layers.append((str(path), read_toml(path)))
+    for var, key in ENV_OVERRIDES.get(cls.__name__, {}).items():
+        if environ.get(var):
+            layers.append((f"${var}", {key: environ[var]}))
+    if overrides:
+        layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for source, layer in layers:
+        for key, value in _check_layer(cls, source, layer).items():
+            values[key] = value
+            origin[key] = source
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+    if missing:
+        where = str(path) if path is not None else cls.__name__
+        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
+    merged = {f.name: f.default for f in fields(cls) if f.default is not MISSING} | values
+    _check_cross(cls.__name__, merged, origin)
+    return cls(**values)

@@ -1,0 +1,378 @@
+"""The site daemon: dials out to the broker, stays connected, and runs the jobs it is given.
+
+Theory of operation (the uvicorn shape). ``serve()`` = ``startup()`` / ``main_loop()`` / ``shutdown()``.
+The main loop is a connection loop: connect a DEALER (identity ``site:NAME``, so a reconnect takes over
+the broker's routing entry), say ``hello``, then one receive task reads the socket while another sends
+``heartbeat`` every ``heartbeat_s`` once welcomed. Any message counts as a sign of life; after
+``heartbeat_s x liveness`` of silence (the broker's values from ``welcome``) the socket is closed and a new
+one connects after a backoff of 0.1 s doubling to 5 s, forever. ``error(hello_required)`` (the broker
+restarted and forgot us) is answered with a new hello on the same socket.
+
+Model streams share the socket: stream messages go to one ``StreamHub`` whose endpoint is a stable
+wrapper around whichever socket is current, so streams survive a reconnect (incoming ones are resumed
+after the welcome). Job events that must not be lost (started, exited, crashed) are queued while the
+broker is unreachable and flushed after the next welcome.
+
+Shutdown: a signal only sets ``should_exit``; the jobs' scripts get ``end_job`` and a grace period, the
+broker a ``bye``, and whatever is left after ``shutdown_timeout_s`` is killed. A second signal kills the
+scripts at once. Nothing from the broker is trusted: an unexpected message is logged and refused with
+``error``, and the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import platform
+import secrets
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq.asyncio
+
+from fedbus.config import SiteConfig, is_safe_name
+from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
+from fedbus.log import get_logger
+from fedbus.protocol.messages import (
+    STREAM_TYPES,
+    Bye,
+    Deploy,
+    EndJob,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    Offer,
+    Task,
+    Welcome,
+)
+from fedbus.site.filters import Filter
+from fedbus.site.runner import JobRunner, RunnerSettings
+from fedbus.site.uplink import Uplink
+from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming
+from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink
+
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+
+
+class _BrokerLeft(Exception):
+    """The broker said bye: drop the connection and dial again."""
+
+
+class Site:
+    """One site daemon. ``run()`` blocks (the CLI); ``async with Site(cfg)`` serves in the background."""
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        *,
+        filters: Sequence[Filter] = (),
+        ctx: zmq.asyncio.Context | None = None,
+        end_grace_s: float = 10.0,
+        kill_after_s: float = 5.0,
+        shutdown_timeout_s: float = 30.0,
+        max_model_bytes: int = 16 << 30,
+        chunk_size: int = DEFAULT_CHUNK,
+        window: int = DEFAULT_WINDOW,
+        stall_timeout_s: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.workspace = Path(config.workspace).resolve()
+        self.filters = list(filters)
+        self.session = secrets.token_hex(8)
+        self.log = get_logger("site", site=config.name)
+        self.settings = RunnerSettings(
+            config.name, config.python, config.task_timeout_s, end_grace_s, kill_after_s, max_model_bytes
+        )
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.asyncio.Context()
+        self.uplink = Uplink(
+            on_offer=self._on_offer,
+            chunk_size=chunk_size,
+            window=window,
+            max_total=max_model_bytes,
+            stall_timeout=stall_timeout_s,
+        )
+        self.welcomed = self.uplink.welcomed
+        self.runners: dict[str, JobRunner] = {}
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self.started = asyncio.Event()
+        self.hellos = 0  # how many hellos this daemon sent (tests and status watch reconnects with it)
+        self._heartbeat_s = config.heartbeat_s
+        self._liveness = config.liveness
+        self._last_heard = 0.0
+        self._hello_at = -math.inf
+        self._tasks: set[asyncio.Task] = set()
+        self._session_tasks: list[asyncio.Task] = []
+        self._serving: asyncio.Task | None = None
+
+    # --- life cycle -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM."""
+        asyncio.run(self.serve(install_signals=True))
+
+    async def serve(self, *, install_signals: bool = False) -> None:
+        await self.startup()
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.handle_exit)
+        try:
+            await self.main_loop()
+        finally:
+            try:
+                await self.shutdown()
+            finally:
+                if install_signals:
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        asyncio.get_running_loop().remove_signal_handler(sig)
+
+    def handle_exit(self) -> None:
+        """First call: shut down gracefully. Second call: kill the scripts now."""
+        if self.should_exit.is_set():
+            self.log.warning("forced exit: killing the scripts")
+            self.force_exit = True
+            for runner in self.runners.values():
+                runner.kill()
+        self.should_exit.set()
+
+    async def __aenter__(self) -> Site:
+        self._serving = asyncio.create_task(self.serve())
+        started = asyncio.create_task(self.started.wait())
+        await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if self._serving.done():
+            self._serving.result()  # startup failed: raise its error here
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.handle_exit()
+        if self._serving is not None:
+            await self._serving
+
+    async def startup(self) -> None:
+        (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
+        self._spawn(self.uplink.flush_loop())
+        self.log.info("site starting", broker=self.config.broker, workspace=str(self.workspace))
+        self.started.set()
+
+    async def main_loop(self) -> None:
+        """Connect, serve until the broker goes silent, back off, connect again; until should_exit."""
+        delay = BACKOFF_MIN
+        stop = asyncio.create_task(self.should_exit.wait())
+        try:
+            while True:
+                ep = self._connect()
+                session = [asyncio.create_task(self._receive_loop(ep)), asyncio.create_task(self._heartbeat_loop())]
+                self._session_tasks = session
+                await self._hello()
+                await asyncio.wait({*session, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if stop.done():
+                    return  # the session stays up for shutdown's job events and bye
+                for task in session:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        self.log.error("connection task failed", exc_info=task.exception())
+                if self.welcomed.is_set():
+                    delay = BACKOFF_MIN
+                await self._disconnect()
+                self.log.warning("broker lost: reconnecting", in_s=delay)
+                await asyncio.wait({stop}, timeout=delay)
+                if stop.done():
+                    return
+                delay = min(delay * 2, BACKOFF_MAX)
+        finally:
+            stop.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop the scripts (end_job, grace, TERM, KILL), say bye, close; bounded by shutdown_timeout_s."""
+        self.log.info("site shutting down", jobs=sorted(self.runners))
+        runners = list(self.runners.values())
+        if self.force_exit:
+            for r in runners:
+                r.kill()
+        try:
+            async with asyncio.timeout(self.shutdown_timeout_s):
+                await asyncio.gather(*(r.end("the site is shutting down") for r in runners))
+                await asyncio.gather(*(r.done.wait() for r in runners))
+                await self.uplink.drain(1.0)
+        except TimeoutError:
+            self.log.warning("shutdown deadline passed: killing what is left")
+            for r in runners:
+                r.kill()
+        if self.uplink.ep is not None:
+            with contextlib.suppress(FedbusError, TimeoutError):
+                await asyncio.wait_for(self.uplink.send(Bye("site shutting down")), 1.0)
+        for task in [*self._session_tasks, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._session_tasks, *self._tasks, return_exceptions=True)
+        await self.uplink.close()
+        if self._own_ctx:
+            self.ctx.destroy(linger=0)
+        self.log.info("site stopped")
+
+    # --- the connection -------------------------------------------------------------------------------
+
+    def _connect(self) -> DealerEndpoint:
+        ep = DealerEndpoint.connect(self.ctx, self.config.broker, identity=b"site:" + self.name.encode())
+        self.uplink.attach(ep)
+        self._last_heard = asyncio.get_running_loop().time()
+        return ep
+
+    async def _disconnect(self) -> None:
+        for task in self._session_tasks:
+            task.cancel()
+        await asyncio.gather(*self._session_tasks, return_exceptions=True)
+        self.uplink.detach()
+
+    async def _hello(self) -> None:
+        self.welcomed.clear()
+        self._hello_at = asyncio.get_running_loop().time()
+        self.hellos += 1
+        caps = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+        await self._send(Hello(role="site", name=self.name, session=self.session, caps=caps))
+
+    async def _send(self, msg: Message) -> None:
+        try:
+            await self.uplink.send(msg)
+        except TransportError as exc:
+            self.log.warning("cannot send to the broker", type=msg.TYPE, reason=str(exc))
+
+    async def _receive_loop(self, ep: DealerEndpoint) -> None:
+        """The one reader of the socket; returns when the broker said bye.
+
+        No timeout around the receive: ``wait_for`` can swallow a cancellation that races a message, and
+        silence is the heartbeat loop's business (cancelling this task then loses nothing of value).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                inc = await ep.recv()
+            except BadMessage as exc:
+                self._last_heard = loop.time()
+                self.log.warning("invalid message from the broker", reason=str(exc))
+                await self._send(Error("bad_message", str(exc)[:500]))
+                continue
+            self._last_heard = loop.time()
+            try:
+                await self._on_broker(inc)
+            except _BrokerLeft:
+                return
+            except (FedbusError, OSError) as exc:
+                self.log.warning("broker message refused", type=inc.msg.TYPE, reason=str(exc))
+                await self._send(Error("refused", str(exc)[:500], inc.msg.TYPE))
+
+    async def _heartbeat_loop(self) -> None:
+        """Heartbeat while welcomed; return once the broker has been silent for heartbeat_s x liveness."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            expiry = self._heartbeat_s * self._liveness
+            if loop.time() - self._last_heard >= expiry:
+                self.log.warning("broker silent", for_s=round(expiry, 3))
+                return
+            if self.welcomed.is_set():
+                await self._send(Heartbeat())
+
+    # --- messages from the broker ---------------------------------------------------------------------
+
+    async def _on_broker(self, inc: Incoming) -> None:
+        msg = inc.msg
+        if msg.TYPE in STREAM_TYPES:
+            await self.uplink.hub.dispatch(b"", msg, inc.payload)
+        elif isinstance(msg, Welcome):
+            await self._welcome(msg)
+        elif isinstance(msg, Heartbeat):
+            pass
+        elif isinstance(msg, Error):
+            await self._error(msg)
+        elif isinstance(msg, Bye):
+            self.log.warning("the broker said bye", reason=msg.reason[:200])
+            raise _BrokerLeft
+        elif isinstance(msg, Deploy):
+            self._deploy(msg, inc.payload)
+        elif isinstance(msg, Task):
+            runner = self._runner(msg.job_id, msg.TYPE)
+            why = await runner.on_task(msg)
+            if why is not None:
+                raise RemoteProtocolError(f"task {msg.task_id[:80]!r}: {why}")
+        elif isinstance(msg, EndJob):
+            runner = self.runners.get(msg.job_id)
+            if runner is None:  # its script already ended here: nothing left to stop
+                self.log.info("end_job for a job not running here", job_id=msg.job_id[:80])
+                return
+            runner.log.info("job ended by the broker", reason=msg.reason[:200])
+            self._spawn(runner.end(msg.reason))
+        else:
+            raise RemoteProtocolError(f"a broker may not send {msg.TYPE!r} to a site")
+
+    async def _welcome(self, msg: Welcome) -> None:
+        if 0 < msg.heartbeat_s <= 3600 and 1 <= msg.liveness <= 1000:
+            self._heartbeat_s, self._liveness = msg.heartbeat_s, msg.liveness
+        self.welcomed.set()
+        self.log.info("welcomed by the broker", broker_session=msg.session[:64], heartbeat_s=self._heartbeat_s)
+        await self.uplink.hub.resume_all()
+
+    async def _error(self, msg: Error) -> None:
+        self.log.warning("the broker refused a message", code=msg.code[:64], reason=msg.reason[:500], ref=msg.ref[:32])
+        # After a broker restart every message we send draws hello_required; one hello per heartbeat is plenty.
+        since = asyncio.get_running_loop().time() - self._hello_at
+        if msg.code == "hello_required" and since >= min(1.0, self._heartbeat_s):
+            await self._hello()
+
+    def _deploy(self, msg: Deploy, payload: list[memoryview]) -> None:
+        if not is_safe_name(msg.job_id):
+            raise RemoteProtocolError(f"job id {msg.job_id[:80]!r} is not a safe name")
+        if msg.job_id in self.runners:
+            self.log.info("job already running here: repeated deploy ignored", job_id=msg.job_id)
+            return
+        if len(payload) != 1:
+            raise RemoteProtocolError(f"deploy needs one payload frame (the job archive), got {len(payload)}")
+        runner = JobRunner(
+            msg,
+            root=self.workspace / "jobs" / msg.job_id,
+            settings=self.settings,
+            bus=self.uplink,
+            ctx=self.ctx,
+            filters=self.filters,
+            log=self.log,
+        )
+        runner.folder.prepare()
+        self.runners[msg.job_id] = runner
+        runner.log.info("job deployed", script=msg.script[:200])
+        task = asyncio.create_task(runner.run(bytes(payload[0])))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._runner_done(msg.job_id, runner, t))
+
+    def _runner_done(self, job_id: str, runner: JobRunner, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            runner.log.error("job runner failed", exc_info=task.exception())
+        if self.runners.get(job_id) is runner:
+            del self.runners[job_id]
+
+    def _runner(self, job_id: str, what: str) -> JobRunner:
+        runner = self.runners.get(job_id)
+        if runner is None:
+            raise RemoteProtocolError(f"{what} for job {job_id[:80]!r}, which is not running here")
+        return runner
+
+    async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
+        job_id = offer.ctx.get("job_id")
+        runner = self.runners.get(job_id) if isinstance(job_id, str) else None
+        sink = runner.accept_offer(offer) if runner is not None else None
+        if sink is None:
+            self.log.warning("model stream refused: no such task here", sid=offer.sid, ctx=str(offer.ctx)[:200])
+        return sink
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,400 @@
+"""One deployed job at a site: its folder, its training script, and the relay between script and broker.
+
+Theory of operation. ``folder.prepare()`` makes the job's folder (``jobs/JOB/{files,inbox,outbox}``) at once, so a
+model stream that follows the deploy immediately has somewhere to land; ``run`` unpacks the archive,
+binds the local link (``ipc://jobs/JOB/link.sock``, mode 0600, plus a per-job token the script must
+present), starts the script and waits for it to end, reporting ``started`` and ``exited``/``crashed``.
+
+A task is relayed in three steps: the broker's ``task`` is remembered (``on_task``); its model stream is
+accepted into ``inbox/TASK.safetensors`` (``accept_offer``, refused for any task we were not told
+about); when the stream completes the task is *ready*: sent to the script with ``meta["path"]``, or
+queued until the script has said hello. A task's time limit runs from ready to result. The script's
+``result`` names ``outbox/TASK.safetensors``; the site reads it, applies its privacy filters, sends the
+broker ``result(sid)`` first and then the stream (the broker pairs them by sid), and answers the script
+``reply(ok)`` once the broker acknowledged the upload. Everything the script says is untrusted too: a
+wrong token, an unknown task or a path outside the outbox is refused and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import secrets
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+
+from fedbus import serde
+from fedbus.config import is_safe_name
+from fedbus.errors import FedbusError, JobError, RemoteProtocolError, TransportError
+from fedbus.jobs import unpack_job
+from fedbus.protocol.messages import (
+    Bye,
+    Deploy,
+    EndJob,
+    Error,
+    Hello,
+    JobEvent,
+    Message,
+    Offer,
+    Reply,
+    Result,
+    Task,
+    Welcome,
+)
+from fedbus.site.child import ScriptProcess
+from fedbus.site.filters import Filter, apply_filters
+from fedbus.site.folder import JobFolder, script_env
+from fedbus.site.uplink import BrokerBus
+from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
+from fedbus.transport.streams import BufferSink, ModelSource
+
+KINDS = ("train", "evaluate")
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """The site-wide values every runner needs (from SiteConfig and the Site's keyword options)."""
+
+    site_name: str
+    python: str
+    task_timeout_s: float | None = None
+    end_grace_s: float = 10.0
+    kill_after_s: float = 5.0
+    max_model_bytes: int = 16 << 30
+
+
+@dataclass
+class _Ready:
+    """A task whose model is in the inbox: queued for, or delivered to, the script."""
+
+    task: Task
+    path: Path | None
+    timer: asyncio.TimerHandle | None = None
+    uploading: bool = False
+
+
+class JobRunner:
+    """Runs one job's script and relays its tasks and results; ``done`` is set when it is over."""
+
+    def __init__(
+        self,
+        deploy: Deploy,
+        *,
+        root: Path,
+        settings: RunnerSettings,
+        bus: BrokerBus,
+        ctx: zmq.asyncio.Context,
+        filters: Sequence[Filter] = (),
+        log: Any,
+    ) -> None:
+        self.deploy = deploy
+        self.job_id = deploy.job_id
+        self.folder = JobFolder(root)
+        self.settings = settings
+        self.bus = bus
+        self.ctx = ctx
+        self.filters = list(filters)
+        self.log = log.bind(job_id=deploy.job_id)
+        self.token = secrets.token_urlsafe(24)
+        self.task_timeout = _min_positive(settings.task_timeout_s, deploy.config.get("task_timeout_s"))
+        self.done = asyncio.Event()
+        self.proc: ScriptProcess | None = None
+        self.link: RouterEndpoint | None = None
+        self._script: bytes | None = None  # the routing id of the script that presented the token
+        self._expected: dict[str, Task] = {}  # tasks whose model stream has not arrived yet
+        self._ready: dict[str, _Ready] = {}
+        self._queue: list[str] = []  # ready task ids waiting for the script's hello
+        self._stopping = False
+        self._crash: str | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def run(self, archive: bytes) -> None:
+        """Deploy, run the script until it exits, report what happened; always ends with ``done`` set."""
+        try:
+            try:
+                await self._start(archive)
+            except (FedbusError, OSError) as exc:
+                if not self._stopping:
+                    self.log.warning("deploy failed", reason=str(exc))
+                    self.bus.report(JobEvent(self.job_id, "crashed", code=-1, detail=f"deploy failed: {exc}"[:4000]))
+                return
+            assert self.proc is not None
+            self.bus.report(JobEvent(self.job_id, "started", data={"pid": self.proc.pid}))
+            if self._stopping:  # end_job arrived while the script was being started
+                await self.proc.stop(0.0, self.settings.kill_after_s)
+            code = await self.proc.wait()
+            self.proc.signal_group(signal.SIGKILL)  # whatever the script left behind in its group
+            self._report_exit(code)
+        finally:
+            await self._close()
+            self.done.set()
+
+    async def _start(self, archive: bytes) -> None:
+        folder = self.folder
+        spec = await asyncio.to_thread(unpack_job, archive, folder.files)
+        self.task_timeout = _min_positive(self.task_timeout, spec.task_timeout_s)
+        script = folder.script(self.deploy.script)
+        if not all(isinstance(a, str) for a in self.deploy.args):
+            raise JobError("deploy args must be strings")
+        self.link = folder.bind_link(self.ctx)
+        self._spawn(self._serve_link())
+        if self._stopping:
+            raise JobError("the job ended before its script started")
+        env = script_env(
+            link=self.link.address,
+            token=self.token,
+            job_id=self.job_id,
+            site=self.settings.site_name,
+            index=_int(self.deploy.config.get("site_index"), 0),
+            count=_int(self.deploy.config.get("num_sites"), 1),
+            root=folder.root,
+        )
+        self.proc = await ScriptProcess.start(
+            self.settings.python, script, self.deploy.args, cwd=folder.files, env=env, log_path=folder.log_path
+        )
+        self.log.info("script started", pid=self.proc.pid, script=self.deploy.script)
+
+    def _report_exit(self, code: int) -> None:
+        assert self.proc is not None
+        if self._crash is not None:
+            event, detail = "crashed", f"{self._crash}\n{self.proc.tail()}"
+        elif self._stopping or code == 0:
+            event, detail = "exited", ""
+        else:
+            event, detail = "crashed", self.proc.tail()
+        self.log.info("script ended", outcome=event, code=code)
+        self.bus.report(JobEvent(self.job_id, event, code=code, detail=detail[-4000:]))
+
+    async def end(self, reason: str) -> None:
+        """The broker ended the job: tell the script, give it ``end_grace_s``, then SIGTERM, then SIGKILL."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._expected.clear()
+        for r in self._ready.values():
+            if r.timer is not None:
+                r.timer.cancel()
+        grace = 0.0
+        if self._script is not None:
+            await self._to_script(EndJob(self.job_id, reason))
+            grace = self.settings.end_grace_s
+        if self.proc is not None:
+            await self.proc.stop(grace, self.settings.kill_after_s)
+
+    def kill(self) -> None:
+        """Stop now, without grace (a forced shutdown)."""
+        self._stopping = True
+        if self.proc is not None:
+            self.proc.kill()
+
+    async def _close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for r in self._ready.values():
+            if r.timer is not None:
+                r.timer.cancel()
+        if self.link is not None:
+            self.link.close()
+        self.folder.remove_link()
+
+    # --- broker -> script ---------------------------------------------------------------------------
+
+    async def on_task(self, task: Task) -> str | None:
+        """Take a task from the broker; returns why it is refused, or None."""
+        if self._stopping or self.done.is_set():
+            return "the job is ending at this site"
+        if not is_safe_name(task.task_id):
+            return f"task id {task.task_id[:80]!r} is not a safe name"
+        if task.kind not in KINDS:
+            return f"unknown task kind {task.kind[:32]!r}"
+        if task.task_id in self._expected or task.task_id in self._ready:
+            return f"task {task.task_id} is already here"
+        if task.sid is None:
+            await self._make_ready(task, None)
+        else:
+            self._expected[task.task_id] = task
+        return None
+
+    def accept_offer(self, offer: Offer) -> BufferSink | None:
+        """A model stream from the broker: accepted into the inbox only for a task announced before it."""
+        task_id = offer.ctx.get("task_id")
+        task = self._expected.get(task_id) if isinstance(task_id, str) else None
+        if task is None or task.sid != offer.sid or self._stopping:
+            return None
+        del self._expected[task.task_id]
+        path = self.folder.inbox_file(task.task_id)
+        sink = BufferSink(max_total=self.settings.max_model_bytes, path=str(path))
+        self._spawn(self._await_model(task, sink, path))
+        return sink
+
+    async def _await_model(self, task: Task, sink: BufferSink, path: Path) -> None:
+        try:
+            tensors = await sink.result
+            del tensors  # views of the file's memory map: the script reads the file itself
+        except FedbusError as exc:
+            self.log.warning("model stream failed", task_id=task.task_id, reason=str(exc))
+            path.unlink(missing_ok=True)
+            return
+        await self._make_ready(task, path)
+
+    async def _make_ready(self, task: Task, path: Path | None) -> None:
+        ready = _Ready(task, path)
+        self._ready[task.task_id] = ready
+        if self.task_timeout is not None:
+            loop = asyncio.get_running_loop()
+            ready.timer = loop.call_later(self.task_timeout, self._timed_out, task.task_id)
+        if self._script is None:
+            self._queue.append(task.task_id)
+        else:
+            await self._deliver(ready)
+
+    async def _deliver(self, ready: _Ready) -> None:
+        t = ready.task
+        meta = dict(t.meta)
+        meta["params_type"] = self._params_type(t)
+        if ready.path is not None:
+            meta["path"] = str(ready.path)
+        await self._to_script(Task(t.job_id, t.task_id, t.kind, t.version, t.round, t.total_rounds, None, meta))
+        self.log.info("task handed to the script", task_id=t.task_id, kind=t.kind, version=t.version)
+
+    def _params_type(self, task: Task) -> str:
+        """What the strategy wants back: the task's word, else the deploy config's, else FULL."""
+        for value in (task.meta.get("params_type"), self.deploy.config.get("params_type")):
+            if value in ("FULL", "DIFF"):
+                return str(value)
+        return "FULL"
+
+    def _timed_out(self, task_id: str) -> None:
+        if self.proc is None or self._stopping or task_id not in self._ready:
+            return
+        self._crash = f"task {task_id} exceeded the task time limit of {self.task_timeout:g} s"
+        self.log.warning("task timed out: killing the script", task_id=task_id)
+        self.proc.kill()
+
+    # --- script -> site -----------------------------------------------------------------------------
+
+    async def _serve_link(self) -> None:
+        assert self.link is not None
+        while True:
+            try:
+                inc = await self.link.recv()
+            except BadMessage as exc:
+                self.log.warning("invalid message from the script", peer=exc.peer.hex(), reason=str(exc))
+                await self._send_to(exc.peer, Error("bad_message", str(exc)[:500]))
+                continue
+            try:
+                await self._on_script(inc)
+            except FedbusError as exc:
+                self.log.warning("script message refused", type=inc.msg.TYPE, reason=str(exc))
+                await self._send_to(inc.peer, Error("refused", str(exc)[:500], inc.msg.TYPE))
+
+    async def _on_script(self, inc: Incoming) -> None:
+        msg = inc.msg
+        if isinstance(msg, Hello):
+            await self._hello(inc.peer, msg)
+        elif inc.peer != self._script:
+            self.log.warning("message from an unknown link peer", peer=inc.peer.hex(), type=msg.TYPE)
+            await self._send_to(inc.peer, Error("hello_required", "say hello with the job's token first", msg.TYPE))
+        elif isinstance(msg, Result):
+            self._spawn(self._relay(msg))
+        elif isinstance(msg, JobEvent) and msg.event == "log":
+            self.bus.report(JobEvent(self.job_id, "log", data=msg.data))
+        elif isinstance(msg, Bye):
+            self.log.info("script said bye", reason=msg.reason)
+        else:
+            raise RemoteProtocolError(f"a training script may not send {msg.TYPE!r}")
+
+    async def _hello(self, peer: bytes, msg: Hello) -> None:
+        if msg.role != "client" or not hmac.compare_digest(msg.session.encode(), self.token.encode()):
+            self.log.warning("script hello refused: wrong role or token", peer=peer.hex(), role=msg.role[:32])
+            await self._send_to(peer, Error("bad_token", "wrong role or link token", "hello"))
+            return
+        self._script = peer
+        await self._to_script(Welcome(session=self.job_id, heartbeat_s=0.0, liveness=0))
+        queued, self._queue = self._queue, []
+        for task_id in queued:
+            if task_id in self._ready:
+                await self._deliver(self._ready[task_id])
+
+    async def _relay(self, result: Result) -> None:
+        """Upload one result to the broker, then tell the script whether it arrived."""
+        ready = self._ready.get(result.task_id)
+        if ready is None or ready.uploading or result.job_id != self.job_id:
+            await self._to_script(Reply(rid=0, ok=False, error=f"no open task {result.task_id[:80]!r} here"))
+            return
+        ready.uploading = True
+        if ready.timer is not None:
+            ready.timer.cancel()
+        log = self.log.bind(task_id=result.task_id)
+        try:
+            await self._upload(ready, result)
+        except (FedbusError, OSError) as exc:
+            log.warning("result not delivered", reason=str(exc))
+            reply = Reply(rid=0, ok=False, error=str(exc)[:2000])
+        else:
+            log.info("result delivered", params_type=result.params_type, weight=result.weight)
+            reply = Reply(rid=0, ok=True)
+        finally:
+            del self._ready[result.task_id]
+            self.folder.remove_task_files(result.task_id)
+        await self._to_script(reply)
+
+    async def _upload(self, ready: _Ready, result: Result) -> None:
+        if result.params_type not in ("FULL", "DIFF"):
+            raise RemoteProtocolError(f"params_type must be FULL or DIFF, got {result.params_type[:16]!r}")
+        if not math.isfinite(result.weight) or result.weight < 0:
+            raise RemoteProtocolError(f"weight must be a finite number >= 0, got {result.weight!r}")
+        meta = {k: v for k, v in result.meta.items() if k != "path"}  # local paths stay local
+        path = result.meta.get("path")
+        source = None
+        if ready.task.kind == "train" and path is not None:
+            file = self.folder.result_file(path, result.task_id)
+            params = await asyncio.to_thread(self._read_filtered, file)
+            source = ModelSource.from_state_dict(params)
+        sid = secrets.randbits(62) if source is not None else None
+        t = ready.task
+        await self.bus.send(Result(t.job_id, t.task_id, t.version, result.params_type, result.weight,
+                                   result.metrics, meta, sid))  # fmt: skip
+        if source is not None and sid is not None:
+            await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
+
+    def _read_filtered(self, file: Path) -> dict:
+        params = serde.read_file(file, max_total=self.settings.max_model_bytes)
+        return apply_filters(self.filters, params)
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    async def _to_script(self, msg: Message) -> None:
+        if self._script is not None:
+            await self._send_to(self._script, msg)
+
+    async def _send_to(self, peer: bytes, msg: Message) -> None:
+        if self.link is None:
+            return
+        try:
+            await self.link.send(peer, msg)
+        except TransportError as exc:
+            self.log.warning("cannot reach the script", type=msg.TYPE, reason=str(exc))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _min_positive(*values: Any) -> float | None:
+    ok = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf]
+    return min(ok) if ok else None
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default

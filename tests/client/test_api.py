@@ -1,0 +1,301 @@
+"""The client API against a fake site link: real zmq over ipc, the client's blocking calls in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zmq.asyncio
+
+import fedbus.client as flare
+from fedbus import serde
+from fedbus.client import ClientSession, FLModel, ParamsType
+from fedbus.errors import ConfigError, JobError, LocalProtocolError
+from fedbus.protocol.messages import Bye, EndJob, Error, Hello, JobEvent, Reply, Result
+from tests.client.helpers import JOB, TOKEN, FakeSite, sample_params
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[FakeSite]:
+    ctx = zmq.asyncio.Context()
+    fake = FakeSite(ctx, tmp_path)
+    try:
+        yield fake
+    finally:
+        fake.close()
+        ctx.destroy(linger=0)
+
+
+async def connected(site: FakeSite, **kwargs: object) -> ClientSession:
+    session = site.session(**kwargs)
+    await asyncio.gather(asyncio.to_thread(session.init), site.accept())
+    return session
+
+
+async def answer_result(site: FakeSite, ok: bool = True, error: str = "") -> Result:
+    """Read the script's result and confirm it, as a site does after the broker acknowledged the upload."""
+    inc = await site.recv()
+    assert isinstance(inc.msg, Result), inc.msg
+    await site.send(Reply(rid=0, ok=ok, error=error))
+    return inc.msg
+
+
+async def test_round_trip_train_then_end(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        sent = sample_params()
+        await site.push_task("t1", sent, params_type="FULL", note="hi")
+        assert await asyncio.to_thread(session.is_running)
+        assert session.get_task_name() == "train" and session.is_train() and not session.is_evaluate()
+        model = await asyncio.to_thread(session.receive)
+        assert model is not None and model.current_round == 4 and model.total_rounds == 10
+        assert model.meta["version"] == 4 and model.meta["note"] == "hi" and "path" not in model.meta
+        for k, v in sent.items():
+            assert torch.equal(model.params[k], v) and model.params[k].device.type == "cpu"
+
+        out = FLModel(params={k: v + 1 for k, v in model.params.items()}, metrics={"loss": np.float32(0.5)})
+        out.meta[flare.NUM_STEPS_CURRENT_ROUND] = 12
+        sending = asyncio.create_task(asyncio.to_thread(session.send, out))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        assert (result.job_id, result.task_id, result.version, result.params_type) == (JOB, "t1", 4, "FULL")
+        assert result.weight == 12.0 and result.metrics == {"loss": 0.5} and result.sid is None
+        path = Path(result.meta["path"])
+        assert path == site.folder / "job" / "outbox" / "t1.safetensors"
+        back = serde.read_file(path)
+        for k, v in sent.items():
+            assert torch.equal(back[k], v + 1) and back[k].dtype == v.dtype
+
+        await site.send(EndJob(JOB, "finished"))
+        assert not await asyncio.to_thread(session.is_running)
+        assert await asyncio.to_thread(session.receive) is None
+    finally:
+        session.close()
+
+
+async def test_send_waits_for_the_reply_and_raises_on_refusal(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        await site.push_task("t1", sample_params())
+        await asyncio.to_thread(session.receive)
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=sample_params())))
+        await site.recv()
+        await asyncio.sleep(0.3)
+        assert not sending.done()  # no reply yet: the update is not safe at the broker yet
+        await site.send(Reply(rid=0, ok=False, error="stream to the broker failed"))
+        with pytest.raises(JobError, match="stream to the broker failed"):
+            await asyncio.wait_for(sending, 5)
+    finally:
+        session.close()
+
+
+async def test_full_is_converted_to_diff_when_the_strategy_wants_deltas(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        received = sample_params()
+        await site.push_task("t1", received, params_type="DIFF")
+        model = await asyncio.to_thread(session.receive)
+        local = {k: v * 3 for k, v in model.params.items()}
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=local)))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        assert result.params_type == "DIFF"
+        back = serde.read_file(result.meta["path"])
+        for k, v in received.items():
+            assert torch.equal(back[k], v * 3 - v)
+    finally:
+        session.close()
+
+
+async def test_explicit_diff_and_numpy_params_travel_as_given(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        await site.push_task("t1", sample_params())
+        await asyncio.to_thread(session.receive)
+        delta = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array([1, 2], dtype=np.int64)}
+        model = FLModel(params=delta, params_type="DIFF")
+        sending = asyncio.create_task(asyncio.to_thread(session.send, model))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        assert result.params_type == "DIFF" and result.weight == 1.0
+        back = serde.read_file(result.meta["path"])
+        assert torch.equal(back["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+        assert torch.equal(back["n"], torch.tensor([1, 2]))
+    finally:
+        session.close()
+
+
+async def test_evaluation_sends_metrics_only(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        await site.push_task("e1", sample_params(), kind="evaluate")
+        assert await asyncio.to_thread(session.is_running)
+        assert session.is_evaluate() and session.get_task_name() == "evaluate"
+        model = await asyncio.to_thread(session.receive)
+        metrics = {"acc": torch.tensor(0.75), "per_class": np.array([1.0, 0.5])}
+        reply = FLModel(params=model.params, metrics=metrics)  # params are ignored for an evaluation
+        sending = asyncio.create_task(asyncio.to_thread(session.send, reply))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        assert result.metrics == {"acc": 0.75, "per_class": [1.0, 0.5]}
+        assert "path" not in result.meta and not (site.folder / "job" / "outbox" / "e1.safetensors").exists()
+    finally:
+        session.close()
+
+
+async def test_tasks_pushed_during_send_are_kept(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        await site.push_task("t1", sample_params())
+        await asyncio.to_thread(session.receive)
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=sample_params())))
+        await site.recv()
+        await site.push_task("t2", sample_params())  # the next task overtakes the reply
+        await site.send(Reply(rid=0, ok=True))
+        await asyncio.wait_for(sending, 5)
+        model = await asyncio.to_thread(session.receive)
+        assert model.meta["task_id"] == "t2"
+    finally:
+        session.close()
+
+
+async def test_log_is_a_job_event(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        await asyncio.to_thread(session.log, "loss", torch.tensor(0.25), 3)
+        inc = await site.recv()
+        assert inc.msg == JobEvent(job_id=JOB, event="log", data={"key": "loss", "value": 0.25, "step": 3})
+    finally:
+        session.close()
+
+
+async def test_wrong_token_is_refused(site: FakeSite) -> None:
+    session = site.session(token="wrong")
+
+    async def refuse() -> None:
+        inc = await site.recv()
+        assert isinstance(inc.msg, Hello) and inc.msg.session == "wrong"
+        await site.ep.send(inc.peer, Error("bad_token", "wrong role or link token", "hello"))
+
+    with pytest.raises(JobError, match="bad_token"):
+        await asyncio.gather(asyncio.to_thread(session.init), refuse())
+
+
+async def test_a_closed_link_is_noticed(site: FakeSite) -> None:
+    session = await connected(site, link_timeout=0.5)
+    try:
+        site.close()
+        (site.folder / "link.sock").unlink(missing_ok=True)
+        start = time.monotonic()
+        with pytest.raises(JobError, match="no connection to the site"):
+            await asyncio.to_thread(session.is_running)
+        assert time.monotonic() - start < 5
+    finally:
+        session.close()
+
+
+async def test_bye_from_the_site_ends_waits(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        waiting = asyncio.create_task(asyncio.to_thread(session.is_running))
+        await site.send(Bye("site shutting down"))
+        with pytest.raises(JobError, match="site shutting down"):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        session.close()
+
+
+async def test_misuse_and_bad_values(site: FakeSite) -> None:
+    session = site.session()
+    with pytest.raises(LocalProtocolError, match="init"):
+        session.is_running()
+    session = await connected(site)
+    try:
+        with pytest.raises(LocalProtocolError, match="without a task"):
+            session.send(FLModel(params=sample_params()))
+        await site.push_task("t1", sample_params())
+        await asyncio.to_thread(session.receive)
+        with pytest.raises(ConfigError, match=r"params\['w'\]"):
+            session.send(FLModel(params={"w": [1.0, 2.0]}))
+        with pytest.raises(ConfigError, match="mapping"):
+            session.send(FLModel(params=[torch.zeros(1)]))  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="not finite"):
+            session.send(FLModel(metrics={"loss": float("nan")}))
+    finally:
+        session.close()
+
+
+async def test_module_functions_use_the_environment(site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "FEDBUS_LINK": site.address,
+        "FEDBUS_LINK_TOKEN": TOKEN,
+        "FEDBUS_JOB_ID": JOB,
+        "FEDBUS_SITE_NAME": "site-a",
+        "FEDBUS_SITE_INDEX": "1",
+        "FEDBUS_NUM_SITES": "3",
+        "FEDBUS_WORKSPACE": str(site.folder / "job"),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        await asyncio.gather(asyncio.to_thread(flare.init), site.accept())
+        assert flare.get_site_name() == "site-a" and flare.get_job_id() == JOB
+        assert flare.system_info() == {
+            "site_name": "site-a",
+            "job_id": JOB,
+            "site_index": 1,
+            "num_sites": 3,
+            "workspace": str(site.folder / "job"),
+        }
+        with pytest.raises(ConfigError, match="rank 0"):
+            flare.init(rank=1)
+    finally:
+        flare.shutdown()
+    monkeypatch.delenv("FEDBUS_LINK")
+    with pytest.raises(ConfigError, match="FEDBUS_LINK"):
+        flare.init()
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(flare.__all__) == sorted(
+        [
+            "NUM_STEPS_CURRENT_ROUND",
+            "ClientSession",
+            "FLMetaKey",
+            "FLModel",
+            "ParamsType",
+            "get_job_id",
+            "get_site_name",
+            "get_task_name",
+            "init",
+            "is_evaluate",
+            "is_running",
+            "is_train",
+            "log",
+            "receive",
+            "send",
+            "shutdown",
+            "system_info",
+        ]
+    )
+    assert FLModel().params_type is ParamsType.FULL and ParamsType.DIFF == "DIFF"
+    with pytest.raises(ConfigError):
+        FLModel(params_type="HALF")
+
+
+def test_import_loads_no_broker_or_strategy_code() -> None:
+    code = (
+        "import sys, fedbus.client\n"
+        "bad = [m for m in sys.modules if m.startswith(('fedbus.broker', 'fedbus.strategy', 'fedbus.site'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

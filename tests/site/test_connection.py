@@ -1,0 +1,120 @@
+"""The site's connection to the broker: reconnects, refuses garbage and keeps serving, leaves cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq.asyncio
+
+from fedbus.errors import TransportError
+from fedbus.protocol.messages import Bye, Error, Request, Task
+from tests.site.helpers import FakeBroker, running_site
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+async def rebind(ctx: zmq.asyncio.Context, address: str) -> FakeBroker:
+    """A new broker on ``address``; zmq closes the old listener in its I/O thread, so the port may lag."""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                return FakeBroker(ctx, address)
+            except TransportError:
+                await asyncio.sleep(0.05)
+
+
+async def test_a_restarted_broker_gets_a_new_hello(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
+    broker = FakeBroker(ctx, "tcp://127.0.0.1:0")
+    address = broker.address
+    try:
+        async with running_site(tmp_path / "ws", address) as site:
+            await broker.wait_hellos(1)
+            await asyncio.wait_for(site.welcomed.wait(), 5)
+            await broker.close()
+            broker = await rebind(ctx, address)  # same port, a broker that knows nobody
+            await broker.wait_hellos(1, timeout=5)
+            await asyncio.wait_for(site.welcomed.wait(), 5)
+    finally:
+        await broker.close()
+
+
+async def test_a_silent_broker_is_redialled(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
+    broker = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock", answer_heartbeats=False)
+    try:
+        async with running_site(tmp_path / "ws", broker.address) as site:
+            await broker.wait_hellos(1)
+            # heartbeat 0.2 s x liveness 5: silence is noticed after 1 s, the next hello comes 0.1 s later
+            await broker.wait_hellos(2, timeout=5)
+            assert site.hellos >= 2
+    finally:
+        await broker.close()
+
+
+async def test_garbage_and_unexpected_messages_are_refused_and_serving_goes_on(
+    tmp_path: Path, ctx: zmq.asyncio.Context
+) -> None:
+    broker = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
+    try:
+        async with running_site(tmp_path / "ws", broker.address) as site:
+            await broker.wait_hellos(1)
+            bogus = msgpack.packb({"v": 1, "t": "bogus", "id": 1})
+            await broker.ep.sock.send_multipart([broker.peer, bogus])
+            error = await broker.expect("error")
+            assert isinstance(error, Error) and error.code == "bad_message" and "bogus" in error.reason
+            await broker.send(Request(rid=1, op="status"))
+            error = await broker.expect("error")
+            assert isinstance(error, Error) and error.code == "refused" and error.ref == "request"
+            await broker.send(Task("nope", "t-1", "train", 0, 0, 1))
+            error = await broker.expect("error")
+            assert isinstance(error, Error) and error.ref == "task"
+            assert site.hellos == 1 and site.welcomed.is_set()
+        bye = await broker.expect("bye")
+        assert isinstance(bye, Bye)
+    finally:
+        await broker.close()
+
+
+SERVE = """
+import sys
+from fedbus.config import SiteConfig
+from fedbus.site import Site
+Site(SiteConfig(name="site-s", broker=sys.argv[1], workspace=sys.argv[2], heartbeat_s=0.2)).run()
+print("site exited cleanly", flush=True)
+"""
+
+
+async def test_sigterm_shuts_the_daemon_down_gracefully(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
+    broker = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SERVE), broker.address, str(tmp_path / "ws")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        await broker.wait_hellos(1, timeout=30)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert isinstance(await broker.expect("bye", timeout=10), Bye)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=10)
+        assert proc.returncode == 0, out
+        assert b"site exited cleanly" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await broker.close()
