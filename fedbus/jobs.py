@@ -28,6 +28,7 @@ sizes a zip declares are claims, not facts. Every refusal is a ConfigError namin
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import re
@@ -175,8 +176,6 @@ _TOP_KEYS = frozenset({"name", "model", *_TABLES})
 
 
 def _unknown(source: str, what: str, key: str, known: Any) -> ConfigError:
-    import difflib
-
     near = difflib.get_close_matches(key, sorted(known), n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     return ConfigError(f"{source}: unknown {what} {key!r}{hint}")

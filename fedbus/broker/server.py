@@ -25,7 +25,7 @@ from fedbus import jobs, serde
 from fedbus.broker.controller import JobController
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
-from fedbus.config import BrokerConfig
+from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.errors import ConfigError, FedbusError, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
@@ -229,9 +229,9 @@ class Broker:
         if msg.role == "admin":
             self.registry.admins.add(peer)
         elif msg.role == "site":
-            if not jobs.SAFE_NAME.fullmatch(msg.name):
+            if not is_safe_name(msg.name):
                 raise FedbusError(f"invalid site name {msg.name[:64]!r}")
-            rec, rejoined = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
+            _, rejoined = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
             log.info("site registered", site=msg.name, rejoined=rejoined)
         else:
             raise FedbusError(f"unknown role {msg.role[:32]!r}")

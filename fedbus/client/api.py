@@ -34,6 +34,7 @@ from fedbus.client._files import load_params, save_params
 from fedbus.client._link import SiteLink
 from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType, diff_params, plain_values, to_cpu_params
 from fedbus.errors import ConfigError, JobError, LocalProtocolError
+from fedbus.log import get_logger
 from fedbus.protocol.messages import EndJob, Error, Hello, JobEvent, Reply, Result, Task, Welcome
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -71,6 +72,7 @@ class ClientSession:
         self.num_sites = num_sites
         self.workspace = Path(workspace)
         self.link_timeout = link_timeout
+        self.log = get_logger("client", site=site_name, job_id=job_id)
         self._link: SiteLink | None = None
         self._tasks: deque[Task] = deque()
         self._current: Task | None = None
@@ -175,8 +177,12 @@ class ClientSession:
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """Send the current task's result; returns once the site confirms the broker has it.
 
-        Raises JobError if the site or broker refused the update. With ``clear_cache=False`` the task stays
-        current (FLARE's semantics), so ``receive`` returns the same model again.
+        Raises JobError when the site refuses the result (a params file it cannot read, a privacy filter
+        failing: something to fix). An update *lost* on the way (the broker unreachable, or refusing it
+        because the task or job is over) is logged and ``send`` returns: in federated learning a lost
+        update is routine (stragglers, the last updates of a finished job, a broker restart), and a
+        script that crashed over one would drop its site from the job. With ``clear_cache=False`` the task
+        stays current (FLARE's semantics), so ``receive`` returns the same model again.
         """
         link = self._require()
         if not isinstance(model, FLModel):
@@ -193,8 +199,10 @@ class ClientSession:
             if msg is None:  # the job ended while the upload was in flight: nothing left to confirm
                 break
             if isinstance(msg, Reply) and msg.rid == 0:
+                if not msg.ok and not msg.data.get("lost"):
+                    raise JobError(f"the site refused the result of task {task.task_id}: {msg.error}")
                 if not msg.ok:
-                    raise JobError(f"the site could not deliver the result of task {task.task_id}: {msg.error}")
+                    self.log.warning("update lost on the way to the broker", task_id=task.task_id, reason=msg.error)
                 break
             self._handle(msg)
         if clear_cache:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
 
 from fedbus.errors import LocalProtocolError, RemoteProtocolError
 from fedbus.protocol.messages import Abort, Ack, Chunk, Credit, End, Message, Nack, Offer, Resume
@@ -399,6 +400,29 @@ class Receiver:
         return self._grant
 
     # --- API -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def restore(cls, offer: Offer, verified: Sequence[tuple[int, int, int]], **kwargs: Any) -> Receiver:
+        """A receiver that already holds the verified chunks ``verified`` (from a journal, after a restart).
+
+        The triples must be the stream's first chunks, contiguous from offset 0; the driver then calls
+        ``resume(now)`` so the sender continues from there instead of from zero.
+        """
+        rx = cls(offer, **kwargs)
+        expected = 0
+        for off, length, _ in verified:
+            if off != expected or length != rx.chunk_length(off):
+                raise LocalProtocolError(f"stream {offer.sid}: journal is not contiguous at offset {off}")
+            expected += length
+        rx._triples = [tuple(t) for t in verified]  # type: ignore[misc]
+        rx._expected = expected
+        rx._started = True
+        return rx
+
+    @property
+    def verified(self) -> list[tuple[int, int, int]]:
+        """(offset, length, sum) of every verified chunk so far: what a journal needs to resume."""
+        return list(self._triples)
 
     def chunk_length(self, off: int) -> int:
         return min(self._chunk, self._total - off)

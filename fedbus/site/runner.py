@@ -337,8 +337,11 @@ class JobRunner:
         log = self.log.bind(task_id=result.task_id)
         try:
             await self._upload(ready, result)
+        except TransportError as exc:  # the broker is unreachable or refused it: lost, not the script's fault
+            log.warning("update lost on the way to the broker", reason=str(exc))
+            reply = Reply(rid=0, ok=False, data={"lost": True}, error=str(exc)[:2000])
         except (FedbusError, OSError) as exc:
-            log.warning("result not delivered", reason=str(exc))
+            log.warning("result refused", reason=str(exc))
             reply = Reply(rid=0, ok=False, error=str(exc)[:2000])
         else:
             log.info("result delivered", params_type=result.params_type, weight=result.weight)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 from fedbus import digest, serde
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
+from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Abort, Chunk, End, Message, Offer
 from fedbus.protocol.stream import Receiver, ReceiverState, Sender, SenderState
 from fedbus.transport.endpoint import Endpoint
@@ -87,13 +90,23 @@ class BufferSink:
     dtypes differ from what the receiver will accept, before any byte of payload is taken.
     With ``path`` the buffer is a shared memory map of that file: the finished file is a valid
     ``.safetensors`` file (what a site hands its training script), and its pages live in the page cache.
+    With ``journal`` too, every verified chunk is appended to ``path + ".journal"``, so a process killed
+    mid-stream can ``reopen`` the file and ask the sender to resume from the last verified chunk.
     """
 
     def __init__(
-        self, *, max_total: int, expected: Any = None, alg: str = digest.DEFAULT_ALG, path: str | None = None
+        self,
+        *,
+        max_total: int,
+        expected: Any = None,
+        alg: str = digest.DEFAULT_ALG,
+        path: str | None = None,
+        journal: bool = False,
     ) -> None:
         self.max_total = max_total
         self.path = path
+        self.journal_path = f"{path}.journal" if path is not None and journal else None
+        self._journal: Any = None
         self.expected = expected
         self.alg = alg
         self.buffer: torch.Tensor | None = None
@@ -106,7 +119,7 @@ class BufferSink:
         self.peer = b""
         self.result: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
 
-    def open(self, offer: Offer) -> None:
+    def open(self, offer: Offer, *, resume: bool = False) -> None:
         """Validate the untrusted header and allocate; raises RemoteProtocolError to refuse the stream."""
         self.data_start, self.specs, self.metadata = serde.parse_header(
             offer.header, max_total=self.max_total, total=offer.total
@@ -117,13 +130,50 @@ class BufferSink:
             serde.check_compatible(self.expected, self.specs)
         self.header = offer.header
         self.offer = offer
+        self.alg = offer.alg
         if self.path is None:
             self.buffer = serde.allocate(offer.total)
         else:
-            with open(self.path, "wb") as f:
-                f.truncate(offer.total)
+            if not resume:
+                with open(self.path, "wb") as f:
+                    f.truncate(offer.total)
             self.buffer = torch.from_file(self.path, shared=True, size=offer.total, dtype=torch.uint8)
         self._view = self.buffer.numpy()
+        if self.journal_path is not None:
+            self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - lives as long as the stream
+            if not resume:
+                head = encode(offer)
+                self._journal.write(struct.pack("<II", len(head), len(self.peer)) + head + self.peer)
+                self._journal.flush()
+
+    def record(self, off: int, length: int, chunk_sum: int) -> None:
+        """Journal one verified chunk (after its bytes are in the mapped file)."""
+        if self._journal is not None:
+            self._journal.write(struct.pack("<QQQ", off, length, chunk_sum))
+            self._journal.flush()
+
+    @classmethod
+    def reopen(
+        cls, path: str, *, max_total: int, expected: Any = None
+    ) -> tuple[BufferSink, list[tuple[int, int, int]]]:
+        """Reopen a journaled stream left by a killed process: the sink and its verified chunks."""
+        with open(f"{path}.journal", "rb") as f:
+            data = f.read()
+        try:
+            head_len, peer_len = struct.unpack_from("<II", data)
+            offer, _ = decode(data[8 : 8 + head_len])
+            peer = data[8 + head_len : 8 + head_len + peer_len]
+        except (struct.error, RemoteProtocolError) as exc:
+            raise TransportError(f"journal of {path} is unreadable: {exc}") from exc
+        if not isinstance(offer, Offer):
+            raise TransportError(f"journal of {path} does not start with an offer")
+        body = data[8 + head_len + peer_len :]
+        body = body[: len(body) - len(body) % 24]  # a record torn by the kill is dropped
+        triples = [struct.unpack_from("<QQQ", body, i) for i in range(0, len(body), 24)]
+        sink = cls(max_total=max_total, expected=expected, path=path, journal=True)
+        sink.peer = peer
+        sink.open(offer, resume=True)
+        return sink, triples
 
     def write(self, off: int, frames: Sequence[memoryview]) -> int:
         """Copy one chunk's frames into place and return the digest of what landed."""
@@ -141,7 +191,15 @@ class BufferSink:
         assert self._view is not None and self.buffer is not None
         if self._view[: len(self.header)].tobytes() != self.header:
             raise RemoteProtocolError("stream header bytes differ from the offered header")
+        self.close()
+        if self.journal_path is not None:
+            os.unlink(self.journal_path)
         return serde.tensors_from_buffer(self.buffer, self.specs, self.data_start)
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
 
 OfferHandler = Callable[[bytes, Offer], Awaitable[BufferSink | None]]
@@ -247,6 +305,7 @@ class StreamHub:
                 max_total=self.max_total,
                 stall_timeout=self.stall_timeout,
             )
+            sink.peer = peer
             sink.open(offer)
         except FedbusError as exc:
             log.warning("stream refused", peer=peer, sid=offer.sid, reason=str(exc))
@@ -254,11 +313,29 @@ class StreamHub:
                 sink.result.set_exception(exc)
             await self.endpoint.send(peer, Abort(offer.sid, f"refused: {exc}"))
             return
-        sink.peer = peer
+        self._track(key, receiver, sink, resumed=False)
+
+    def _track(self, key: tuple[bytes, int], receiver: Receiver, sink: BufferSink, *, resumed: bool) -> None:
         self._receivers[key] = receiver
         queue: asyncio.Queue[tuple[Message, list[memoryview]]] = asyncio.Queue()
         self._incoming[key] = queue
-        self._spawn(self._receive(key, receiver, sink, queue))
+        self._spawn(self._receive(key, receiver, sink, queue, resumed))
+
+    def resume_stream(self, path: str, *, max_total: int | None = None, expected: Any = None) -> BufferSink:
+        """Pick up a journaled stream after a restart: the sender is asked to continue where we stopped."""
+        sink, verified = BufferSink.reopen(path, max_total=max_total or self.max_total, expected=expected)
+        assert sink.offer is not None
+        receiver = Receiver.restore(
+            sink.offer,
+            verified,
+            window=self.window,
+            now=_now(),
+            digest_fn=lambda triples: digest.stream_digest(triples, sink.alg),
+            max_total=self.max_total,
+            stall_timeout=self.stall_timeout,
+        )
+        self._track((sink.peer, sink.offer.sid), receiver, sink, resumed=True)
+        return sink
 
     async def _receive(
         self,
@@ -266,10 +343,11 @@ class StreamHub:
         receiver: Receiver,
         sink: BufferSink,
         queue: asyncio.Queue[tuple[Message, list[memoryview]]],
+        resumed: bool,
     ) -> None:
         peer, sid = key
         try:
-            for m in receiver.start():
+            for m in receiver.resume(_now()) if resumed else receiver.start():
                 await self.endpoint.send(peer, m)
             while receiver.state is ReceiverState.RECEIVING:
                 deadline = receiver.deadline()
@@ -294,6 +372,7 @@ class StreamHub:
         finally:
             self._incoming.pop(key, None)
             self._receivers.pop(key, None)
+            sink.close()
             if not sink.result.done():
                 sink.result.set_exception(TransportError(f"stream {sid} from {peer!r} was cancelled"))
 
@@ -301,8 +380,8 @@ class StreamHub:
         now = _now()
         if isinstance(msg, Chunk):
             length = sum(f.nbytes for f in frames)
-            if receiver.accept_chunk(msg, length):
-                receiver.chunk_written(msg, sink.write(msg.off, frames), now)
+            if receiver.accept_chunk(msg, length) and receiver.chunk_written(msg, sink.write(msg.off, frames), now):
+                sink.record(msg.off, length, msg.sum)
         else:
             receiver.receive(msg, now)
 

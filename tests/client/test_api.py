@@ -91,9 +91,24 @@ async def test_send_waits_for_the_reply_and_raises_on_refusal(site: FakeSite) ->
         await site.recv()
         await asyncio.sleep(0.3)
         assert not sending.done()  # no reply yet: the update is not safe at the broker yet
-        await site.send(Reply(rid=0, ok=False, error="stream to the broker failed"))
-        with pytest.raises(JobError, match="stream to the broker failed"):
+        await site.send(Reply(rid=0, ok=False, error="privacy filter clip_norm failed"))
+        with pytest.raises(JobError, match="privacy filter clip_norm failed"):
             await asyncio.wait_for(sending, 5)
+    finally:
+        session.close()
+
+
+async def test_a_lost_update_is_logged_and_the_script_carries_on(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        await site.push_task("t1", sample_params())
+        await asyncio.to_thread(session.receive)
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=sample_params())))
+        await site.recv()
+        await site.send(Reply(rid=0, ok=False, data={"lost": True}, error="stream failed: peer aborted: refused"))
+        await asyncio.wait_for(sending, 5)  # returns: a lost update is routine, not a reason to crash
+        await site.send(EndJob(JOB, "finished"))
+        assert not await asyncio.to_thread(session.is_running)
     finally:
         session.close()
 

@@ -1,0 +1,135 @@
+"""Model streams over real sockets: bit-exact delivery, refusals, garbage, and models beyond 2 GiB."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import zmq
+
+from fedbus.errors import TransportError
+from fedbus.protocol.messages import Heartbeat
+from fedbus.transport.endpoint import MemoryHub
+from fedbus.transport.streams import BufferSink, ModelSource
+from tests.transport.conftest import linked, make_side, pump
+
+
+def mixed_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "conv.weight": torch.randn(64, 3, 3, 3, generator=g),
+        "fc.weight": torch.randn(300, 257, generator=g, dtype=torch.float64),
+        "fc.bias": torch.randn(300, generator=g).half(),
+        "emb": torch.randn(1000, 33, generator=g).bfloat16(),
+        "steps": torch.tensor(12345678901, dtype=torch.int64),
+        "i32": torch.randint(-(2**31), 2**31 - 1, (77,), generator=g, dtype=torch.int32),
+        "i16": torch.randint(-(2**15), 2**15 - 1, (5, 5), generator=g, dtype=torch.int16),
+        "i8": torch.randint(-128, 127, (3,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (1001,), generator=g, dtype=torch.uint8),
+        "mask": torch.rand(13, generator=g) > 0.5,
+        "transposed": torch.randn(40, 50, generator=g).t(),
+        "empty": torch.empty(0, 4),
+    }
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype, k
+        assert got[k].shape == t.shape, k
+        assert torch.equal(got[k], t.contiguous()), k
+
+
+async def test_mixed_dtypes_round_trip_bit_exact(address: str) -> None:
+    sd = mixed_state_dict()
+    async with linked(address, chunk_size=64 << 10, window=256 << 10) as (router, dealer):
+        await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict(sd)), 20)
+        sink = await router.sinks.get()
+        assert_same(await sink.result, sd)
+        # and the other way: broker to site, addressed by routing id
+        await asyncio.wait_for(router.hub.send(b"peer", ModelSource.from_state_dict(sd)), 20)
+        sink = await dealer.sinks.get()
+        got = await sink.result
+        assert_same(got, sd)
+        # received tensors are views of the one receive buffer, not copies
+        base = sink.buffer.data_ptr()
+        assert all(base <= t.data_ptr() < base + sink.buffer.numel() for t in got.values() if t.numel())
+
+
+async def test_memory_transport_same_interface() -> None:
+    hub = MemoryHub()
+    a = make_side(hub.endpoint(b"a", default_peer=b"b"), chunk_size=4096, window=16384)
+    b = make_side(hub.endpoint(b"b"), chunk_size=4096, window=16384)
+    tasks = [asyncio.ensure_future(pump(a)), asyncio.ensure_future(pump(b))]
+    try:
+        sd = mixed_state_dict()
+        await asyncio.wait_for(a.hub.send(b"b", ModelSource.from_state_dict(sd)), 10)
+        assert_same(await (await b.sinks.get()).result, sd)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_incompatible_offer_is_refused_before_any_payload(address: str) -> None:
+    reference = {"w": torch.zeros(4, 4)}
+    async with linked(address) as (router, dealer):
+
+        async def strict(peer, offer):
+            return BufferSink(max_total=1 << 20, expected=reference)
+
+        router.hub.on_offer = strict
+        with pytest.raises(TransportError, match="refused.*shape"):
+            await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict({"w": torch.zeros(4, 5)})), 10)
+        # the router keeps serving: a compatible model goes through
+        good = {"w": torch.ones(4, 4)}
+        captured = []
+
+        async def capture(peer, offer):
+            captured.append(BufferSink(max_total=1 << 20, expected=reference))
+            return captured[-1]
+
+        router.hub.on_offer = capture
+        await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict(good)), 10)
+        assert_same(await captured[0].result, good)
+
+
+async def test_garbage_is_refused_and_the_router_keeps_serving(tmp_path) -> None:
+    async with linked(f"ipc://{tmp_path}/g.sock") as (router, dealer):
+        raw_ctx = zmq.Context()
+        raw = raw_ctx.socket(zmq.DEALER)
+        raw.connect(router.endpoint.address)
+        garbage = [
+            [b"\xc1\xff\x00"],
+            [b"\x93\x01\x02\x03"],
+            [b"\x84\xa1v\x01\xa1t\xa5chunk\xa2id\x00\xa3sid\xa1x"],
+            [b"x" * 300_000],
+            [],
+        ]
+        for frames in garbage:
+            if frames:
+                raw.send_multipart(frames)
+        raw.close(linger=500)
+        raw_ctx.term()
+        await asyncio.sleep(0.3)
+        assert len(router.bad) == 4
+        assert any("exceeds" in str(b) for b in router.bad)
+        sd = {"w": torch.arange(100_000, dtype=torch.float32)}
+        await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict(sd)), 10)
+        assert_same(await (await router.sinks.get()).result, sd)
+        await dealer.endpoint.send(b"", Heartbeat())
+
+
+@pytest.mark.slow
+async def test_model_larger_than_2_gib(tmp_path) -> None:
+    n = (2 << 30) + (64 << 20) + 8  # just over 2 GiB, not a multiple of the chunk
+    big = torch.empty(n, dtype=torch.uint8)
+    big.view(torch.int64)[: n // 8].copy_(torch.arange(n // 8, dtype=torch.int64))
+    sd = {"big": big, "tail": torch.arange(10, dtype=torch.float32)}
+    async with linked(f"ipc://{tmp_path}/big.sock") as (router, dealer):
+        await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict(sd)), 120)
+        got = await (await router.sinks.get()).result
+        assert got["big"].numel() == n
+        assert torch.equal(got["big"], big)
+        assert torch.equal(got["tail"], sd["tail"])
