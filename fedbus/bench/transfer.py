@@ -13,7 +13,6 @@ Memory figures are peak RSS growth over the RSS before the model exists, as mult
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -90,21 +89,50 @@ async def _route(ep: RouterEndpoint, hub: StreamHub) -> None:
             await hub.dispatch(inc.peer, inc.msg, inc.payload)
 
 
-def receiver_main(raw_addr: str, fedbus_addr: str, total: int, window: int, chunk: int) -> None:
-    """Entry point of the child process."""
-    sync_ctx = zmq.Context()
-    raw = sync_ctx.socket(zmq.ROUTER)
-    raw.bind(raw_addr)
+def receiver_main(mode: str, address: str, total: int, window: int, chunk: int) -> None:
+    """Entry point of the child process: ``raw`` discards frames, ``fedbus`` receives a model."""
+    if mode == "raw":
+        ctx = zmq.Context()
+        raw = ctx.socket(zmq.ROUTER)
+        raw.bind(address)
+        sys.stdout.write(raw.getsockopt_string(zmq.LAST_ENDPOINT) + "\n")
+        sys.stdout.flush()
+        _raw_receive(raw, total)
+        raw.close(linger=500)
+        ctx.term()
+        return
     actx = zmq.asyncio.Context()
-    ep = RouterEndpoint.bind(actx, fedbus_addr)
-    sys.stdout.write(json.dumps({"raw": raw.getsockopt_string(zmq.LAST_ENDPOINT), "fedbus": ep.address}) + "\n")
+    ep = RouterEndpoint.bind(actx, address)
+    sys.stdout.write(ep.address + "\n")
     sys.stdout.flush()
-    _raw_receive(raw, total)
-    raw.close(linger=500)
     asyncio.run(_fedbus_receive(ep, window, chunk))
     ep.close()
     actx.term()
-    sync_ctx.term()
+
+
+def _child(mode: str, address: str, total: int, window: int, chunk: int) -> tuple[subprocess.Popen, str]:
+    args = [mode, address, str(total), str(window), str(chunk)]
+    proc = subprocess.Popen([sys.executable, "-m", "fedbus.bench.transfer", *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def _end(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def raw_zmq_gbps(total: int, window: int = 32 * MiB, transport: str = "tcp") -> float:
+    """The bus's ceiling: ``total`` bytes as 4 MiB frames, copy=False, credit window, receiver discarding."""
+    proc, address = _child("raw", _addresses(transport)[0], total, window, RAW_FRAME)
+    try:
+        return total / _raw_send(address, total, window) / 1e9
+    finally:
+        _end(proc)
 
 
 # --- sender (parent process) ----------------------------------------------------------------------------
@@ -172,24 +200,13 @@ def run_transfer(size_mb: float, chunk_mb: float = 4, window_mb: float = 32, tra
     """Run the whole benchmark; returns the report (a table, then one JSON line)."""
     chunk, window = int(chunk_mb * MiB), int(window_mb * MiB)
     total = int(size_mb * MiB)
-    raw_addr, fedbus_addr = _addresses(transport)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "fedbus.bench.transfer", raw_addr, fedbus_addr, str(total), str(window), str(chunk)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    raw_gbps = raw_zmq_gbps(total, window, transport)
+    proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk)
     try:
-        assert child.stdout is not None
-        addrs = json.loads(child.stdout.readline())
-        raw_s = _raw_send(addrs["raw"], total, window)
-        fb = asyncio.run(_fedbus_send(addrs["fedbus"], size_mb, chunk, window))
-        child.wait(timeout=60)
+        fb = asyncio.run(_fedbus_send(address, size_mb, chunk, window))
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _end(proc)
     mem = memcpy_gbps()
-    raw_gbps = total / raw_s / 1e9
     fedbus_gbps = fb["size"] / fb["elapsed"] / 1e9
     result = {
         "size_mb": size_mb,

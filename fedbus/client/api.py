@@ -72,7 +72,7 @@ class ClientSession:
         self.num_sites = num_sites
         self.workspace = Path(workspace)
         self.link_timeout = link_timeout
-        self.log = get_logger("client", site=site_name, job_id=job_id)
+        self._logger = get_logger("client", site=site_name, job_id=job_id)
         self._link: SiteLink | None = None
         self._tasks: deque[Task] = deque()
         self._current: Task | None = None
@@ -202,7 +202,7 @@ class ClientSession:
                 if not msg.ok and not msg.data.get("lost"):
                     raise JobError(f"the site refused the result of task {task.task_id}: {msg.error}")
                 if not msg.ok:
-                    self.log.warning("update lost on the way to the broker", task_id=task.task_id, reason=msg.error)
+                    self._logger.warning("update lost on the way to the broker", task_id=task.task_id, reason=msg.error)
                 break
             self._handle(msg)
         if clear_cache:

@@ -68,7 +68,18 @@ async def test_a_train_task_comes_back_plus_one_and_end_job_stops_the_script(
         pid = started.data["pid"]
         assert psutil.pid_exists(pid)
 
+        # A first update is refused (its task closed at the broker): lost, and the script carries on.
         model, sid = sample_model(), secrets.randbits(62)
+        broker.refuse_uploads = True
+        await broker.send(Task("j1", "t-0", "train", 2, 2, 5, sid=sid, meta={"params_type": "FULL"}))
+        source = ModelSource.from_state_dict(model)
+        await asyncio.wait_for(broker.hub.send(broker.peer, source, {"job_id": "j1", "task_id": "t-0"}, sid), 30)
+        lost = await broker.expect("result")
+        assert isinstance(lost, Result) and lost.task_id == "t-0" and lost.sid is not None
+        await broker.expect("job_event", event="log")
+        broker.refuse_uploads = False
+
+        sid = secrets.randbits(62)
         await broker.send(Task("j1", "t-1", "train", 3, 3, 5, sid=sid, meta={"params_type": "FULL"}))
         download = asyncio.create_task(
             broker.hub.send(broker.peer, ModelSource.from_state_dict(model), {"job_id": "j1", "task_id": "t-1"}, sid)
