@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,7 +143,7 @@ class ClientSession:
             msg = link.recv(None, until=lambda: self._ended)
             if msg is not None:
                 self._handle(msg)
-        return self._current is not None or bool(self._tasks)
+        return not self._ended
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
         """The current task's model (CPU tensors); None when the job ended or ``timeout`` passed first.
@@ -150,16 +151,19 @@ class ClientSession:
         Calling it again before ``send`` returns the same task's model again.
         """
         link = self._require()
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._current is None:
             while not self._tasks and not self._ended:
-                msg = link.recv(timeout)
-                if msg is None:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                msg = link.recv(left, until=lambda: self._ended)
+                if msg is None and deadline is not None and time.monotonic() >= deadline:
                     return None
-                self._handle(msg)
-            if not self._tasks:
-                return None
-            self._current = self._tasks.popleft()
-            self._received = None
+                if msg is not None:
+                    self._handle(msg)
+        if self._ended or (self._current is None and not self._tasks):
+            return None
+        if self._current is None:
+            self._current, self._received = self._tasks.popleft(), None
         task = self._current
         path = task.meta.get("path")
         if self._received is None and isinstance(path, str):
@@ -190,6 +194,8 @@ class ClientSession:
         if self._current is None and self._tasks:  # FLARE allows send() without receive()
             self._current, self._received = self._tasks.popleft(), None
         task = self._current
+        if self._ended:
+            return  # the job is over: nobody takes results any more
         if task is None:
             raise LocalProtocolError("send() without a task: call is_running()/receive() first")
         result = self._result(task, model)

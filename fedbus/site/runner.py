@@ -1,7 +1,7 @@
 """One deployed job at a site: its folder, its training script, and the relay between script and broker.
 
-Theory of operation. ``folder.prepare()`` makes the job's folder (``jobs/JOB/{files,inbox,outbox}``) at once, so a
-model stream that follows the deploy immediately has somewhere to land; ``run`` unpacks the archive,
+Theory of operation. ``folder.prepare()`` makes the job's folder (``jobs/JOB/{files,inbox,outbox}``) at
+once, so a model stream that follows the deploy immediately has somewhere to land; ``run`` unpacks the archive,
 binds the local link (``ipc://jobs/JOB/link.sock``, mode 0600, plus a per-job token the script must
 present), starts the script and waits for it to end, reporting ``started`` and ``exited``/``crashed``.
 
@@ -259,7 +259,7 @@ class JobRunner:
 
     async def _deliver(self, ready: _Ready) -> None:
         t = ready.task
-        meta = dict(t.meta)
+        meta = {k: v for k, v in t.meta.items() if k != "path"}  # only the site names files to the script
         meta["params_type"] = self._params_type(t)
         if ready.path is not None:
             meta["path"] = str(ready.path)
@@ -365,8 +365,8 @@ class JobRunner:
             source = ModelSource.from_state_dict(params)
         sid = secrets.randbits(62) if source is not None else None
         t = ready.task
-        await self.bus.send(Result(t.job_id, t.task_id, t.version, result.params_type, result.weight,
-                                   result.metrics, meta, sid))  # fmt: skip
+        out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, result.metrics, meta, sid)
+        await self.bus.send(out)
         if source is not None and sid is not None:
             await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
 

@@ -26,7 +26,12 @@ class Daemon:
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [*FEDBUS, *args, "--log-json"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [*FEDBUS, *args, "--log-json"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -60,13 +65,24 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(timeout=5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         self._log.close()
         return self.proc.returncode
 
 
 def start_broker(tmp: Path, *extra: str) -> tuple[Daemon, str]:
     broker = Daemon(
-        ["broker", "--bind", "tcp://127.0.0.1:0", "--workspace", str(tmp / "broker"), "--config", str(ROOT / "brokers/poc.toml"), *extra],
+        [
+            "broker",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--workspace",
+            str(tmp / "broker"),
+            "--config",
+            str(ROOT / "brokers/poc.toml"),
+            *extra,
+        ],
         tmp / "broker.log",
     )
     rec = broker.wait_for("broker listening")

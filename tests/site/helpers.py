@@ -58,6 +58,7 @@ class FakeBroker:
         self.answer_heartbeats = answer_heartbeats
         self.known: set[bytes] = set()
         self.refuse_uploads = False  # what a broker does with an update for a task it closed already
+        self.refused: list[Offer] = []
         self.inbox: asyncio.Queue[Incoming] = asyncio.Queue()
         self.uploads: asyncio.Queue[tuple[Result, BufferSink]] = asyncio.Queue()
         self.results: dict[tuple[bytes, int], Result] = {}
@@ -92,6 +93,7 @@ class FakeBroker:
     async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
         result = self.results.pop((peer, offer.sid), None)
         if result is None or self.refuse_uploads:
+            self.refused.append(offer)
             return None
         sink = BufferSink(max_total=1 << 30)
         await self.uploads.put((result, sink))
