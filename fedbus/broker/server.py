@@ -178,6 +178,9 @@ class Broker:
             except FedbusError as exc:
                 log.warning("message refused", peer=inc.peer, type=inc.msg.TYPE, reason=str(exc))
                 await self._send_error(inc.peer, "refused", str(exc), inc.msg.TYPE)
+            except Exception:  # a bug must cost one message, never the daemon
+                log.exception("message handler failed", peer=inc.peer, type=inc.msg.TYPE)
+                await self._send_error(inc.peer, "internal", "the broker failed to handle this message", inc.msg.TYPE)
 
     async def _send_error(self, peer: bytes, code: str, reason: str, ref: str = "") -> None:
         with contextlib.suppress(FedbusError):
@@ -261,12 +264,15 @@ class Broker:
             c.site_left(name, why)
 
     def _job_event(self, site: str, msg: JobEvent) -> None:
-        c = self._controller(msg.job_id, site)
-        self.store.record_event(
-            msg.job_id, site, msg.event, {"code": msg.code, "detail": msg.detail[:2000], **msg.data}
-        )
-        if msg.event in ("crashed", "exited") and c.state == "running":
-            log.warning("script ended", job=msg.job_id, site=site, event=msg.event, code=msg.code)
+        """Script events are recorded for any job the site took part in (they may trail the job's end)."""
+        job = self.store.job(msg.job_id)
+        if job is None or site not in job["sites"]:
+            raise FedbusError(f"site {site!r} has no job {msg.job_id[:80]!r}")
+        data = {"code": msg.code, "detail": msg.detail[:2000], **msg.data}
+        self.store.record_event(msg.job_id, site, msg.event, data)
+        c = self.controllers.get(msg.job_id)
+        if c is not None and msg.event in ("crashed", "exited") and c.state == "running":
+            log.warning("script ended", job=msg.job_id, site=site, outcome=msg.event, code=msg.code)
             c.site_crashed(site, f"{msg.event} with code {msg.code}: {msg.detail[-300:]}")
 
     async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:

@@ -73,7 +73,7 @@ class SiteLink:
             if until is not None and until():
                 return None
             wait = POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()))
-            events = dict(poller.poll(wait * 1000))
+            events = dict(poller.poll(int(wait * 1000)))
             if self.monitor in events:
                 self._drain_monitor()
             if self.sock in events:

@@ -139,6 +139,8 @@ class ClientSession:
     def is_running(self) -> bool:
         """Block until the next task is here (True) or the job has ended (False)."""
         link = self._require()
+        while (msg := link.recv(0)) is not None:  # what already arrived (an end_job during training)
+            self._handle(msg)
         while self._current is None and not self._tasks and not self._ended:
             msg = link.recv(None, until=lambda: self._ended)
             if msg is not None:

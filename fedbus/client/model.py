@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ class FLModel:
     params: Mapping[str, Any] | None = None
     params_type: ParamsType | str | None = ParamsType.FULL
     metrics: dict[str, Any] | None = None
-    meta: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # None is accepted too (FLARE scripts pass it)
     current_round: int | None = None
     total_rounds: int | None = None
     optimizer_params: Any = None

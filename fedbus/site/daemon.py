@@ -304,12 +304,12 @@ class Site:
             if why is not None:
                 raise RemoteProtocolError(f"task {msg.task_id[:80]!r}: {why}")
         elif isinstance(msg, EndJob):
-            runner = self.runners.get(msg.job_id)
-            if runner is None:  # its script already ended here: nothing left to stop
+            ending = self.runners.get(msg.job_id)
+            if ending is None:  # its script already ended here: nothing left to stop
                 self.log.info("end_job for a job not running here", job_id=msg.job_id[:80])
                 return
-            runner.log.info("job ended by the broker", reason=msg.reason[:200])
-            self._spawn(runner.end(msg.reason))
+            ending.log.info("job ended by the broker", reason=msg.reason[:200])
+            self._spawn(ending.end(msg.reason))
         else:
             raise RemoteProtocolError(f"a broker may not send {msg.TYPE!r} to a site")
 

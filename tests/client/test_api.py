@@ -183,6 +183,23 @@ async def test_tasks_pushed_during_send_are_kept(site: FakeSite) -> None:
         session.close()
 
 
+async def test_receive_times_out_and_end_job_during_training_ends_the_loop(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        start = time.monotonic()
+        assert await asyncio.to_thread(session.receive, 0.3) is None
+        assert 0.25 < time.monotonic() - start < 3
+        await site.push_task("t1", sample_params())
+        assert (await asyncio.to_thread(session.receive)) is not None
+        await site.send(EndJob(JOB, "aborted"))  # arrives while the script trains
+        assert not await asyncio.to_thread(session.is_running)
+        await asyncio.wait_for(asyncio.to_thread(session.send, FLModel(params=sample_params())), 5)
+        with pytest.raises(TimeoutError):  # nothing was sent for the finished job
+            await site.recv(timeout=0.3)
+    finally:
+        session.close()
+
+
 async def test_log_is_a_job_event(site: FakeSite) -> None:
     session = await connected(site)
     try:

@@ -24,7 +24,7 @@ class Daemon:
         self.log_path = log_path
         self.lines: list[dict] = []
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             [*FEDBUS, *args, "--log-json"],
             cwd=ROOT,

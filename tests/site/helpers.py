@@ -14,6 +14,7 @@ import textwrap
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import zmq.asyncio
@@ -102,7 +103,7 @@ class FakeBroker:
     async def send(self, msg: Message, payload: list[bytes] | None = None) -> None:
         await self.ep.send(self.peer, msg, payload or [])
 
-    async def expect(self, mtype: str, timeout: float = WAIT, **fields: object) -> Message:
+    async def expect(self, mtype: str, timeout: float = WAIT, **fields: object) -> Any:
         """The next message of ``mtype`` (others of that type with other field values are skipped)."""
         async with asyncio.timeout(timeout):
             while True:
