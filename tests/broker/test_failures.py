@@ -12,7 +12,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def test_a_clean_job_runs_every_round_with_every_site(tmp_path: Path) -> None:
-    async with federation(tmp_path) as (broker, sites, admin):
+    async with federation(tmp_path) as (broker, _sites, admin):
         job_id = await admin.submit(write_job(tmp_path / "job", rounds=2))
         job = await wait_job(admin, job_id)
         assert job["state"] == "finished", job["reason"]
@@ -25,7 +25,7 @@ async def test_a_clean_job_runs_every_round_with_every_site(tmp_path: Path) -> N
 
 
 async def test_a_crashed_script_leaves_the_job_going_when_min_clients_allows(tmp_path: Path) -> None:
-    async with federation(tmp_path) as (broker, sites, admin):
+    async with federation(tmp_path) as (broker, _sites, admin):
         job_id = await admin.submit(write_job(tmp_path / "job", mode="crash", min_clients=2, rounds=2))
         job = await wait_job(admin, job_id)
         assert job["state"] == "finished", job["reason"]
@@ -36,7 +36,7 @@ async def test_a_crashed_script_leaves_the_job_going_when_min_clients_allows(tmp
 
 
 async def test_a_crashed_script_fails_the_job_when_min_clients_cannot_be_met(tmp_path: Path) -> None:
-    async with federation(tmp_path) as (broker, sites, admin):
+    async with federation(tmp_path) as (_broker, _sites, admin):
         job_id = await admin.submit(write_job(tmp_path / "job", mode="crash", min_clients=3, rounds=2))
         job = await wait_job(admin, job_id)
         assert job["state"] == "failed"
@@ -45,7 +45,7 @@ async def test_a_crashed_script_fails_the_job_when_min_clients_cannot_be_met(tmp
 
 @pytest.mark.parametrize(("mode", "reason"), [("nan", "non-finite"), ("shape", "shape")])
 async def test_a_bad_update_is_refused_and_the_round_completes(tmp_path: Path, mode: str, reason: str) -> None:
-    async with federation(tmp_path) as (broker, sites, admin):
+    async with federation(tmp_path) as (broker, _sites, admin):
         job_id = await admin.submit(write_job(tmp_path / "job", mode=mode, min_clients=2, rounds=2))
         job = await wait_job(admin, job_id)
         assert job["state"] == "finished", job["reason"]
