@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--chunk-mb", type=_positive_float, default=4)
     tr.add_argument("--window-mb", type=_positive_float, default=32)
     tr.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    rd = bsub.add_parser("round", help="whole rounds on real broker and site processes, random models, no training")
+    rd.add_argument("--size-mb", type=_positive_float, default=64)
+    rd.add_argument("--sites", type=_positive_int, default=4)
+    rd.add_argument("--rounds", type=_positive_int, default=3)
+    rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
     return p
 
 
@@ -92,6 +97,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
     return value
 
 
@@ -134,9 +149,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         Site(cfg).run()
         return 0
     if args.command == "bench":
-        from fedbus.bench.transfer import run_transfer
+        if args.bench == "transfer":
+            from fedbus.bench.transfer import run_transfer
 
-        report = run_transfer(args.size_mb, args.chunk_mb, args.window_mb, args.transport)
+            report = run_transfer(args.size_mb, args.chunk_mb, args.window_mb, args.transport)
+        else:
+            from fedbus.bench.round import run_round
+
+            report = run_round(args.size_mb, args.sites, args.rounds, args.strategy)
         sys.stdout.write(report + "\n")
         return 0
     log.configure(level="warning")

@@ -13,8 +13,9 @@ actions it returns are executed in order:
 
 Results with params arrive as streams: the ``result`` message comes first (same connection, so
 ordered), then the offer; ``accept_offer`` checks the offer against the global model's names, shapes
-and dtypes before any payload byte is taken, and each upload waits for one of the broker's upload slots,
-so broker memory is bounded by (global + aggregate + slots × model) whatever the number of sites.
+and dtypes before any payload byte is taken, and spools the upload to a file in the job's folder (page
+cache, not broker memory); the strategy then folds it in one tensor at a time. Broker memory is about
+the global model plus the aggregate, whatever the number of sites.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from fedbus.strategy import (
     Strategy,
     Update,
 )
+from fedbus.transport.spool import SpoolSink
 from fedbus.transport.streams import BufferSink, ModelSource
 
 
@@ -141,16 +143,22 @@ class JobController:
             self.pending[(peer, result.sid)] = PendingResult(site, result)
 
     async def accept_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
-        """An upload's offer: accept it into a buffer (after an upload slot is free) or refuse it."""
+        """An upload's offer: spool it to disk (after an upload slot is free) or refuse it."""
         pending = self.pending.get((peer, offer.sid))
         if pending is None or self.state != "running":
             return None
         await self.upload_slots.acquire()
-        sink = BufferSink(max_total=self.max_model_bytes, expected=self.strategy.model)
+        spool = self.store.job_dir(self.job_id) / "incoming"
+        spool.mkdir(parents=True, exist_ok=True)
+        sink = SpoolSink(
+            path=str(spool / f"{pending.result.task_id}.part"),
+            max_total=self.max_model_bytes,
+            expected=self.strategy.model,
+        )
         self._spawn(self._collect(peer, offer.sid, pending, sink))
         return sink
 
-    async def _collect(self, peer: bytes, sid: int, pending: PendingResult, sink: BufferSink) -> None:
+    async def _collect(self, peer: bytes, sid: int, pending: PendingResult, sink: SpoolSink) -> None:
         try:
             params = await sink.result
         except FedbusError as exc:
@@ -159,7 +167,10 @@ class JobController:
         finally:
             self.upload_slots.release()
             self.pending.pop((peer, sid), None)
-        self._update(pending.site, pending.result, params)
+        try:
+            self._update(pending.site, pending.result, params)
+        finally:
+            params.release()
 
     def task_failed(self, site: str, task_id: str, reason: str) -> None:
         if self.tasks.pop(task_id, None) is not None and self.state == "running":

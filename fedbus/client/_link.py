@@ -5,13 +5,16 @@ The training script is single-threaded user code that blocks between calls, so t
 does: the site process is gone (our parent PID changed: the site started us and a dead parent's
 children are re-parented), the site said ``bye``, or the link has been disconnected for ``link_timeout``
 seconds (a socket monitor reports it). Every wait polls with a short timeout and checks those three, so
-a script whose site died raises ``JobError`` instead of hanging forever on a GPU.
+a script whose site died raises ``JobError`` instead of hanging forever on a GPU; and a script that is
+busy training when its site dies is ended by ``ParentWatch``, a thread that checks the parent PID.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,6 +28,41 @@ from fedbus.protocol.messages import Bye, Message
 
 POLL_S = 0.25
 """How often a blocked wait wakes up to check that the site is still there."""
+
+
+class ParentWatch:
+    """End this process once the site that started it (our parent ``ppid``) is gone.
+
+    A script whose site died can deliver nothing and may hold a GPU; while it trains it never calls into
+    fedbus, so the blocking waits cannot notice. This daemon thread does: SIGTERM (the script's handlers,
+    e.g. Lightning's, may save state), then SIGKILL after ``kill_after`` s; to the whole process group
+    when the script leads one (the site starts it in a new session), so DataLoader workers go too.
+    """
+
+    def __init__(self, ppid: int, *, interval: float = 1.0, kill_after: float = 5.0) -> None:
+        self.ppid = ppid
+        self.interval = interval
+        self.kill_after = kill_after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fedbus-site-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while os.getppid() == self.ppid:
+            if self._stop.wait(self.interval):
+                return
+        get_logger("client").warning("the site process is gone: ending this script", site_pid=self.ppid)
+        group = os.getpgrp() == os.getpid()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                if group:
+                    os.killpg(os.getpid(), sig)
+                else:
+                    os.kill(os.getpid(), sig)
+            time.sleep(self.kill_after)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class SiteLink:
@@ -42,7 +80,7 @@ class SiteLink:
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(address)
-        self._ppid = os.getppid()
+        self.ppid = os.getppid()
         self._down_since: float | None = time.monotonic()  # until the first EVENT_CONNECTED
         self._gone: str | None = None
         self._mid = 0
@@ -106,7 +144,7 @@ class SiteLink:
                 self._down_since = time.monotonic()
 
     def _check_alive(self) -> None:
-        if self._gone is None and os.getppid() != self._ppid:
+        if self._gone is None and os.getppid() != self.ppid:
             self._gone = "the site process is gone (this script's parent exited)"
         down = self._down_since
         if self._gone is None and down is not None and time.monotonic() - down > self.link_timeout:

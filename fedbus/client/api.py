@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fedbus.client._files import load_params, save_params
-from fedbus.client._link import SiteLink
+from fedbus.client._link import ParentWatch, SiteLink
 from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType, diff_params, plain_values, to_cpu_params
 from fedbus.errors import ConfigError, JobError, LocalProtocolError
 from fedbus.log import get_logger
@@ -64,6 +64,7 @@ class ClientSession:
         num_sites: int = 1,
         workspace: str | os.PathLike[str] = ".",
         link_timeout: float = 30.0,
+        watch_parent: bool = False,
     ) -> None:
         self.link_address = link
         self.token = token
@@ -73,16 +74,18 @@ class ClientSession:
         self.num_sites = num_sites
         self.workspace = Path(workspace)
         self.link_timeout = link_timeout
+        self.watch_parent = watch_parent
         self._logger = get_logger("client", site=site_name, job_id=job_id)
         self._link: SiteLink | None = None
         self._tasks: deque[Task] = deque()
         self._current: Task | None = None
         self._received: dict[str, torch.Tensor] | None = None  # the current task's model, by reference
         self._ended = False
+        self._watch: ParentWatch | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> ClientSession:
-        """A session for the variables the site set when it started this script."""
+        """A session for the variables the site set when it started this script (watching the site's PID)."""
         env = os.environ if environ is None else environ
         missing = [v for v in ENV_VARS if not env.get(v)]
         if missing:
@@ -102,7 +105,7 @@ class ClientSession:
             site_index=index,
             num_sites=count,
             workspace=env["FEDBUS_WORKSPACE"],
-            **kwargs,
+            **{"watch_parent": True, **kwargs},
         )
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -127,9 +130,14 @@ class ClientSession:
             link.close()
             raise
         self._link = link
+        if self.watch_parent:
+            self._watch = ParentWatch(link.ppid)
 
     def close(self) -> None:
         """Leave the link (saying bye). Idempotent."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         if self._link is not None:
             self._link.close(bye="" if self._ended else "script finished")
             self._link = None

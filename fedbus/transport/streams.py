@@ -131,14 +131,7 @@ class BufferSink:
         self.header = offer.header
         self.offer = offer
         self.alg = offer.alg
-        if self.path is None:
-            self.buffer = serde.allocate(offer.total)
-        else:
-            if not resume:
-                with open(self.path, "wb") as f:
-                    f.truncate(offer.total)
-            self.buffer = torch.from_file(self.path, shared=True, size=offer.total, dtype=torch.uint8)
-        self._view = self.buffer.numpy()
+        self._allocate(offer, resume)
         if self.journal_path is not None:
             self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - lives as long as the stream
             if not resume:
@@ -174,6 +167,16 @@ class BufferSink:
         sink.peer = peer
         sink.open(offer, resume=True)
         return sink, triples
+
+    def _allocate(self, offer: Offer, resume: bool) -> None:
+        if self.path is None:
+            self.buffer = serde.allocate(offer.total)
+        else:
+            if not resume:
+                with open(self.path, "wb") as f:
+                    f.truncate(offer.total)
+            self.buffer = torch.from_file(self.path, shared=True, size=offer.total, dtype=torch.uint8)
+        self._view = self.buffer.numpy()
 
     def write(self, off: int, frames: Sequence[memoryview]) -> int:
         """Copy one chunk's frames into place and return the digest of what landed."""

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import zmq.asyncio
@@ -331,3 +332,47 @@ def test_import_loads_no_broker_or_strategy_code() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+ORPHAN = """
+import pathlib, sys, time
+from fedbus.client._link import ParentWatch
+import os
+ParentWatch(os.getppid(), interval=0.1, kill_after=1.0)
+pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))
+time.sleep(120)  # training, deaf to the link
+"""
+
+SITE = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True)
+time.sleep(120)
+"""
+
+
+def test_a_script_whose_site_died_ends_itself(tmp_path: Path) -> None:
+    ready = tmp_path / "pid"
+    site = subprocess.Popen([sys.executable, "-c", SITE, ORPHAN, str(ready)])
+    try:
+        deadline = time.monotonic() + 40
+        while not ready.exists() or not ready.read_text():
+            assert time.monotonic() < deadline and site.poll() is None
+            time.sleep(0.05)
+        pid = int(ready.read_text())
+        site.kill()  # the site dies without a word
+        site.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.05)
+        assert not _running(pid)
+    finally:
+        if site.poll() is None:
+            site.kill()
+            site.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,106 @@
+"""Spooled receive: an incoming model goes to a file in the page cache, not to the process's memory.
+
+Why: a broker folding N updates into one aggregate needs the global model and the aggregate in memory,
+but never a whole update. Chunks are written where they belong with ``pwritev`` straight from zmq's
+frames (no intermediate buffer); once the stream is verified, ``SpooledParams`` hands the strategy one
+tensor at a time, read back with ``preadv`` into a fresh tensor. Broker memory stays about 2x the
+model whatever the number of sites, and an accepted update sits on disk until it is folded in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbus import digest, serde
+from fedbus.errors import RemoteProtocolError
+from fedbus.protocol.messages import Offer
+from fedbus.transport.streams import BufferSink
+
+
+class SpoolSink(BufferSink):
+    """A sink whose bytes go to ``path`` with positional writes; the result is a lazy ``SpooledParams``."""
+
+    def __init__(self, *, path: str, max_total: int, expected: Any = None) -> None:
+        super().__init__(max_total=max_total, expected=expected, path=path)
+        self._fd = -1
+
+    def _allocate(self, offer: Offer, resume: bool) -> None:
+        assert self.path is not None
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, offer.total)
+
+    def write(self, off: int, frames: Sequence[memoryview]) -> int:
+        pos = off
+        pending = list(frames)
+        while pending:  # pwritev may write less than asked (rare): continue where it stopped
+            n = os.pwritev(self._fd, pending, pos)
+            pos += n
+            while pending and n >= pending[0].nbytes:
+                n -= pending[0].nbytes
+                pending.pop(0)
+            if pending and n:
+                pending[0] = pending[0][n:]
+        return digest.chunk_sum(frames, self.alg)
+
+    def finish(self) -> SpooledParams:  # type: ignore[override]
+        head = os.pread(self._fd, len(self.header), 0)
+        if head != self.header:
+            self.close()
+            raise RemoteProtocolError("stream header bytes differ from the offered header")
+        params = SpooledParams(self._fd, self.path or "", self.specs, self.data_start)
+        self._fd = -1  # owned by the params now
+        return params
+
+    def close(self) -> None:
+        super().close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            if self.path:
+                with _suppress_oserror():
+                    os.unlink(self.path)
+
+
+class SpooledParams(Mapping[str, torch.Tensor]):
+    """A state_dict on disk: each access reads one tensor into fresh memory (released when dropped)."""
+
+    def __init__(self, fd: int, path: str, specs: Sequence[serde.TensorSpec], data_start: int) -> None:
+        self._fd = fd
+        self.path = path
+        self._specs = {s.name: s for s in specs}
+        self._data_start = data_start
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        spec = self._specs[name]
+        t = torch.empty(spec.shape, dtype=serde.DTYPES[spec.dtype])
+        view = t.view(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, dtype=np.uint8)
+        if t.element_size() and t.numel():
+            got = os.preadv(self._fd, [memoryview(view)], self._data_start + spec.start)
+            if got != spec.nbytes:
+                raise RemoteProtocolError(f"spooled update {self.path} is truncated at {name!r}")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def release(self) -> None:
+        """Close and delete the spool file: the update has been folded in (or refused)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            with _suppress_oserror():
+                os.unlink(self.path)
+
+
+def _suppress_oserror() -> Any:
+    import contextlib
+
+    return contextlib.suppress(OSError)
