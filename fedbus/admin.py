@@ -19,7 +19,7 @@ from fedbus import jobs
 from fedbus.errors import JobError, TransportError
 from fedbus.protocol.messages import STREAM_TYPES, Error, Hello, Offer, Reply, Request, Welcome
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint
-from fedbus.transport.streams import BufferSink, StreamHub
+from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
 
 class Admin:
@@ -94,10 +94,16 @@ class Admin:
         return reply.data
 
     async def submit(self, folder: str | Path) -> str:
-        """Validate and pack a job folder locally (errors name the problem before anything is sent), submit it."""
-        jobs.load_job_folder(folder)
-        data = await self.request("submit", payload=[jobs.pack_job(folder)])
-        return str(data["job_id"])
+        """Validate a job folder locally (errors name the problem before anything is sent), then submit its
+        files as one archive and stream its initial model; returns the job id once the model is in."""
+        assert self.hub is not None
+        spec = jobs.load_job_folder(folder)
+        source = ModelSource.from_file(Path(folder) / spec.model)
+        archive = jobs.pack_job(folder, include_model=False)
+        data = await self.request("submit", {"model_bytes": source.total}, payload=[archive])
+        job_id = str(data["job_id"])
+        await self.hub.send(b"", source, {"job_id": job_id, "kind": "model"})
+        return job_id
 
     async def status(self, job_id: str | None = None) -> dict:
         return await self.request("status", {"job_id": job_id} if job_id else {})

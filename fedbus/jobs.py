@@ -199,7 +199,7 @@ def _relpath(source: str, key: str, v: Any) -> str:
     return "/".join(parts)
 
 
-def parse_job_toml(text: str, source: str) -> JobSpec:
+def parse_job_toml(text: str, source: str, *, check_strategy: bool = True) -> JobSpec:
     """A job.toml's text, strictly checked, as a JobSpec; ``source`` names the file in errors."""
     try:
         doc = tomllib.loads(text)
@@ -255,7 +255,8 @@ def parse_job_toml(text: str, source: str) -> JobSpec:
             raise ConfigError(f"{source}: [limits] task_timeout_s must be a number > 0, got {timeout!r}")
         timeout = float(timeout)
 
-    _check_strategy(source, strategy, strategy_table, max_sites, include)
+    if check_strategy:
+        _check_strategy(source, strategy, strategy_table, max_sites, include)
     return JobSpec(
         name=name,  # type: ignore[arg-type]
         model=model,
@@ -301,8 +302,14 @@ def _inside(root: Path, rel: str, what: str) -> Path:
     return real
 
 
-def load_job_folder(folder: str | os.PathLike[str]) -> JobSpec:
-    """Parse and check a job folder: job.toml, the script, and the model's safetensors header."""
+def load_job_folder(
+    folder: str | os.PathLike[str], *, require_model: bool = True, check_strategy: bool = True
+) -> JobSpec:
+    """Parse and check a job folder: job.toml, the script, and the model's safetensors header.
+
+    A site unpacks jobs with ``require_model=False, check_strategy=False``: the initial model travels to
+    the broker as a stream, never to sites, and resolving the strategy is the broker's business.
+    """
     from fedbus import serde
     from fedbus.errors import HeaderError
 
@@ -316,8 +323,10 @@ def load_job_folder(folder: str | os.PathLike[str]) -> JobSpec:
         text = toml_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{toml_path}: not UTF-8 text: {e}") from e
-    spec = parse_job_toml(text, str(Path(folder) / JOB_TOML))
+    spec = parse_job_toml(text, str(Path(folder) / JOB_TOML), check_strategy=check_strategy)
     _inside(root, spec.script, "[script] path")
+    if not require_model:
+        return spec
     model = _inside(root, spec.model, "model")
     with model.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -352,12 +361,14 @@ def _entry_name_problem(name: str) -> str | None:
     return None
 
 
-def pack_job(folder: str | os.PathLike[str], *, max_bytes: int = 256 << 20) -> bytes:
+def pack_job(folder: str | os.PathLike[str], *, max_bytes: int = 256 << 20, include_model: bool = True) -> bytes:
     """The job folder as a deterministic zip: sorted names, fixed timestamps, checked before it leaves."""
-    load_job_folder(folder)
+    spec = load_job_folder(folder)
     root = Path(folder).resolve()
     files: list[tuple[str, Path]] = []
     _collect(root, root, "", files, {root})
+    if not include_model:  # the model goes to the broker as a stream, not inside the archive
+        files = [(rel, p) for rel, p in files if rel != Path(spec.model).as_posix()]
     total = sum(p.stat().st_size for _, p in files)
     if total > max_bytes:
         raise ConfigError(f"{folder}: job folder holds {total} bytes, over the {max_bytes}-byte cap")
@@ -482,7 +493,13 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, max_
 
 
 def unpack_job(
-    data: bytes, dest: str | os.PathLike[str], *, max_bytes: int = 1 << 30, max_files: int = 10_000
+    data: bytes,
+    dest: str | os.PathLike[str],
+    *,
+    max_bytes: int = 1 << 30,
+    max_files: int = 10_000,
+    require_model: bool = True,
+    check_strategy: bool = True,
 ) -> JobSpec:
     """Extract an untrusted job archive into ``dest`` (created, or empty) and load it as a job folder.
 
@@ -503,7 +520,7 @@ def unpack_job(
                 _extract(zf, infos, dest, max_bytes)
         except _ZIP_ERRORS as e:
             raise ConfigError(f"job archive: invalid zip: {type(e).__name__}: {e}") from e
-        return load_job_folder(dest)
+        return load_job_folder(dest, require_model=require_model, check_strategy=check_strategy)
     except BaseException:
         _remove(dest, created)
         raise

@@ -63,8 +63,9 @@ def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: 
 
 def _daemon(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    level = "info" if args[0] == "broker" else "warning"
     return subprocess.Popen(
-        [sys.executable, "-m", "fedbus.cli", *args, "--log-json", "--log-level", "warning"],
+        [sys.executable, "-m", "fedbus.cli", *args, "--log-json", "--log-level", level],
         stdout=subprocess.DEVNULL,
         stderr=open(log, "w"),
         env=env,
@@ -107,7 +108,7 @@ def run_round(size_mb: float, sites: int, rounds: int = 3, strategy: str = "feda
                     tmp / f"s{i}.log",
                 )
             )
-        time.sleep(0.5)
+        _wait_listening(tmp / "broker.log", broker)
         base_rss = _proc_kb(broker.pid, "VmRSS")
         started = time.monotonic()
         result = asyncio.run(_run_job(address, tmp / "job", timeout))
@@ -156,6 +157,16 @@ def run_round(size_mb: float, sites: int, rounds: int = 3, strategy: str = "feda
         ("broker rss", f"peak growth {out['broker_rss_x']:.2f} x model"),
     ]
     return format_report(rows, out)
+
+
+def _wait_listening(log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """The broker's baseline memory is read once it is ready, after its imports."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "broker listening" in log.read_text():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the broker did not start: {log.read_text()[-2000:]}")
 
 
 def _free_tcp() -> str:

@@ -15,7 +15,6 @@ import dataclasses
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -45,6 +44,7 @@ from fedbus.protocol.messages import (
 )
 from fedbus.strategy import make_strategy
 from fedbus.transport.endpoint import BadMessage, RouterEndpoint
+from fedbus.transport.spool import SpoolSink, open_params
 from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
 MiB = 1 << 20
@@ -66,6 +66,7 @@ class Broker:
         self.endpoint: RouterEndpoint | None = None
         self.hub: StreamHub | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._uploads: dict[str, tuple[bytes, int]] = {}  # job id -> (submitter, model size)
         self._serving: asyncio.Task | None = None
         self.started = asyncio.Event()
 
@@ -100,6 +101,9 @@ class Broker:
             stall_timeout=self.config.stall_timeout_s,
         )
         for job in self.store.jobs(ACTIVE_STATES):
+            if job["state"] == "uploading":  # its submitter was cut off mid-upload
+                self.store.set_state(job["id"], "failed", "the initial model upload did not complete")
+                continue
             log.info("job will resume", job=job["id"], version=job["version"])
             self.store.set_state(job["id"], "waiting", "resuming after a broker restart")
         log.info("broker listening", address=self.address, workspace=str(self.store.root), session=self.session)
@@ -277,8 +281,36 @@ class Broker:
 
     async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
         job_id = offer.ctx.get("job_id")
-        c = self.controllers.get(job_id) if isinstance(job_id, str) else None
+        if not isinstance(job_id, str):
+            return None
+        if offer.ctx.get("kind") == "model":
+            return self._accept_model(peer, job_id, offer)
+        c = self.controllers.get(job_id)
         return None if c is None else await c.accept_offer(peer, offer)
+
+    def _accept_model(self, peer: bytes, job_id: str, offer: Offer) -> BufferSink | None:
+        """A submitted job's initial model, streamed by its submitter into the job's folder."""
+        upload = self._uploads.pop(job_id, None)
+        if upload is None or upload[0] != peer:
+            return None
+        job = self.store.job(job_id)
+        assert job is not None
+        path = self.store.job_dir(job_id) / "files" / job["spec"]["model"]
+        sink = SpoolSink(path=str(path), max_total=upload[1], keep=True)
+        self._spawn(self._model_uploaded(job_id, sink))
+        return sink
+
+    async def _model_uploaded(self, job_id: str, sink: SpoolSink) -> None:
+        try:
+            params = await sink.result
+        except FedbusError as exc:
+            log.warning("model upload failed", job=job_id, reason=str(exc))
+            self.store.set_state(job_id, "failed", f"the initial model upload failed: {exc}")
+            return
+        params.release()
+        self.store.set_state(job_id, "waiting")
+        log.info("job ready", job=job_id)
+        await self._start_waiting_jobs()
 
     async def _stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
         assert self.hub is not None
@@ -316,7 +348,7 @@ class Broker:
                 version, path = 0, self.store.job_dir(job_id) / "files" / spec["model"]
             else:
                 version, path = latest
-            model = await asyncio.to_thread(serde.read_file, path)
+            model = open_params(path, max_total=int(self.config.max_model_mb * MiB))
         except (FedbusError, OSError) as exc:
             log.error("job cannot start", job=job_id, reason=str(exc))
             self.store.set_state(job_id, "failed", f"cannot start: {exc}")
@@ -335,13 +367,16 @@ class Broker:
         self.controllers[job_id] = c
         self.store.set_sites(job_id, sites)
         self.store.set_state(job_id, "running")
-        if latest is None:
-            path = await asyncio.to_thread(self.store.write_checkpoint, job_id, 0, model)
-            self.store.add_version(job_id, 0, path, {})
         for name in sites:
             self.registry.sites[name].jobs.add(job_id)
         await self._deploy(job_id, sites)
-        c.start(model, sites, version)
+        try:
+            c.start(model, sites, version)
+        finally:
+            model.release()
+        if latest is None:
+            path = await asyncio.to_thread(self.store.write_checkpoint, job_id, 0, c.strategy.model)
+            self.store.add_version(job_id, 0, path, {})
 
     async def _deploy(self, job_id: str, sites: list[str]) -> None:
         spec = self.store.job(job_id)["spec"]  # type: ignore[index]
@@ -397,7 +432,7 @@ class Broker:
         if req.op == "submit":
             if len(payload) != 1:
                 raise ConfigError("submit needs exactly one payload frame: the job folder as a zip")
-            return self._submit(bytes(payload[0]))
+            return self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
         if req.op == "status":
             return self._status(req.args.get("job_id"))
         if req.op == "sites":
@@ -425,17 +460,20 @@ class Broker:
             }
         raise ConfigError(f"unknown request op {req.op[:32]!r}")
 
-    def _submit(self, archive: bytes) -> dict[str, Any]:
+    def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
+        """Accept a job folder (without its model); the submitter streams the model next."""
+        max_model = int(self.config.max_model_mb * MiB)
+        if type(model_bytes) is not int or not 0 < model_bytes <= max_model:
+            raise ConfigError(f"submit: model_bytes must be an int in (0, {max_model}], got {model_bytes!r}")
         job_id = self.store.new_job_id("job")
         folder = self.store.job_dir(job_id)
-        spec = jobs.unpack_job(archive, folder / "files")
-        make_strategy(spec.strategy, **spec.strategy_args)  # refuse bad arguments at submit time
-        (folder / "job.zip").write_bytes(archive)
-        job_id_final = job_id.replace("job-", f"{spec.name}-", 1)
-        if job_id_final != job_id:
-            Path(folder).rename(self.store.job_dir(job_id_final))
-            job_id = job_id_final
-        self.store.create_job(job_id, spec.name, dataclasses.asdict(spec))
+        spec = jobs.unpack_job(archive, folder / "files", require_model=False)
+        job_id_final = f"{spec.name}-{job_id.removeprefix('job-')}"
+        folder.rename(self.store.job_dir(job_id_final))
+        job_id = job_id_final
+        (self.store.job_dir(job_id) / "job.zip").write_bytes(archive)
+        self.store.create_job(job_id, spec.name, dataclasses.asdict(spec), state="uploading")
+        self._uploads[job_id] = (peer, model_bytes)
         log.info("job submitted", job=job_id, name=spec.name, strategy=spec.strategy)
         return {"job_id": job_id}
 

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
-ACTIVE_STATES = ("waiting", "running")
+ACTIVE_STATES = ("uploading", "waiting", "running")
 FINAL_STATES = ("finished", "failed", "aborted")
 
 
@@ -72,11 +72,11 @@ class JobStore:
     def new_job_id(self, name: str) -> str:
         return f"{name}-{secrets.token_hex(4)}"
 
-    def create_job(self, job_id: str, name: str, spec: dict[str, Any]) -> None:
+    def create_job(self, job_id: str, name: str, spec: dict[str, Any], state: str = "waiting") -> None:
         now = time.time()
         self.db.execute(
-            "INSERT INTO jobs (id, name, state, spec, created, updated) VALUES (?, ?, 'waiting', ?, ?, ?)",
-            (job_id, name, json.dumps(spec), now, now),
+            "INSERT INTO jobs (id, name, state, spec, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, name, state, json.dumps(spec), now, now),
         )
 
     def set_state(self, job_id: str, state: str, reason: str = "") -> None:

@@ -10,7 +10,12 @@ script's params to ``outbox/TASK.safetensors``, sends ``result`` and blocks unti
 
 One ``ClientSession`` holds all of it; the module-level functions act on one session per process (what
 FLARE scripts expect), and tests create sessions directly. A session is not thread-safe: call it from
-the thread that trains, as FLARE scripts do.
+the thread that trains, as FLARE scripts do. The simulator (``fedbus.recipes.SimEnv``) runs several
+sites' scripts as threads of one process: it binds one session to each script thread (``bind_thread``),
+and the module-level functions look for a thread's own session before the process's.
+
+``send()`` also tells the site how long the script worked on the task (``meta["fedbus/train_s"]``, from
+``receive()`` to ``send()``): the simulator's slow-site model and overhead figures are built on it.
 
 Evaluation tasks: the script answers with ``FLModel(metrics={...})``; any params it sets are ignored and
 only the metrics travel. DIFF: a script may send ``params_type=DIFF`` itself; and when the task says the
@@ -23,6 +28,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -48,6 +54,9 @@ ENV_VARS = (
     "FEDBUS_NUM_SITES",
     "FEDBUS_WORKSPACE",
 )
+SPEED_FACTOR_VAR = "FEDBUS_SPEED_FACTOR"
+"""Set by a simulated site only: its slowdown factor, shown in ``system_info()["speed_factor"]``."""
+TRAIN_S_KEY = "fedbus/train_s"
 
 
 class ClientSession:
@@ -65,6 +74,7 @@ class ClientSession:
         workspace: str | os.PathLike[str] = ".",
         link_timeout: float = 30.0,
         watch_parent: bool = False,
+        speed_factor: float | None = None,
     ) -> None:
         self.link_address = link
         self.token = token
@@ -75,6 +85,8 @@ class ClientSession:
         self.workspace = Path(workspace)
         self.link_timeout = link_timeout
         self.watch_parent = watch_parent
+        self.speed_factor = speed_factor
+        self._task_started: float | None = None  # when receive() handed out the current task
         self._logger = get_logger("client", site=site_name, job_id=job_id)
         self._link: SiteLink | None = None
         self._tasks: deque[Task] = deque()
@@ -95,6 +107,7 @@ class ClientSession:
             )
         try:
             index, count = int(env["FEDBUS_SITE_INDEX"]), int(env["FEDBUS_NUM_SITES"])
+            speed = float(env[SPEED_FACTOR_VAR]) if env.get(SPEED_FACTOR_VAR) else None
         except ValueError as exc:
             raise ConfigError(f"FEDBUS_SITE_INDEX / FEDBUS_NUM_SITES must be integers: {exc}") from exc
         return cls(
@@ -105,7 +118,7 @@ class ClientSession:
             site_index=index,
             num_sites=count,
             workspace=env["FEDBUS_WORKSPACE"],
-            **{"watch_parent": True, **kwargs},
+            **{"watch_parent": True, "speed_factor": speed, **kwargs},
         )
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -178,6 +191,8 @@ class ClientSession:
         path = task.meta.get("path")
         if self._received is None and isinstance(path, str):
             self._received = load_params(path)
+        if self._task_started is None:
+            self._task_started = time.monotonic()
         meta = {k: v for k, v in task.meta.items() if k != "path"}
         meta.update(version=task.version, job_id=task.job_id, task_id=task.task_id, site_name=self.site_name)
         return FLModel(
@@ -224,6 +239,7 @@ class ClientSession:
         if clear_cache:
             self._current = None
             self._received = None
+            self._task_started = None
 
     def log(self, key: str, value: Any, step: int | None = None) -> None:
         """Record a metric (shown by ``fedbus status``): a ``job_event(log)`` relayed by the site."""
@@ -245,13 +261,16 @@ class ClientSession:
         return self.get_task_name() == "evaluate"
 
     def system_info(self) -> dict[str, Any]:
-        return {
+        info: dict[str, Any] = {
             "site_name": self.site_name,
             "job_id": self.job_id,
             "site_index": self.site_index,
             "num_sites": self.num_sites,
             "workspace": str(self.workspace),
         }
+        if self.speed_factor is not None:
+            info["speed_factor"] = self.speed_factor
+        return info
 
     # --- internals -----------------------------------------------------------------------------------
 
@@ -279,6 +298,8 @@ class ClientSession:
             raise ConfigError(f"meta[{NUM_STEPS_CURRENT_ROUND!r}] must be a number >= 0, got {weight!r}")
         params_type = ParamsType(model.params_type or ParamsType.FULL)
         meta = dict(user_meta)
+        if self._task_started is not None:
+            meta[TRAIN_S_KEY] = time.monotonic() - self._task_started
         if task.kind == "train" and model.params is not None:
             params = to_cpu_params(model.params)
             if task.meta.get("params_type") == ParamsType.DIFF and params_type is ParamsType.FULL:
@@ -305,9 +326,23 @@ class ClientSession:
         )
 
 
-# --- one session per process: the functions FLARE scripts call ----------------------------------------
+# --- one session per process (or per script thread): the functions FLARE scripts call ------------------
 
 _session: ClientSession | None = None
+_local = threading.local()
+
+
+def bind_thread(session: ClientSession | None) -> None:
+    """Make ``session`` this thread's own (the simulator runs each site's script in a thread); None unbinds.
+
+    A bound thread's ``init()`` connects that session, and every module-level call uses it instead of the
+    process's session, so sites in one process never share a link.
+    """
+    _local.session = session
+
+
+def _bound() -> ClientSession | None:
+    return getattr(_local, "session", None)
 
 
 def init(rank: int | str | None = None) -> None:
@@ -319,6 +354,10 @@ def init(rank: int | str | None = None) -> None:
     global _session
     if rank not in (None, 0, "0"):
         raise ConfigError(f"init(rank={rank!r}): only rank 0 talks to the site; call init() in rank 0 only")
+    bound = _bound()
+    if bound is not None:
+        bound.init()  # idempotent; the thread's owner closes it
+        return
     if _session is None:
         session = ClientSession.from_env()
         session.init()
@@ -327,6 +366,9 @@ def init(rank: int | str | None = None) -> None:
 
 
 def _get() -> ClientSession:
+    bound = _bound()
+    if bound is not None:
+        return bound
     if _session is None:
         raise LocalProtocolError("fedbus.client: call init() first")
     return _session
@@ -380,6 +422,9 @@ def log(key: str, value: Any, step: int | None = None) -> None:
 def shutdown() -> None:
     """Leave the link now instead of at exit."""
     global _session
-    if _session is not None:
+    bound = _bound()
+    if bound is not None:
+        bound.close()
+    elif _session is not None:
         _session.close()
         _session = None

@@ -18,11 +18,38 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from fedbus.errors import JobError
 
 TAIL_BYTES = 4096
 TAIL_LINES = 30
+
+
+class Script(Protocol):
+    """A running training script as the runner sees it: a child process here, a thread in the simulator."""
+
+    @property
+    def pid(self) -> int: ...
+
+    async def wait(self) -> int: ...
+
+    async def stop(self, term_after: float, kill_after: float = 5.0) -> int: ...
+
+    def kill(self) -> None: ...
+
+    def signal_group(self, sig: int) -> None: ...
+
+    def tail(self) -> str: ...
+
+
+class Launcher(Protocol):
+    """Starts a job's script. The default is :class:`ScriptProcess` (a child process in its own session);
+    ``fedbus.recipes.SimEnv`` passes one that runs the script in a thread of the site's own process."""
+
+    async def start(
+        self, python: str, script: Path, args: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path
+    ) -> Script: ...
 
 
 class ScriptProcess:

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import platform
 import secrets
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from fedbus.protocol.messages import (
     Task,
     Welcome,
 )
+from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
@@ -79,6 +81,9 @@ class Site:
         chunk_size: int = DEFAULT_CHUNK,
         window: int = DEFAULT_WINDOW,
         stall_timeout_s: float = 60.0,
+        launcher: Launcher | None = None,
+        speed_factor: float | None = None,
+        observer: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -89,6 +94,10 @@ class Site:
         self.settings = RunnerSettings(
             config.name, config.python, config.task_timeout_s, end_grace_s, kill_after_s, max_model_bytes
         )
+        if launcher is not None or speed_factor is not None or observer is not None:  # the simulator's seams
+            self.settings = dataclasses.replace(
+                self.settings, launcher=launcher or ScriptProcess, speed_factor=speed_factor, observer=observer
+            )
         self.shutdown_timeout_s = shutdown_timeout_s
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.asyncio.Context()

@@ -22,7 +22,8 @@ import hmac
 import math
 import secrets
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from fedbus.protocol.messages import (
     Task,
     Welcome,
 )
-from fedbus.site.child import ScriptProcess
+from fedbus.site.child import Launcher, Script, ScriptProcess
 from fedbus.site.filters import Filter, apply_filters
 from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.uplink import BrokerBus
@@ -67,6 +68,12 @@ class RunnerSettings:
     end_grace_s: float = 10.0
     kill_after_s: float = 5.0
     max_model_bytes: int = 16 << 30
+    launcher: Launcher = ScriptProcess
+    """How the script is started: a child process; the simulator (SimEnv) runs it in a thread instead."""
+    speed_factor: float | None = None
+    """Simulation only: hold each result back so the task takes ``factor x`` the script's training time."""
+    observer: Callable[[dict[str, Any]], None] | None = None
+    """Simulation only: called with each relayed result's timing record (what the "result delivered" log says)."""
 
 
 @dataclass
@@ -77,6 +84,7 @@ class _Ready:
     path: Path | None
     timer: asyncio.TimerHandle | None = None
     uploading: bool = False
+    delivered_at: float = 0.0
 
 
 class JobRunner:
@@ -104,7 +112,7 @@ class JobRunner:
         self.token = secrets.token_urlsafe(24)
         self.task_timeout = _min_positive(settings.task_timeout_s, deploy.config.get("task_timeout_s"))
         self.done = asyncio.Event()
-        self.proc: ScriptProcess | None = None
+        self.proc: Script | None = None
         self.link: RouterEndpoint | None = None
         self._script: bytes | None = None  # the routing id of the script that presented the token
         self._expected: dict[str, Task] = {}  # tasks whose model stream has not arrived yet
@@ -139,7 +147,7 @@ class JobRunner:
 
     async def _start(self, archive: bytes) -> None:
         folder = self.folder
-        spec = await asyncio.to_thread(unpack_job, archive, folder.files)
+        spec = await asyncio.to_thread(unpack_job, archive, folder.files, require_model=False, check_strategy=False)
         self.task_timeout = _min_positive(self.task_timeout, spec.task_timeout_s)
         script = folder.script(self.deploy.script)
         if not all(isinstance(a, str) for a in self.deploy.args):
@@ -157,7 +165,9 @@ class JobRunner:
             count=_int(self.deploy.config.get("num_sites"), 1),
             root=folder.root,
         )
-        self.proc = await ScriptProcess.start(
+        if self.settings.speed_factor is not None:
+            env["FEDBUS_SPEED_FACTOR"] = repr(self.settings.speed_factor)
+        self.proc = await self.settings.launcher.start(
             self.settings.python, script, self.deploy.args, cwd=folder.files, env=env, log_path=folder.log_path
         )
         self.log.info("script started", pid=self.proc.pid, script=self.deploy.script)
@@ -263,6 +273,7 @@ class JobRunner:
         meta["params_type"] = self._params_type(t)
         if ready.path is not None:
             meta["path"] = str(ready.path)
+        ready.delivered_at = time.monotonic()
         await self._to_script(Task(t.job_id, t.task_id, t.kind, t.version, t.round, t.total_rounds, None, meta))
         self.log.info("task handed to the script", task_id=t.task_id, kind=t.kind, version=t.version)
 
@@ -335,8 +346,12 @@ class JobRunner:
         if ready.timer is not None:
             ready.timer.cancel()
         log = self.log.bind(task_id=result.task_id)
+        timing = self._timing(ready, result)
+        if timing["sim_delay_s"] > 0:  # a simulated slow site: the result waits before it leaves
+            await asyncio.sleep(timing["sim_delay_s"])
+        uploaded = 0
         try:
-            await self._upload(ready, result)
+            uploaded = await self._upload(ready, result, timing)
         except TransportError as exc:  # the broker is unreachable or refused it: lost, not the script's fault
             log.warning("update lost on the way to the broker", reason=str(exc))
             reply = Reply(rid=0, ok=False, data={"lost": True}, error=str(exc)[:2000])
@@ -344,19 +359,39 @@ class JobRunner:
             log.warning("result refused", reason=str(exc))
             reply = Reply(rid=0, ok=False, error=str(exc)[:2000])
         else:
-            log.info("result delivered", params_type=result.params_type, weight=result.weight)
+            record = {"kind": ready.task.kind, "version": ready.task.version, "params_bytes": uploaded, **timing}
+            log.info("result delivered", params_type=result.params_type, weight=result.weight, **record)
+            if self.settings.observer is not None:
+                self.settings.observer(
+                    {"site": self.settings.site_name, "job_id": self.job_id, "task_id": result.task_id, **record}
+                )
             reply = Reply(rid=0, ok=True)
         finally:
             del self._ready[result.task_id]
             self.folder.remove_task_files(result.task_id)
         await self._to_script(reply)
 
-    async def _upload(self, ready: _Ready, result: Result) -> None:
+    def _timing(self, ready: _Ready, result: Result) -> dict[str, float]:
+        """How long the script worked on the task (``train_s``) and how long a simulated slow site holds
+        the result back (``sim_delay_s``). The script's own measure (``receive()`` to ``send()``) is taken
+        when it is plausible: it leaves out model loading and, in SimEnv, the wait for a training slot."""
+        elapsed = time.monotonic() - ready.delivered_at
+        claimed = result.meta.get("fedbus/train_s")
+        ok = isinstance(claimed, int | float) and not isinstance(claimed, bool) and 0 <= claimed <= elapsed
+        train_s = float(claimed) if ok else elapsed  # type: ignore[arg-type]
+        factor = self.settings.speed_factor
+        delay = max(0.0, (factor - 1.0) * train_s) if factor is not None else 0.0
+        return {"train_s": round(train_s, 6), "sim_delay_s": round(delay, 6), "received_at": time.time()}
+
+    async def _upload(self, ready: _Ready, result: Result, timing: Mapping[str, float]) -> int:
+        """Send the result (and its params, for a training task); returns the bytes of params streamed."""
         if result.params_type not in ("FULL", "DIFF"):
             raise RemoteProtocolError(f"params_type must be FULL or DIFF, got {result.params_type[:16]!r}")
         if not math.isfinite(result.weight) or result.weight < 0:
             raise RemoteProtocolError(f"weight must be a finite number >= 0, got {result.weight!r}")
         meta = {k: v for k, v in result.meta.items() if k != "path"}  # local paths stay local
+        if self.settings.speed_factor is not None:
+            meta["sim_delay_s"] = timing["sim_delay_s"]
         path = result.meta.get("path")
         source = None
         if ready.task.kind == "train" and path is not None:
@@ -369,6 +404,7 @@ class JobRunner:
         await self.bus.send(out)
         if source is not None and sid is not None:
             await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
+        return source.total if source is not None else 0
 
     def _read_filtered(self, file: Path) -> dict:
         params = serde.read_file(file, max_total=self.settings.max_model_bytes)

@@ -23,6 +23,12 @@ Phases: ``new`` -> ``waiting`` | ``train`` -> (``evaluate``) -> ``train`` ... ->
   ``evaluate`` task for the new version; results come back as :class:`Evaluated` and never touch the
   model. The evaluation is a barrier too (same timeout); the job finishes after the final one.
 * Rounds are numbered from 1 in messages: round r trains from version r - 1.
+* ``time_budget = T`` (seconds from ``start``): training stops at the first round boundary at or after T
+  (the round that just closed is published), or at T itself when a round is still open (fired by any
+  event; ``next_deadline`` includes T): that round's pending tasks get :class:`Cancel` and its partial
+  aggregate is dropped, so a round never publishes from fewer results than the barrier asked for. With
+  ``evaluate_every`` the version reached is then evaluated (unless it just was) before :class:`Finished`;
+  the budget bounds training only, like FedBuff's.
 """
 
 from __future__ import annotations
@@ -69,12 +75,17 @@ class FedAvg(Strategy):
         max_clients: int | None = None,
         round_timeout: float | None = None,
         evaluate_every: int = 0,
+        time_budget: float | None = None,
     ) -> None:
         self.min_clients = check_int("FedAvg", "min_clients", min_clients, minimum=1)
         self.num_rounds = check_int("FedAvg", "num_rounds", num_rounds, minimum=1)
         self.max_clients = check_opt_int("FedAvg", "max_clients", max_clients, minimum=self.min_clients)
         self.round_timeout = check_opt_float("FedAvg", "round_timeout", round_timeout, gt=0)
         self.evaluate_every = check_int("FedAvg", "evaluate_every", evaluate_every, minimum=0)
+        self.time_budget = check_opt_float("FedAvg", "time_budget", time_budget, gt=0)
+        self._budget_end: float | None = None
+        self._evaluated: int | None = None  # the last version an evaluation was started for
+        self._stop_reason = ""
         self._book = TaskBook()
         self._sites: set[str] = set()
         self._phase: Phase = "new"
@@ -108,6 +119,8 @@ class FedAvg(Strategy):
 
     @property
     def next_deadline(self) -> float | None:
+        if self._budget_end is not None and self._phase in ("train", "waiting"):
+            return self._budget_end if self._deadline is None else min(self._deadline, self._budget_end)
         return self._deadline
 
     def start(self, model: Params, sites: Sequence[str], now: float, *, version: int = 0) -> list[Action]:
@@ -118,6 +131,7 @@ class FedAvg(Strategy):
         self._global = copy_model(model)
         self._version = check_int("FedAvg", "version", version, minimum=0)
         self._sites = set(sites)
+        self._budget_end = None if self.time_budget is None else now + self.time_budget
         if self._version >= self.num_rounds:
             return self._end(Finished(f"version {self._version} already reached num_rounds={self.num_rounds}"))
         return self._begin_round(now)
@@ -198,6 +212,8 @@ class FedAvg(Strategy):
         """Every event first fires a due deadline, so results are judged against the right round."""
         if self._phase == "new":
             raise StrategyError("FedAvg: call start() before any other event")
+        if self._phase in ("train", "waiting") and self._budget_spent(now):
+            return self._stop_training(now)
         if self._deadline is not None and now >= self._deadline:
             return self._close_phase(now, timed_out=True)
         return []
@@ -216,7 +232,20 @@ class FedAvg(Strategy):
         self._round["dispatched"] = len(available)
         return [self._book.issue(site, self._version, "train") for site in available]
 
+    def _budget_spent(self, now: float) -> bool:
+        return self._budget_end is not None and now >= self._budget_end
+
+    def _stop_training(self, now: float) -> list[Action]:
+        """The time budget ran out inside a round (or while waiting for sites): drop the round, stop."""
+        self._stop_reason = f"time budget of {self.time_budget:g} s spent at version {self._version}"
+        acts = self._cancel_pending(f"training stopped: {self._stop_reason}")
+        self._reset_round()
+        if self.evaluate_every and self._evaluated != self._version:
+            return acts + self._begin_eval(now, final=True)
+        return acts + self._end(Finished(self._stop_reason))
+
     def _begin_eval(self, now: float, final: bool) -> list[Action]:
+        self._evaluated = self._version
         self._phase, self._final_eval = "evaluate", final
         self._deadline = None if self.round_timeout is None else now + self.round_timeout
         self._round = {"dispatched": len(self._sites), "accepted": 0, "rejected": 0, "failed": 0, "left": 0}
@@ -258,10 +287,15 @@ class FedAvg(Strategy):
         self._version += 1
         acts.append(Publish(self._version, self._global, metrics))
         last = self._version >= self.num_rounds
-        if self.evaluate_every and (last or self._version % self.evaluate_every == 0):
-            return acts + self._begin_eval(now, final=last)
+        final = last or self._budget_spent(now)
         if last:
-            return acts + self._end(Finished(f"num_rounds={self.num_rounds} reached (version {self._version})"))
+            self._stop_reason = f"num_rounds={self.num_rounds} reached (version {self._version})"
+        elif final:
+            self._stop_reason = f"time budget of {self.time_budget:g} s spent at version {self._version}"
+        if self.evaluate_every and (final or self._version % self.evaluate_every == 0):
+            return acts + self._begin_eval(now, final=final)
+        if final:
+            return acts + self._end(Finished(self._stop_reason))
         return acts + self._begin_round(now)
 
     def _close_eval(self, now: float) -> list[Action]:
@@ -269,10 +303,10 @@ class FedAvg(Strategy):
         acts = self._cancel_pending(f"evaluation of version {self._version} closed")
         if self._final_eval:
             got = dispatched - missing - self._round["failed"] - self._round["left"]
-            reason = (
-                f"num_rounds={self.num_rounds} reached (version {self._version}); "
-                f"final evaluation: {got} of {dispatched} sites reported"
-            )
+            reason = f"{self._stop_reason}; final evaluation: {got} of {dispatched} sites reported"
+            return acts + self._end(Finished(reason))
+        if self._budget_spent(now):  # the budget ran out during an evaluation: that version is the last
+            reason = f"time budget of {self.time_budget:g} s spent at version {self._version}"
             return acts + self._end(Finished(reason))
         return acts + self._begin_round(now)
 

@@ -25,9 +25,10 @@ from fedbus.transport.streams import BufferSink
 class SpoolSink(BufferSink):
     """A sink whose bytes go to ``path`` with positional writes; the result is a lazy ``SpooledParams``."""
 
-    def __init__(self, *, path: str, max_total: int, expected: Any = None) -> None:
+    def __init__(self, *, path: str, max_total: int, expected: Any = None, keep: bool = False) -> None:
         super().__init__(max_total=max_total, expected=expected, path=path)
         self._fd = -1
+        self.keep = keep
 
     def _allocate(self, offer: Offer, resume: bool) -> None:
         assert self.path is not None
@@ -52,7 +53,7 @@ class SpoolSink(BufferSink):
         if head != self.header:
             self.close()
             raise RemoteProtocolError("stream header bytes differ from the offered header")
-        params = SpooledParams(self._fd, self.path or "", self.specs, self.data_start)
+        params = SpooledParams(self._fd, self.path or "", self.specs, self.data_start, owned=not self.keep)
         self._fd = -1  # owned by the params now
         return params
 
@@ -69,9 +70,12 @@ class SpoolSink(BufferSink):
 class SpooledParams(Mapping[str, torch.Tensor]):
     """A state_dict on disk: each access reads one tensor into fresh memory (released when dropped)."""
 
-    def __init__(self, fd: int, path: str, specs: Sequence[serde.TensorSpec], data_start: int) -> None:
+    def __init__(
+        self, fd: int, path: str, specs: Sequence[serde.TensorSpec], data_start: int, *, owned: bool = True
+    ) -> None:
         self._fd = fd
         self.path = path
+        self._owned = owned
         self._specs = {s.name: s for s in specs}
         self._data_start = data_start
 
@@ -92,12 +96,29 @@ class SpooledParams(Mapping[str, torch.Tensor]):
         return len(self._specs)
 
     def release(self) -> None:
-        """Close and delete the spool file: the update has been folded in (or refused)."""
+        """Close (and, for a spooled update, delete) the file: the update has been folded in or refused."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            with _suppress_oserror():
-                os.unlink(self.path)
+            if self._owned:
+                with _suppress_oserror():
+                    os.unlink(self.path)
+
+
+def open_params(path: str | os.PathLike[str], *, max_total: int) -> SpooledParams:
+    """A ``.safetensors`` file as a lazy state_dict: a consumer that copies it (a strategy starting from a
+    checkpoint) then holds one model in memory, not two. Call ``release()`` when done."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        head_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        head = prefix + os.pread(fd, min(head_len, serde.MAX_HEADER_BYTES), 8)
+        data_start, specs, _ = serde.parse_header(head, max_total=max_total, total=size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return SpooledParams(fd, str(path), specs, data_start, owned=False)
 
 
 def _suppress_oserror() -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import secrets
 import struct
@@ -60,6 +61,22 @@ class ModelSource:
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], metadata: dict | None = None) -> ModelSource:
         return cls(serde.layout(state_dict, metadata))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, max_total: int = 1 << 44) -> ModelSource:
+        """A ``.safetensors`` file streamed straight from a read-only memory map (the page cache)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else b""
+        view = memoryview(mm)
+        head_len = int.from_bytes(view[:8], "little") if size >= 8 else 0
+        data_start, specs, metadata = serde.parse_header(
+            view[: 8 + min(head_len, serde.MAX_HEADER_BYTES)], max_total=max_total, total=size
+        )
+        lay = serde.Layout(
+            header=bytes(view[:data_start]), specs=tuple(specs), parts=[view], total=size, metadata=metadata
+        )
+        return cls(lay)
 
     @property
     def total(self) -> int:
