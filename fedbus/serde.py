@@ -446,11 +446,15 @@ def _write_all(fd: int, parts: Iterable[memoryview]) -> None:
                 written = 0
 
 
-def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Tensor]) -> None:
-    """Write a layout (or a state_dict) as a safetensors file, atomically and durably.
+def write_file(
+    path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Tensor], *, durable: bool = True
+) -> None:
+    """Write a layout (or a state_dict) as a safetensors file, atomically and (by default) durably.
 
-    The parts go to a temporary file in the same directory (mode 0600), which is fsynced and renamed
-    over ``path``, then the directory is fsynced: a crash leaves the old file or the new, never half.
+    The parts go to a temporary file in the same directory (mode 0600), which is renamed over ``path``:
+    a reader never sees half a file. ``durable`` adds the fsyncs (file, then directory) that make a
+    checkpoint survive a power cut; a hand-over file that lives for seconds (a script's result on its
+    way to the site) skips them, since they cost a disk flush of the whole model.
     """
     if not isinstance(lay, Layout):
         lay = layout(lay)
@@ -460,7 +464,8 @@ def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Te
     try:
         try:
             _write_all(fd, lay.parts)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -468,6 +473,8 @@ def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Te
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -254,9 +254,8 @@ class JobController:
         self._spawn(self._send_task(peer, action, task, self.source))
 
     async def _send_task(self, peer: bytes, action: Dispatch, task: Task, source: ModelSource) -> None:
-        # Publishing may still be writing the checkpoint: tasks must not overtake it.
-        if self._chain is not None:
-            await asyncio.shield(self._chain)
+        # The checkpoint of this version may still be being written: the stream comes from memory, so the
+        # next round does not wait for the disk. (After a crash, results for an unsaved version are refused.)
         try:
             await self.bus.send(peer, task)
             await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": action.task_id}, task.sid or 0)

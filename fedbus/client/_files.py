@@ -4,7 +4,8 @@ Why files and not frames: a model handed over through the page cache costs one w
 copies, the training script's memory is never doubled by a serialized copy sitting in a socket buffer,
 and the file the site streams to the broker is byte for byte the file the script wrote. ``fedbus.serde``
 does the work: it validates the header of what it reads, and writes tensor by tensor (no concatenated
-copy) into a temporary file that is fsynced and renamed, so the site never sees half a model.
+copy) into a temporary file that is renamed into place, so the site never sees half a model (no fsync:
+the file lives for seconds, and a crash of the machine loses the task anyway).
 """
 
 from __future__ import annotations
@@ -32,4 +33,4 @@ def load_params(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def save_params(path: Path, params: Mapping[str, torch.Tensor]) -> None:
     """Write ``params`` to ``path`` atomically (a reader never sees a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    serde.write_file(path, serde.layout(params))
+    serde.write_file(path, serde.layout(params), durable=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Coroutine
@@ -90,6 +91,9 @@ class Backend(Protocol):
 
     def kill(self) -> None:
         """Last resort from any thread: end whatever is still running, now."""
+
+    def watch(self) -> None:
+        """Called at every status poll (PocEnv notes the PIDs of the training scripts)."""
 
     def checkpoint_dir(self, job_id: str) -> Path | None:
         """Where the broker keeps this job's checkpoints, when it is on this machine."""
@@ -185,6 +189,7 @@ class Execution:
                     run.status, run.reason = "aborted", "interrupted while waiting"
                     return
                 job = (await self.admin.status(self.job_id))["jobs"][0]
+                self.backend.watch()
                 self._publish(Progress.from_status(job, self.recipe.total, time.monotonic() - self.started))
                 if job["state"] in FINAL_STATES:
                     break
@@ -233,7 +238,11 @@ class Execution:
                 self._wake.set()
 
     def _publish(self, p: Progress) -> None:
+        """Hand a snapshot to ``wait()``; one that only differs in elapsed time is not news."""
         with self._cond:
+            old = self._snapshot
+            if old is not None and dataclasses.replace(old, elapsed_s=p.elapsed_s) == p:
+                return
             self._snapshot, self._seq = p, self._seq + 1
             self._cond.notify_all()
 

@@ -396,8 +396,7 @@ class JobRunner:
         source = None
         if ready.task.kind == "train" and path is not None:
             file = self.folder.result_file(path, result.task_id)
-            params = await asyncio.to_thread(self._read_filtered, file)
-            source = ModelSource.from_state_dict(params)
+            source = await asyncio.to_thread(self._result_source, file)
         sid = secrets.randbits(62) if source is not None else None
         t = ready.task
         out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, result.metrics, meta, sid)
@@ -406,9 +405,13 @@ class JobRunner:
             await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
         return source.total if source is not None else 0
 
-    def _read_filtered(self, file: Path) -> dict:
+    def _result_source(self, file: Path) -> ModelSource:
+        """The script's result as a stream source: straight from the file's page cache when no filter has
+        to see the tensors (zero copy), else read, filtered, and laid out again."""
+        if not self.filters:
+            return ModelSource.from_file(file, max_total=self.settings.max_model_bytes)
         params = serde.read_file(file, max_total=self.settings.max_model_bytes)
-        return apply_filters(self.filters, params)
+        return ModelSource.from_state_dict(apply_filters(self.filters, params))
 
     # --- helpers ------------------------------------------------------------------------------------
 

@@ -1,0 +1,267 @@
+"""PocEnv: the real daemons as local processes; ProdEnv: a broker that is already running elsewhere.
+
+PocEnv starts ``python -m fedbus.cli broker`` on an ephemeral loopback port and ``num_clients`` site
+daemons, each in its own process group (``start_new_session``) with its log in the workspace, then submits,
+follows and downloads through ``fedbus.admin.Admin`` like any operator would. The children get
+``OMP_NUM_THREADS = max(1, cores // num_clients)`` unless the caller set it, so N sites' training scripts
+do not fight over the cores.
+
+Stopping is the point of this module: after success, after failure and after a KeyboardInterrupt, no
+process may be left. Sites get SIGTERM first (they end their scripts: end_job, grace, TERM, KILL), then
+the broker; whatever is still alive after the grace period is SIGKILLed by process group, and then every
+process that was ever a descendant of ours (training scripts run in sessions of their own, so a group
+kill alone would miss them) is SIGKILLed by PID. An ``atexit`` hook does the same for a program that
+leaves without waiting for its run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import zmq.asyncio
+
+from fedbus.errors import ConfigError, JobError
+from fedbus.recipes._driver import execute
+from fedbus.recipes.sim import _positive_int
+
+if TYPE_CHECKING:
+    from fedbus.recipes.recipe import Recipe
+    from fedbus.recipes.run import Run
+
+BROKER_TOML = """# written by fedbus.recipes.PocEnv: the poc profile on an ephemeral loopback port
+bind = "tcp://127.0.0.1:0"
+workspace = "{workspace}"
+heartbeat_s = 0.5
+liveness = 4
+"""
+
+
+class PocEnv:
+    """Run a recipe on a broker and ``num_clients`` site daemons started here as processes."""
+
+    poll_s = 0.2
+
+    def __init__(
+        self, num_clients: int, workspace: str | os.PathLike[str] | None = None, progress: Any = None
+    ) -> None:
+        self.num_clients = _positive_int("num_clients", num_clients)
+        self.workspace = Path(workspace) if workspace is not None else None
+        self.progress = progress
+
+    def execute(self, recipe: Recipe, wait: bool = True) -> Run:
+        workspace = (self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-poc-"))).resolve()
+        return execute(_PocBackend(self.num_clients, workspace), recipe, wait=wait, progress=self.progress)
+
+    def __repr__(self) -> str:
+        return f"PocEnv(num_clients={self.num_clients})"
+
+
+class ProdEnv:
+    """Submit a recipe to a running broker, follow it, download its results.
+
+    ``credentials`` is accepted and kept for the broker authentication to come; it is not used yet.
+    """
+
+    poll_s = 1.0
+
+    def __init__(
+        self,
+        broker: str = "tcp://127.0.0.1:7788",
+        workspace: str | os.PathLike[str] | None = None,
+        credentials: Any = None,
+        progress: Any = None,
+    ) -> None:
+        if not isinstance(broker, str) or not broker.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"broker must be a tcp:// or ipc:// address, got {broker!r}")
+        self.broker = broker
+        self.workspace = Path(workspace) if workspace is not None else None
+        self.credentials = credentials
+        self.progress = progress
+
+    def execute(self, recipe: Recipe, wait: bool = True) -> Run:
+        workspace = (self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-prod-"))).resolve()
+        return execute(_ProdBackend(self.broker, workspace, self.poll_s), recipe, wait=wait, progress=self.progress)
+
+    def __repr__(self) -> str:
+        return f"ProdEnv(broker={self.broker!r})"
+
+
+class _ProdBackend:
+    """Nothing to start or stop: the broker and the sites belong to someone else."""
+
+    expected_sites: int | None = None
+
+    def __init__(self, address: str, workspace: Path, poll_s: float) -> None:
+        self.address = address
+        self.workspace = workspace
+        self.poll_s = poll_s
+
+    async def start(self, ctx: zmq.asyncio.Context) -> str:
+        return self.address
+
+    async def stop(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def checkpoint_dir(self, job_id: str) -> Path | None:
+        return None
+
+    def watch(self) -> None:
+        pass
+
+    def task_records(self, job_id: str) -> list[dict[str, Any]]:
+        return []
+
+
+class _PocBackend:
+    """The daemon processes of one execution."""
+
+    def __init__(self, num_clients: int, workspace: Path) -> None:
+        self.num_clients = num_clients
+        self.workspace = workspace
+        self.expected_sites: int | None = num_clients
+        self.poll_s = PocEnv.poll_s
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.seen: dict[int, psutil.Process] = {}  # every descendant ever seen, by PID
+        self.closed = False
+        atexit.register(self.kill)
+
+    # --- starting ------------------------------------------------------------------------------------
+
+    async def start(self, ctx: zmq.asyncio.Context) -> str:
+        return await asyncio.to_thread(self._start)
+
+    def _start(self) -> str:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.num_clients)))
+        env["PYTHONUNBUFFERED"] = "1"
+        src = str(Path(__file__).resolve().parents[2])  # the folder holding fedbus/: a source tree works too
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        config = self.workspace / "broker.toml"
+        config.write_text(BROKER_TOML.format(workspace=self.workspace / "broker"))
+        broker = self._spawn(["broker", "--config", str(config)], "broker", env)
+        address = self._address(broker, self.workspace / "broker.log")
+        for i in range(self.num_clients):
+            name = f"site-{i + 1}"
+            args = ["site", "--name", name, "--broker", address, "--workspace", str(self.workspace / name)]
+            self._spawn(args, name, env)
+        return address
+
+    def _spawn(self, args: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        if self.closed:
+            raise JobError("the environment was stopped while it was starting")
+        with open(self.workspace / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedbus.cli", *args, "--log-json"],
+                cwd=self.workspace,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # our own group to kill; a Ctrl-C at the terminal is ours to handle
+            )
+        self.procs.append(proc)
+        return proc
+
+    def _address(self, broker: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> str:
+        """The broker's bound address, from its "broker listening" log line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for rec in read_json_lines(log_path):
+                if rec.get("event") == "broker listening" and isinstance(rec.get("address"), str):
+                    return str(rec["address"])
+            if broker.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        raise JobError(f"the broker did not start (see {log_path}):\n{tail}")
+
+    # --- stopping ------------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self._stop, 15.0)
+        atexit.unregister(self.kill)
+
+    def kill(self) -> None:
+        self._stop(0.0)
+
+    def watch(self) -> None:
+        self._remember_descendants()
+
+    def _stop(self, grace: float) -> None:
+        self.closed = True
+        self._remember_descendants()
+        sites, brokers = self.procs[1:], self.procs[:1]
+        for group in (sites, brokers):
+            for p in group:
+                _signal_group(p, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+            deadline = time.monotonic() + grace
+            for p in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            _signal_group(p, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5.0)
+        for proc in self.seen.values():  # scripts run in their own sessions: by PID, not by group
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(list(self.seen.values()), timeout=5.0)
+
+    def _remember_descendants(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(p.pid).children(recursive=True):
+                    self.seen.setdefault(child.pid, child)
+
+    def pids(self) -> list[int]:
+        """The PIDs of the daemons and of their descendants now alive (tests check they are all gone)."""
+        self._remember_descendants()
+        return [p.pid for p in self.procs] + list(self.seen)
+
+    # --- results -------------------------------------------------------------------------------------
+
+    def checkpoint_dir(self, job_id: str) -> Path | None:
+        return self.workspace / "broker" / "jobs" / job_id / "models"
+
+    def task_records(self, job_id: str) -> list[dict[str, Any]]:
+        """The sites' "result delivered" log lines for this job (the same record SimEnv's observer gets)."""
+        keys = ("site", "job_id", "task_id", "kind", "version", "params_bytes", "train_s", "sim_delay_s", "received_at")
+        out = []
+        for i in range(self.num_clients):
+            for rec in read_json_lines(self.workspace / f"site-{i + 1}.log"):
+                if rec.get("event") == "result delivered" and rec.get("job_id") == job_id:
+                    out.append({k: rec.get(k) for k in keys})
+        return out
+
+
+def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
+    if p.poll() is None or sig == signal.SIGKILL:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, sig)
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``--log-json`` log (other lines, e.g. a traceback, are skipped)."""
+    out = []
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    out.append(rec)
+    return out
