@@ -446,9 +446,7 @@ def _write_all(fd: int, parts: Iterable[memoryview]) -> None:
                 written = 0
 
 
-def write_file(
-    path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Tensor], *, durable: bool = True
-) -> None:
+def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Tensor], *, durable: bool = True) -> None:
     """Write a layout (or a state_dict) as a safetensors file, atomically and (by default) durably.
 
     The parts go to a temporary file in the same directory (mode 0600), which is renamed over ``path``:

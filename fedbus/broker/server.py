@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from fedbus import jobs, serde
+from fedbus._memory import tune_malloc
 from fedbus.broker.controller import JobController
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
@@ -91,6 +92,7 @@ class Broker:
             await self.shutdown()
 
     async def startup(self) -> None:
+        tune_malloc()
         self.endpoint = RouterEndpoint.bind(self.ctx, self.config.bind)
         self.hub = StreamHub(
             self.endpoint,

@@ -7,8 +7,8 @@ follows and downloads through ``fedbus.admin.Admin`` like any operator would. Th
 do not fight over the cores.
 
 Stopping is the point of this module: after success, after failure and after a KeyboardInterrupt, no
-process may be left. Sites get SIGTERM first (they end their scripts: end_job, grace, TERM, KILL), then
-the broker; whatever is still alive after the grace period is SIGKILLed by process group, and then every
+process may be left. The daemons get SIGTERM (a site ends its scripts: end_job, grace, TERM, KILL);
+whatever is still alive after the grace period is SIGKILLed by process group, and then every
 process that was ever a descendant of ours (training scripts run in sessions of their own, so a group
 kill alone would miss them) is SIGKILLed by PID. An ``atexit`` hook does the same for a program that
 leaves without waiting for its run.
@@ -53,9 +53,7 @@ class PocEnv:
 
     poll_s = 0.2
 
-    def __init__(
-        self, num_clients: int, workspace: str | os.PathLike[str] | None = None, progress: Any = None
-    ) -> None:
+    def __init__(self, num_clients: int, workspace: str | os.PathLike[str] | None = None, progress: Any = None) -> None:
         self.num_clients = _positive_int("num_clients", num_clients)
         self.workspace = Path(workspace) if workspace is not None else None
         self.progress = progress
@@ -205,14 +203,12 @@ class _PocBackend:
     def _stop(self, grace: float) -> None:
         self.closed = True
         self._remember_descendants()
-        sites, brokers = self.procs[1:], self.procs[:1]
-        for group in (sites, brokers):
-            for p in group:
-                _signal_group(p, signal.SIGTERM if grace > 0 else signal.SIGKILL)
-            deadline = time.monotonic() + grace
-            for p in group:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:  # all at once: the job is over, and a site's bye to a gone broker costs nothing
+            _signal_group(p, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
         for p in self.procs:
             _signal_group(p, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -120,7 +120,7 @@ class _Bar:
             self.bar = None
 
 
-def make_reporter(progress: bool | None | Callable[[Progress], Any]) -> Reporter | None:
+def make_reporter(progress: bool | Callable[[Progress], Any] | None) -> Reporter | None:
     """The reporter an environment's ``progress`` argument asks for (None: nothing to show)."""
     if progress is False:
         return None

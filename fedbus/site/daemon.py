@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import zmq.asyncio
 
+from fedbus._memory import tune_malloc
 from fedbus.config import SiteConfig, is_safe_name
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
@@ -168,6 +169,7 @@ class Site:
             await self._serving
 
     async def startup(self) -> None:
+        tune_malloc()
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
         self._spawn(self.uplink.flush_loop())
         self.log.info("site starting", broker=self.config.broker, workspace=str(self.workspace))
