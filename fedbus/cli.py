@@ -220,6 +220,15 @@ def _status_table(data: dict[str, Any]) -> str:
         lines.append(f"{j['id']:<28} {j['state']:<10} {j['version']:<8} {metrics[:80]}")
         if j["reason"]:
             lines.append(f"    {j['reason']}")
+        live = j.get("live", {}).get("strategy", {})
+        if live:
+            keys = ("busy", "buffered", "accepted", "rejected", "dropped_stale")
+            counters = " ".join(f"{k}={live[k]}" for k in keys if k in live)
+            lines.append(f"    {live.get('strategy', '')} {live.get('phase', '')} {counters}")
+            if live.get("staleness_hist"):
+                lines.append(f"    staleness histogram {live['staleness_hist']}")
+        if j.get("seconds_per_version"):
+            lines.append(f"    seconds per version (latest) {j['seconds_per_version']}")
     return "\n".join(lines)
 
 

@@ -4,11 +4,17 @@ Each site trains the received global model for a few local epochs on its own Dir
 and sends the FULL weights back; when the strategy wants deltas (FedBuff), the client API subtracts the
 received model itself, so this script does not know which strategy it serves. In SimEnv all sites run
 this ``main()`` in threads of one process: everything per site lives inside ``main()``.
+
+``--step-ms`` makes each local step cost at least that much wall-clock time (the rest of it asleep). The MLP
+trains a step in about 2 ms of CPU, but twenty simulated sites share two cores: without it the experiment
+would measure the host's CPU queue, not the sites. With it, a task's duration is proportional to the
+site's work, as on a real device, and the simulator's speed factors stretch that time per site.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -48,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="simulated device time per local step: a task lasts at least steps x this (0: real time only)",
+    )
     return parser.parse_args(argv)
 
 
@@ -69,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         if flare.is_evaluate():
             flare.send(flare.FLModel(metrics={"accuracy": evaluate(model, x_np, y_np)}))
             continue
+        started = time.monotonic()
         steps, loss = train(model, x, y, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, gen=gen)
+        time.sleep(max(0.0, steps * args.step_ms / 1000 - (time.monotonic() - started)))
         meta = {"NUM_STEPS_CURRENT_ROUND": steps}
         flare.send(flare.FLModel(params=model.state_dict(), metrics={"train_loss": loss}, meta=meta))
 

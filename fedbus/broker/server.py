@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import signal
 import time
@@ -490,6 +491,8 @@ class Broker:
                 entry["live"] = c.status()
             history = self.store.history(job["id"])
             entry["last_metrics"] = history[-1]["metrics"] if history else {}
+            times = [h["time"] for h in history[-6:]]
+            entry["seconds_per_version"] = [round(b - a, 3) for a, b in itertools.pairwise(times)]
             out.append(entry)
         if job_id is not None and not out:
             raise ConfigError(f"no such job: {job_id!r}")

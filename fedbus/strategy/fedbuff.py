@@ -226,8 +226,9 @@ class FedBuff(Strategy):
             "busy": len(self._book),
             "buffered": self._buf_count,
             **self._totals,
-            "staleness_hist": dict(sorted(self._staleness_hist.items())),
-            "updates_per_version": dict(self._updates_per_version),
+            # str keys: the state travels in status replies, and the envelope decoder takes str map keys only
+            "staleness_hist": {str(k): v for k, v in sorted(self._staleness_hist.items())},
+            "updates_per_version": {str(k): v for k, v in self._updates_per_version.items()},
         }
 
     # ---- training results ----------------------------------------------------------------------------

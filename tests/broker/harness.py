@@ -39,17 +39,22 @@ while flare.is_running():
         params["w"] = torch.zeros(11)
     if bad and mode == "hang":
         time.sleep(3600)
+    if mode == "slow":
+        time.sleep(2.0 if bad else 0.2)
     flare.send(flare.FLModel(params=params, metrics={"loss": 1.0}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
 """
 
 
-def write_job(folder: Path, *, mode: str = "ok", min_clients: int = 3, rounds: int = 2, extra: str = "") -> Path:
+def write_job(
+    folder: Path, *, mode: str = "ok", min_clients: int = 3, rounds: int = 2, extra: str = "", strategy: str = ""
+) -> Path:
+    """A tiny job; ``strategy`` replaces the default FedAvg table body (e.g. a FedBuff one)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "client.py").write_text(SCRIPT)
     serde.write_file(folder / "model.safetensors", serde.layout({"w": torch.zeros(10)}))
+    body = strategy or f'name = "fedavg"\nmin_clients = {min_clients}\nnum_rounds = {rounds}\n{extra}'
     (folder / "job.toml").write_text(
-        f'name = "tiny"\nmodel = "model.safetensors"\n\n'
-        f'[strategy]\nname = "fedavg"\nmin_clients = {min_clients}\nnum_rounds = {rounds}\n{extra}\n'
+        f'name = "tiny"\nmodel = "model.safetensors"\n\n[strategy]\n{body}\n'
         f'[script]\npath = "client.py"\nargs = ["{mode}"]\n\n[sites]\nmin = 3\nmax = 3\n'
     )
     return folder
@@ -58,7 +63,7 @@ def write_job(folder: Path, *, mode: str = "ok", min_clients: int = 3, rounds: i
 @contextlib.asynccontextmanager
 async def federation(tmp: Path, sites: int = 3) -> AsyncIterator[tuple[Broker, list[Site], Admin]]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cfg = BrokerConfig(bind=f"ipc://{tmp}/broker.sock", workspace=str(tmp / "broker"), heartbeat_s=0.2, liveness=5)
+    cfg = BrokerConfig(bind=f"ipc://{tmp}/broker.sock", workspace=str(tmp / "broker"), heartbeat_s=0.5, liveness=10)
     async with Broker(cfg) as broker:
         members = [
             Site(

@@ -1,0 +1,74 @@
+"""Small jobs for the recipe tests: a tiny script (one tensor, no data), and hello-pt's recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = """
+import sys, time
+import fedbus.client as flare
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "ok"
+flare.init()
+info = flare.system_info()
+while flare.is_running():
+    model = flare.receive()
+    if model is None:
+        break
+    if flare.is_evaluate():
+        # params set on purpose: they must not leave the site for an evaluation
+        metrics = {"score": float(model.params["w"].sum()), "num_samples": 10.0 * (info["site_index"] + 1)}
+        metrics["speed"] = info.get("speed_factor", 1.0)
+        flare.send(flare.FLModel(params=model.params, metrics=metrics))
+        continue
+    if mode == "crash":
+        raise RuntimeError("boom at " + flare.get_site_name())
+    if mode == "slow":
+        time.sleep(0.2)
+    params = {k: v + 1 for k, v in model.params.items()}
+    flare.send(flare.FLModel(params=params, metrics={"loss": 1.0}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+"""
+
+
+def tiny_script(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.py"
+    path.write_text(TINY)
+    return path
+
+
+def tiny_model() -> dict[str, torch.Tensor]:
+    return {"w": torch.zeros(4)}
+
+
+def load_example(name: str, rel: str) -> object:
+    """An example's job.py as a module (examples are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def descendants() -> set[int]:
+    """PIDs of every process below this one (daemons and the training scripts they started)."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
