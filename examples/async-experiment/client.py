@@ -5,7 +5,7 @@ and sends the FULL weights back; when the strategy wants deltas (FedBuff), the c
 received model itself, so this script does not know which strategy it serves. In SimEnv all sites run
 this ``main()`` in threads of one process: everything per site lives inside ``main()``.
 
-``--step-ms`` makes each local step cost at least that much wall-clock time (the rest of it asleep). The MLP
+``--step-ms`` makes each local step last at least that long in wall-clock time (the rest of it asleep). The MLP
 trains a step in about 2 ms of CPU, but twenty simulated sites share two cores: without it the experiment
 would measure the host's CPU queue, not the sites. With it, a task's duration is proportional to the
 site's work, as on a real device, and the simulator's speed factors stretch that time per site.
@@ -26,12 +26,24 @@ import fedbus.client as flare
 
 
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int, gen: torch.Generator
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    gen: torch.Generator,
+    step_s: float = 0.0,
 ) -> tuple[int, float]:
-    """Local SGD (momentum 0.9) in place; returns (optimizer steps, mean training loss of the last epoch)."""
+    """Local SGD (momentum 0.9) in place; returns (optimizer steps, mean training loss of the last epoch).
+
+    ``step_s`` > 0 paces training: step n ends no earlier than n x step_s after the start (see --step-ms).
+    """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
+    started = time.monotonic()
     steps, losses = 0, []
     for _ in range(epochs):
         losses = []
@@ -44,6 +56,8 @@ def train(
             optimizer.step()
             losses.append(loss.item())
             steps += 1
+            if step_s > 0:
+                time.sleep(max(0.0, started + steps * step_s - time.monotonic()))
     return steps, float(np.mean(losses)) if losses else 0.0
 
 
@@ -81,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         if flare.is_evaluate():
             flare.send(flare.FLModel(metrics={"accuracy": evaluate(model, x_np, y_np)}))
             continue
-        started = time.monotonic()
-        steps, loss = train(model, x, y, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, gen=gen)
-        time.sleep(max(0.0, steps * args.step_ms / 1000 - (time.monotonic() - started)))
+        steps, loss = train(
+            model, x, y, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, gen=gen, step_s=args.step_ms / 1000
+        )
         meta = {"NUM_STEPS_CURRENT_ROUND": steps}
         flare.send(flare.FLModel(params=model.state_dict(), metrics={"train_loss": loss}, meta=meta))
 

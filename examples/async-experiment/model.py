@@ -50,3 +50,13 @@ def evaluate(model: nn.Module | Mapping[str, torch.Tensor], x: np.ndarray | torc
     ys = torch.as_tensor(np.asarray(y, dtype=np.int64))
     with torch.no_grad():
         return float((model(xs).argmax(dim=1) == ys).float().mean()) if len(ys) else 0.0
+
+
+def warm_up() -> None:
+    """One optimizer step on throwaway data, so torch's lazy imports (torch._dynamo, ~2 s, on the first
+    ``optimizer.step()`` of the process) happen before any clock starts: otherwise the first strategy
+    to run would pay them inside its first round, stretched further by the sites' slowdown factors."""
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    nn.functional.cross_entropy(model(torch.zeros(2, IN_FEATURES)), torch.zeros(2, dtype=torch.long)).backward()
+    optimizer.step()

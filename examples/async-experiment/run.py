@@ -31,10 +31,11 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # data.py and model.py beside this file: the driver scores with them too
 
 import data  # noqa: E402
-from model import evaluate, make_model  # noqa: E402
+from model import evaluate, make_model, warm_up  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from fedbus import serde  # noqa: E402
+from fedbus.log import configure as configure_logging  # noqa: E402
 from fedbus.recipes import FedAvgRecipe, FedBuffRecipe, Progress, Run, SimEnv, SpeedProfile  # noqa: E402
 
 STRATEGIES = ("fedavg", "fedbuff")
@@ -77,6 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="model init, partition and site speeds (0)")
     parser.add_argument("--quick", action="store_true", help="a short budget: both runs in under two minutes")
     parser.add_argument("--out", type=Path, default=Path("runs/async-experiment"), help="output folder")
+    parser.add_argument("--verbose", action="store_true", help="show the broker's and the sites' log lines")
     local = parser.add_argument_group("local training (client.py)")
     local.add_argument("--epochs", type=int, default=2)
     local.add_argument("--lr", type=float, default=0.05)
@@ -240,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run both strategies, write the CSV and the plot, print the table and the JSON line; returns the JSON."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    configure_logging(level="debug" if args.verbose else "error")  # the daemons' warnings would drown the bar
+    warm_up()
     x_heldout, y_heldout = data.heldout()
     recipes = make_recipes(args)
     speed = SpeedProfile.lognormal(sigma=args.sigma, seed=args.seed)

@@ -1,8 +1,8 @@
 """hello-lightning as a recipe: FedAvg over the digits with a LightningModule, in any environment.
 
-    python examples/hello-lightning/job.py --env sim            # all sites in this process
-    python examples/hello-lightning/job.py --env poc            # a broker and site daemons as local processes
-    python examples/hello-lightning/job.py --export /tmp/job    # the job folder, for `fedbus submit`
+python examples/hello-lightning/job.py --env sim            # all sites in this process
+python examples/hello-lightning/job.py --env poc            # a broker and site daemons as local processes
+python examples/hello-lightning/job.py --export /tmp/job    # the job folder, for `fedbus submit`
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def main() -> None:
     print(run.summary())
     final = run.evaluations[-1] if run.evaluations else None
     if final is not None:
-        for site, metrics in sorted(final.sites.items()):
-            print(f"  {site}: val_acc {metrics.get('val_acc', float('nan')):.3f} on {metrics.get('num_samples', 0):.0f} digits")
+        for site, m in sorted(final.sites.items()):
+            print(f"  {site}: val_acc {m.get('val_acc', float('nan')):.3f} on {m.get('num_samples', 0):.0f} digits")
         print(f"  weighted mean val_acc {final.mean.get('val_acc', float('nan')):.3f}")
     sys.exit(0 if run.status == "finished" else 1)
 

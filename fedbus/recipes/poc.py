@@ -1,7 +1,7 @@
 """PocEnv: the real daemons as local processes; ProdEnv: a broker that is already running elsewhere.
 
-PocEnv starts ``python -m fedbus.cli broker`` on an ephemeral loopback port and ``num_clients`` site
-daemons, each in its own process group (``start_new_session``) with its log in the workspace, then submits,
+PocEnv starts ``python -m fedbus.cli broker`` on a free loopback port and, at the same time, ``num_clients``
+site daemons, each in its own process group (``start_new_session``) with its log in the workspace, then submits,
 follows and downloads through ``fedbus.admin.Admin`` like any operator would. The children get
 ``OMP_NUM_THREADS = max(1, cores // num_clients)`` unless the caller set it, so N sites' training scripts
 do not fight over the cores.
@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
     from fedbus.recipes.recipe import Recipe
     from fedbus.recipes.run import Run
 
-BROKER_TOML = """# written by fedbus.recipes.PocEnv: the poc profile on an ephemeral loopback port
-bind = "tcp://127.0.0.1:0"
+BROKER_TOML = """# written by fedbus.recipes.PocEnv: the poc profile on a free loopback port
+bind = "{address}"
 workspace = "{workspace}"
 heartbeat_s = 0.5
 liveness = 4
@@ -149,15 +150,24 @@ class _PocBackend:
         env["PYTHONUNBUFFERED"] = "1"
         src = str(Path(__file__).resolve().parents[2])  # the folder holding fedbus/: a source tree works too
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        config = self.workspace / "broker.toml"
-        config.write_text(BROKER_TOML.format(workspace=self.workspace / "broker"))
-        broker = self._spawn(["broker", "--config", str(config)], "broker", env)
-        address = self._address(broker, self.workspace / "broker.log")
-        for i in range(self.num_clients):
-            name = f"site-{i + 1}"
-            args = ["site", "--name", name, "--broker", address, "--workspace", str(self.workspace / name)]
-            self._spawn(args, name, env)
-        return address
+        config, log_path = self.workspace / "broker.toml", self.workspace / "broker.log"
+        for _ in range(3):
+            # A free port picked here lets the sites start with the broker (each process spends seconds
+            # importing torch) instead of after it; the sites dial until the broker listens.
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            config.write_text(BROKER_TOML.format(address=address, workspace=self.workspace / "broker"))
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            broker = self._spawn(["broker", "--config", str(config)], "broker", env)
+            for i in range(self.num_clients):
+                name = f"site-{i + 1}"
+                args = ["site", "--name", name, "--broker", address, "--workspace", str(self.workspace / name)]
+                self._spawn(args, name, env)
+            if self._listening(broker, log_path, offset):
+                return address
+            self._stop(0.0)  # someone took the port in between: start over on another one
+            self.procs, self.closed = [], False
+        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        raise JobError(f"the broker did not start (see {log_path}):\n{tail}")
 
     def _spawn(self, args: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         if self.closed:
@@ -175,18 +185,16 @@ class _PocBackend:
         self.procs.append(proc)
         return proc
 
-    def _address(self, broker: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> str:
-        """The broker's bound address, from its "broker listening" log line."""
+    def _listening(self, broker: subprocess.Popen[bytes], log_path: Path, offset: int, timeout: float = 60.0) -> bool:
+        """True once the broker logged "broker listening"; False if it exited first (or did not start)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for rec in read_json_lines(log_path):
-                if rec.get("event") == "broker listening" and isinstance(rec.get("address"), str):
-                    return str(rec["address"])
+            if any(rec.get("event") == "broker listening" for rec in read_json_lines(log_path, offset)):
+                return True
             if broker.poll() is not None:
-                break
+                return False
             time.sleep(0.05)
-        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-        raise JobError(f"the broker did not start (see {log_path}):\n{tail}")
+        return False
 
     # --- stopping ------------------------------------------------------------------------------------
 
@@ -251,10 +259,17 @@ def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
             os.killpg(p.pid, sig)
 
 
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a ``--log-json`` log (other lines, e.g. a traceback, are skipped)."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_json_lines(path: Path, offset: int = 0) -> list[dict[str, Any]]:
+    """The JSON objects of a ``--log-json`` log from byte ``offset`` on (other lines, e.g. tracebacks, skipped)."""
     out = []
     with contextlib.suppress(OSError), open(path, "rb") as f:
+        f.seek(offset)
         for line in f:
             with contextlib.suppress(ValueError):
                 rec = json.loads(line)

@@ -55,6 +55,7 @@ class ModelSource:
 
     def __init__(self, lay: serde.Layout) -> None:
         self.layout = lay
+        self._index = digest.PartIndex(lay.parts)  # built once: slicing a chunk is then O(log parts)
         self._sums: dict[tuple[int, str], tuple[list[int], str]] = {}
         self._lock = asyncio.Lock()
 
@@ -97,7 +98,8 @@ class ModelSource:
         return self._sums[(chunk_size, alg)]
 
     def frames(self, off: int, length: int) -> list[Any]:
-        return digest.aligned_chunk_parts(self.layout.parts, off, length)
+        """Zero-copy slices of the tensors' memory covering [off, off + length): one chunk's frames."""
+        return digest.chunk_parts(self._index, off, length)
 
 
 class BufferSink:

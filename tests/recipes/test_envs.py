@@ -27,7 +27,9 @@ def test_the_same_recipe_runs_in_sim_poc_and_prod(tmp_path: Path) -> None:
 
     (tmp_path / "prod").mkdir()
     with procs.federation(tmp_path / "prod", sites=3) as (_broker, address, _sites):
-        handle = recipe.execute(ProdEnv(address, workspace=tmp_path / "prod-results", progress=False), wait=False)
+        prod_env = ProdEnv(address, workspace=tmp_path / "prod-results", progress=False)
+        prod_env.poll_s = 0.2
+        handle = recipe.execute(prod_env, wait=False)
         assert handle.status == "running"  # returned at once
         prod = handle.wait(timeout=120)
 
@@ -54,10 +56,11 @@ def _watching(seen: set[int], stop_at_version: int | None = None) -> Any:
 
 @pytest.mark.timeout(120)
 def test_poc_env_leaves_no_process_after_a_failed_job(tmp_path: Path) -> None:
-    recipe = FedAvgRecipe("crash", tiny_model(), tiny_script(tmp_path / "src"), ["crash"], min_clients=1, num_rounds=2)
+    (tmp_path / "exit3.py").write_text("import sys\nsys.exit(3)\n")  # fails before it even imports fedbus
+    recipe = FedAvgRecipe("crash", tiny_model(), tmp_path / "exit3.py", min_clients=1, num_rounds=2)
     seen: set[int] = set()
     run = recipe.execute(PocEnv(1, workspace=tmp_path / "ws", progress=_watching(seen)))
-    assert run.status == "failed" and "round 1" in run.reason
+    assert run.status == "failed" and "1 failed" in run.reason, run.reason
     assert len(seen) >= 2 and not alive(seen)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus.recipes import FedAvgRecipe, FedBuffRecipe, SimEnv, SpeedProfile
+from fedbus.recipes import FedAvgRecipe, FedBuffRecipe, Progress, SimEnv, SpeedProfile
 
 from .helpers import tiny_model, tiny_script
 
@@ -62,7 +63,7 @@ def test_slow_sites_hold_results_back_and_one_training_slot_serializes(tmp_path:
     speeds = {site: m["speed"] for site, m in run.evaluations[-1].sites.items()}
     assert speeds == {"site-1": 1.0, "site-2": 1.0, "site-3": 2.5}  # system_info()["speed_factor"]
     spans = sorted((t["received_at"] - t["train_s"], t["received_at"]) for t in run.tasks)
-    assert all(a[1] <= b[0] + 0.01 for a, b in zip(spans, spans[1:], strict=False))  # one slot: never two at once
+    assert all(a[1] <= b[0] + 0.01 for a, b in itertools.pairwise(spans))  # one slot: never two at once
 
 
 @pytest.mark.timeout(60)
@@ -105,3 +106,18 @@ def test_fedbuff_recipe_runs_asynchronously(tmp_path: Path) -> None:
     accepted = [u for u in run.updates if u["accepted"]]
     assert len(accepted) >= 6 and all(u["staleness"] is not None for u in accepted)
     assert len(run.evaluations[-1].sites) == 3
+
+
+@pytest.mark.timeout(60)
+def test_keyboard_interrupt_in_a_progress_callback_stops_everything(tmp_path: Path) -> None:
+    argv = list(sys.argv)
+    recipe = FedAvgRecipe("long", tiny_model(), tiny_script(tmp_path / "src"), min_clients=2, num_rounds=100_000)
+
+    def progress(p: Progress) -> None:
+        if p.version >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recipe.execute(SimEnv(2, workspace=tmp_path / "ws", progress=progress))
+    assert not script_threads() and sys.argv == argv
+    assert not [t for t in threading.enumerate() if t.name.startswith("fedbus-long")]  # the loop thread too
