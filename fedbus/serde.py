@@ -29,10 +29,8 @@ little-endian order on every platform torch ships for.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import json
-import mmap
 import os
 import struct
 import tempfile
