@@ -88,6 +88,7 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 
 def _broker_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=None, help=f"broker address (env FEDBUS_BROKER, default {DEFAULT_BROKER})")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait for the broker")
 
 
 def _positive_float(text: str) -> float:
@@ -170,7 +171,7 @@ def _overrides(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 async def _admin_command(args: argparse.Namespace) -> int:
     from fedbus.admin import Admin
 
-    async with Admin(_broker_address(args)) as admin:
+    async with Admin(_broker_address(args), timeout=args.timeout) as admin:
         if args.command == "submit":
             job_id = await admin.submit(args.folder)
             sys.stdout.write(job_id + "\n")
