@@ -166,15 +166,18 @@ def validate_update(reference: Params, params: Params) -> str | None:
     extra = [k for k in params if k not in reference]
     if extra:
         return f"unexpected tensors: {_names(extra)}"
+    # A lazy mapping (an update spooled to disk) may describe a tensor without loading it: the structure
+    # check then costs nothing, and only the finiteness scan below reads the data.
+    describe = getattr(params, "describe", params.__getitem__)
     for name, ref in reference.items():
-        t = params[name]
+        t = describe(name)
         if not isinstance(t, torch.Tensor):
             return f"{name!r} is not a tensor but {type(t).__name__}"
         if t.dtype != ref.dtype:
             return f"dtype mismatch for {name!r}: expected {ref.dtype}, got {t.dtype}"
         if t.shape != ref.shape:
             return f"shape mismatch for {name!r}: expected {tuple(ref.shape)}, got {tuple(t.shape)}"
-        if t.layout != torch.strided or t.device != ref.device:
+        if t.layout != torch.strided or (t.device != ref.device and not t.is_meta):
             return f"{name!r} must be a dense tensor on {ref.device}, got {t.layout} on {t.device}"
     for name, t in params.items():
         if (t.is_floating_point() or t.is_complex()) and not _all_finite(t):

@@ -89,6 +89,12 @@ class SpooledParams(Mapping[str, torch.Tensor]):
                 raise RemoteProtocolError(f"spooled update {self.path} is truncated at {name!r}")
         return t
 
+    def describe(self, name: str) -> torch.Tensor:
+        """A data-less tensor (device "meta") with the tensor's dtype and shape, for structure checks;
+        ``__getitem__`` loads the data (on the CPU)."""
+        spec = self._specs[name]
+        return torch.empty(spec.shape, dtype=serde.DTYPES[spec.dtype], device="meta")
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
 
