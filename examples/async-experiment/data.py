@@ -32,8 +32,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _split() -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training pool and of the held-out set (disjoint, stratified by label)."""
+def split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training pool and of the held-out set (disjoint, stratified by label, fixed)."""
     _, y = _digits()
     train_idx, heldout_idx = train_test_split(
         np.arange(len(y)), test_size=HELDOUT_FRACTION, random_state=HELDOUT_SEED, stratify=y
@@ -78,14 +78,14 @@ def dirichlet_partition(
 def heldout() -> tuple[np.ndarray, np.ndarray]:
     """The held-out (x, y): never seen by any site; the driver scores global models on it."""
     x, y = _digits()
-    _, idx = _split()
+    _, idx = split_indices()
     return x[idx], y[idx]
 
 
 def partition(num_sites: int, alpha: float, seed: int) -> list[np.ndarray]:
     """Each site's indices into the full digits array (all inside the training pool)."""
     _, y = _digits()
-    pool, _ = _split()
+    pool, _ = split_indices()
     return [pool[p] for p in dirichlet_partition(y[pool], num_sites, alpha, seed)]
 
 

@@ -77,8 +77,9 @@ __all__ = [
 def patch(trainer: pl.Trainer, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
     """Make ``trainer`` federated: connect to the site and add one :class:`FLCallback` (idempotent)."""
     init()
-    if not any(isinstance(cb, FLCallback) for cb in trainer.callbacks):
-        trainer.callbacks.append(FLCallback(restore_state=restore_state, load_state_dict_strict=load_state_dict_strict))
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+    if not any(isinstance(cb, FLCallback) for cb in callbacks):
+        callbacks.append(FLCallback(restore_state=restore_state, load_state_dict_strict=load_state_dict_strict))
 
 
 class FLCallback(pl.Callback):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import zmq.asyncio
 
 from fedbus.admin import Admin
-from fedbus.errors import FedbusError, JobError
+from fedbus.errors import FedbusError, JobError, TransportError
 from fedbus.log import get_logger
 from fedbus.recipes.progress import Progress, Reporter, make_reporter
 from fedbus.recipes.run import FINAL_STATES, Run, busy_seconds
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = get_logger("recipes")
+MAX_STATUS_MISSES = 3
+"""Status requests in a row that may go unanswered (each waits the admin timeout) before a run gives up."""
 
 
 class LoopThread:
@@ -174,21 +176,31 @@ class Execution:
         assert self.admin is not None
         deadline = time.monotonic() + timeout
         while True:
-            sites = (await self.admin.request("sites"))["sites"]
-            if sum(1 for s in sites if s["online"]) >= n:
+            online = sum(1 for s in (await self.admin.request("sites"))["sites"] if s["online"])
+            if online >= n:
                 return
             if time.monotonic() > deadline:
-                raise JobError(f"only {len(sites)} of {n} sites came online within {timeout:.0f} s")
+                raise JobError(f"only {online} of {n} sites came online within {timeout:.0f} s")
             await asyncio.sleep(0.05)
 
     async def follow(self, run: Run) -> None:
         assert self.admin is not None and self._wake is not None
+        misses = 0
         try:
             while True:
                 if self._interrupted:  # the caller gave up: no download, just stop everything
                     run.status, run.reason = "aborted", "interrupted while waiting"
                     return
-                job = (await self.admin.status(self.job_id))["jobs"][0]
+                try:
+                    job = (await self.admin.status(self.job_id))["jobs"][0]
+                except TransportError as exc:  # a broker restarting resumes its jobs: give it a while
+                    misses += 1
+                    if misses >= MAX_STATUS_MISSES:
+                        run.status, run.reason = "failed", f"lost the broker: {exc}"
+                        raise
+                    log.warning("no status from the broker: retrying", job_id=self.job_id, reason=str(exc))
+                    continue
+                misses = 0
                 self.backend.watch()
                 self._publish(Progress.from_status(job, self.recipe.total, time.monotonic() - self.started))
                 if job["state"] in FINAL_STATES:
@@ -238,10 +250,14 @@ class Execution:
                 self._wake.set()
 
     def _publish(self, p: Progress) -> None:
-        """Hand a snapshot to ``wait()``; one that only differs in elapsed time is not news."""
+        """Hand a snapshot to ``wait()``: when something changed, or a second went by (time-based bars)."""
         with self._cond:
             old = self._snapshot
-            if old is not None and dataclasses.replace(old, elapsed_s=p.elapsed_s) == p:
+            if (
+                old is not None
+                and dataclasses.replace(old, elapsed_s=p.elapsed_s) == p
+                and p.elapsed_s < old.elapsed_s + 1
+            ):
                 return
             self._snapshot, self._seq = p, self._seq + 1
             self._cond.notify_all()

@@ -231,6 +231,7 @@ class ThreadLauncher:
         self, python: str, script: Path, args: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path
     ) -> ScriptThread:
         session = SimSession.from_env(env, watch_parent=False)  # the site is this very process
+        assert isinstance(session, SimSession)
         session.slots = self.slots
         self.imports.prepare(session.job_id, script, args)
         thread = ScriptThread(script, session, log_path).start()

@@ -103,7 +103,9 @@ class _SimBackend:
         cfg = BrokerConfig(bind=address, workspace=str(self.workspace / "broker"), heartbeat_s=1.0, liveness=10)
         self.broker = Broker(cfg, ctx=ctx)
         await self.broker.__aenter__()
-        factors = self.env.factors or [None] * self.env.num_clients
+        factors: list[float | None] = [None] * self.env.num_clients
+        if self.env.factors is not None:
+            factors = list(self.env.factors)
         for i, factor in enumerate(factors):
             name = f"site-{i + 1}"
             site_cfg = SiteConfig(name=name, broker=address, workspace=str(self.workspace / name), heartbeat_s=1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -58,9 +59,17 @@ def load_example(name: str, rel: str) -> object:
     return module
 
 
-def descendants() -> set[int]:
-    """PIDs of every process below this one (daemons and the training scripts they started)."""
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+def descendants(exclude: frozenset[int] | set[int] = frozenset()) -> set[int]:
+    """PIDs of every process below this one (daemons and the scripts they started), leaving out the
+    children in ``exclude`` and everything below them."""
+    out: set[int] = set()
+    for child in psutil.Process().children():
+        if child.pid in exclude:
+            continue
+        out.add(child.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            out.update(p.pid for p in child.children(recursive=True))
+    return out
 
 
 def alive(pids: set[int]) -> set[int]:

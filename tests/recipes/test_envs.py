@@ -19,18 +19,22 @@ def test_the_same_recipe_runs_in_sim_poc_and_prod(tmp_path: Path) -> None:
     hello: Any = load_example("hello_pt_job", "examples/hello-pt/job.py")
     recipe = hello.make_recipe(sites=3, rounds=2, evaluate=False)
 
-    sim = recipe.execute(SimEnv(3, workspace=tmp_path / "sim", progress=False))
-
-    seen: set[int] = set()
-    poc = recipe.execute(PocEnv(3, workspace=tmp_path / "poc", progress=lambda p: seen.update(descendants())))
-    assert seen and not alive(seen), "PocEnv left processes behind after success"
-
+    # ProdEnv: a broker and three sites started separately (as an operator would). Its job is submitted
+    # first and runs while the other two environments run theirs: the three overlap to save wall time.
     (tmp_path / "prod").mkdir()
-    with procs.federation(tmp_path / "prod", sites=3) as (_broker, address, _sites):
+    with procs.federation(tmp_path / "prod", sites=3) as (broker, address, sites):
         prod_env = ProdEnv(address, workspace=tmp_path / "prod-results", progress=False)
         prod_env.poll_s = 0.2
         handle = recipe.execute(prod_env, wait=False)
         assert handle.status == "running"  # returned at once
+
+        sim = recipe.execute(SimEnv(3, workspace=tmp_path / "sim", progress=False))
+
+        theirs = {d.proc.pid for d in [broker, *sites]}
+        seen: set[int] = set()
+        poc = recipe.execute(PocEnv(3, workspace=tmp_path / "poc", progress=lambda p: seen.update(descendants(theirs))))
+        assert len(seen) >= 7 and not alive(seen), "PocEnv left processes behind after success"
+
         prod = handle.wait(timeout=120)
 
     accuracies = {}
