@@ -8,4 +8,4 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev,examples]"
+"$PY" -m pip install -q -e ".[dev,examples,lightning]"

@@ -266,7 +266,7 @@ class Broker:
         name = name or (rec.name if rec else None)
         if name is None:
             return
-        log.warning("site gone", site=name, reason=why)
+        (log.info if why == "said bye" or "shutting down" in why else log.warning)("site gone", site=name, reason=why)
         for c in list(self.controllers.values()):
             c.site_left(name, why)
 

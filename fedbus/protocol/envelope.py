@@ -68,7 +68,13 @@ def encode(msg: Message, mid: int = 0) -> bytes:
     if cls is not type(msg):
         raise LocalProtocolError(f"not a registered message: {type(msg).__name__}")
     body = {"v": PROTOCOL_VERSION, "t": msg.TYPE, "id": mid}
-    body.update(fields_of(msg))
+    values = fields_of(msg)
+    try:  # what we send must pass the checks the peer will apply: fail here, naming the field, not there
+        for f in _SCHEMAS[msg.TYPE]:
+            _check_field(msg.TYPE, f, values[f.name])
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"cannot send: {exc}") from None
+    body.update(values)
     return msgpack.packb(body, use_bin_type=True)
 
 

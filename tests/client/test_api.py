@@ -193,7 +193,11 @@ async def test_receive_times_out_and_end_job_during_training_ends_the_loop(site:
         await site.push_task("t1", sample_params())
         assert (await asyncio.to_thread(session.receive)) is not None
         await site.send(EndJob(JOB, "aborted"))  # arrives while the script trains
-        assert not await asyncio.to_thread(session.is_running)
+        # While a task is in hand, is_running() answers from what has arrived so far: ask until it has.
+        deadline = time.monotonic() + 5
+        while await asyncio.to_thread(session.is_running):
+            assert time.monotonic() < deadline, "end_job never reached the script"
+            await asyncio.sleep(0.02)
         await asyncio.wait_for(asyncio.to_thread(session.send, FLModel(params=sample_params())), 5)
         with pytest.raises(TimeoutError):  # nothing was sent for the finished job
             await site.recv(timeout=0.3)
