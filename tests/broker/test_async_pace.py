@@ -3,6 +3,7 @@ FedAvg's rounds wait for the slow one (real daemons, real scripts)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
@@ -35,3 +36,24 @@ async def test_fedbuff_outpaces_a_straggler_that_fedavg_waits_for(tmp_path: Path
     assert buff_hist[-1]["time"] - buff_hist[1]["time"] < 2 * SLOW_S
     fast = sum(1 for u in buff_updates if u["site"] != "site-3")
     assert fast >= 10  # the versions were made of the fast sites' updates
+
+
+async def test_status_shows_fedbuff_counters_while_it_runs(tmp_path: Path) -> None:
+    from fedbus.cli import _status_table
+
+    async with federation(tmp_path) as (_broker, _sites, admin):
+        toml = 'name = "fedbuff"\nconcurrency = 3\nbuffer_size = 2\nnum_versions = 8\n'
+        job_id = await admin.submit(write_job(tmp_path / "buff", mode="slow", strategy=toml))
+        seen: dict = {}
+        for _ in range(200):
+            status = await admin.status(job_id)
+            live = status["jobs"][0].get("live", {}).get("strategy", {})
+            if live.get("staleness_hist") and status["jobs"][0]["version"] >= 2:
+                seen = status
+                break
+            await asyncio.sleep(0.1)
+        assert seen, "no FedBuff counters while the job ran"
+        table = _status_table(seen)
+        assert "fedbuff" in table and "staleness histogram" in table and "seconds per version" in table
+        assert "accepted=" in table
+        await wait_job(admin, job_id, timeout=90)
