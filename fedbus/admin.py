@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq.asyncio
 
 from fedbus import jobs
@@ -71,7 +72,9 @@ class Admin:
             if isinstance(msg, Welcome) and self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(msg)
             elif isinstance(msg, Reply) and msg.rid in self._replies:
-                self._replies.pop(msg.rid).set_result(msg)
+                fut = self._replies.pop(msg.rid)
+                if not fut.done():
+                    fut.set_result(_unpack_reply(msg, inc.payload))
             elif isinstance(msg, Error) and self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(TransportError(f"broker refused: {msg.reason}"))
             elif msg.TYPE in STREAM_TYPES:
@@ -140,3 +143,21 @@ class Admin:
         sink = BufferSink(max_total=offer.total, path=str(dest / "model.safetensors.part"))
         done.set_result(sink)
         return sink
+
+
+MAX_REPLY_PAYLOAD = 64 << 20
+
+
+def _unpack_reply(msg: Reply, payload: list[memoryview]) -> Reply:
+    """A reply whose data came as a msgpack payload frame (too big for an envelope), made whole."""
+    if msg.data != {"payload": "msgpack"}:
+        return msg
+    if len(payload) != 1 or payload[0].nbytes > MAX_REPLY_PAYLOAD:
+        return Reply(rid=msg.rid, ok=False, error="malformed reply payload from the broker")
+    try:
+        data = msgpack.unpackb(payload[0], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types for garbage
+        return Reply(rid=msg.rid, ok=False, error=f"unreadable reply payload from the broker: {type(exc).__name__}")
+    if not isinstance(data, dict):
+        return Reply(rid=msg.rid, ok=False, error="reply payload from the broker is not a map")
+    return Reply(rid=msg.rid, ok=msg.ok, data=data, error=msg.error)

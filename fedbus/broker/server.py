@@ -18,6 +18,7 @@ import signal
 import time
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -50,6 +51,7 @@ from fedbus.transport.spool import SpoolSink, open_params
 from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
 MiB = 1 << 20
+REPLY_INLINE_MAX = 64 * 1024
 log = get_logger("broker")
 
 
@@ -425,7 +427,7 @@ class Broker:
             log.warning("request refused", op=req.op, reason=str(exc))
             await self._send(peer, Reply(rid=req.rid, ok=False, error=str(exc)[:2000]))
             return
-        await self._send(peer, Reply(rid=req.rid, ok=True, data=data))
+        await self._send(peer, *_reply(req.rid, data))
         if req.op == "download":
             self._spawn(self._send_download(peer, data))
         elif req.op == "submit":
@@ -508,3 +510,12 @@ class Broker:
             await self._stream(peer, ModelSource.from_state_dict(model), ctx, int.from_bytes(os.urandom(7), "big"))
         except (FedbusError, OSError) as exc:
             log.warning("download failed", job=data["job_id"], reason=str(exc))
+
+
+def _reply(rid: int, data: dict[str, Any]) -> tuple[Reply, list[bytes]]:
+    """A reply whose data may outgrow an envelope (a long job's history, every update record): big data
+    travels as one msgpack payload frame instead, flagged by ``data == {"payload": "msgpack"}``."""
+    packed = msgpack.packb(data, use_bin_type=True)
+    if len(packed) <= REPLY_INLINE_MAX:
+        return Reply(rid=rid, ok=True, data=data), []
+    return Reply(rid=rid, ok=True, data={"payload": "msgpack"}), [packed]

@@ -382,8 +382,12 @@ class StreamHub:
                 for m in receiver.next_messages(_now()):
                     await self.endpoint.send(peer, m)
             if receiver.state is ReceiverState.DONE:
-                sink.result.set_result(sink.finish())
-            else:
+                result = sink.finish()
+                if sink.result.done():  # the owner stopped waiting (cancelled): nobody will release it
+                    getattr(result, "release", lambda: None)()
+                else:
+                    sink.result.set_result(result)
+            elif not sink.result.done():
                 sink.result.set_exception(TransportError(f"stream {sid} from {peer!r}: {receiver.failure}"))
         except FedbusError as exc:
             log.warning("stream failed", peer=peer, sid=sid, reason=str(exc))
