@@ -121,8 +121,10 @@ class BufferSink:
         alg: str = digest.DEFAULT_ALG,
         path: str | None = None,
         journal: bool = False,
+        buffer: torch.Tensor | None = None,
     ) -> None:
         self.max_total = max_total
+        self._reuse = buffer  # a uint8 buffer from an earlier stream of the same size: no page faults
         self.path = path
         self.journal_path = f"{path}.journal" if path is not None and journal else None
         self._journal: Any = None
@@ -188,7 +190,10 @@ class BufferSink:
         return sink, triples
 
     def _allocate(self, offer: Offer, resume: bool) -> None:
-        if self.path is None:
+        reuse = self._reuse
+        if self.path is None and reuse is not None and reuse.dtype == torch.uint8 and reuse.numel() == offer.total:
+            self.buffer = reuse
+        elif self.path is None:
             self.buffer = serde.allocate(offer.total)
         else:
             if not resume:
