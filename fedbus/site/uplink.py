@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from fedbus.errors import TransportError
 from fedbus.protocol.messages import Message
-from fedbus.transport.endpoint import DealerEndpoint, Incoming
+from fedbus.transport.endpoint import DealerEndpoint
 from fedbus.transport.streams import ModelSource, OfferHandler, StreamHub
 
 BACKLOG = 1000
@@ -37,20 +37,14 @@ class BrokerBus(Protocol):
         """Stream a model to the broker; returns once it is acknowledged (raises TransportError if not)."""
 
 
-class _HubEndpoint:
-    """The ``Endpoint`` the StreamHub sends through: whichever socket is current."""
+class _HubOutbox:
+    """What the StreamHub sends through: whichever socket is current."""
 
     def __init__(self, uplink: Uplink) -> None:
         self.uplink = uplink
 
     async def send(self, peer: bytes, msg: Message, payload: Sequence[Any] = ()) -> None:
         await self.uplink.send(msg, payload)
-
-    async def recv(self) -> Incoming:  # the daemon's receive task reads the socket itself
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
 
 
 class Uplink:
@@ -61,7 +55,7 @@ class Uplink:
         self.welcomed = asyncio.Event()
         self.backlog: deque[Message] = deque(maxlen=BACKLOG)
         self._pending = asyncio.Event()
-        self.hub = StreamHub(_HubEndpoint(self), on_offer=on_offer, **hub_options)
+        self.hub = StreamHub(_HubOutbox(self), on_offer=on_offer, **hub_options)
 
     def attach(self, ep: DealerEndpoint) -> None:
         self.ep = ep

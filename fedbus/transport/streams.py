@@ -21,7 +21,7 @@ import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ from fedbus.log import get_logger
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Abort, Chunk, End, Message, Offer
 from fedbus.protocol.stream import Receiver, ReceiverState, Sender, SenderState
-from fedbus.transport.endpoint import Endpoint
 
 DEFAULT_CHUNK = 4 << 20
 """Chunk size, from ``fedbus bench transfer`` sweeps (see docs/benchmarks.md)."""
@@ -232,6 +231,12 @@ class BufferSink:
 OfferHandler = Callable[[bytes, Offer], Awaitable[BufferSink | None]]
 
 
+class Outbox(Protocol):
+    """All a hub needs of its transport: sending. (Receiving is the owner's loop, which calls ``dispatch``.)"""
+
+    async def send(self, peer: bytes, msg: Message, payload: Sequence[Any] = ()) -> None: ...
+
+
 class StreamHub:
     """All streams of one endpoint, keyed by (peer, stream id).
 
@@ -241,7 +246,7 @@ class StreamHub:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: Outbox,
         *,
         on_offer: OfferHandler,
         chunk_size: int = DEFAULT_CHUNK,
