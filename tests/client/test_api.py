@@ -380,3 +380,23 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+async def test_cuda_params_travel_through_send_as_cpu_tensors(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        received = sample_params()
+        await site.push_task("t1", received, params_type="DIFF")
+        model = await asyncio.to_thread(session.receive)
+        assert all(t.device.type == "cpu" for t in model.params.values())  # receive() hands out CPU tensors
+        on_gpu = {k: (v.cuda() * 2 if v.is_floating_point() else v.cuda()) for k, v in model.params.items()}
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=on_gpu)))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 10)
+        back = serde.read_file(result.meta["path"])  # FULL CUDA params became a CPU delta file
+        for k, v in received.items():
+            want = v * 2 - v if v.is_floating_point() else v - v
+            assert back[k].device.type == "cpu" and torch.equal(back[k], want), k
+    finally:
+        session.close()
