@@ -237,7 +237,8 @@ class JobController:
         peer = self.bus.peer_of(action.site)
         if peer is None or self.source is None:
             self.tasks[action.task_id] = action.site
-            self.task_failed(action.site, action.task_id, "site is not connected")
+            # Not re-entrant: the strategy hears of the failure after the current action list has run.
+            asyncio.get_running_loop().call_soon(self.task_failed, action.site, action.task_id, "site is not connected")
             return
         self.tasks[action.task_id] = action.site
         sid = secrets.randbits(62)

@@ -146,3 +146,5 @@ def _check_plain(mtype: str, name: str, value: Any, depth: int) -> None:
             _check_plain(mtype, name, v, depth + 1)
     elif not isinstance(value, _PLAIN):
         raise RemoteProtocolError(f"{mtype}: field {name!r} holds a {type(value).__name__}")
+    elif isinstance(value, float):
+        _check_number(mtype, name, value)  # NaN nowhere: it equals nothing, not even itself
