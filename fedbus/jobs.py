@@ -328,13 +328,9 @@ def load_job_folder(
     if not require_model:
         return spec
     model = _inside(root, spec.model, "model")
-    with model.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-        head = prefix + f.read(min(n, serde.MAX_HEADER_BYTES, size))
     try:
-        serde.parse_header(head, max_total=size, total=size)
+        with model.open("rb") as f:
+            serde.read_header(f.fileno(), max_total=os.fstat(f.fileno()).st_size)
     except HeaderError as e:
         raise ConfigError(f"{model}: not a valid safetensors model: {e}") from e
     return spec

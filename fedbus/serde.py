@@ -271,6 +271,15 @@ def _parse_entry(name: str, info: object) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(shape), start, end)
 
 
+def read_header(fd: int, *, max_total: int) -> tuple[int, list[TensorSpec], dict[str, str]]:
+    """``parse_header`` of an open ``.safetensors`` file, reading only its header (two small preads)."""
+    size = os.fstat(fd).st_size
+    prefix = os.pread(fd, 8, 0)
+    head_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    head = prefix + os.pread(fd, min(head_len, MAX_HEADER_BYTES, size), 8)
+    return parse_header(head, max_total=max_total, total=size)
+
+
 def parse_header(
     data: bytes | bytearray | memoryview, *, max_total: int, total: int | None = None
 ) -> tuple[int, list[TensorSpec], dict[str, str]]:

@@ -9,6 +9,7 @@ model whatever the number of sites, and an accepted update sits on disk until it
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -63,7 +64,7 @@ class SpoolSink(BufferSink):
             os.close(self._fd)
             self._fd = -1
             if self.path:
-                with _suppress_oserror():
+                with contextlib.suppress(OSError):
                     os.unlink(self.path)
 
 
@@ -107,7 +108,7 @@ class SpooledParams(Mapping[str, torch.Tensor]):
             os.close(self._fd)
             self._fd = -1
             if self._owned:
-                with _suppress_oserror():
+                with contextlib.suppress(OSError):
                     os.unlink(self.path)
 
 
@@ -116,18 +117,8 @@ def open_params(path: str | os.PathLike[str], *, max_total: int) -> SpooledParam
     checkpoint) then holds one model in memory, not two. Call ``release()`` when done."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        prefix = os.pread(fd, 8, 0)
-        head_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-        head = prefix + os.pread(fd, min(head_len, serde.MAX_HEADER_BYTES), 8)
-        data_start, specs, _ = serde.parse_header(head, max_total=max_total, total=size)
+        data_start, specs, _ = serde.read_header(fd, max_total=max_total)
     except BaseException:
         os.close(fd)
         raise
     return SpooledParams(fd, str(path), specs, data_start, owned=False)
-
-
-def _suppress_oserror() -> Any:
-    import contextlib
-
-    return contextlib.suppress(OSError)

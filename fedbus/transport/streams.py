@@ -329,14 +329,7 @@ class StreamHub:
             if sink is None:
                 await self.endpoint.send(peer, Abort(offer.sid, "refused"))
                 return
-            receiver = Receiver(
-                offer,
-                window=self.window,
-                now=_now(),
-                digest_fn=lambda triples: digest.stream_digest(triples, offer.alg),
-                max_total=self.max_total,
-                stall_timeout=self.stall_timeout,
-            )
+            receiver = Receiver(offer, **self._receiver_options(offer.alg))
             sink.peer = peer
             sink.open(offer)
         except FedbusError as exc:
@@ -346,6 +339,16 @@ class StreamHub:
             await self.endpoint.send(peer, Abort(offer.sid, f"refused: {exc}"))
             return
         self._track(key, receiver, sink, resumed=False)
+
+    def _receiver_options(self, alg: str) -> dict[str, Any]:
+        """What every incoming stream's Receiver is built with, new or restored from a journal."""
+        return {
+            "window": self.window,
+            "now": _now(),
+            "digest_fn": lambda triples: digest.stream_digest(triples, alg),
+            "max_total": self.max_total,
+            "stall_timeout": self.stall_timeout,
+        }
 
     def _track(self, key: tuple[bytes, int], receiver: Receiver, sink: BufferSink, *, resumed: bool) -> None:
         self._receivers[key] = receiver
@@ -357,15 +360,7 @@ class StreamHub:
         """Pick up a journaled stream after a restart: the sender is asked to continue where we stopped."""
         sink, verified = BufferSink.reopen(path, max_total=max_total or self.max_total, expected=expected)
         assert sink.offer is not None
-        receiver = Receiver.restore(
-            sink.offer,
-            verified,
-            window=self.window,
-            now=_now(),
-            digest_fn=lambda triples: digest.stream_digest(triples, sink.alg),
-            max_total=self.max_total,
-            stall_timeout=self.stall_timeout,
-        )
+        receiver = Receiver.restore(sink.offer, verified, **self._receiver_options(sink.alg))
         self._track((sink.peer, sink.offer.sid), receiver, sink, resumed=True)
         return sink
 
