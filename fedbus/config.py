@@ -114,6 +114,9 @@ class BrokerConfig:
     stall_timeout_s: float = 60.0
     round_timeout_s: float | None = None
     keep_versions: int = 0
+    max_requests_per_s: float = 200.0
+    request_burst: int = 400
+    max_streams_per_peer: int = 8
     log_json: bool = False
     log_level: str = "info"
 
@@ -170,6 +173,9 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "round_timeout_s": _positive,
     "task_timeout_s": _positive,
     "keep_versions": _at_least(0),
+    "max_requests_per_s": _positive,
+    "request_burst": _at_least(1),
+    "max_streams_per_peer": _at_least(1),
     "log_level": _log_level,
 }
 

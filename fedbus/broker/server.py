@@ -25,6 +25,7 @@ import zmq.asyncio
 from fedbus import jobs, serde
 from fedbus._memory import tune_malloc
 from fedbus.broker.controller import JobController
+from fedbus.broker.limits import PeerLimits
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.config import BrokerConfig, is_safe_name
@@ -66,6 +67,7 @@ class Broker:
         self.store = JobStore(config.workspace)
         self.controllers: dict[str, JobController] = {}
         self.upload_slots = asyncio.Semaphore(config.upload_slots)
+        self.limits = PeerLimits(config.max_requests_per_s, config.request_burst, config.max_streams_per_peer)
         self.stop = asyncio.Event()
         self.endpoint: RouterEndpoint | None = None
         self.hub: StreamHub | None = None
@@ -179,8 +181,11 @@ class Broker:
             try:
                 inc = await self.endpoint.recv()
             except BadMessage as exc:
-                log.warning("bad message refused", peer=exc.peer, reason=str(exc))
-                await self._send_error(exc.peer, "bad_message", str(exc))
+                if await self._admit(exc.peer, "bad_message"):
+                    log.warning("bad message refused", peer=exc.peer, reason=str(exc))
+                    await self._send_error(exc.peer, "bad_message", str(exc))
+                continue
+            if not await self._admit(inc.peer, inc.msg.TYPE):
                 continue
             try:
                 await self._handle(inc.peer, inc.msg, inc.payload)
@@ -190,6 +195,16 @@ class Broker:
             except Exception:  # a bug must cost one message, never the daemon
                 log.exception("message handler failed", peer=inc.peer, type=inc.msg.TYPE)
                 await self._send_error(inc.peer, "internal", "the broker failed to handle this message", inc.msg.TYPE)
+
+    async def _admit(self, peer: bytes, msg_type: str) -> bool:
+        """The request-rate limit: a peer over it is told so once per burst and its messages are dropped."""
+        if self.limits.admit(peer, msg_type, time.monotonic()):
+            return True
+        if self.limits.first_refusal(peer):
+            rate = self.config.max_requests_per_s
+            log.warning("peer over its request rate: refusing", peer=peer, type=msg_type[:32], limit_per_s=rate)
+            await self._send_error(peer, "rate_limited", f"over {rate:g} requests/s: slow down", msg_type)
+        return False
 
     async def _send_error(self, peer: bytes, code: str, reason: str, ref: str = "") -> None:
         with contextlib.suppress(FedbusError):
@@ -285,6 +300,23 @@ class Broker:
             c.site_crashed(site, f"{msg.event} with code {msg.code}: {msg.detail[-300:]}")
 
     async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
+        """An incoming stream, counted against the peer's streams in flight until its result is settled."""
+        if not self.limits.open_stream(peer):
+            cap = self.config.max_streams_per_peer
+            log.warning("peer over its streams in flight: refusing", peer=peer, sid=offer.sid, limit=cap)
+            await self._send_error(peer, "too_many_streams", f"more than {cap} streams in flight", offer.TYPE)
+            return None
+        sink = None
+        try:
+            sink = await self._route_offer(peer, offer)
+        finally:
+            if sink is None:
+                self.limits.close_stream(peer)
+            else:
+                sink.result.add_done_callback(lambda _: self.limits.close_stream(peer))
+        return sink
+
+    async def _route_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
         job_id = offer.ctx.get("job_id")
         if not isinstance(job_id, str):
             return None
