@@ -104,6 +104,10 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_digest(x: object) -> bool:
+    return isinstance(x, str) and len(x) <= MAX_DIGEST_LEN
+
+
 def _sid_of(msg: Message, sid: int) -> None:
     other = getattr(msg, "sid", sid)
     if other != sid:
@@ -123,7 +127,7 @@ class Sender:
         total: int,
         chunk_size: int,
         chunk_sums: Sequence[int],
-        digest: str,
+        digest: str | Callable[[], str],
         alg: str = "sum64",
         ctx: dict | None = None,
         now: float,
@@ -142,12 +146,17 @@ class Sender:
         need(_is_int(total) and total >= len(header), f"total ({total}) must be an int >= len(header) ({len(header)})")
         nchunks = -(-total // chunk_size)
         need(len(chunk_sums) == nchunks, f"{len(chunk_sums)} chunk sums given for {nchunks} chunks")
-        need(all(_is_int(s) for s in chunk_sums), "chunk sums must be ints")
-        need(isinstance(digest, str) and len(digest) <= MAX_DIGEST_LEN, "digest must be a str of <= 256 chars")
+        need(callable(digest) or _is_digest(digest), "digest must be a str of <= 256 chars or a callable")
         need(stall_timeout > 0, "stall_timeout must be positive")
         self._sid = sid
-        self._offer = Offer(sid, total, chunk_size, alg, digest, bytes(header), dict(ctx or {}))
-        self._total, self._chunk, self._sums, self._digest = total, chunk_size, chunk_sums, digest
+        # A lazy digest (a callable) is computed at END from the chunk sums, which may then be a lazy
+        # sequence too: the first chunk leaves without a pass over the whole model (the offer names no digest).
+        self._offer = Offer(
+            sid, total, chunk_size, alg, "" if callable(digest) else digest, bytes(header), dict(ctx or {})
+        )
+        self._total, self._chunk, self._sums = total, chunk_size, chunk_sums
+        self._digest_of = digest if callable(digest) else None
+        self._digest = "" if callable(digest) else digest
         self._stall = float(stall_timeout)
         self._probe = self._stall / (self.MAX_RETRIES + 1)
         self._state = _S.OFFERED
@@ -227,14 +236,17 @@ class Sender:
             end = self._next + self.chunk_length(self._next)
             if end > self._credit:
                 break
-            out.append(Chunk(self._sid, self._next, self._sums[self._next // self._chunk]))
+            chunk_sum = self._sums[self._next // self._chunk]
+            if not _is_int(chunk_sum):
+                raise LocalProtocolError(f"stream {self._sid}: chunk sum at {self._next} must be an int")
+            out.append(Chunk(self._sid, self._next, chunk_sum))
             self._next, self._high, self._since = end, max(self._high, end), now
         if self._state is _S.SENDING and self._next == self._total:
             self._state = _fire(_SENDER, self._state, "sent_all", self._sid)
-            out.append(End(self._sid, self._digest))
+            out.append(End(self._sid, self._stream_digest()))
             self._end_at = now
         elif self._state is _S.ENDED and now >= self._end_at + self._probe:
-            out.append(End(self._sid, self._digest))  # the ACK may have been lost: ask again
+            out.append(End(self._sid, self._stream_digest()))  # the ACK may have been lost: ask again
             self._end_at = now
         return out
 
@@ -293,11 +305,19 @@ class Sender:
 
     def _on_ack(self, msg: Ack) -> None:
         nxt = _fire(_SENDER, self._state, "ack", self._sid)
-        if msg.digest != self._digest:
+        if msg.digest != self._stream_digest():
             raise RemoteProtocolError(f"stream {self._sid}: ack digest {msg.digest!r} is not the stream's digest")
         if self._high < self._total:
             raise RemoteProtocolError(f"stream {self._sid}: ack before every byte was sent ({self._high})")
         self._state = nxt
+
+    def _stream_digest(self) -> str:
+        if self._digest_of is not None and not self._digest:
+            digest = self._digest_of()
+            if not _is_digest(digest):
+                raise LocalProtocolError(f"stream {self._sid}: the digest callable must return a str of <= 256 chars")
+            self._digest = digest
+        return self._digest
 
     def _fail(self, reason: str, *, notify: bool) -> None:
         self._state = _fire(_SENDER, self._state, "fail", self._sid)

@@ -12,7 +12,7 @@ import hashlib
 import random
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fedbus.protocol import Chunk, Message, Receiver, Sender, decode, encode
@@ -44,10 +44,16 @@ def make_sender(
     now: float = 0.0,
     stall_timeout: float = 30.0,
     digest: str | None = None,
+    lazy: bool = False,
 ) -> Sender:
+    """A sender of ``data``; ``lazy`` gives it chunk sums computed on first use and a digest computed at END."""
     offs = range(0, len(data), chunk)
-    sums = [chunk_sum(data[o : o + chunk]) for o in offs]
-    if digest is None:
+    sums: Sequence[int] = [chunk_sum(data[o : o + chunk]) for o in offs]
+    lazy_digest = None
+    if lazy:
+        sums = LazySums(data, chunk)
+        lazy_digest = sums.digest
+    elif digest is None:
         digest = digest_fn((o, len(data[o : o + chunk]), s) for o, s in zip(offs, sums, strict=True))
     return Sender(
         sid,
@@ -55,11 +61,33 @@ def make_sender(
         total=len(data),
         chunk_size=chunk,
         chunk_sums=sums,
-        digest=digest,
+        digest=lazy_digest or digest,  # type: ignore[arg-type]
         alg="crc32",
         now=now,
         stall_timeout=stall_timeout,
     )
+
+
+class LazySums(Sequence[int]):
+    """Chunk sums computed when first asked for, counting the computations (each chunk once at most)."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk = data, chunk
+        self.computed: dict[int, int] = {}
+        self.digests = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.chunk)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if k not in self.computed:
+            self.computed[k] = chunk_sum(self.data[k * self.chunk : (k + 1) * self.chunk])
+        return self.computed[k]
+
+    def digest(self) -> str:
+        self.digests += 1
+        c = self.chunk
+        return digest_fn((k * c, len(self.data[k * c : (k + 1) * c]), self[k]) for k in range(len(self)))
 
 
 @dataclass(frozen=True)
@@ -83,12 +111,13 @@ class StreamPair:
     max_retries: int = 5
     sender_digest: str | None = None
     check_window: bool = True
+    lazy: bool = False
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.now = 0.0
         self.sender = make_sender(
-            self.data, chunk=self.chunk, stall_timeout=self.stall_timeout, digest=self.sender_digest
+            self.data, chunk=self.chunk, stall_timeout=self.stall_timeout, digest=self.sender_digest, lazy=self.lazy
         )
         self.receiver = Receiver(
             roundtrip(self.sender.offer()),  # type: ignore[arg-type]

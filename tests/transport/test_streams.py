@@ -8,6 +8,7 @@ import pytest
 import torch
 import zmq
 
+from fedbus import digest
 from fedbus.errors import TransportError
 from fedbus.protocol.messages import Heartbeat
 from fedbus.transport.endpoint import MemoryHub
@@ -133,3 +134,14 @@ async def test_model_larger_than_2_gib(tmp_path) -> None:
         assert got["big"].numel() == n
         assert torch.equal(got["big"], big)
         assert torch.equal(got["tail"], sd["tail"])
+
+
+def test_model_source_sums_are_lazy_cached_and_equal_to_an_eager_pass() -> None:
+    model = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int8)}
+    src = ModelSource.from_state_dict(model)
+    sums = src.sums(64, "sum64")
+    assert sums is src.sums(64, "sum64")  # one cache per chunking, shared by every send (a broadcast)
+    assert sums._sums.count(None) == len(sums)  # nothing computed before a chunk is sent
+    eager = digest.chunk_sums(src.layout.parts, 64, "sum64")
+    assert list(sums) == [s for _, _, s in eager]
+    assert sums.digest() == digest.stream_digest(eager, "sum64")
