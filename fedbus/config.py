@@ -39,7 +39,11 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 # Which environment variable overrides which field, per config class name.
 ENV_OVERRIDES: dict[str, dict[str, str]] = {
-    "BrokerConfig": {"FEDBUS_BIND": "bind"},
+    "BrokerConfig": {
+        "FEDBUS_BIND": "bind",
+        "FEDBUS_METRICS_PORT": "metrics_port",
+        "FEDBUS_METRICS_HOST": "metrics_host",
+    },
     "SiteConfig": {"FEDBUS_BROKER": "broker"},
 }
 
@@ -93,6 +97,18 @@ def _chunk_mb(v: Any) -> Any:
     return v
 
 
+def _port(v: Any) -> Any:
+    if not 0 <= v <= 65535:
+        raise ValueError("must be a TCP port within [0, 65535] (0: off)")
+    return v
+
+
+def _host(v: Any) -> Any:
+    if not v or "://" in v or "/" in v or any(c.isspace() for c in v):
+        raise ValueError("must be a host name or IP address to bind (e.g. 127.0.0.1 or 0.0.0.0), no scheme")
+    return v
+
+
 def _log_level(v: Any) -> Any:
     if v.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -117,6 +133,8 @@ class BrokerConfig:
     max_requests_per_s: float = 200.0
     request_burst: int = 400
     max_streams_per_peer: int = 8
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_json: bool = False
     log_level: str = "info"
 
@@ -176,6 +194,8 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_requests_per_s": _positive,
     "request_burst": _at_least(1),
     "max_streams_per_peer": _at_least(1),
+    "metrics_port": _port,
+    "metrics_host": _host,
     "log_level": _log_level,
 }
 
@@ -264,6 +284,17 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
 
 
+def _env_value(cls: type, source: str, key: str, text: str) -> Any:
+    """An environment variable's text as the field's type (``FEDBUS_METRICS_PORT=9100`` is an int)."""
+    tp = typing.get_type_hints(cls)[key]
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{source}: key {key!r} must be an integer, got {text!r}") from None
+    return text
+
+
 def load_config(
     cls: type[C],
     path: str | os.PathLike[str] | None,
@@ -278,7 +309,7 @@ def load_config(
         layers.append((str(path), read_toml(path)))
     for var, key in ENV_OVERRIDES.get(cls.__name__, {}).items():
         if environ.get(var):
-            layers.append((f"${var}", {key: environ[var]}))
+            layers.append((f"${var}", {key: _env_value(cls, f"${var}", key, environ[var])}))
     if overrides:
         layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
 

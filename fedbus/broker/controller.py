@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedbus.broker.metrics import Metrics
 from fedbus.broker.store import JobStore
 from fedbus.errors import FedbusError
 from fedbus.log import get_logger
@@ -82,6 +83,7 @@ class JobController:
         upload_slots: asyncio.Semaphore,
         on_end: Callable[[str], None] = lambda job_id: None,
         keep_versions: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -92,6 +94,7 @@ class JobController:
         self.upload_slots = upload_slots
         self.on_end = on_end
         self.keep_versions = keep_versions
+        self.metrics = metrics
         self.sites: list[str] = []
         self.total_rounds = int(spec.get("strategy_args", {}).get("num_rounds") or 0) or int(
             spec.get("strategy_args", {}).get("num_versions") or 0
@@ -175,6 +178,8 @@ class JobController:
     def task_failed(self, site: str, task_id: str, reason: str) -> None:
         if self.tasks.pop(task_id, None) is not None and self.state == "running":
             self.store.record_update(self.job_id, task_id, site, -1, accepted=False, reason=reason)
+            if self.metrics is not None:
+                self.metrics.refused(self.job_id, reason)
             self._run(self.strategy.task_failed(site, task_id, reason, time.monotonic()))
 
     def site_crashed(self, site: str, detail: str) -> None:
@@ -205,6 +210,8 @@ class JobController:
         self._schedule_tick()
 
     def _execute(self, action: Action) -> None:
+        if self.metrics is not None:
+            self.metrics.on_action(self.job_id, action)
         if isinstance(action, Dispatch):
             self._dispatch(action)
         elif isinstance(action, Publish):

@@ -26,6 +26,7 @@ from fedbus import jobs, serde
 from fedbus._memory import tune_malloc
 from fedbus.broker.controller import JobController
 from fedbus.broker.limits import PeerLimits
+from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, render
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.config import BrokerConfig, is_safe_name
@@ -69,7 +70,9 @@ class Broker:
         self.upload_slots = asyncio.Semaphore(config.upload_slots)
         self.limits = PeerLimits(config.max_requests_per_s, config.request_burst, config.max_streams_per_peer)
         self.stop = asyncio.Event()
-        self.endpoint: RouterEndpoint | None = None
+        self.endpoint: RouterEndpoint | CountingEndpoint | None = None
+        self.metrics = Metrics(board_dir=lambda job_id: self.store.job_dir(job_id) / "tensorboard")
+        self.metrics_server: MetricsServer | None = None
         self.hub: StreamHub | None = None
         self._tasks: set[asyncio.Task] = set()
         self._uploads: dict[str, tuple[bytes, int]] = {}  # job id -> (submitter, model size)
@@ -98,7 +101,7 @@ class Broker:
 
     async def startup(self) -> None:
         tune_malloc()
-        self.endpoint = RouterEndpoint.bind(self.ctx, self.config.bind)
+        self.endpoint = CountingEndpoint(RouterEndpoint.bind(self.ctx, self.config.bind), self.metrics)
         self.hub = StreamHub(
             self.endpoint,
             on_offer=self._on_offer,
@@ -113,6 +116,17 @@ class Broker:
                 continue
             log.info("job will resume", job=job["id"], version=job["version"])
             self.store.set_state(job["id"], "waiting", "resuming after a broker restart")
+        if self.config.metrics_port:
+            self.metrics_server = MetricsServer(
+                lambda: render(self.metrics, self), self.config.metrics_host, self.config.metrics_port
+            )
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                self.endpoint.close()
+                raise TransportError(
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}"
+                ) from exc
         log.info("broker listening", address=self.address, workspace=str(self.store.root), session=self.session)
         self.started.set()
 
@@ -150,6 +164,9 @@ class Broker:
             await c.close()
         if self.hub is not None:
             await self.hub.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+        self.metrics.close()
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(TimeoutError):
@@ -323,7 +340,10 @@ class Broker:
         if offer.ctx.get("kind") == "model":
             return self._accept_model(peer, job_id, offer)
         c = self.controllers.get(job_id)
-        return None if c is None else await c.accept_offer(peer, offer)
+        sink = None if c is None else await c.accept_offer(peer, offer)
+        if sink is not None:
+            self.metrics.track_incoming(offer.total, sink.result)
+        return sink
 
     def _accept_model(self, peer: bytes, job_id: str, offer: Offer) -> BufferSink | None:
         """A submitted job's initial model, streamed by its submitter into the job's folder."""
@@ -334,6 +354,7 @@ class Broker:
         assert job is not None
         path = self.store.job_dir(job_id) / "files" / job["spec"]["model"]
         sink = SpoolSink(path=str(path), max_total=upload[1], keep=True)
+        self.metrics.track_incoming(offer.total, sink.result)
         self._spawn(self._model_uploaded(job_id, sink))
         return sink
 
@@ -351,7 +372,12 @@ class Broker:
 
     async def _stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
         assert self.hub is not None
-        await self.hub.send(peer, source, ctx, sid)
+        start, ok = time.monotonic(), False
+        try:
+            await self.hub.send(peer, source, ctx, sid)
+            ok = True
+        finally:
+            self.metrics.stream_done("out", source.total, time.monotonic() - start, ok)
 
     def peer_of(self, site: str) -> bytes | None:
         return self.registry.peer_of(site)
@@ -400,6 +426,7 @@ class Broker:
             upload_slots=self.upload_slots,
             on_end=self._job_ended,
             keep_versions=self.config.keep_versions,
+            metrics=self.metrics,
         )
         self.controllers[job_id] = c
         self.store.set_sites(job_id, sites)

@@ -100,6 +100,10 @@ class JobStore:
         out = [self._job_row(r) for r in rows]
         return [j for j in out if states is None or j["state"] in states]
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (one small query: metrics scrapes call it)."""
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
     @staticmethod
     def _job_row(row: tuple) -> dict[str, Any]:
         keys = ("id", "name", "state", "spec", "sites", "version", "reason", "created", "updated")

@@ -8,6 +8,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,9 +62,12 @@ def write_job(
 
 
 @contextlib.asynccontextmanager
-async def federation(tmp: Path, sites: int = 3) -> AsyncIterator[tuple[Broker, list[Site], Admin]]:
+async def federation(tmp: Path, sites: int = 3, **broker_opts: Any) -> AsyncIterator[tuple[Broker, list[Site], Admin]]:
+    """``broker_opts`` are extra BrokerConfig keys (e.g. ``metrics_port``)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cfg = BrokerConfig(bind=f"ipc://{tmp}/broker.sock", workspace=str(tmp / "broker"), heartbeat_s=0.5, liveness=10)
+    cfg = BrokerConfig(
+        bind=f"ipc://{tmp}/broker.sock", workspace=str(tmp / "broker"), heartbeat_s=0.5, liveness=10, **broker_opts
+    )
     async with Broker(cfg) as broker:
         members = [
             Site(

@@ -1,0 +1,360 @@
+"""What the broker shows while it runs: Prometheus text-format metrics over a small HTTP server, and
+per-job TensorBoard event files when tensorboard is installed.
+
+Theory of operation. Counters live in ``Metrics`` and are bumped where things happen: every message in
+or out (``CountingEndpoint`` wraps the broker's endpoint, so the stream hub's chunks are counted too),
+every finished model stream, every action a job's strategy takes (accepted / refused updates, new
+versions, staleness). Gauges (sites connected, jobs by state, each running job's version) are read from
+the broker at scrape time, so they can never drift from the truth. ``MetricsServer`` answers
+``GET /metrics`` with ``render(broker)``; requests are untrusted like everything else: bounded in size
+and time, anything else answered 400/404/405 and logged, and the server keeps serving. The HTTP port is
+off unless ``metrics_port`` is set; it binds ``metrics_host`` (127.0.0.1 by default).
+
+Labels stay bounded: message types are the protocol's known ones, update refusal reasons are mapped to
+a short fixed list (``reason_class``), and the ``job`` label grows by one per submitted job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedbus.broker.store import ACTIVE_STATES, FINAL_STATES
+from fedbus.log import get_logger
+from fedbus.protocol.messages import Message
+from fedbus.strategy import Accepted, Action, Failed, Finished, Publish, Rejected
+from fedbus.transport.endpoint import Incoming
+
+log = get_logger("broker.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_REQUEST = 8192
+"""Largest request head (request line and headers) the metrics server reads."""
+READ_TIMEOUT_S = 5.0
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32)
+
+# Update refusal reasons (free text from strategies and the controller) -> a bounded label value.
+# First match wins; the keys are substrings of the reasons those modules write.
+_REASON_CLASSES: tuple[tuple[str, str], ...] = (
+    ("stale", "stale"),
+    ("non-finite", "non_finite"),
+    ("mismatch for", "shape_or_dtype"),
+    ("missing tensors", "wrong_tensors"),
+    ("unexpected tensors", "wrong_tensors"),
+    ("not a tensor", "wrong_tensors"),
+    ("dense tensor", "wrong_tensors"),
+    ("base_version", "version_mismatch"),
+    ("weight must", "bad_weight"),
+    ("params", "bad_params"),
+    ("upload failed", "upload_failed"),
+    ("download failed", "download_failed"),
+    ("script crashed", "script_crashed"),
+    ("not connected", "site_disconnected"),
+    ("timeout", "timeout"),
+    ("deadline", "timeout"),
+)
+
+
+def reason_class(reason: str) -> str:
+    """A refusal reason mapped to one of a few label values (``other`` when none fits)."""
+    low = reason.lower()
+    return next((label for key, label in _REASON_CLASSES if key in low), "other")
+
+
+def _nbytes(frame: Any) -> int:
+    n = getattr(frame, "nbytes", None)
+    return int(n) if n is not None else len(frame)
+
+
+class Metrics:
+    """The broker's counters. Pure bookkeeping: no IO (the TensorBoard writer is an optional extra)."""
+
+    def __init__(self, board_dir: Callable[[str], Path] | None = None) -> None:
+        self.started = time.time()
+        self.messages: Counter[tuple[str, str]] = Counter()  # (direction, type) -> count
+        self.bytes: Counter[str] = Counter()  # direction -> payload bytes
+        self.streams: Counter[tuple[str, str]] = Counter()  # (direction, outcome) -> count
+        self.stream_bytes: Counter[str] = Counter()
+        self.stream_seconds: defaultdict[str, float] = defaultdict(float)
+        self.updates: Counter[tuple[str, str, str]] = Counter()  # (job, outcome, reason class) -> count
+        self.versions: Counter[str] = Counter()  # job -> versions published
+        self.staleness: dict[str, list[int]] = {}  # job -> per-bucket counts, the last one +Inf
+        self.staleness_sum: Counter[str] = Counter()
+        self.boards = BoardWriters(board_dir) if board_dir is not None else None
+
+    # --- bumped by the broker --------------------------------------------------------------------------------
+
+    def message(self, direction: str, msg_type: str, payload: Iterable[Any]) -> None:
+        self.messages[(direction, msg_type)] += 1
+        self.bytes[direction] += sum(_nbytes(f) for f in payload)
+
+    def stream_done(self, direction: str, nbytes: int, seconds: float, ok: bool) -> None:
+        self.streams[(direction, "ok" if ok else "failed")] += 1
+        if ok:
+            self.stream_bytes[direction] += nbytes
+            self.stream_seconds[direction] += seconds
+
+    def track_incoming(self, total: int, result: asyncio.Future) -> None:
+        """Count an incoming stream when its result settles (whoever awaits it)."""
+        start = time.monotonic()
+
+        def done(fut: asyncio.Future) -> None:
+            ok = not fut.cancelled() and fut.exception() is None
+            self.stream_done("in", total, time.monotonic() - start, ok)
+
+        result.add_done_callback(done)
+
+    def on_action(self, job: str, action: Action) -> None:
+        """One action of a job's strategy, as the controller executes it."""
+        if isinstance(action, Accepted):
+            self.updates[(job, "accepted", "")] += 1
+            s = max(0, int(action.staleness or 0))
+            hist = self.staleness.setdefault(job, [0] * (len(STALENESS_BUCKETS) + 1))
+            hist[next((i for i, b in enumerate(STALENESS_BUCKETS) if s <= b), len(STALENESS_BUCKETS))] += 1
+            self.staleness_sum[job] += s
+            if self.boards is not None:
+                self.boards.scalar(job, "fedbus/staleness", s, sum(hist))
+        elif isinstance(action, Rejected):
+            self.refused(job, action.reason)
+        elif isinstance(action, Publish):
+            self.versions[job] += 1
+            if self.boards is not None:
+                self.boards.version(job, action.version, action.metrics)
+        elif isinstance(action, Finished | Failed) and self.boards is not None:
+            self.boards.close(job)
+
+    def refused(self, job: str, reason: str) -> None:
+        """An update that did not go into the aggregate (refused by the strategy, or its task failed)."""
+        self.updates[(job, "refused", reason_class(reason))] += 1
+
+    def close(self) -> None:
+        if self.boards is not None:
+            self.boards.close_all()
+
+
+class CountingEndpoint:
+    """The broker's endpoint, counting every message and its payload bytes on the way through."""
+
+    def __init__(self, inner: Any, metrics: Metrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+
+    @property
+    def address(self) -> str:
+        return self.inner.address
+
+    async def send(self, peer: bytes, msg: Message, payload: Sequence[Any] = ()) -> None:
+        await self.inner.send(peer, msg, payload)
+        self.metrics.message("out", msg.TYPE, payload)
+
+    async def recv(self) -> Incoming:
+        inc = await self.inner.recv()
+        self.metrics.message("in", inc.msg.TYPE, inc.payload)
+        return inc
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# --- the text format ---------------------------------------------------------------------------------------
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class _Text:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        body = ",".join(f'{k}="{_label(str(v))}"' for k, v in labels.items())
+        self.lines.append(f"{name}{{{body}}} {value:g}" if body else f"{name} {value:g}")
+
+
+def render(metrics: Metrics, broker: Any) -> str:
+    """The Prometheus text exposition of ``metrics`` plus gauges read from ``broker`` now."""
+    t = _Text()
+    t.family("fedbus_up_seconds", "gauge", "Seconds since the broker started.")
+    t.sample("fedbus_up_seconds", round(time.time() - metrics.started, 3))
+    t.family("fedbus_sites_connected", "gauge", "Sites online now (said hello, not silent past liveness).")
+    t.sample("fedbus_sites_connected", len(broker.registry.online()))
+    t.family("fedbus_sites_known", "gauge", "Sites seen since the broker started, online or not.")
+    t.sample("fedbus_sites_known", len(broker.registry.sites))
+    t.family("fedbus_jobs", "gauge", "Jobs in the store, by state.")
+    counts = broker.store.count_by_state()
+    for state in (*ACTIVE_STATES, *FINAL_STATES):
+        t.sample("fedbus_jobs", counts.get(state, 0), state=state)
+    t.family("fedbus_job_version", "gauge", "Global model version of each running job.")
+    t.family("fedbus_job_tasks_in_flight", "gauge", "Tasks dispatched and not yet answered, per running job.")
+    for job_id, c in sorted(broker.controllers.items()):
+        t.sample("fedbus_job_version", c.strategy.version, job=job_id)
+        t.sample("fedbus_job_tasks_in_flight", len(c.tasks), job=job_id)
+    t.family("fedbus_versions_published_total", "counter", "Global model versions (rounds) published, per job.")
+    for job_id, n in sorted(metrics.versions.items()):
+        t.sample("fedbus_versions_published_total", n, job=job_id)
+    t.family("fedbus_updates_total", "counter", "Site updates accepted into an aggregate or refused, by reason.")
+    for (job_id, outcome, reason), n in sorted(metrics.updates.items()):
+        t.sample("fedbus_updates_total", n, job=job_id, outcome=outcome, reason=reason)
+    t.family("fedbus_update_staleness", "histogram", "Staleness (versions behind) of accepted updates.")
+    for job_id, hist in sorted(metrics.staleness.items()):
+        running = 0
+        for bound, n in zip((*map(str, STALENESS_BUCKETS), "+Inf"), hist, strict=True):
+            running += n
+            t.sample("fedbus_update_staleness_bucket", running, job=job_id, le=bound)
+        t.sample("fedbus_update_staleness_sum", metrics.staleness_sum[job_id], job=job_id)
+        t.sample("fedbus_update_staleness_count", running, job=job_id)
+    t.family("fedbus_messages_total", "counter", "Messages received (in) and sent (out), by type.")
+    for (direction, msg_type), n in sorted(metrics.messages.items()):
+        t.sample("fedbus_messages_total", n, direction=direction, type=msg_type)
+    t.family("fedbus_payload_bytes_total", "counter", "Payload bytes (model chunks, job archives) in and out.")
+    for direction in ("in", "out"):
+        t.sample("fedbus_payload_bytes_total", metrics.bytes[direction], direction=direction)
+    t.family("fedbus_streams_total", "counter", "Model streams ended, by direction and outcome.")
+    for (direction, outcome), n in sorted(metrics.streams.items()):
+        t.sample("fedbus_streams_total", n, direction=direction, outcome=outcome)
+    t.family("fedbus_stream_bytes_total", "counter", "Bytes of completed model streams.")
+    t.family("fedbus_stream_seconds_total", "counter", "Seconds spent on completed model streams.")
+    for direction in ("in", "out"):
+        t.sample("fedbus_stream_bytes_total", metrics.stream_bytes[direction], direction=direction)
+        t.sample("fedbus_stream_seconds_total", round(metrics.stream_seconds[direction], 6), direction=direction)
+    t.family(
+        "fedbus_stream_throughput_bytes_per_second", "gauge", "Mean throughput of completed streams (bytes/seconds)."
+    )
+    for direction in ("in", "out"):
+        secs = metrics.stream_seconds[direction]
+        rate = metrics.stream_bytes[direction] / secs if secs > 0 else 0.0
+        t.sample("fedbus_stream_throughput_bytes_per_second", round(rate, 1), direction=direction)
+    return "\n".join(t.lines) + "\n"
+
+
+# --- the HTTP server -----------------------------------------------------------------------------------------
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large"}
+
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus text format) and ``GET /healthz``, one request per connection."""
+
+    def __init__(self, page: Callable[[], str], host: str, port: int) -> None:
+        self.page = page
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_REQUEST)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics listening", url=f"http://{self.host}:{self.port}/metrics")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        try:
+            status, body = await self._answer(reader, peer)
+            head = (
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {CONTENT_TYPE}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode("latin-1") + body)
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            log.debug("metrics connection dropped", peer=peer, reason=str(exc) or type(exc).__name__)
+        except Exception:  # a bug must cost one scrape, never the broker
+            log.exception("metrics request failed", peer=peer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _answer(self, reader: asyncio.StreamReader, peer: str) -> tuple[int, bytes]:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            return self._refuse(431, peer, f"request head over {MAX_REQUEST} bytes")
+        except asyncio.IncompleteReadError:
+            return self._refuse(400, peer, "connection closed before the request ended")
+        except TimeoutError:
+            return self._refuse(400, peer, f"no complete request within {READ_TIMEOUT_S:g} s")
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return self._refuse(400, peer, f"not an HTTP/1.x request line: {parts[0][:40]!r}")
+        method, path = parts[0], parts[1].split("?", 1)[0]
+        if method != "GET":
+            return self._refuse(405, peer, f"method {method[:16]!r}")
+        if path == "/metrics":
+            return 200, self.page().encode("utf-8")
+        if path == "/healthz":
+            return 200, b"ok\n"
+        return self._refuse(404, peer, f"no page {path[:80]!r}")
+
+    @staticmethod
+    def _refuse(status: int, peer: str, reason: str) -> tuple[int, bytes]:
+        log.warning("metrics request refused", peer=peer, status=status, reason=reason)
+        return status, f"{status} {_REASONS[status]}: {reason}\n".encode()
+
+
+# --- TensorBoard -----------------------------------------------------------------------------------------------
+
+
+def tensorboard_available() -> bool:
+    """True when torch's SummaryWriter can be used (it needs the ``tensorboard`` package)."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class BoardWriters:
+    """One TensorBoard ``SummaryWriter`` per job, in ``board_dir(job)``; a no-op without tensorboard.
+
+    Scalars: every numeric metric of each published version (step = version) and the staleness of
+    each accepted update (step = accepted count). SummaryWriter writes from its own thread.
+    """
+
+    def __init__(self, board_dir: Callable[[str], Path]) -> None:
+        self.board_dir = board_dir
+        self.enabled = tensorboard_available()
+        self._writers: dict[str, Any] = {}
+
+    def _writer(self, job: str) -> Any:
+        w = self._writers.get(job)
+        if w is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            w = self._writers[job] = SummaryWriter(log_dir=str(self.board_dir(job)), flush_secs=5)
+        return w
+
+    def scalar(self, job: str, tag: str, value: float, step: int) -> None:
+        w = self._writer(job)
+        if w is not None:
+            w.add_scalar(tag, value, step)
+
+    def version(self, job: str, version: int, metrics: Any) -> None:
+        w = self._writer(job)
+        if w is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                w.add_scalar(key, value, version)
+
+    def close(self, job: str) -> None:
+        w = self._writers.pop(job, None)
+        if w is not None:
+            w.close()
+
+    def close_all(self) -> None:
+        for job in list(self._writers):
+            self.close(job)
