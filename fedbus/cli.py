@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--sites", type=_positive_int, default=4)
     rd.add_argument("--rounds", type=_positive_int, default=3)
     rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
+    fz = bsub.add_parser("fuzz", help="hostile generated input for every trust boundary, and a real broker socket")
+    fz.add_argument("--inputs", type=_positive_int, default=100_000)
+    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--target", choices=("envelope", "chunk", "header", "job", "config", "cli", "broker", "all"), default="all")
+    sk = bsub.add_parser("soak", help="a FedBuff job on site processes under random SIGKILLs of sites and the broker")
+    sk.add_argument("--sites", type=_positive_int, default=20)
+    sk.add_argument("--minutes", type=_positive_float, default=10.0)
+    sk.add_argument("--kill-every", type=_positive_float, default=30.0, help="seconds between kills")
+    sk.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -154,10 +163,22 @@ def _dispatch(args: argparse.Namespace) -> int:
             from fedbus.bench.transfer import run_transfer
 
             report = run_transfer(args.size_mb, args.chunk_mb, args.window_mb, args.transport)
-        else:
+        elif args.bench == "round":
             from fedbus.bench.round import run_round
 
             report = run_round(args.size_mb, args.sites, args.rounds, args.strategy)
+        elif args.bench == "fuzz":
+            from fedbus.bench.fuzz import run_fuzz
+
+            report, figures = run_fuzz(args.inputs, args.seed, args.target)
+            sys.stdout.write(report + "\n")
+            return 1 if figures["findings"] else 0
+        else:
+            from fedbus.bench.soak import run_soak
+
+            report, figures = run_soak(args.sites, args.minutes, args.kill_every, args.seed)
+            sys.stdout.write(report + "\n")
+            return 1 if figures["lost"] else 0
         sys.stdout.write(report + "\n")
         return 0
     log.configure(level="warning")

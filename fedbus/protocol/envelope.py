@@ -75,7 +75,10 @@ def encode(msg: Message, mid: int = 0) -> bytes:
     except RemoteProtocolError as exc:
         raise LocalProtocolError(f"cannot send: {exc}") from None
     body.update(values)
-    return msgpack.packb(body, use_bin_type=True)
+    try:
+        return msgpack.packb(body, use_bin_type=True)
+    except (OverflowError, ValueError) as exc:  # an int beyond 64 bits, a nest too deep for msgpack
+        raise LocalProtocolError(f"cannot send {msg.TYPE}: {exc}") from None
 
 
 def decode(data: bytes | bytearray | memoryview, max_size: int = MAX_ENVELOPE) -> tuple[Message, int]:
