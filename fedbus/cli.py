@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, NoReturn
 
 from fedbus.errors import FedbusError
 
@@ -28,8 +28,15 @@ def _version() -> str:
         return "0+unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), naming the command and where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedbus", description="Federated learning on a ZeroMQ message bus.")
+    p = _Parser(prog="fedbus", description="Federated learning on a ZeroMQ message bus.")
     p.add_argument("--version", action="version", version=f"fedbus {_version()}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="broker profile (TOML), e.g. brokers/local.toml")
     b.add_argument("--bind", help="address to bind (default tcp://127.0.0.1:7788; env FEDBUS_BIND)")
     b.add_argument("--workspace", help="folder for the job store and checkpoints")
+    b.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (env FEDBUS_METRICS_PORT; 0: off)"
+    )
     _log_flags(b)
 
     s = sub.add_parser("site", help="run a site daemon")
@@ -81,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     fz = bsub.add_parser("fuzz", help="hostile generated input for every trust boundary, and a real broker socket")
     fz.add_argument("--inputs", type=_positive_int, default=100_000)
     fz.add_argument("--seed", type=int, default=0)
-    fz.add_argument("--target", choices=("envelope", "chunk", "header", "job", "config", "cli", "broker", "all"), default="all")
+    fz.add_argument(
+        "--target", choices=("envelope", "chunk", "header", "job", "config", "cli", "broker", "all"), default="all"
+    )
     sk = bsub.add_parser("soak", help="a FedBuff job on site processes under random SIGKILLs of sites and the broker")
     sk.add_argument("--sites", type=_positive_int, default=20)
     sk.add_argument("--minutes", type=_positive_float, default=10.0)
@@ -130,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except KeyboardInterrupt:
         return 130
-    except FedbusError as exc:
+    except (FedbusError, OSError) as exc:  # OSError: a file or folder the user named (download -o, --config)
         if args.debug:
             raise
         sys.stderr.write(f"fedbus: error: {exc}\n")
@@ -144,7 +156,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedbus.broker import Broker
         from fedbus.config import BrokerConfig, load_config
 
-        cfg = load_config(BrokerConfig, args.config, _overrides(args, "bind", "workspace", "log_json", "log_level"))
+        cfg = load_config(
+            BrokerConfig, args.config, _overrides(args, "bind", "workspace", "metrics_port", "log_json", "log_level")
+        )
         log.configure(json=cfg.log_json or None, level=cfg.log_level)
         Broker(cfg).run()
         return 0

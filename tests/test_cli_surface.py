@@ -1,0 +1,140 @@
+"""The `fedbus` command's surface: --help on every command, --version, usage errors (exit 2, one line),
+failures (exit 1, one line, a traceback only with --debug), environment overrides, and the broker's
+--metrics-port on a real broker process."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedbus.cli import _version, build_parser, main
+from fedbus.config import ENV_OVERRIDES, BrokerConfig, load_config
+from tests.broker.test_metrics import free_port
+from tests.e2e.procs import FEDBUS, ROOT, start_broker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the parser, e.g. ('bench', 'transfer'), found by introspection."""
+    out = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += commands(sub, (*prefix, name))
+    return out
+
+
+ALL = commands(build_parser())
+
+
+def parser_of(path: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in path:
+        (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+def required_args(path: tuple[str, ...]) -> list[str]:
+    """A placeholder for each required argument (positional or flag) of a leaf command."""
+    out: list[str] = []
+    for a in parser_of(path)._actions:
+        if not a.option_strings and a.nargs != "?" and a.choices is None:
+            out.append("x")
+        elif a.option_strings and a.required:
+            out += [a.option_strings[0], "x"]
+    return out
+
+
+def run(*args: str, **kw: object) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDBUS, *args], cwd=ROOT, capture_output=True, text=True, timeout=30, **kw)  # type: ignore[call-overload]
+
+
+def test_the_parser_has_the_documented_commands() -> None:
+    names = {c[0] for c in ALL if c}
+    assert {"broker", "site", "submit", "status", "abort", "download", "bench"} <= names
+    assert ("bench", "transfer") in ALL and ("bench", "round") in ALL
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: " ".join(p) or "fedbus")
+def test_help_on_every_command(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*path, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fedbus {' '.join(path)}".rstrip())
+    assert "--help" in out
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: " ".join(p) or "fedbus")
+def test_a_bad_argument_exits_2_with_one_line(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    leaf = "COMMAND" not in (usage := parser_of(path).format_usage()) and "BENCH" not in usage
+    with pytest.raises(SystemExit) as exc:
+        main([*path, *required_args(path), "--no-such-flag"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert ("--no-such-flag" if leaf else "required") in err
+    assert err.startswith("fedbus") and ": error: " in err and "--help)" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedbus {_version()}"
+    res = run("--version")  # and as a real process
+    assert res.returncode == 0 and res.stdout.startswith("fedbus ")
+
+
+def test_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["broker", "--metrics-port", "x"], ["bench", "round", "--sites", "0"], ["status", "--timeout", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_failure_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    res = run("broker", "--config", str(missing))
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and str(missing) in res.stderr and "Traceback" not in res.stderr
+    res = run("--debug", "broker", "--config", str(missing))
+    assert res.returncode == 1 and "Traceback" in res.stderr and "ConfigError" in res.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("heartbeat = 1\n")
+    res = run("broker", "--config", str(bad))
+    assert res.returncode == 1 and "unknown key 'heartbeat'" in res.stderr and str(bad) in res.stderr
+
+
+def test_environment_overrides_addresses(tmp_path: Path) -> None:
+    nobody = f"ipc://{tmp_path}/nobody.sock"
+    res = run("status", "--timeout", "1", env={"FEDBUS_BROKER": nobody, "PATH": ""})
+    assert res.returncode == 1 and nobody in res.stderr
+    flag = f"ipc://{tmp_path}/flag.sock"
+    res = run("status", "--timeout", "1", "--broker", flag, env={"FEDBUS_BROKER": nobody, "PATH": ""})
+    assert res.returncode == 1 and flag in res.stderr  # a flag beats the environment
+    env = {"FEDBUS_BIND": "tcp://0.0.0.0:7000", "FEDBUS_METRICS_PORT": "9100", "FEDBUS_METRICS_HOST": "0.0.0.0"}
+    cfg = load_config(BrokerConfig, ROOT / "brokers/local.toml", {"metrics_port": 9200}, environ=env)
+    assert (cfg.bind, cfg.metrics_port, cfg.metrics_host) == ("tcp://0.0.0.0:7000", 9200, "0.0.0.0")
+    assert ENV_OVERRIDES["BrokerConfig"]["FEDBUS_METRICS_PORT"] == "metrics_port"
+
+
+def test_broker_metrics_port_flag_serves_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    broker, _ = start_broker(tmp_path, "--metrics-port", str(port))
+    try:
+        rec = broker.wait_for("metrics listening")
+        assert rec["url"] == f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(rec["url"], timeout=10) as resp:
+            body = resp.read().decode()
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "fedbus_sites_connected 0" in body and 'fedbus_jobs{state="running"} 0' in body
+    finally:
+        assert broker.stop() == 0
