@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbus._memory import fresh_buffer
 from fedbus.errors import ConfigError, HeaderError, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -344,14 +345,12 @@ def parse_header(
 def allocate(total: int) -> torch.Tensor:
     """The one uint8 receive buffer of a stream (uninitialised: every byte is written before use).
 
-    A fresh buffer costs a page fault per 4 KiB page on its first write, which dominates receiving on a
-    small machine (first write 1.3 GB/s against 5.9 GB/s into a reused buffer, 2 cores). Advising huge
-    pages measured 2.7 GB/s alone but 0.4-0.7 GB/s beside a busy receiver (direct compaction on fault),
-    so plain memory it is; callers that receive repeatedly should reuse buffers.
+    Large buffers come pre-faulted on huge pages (``_memory.fresh_buffer`` says why and what it measured):
+    a fresh buffer's page faults otherwise dominate receiving.
     """
     if not _is_int(total) or total < 0:
         raise LocalProtocolError(f"buffer size must be a non-negative int, got {total!r}")
-    return torch.empty(total, dtype=torch.uint8)
+    return fresh_buffer(total)
 
 
 def tensors_from_buffer(buf: torch.Tensor, specs: Iterable[TensorSpec], data_start: int) -> dict[str, torch.Tensor]:
