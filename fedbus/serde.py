@@ -345,7 +345,7 @@ def parse_header(
 def allocate(total: int) -> torch.Tensor:
     """The one uint8 receive buffer of a stream (uninitialised: every byte is written before use).
 
-    Large buffers come pre-faulted on huge pages (``_memory.fresh_buffer`` says why and what it measured):
+    Large buffers sit on huge pages (``_memory.fresh_buffer`` says why and what it measured):
     a fresh buffer's page faults otherwise dominate receiving.
     """
     if not _is_int(total) or total < 0:
