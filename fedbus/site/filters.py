@@ -1,33 +1,165 @@
 """Privacy filters: the site's last word on what leaves it.
 
-A filter takes the script's params (name -> CPU tensor) and returns the params to upload: clipped,
-noised, with layers removed... They run at the site, after the script and before the stream, so a job
-cannot skip them: the site operator installs them, not the job author. Filters must not modify their
-input in place (it may be a view of the script's file); they return new tensors.
+A filter takes the script's params (name -> CPU tensor) and returns the params to upload. Filters run at
+the site, after the script and before the stream. Two sources, in this order:
 
-The list is empty for now; differential privacy and secure-aggregation masks will plug in here.
+1. the job's own request (``[extra.privacy]`` in job.toml: ``dp_clip``, ``dp_sigma``, ``exclude``), and
+2. the site's filters (``dp_clip``, ``dp_sigma``, ``exclude_vars`` in the site config, or ``filters=`` of
+   ``Site``), which run last and always: the site operator installs them, a job cannot remove or weaken
+   them (it can only add its own before them).
+
+Filters must not modify their input in place (it may be a view of the script's file); they return new
+tensors. To add one, subclass :class:`PrivacyFilter` (it gets a :class:`FilterContext`: the task's global
+model, so that a filter can work on the update rather than the weights), or pass any plain callable
+``params -> params``.
+
+Differential privacy (the Gaussian mechanism on the update): the update Δ (the params themselves for a
+DIFF result, params − global model for a FULL one) is scaled to L2 norm at most C over all its floating
+tensors together, then N(0, (σ·C)²) noise is added to every element; a FULL result is sent as global + Δ'.
+Integer tensors (counters such as ``num_batches_tracked``) are passed unchanged.
+
+Exclude-variables: the named tensors never leave the site. The broker checks every update against the
+global model's names, so an excluded tensor is not dropped but replaced by what the broker already has:
+the global model's own values (FULL) or zeros (DIFF). Names match exactly or as ``fnmatch`` patterns.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import secrets
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fedbus.errors import JobError
+from fedbus.errors import ConfigError, JobError
 
 Params = dict[str, torch.Tensor]
-Filter = Callable[[Params], Params]
+Filter = Callable[..., Params]
 
 
-def apply_filters(filters: Sequence[Filter], params: Params) -> Params:
+@dataclass(frozen=True)
+class FilterContext:
+    """What a filter may know about the update it filters."""
+
+    job_id: str = ""
+    task_id: str = ""
+    params_type: str = "FULL"
+    base: Mapping[str, torch.Tensor] | None = None
+    """The global model the task was trained from (None when the site has none, e.g. a task without model)."""
+
+
+class PrivacyFilter:
+    """Base of filters that want the context; ``name`` is what the audit trail records."""
+
+    name = "filter"
+
+    def __call__(self, params: Params, ctx: FilterContext) -> Params:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class ExcludeVars(PrivacyFilter):
+    """Named tensors never leave the site: replaced by the global model's values (FULL) or zeros (DIFF)."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+            raise ConfigError("exclude: a list of tensor names or fnmatch patterns")
+        self.patterns = tuple(patterns)
+        self.name = f"exclude({','.join(self.patterns)})"
+
+    def matches(self, name: str) -> bool:
+        return any(name == p or fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def __call__(self, params: Params, ctx: FilterContext) -> Params:
+        out = dict(params)
+        for name, t in params.items():
+            if not self.matches(name):
+                continue
+            base = ctx.base.get(name) if ctx.base is not None and ctx.params_type == "FULL" else None
+            if ctx.params_type == "FULL" and base is None:
+                raise JobError(f"cannot exclude {name!r}: the site has no global value to send in its place")
+            out[name] = base.to(t.dtype).clone() if base is not None else torch.zeros_like(t)
+        return out
+
+
+class GaussianDP(PrivacyFilter):
+    """Clip the update to L2 norm ``clip`` (C), then add Gaussian noise of standard deviation ``sigma`` x C."""
+
+    def __init__(self, clip: float, sigma: float = 0.0, *, generator: torch.Generator | None = None) -> None:
+        if not (isinstance(clip, int | float) and clip > 0):
+            raise ConfigError(f"dp_clip must be a number > 0, got {clip!r}")
+        if not (isinstance(sigma, int | float) and sigma >= 0):
+            raise ConfigError(f"dp_sigma must be a number >= 0, got {sigma!r}")
+        self.clip, self.sigma = float(clip), float(sigma)
+        self.name = f"dp(clip={self.clip:g},sigma={self.sigma:g})"
+        self.generator = generator
+        if generator is None:
+            self.generator = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def __call__(self, params: Params, ctx: FilterContext) -> Params:
+        full = ctx.params_type == "FULL"
+        if full and ctx.base is None:
+            raise JobError("differential privacy on FULL params needs the task's global model")
+        base = ctx.base or {}
+        floats = [n for n, t in params.items() if t.is_floating_point()]
+
+        def delta(n: str) -> torch.Tensor:  # computed twice rather than kept: memory stays one tensor
+            return params[n] - base[n].to(params[n].dtype) if full else params[n]
+
+        sq = sum(float(torch.linalg.vector_norm(delta(n), dtype=torch.float64)) ** 2 for n in floats)
+        scale = min(1.0, self.clip / max(sq**0.5, 1e-12))
+        std = self.sigma * self.clip
+        out = dict(params)
+        for n in floats:
+            d = delta(n) * scale
+            if std > 0:
+                d += torch.randn(d.shape, generator=self.generator, dtype=d.dtype) * std
+            out[n] = d + base[n].to(d.dtype) if full else d
+        return out
+
+
+def make_filters(*, dp_clip: float | None, dp_sigma: float | None, exclude: Sequence[str] = ()) -> list[PrivacyFilter]:
+    """The filters a config asks for: exclude first (excluded tensors carry no update), then DP."""
+    out: list[PrivacyFilter] = []
+    if exclude:
+        out.append(ExcludeVars(exclude))
+    if dp_clip is not None:
+        out.append(GaussianDP(dp_clip, dp_sigma or 0.0))
+    elif dp_sigma is not None:
+        raise ConfigError("dp_sigma needs dp_clip (the noise is sigma x clip)")
+    return out
+
+
+def job_filters(extra: Mapping[str, Any]) -> list[PrivacyFilter]:
+    """The filters a job asks for in ``[extra.privacy]``; ConfigError for a malformed request."""
+    privacy = extra.get("privacy", {})
+    if not isinstance(privacy, Mapping):
+        raise ConfigError("job.toml [extra.privacy] must be a table")
+    unknown = set(privacy) - {"dp_clip", "dp_sigma", "exclude"}
+    if unknown:
+        raise ConfigError(f"job.toml [extra.privacy]: unknown keys {sorted(unknown)} (dp_clip, dp_sigma, exclude)")
+    exclude = privacy.get("exclude", ())
+    if not isinstance(exclude, list | tuple):
+        raise ConfigError("job.toml [extra.privacy] exclude must be a list of names")
+    return make_filters(dp_clip=privacy.get("dp_clip"), dp_sigma=privacy.get("dp_sigma"), exclude=exclude)
+
+
+def filter_name(f: Filter) -> str:
+    return f.name if isinstance(f, PrivacyFilter) else getattr(f, "__qualname__", repr(f))
+
+
+def apply_filters(filters: Sequence[Filter], params: Params, ctx: FilterContext | None = None) -> Params:
     """Run ``params`` through every filter in order; a filter returning garbage is a JobError naming it."""
+    ctx = ctx or FilterContext()
     for f in filters:
-        out = f(params)
-        name = getattr(f, "__qualname__", repr(f))
+        out = f(params, ctx) if isinstance(f, PrivacyFilter) else f(params)
         if not isinstance(out, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items()
         ):
-            raise JobError(f"privacy filter {name} must return a dict of name -> tensor")
+            raise JobError(f"privacy filter {filter_name(f)} must return a dict of name -> tensor")
         params = dict(out)
     return params

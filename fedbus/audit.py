@@ -1,0 +1,109 @@
+"""The audit trail: an append-only JSON-lines file per daemon, ``WORKSPACE/audit.jsonl``.
+
+Why a file of its own and not the log: logs rotate, change level and carry debugging noise; the audit
+trail is for a compliance officer reconstructing what left each site. Every record is one line written
+with a single ``write`` on an ``O_APPEND`` descriptor (lines from one process never interleave, and the
+file is only ever appended to), mode 0600. Fields are flat: ``time`` (UTC, ISO 8601), ``ts`` (epoch
+seconds), ``actor`` (the daemon writing: ``broker`` or the site's name), ``kind``, then what applies of
+``job``, ``task``, ``site``, ``by`` (the participant acting), ``key`` (its public key, CURVE only),
+``version``, ``size``, ``digest`` and ``reason``.
+
+Kinds: ``connection_refused``, ``refused`` (a message or request), ``hello``, ``revoked``,
+``job_submitted``, ``job_aborted``, ``job_downloaded``, ``job_deployed``, ``task_sent`` /
+``task_received``, ``update_sent`` / ``update_received`` (same ``digest`` on both sides: the stream's
+verified whole-stream digest), ``update_failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedbus.errors import ConfigError
+
+MAX_FIELD = 2000
+
+
+class AuditLog:
+    """Appends audit records to one file; safe to call from several threads of one process."""
+
+    def __init__(self, path: str | os.PathLike[str], actor: str) -> None:
+        self.path = Path(path)
+        self.actor = actor
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, **fields: Any) -> None:
+        """Append one record; None fields are left out, long strings cut."""
+        now = time.time()
+        rec: dict[str, Any] = {
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            "ts": round(now, 6),
+            "actor": self.actor,
+            "kind": kind,
+        }
+        for k, v in fields.items():
+            if v is None:
+                continue
+            rec[k] = v[:MAX_FIELD] if isinstance(v, str) else v
+        line = (json.dumps(rec, default=str, ensure_ascii=True) + "\n").encode()
+        with self._lock:
+            if self._fd >= 0:
+                os.write(self._fd, line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def read_audit(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The records of an audit file, in order; a torn last line (a crash mid-write) is skipped."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - a generator: closed by the with below
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the audit log: {exc.strerror or exc}") from exc
+    with f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def select(
+    records: Iterable[dict[str, Any]], *, job: str | None = None, site: str | None = None, kind: str | None = None
+) -> list[dict[str, Any]]:
+    """Records about ``job``, involving ``site`` (as the site acted on, or as the actor), of ``kind``."""
+    out = []
+    for rec in records:
+        if job is not None and rec.get("job") != job:
+            continue
+        if site is not None and site not in (rec.get("site"), rec.get("actor"), rec.get("by")):
+            continue
+        if kind is not None and rec.get("kind") != kind:
+            continue
+        out.append(rec)
+    return out
+
+
+_COLUMNS = ("job", "task", "site", "by", "version", "size", "digest", "reason")
+
+
+def format_table(records: Iterable[dict[str, Any]]) -> str:
+    """One line per record: time, actor, kind, then the fields it has."""
+    lines = []
+    for rec in records:
+        rest = " ".join(f"{k}={rec[k]}" for k in _COLUMNS if k in rec)
+        lines.append(f"{rec.get('time', '?'):<29} {rec.get('actor', '?'):<14} {rec.get('kind', '?'):<18} {rest}")
+    return "\n".join(lines)
