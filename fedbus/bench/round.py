@@ -2,9 +2,21 @@
 
 A broker and N site daemons run as separate processes over tcp loopback; the job's script receives the
 global model, adds a constant in place and sends it back, so what is measured is the runtime: task
-dispatch, model streams down and up, validation, streaming aggregation and checkpoints. Memory is read
-from /proc of the broker process: peak RSS (VmHWM) growth over its RSS before the job, as a multiple of
-the model size. The raw ZeroMQ ceiling for the same bytes is measured in the same run.
+dispatch, model streams down and up, the site <-> script hand-over, validation, streaming aggregation and
+checkpoints. FedAvg: one version per round of N updates; FedBuff (concurrency = buffer = N): one version
+per N updates, so ``round_s`` is seconds per global version either way.
+
+Figures (the last line, JSON):
+* ``round_s``: median seconds per version over every round but the first (the first also pays the
+  scripts' start: a Python process importing torch, which is not the runtime's cost); ``first_round_s``
+  is that first round on its own.
+* ``bytes_per_round`` = 2 x N x model bytes (down and up); ``gbps`` = that / ``round_s``;
+  ``raw_zmq_gbps`` = the bus's ceiling for the same bytes, measured in the same run by
+  ``fedbus.bench.transfer.raw_zmq_gbps``; ``efficiency`` = ``gbps / raw_zmq_gbps``.
+* ``broker_rss_x``: the broker's peak RSS (VmHWM) growth over its RSS once listening, in model sizes.
+* ``total_rss_x``: the same for the whole process tree (broker, sites and their training scripts; the sum
+  of each process's peak), over the baselines: the daemons' RSS once started, and for each script the RSS
+  of an idle script process (``import torch, fedbus.client``) measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,12 +30,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from fedbus import serde
 from fedbus.bench.common import format_report, model_bytes, random_state_dict
+from fedbus.errors import ConfigError
 
 CLIENT = """
 import torch
@@ -38,10 +54,14 @@ while flare.is_running():
 
 
 def _proc_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
+    """A /proc/PID/status size field in bytes (0 once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
@@ -89,14 +109,18 @@ async def _run_job(address: str, folder: Path, timeout: float) -> dict[str, Any]
         return {"state": job["state"], "reason": job["reason"], "history": data["history"], "updates": data["updates"]}
 
 
-def run_round(size_mb: float, sites: int, rounds: int = 3, strategy: str = "fedavg", timeout: float = 600.0) -> str:
+def run_round(size_mb: float, sites: int, rounds: int = 4, strategy: str = "fedavg", timeout: float = 600.0) -> str:
     """Run the benchmark and return the report (a table, then one JSON line)."""
     from fedbus.bench.transfer import raw_zmq_gbps
 
+    if rounds < 2:
+        raise ConfigError("--rounds must be >= 2: the first round also pays the scripts' start")
     tmp = Path(tempfile.mkdtemp(prefix="fedbus-bench-round-"))
     procs: list[subprocess.Popen] = []
+    peaks = _Tree()
     try:
         size = _write_job(tmp / "job", size_mb, sites, rounds, strategy)
+        floor = subprocess.Popen([sys.executable, "-c", SCRIPT_FLOOR], stdout=subprocess.PIPE, text=True)
         sock = tmp / "broker.sock"
         address = f"ipc://{sock}" if os.environ.get("FEDBUS_BENCH_IPC") else _free_tcp()
         broker = _daemon(["broker", "--bind", address, "--workspace", str(tmp / "broker")], tmp / "broker.log")
@@ -109,13 +133,16 @@ def run_round(size_mb: float, sites: int, rounds: int = 3, strategy: str = "feda
                 )
             )
         _wait_listening(tmp / "broker.log", broker)
+        script_floor = int((floor.communicate(timeout=120)[0] or "0").strip() or 0)
         base_rss = _proc_kb(broker.pid, "VmRSS")
         started = time.monotonic()
+        peaks.start({p.pid: "broker" if p is broker else "sites" for p in procs})
         result = asyncio.run(_run_job(address, tmp / "job", timeout))
         wall = time.monotonic() - started
-        peak = _proc_kb(broker.pid, "VmHWM")
-        tree_peak = sum(_proc_kb(p.pid, "VmHWM") for p in procs if p.poll() is None)
+        peaks.stop()
+        broker_peak = _proc_kb(broker.pid, "VmHWM")
     finally:
+        peaks.stop()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -129,34 +156,114 @@ def run_round(size_mb: float, sites: int, rounds: int = 3, strategy: str = "feda
         raise RuntimeError(f"bench job {result['state']}: {result['reason']} (logs in {tmp})")
     times = [h["time"] for h in result["history"]]
     per_round = [b - a for a, b in itertools.pairwise(times)]
-    round_s = statistics.median(per_round)
+    round_s = statistics.median(per_round[1:])
     bytes_per_round = 2 * sites * size
     raw = raw_zmq_gbps(bytes_per_round)
     gbps = bytes_per_round / round_s / 1e9
+    scripts = len(peaks.peak) - len(procs)
+    tree_growth = sum(peaks.peak.values()) - sum(peaks.base.values()) - scripts * script_floor
+    cpu = peaks.cpu_between(times[1], times[-1])
+    cpu_per_round = {k: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items())}
     out = {
         "size_mb": size_mb,
         "sites": sites,
         "rounds": rounds,
         "strategy": strategy,
         "round_s": round(round_s, 4),
+        "first_round_s": round(per_round[0], 4),
         "round_s_all": [round(x, 4) for x in per_round],
         "bytes_per_round": bytes_per_round,
         "gbps": round(gbps, 3),
         "raw_zmq_gbps": round(raw, 3),
         "efficiency": round(gbps / raw, 3),
-        "broker_rss_x": round((peak - base_rss) / size, 3),
-        "total_rss_x": round(tree_peak / size, 3),
+        "broker_rss_x": round((broker_peak - base_rss) / size, 3),
+        "total_rss_x": round(tree_growth / size, 3),
+        "processes": len(peaks.peak),
+        "cpu_s_per_round": cpu_per_round,
         "wall_s": round(wall, 2),
         "accepted": sum(1 for u in result["updates"] if u["accepted"]),
     }
     shutil.rmtree(tmp, ignore_errors=True)
     rows = [
-        ("model / sites", f"{size_mb} MiB x {sites} sites, {rounds} rounds of {strategy}"),
-        ("round", f"median {round_s:.3f} s ({', '.join(f'{x:.3f}' for x in per_round)})"),
+        ("model / sites", f"{size_mb} MiB x {sites} sites, {rounds} versions of {strategy}"),
+        ("round", f"median {round_s:.3f} s after the first ({', '.join(f'{x:.3f}' for x in per_round)})"),
         ("throughput", f"{gbps:.2f} GB/s of model traffic; raw zmq {raw:.2f} GB/s; efficiency {gbps / raw:.0%}"),
         ("broker rss", f"peak growth {out['broker_rss_x']:.2f} x model"),
+        ("process tree", f"peak growth {out['total_rss_x']:.2f} x model over {len(peaks.peak)} processes"),
+        ("cpu per round", ", ".join(f"{k} {v:.2f} s" for k, v in cpu_per_round.items())),
     ]
     return format_report(rows, out)
+
+
+SCRIPT_FLOOR = "import torch, fedbus.client, psutil; print(psutil.Process().memory_info().rss)"
+"""An idle training script: what every script process costs before it holds a model."""
+
+
+class _Tree:
+    """Peak RSS (VmHWM) and CPU time of the daemons and every process they start, sampled in a thread.
+
+    VmHWM only grows, so reading it every 0.1 s loses at most the last 0.1 s of a process that exits;
+    CPU samples are kept with their wall-clock time, so CPU seconds per round can be cut out between two
+    version timestamps. This runs in the harness, never on the round path.
+    """
+
+    def __init__(self) -> None:
+        self.peak: dict[int, int] = {}
+        self.base: dict[int, int] = {}
+        self.kind: dict[int, str] = {}
+        self.cpu: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._procs: dict[int, psutil.Process] = {}
+        self._roots: list[int] = []
+
+    def start(self, roots: dict[int, str]) -> None:
+        self.base = {pid: _proc_kb(pid, "VmRSS") for pid in roots}
+        self.kind = dict(roots)
+        self._roots = list(roots)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(0.1):
+                self._sample()
+                return
+
+    def _sample(self) -> None:
+        totals: dict[str, float] = {}
+        for pid in self._roots:
+            try:
+                kids = psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                kids = []
+            for kid in kids:
+                self.kind.setdefault(kid.pid, "scripts")
+            for p in (pid, *(k.pid for k in kids)):
+                hwm = _proc_kb(p, "VmHWM")
+                if hwm:
+                    self.peak[p] = max(self.peak.get(p, 0), hwm)
+                try:
+                    t = self._procs.setdefault(p, psutil.Process(p)).cpu_times()
+                except psutil.Error:
+                    continue
+                totals[self.kind[p]] = totals.get(self.kind[p], 0.0) + t.user + t.system
+        self.cpu.append((time.time(), totals))
+
+    def cpu_between(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds each kind of process used between wall-clock times t0 and t1 (nearest samples)."""
+        if not self.cpu:
+            return {}
+        a = min(self.cpu, key=lambda s: abs(s[0] - t0))[1]
+        b = min(self.cpu, key=lambda s: abs(s[0] - t1))[1]
+        return {k: b[k] - a.get(k, 0.0) for k in b}
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _wait_listening(log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -1,0 +1,45 @@
+"""SpooledParams: big tensors are views of a shared map of the spooled file, small ones are read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fedbus import serde
+from fedbus.transport.spool import MAP_MIN, SpooledParams, open_params
+
+
+def _spooled(path: Path, model: dict[str, torch.Tensor]) -> SpooledParams:
+    serde.write_file(path, model, durable=False)
+    fd = os.open(path, os.O_RDWR)
+    data_start, specs, _ = serde.read_header(fd, max_total=1 << 30)
+    return SpooledParams(fd, str(path), specs, data_start)
+
+
+def test_mapped_and_read_tensors_hold_the_spooled_values_after_release(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = {
+        "big": torch.randn(MAP_MIN // 4 + 3, generator=gen),  # mapped (odd length: the map is not page-sized)
+        "small": torch.randn(7, generator=gen),  # read
+        "ints": torch.arange(MAP_MIN // 8 + 1, dtype=torch.int64).view(-1, 1),
+        "empty": torch.empty(0, 3),
+    }
+    params = _spooled(tmp_path / "u.part", model)
+    got = {name: params[name] for name in params}
+    params.release()
+    assert not (tmp_path / "u.part").exists()  # an owned spool file goes with its release
+    for name, t in model.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name], t), name  # the mapping outlives the file's name and descriptor
+
+
+def test_read_only_files_are_read_not_mapped(tmp_path: Path) -> None:
+    model = {"big": torch.ones(MAP_MIN // 4 * 2)}
+    serde.write_file(tmp_path / "m.safetensors", model, durable=False)
+    params = open_params(tmp_path / "m.safetensors", max_total=1 << 30)
+    t = params["big"]
+    params.release()
+    t.add_(1)  # a private copy: the checkpoint file is untouched
+    assert torch.equal(serde.read_file(tmp_path / "m.safetensors")["big"], model["big"])
