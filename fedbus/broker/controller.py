@@ -272,7 +272,7 @@ class JobController:
 
     def _publish(self, action: Publish) -> None:
         self.source = ModelSource.from_state_dict(action.model)
-        self.log.info("new global version", version=action.version, **_short(action.metrics))
+        self.log.info("new global version", round=action.version, version=action.version, **_short(action.metrics))
         self._chain = asyncio.ensure_future(self._checkpoint(action))
 
     async def _checkpoint(self, action: Publish) -> None:

@@ -317,7 +317,7 @@ class Site:
         elif isinstance(msg, EndJob):
             ending = self.runners.get(msg.job_id)
             if ending is None:  # its script already ended here: nothing left to stop
-                self.log.info("end_job for a job not running here", job_id=msg.job_id[:80])
+                self.log.info("end_job for a job not running here", job=msg.job_id[:80])
                 return
             ending.log.info("job ended by the broker", reason=msg.reason[:200])
             self._spawn(ending.end(msg.reason))
@@ -342,7 +342,7 @@ class Site:
         if not is_safe_name(msg.job_id):
             raise RemoteProtocolError(f"job id {msg.job_id[:80]!r} is not a safe name")
         if msg.job_id in self.runners:
-            self.log.info("job already running here: repeated deploy ignored", job_id=msg.job_id)
+            self.log.info("job already running here: repeated deploy ignored", job=msg.job_id)
             return
         if len(payload) != 1:
             raise RemoteProtocolError(f"deploy needs one payload frame (the job archive), got {len(payload)}")

@@ -108,7 +108,7 @@ class JobRunner:
         self.bus = bus
         self.ctx = ctx
         self.filters = list(filters)
-        self.log = log.bind(job_id=deploy.job_id)
+        self.log = log.bind(job=deploy.job_id)
         self.token = secrets.token_urlsafe(24)
         self.task_timeout = _min_positive(settings.task_timeout_s, deploy.config.get("task_timeout_s"))
         self.done = asyncio.Event()
@@ -275,7 +275,7 @@ class JobRunner:
             meta["path"] = str(ready.path)
         ready.delivered_at = time.monotonic()
         await self._to_script(Task(t.job_id, t.task_id, t.kind, t.version, t.round, t.total_rounds, None, meta))
-        self.log.info("task handed to the script", task_id=t.task_id, kind=t.kind, version=t.version)
+        self.log.info("task handed to the script", task_id=t.task_id, round=t.round, kind=t.kind, version=t.version)
 
     def _params_type(self, task: Task) -> str:
         """What the strategy wants back: the task's word, else the deploy config's, else FULL."""
@@ -345,7 +345,7 @@ class JobRunner:
         ready.uploading = True
         if ready.timer is not None:
             ready.timer.cancel()
-        log = self.log.bind(task_id=result.task_id)
+        log = self.log.bind(task_id=result.task_id, round=ready.task.round)
         timing = self._timing(ready, result)
         if timing["sim_delay_s"] > 0:  # a simulated slow site: the result waits before it leaves
             await asyncio.sleep(timing["sim_delay_s"])

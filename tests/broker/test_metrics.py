@@ -1,15 +1,19 @@
-"""The broker's Prometheus endpoint, scraped over real HTTP while a real job runs (in-process federation,
-real child-process scripts), and the endpoint's handling of bad requests."""
+"""Observability: the broker's Prometheus endpoint, scraped over real HTTP while a real job runs (in-process
+federation, real child-process scripts), the endpoint's handling of bad requests, TensorBoard event files,
+and the daemons' JSON log lines carrying job, site and round."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import re
 import socket
 from pathlib import Path
 
 import pytest
 
+from fedbus import log
 from fedbus.broker.metrics import MAX_REQUEST, MetricsServer, reason_class, tensorboard_available
 from tests.broker.harness import federation, wait_job, write_job
 
@@ -72,21 +76,17 @@ def total(samples: dict[str, float], prefix: str, *parts: str) -> float:
     return sum(v for k, v in samples.items() if k.startswith(prefix) and all(p in k for p in parts))
 
 
-async def test_counters_move_while_a_job_runs(tmp_path: Path) -> None:
-    port = free_port()
-    job = write_job(tmp_path / "job", strategy=FEDBUFF)
-    (job / "client.py").write_text(SCRIPT)
-    async with federation(tmp_path, metrics_port=port) as (_broker, _sites, admin):
+async def run_and_scrape(tmp: Path, port: int, job: Path) -> tuple[str, dict, list[dict], dict]:
+    """Run ``job``, scraping before, every 50 ms while it runs, and after: (job id, idle, during, end)."""
+    async with federation(tmp, metrics_port=port) as (_broker, _sites, admin):
         for _ in range(100):  # the sites' hellos may still be on their way
             idle = await scrape(port)
             if idle["fedbus_sites_connected"] == 3:
                 break
             await asyncio.sleep(0.05)
-        assert idle["fedbus_sites_connected"] == 3
-        assert idle['fedbus_jobs{state="running"}'] == 0
         job_id = await admin.submit(job)
         during: list[dict[str, float]] = []
-        for _ in range(400):  # scrape every 50 ms while the job runs (bounded: 20 s)
+        for _ in range(400):  # bounded: 20 s
             samples = await scrape(port)
             if samples['fedbus_jobs{state="running"}'] == 1:
                 during.append(samples)
@@ -94,8 +94,22 @@ async def test_counters_move_while_a_job_runs(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         await wait_job(admin, job_id, timeout=60)
-        end = await scrape(port)
+        return job_id, idle, during, await scrape(port)
 
+
+async def test_counters_move_while_a_job_runs(tmp_path: Path) -> None:
+    port = free_port()
+    job = write_job(tmp_path / "job", strategy=FEDBUFF)
+    (job / "client.py").write_text(SCRIPT)
+    stream = io.StringIO()
+    log.configure(json=True, level="info", stream=stream)  # the daemons' log lines, checked at the end
+    try:
+        job_id, idle, during, end = await run_and_scrape(tmp_path, port, job)
+    finally:
+        log.configure(level="warning")
+
+    assert idle["fedbus_sites_connected"] == 3
+    assert idle['fedbus_jobs{state="running"}'] == 0
     assert len(during) >= 2, "the job ended before two scrapes saw it running"
     first, last = during[0], during[-1]
     published = f'fedbus_versions_published_total{{job="{job_id}"}}'
@@ -115,6 +129,23 @@ async def test_counters_move_while_a_job_runs(tmp_path: Path) -> None:
     assert end['fedbus_stream_throughput_bytes_per_second{direction="in"}'] > 0
     assert end['fedbus_payload_bytes_total{direction="in"}'] > idle['fedbus_payload_bytes_total{direction="in"}']
     assert end['fedbus_messages_total{direction="in",type="result"}'] >= accepted
+    check_log_context(stream.getvalue(), job_id)
+
+
+def check_log_context(text: str, job_id: str) -> None:
+    """Every line is one JSON object; task-level lines carry job, site and round (the task's version)."""
+    lines = [json.loads(line) for line in text.splitlines()]
+    events: dict[str, list[dict]] = {}
+    for rec in lines:
+        assert {"event", "level", "timestamp", "component"} <= rec.keys(), rec
+        events.setdefault(rec["event"], []).append(rec)
+    for event in ("task handed to the script", "result delivered"):  # the sites
+        recs = events[event]
+        assert {r["site"] for r in recs} == {"site-1", "site-2", "site-3"}
+        assert all(r["job"] == job_id and isinstance(r["round"], int) for r in recs), recs
+    published = events["new global version"]  # the broker
+    assert [(r["job"], r["round"]) for r in published] == [(job_id, v) for v in range(1, 9)]
+    assert all(r["job"] == job_id for r in lines if "task_id" in r)
 
 
 @pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed")
