@@ -297,6 +297,8 @@ class Broker:
 
     def _site_gone(self, peer: bytes, why: str, name: str | None = None) -> None:
         rec = self.registry.leave(peer)
+        if self.hub is not None:  # its uploads cannot resume any more: their owners hear it now
+            self.hub.abort_peer(peer, f"site gone: {why}")
         name = name or (rec.name if rec else None)
         if name is None:
             return

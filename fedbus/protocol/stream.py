@@ -132,7 +132,11 @@ class Sender:
         ctx: dict | None = None,
         now: float,
         stall_timeout: float = 30.0,
+        resumed: bool = False,
     ) -> None:
+        """``resumed``: this stream was begun by an earlier process (a site killed mid-upload and started
+        again), so the receiver may ask to resume from any offset, not only from what this one has sent."""
+
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise LocalProtocolError(f"stream {sid}: {what}")
@@ -163,7 +167,7 @@ class Sender:
         self._failure: str | None = None
         self._credit = 0  # max credit seen (lowered only by a nack)
         self._next = 0  # next offset to send in this pass
-        self._high = 0  # highest byte offset ever sent
+        self._high = total if resumed else 0  # highest byte offset ever sent (by us or our predecessor)
         self._nacks: dict[int, int] = {}
         self._since = now  # last sign of life from the peer, or our last chunk
         self._now = now

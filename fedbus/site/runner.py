@@ -8,7 +8,8 @@ present), starts the script and waits for it to end, reporting ``started`` and `
 A task is relayed in three steps: the broker's ``task`` is remembered (``on_task``); its model stream is
 accepted into ``inbox/TASK.safetensors`` (``accept_offer``, refused for any task we were not told
 about); when the stream completes the task is *ready*: sent to the script with ``meta["path"]``, or
-queued until the script has said hello. A task's time limit runs from ready to result. The script's
+queued until the script has said hello. A task's time limit runs from ready to result, restarted when the
+task reaches the script (a script still importing torch under load is not yet late). The script's
 ``result`` names ``outbox/TASK.safetensors``; the site reads it, applies its privacy filters, sends the
 broker ``result(sid)`` first and then the stream (the broker pairs them by sid), and answers the script
 ``reply(ok)`` once the broker acknowledged the upload. Everything the script says is untrusted too: a
@@ -52,6 +53,7 @@ from fedbus.site.child import Launcher, Script, ScriptProcess
 from fedbus.site.filters import Filter, apply_filters
 from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.uplink import BrokerBus
+from fedbus.site.uploads import PendingUploads
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
 from fedbus.transport.streams import BufferSink, ModelSource
 
@@ -104,6 +106,7 @@ class JobRunner:
         self.deploy = deploy
         self.job_id = deploy.job_id
         self.folder = JobFolder(root)
+        self.uploads = PendingUploads(root, max_total=settings.max_model_bytes)
         self.settings = settings
         self.bus = bus
         self.ctx = ctx
@@ -136,6 +139,7 @@ class JobRunner:
                 return
             assert self.proc is not None
             self.bus.report(JobEvent(self.job_id, "started", data={"pid": self.proc.pid}))
+            self._spawn(self._resume_uploads())
             if self._stopping:  # end_job arrived while the script was being started
                 await self.proc.stop(0.0, self.settings.kill_after_s)
             code = await self.proc.wait()
@@ -274,6 +278,9 @@ class JobRunner:
         if ready.path is not None:
             meta["path"] = str(ready.path)
         ready.delivered_at = time.monotonic()
+        if ready.timer is not None:  # the clock restarts at delivery: a script slow to start is not yet late
+            ready.timer.cancel()
+            ready.timer = asyncio.get_running_loop().call_later(self.task_timeout or 0, self._timed_out, t.task_id)
         await self._to_script(Task(t.job_id, t.task_id, t.kind, t.version, t.round, t.total_rounds, None, meta))
         self.log.info("task handed to the script", task_id=t.task_id, round=t.round, kind=t.kind, version=t.version)
 
@@ -369,6 +376,7 @@ class JobRunner:
         finally:
             del self._ready[result.task_id]
             self.folder.remove_task_files(result.task_id)
+            self.uploads.done(result.task_id)
         await self._to_script(reply)
 
     def _timing(self, ready: _Ready, result: Result) -> dict[str, float]:
@@ -400,6 +408,8 @@ class JobRunner:
         sid = secrets.randbits(62) if source is not None else None
         t = ready.task
         out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, result.metrics, meta, sid)
+        if source is not None:  # kept until settled: a site killed mid-upload resumes it (site/uploads.py)
+            source = await asyncio.to_thread(self.uploads.keep, out, source)
         await self.bus.send(out)
         if source is not None and sid is not None:
             await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
@@ -412,6 +422,23 @@ class JobRunner:
             return ModelSource.from_file(file, max_total=self.settings.max_model_bytes)
         params = serde.read_file(file, max_total=self.settings.max_model_bytes)
         return ModelSource.from_state_dict(apply_filters(self.filters, params))
+
+    async def _resume_uploads(self) -> None:
+        """Uploads an earlier process of this site began and never settled (it was killed): result, then
+        the same stream again; the broker continues from what it verified, or refuses a task it forgot."""
+        for result, source in await asyncio.to_thread(self.uploads.pending, self.job_id):
+            log = self.log.bind(task_id=result.task_id)
+            log.info("resuming an interrupted upload", sid=result.sid, params_bytes=source.total)
+            try:
+                await self.bus.send(result)
+                ctx = {"job_id": self.job_id, "task_id": result.task_id}
+                await self.bus.resume_stream(source, ctx, result.sid or 0)
+            except FedbusError as exc:
+                log.warning("interrupted upload lost", reason=str(exc))
+            else:
+                log.info("interrupted upload delivered", params_bytes=source.total)
+            finally:
+                self.uploads.done(result.task_id)
 
     # --- helpers ------------------------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ class BrokerBus(Protocol):
     async def send(self, msg: Message) -> None:
         """Send now; raises TransportError while the broker is unreachable."""
 
+    async def resume_stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
+        """Offer again a stream an earlier site process began; the broker says where to go on from."""
+
     def report(self, msg: Message) -> None:
         """Deliver eventually: queued while disconnected, sent after the next welcome."""
 
@@ -78,6 +81,9 @@ class Uplink:
 
     async def stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
         await self.hub.send(b"", source, ctx, sid)
+
+    async def resume_stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
+        await self.hub.send(b"", source, ctx, sid, resumed=True)
 
     async def flush_loop(self) -> None:
         """Send reported messages whenever the broker is reachable, oldest first; runs for the daemon's life."""

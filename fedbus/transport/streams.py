@@ -54,6 +54,7 @@ class ModelSource:
 
     def __init__(self, lay: serde.Layout) -> None:
         self.layout = lay
+        self.path: str | None = None  # the file streamed, for a source made by from_file
         self._index = digest.PartIndex(lay.parts)  # built once: slicing a chunk is then O(log parts)
         self._sums: dict[tuple[int, str], ChunkSums] = {}
 
@@ -75,7 +76,9 @@ class ModelSource:
         lay = serde.Layout(
             header=bytes(view[:data_start]), specs=tuple(specs), parts=[view], total=size, metadata=metadata
         )
-        return cls(lay)
+        source = cls(lay)
+        source.path = os.fspath(path)
+        return source
 
     @property
     def total(self) -> int:
@@ -296,8 +299,19 @@ class StreamHub:
 
     # --- sending -------------------------------------------------------------------------------------
 
-    async def send(self, peer: bytes, source: ModelSource, ctx: dict | None = None, sid: int | None = None) -> int:
-        """Stream ``source`` to ``peer``; returns the stream id once acknowledged. Raises TransportError."""
+    async def send(
+        self,
+        peer: bytes,
+        source: ModelSource,
+        ctx: dict | None = None,
+        sid: int | None = None,
+        *,
+        resumed: bool = False,
+    ) -> int:
+        """Stream ``source`` to ``peer``; returns the stream id once acknowledged. Raises TransportError.
+
+        ``resumed``: stream ``sid`` was begun by an earlier process of ours; the receiver, if it still holds
+        it, answers the repeated offer with the offset to continue from."""
         sid = sid if sid is not None else secrets.randbits(62)
         sums = source.sums(self.chunk_size, self.alg)
         sender = Sender(
@@ -311,6 +325,7 @@ class StreamHub:
             ctx=ctx or {},
             now=_now(),
             stall_timeout=self.stall_timeout,
+            resumed=resumed,
         )
         inbox: asyncio.Queue[Message] = asyncio.Queue()
         key = (peer, sid)
@@ -411,7 +426,10 @@ class StreamHub:
                     while not queue.empty():
                         self._feed(receiver, sink, *queue.get_nowait())
                 for m in receiver.next_messages(_now()):
-                    await self.endpoint.send(peer, m)
+                    # A sender that is away (killed, reconnecting) may come back and resume: its silence
+                    # is the stall timeout's business (or the owner's, via abort_peer), not a failed send's.
+                    with contextlib.suppress(TransportError):
+                        await self.endpoint.send(peer, m)
             if receiver.state is ReceiverState.DONE:
                 result = sink.finish()
                 if sink.result.done():  # the owner stopped waiting (cancelled): nobody will release it
@@ -449,7 +467,13 @@ class StreamHub:
         key = (peer, msg.sid)  # type: ignore[attr-defined]
         if isinstance(msg, Offer):
             if key in self._incoming or key in self._accepting:
-                return  # a duplicated offer: the stream is already being received
+                receiver = self._receivers.get(key)
+                if receiver is not None:  # its sender restarted (a site killed mid-upload): go on from here
+                    log.info("stream resumed by its sender", peer=peer, sid=msg.sid, offset=receiver.offset)
+                    for m in receiver.resume(_now()):
+                        with contextlib.suppress(TransportError):
+                            await self.endpoint.send(peer, m)
+                return  # otherwise a duplicated offer: the stream is already being received
             # Accepting may wait (the owner can hold offers back to bound memory), so never block routing.
             self._accepting.add(key)
             self._spawn(self._accept(peer, msg))
@@ -462,6 +486,12 @@ class StreamHub:
         outbox = self._outgoing.get(key)
         if outbox is not None:
             outbox.put_nowait(msg)
+
+    def abort_peer(self, peer: bytes, reason: str) -> None:
+        """Give up every stream coming from ``peer`` (it was declared gone): its owners hear at once."""
+        for (p, sid), queue in list(self._incoming.items()):
+            if p == peer:
+                queue.put_nowait((Abort(sid, reason), []))
 
     async def resume_all(self, peer: bytes | None = None) -> None:
         """After a reconnect: ask every sender (of ``peer``) to continue from our last verified offset."""

@@ -20,13 +20,13 @@ FEDBUS = [sys.executable, "-m", "fedbus.cli"]
 class Daemon:
     """A fedbus daemon process whose JSON log lines are collected in the background."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, *, command: list[str] = FEDBUS) -> None:
         self.log_path = log_path
         self.lines: list[dict] = []
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [*FEDBUS, *args, "--log-json"],
+            [*command, *args, "--log-json"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
