@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("-o", "--output", default=".", help="folder to write model.safetensors and history.json")
     _broker_flag(dl)
 
+    pv = sub.add_parser("provision", help="write a startup kit (keys, config) for every participant of a project")
+    pv.add_argument("project", help="project file (TOML): name, broker, [[participant]] name/role, revoked")
+    pv.add_argument("-o", "--output", required=True, help="folder for the kits (existing keys are kept)")
+
+    au = sub.add_parser("audit", help="read an audit log (WORKSPACE/audit.jsonl of a broker or site)")
+    au.add_argument("path", help="the audit.jsonl file")
+    au.add_argument("--job", help="only records of this job")
+    au.add_argument("--site", help="only records involving this site")
+    au.add_argument("--kind", help="only records of this kind (e.g. update_sent, refused)")
+    au.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     tr = bsub.add_parser("transfer", help="stream one model between two processes vs raw ZeroMQ")
@@ -109,6 +120,7 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 
 def _broker_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=None, help=f"broker address (env FEDBUS_BROKER, default {DEFAULT_BROKER})")
+    p.add_argument("--kit", default=None, help="admin startup kit folder with admin.toml (env FEDBUS_KIT)")
     p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait for the broker")
 
 
@@ -172,6 +184,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.configure(json=cfg.log_json or None, level=cfg.log_level)
         Site(cfg).run()
         return 0
+    if args.command == "provision":
+        from fedbus.provision import provision
+
+        summary = provision(args.project, args.output)
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return 0
+    if args.command == "audit":
+        from fedbus import audit
+
+        records = audit.select(audit.read_audit(args.path), job=args.job, site=args.site, kind=args.kind)
+        text = "\n".join(json.dumps(r) for r in records) if args.json else audit.format_table(records)
+        sys.stdout.write(text + ("\n" if text else ""))
+        return 0
     if args.command == "bench":
         if args.bench == "transfer":
             from fedbus.bench.transfer import run_transfer
@@ -206,7 +231,16 @@ def _overrides(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 async def _admin_command(args: argparse.Namespace) -> int:
     from fedbus.admin import Admin
 
-    async with Admin(_broker_address(args), timeout=args.timeout) as admin:
+    kit = args.kit or os.environ.get("FEDBUS_KIT")
+    if kit:
+        from fedbus.admin import from_kit
+
+        connection = from_kit(kit, timeout=args.timeout)
+        if args.broker:  # a flag still wins over the kit's address
+            connection.address = args.broker
+    else:
+        connection = Admin(_broker_address(args), timeout=args.timeout)
+    async with connection as admin:
         if args.command == "submit":
             job_id = await admin.submit(args.folder)
             sys.stdout.write(job_id + "\n")

@@ -5,6 +5,8 @@ failures (exit 1, one line, a traceback only with --debug), environment override
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -138,3 +140,36 @@ def test_broker_metrics_port_flag_serves_metrics(tmp_path: Path) -> None:
         assert "fedbus_sites_connected 0" in body and 'fedbus_jobs{state="running"} 0' in body
     finally:
         assert broker.stop() == 0
+
+
+DOCS = [ROOT / "README.md", ROOT / "deploy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, line) for every `fedbus ...` line of a bash block in the README, deploy/README and docs/."""
+    out = []
+    for path in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL):
+            for line in block.splitlines():
+                cmd = re.sub(r"\s+#.*$", "", line).strip()
+                cmd = re.sub(r"^(?:[A-Z_]+=\S+\s+)+", "", cmd)  # leading VAR=value assignments
+                if cmd.startswith("fedbus "):
+                    out.append((path.name, cmd.split("&&")[0].strip()))
+    return out
+
+
+def test_every_documented_command_parses() -> None:
+    found = documented_commands()
+    assert len(found) >= 15
+    for where, cmd in found:
+        try:
+            build_parser().parse_args(shlex.split(cmd)[1:])
+        except SystemExit:
+            pytest.fail(f"{where}: `{cmd}` is refused by the CLI")
+
+
+def test_links_between_docs_resolve() -> None:
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" not in target:
+                assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to a missing {target}"
