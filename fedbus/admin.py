@@ -17,8 +17,10 @@ import msgpack
 import zmq.asyncio
 
 from fedbus import jobs
+from fedbus.config import AdminConfig, load_config
 from fedbus.errors import JobError, TransportError
 from fedbus.protocol.messages import STREAM_TYPES, Error, Hello, Offer, Reply, Request, Welcome
+from fedbus.security import ClientKeys, client_keys, handshake_refused
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint
 from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
@@ -26,8 +28,18 @@ from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 class Admin:
     """An async admin connection to one broker; use as ``async with Admin(address) as admin``."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 30.0,
+        ctx: zmq.asyncio.Context | None = None,
+        keys: ClientKeys | None = None,
+        name: str = "admin",
+    ) -> None:
         self.address = address
+        self.keys = keys
+        self.name = name
         self.timeout = timeout
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.endpoint: DealerEndpoint | None = None
@@ -37,25 +49,41 @@ class Admin:
         self._welcome: asyncio.Future[Welcome] | None = None
         self._download: tuple[str, Path, asyncio.Future[BufferSink]] | None = None
         self._reader: asyncio.Task | None = None
+        self._refused: asyncio.Future[str] | None = None
 
     async def __aenter__(self) -> Admin:
-        self.endpoint = DealerEndpoint.connect(self.ctx, self.address)
+        curve = self.keys.as_tuple() if self.keys is not None else None
+        self.endpoint = DealerEndpoint.connect(self.ctx, self.address, curve=curve)
         self.hub = StreamHub(self.endpoint, on_offer=self._on_offer)
         self._welcome = asyncio.get_running_loop().create_future()
         self._reader = asyncio.ensure_future(self._read())
-        await self.endpoint.send(b"", Hello(role="admin", name="admin", session=os.urandom(8).hex()))
+        if self.keys is not None:  # a refused key fails the handshake: say so now rather than time out
+            self._refused = asyncio.ensure_future(handshake_refused(self.endpoint.sock))
+        await self.endpoint.send(b"", Hello(role="admin", name=self.name, session=os.urandom(8).hex()))
         try:
-            await asyncio.wait_for(asyncio.shield(self._welcome), self.timeout)
-        except TimeoutError:
+            await self._await_welcome()
+        except BaseException:
             await self.__aexit__()
-            raise TransportError(f"no answer from a broker at {self.address} within {self.timeout:.0f} s") from None
+            raise
         return self
 
+    async def _await_welcome(self) -> None:
+        assert self._welcome is not None
+        waits: set[asyncio.Future[Any]] = {self._welcome} | ({self._refused} if self._refused else set())
+        done, _ = await asyncio.wait(waits, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self._welcome in done:
+            self._welcome.result()  # raises the broker's refusal of our hello
+        elif self._refused is not None and self._refused in done:
+            raise TransportError(f"the broker at {self.address} refused this key: {self._refused.result()}")
+        else:
+            raise TransportError(f"no answer from a broker at {self.address} within {self.timeout:.0f} s")
+
     async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._refused):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.hub is not None:
             await self.hub.close()
         if self.endpoint is not None:
@@ -143,6 +171,14 @@ class Admin:
         sink = BufferSink(max_total=offer.total, path=str(dest / "model.safetensors.part"))
         done.set_result(sink)
         return sink
+
+
+def from_kit(kit: str | os.PathLike[str], *, timeout: float = 30.0, ctx: zmq.asyncio.Context | None = None) -> Admin:
+    """An Admin for an admin startup kit (``KIT/admin.toml``, written by ``fedbus provision``)."""
+    path = Path(kit) / "admin.toml"
+    cfg = load_config(AdminConfig, path)
+    keys = client_keys(cfg.secret_key, cfg.broker_key, str(path))
+    return Admin(cfg.broker, timeout=timeout, ctx=ctx, keys=keys, name=cfg.name)
 
 
 MAX_REPLY_PAYLOAD = 64 << 20

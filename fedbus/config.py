@@ -44,8 +44,13 @@ ENV_OVERRIDES: dict[str, dict[str, str]] = {
         "FEDBUS_METRICS_PORT": "metrics_port",
         "FEDBUS_METRICS_HOST": "metrics_host",
     },
-    "SiteConfig": {"FEDBUS_BROKER": "broker"},
+    "SiteConfig": {"FEDBUS_BROKER": "broker", "FEDBUS_SECRET_KEY": "secret_key", "FEDBUS_BROKER_KEY": "broker_key"},
+    "AdminConfig": {"FEDBUS_BROKER": "broker", "FEDBUS_SECRET_KEY": "secret_key", "FEDBUS_BROKER_KEY": "broker_key"},
 }
+ENV_OVERRIDES["BrokerConfig"].update({"FEDBUS_SECRET_KEY": "secret_key", "FEDBUS_PARTICIPANTS": "participants"})
+
+PATH_KEYS = ("secret_key", "broker_key", "participants")
+"""Keys naming files: relative paths in a config file resolve against that file's folder (kits relocate)."""
 
 
 def is_safe_name(value: object) -> bool:
@@ -135,6 +140,8 @@ class BrokerConfig:
     max_streams_per_peer: int = 8
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    secret_key: str | None = None
+    participants: str | None = None
     log_json: bool = False
     log_level: str = "info"
 
@@ -168,8 +175,26 @@ class SiteConfig:
     liveness: int = 5
     python: str = sys.executable
     task_timeout_s: float | None = None
+    secret_key: str | None = None
+    broker_key: str | None = None
+    dp_clip: float | None = None
+    dp_sigma: float | None = None
+    exclude_vars: tuple[str, ...] = ()
     log_json: bool = False
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _validate_instance(self)
+
+
+@dataclass
+class AdminConfig:
+    """An admin's startup kit (``admin.toml``): whom to connect to, with which keys."""
+
+    name: str = "admin"
+    broker: str = "tcp://127.0.0.1:7788"
+    secret_key: str | None = None
+    broker_key: str | None = None
 
     def __post_init__(self) -> None:
         _validate_instance(self)
@@ -196,14 +221,21 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_streams_per_peer": _at_least(1),
     "metrics_port": _port,
     "metrics_host": _host,
+    "secret_key": _nonempty,
+    "broker_key": _nonempty,
+    "participants": _nonempty,
+    "dp_clip": _positive,
+    "dp_sigma": _at_least(0),
     "log_level": _log_level,
 }
 
-C = TypeVar("C", BrokerConfig, SiteConfig)
+C = TypeVar("C", BrokerConfig, SiteConfig, AdminConfig)
 
 
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean (true/false)"}
+    if tp == tuple[str, ...]:
+        return "a list of strings"
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -224,6 +256,9 @@ def _check_type(source: str, key: str, value: Any, tp: Any) -> Any:
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
+    elif tp == tuple[str, ...]:
+        ok = isinstance(value, list | tuple) and all(isinstance(x, str) for x in value)
+        value = tuple(value) if ok else value
     if not ok:
         raise ConfigError(f"{source}: key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
@@ -258,9 +293,19 @@ def _check_cross(cls_name: str, values: Mapping[str, Any], origin: Mapping[str, 
         if window < chunk:
             where = ", ".join(sorted({origin.get("chunk_mb", "default"), origin.get("window_mb", "default")}))
             raise ConfigError(f"{where}: window_mb ({window:g}) must be >= chunk_mb ({chunk:g})")
+    pair = {"BrokerConfig": ("secret_key", "participants")}.get(cls_name, ("secret_key", "broker_key"))
+    if cls_name not in ("BrokerConfig", "SiteConfig", "AdminConfig"):
+        return
+    given = [k for k in pair if values.get(k) is not None]
+    if len(given) == 1:
+        (missing,) = set(pair) - set(given)
+        where = origin.get(given[0], cls_name)
+        raise ConfigError(f"{where}: CURVE needs both {pair[0]} and {pair[1]}; {missing} is missing")
+    if cls_name == "SiteConfig" and values.get("dp_sigma") is not None and values.get("dp_clip") is None:
+        raise ConfigError(f"{origin.get('dp_sigma', cls_name)}: dp_sigma needs dp_clip (the noise is sigma x clip)")
 
 
-def _validate_instance(cfg: BrokerConfig | SiteConfig) -> None:
+def _validate_instance(cfg: BrokerConfig | SiteConfig | AdminConfig) -> None:
     """Direct construction (recipes, tests) gets the same checks as a loaded file."""
     name = type(cfg).__name__
     values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
@@ -306,7 +351,11 @@ def load_config(
     environ = os.environ if environ is None else environ
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if path is not None:
-        layers.append((str(path), read_toml(path)))
+        doc = read_toml(path)
+        for key in PATH_KEYS:  # relative to the file's folder, so a startup kit can be moved as a whole
+            if isinstance(doc.get(key), str) and doc[key] and not os.path.isabs(doc[key]):
+                doc[key] = str(Path(path).resolve().parent / doc[key])
+        layers.append((str(path), doc))
     for var, key in ENV_OVERRIDES.get(cls.__name__, {}).items():
         if environ.get(var):
             layers.append((f"${var}", {key: _env_value(cls, f"${var}", key, environ[var])}))

@@ -16,6 +16,7 @@ import itertools
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -25,6 +26,7 @@ import zmq.asyncio
 from fedbus import jobs, serde
 from fedbus._memory import tune_malloc
 from fedbus.broker.controller import JobController
+from fedbus.broker.guard import Guard, own_context
 from fedbus.broker.limits import PeerLimits
 from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, render
 from fedbus.broker.registry import Registry
@@ -36,6 +38,7 @@ from fedbus.protocol.messages import (
     STREAM_TYPES,
     Bye,
     Deploy,
+    End,
     Error,
     Heartbeat,
     Hello,
@@ -62,7 +65,8 @@ class Broker:
 
     def __init__(self, config: BrokerConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
         self.config = config
-        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.guard = Guard(config, Path(config.workspace))
+        self.ctx, self._release_ctx = own_context(self.guard, ctx)
         self.session = os.urandom(8).hex()
         self.registry = Registry(config.heartbeat_s, config.liveness)
         self.store = JobStore(config.workspace)
@@ -76,6 +80,10 @@ class Broker:
         self.hub: StreamHub | None = None
         self._tasks: set[asyncio.Task] = set()
         self._uploads: dict[str, tuple[bytes, int]] = {}  # job id -> (submitter, model size)
+        self._end_digests: dict[tuple[bytes, int], str] = {}  # (peer, sid) -> the END digest (the audit's)
+        self._admin_names: dict[bytes, str] = {}  # admin peer -> participant name (CURVE) or claimed name
+        self._rebound: set[bytes] = set()  # site peers not heard from since the last rebind
+        self.router: RouterEndpoint | None = None
         self._serving: asyncio.Task | None = None
         self.started = asyncio.Event()
 
@@ -101,7 +109,11 @@ class Broker:
 
     async def startup(self) -> None:
         tune_malloc()
-        self.endpoint = CountingEndpoint(RouterEndpoint.bind(self.ctx, self.config.bind), self.metrics)
+        self.guard.start(self.ctx)  # ZAP first: libzmq asks it about every CURVE connection
+        self.router = RouterEndpoint.bind(self.ctx, self.config.bind, curve_secret=self.guard.secret)
+        for coro in self.guard.tasks(self.router.sock):
+            self._spawn(coro)
+        self.endpoint = CountingEndpoint(self.router, self.metrics)
         self.hub = StreamHub(
             self.endpoint,
             on_offer=self._on_offer,
@@ -173,6 +185,8 @@ class Broker:
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), deadline)
         if self.endpoint is not None:
             self.endpoint.close()
+        self.guard.close()
+        self._release_ctx()
         self.store.close()
         log.info("broker stopped")
 
@@ -204,10 +218,15 @@ class Broker:
                 continue
             if not await self._admit(inc.peer, inc.msg.TYPE):
                 continue
+            refusal = self.guard.refusal(inc)
+            if refusal is not None:
+                await self._unauthorized(inc, refusal)
+                continue
             try:
-                await self._handle(inc.peer, inc.msg, inc.payload)
+                await self._handle(inc.peer, inc.msg, inc.payload, inc.user)
             except FedbusError as exc:
                 log.warning("message refused", peer=inc.peer, type=inc.msg.TYPE, reason=str(exc))
+                self.guard.refused(str(exc), peer=inc.peer, user=inc.user, type=inc.msg.TYPE)
                 await self._send_error(inc.peer, "refused", str(exc), inc.msg.TYPE)
             except Exception:  # a bug must cost one message, never the daemon
                 log.exception("message handler failed", peer=inc.peer, type=inc.msg.TYPE)
@@ -231,27 +250,34 @@ class Broker:
         assert self.endpoint is not None
         await self.endpoint.send(peer, msg, payload)
 
-    async def _handle(self, peer: bytes, msg: Message, payload: list[memoryview]) -> None:
+    async def _handle(self, peer: bytes, msg: Message, payload: list[memoryview], user: str = "") -> None:
         now = time.monotonic()
         if isinstance(msg, Hello):
-            await self._hello(peer, msg, now)
+            await self._hello(peer, msg, now, user)
             return
         if isinstance(msg, Request):
             if peer not in self.registry.admins:
                 raise FedbusError("say hello as an admin before sending requests")
-            await self._request(peer, msg, payload)
+            await self._request(peer, msg, payload, user)
             return
         if msg.TYPE in STREAM_TYPES:
             assert self.hub is not None
             if self.registry.by_peer(peer) is None and peer not in self.registry.admins:
                 await self._send_error(peer, "hello_required", "say hello first", msg.TYPE)
                 return
+            if isinstance(msg, End):  # the digest the receiver verifies: what the audit records
+                self._end_digests[(peer, msg.sid)] = msg.digest
             await self.hub.dispatch(peer, msg, payload)
             return
         site = self.registry.seen(peer, now)
         if site is None:
             await self._send_error(peer, "hello_required", "unknown peer: say hello first", msg.TYPE)
             return
+        if peer in self._rebound:  # back after a rebind: what was in flight is lost, so resume streams now
+            self._rebound.discard(peer)
+            await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
+            assert self.hub is not None
+            await self.hub.resume_all(peer)
         if isinstance(msg, Heartbeat):
             await self._send(peer, Heartbeat())
         elif isinstance(msg, Bye):
@@ -263,15 +289,50 @@ class Broker:
         else:
             raise FedbusError(f"unexpected message type {msg.TYPE!r} from a site")
 
+    async def _unauthorized(self, inc: Any, reason: str) -> None:
+        """A message the keys do not allow: refused, audited, and a site record it claimed is dropped."""
+        log.warning("message refused: not authorized", peer=inc.peer, user=inc.user, reason=reason)
+        self.guard.refused(reason, peer=inc.peer, user=inc.user, type=inc.msg.TYPE)
+        if self.registry.by_peer(inc.peer) is not None:  # revoked, or its route taken over: gone either way
+            self._site_gone(inc.peer, reason)
+        await self._send_error(inc.peer, "unauthorized", reason, inc.msg.TYPE)
+
+    async def _revoke(self, names: list[str]) -> None:
+        """Keys just revoked: their sites are gone now, and every connection is closed so that each peer
+        passes ZAP again (libzmq cannot close one peer of a ROUTER); the revoked ones cannot come back."""
+        for name in names:
+            peer = self.registry.peer_of(name)
+            if peer is not None:
+                with contextlib.suppress(FedbusError):
+                    await self._send(peer, Bye("key revoked"))
+                self._site_gone(peer, "key revoked")
+        for peer, who in list(self._admin_names.items()):
+            if who in names:
+                self.registry.admins.discard(peer)
+                del self._admin_names[peer]
+        if self.router is None or not self.router.address.startswith("tcp://"):
+            log.warning("revoked keys keep their open connections (only refused): rebind needs tcp", names=names)
+            return
+        await self.router.rebind()
+        for coro in self.guard.tasks(self.router.sock, zap=False):  # the handshake watcher of the new socket
+            self._spawn(coro)
+        self._rebound = {p for p in (self.registry.peer_of(n) for n in self.registry.online()) if p is not None}
+        log.warning("connections closed after a revocation: peers reconnect", revoked=names)
+
     def _controller(self, job_id: str, site: str) -> JobController:
         c = self.controllers.get(job_id)
         if c is None or site not in c.sites:
             raise FedbusError(f"site {site!r} has no running job {job_id!r}")
         return c
 
-    async def _hello(self, peer: bytes, msg: Hello, now: float) -> None:
+    async def _hello(self, peer: bytes, msg: Hello, now: float, user: str = "") -> None:
+        refusal = self.guard.hello_refusal(user, msg)
+        if refusal is not None:
+            raise FedbusError(refusal)
+        self.guard.audit.record("hello", by=user or msg.name[:64], key=self.guard.key_of(user), role=msg.role[:16])
         if msg.role == "admin":
             self.registry.admins.add(peer)
+            self._admin_names[peer] = user or msg.name[:64]
         elif msg.role == "site":
             if not is_safe_name(msg.name):
                 raise FedbusError(f"invalid site name {msg.name[:64]!r}")
@@ -294,6 +355,9 @@ class Broker:
             await asyncio.sleep(self.config.heartbeat_s)
             for rec in self.registry.expire(time.monotonic()):
                 self._site_gone(rec.peer, "heartbeat timeout", rec.name)
+            revoked = self.guard.revoked_now()
+            if revoked:
+                await self._revoke(revoked)
 
     def _site_gone(self, peer: bytes, why: str, name: str | None = None) -> None:
         rec = self.registry.leave(peer)
@@ -342,10 +406,24 @@ class Broker:
         if offer.ctx.get("kind") == "model":
             return self._accept_model(peer, job_id, offer)
         c = self.controllers.get(job_id)
+        pending = None if c is None else c.pending.get((peer, offer.sid))
         sink = None if c is None else await c.accept_offer(peer, offer)
         if sink is not None:
             self.metrics.track_incoming(offer.total, sink.result)
+            if pending is not None:
+                sink.result.add_done_callback(lambda f: self._audit_update(f, peer, offer, pending))
         return sink
+
+    def _audit_update(self, result: asyncio.Future, peer: bytes, offer: Offer, pending: Any) -> None:
+        """Every update that arrived (or failed to), with the digest its stream was verified against."""
+        digest = self._end_digests.pop((peer, offer.sid), None)
+        r = pending.result
+        fields = {"job": r.job_id, "task": r.task_id, "site": pending.site, "version": r.version, "size": offer.total}
+        if result.cancelled() or result.exception() is not None:
+            reason = "cancelled" if result.cancelled() else str(result.exception())
+            self.guard.audit.record("update_failed", **fields, reason=reason)
+        else:
+            self.guard.audit.record("update_received", **fields, digest=digest)
 
     def _accept_model(self, peer: bytes, job_id: str, offer: Offer) -> BufferSink | None:
         """A submitted job's initial model, streamed by its submitter into the job's folder."""
@@ -380,6 +458,16 @@ class Broker:
             ok = True
         finally:
             self.metrics.stream_done("out", source.total, time.monotonic() - start, ok)
+        if "task_id" in ctx:
+            rec = self.registry.by_peer(peer)
+            self.guard.audit.record(
+                "task_sent",
+                job=ctx.get("job_id"),
+                task=ctx["task_id"],
+                site=rec.name if rec is not None else None,
+                size=source.total,
+                digest=source.sums(self.hub.chunk_size, self.hub.alg).digest(),
+            )
 
     def peer_of(self, site: str) -> bytes | None:
         return self.registry.peer_of(site)
@@ -464,6 +552,7 @@ class Broker:
             msg = Deploy(job_id=job_id, script=spec["script"], args=list(spec["script_args"]), config=config)
             with contextlib.suppress(TransportError):
                 await self._send(peer, msg, [archive])
+                self.guard.audit.record("job_deployed", job=job_id, site=name, size=len(archive))
 
     def _job_ended(self, job_id: str) -> None:
         c = self.controllers.pop(job_id, None)
@@ -481,13 +570,18 @@ class Broker:
 
     # --- admin requests --------------------------------------------------------------------------------------------
 
-    async def _request(self, peer: bytes, req: Request, payload: list[memoryview]) -> None:
+    async def _request(self, peer: bytes, req: Request, payload: list[memoryview], user: str = "") -> None:
+        by = self._admin_names.get(peer, user)
         try:
             data = await self._admin_op(peer, req, payload)
         except (FedbusError, OSError) as exc:
             log.warning("request refused", op=req.op, reason=str(exc))
+            self.guard.refused(str(exc), peer=peer, user=by, type=f"request:{req.op[:32]}")
             await self._send(peer, Reply(rid=req.rid, ok=False, error=str(exc)[:2000]))
             return
+        kind = {"submit": "job_submitted", "abort": "job_aborted", "download": "job_downloaded"}.get(req.op)
+        if kind is not None:
+            self.guard.audit.record(kind, job=data.get("job_id"), by=by, key=self.guard.key_of(user))
         await self._send(peer, *_reply(req.rid, data))
         if req.op == "download":
             self._spawn(self._send_download(peer, data))

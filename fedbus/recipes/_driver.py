@@ -163,7 +163,7 @@ class Execution:
         self._wake = asyncio.Event()
         self.ctx = zmq.asyncio.Context()
         address = await self.backend.start(self.ctx)
-        self.admin = Admin(address, ctx=self.ctx)
+        self.admin = Admin(address, ctx=self.ctx, **getattr(self.backend, "admin_options", {}))
         await self.admin.__aenter__()
         if self.backend.expected_sites:
             await self._wait_for_sites(self.backend.expected_sites)

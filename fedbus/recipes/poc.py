@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import zmq.asyncio
 
+from fedbus.admin import from_kit
 from fedbus.errors import ConfigError, JobError
 from fedbus.recipes._driver import execute
 from fedbus.recipes.sim import _positive_int
@@ -70,28 +71,41 @@ class PocEnv:
 class ProdEnv:
     """Submit a recipe to a running broker, follow it, download its results.
 
-    ``credentials`` is accepted and kept for the broker authentication to come; it is not used yet.
+    ``kit`` is an admin startup kit (a folder with ``admin.toml``, written by ``fedbus provision``): the
+    broker's address comes from it (unless ``broker`` is given) and the connection is CurveZMQ with the
+    kit's keys. ``credentials`` is the older name of the same argument.
     """
 
     poll_s = 1.0
 
     def __init__(
         self,
-        broker: str = "tcp://127.0.0.1:7788",
+        broker: str | None = None,
         workspace: str | os.PathLike[str] | None = None,
         credentials: Any = None,
         progress: Any = None,
+        kit: str | os.PathLike[str] | None = None,
     ) -> None:
+        kit = kit if kit is not None else credentials
+        self.admin_options: dict[str, Any] = {}
+        if kit is not None:
+            if not isinstance(kit, str | os.PathLike):
+                raise ConfigError(f"kit must be the path of an admin startup kit, got {type(kit).__name__}")
+            admin = from_kit(kit)
+            broker = broker or admin.address
+            self.admin_options = {"keys": admin.keys, "name": admin.name}
+        broker = broker or "tcp://127.0.0.1:7788"
         if not isinstance(broker, str) or not broker.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"broker must be a tcp:// or ipc:// address, got {broker!r}")
         self.broker = broker
         self.workspace = Path(workspace) if workspace is not None else None
-        self.credentials = credentials
+        self.credentials = self.kit = kit
         self.progress = progress
 
     def execute(self, recipe: Recipe, wait: bool = True) -> Run:
         workspace = (self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-prod-"))).resolve()
-        return execute(_ProdBackend(self.broker, workspace, self.poll_s), recipe, wait=wait, progress=self.progress)
+        backend = _ProdBackend(self.broker, workspace, self.poll_s, self.admin_options)
+        return execute(backend, recipe, wait=wait, progress=self.progress)
 
     def __repr__(self) -> str:
         return f"ProdEnv(broker={self.broker!r})"
@@ -102,10 +116,11 @@ class _ProdBackend:
 
     expected_sites: int | None = None
 
-    def __init__(self, address: str, workspace: Path, poll_s: float) -> None:
+    def __init__(self, address: str, workspace: Path, poll_s: float, admin_options: dict[str, Any]) -> None:
         self.address = address
         self.workspace = workspace
         self.poll_s = poll_s
+        self.admin_options = admin_options  # keys and name from an admin kit, for the Admin connection
 
     async def start(self, ctx: zmq.asyncio.Context) -> str:
         return self.address

@@ -36,6 +36,7 @@ import torch
 import zmq.asyncio
 
 from fedbus._memory import tune_malloc
+from fedbus.audit import AuditLog
 from fedbus.config import SiteConfig, is_safe_name
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
@@ -52,8 +53,9 @@ from fedbus.protocol.messages import (
     Task,
     Welcome,
 )
+from fedbus.security import client_keys
 from fedbus.site.child import Launcher, ScriptProcess
-from fedbus.site.filters import Filter
+from fedbus.site.filters import Filter, make_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming
@@ -89,7 +91,11 @@ class Site:
         self.config = config
         self.name = config.name
         self.workspace = Path(config.workspace).resolve()
-        self.filters = list(filters)
+        self.keys = client_keys(config.secret_key, config.broker_key, f"site {config.name}")
+        # The site's own filters: every job's updates pass them last; a job can add filters, never remove these.
+        site_imposed = make_filters(dp_clip=config.dp_clip, dp_sigma=config.dp_sigma, exclude=config.exclude_vars)
+        self.filters = [*filters, *site_imposed]
+        self.audit = AuditLog(self.workspace / "audit.jsonl", actor=config.name)
         self.session = secrets.token_hex(8)
         self.log = get_logger("site", site=config.name)
         self.settings = RunnerSettings(
@@ -225,6 +231,7 @@ class Site:
             task.cancel()
         await asyncio.gather(*self._session_tasks, *self._tasks, return_exceptions=True)
         await self.uplink.close()
+        self.audit.close()
         if self._own_ctx:
             self.ctx.destroy(linger=0)
         self.log.info("site stopped")
@@ -232,7 +239,11 @@ class Site:
     # --- the connection -------------------------------------------------------------------------------
 
     def _connect(self) -> DealerEndpoint:
-        ep = DealerEndpoint.connect(self.ctx, self.config.broker, identity=b"site:" + self.name.encode())
+        identity = f"site:{self.name}"
+        if self.keys is not None:  # unguessable, so that no other key can take over this site's route
+            identity += f":{self.keys.routing_token()}"
+        curve = self.keys.as_tuple() if self.keys is not None else None
+        ep = DealerEndpoint.connect(self.ctx, self.config.broker, identity=identity.encode(), curve=curve)
         self.uplink.attach(ep)
         self._last_heard = asyncio.get_running_loop().time()
         return ep
@@ -278,6 +289,7 @@ class Site:
                 return
             except (FedbusError, OSError) as exc:
                 self.log.warning("broker message refused", type=inc.msg.TYPE, reason=str(exc))
+                self.audit.record("refused", by="broker", type=inc.msg.TYPE, reason=str(exc))
                 await self._send(Error("refused", str(exc)[:500], inc.msg.TYPE))
 
     async def _heartbeat_loop(self) -> None:
@@ -354,10 +366,12 @@ class Site:
             ctx=self.ctx,
             filters=self.filters,
             log=self.log,
+            audit=self.audit,
         )
         runner.folder.prepare()
         self.runners[msg.job_id] = runner
         runner.log.info("job deployed", script=msg.script[:200])
+        self.audit.record("job_deployed", job=msg.job_id, site=self.name, size=len(payload[0]))
         task = asyncio.create_task(runner.run(bytes(payload[0])))
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._runner_done(msg.job_id, runner, t))

@@ -50,7 +50,7 @@ from fedbus.protocol.messages import (
     Welcome,
 )
 from fedbus.site.child import Launcher, Script, ScriptProcess
-from fedbus.site.filters import Filter, apply_filters
+from fedbus.site.filters import Filter, FilterContext, PrivacyFilter, apply_filters, filter_name, job_filters
 from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
@@ -102,6 +102,7 @@ class JobRunner:
         ctx: zmq.asyncio.Context,
         filters: Sequence[Filter] = (),
         log: Any,
+        audit: Any = None,
     ) -> None:
         self.deploy = deploy
         self.job_id = deploy.job_id
@@ -110,7 +111,9 @@ class JobRunner:
         self.settings = settings
         self.bus = bus
         self.ctx = ctx
-        self.filters = list(filters)
+        self.filters = list(filters)  # the site's own: they always run, after the job's (job_filters)
+        self.job_filters: list[Filter] = []
+        self.audit = audit
         self.log = log.bind(job=deploy.job_id)
         self.token = secrets.token_urlsafe(24)
         self.task_timeout = _min_positive(settings.task_timeout_s, deploy.config.get("task_timeout_s"))
@@ -153,6 +156,7 @@ class JobRunner:
         folder = self.folder
         spec = await asyncio.to_thread(unpack_job, archive, folder.files, require_model=False, check_strategy=False)
         self.task_timeout = _min_positive(self.task_timeout, spec.task_timeout_s)
+        self.job_filters = list(job_filters(spec.extra))
         script = folder.script(self.deploy.script)
         if not all(isinstance(a, str) for a in self.deploy.args):
             raise JobError("deploy args must be strings")
@@ -254,6 +258,7 @@ class JobRunner:
         try:
             tensors = await sink.result
             del tensors  # views of the file's memory map: the script reads the file itself
+            self._audit("task_received", task=task.task_id, version=task.version, size=sink.offer and sink.offer.total)
         except FedbusError as exc:
             self.log.warning("model stream failed", task_id=task.task_id, reason=str(exc))
             path.unlink(missing_ok=True)
@@ -334,6 +339,7 @@ class JobRunner:
     async def _hello(self, peer: bytes, msg: Hello) -> None:
         if msg.role != "client" or not hmac.compare_digest(msg.session.encode(), self.token.encode()):
             self.log.warning("script hello refused: wrong role or token", peer=peer.hex(), role=msg.role[:32])
+            self._audit("refused", by="local link", type="hello", reason="wrong role or link token")
             await self._send_to(peer, Error("bad_token", "wrong role or link token", "hello"))
             return
         self._script = peer
@@ -404,7 +410,7 @@ class JobRunner:
         source = None
         if ready.task.kind == "train" and path is not None:
             file = self.folder.result_file(path, result.task_id)
-            source = await asyncio.to_thread(self._result_source, file)
+            source = await asyncio.to_thread(self._result_source, file, ready, result.params_type)
         sid = secrets.randbits(62) if source is not None else None
         t = ready.task
         out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, result.metrics, meta, sid)
@@ -412,16 +418,29 @@ class JobRunner:
             source = await asyncio.to_thread(self.uploads.keep, out, source)
         await self.bus.send(out)
         if source is not None and sid is not None:
-            await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
+            digest = await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
+            filters = [filter_name(f) for f in (*self.job_filters, *self.filters)]
+            self._audit(
+                "update_sent", task=t.task_id, version=t.version, size=source.total, digest=digest, filters=filters
+            )
         return source.total if source is not None else 0
 
-    def _result_source(self, file: Path) -> ModelSource:
+    def _result_source(self, file: Path, ready: _Ready, params_type: str) -> ModelSource:
         """The script's result as a stream source: straight from the file's page cache when no filter has
-        to see the tensors (zero copy), else read, filtered, and laid out again."""
-        if not self.filters:
+        to see the tensors (zero copy), else read, filtered (the job's filters, then the site's), laid out again."""
+        filters = [*self.job_filters, *self.filters]
+        if not filters:
             return ModelSource.from_file(file, max_total=self.settings.max_model_bytes)
         params = serde.read_file(file, max_total=self.settings.max_model_bytes)
-        return ModelSource.from_state_dict(apply_filters(self.filters, params))
+        base = None  # the global model this update was trained from: DP and exclusion work on the difference
+        if ready.path is not None and any(isinstance(f, PrivacyFilter) for f in filters):
+            base = serde.read_file(ready.path, max_total=self.settings.max_model_bytes)
+        ctx = FilterContext(self.job_id, ready.task.task_id, params_type, base)
+        return ModelSource.from_state_dict(apply_filters(filters, params, ctx))
+
+    def _audit(self, kind: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(kind, job=self.job_id, site=self.settings.site_name, **fields)
 
     async def _resume_uploads(self) -> None:
         """Uploads an earlier process of this site began and never settled (it was killed): result, then

@@ -36,8 +36,8 @@ class BrokerBus(Protocol):
     def report(self, msg: Message) -> None:
         """Deliver eventually: queued while disconnected, sent after the next welcome."""
 
-    async def stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
-        """Stream a model to the broker; returns once it is acknowledged (raises TransportError if not)."""
+    async def stream(self, source: ModelSource, ctx: dict, sid: int) -> str:
+        """Stream a model to the broker; returns its stream digest once acknowledged (TransportError if not)."""
 
 
 class _HubOutbox:
@@ -79,8 +79,9 @@ class Uplink:
         self.backlog.append(msg)
         self._pending.set()
 
-    async def stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
+    async def stream(self, source: ModelSource, ctx: dict, sid: int) -> str:
         await self.hub.send(b"", source, ctx, sid)
+        return source.sums(self.hub.chunk_size, self.hub.alg).digest()  # the sums are cached: no second pass
 
     async def resume_stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
         await self.hub.send(b"", source, ctx, sid, resumed=True)

@@ -45,6 +45,8 @@ class Incoming:
     msg: Message
     mid: int
     payload: list[memoryview] = field(default_factory=list)
+    user: str = ""
+    """The participant name the broker's ZAP handler gave this connection (CURVE only; else empty)."""
 
 
 class BadMessage(RemoteProtocolError):
@@ -75,6 +77,8 @@ def _configure(sock: zmq.Socket, max_frame: int) -> None:
 
 class _ZmqEndpoint:
     routed: bool = False
+    authenticated: bool = False
+    """A CURVE server socket: every message carries the ZAP User-Id of its connection."""
 
     def __init__(self, sock: zmq.asyncio.Socket, *, max_envelope: int) -> None:
         self.sock = sock
@@ -94,17 +98,27 @@ class _ZmqEndpoint:
             raise TransportError(f"send failed: {exc}") from exc
 
     async def recv(self) -> Incoming:
-        frames = await self.sock.recv_multipart(copy=False)
+        while True:
+            sock = self.sock
+            try:
+                frames = await sock.recv_multipart(copy=False)
+                break
+            except (asyncio.CancelledError, zmq.ZMQError):
+                task = asyncio.current_task()
+                if sock is self.sock or (task is not None and task.cancelling()):
+                    raise
+                # the socket was replaced under us (RouterEndpoint.rebind): read the new one
         peer = b""
         if self.routed:
             peer = frames.pop(0).bytes
         if not frames:
             raise BadMessage(peer, "empty message")
+        user = (frames[0].get("User-Id") or "") if self.authenticated else ""
         try:
             msg, mid = decode(frames[0].buffer, self.max_envelope)
         except RemoteProtocolError as exc:
             raise BadMessage(peer, str(exc)) from exc
-        return Incoming(peer, msg, mid, [f.buffer for f in frames[1:]])
+        return Incoming(peer, msg, mid, [f.buffer for f in frames[1:]], user)
 
     def close(self) -> None:
         self.sock.close(linger=LINGER_MS)
@@ -124,19 +138,58 @@ class RouterEndpoint(_ZmqEndpoint):
         max_frame: int = MAX_FRAME,
         max_envelope: int = MAX_ENVELOPE,
         configure: Any = None,
+        curve_secret: bytes | None = None,
     ) -> RouterEndpoint:
-        sock = ctx.socket(zmq.ROUTER)
-        _configure(sock, max_frame)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        if configure is not None:
-            configure(sock)
+        """With ``curve_secret`` the socket is a CURVE server asking ZAP (domain ``fedbus``) about every
+        connection: bind the authenticator in ``ctx`` first (``fedbus.security.Authenticator``)."""
+
+        def make() -> zmq.asyncio.Socket:
+            sock = ctx.socket(zmq.ROUTER)
+            _configure(sock, max_frame)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if curve_secret is not None:
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret)
+                sock.setsockopt(zmq.ZAP_DOMAIN, b"fedbus")
+            if configure is not None:
+                configure(sock)
+            return sock
+
+        sock = make()
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"cannot bind {address}: {exc}") from exc
-        return cls(sock, max_envelope=max_envelope)
+        ep = cls(sock, max_envelope=max_envelope)
+        ep.authenticated = curve_secret is not None
+        ep._make = make
+        return ep
+
+    _make: Any = None
+
+    async def rebind(self, timeout: float = 5.0) -> None:
+        """Close every connection: a new socket takes the same address, and peers reconnect (passing the
+        handshake, and ZAP, again). libzmq cannot drop one peer of a ROUTER; this is how a revoked key's
+        open connection is closed. Messages in flight are lost (streams resume or time out)."""
+        address = self.address
+        if not address.startswith("tcp://"):
+            raise TransportError(f"rebind needs a tcp:// endpoint, not {address}")
+        old, new = self.sock, self._make()
+        self.sock = new  # first: a receive waiting on the old socket moves over (see recv)
+        old.close(linger=0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:  # the old listener closes in zmq's I/O thread: its port frees up a moment later
+            try:
+                new.bind(address)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or loop.time() > deadline:
+                    new.close(linger=0)
+                    raise TransportError(f"cannot bind {address} again: {exc}") from exc
+                await asyncio.sleep(0.01)
 
     @property
     def address(self) -> str:
@@ -157,13 +210,19 @@ class DealerEndpoint(_ZmqEndpoint):
         max_frame: int = MAX_FRAME,
         max_envelope: int = MAX_ENVELOPE,
         configure: Any = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> DealerEndpoint:
+        """``curve`` = (server public key, own public key, own secret key) makes this a CURVE client."""
         sock = ctx.socket(zmq.DEALER)
         _configure(sock, max_frame)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         if identity:
             sock.setsockopt(zmq.ROUTING_ID, identity)
+        if curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, curve[0])
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, curve[1])
+            sock.setsockopt(zmq.CURVE_SECRETKEY, curve[2])
         if configure is not None:
             configure(sock)
         try:
