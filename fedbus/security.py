@@ -38,7 +38,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from fedbus.config import is_safe_name, read_toml
-from fedbus.errors import ConfigError
+from fedbus.errors import ConfigError, TransportError
 from fedbus.log import get_logger
 
 ROLES = ("site", "admin")
@@ -334,6 +334,8 @@ async def handshake_refused(sock: zmq.Socket) -> str:
     monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILED))
     try:
         msg = parse_monitor_message(await monitor.recv_multipart())
+        if msg["event"] == zmq.EVENT_MONITOR_STOPPED:
+            raise TransportError("the socket was closed")
         if msg["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return f"key refused (ZAP status {msg['value']}): unknown or revoked key"
         return _HANDSHAKE_FAILED.get(msg["event"], "handshake failed") + " (is broker_key the broker's key?)"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import zmq
 import zmq.asyncio
 
 from fedbus._memory import tune_malloc
@@ -53,7 +54,7 @@ from fedbus.protocol.messages import (
     Task,
     Welcome,
 )
-from fedbus.security import client_keys
+from fedbus.security import client_keys, handshake_refused
 from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter, make_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
@@ -189,6 +190,8 @@ class Site:
             while True:
                 ep = self._connect()
                 session = [asyncio.create_task(self._receive_loop(ep)), asyncio.create_task(self._heartbeat_loop())]
+                if self.keys is not None:
+                    self._spawn(self._watch_refusals(ep))
                 self._session_tasks = session
                 await self._hello()
                 await asyncio.wait({*session, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -253,6 +256,16 @@ class Site:
             task.cancel()
         await asyncio.gather(*self._session_tasks, return_exceptions=True)
         self.uplink.detach()
+
+    async def _watch_refusals(self, ep: DealerEndpoint) -> None:
+        """Say why the broker refuses our key (libzmq only retries, silently); ends with the socket."""
+        while self.uplink.ep is ep:
+            try:
+                reason = await handshake_refused(ep.sock)
+            except (zmq.ZMQError, TransportError):  # the socket was closed: a reconnect starts a new watch
+                return
+            self.log.error("the broker refused this site's key", reason=reason, broker=self.config.broker)
+            self.audit.record("connection_refused", by="broker", reason=reason)
 
     async def _hello(self) -> None:
         self.welcomed.clear()

@@ -154,8 +154,12 @@ async def test_revoked_key_is_refused_and_its_connection_closed(tmp_path: Path) 
                     assert "unknown or revoked" in reason
                 finally:
                     retry.close()
+                # the site daemon with the revoked kit says why it cannot connect
+                async with Site(site_config(tmp_path, kits, "site-2", broker.address)):
+                    site_audit = tmp_path / "site-2" / "audit.jsonl"
+                    await until(lambda: audit_of(site_audit, "connection_refused"), what="the site's own record")
+                    assert "unknown or revoked" in audit_of(site_audit, "connection_refused")[0]["reason"]
                 # site-1 was not revoked: it is back (its socket reconnected by itself) and stays online
-                await asyncio.sleep(1.0)
                 assert broker.registry.online() == ["site-1"]
             finally:
                 ep.sock.disable_monitor()
