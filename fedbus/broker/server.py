@@ -135,7 +135,7 @@ class Broker:
             try:
                 await self.metrics_server.start()
             except OSError as exc:
-                self.endpoint.close()
+                await self.shutdown()  # what startup opened so far (socket, tasks, store) is closed again
                 raise TransportError(
                     f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}"
                 ) from exc

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from fedbus import log
+from fedbus.broker import Broker
 from fedbus.broker.metrics import MAX_REQUEST, MetricsServer, reason_class, tensorboard_available
+from fedbus.config import BrokerConfig
+from fedbus.errors import TransportError
 from tests.broker.harness import federation, wait_job, write_job
 
 pytestmark = pytest.mark.timeout(90)
@@ -185,3 +188,16 @@ def test_refusal_reasons_map_to_few_labels() -> None:
     assert reason_class("upload failed: stream 3 from b'x': stalled") == "upload_failed"
     assert reason_class("script crashed: exited with code 3") == "script_crashed"
     assert reason_class("something new") == "other"
+
+
+async def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
+    opts = {"bind": f"ipc://{tmp_path}/b.sock", "workspace": str(tmp_path / "ws")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(TransportError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            async with Broker(BrokerConfig(**opts, metrics_port=port)):
+                pass
+    async with Broker(BrokerConfig(**opts)) as broker:  # what the failed start opened was closed again
+        assert broker.address == opts["bind"]
