@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedbus.cli import _version, build_parser, main
-from fedbus.config import ENV_OVERRIDES, BrokerConfig, load_config
+from fedbus.cli import _status_table, _version, build_parser, main
+from fedbus.config import ENV_OVERRIDES, BrokerConfig, SiteConfig, load_config
 from tests.broker.test_metrics import free_port
 from tests.e2e.procs import FEDBUS, ROOT, start_broker
 
@@ -173,3 +173,56 @@ def test_links_between_docs_resolve() -> None:
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text()):
             if "://" not in target:
                 assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to a missing {target}"
+
+
+def test_environment_overrides_key_paths_of_a_kit(tmp_path: Path) -> None:
+    provision = pytest.importorskip("fedbus.provision")
+    project = tmp_path / "project.toml"
+    project.write_text('name = "t"\nbroker = "tcp://127.0.0.1:7788"\n[[participant]]\nname = "site-1"\nrole = "site"\n')
+    provision.provision(project, tmp_path / "kits")
+    kit = tmp_path / "kits" / "site-1"
+    plain = load_config(SiteConfig, kit / "site.toml", {}, environ={})
+    assert (plain.secret_key, plain.broker_key) == (str(kit / "site-1.key_secret"), str(kit / "broker.key"))
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("site-1.key_secret", "broker.key"):
+        (moved / name).write_bytes((kit / name).read_bytes())
+    (moved / "site-1.key_secret").chmod(0o600)
+    env = {
+        "FEDBUS_BROKER": "tcp://10.1.2.3:7000",
+        "FEDBUS_SECRET_KEY": str(moved / "site-1.key_secret"),
+        "FEDBUS_BROKER_KEY": str(moved / "broker.key"),
+    }
+    cfg = load_config(SiteConfig, kit / "site.toml", {}, environ=env)
+    assert (cfg.broker, cfg.secret_key, cfg.broker_key) == tuple(env.values())
+    flagged = load_config(SiteConfig, kit / "site.toml", {"broker": "tcp://10.9.9.9:1"}, environ=env)
+    assert flagged.broker == "tcp://10.9.9.9:1"  # a flag beats the environment
+
+
+def test_status_table_shows_sites_and_jobs() -> None:
+    data = {
+        "sites": [
+            {"name": "site-1", "online": True, "jobs": ["j-1"]},
+            {"name": "site-2", "online": False, "jobs": []},
+        ],
+        "jobs": [
+            {
+                "id": "j-1",
+                "state": "running",
+                "version": 3,
+                "reason": "",
+                "last_metrics": {"loss": 0.25, "strategy/accepted": 6},
+                "live": {"strategy": {"strategy": "fedbuff", "phase": "training", "busy": 2, "accepted": 6}},
+                "seconds_per_version": [0.5, 0.4],
+            },
+            {"id": "j-0", "state": "failed", "version": 0, "reason": "cannot start: no model", "last_metrics": {}},
+        ],
+    }
+    lines = _status_table(data).splitlines()
+    assert lines[0].split() == ["SITE", "ONLINE", "JOBS"]
+    assert lines[1].split() == ["site-1", "yes", "j-1"] and lines[2].split() == ["site-2", "no"]
+    assert lines[4].split()[:4] == ["JOB", "STATE", "VERSION", "METRICS"]
+    assert lines[5].split() == ["j-1", "running", "3", "loss=0.25"]
+    assert "fedbuff training busy=2 accepted=6" in lines[6]
+    assert any(ln.split()[:3] == ["j-0", "failed", "0"] for ln in lines)
+    assert "    cannot start: no model" in lines
