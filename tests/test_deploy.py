@@ -246,6 +246,13 @@ def test_images_names_and_the_torch_pin_agree() -> None:
     assert sites == sorted(n.removeprefix("fedbus-") for n, _ in pod_specs() if n != "fedbus-broker")
     pin = re.search(r'"(torch==[0-9.]+)"', (ROOT / "scripts" / "setup.sh").read_text())
     assert pin and f"TORCH_SPEC={pin[1]}" in (DEPLOY / "Dockerfile").read_text()
+    args = {a.split("=", 1)[0] for w, a in dockerfile(DEPLOY / "Dockerfile") if w == "ARG"}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for svc in c["services"].values():
+        build = svc["build"]["args"]
+        assert set(build) <= args, f"compose passes build args the Dockerfile does not take: {set(build) - args}"
+        wanted = build.get("EXTRAS", "").strip("[]")
+        assert not wanted or set(wanted.split(",")) <= set(extras), wanted
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     for word, arg in dockerfile(DEPLOY / "Dockerfile"):
         if word == "COPY":
