@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -363,3 +364,35 @@ def test_systemd_paths_agree(kits: Path) -> None:
         assert service["EnvironmentFile"].lstrip("-") == "/etc/fedbus/fedbus.env"
         assert service["RestartPreventExitStatus"] == "2"  # exit 2 is a usage error: the CLI's contract
         assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+# --- the real tools, where this machine has them ------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    fedbus = shutil.which("fedbus")
+    if fedbus is None:
+        pytest.skip("the fedbus command is not installed (pip install -e .)")
+    units = []
+    for unit in sorted((DEPLOY / "systemd").glob("*.service")):
+        name = unit.name.replace("@.", "@site-1.")  # a template is verified as one instance
+        target = tmp_path / name
+        target.write_text(unit.read_text().replace("/opt/fedbus/bin/fedbus", fedbus))
+        units.append(str(target))
+    res = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert res.returncode == 0 and not res.stderr.strip(), res.stderr  # an unknown key is only a warning
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_renders_the_manifests() -> None:
+    res = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    objects = [d for d in yaml.safe_load_all(res.stdout) if d]
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == sorted(["Namespace", "Service", "PersistentVolumeClaim", *["Deployment"] * 4])
+    assert all(o["metadata"].get("namespace") == "fedbus" for o in objects if o["kind"] != "Namespace")
