@@ -94,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--chunk-mb", type=_positive_float, default=4)
     tr.add_argument("--window-mb", type=_positive_float, default=32)
     tr.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    tr.add_argument("--curve", action="store_true", help="CurveZMQ-encrypt the fedbus stream (and the raw baseline)")
+    tr.add_argument("--device", default="cpu", help="where the model lives, e.g. cuda: sent as flare.send does")
+    tr.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     rd = bsub.add_parser("round", help="whole rounds on real broker and site processes, random models, no training")
     rd.add_argument("--size-mb", type=_positive_float, default=64)
     rd.add_argument("--sites", type=_positive_int, default=4)
-    rd.add_argument("--rounds", type=_positive_int, default=3)
+    rd.add_argument("--rounds", type=_positive_int, default=4, help="versions (>= 2: the first is not timed)")
     rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
     fz = bsub.add_parser("fuzz", help="hostile generated input for every trust boundary, and a real broker socket")
     fz.add_argument("--inputs", type=_positive_int, default=100_000)
@@ -201,7 +204,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.bench == "transfer":
             from fedbus.bench.transfer import run_transfer
 
-            report = run_transfer(args.size_mb, args.chunk_mb, args.window_mb, args.transport)
+            report = run_transfer(
+                args.size_mb,
+                args.chunk_mb,
+                args.window_mb,
+                args.transport,
+                curve=args.curve,
+                device=args.device,
+                dtype=args.dtype,
+            )
         elif args.bench == "round":
             from fedbus.bench.round import run_round
 

@@ -571,3 +571,15 @@ def test_large_receive_buffer_is_its_own_mapping_and_outlives_its_name() -> None
     gc.collect()
     assert torch.equal(tensors["w"], model["w"])
     assert serde.allocate(16).numel() == 16  # small buffers stay plain memory
+
+
+def test_write_file_copies_strided_tensors_straight_into_the_file(tmp_path) -> None:
+    """Strided (and device) tensors take the mapped path: one copy each into the file, bit-exact with safetensors."""
+    base = torch.arange(60, dtype=torch.float32).view(6, 10)
+    model = {"t": base.t(), "s": base[:, ::3], "b": torch.tensor([True, False]), "e": torch.empty(0, 3)}
+    assert not model["t"].is_contiguous()
+    path = tmp_path / "m.safetensors"
+    serde.write_file(path, model, durable=False)
+    assert path.read_bytes() == safetensors.torch.save({k: v.contiguous() for k, v in model.items()})
+    back = serde.read_file(path)
+    assert all(torch.equal(back[k], v) for k, v in model.items())

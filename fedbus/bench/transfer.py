@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from fedbus import serde
 from fedbus.bench.common import (
     MiB,
     format_report,
@@ -36,11 +38,30 @@ from fedbus.bench.common import (
     reset_peak_rss,
     rss,
 )
+from fedbus.errors import ConfigError
 from fedbus.protocol.messages import STREAM_TYPES, Reply
 from fedbus.transport.endpoint import DealerEndpoint, RouterEndpoint
 from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
 RAW_FRAME = 4 * MiB
+CURVE_ENV = "FEDBUS_BENCH_CURVE"
+"""``--curve``: "SERVER_PUBLIC:SERVER_SECRET" (z85), inherited by the receiver child; every socket then uses CURVE."""
+
+
+def _curve(sock: zmq.Socket, *, server: bool) -> None:
+    """Make ``sock`` a CURVE server or client when the benchmark runs with ``--curve`` (no ZAP: any client key)."""
+    keys = os.environ.get(CURVE_ENV)
+    if not keys:
+        return
+    public, secret = (k.encode() for k in keys.split(":"))
+    if server:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    else:
+        client_public, client_secret = zmq.curve_keypair()
+        sock.setsockopt(zmq.CURVE_SERVERKEY, public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, client_public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, client_secret)
 
 
 def _addresses(transport: str) -> tuple[str, str]:
@@ -106,6 +127,7 @@ def receiver_main(mode: str, address: str, total: int, window: int, chunk: int) 
     if mode == "raw":
         ctx = zmq.Context()
         raw = ctx.socket(zmq.ROUTER)
+        _curve(raw, server=True)
         raw.bind(address)
         sys.stdout.write(raw.getsockopt_string(zmq.LAST_ENDPOINT) + "\n")
         sys.stdout.flush()
@@ -114,7 +136,7 @@ def receiver_main(mode: str, address: str, total: int, window: int, chunk: int) 
         ctx.term()
         return
     actx = zmq.asyncio.Context()
-    ep = RouterEndpoint.bind(actx, address)
+    ep = RouterEndpoint.bind(actx, address, configure=lambda sock: _curve(sock, server=True))
     sys.stdout.write(ep.address + "\n")
     sys.stdout.flush()
     asyncio.run(_fedbus_receive(ep, window, chunk))
@@ -136,6 +158,8 @@ def _end(proc: subprocess.Popen) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def raw_zmq_gbps(total: int, window: int = 32 * MiB, transport: str = "tcp") -> float:
@@ -153,6 +177,7 @@ def raw_zmq_gbps(total: int, window: int = 32 * MiB, transport: str = "tcp") -> 
 def _raw_send(address: str, total: int, window: int) -> float:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    _curve(sock, server=False)
     sock.connect(address)
     buf = memoryview(bytearray(os.urandom(1024)) * (RAW_FRAME // 1024))
     credit = max(1, window // RAW_FRAME)
@@ -174,31 +199,52 @@ def _raw_send(address: str, total: int, window: int) -> float:
     return elapsed
 
 
-async def _fedbus_send(address: str, size_mb: float, chunk: int, window: int) -> dict[str, Any]:
+async def _fedbus_send(
+    address: str, size_mb: float, chunk: int, window: int, device: str = "cpu", dtype: str = "float32"
+) -> dict[str, Any]:
     ctx = zmq.asyncio.Context()
-    ep = DealerEndpoint.connect(ctx, address)
+    ep = DealerEndpoint.connect(ctx, address, configure=lambda sock: _curve(sock, server=False))
 
     async def refuse(peer: bytes, offer: Any) -> None:
         return None
 
     hub = StreamHub(ep, on_offer=refuse, chunk_size=chunk, window=window)
+    torch_dtype = getattr(torch, dtype)
+    folder = tempfile.mkdtemp(prefix="fedbus-bench-")
+    hand_over = os.path.join(folder, "model.safetensors")
+    on_device = device != "cpu"
+    if on_device:  # the model exists (on the GPU) before the baseline: what counts is the host memory it costs
+        model = {k: v.to(device) for k, v in random_state_dict(size_mb, seed=1, dtype=torch_dtype).items()}
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     baseline = rss()
     reset_peak_rss()
-    model = random_state_dict(size_mb, seed=1)
+    if not on_device:
+        model = random_state_dict(size_mb, seed=1, dtype=torch_dtype)
     size = model_bytes(model)
     pump = asyncio.create_task(_route_controls(ep, hub))
     start = time.perf_counter()
-    source = ModelSource.from_state_dict(model)
+    d2h = 0.0
+    if on_device:  # flare.send's path: device -> hand-over file (page cache) -> stream from its mapping
+        serde.write_file(hand_over, model, durable=False)
+        d2h = time.perf_counter() - start
+        source = ModelSource.from_file(hand_over)
+    else:
+        source = ModelSource.from_state_dict(model)
     await hub.send(b"", source)
     elapsed = time.perf_counter() - start
     sender_growth = peak_rss() - baseline
     start = time.perf_counter()
-    await hub.send(b"", ModelSource.from_state_dict(model))  # warm: the receiver reuses its buffer
+    again = ModelSource.from_file(hand_over) if on_device else ModelSource.from_state_dict(model)
+    await hub.send(b"", again)  # warm: the receiver reuses its buffer
     warm = time.perf_counter() - start
     reply = await pump
     ep.close()
     ctx.term()
-    out = {"elapsed": elapsed, "warm": warm, "size": size, "total": source.total, "sender_growth": sender_growth}
+    total = source.total
+    del source, again
+    shutil.rmtree(folder, ignore_errors=True)
+    out = {"elapsed": elapsed, "warm": warm, "size": size, "total": total, "sender_growth": sender_growth, "d2h": d2h}
     return {**out, **reply}
 
 
@@ -212,14 +258,38 @@ async def _route_controls(ep: DealerEndpoint, hub: StreamHub) -> dict[str, Any]:
             await hub.dispatch(inc.peer, inc.msg, inc.payload)
 
 
-def run_transfer(size_mb: float, chunk_mb: float = 4, window_mb: float = 32, transport: str = "tcp") -> str:
-    """Run the whole benchmark; returns the report (a table, then one JSON line)."""
+def run_transfer(
+    size_mb: float,
+    chunk_mb: float = 4,
+    window_mb: float = 32,
+    transport: str = "tcp",
+    *,
+    curve: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> str:
+    """Run the whole benchmark; returns the report (a table, then one JSON line). ``curve``: CurveZMQ on.
+    ``device``: the model lives there (``cuda``) and is sent as ``flare.send`` does: copied once into the
+    hand-over file, then streamed from its mapping; ``d2h_s`` is the copy's share of ``fedbus_s``."""
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ConfigError(f"--device {device!r}: only cpu, or cuda[:N] on a machine with a CUDA GPU")
+    if curve:
+        os.environ[CURVE_ENV] = ":".join(k.decode() for k in zmq.curve_keypair())
+        try:
+            return run_transfer(size_mb, chunk_mb, window_mb, transport, device=device, dtype=dtype).replace(
+                f'"transport": "{transport}"', f'"transport": "{transport}+curve"'
+            )
+        finally:
+            del os.environ[CURVE_ENV]
     chunk, window = int(chunk_mb * MiB), int(window_mb * MiB)
     total = int(size_mb * MiB)
     raw_gbps = raw_zmq_gbps(total, window, transport)
     proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk)
     try:
-        fb = asyncio.run(_fedbus_send(address, size_mb, chunk, window))
+        fb = asyncio.run(_fedbus_send(address, size_mb, chunk, window, device, dtype))
+    except BaseException:
+        proc.kill()  # the receiver would wait for a model that is not coming
+        raise
     finally:
         _end(proc)
     mem = memcpy_gbps()
@@ -239,7 +309,11 @@ def run_transfer(size_mb: float, chunk_mb: float = 4, window_mb: float = 32, tra
         "sender_rss_x": round(fb["sender_growth"] / fb["size"], 3),
         "receiver_rss_x": round(fb["peak_growth"] / fb["size"], 3),
         "tensors": fb["tensors"],
+        "device": device,
+        "dtype": dtype,
     }
+    if device != "cpu":
+        result |= {"d2h_s": round(fb["d2h"], 4), "d2h_gbps": round(fb["size"] / fb["d2h"] / 1e9, 3)}
     rows = [
         ("model", f"{size_mb} MiB in {fb['tensors']} tensors, {fb['total']} bytes on the wire"),
         ("chunk / window", f"{chunk_mb} MiB / {window_mb} MiB over {transport}"),
@@ -249,6 +323,7 @@ def run_transfer(size_mb: float, chunk_mb: float = 4, window_mb: float = 32, tra
             "fedbus warm",
             f"{result['fedbus_warm_gbps']:.2f} GB/s into a reused receive buffer, {result['warm_ratio']:.0%} of raw",
         ),
+        *([("device to file", f"{result['d2h_gbps']:.2f} GB/s ({fb['d2h']:.3f} s of fedbus_s)")] if fb["d2h"] else []),
         ("memcpy", f"{mem:.2f} GB/s"),
         ("sender rss", f"{result['sender_rss_x']:.2f} x model"),
         ("receiver rss", f"{result['receiver_rss_x']:.2f} x model"),

@@ -33,4 +33,4 @@ def load_params(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def save_params(path: Path, params: Mapping[str, torch.Tensor]) -> None:
     """Write ``params`` to ``path`` atomically (a reader never sees a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    serde.write_file(path, serde.layout(params), durable=False)
+    serde.write_file(path, params, durable=False)  # GPU tensors: copied once, device to the file's pages

@@ -263,8 +263,8 @@ class _PocBackend:
         out = []
         for i in range(self.num_clients):
             for rec in read_json_lines(self.workspace / f"site-{i + 1}.log"):
-                if rec.get("event") == "result delivered" and rec.get("job_id") == job_id:
-                    out.append({k: rec.get(k) for k in keys})
+                if rec.get("event") == "result delivered" and rec.get("job") == job_id:  # daemons log "job"
+                    out.append({k: rec.get("job" if k == "job_id" else k) for k in keys})
         return out
 
 

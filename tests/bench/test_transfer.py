@@ -1,0 +1,38 @@
+"""``fedbus bench transfer`` end to end on a small model: the report's shape and sane figures, not speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedbus.bench.transfer import run_transfer
+from fedbus.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _figures(report: str) -> dict:
+    return json.loads(report.strip().splitlines()[-1])
+
+
+def test_transfer_bench_reports_every_figure() -> None:
+    got = _figures(run_transfer(8, chunk_mb=1, window_mb=4))
+    for key in ("fedbus_gbps", "raw_zmq_gbps", "memcpy_gbps", "ratio", "fedbus_warm_gbps", "warm_ratio"):
+        assert got[key] > 0, key
+    assert got["ratio"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_gbps"], rel=0.02)
+    assert 0.5 < got["sender_rss_x"] < 3 and 0.5 < got["receiver_rss_x"] < 3  # the model itself is 1.0
+    assert got["tensors"] > 1 and got["device"] == "cpu"
+
+
+def test_transfer_bench_refuses_a_device_it_cannot_use() -> None:
+    with pytest.raises(ConfigError, match="--device 'meta'"):
+        run_transfer(1, device="meta")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_transfer_bench_from_a_gpu_counts_the_device_copy() -> None:
+    got = _figures(run_transfer(64, device="cuda", dtype="bfloat16"))
+    assert 0 < got["d2h_s"] < got["fedbus_s"] and got["dtype"] == "bfloat16"
+    assert got["sender_rss_x"] < 1.5  # the hand-over file's pages, not a second host copy of the model
