@@ -220,7 +220,7 @@ def test_status_table_shows_sites_and_jobs() -> None:
                 "version": 3,
                 "reason": "",
                 "last_metrics": {"loss": 0.25, "strategy/accepted": 6},
-                "live": {"strategy": {"strategy": "fedbuff", "phase": "training", "busy": 2, "accepted": 6}},
+                "live": {"strategy": {"strategy": "fedbuff", "phase": "train", "busy": 2, "accepted": 6}},
                 "seconds_per_version": [0.5, 0.4],
             },
             {"id": "j-0", "state": "failed", "version": 0, "reason": "cannot start: no model", "last_metrics": {}},
@@ -231,6 +231,6 @@ def test_status_table_shows_sites_and_jobs() -> None:
     assert lines[1].split() == ["site-1", "yes", "j-1"] and lines[2].split() == ["site-2", "no"]
     assert lines[4].split()[:4] == ["JOB", "STATE", "VERSION", "METRICS"]
     assert lines[5].split() == ["j-1", "running", "3", "loss=0.25"]
-    assert "fedbuff training busy=2 accepted=6" in lines[6]
+    assert "fedbuff train busy=2 accepted=6" in lines[6]
     assert any(ln.split()[:3] == ["j-0", "failed", "0"] for ln in lines)
     assert "    cannot start: no model" in lines
