@@ -81,8 +81,10 @@ def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: 
     return model_bytes(model)
 
 
-def _daemon(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _daemon(args: list[str], log: Path, threads: int) -> subprocess.Popen:
+    # PocEnv's policy for processes sharing a machine: OpenMP threads split the cores (recipes/poc.py).
+    # Without it, torch's idle OpenMP threads spin: a third of the broker's CPU on 2 cores (perf, 64 MiB x 4).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     level = "info" if args[0] == "broker" else "warning"
     return subprocess.Popen(
         [sys.executable, "-m", "fedbus.cli", *args, "--log-json", "--log-level", level],
@@ -123,13 +125,15 @@ def run_round(size_mb: float, sites: int, rounds: int = 4, strategy: str = "feda
         floor = subprocess.Popen([sys.executable, "-c", SCRIPT_FLOOR], stdout=subprocess.PIPE, text=True)
         sock = tmp / "broker.sock"
         address = f"ipc://{sock}" if os.environ.get("FEDBUS_BENCH_IPC") else _free_tcp()
-        broker = _daemon(["broker", "--bind", address, "--workspace", str(tmp / "broker")], tmp / "broker.log")
+        threads = max(1, (os.cpu_count() or 1) // (sites + 1))
+        broker = _daemon(["broker", "--bind", address, "--workspace", str(tmp / "broker")], tmp / "broker.log", threads)
         procs.append(broker)
         for i in range(sites):
             procs.append(
                 _daemon(
                     ["site", "--name", f"s{i}", "--broker", address, "--workspace", str(tmp / f"s{i}")],
                     tmp / f"s{i}.log",
+                    threads,
                 )
             )
         _wait_listening(tmp / "broker.log", broker)
