@@ -45,7 +45,7 @@ from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
 RAW_FRAME = 4 * MiB
 CURVE_ENV = "FEDBUS_BENCH_CURVE"
-"""``--curve``: "SERVER_PUBLIC:SERVER_SECRET" (z85), inherited by the receiver child; every socket then uses CURVE."""
+"""``--curve``: "SERVER_PUBLIC,SERVER_SECRET" (z85, which has no comma), inherited by the receiver child."""
 
 
 def _curve(sock: zmq.Socket, *, server: bool) -> None:
@@ -53,7 +53,7 @@ def _curve(sock: zmq.Socket, *, server: bool) -> None:
     keys = os.environ.get(CURVE_ENV)
     if not keys:
         return
-    public, secret = (k.encode() for k in keys.split(":"))
+    public, secret = (k.encode() for k in keys.split(","))
     if server:
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
@@ -274,7 +274,7 @@ def run_transfer(
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ConfigError(f"--device {device!r}: only cpu, or cuda[:N] on a machine with a CUDA GPU")
     if curve:
-        os.environ[CURVE_ENV] = ":".join(k.decode() for k in zmq.curve_keypair())
+        os.environ[CURVE_ENV] = ",".join(k.decode() for k in zmq.curve_keypair())
         try:
             return run_transfer(size_mb, chunk_mb, window_mb, transport, device=device, dtype=dtype).replace(
                 f'"transport": "{transport}"', f'"transport": "{transport}+curve"'
