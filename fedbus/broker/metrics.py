@@ -194,10 +194,12 @@ def render(metrics: Metrics, broker: Any) -> str:
     counts = broker.store.count_by_state()
     for state in (*ACTIVE_STATES, *FINAL_STATES):
         t.sample("fedbus_jobs", counts.get(state, 0), state=state)
+    running = sorted(broker.controllers.items())
     t.family("fedbus_job_version", "gauge", "Global model version of each running job.")
-    t.family("fedbus_job_tasks_in_flight", "gauge", "Tasks dispatched and not yet answered, per running job.")
-    for job_id, c in sorted(broker.controllers.items()):
+    for job_id, c in running:
         t.sample("fedbus_job_version", c.strategy.version, job=job_id)
+    t.family("fedbus_job_tasks_in_flight", "gauge", "Tasks dispatched and not yet answered, per running job.")
+    for job_id, c in running:
         t.sample("fedbus_job_tasks_in_flight", len(c.tasks), job=job_id)
     t.family("fedbus_versions_published_total", "counter", "Global model versions (rounds) published, per job.")
     for job_id, n in sorted(metrics.versions.items()):
@@ -223,9 +225,10 @@ def render(metrics: Metrics, broker: Any) -> str:
     for (direction, outcome), n in sorted(metrics.streams.items()):
         t.sample("fedbus_streams_total", n, direction=direction, outcome=outcome)
     t.family("fedbus_stream_bytes_total", "counter", "Bytes of completed model streams.")
-    t.family("fedbus_stream_seconds_total", "counter", "Seconds spent on completed model streams.")
     for direction in ("in", "out"):
         t.sample("fedbus_stream_bytes_total", metrics.stream_bytes[direction], direction=direction)
+    t.family("fedbus_stream_seconds_total", "counter", "Seconds spent on completed model streams.")
+    for direction in ("in", "out"):
         t.sample("fedbus_stream_seconds_total", round(metrics.stream_seconds[direction], 6), direction=direction)
     t.family(
         "fedbus_stream_throughput_bytes_per_second", "gauge", "Mean throughput of completed streams (bytes/seconds)."

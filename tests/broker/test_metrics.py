@@ -65,12 +65,20 @@ async def scrape(port: int) -> dict[str, float]:
     status, body = await http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200
     out = {}
+    family, kind, seen = "", "", set()
     for line in body.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, family, kind = line.split(" ")
+            assert family not in seen, f"family {family} declared twice"
+            seen.add(family)
+            continue
         if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) [a-z_]+ ", line), line
+            assert re.match(r"^# HELP [a-z_]+ ", line), line
             continue
         m = SAMPLE.match(line)
         assert m, f"not a sample line: {line!r}"
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        assert any(m[1] == family + s for s in suffixes), f"{m[1]} outside its family (under {family})"
         out[m[1] + (m[2] or "")] = float(m[3])
     return out
 
