@@ -102,7 +102,11 @@ class JobController:
         self.params_type = getattr(strategy, "params_type", "FULL")
         self.source: ModelSource | None = None
         self.pending: dict[tuple[bytes, int], PendingResult] = {}
-        self.tasks: dict[str, str] = {}  # task_id -> site, for tasks in flight
+        self.tasks: dict[str, str] = {}  # task_id (as on the wire) -> site, for tasks in flight
+        # Task ids on the wire carry this controller's epoch: a broker restarted on its workspace starts a new
+        # strategy whose ids repeat the old ones, and a site still holding an old task must not mistake one
+        # for the other. The strategy sees its own ids; the bus, the sites and the store see these.
+        self.epoch = secrets.token_hex(3)
         self.state = "running"
         self.reason = ""
         self.log = get_logger("broker.controller", job=job_id)
@@ -180,7 +184,7 @@ class JobController:
             self.store.record_update(self.job_id, task_id, site, -1, accepted=False, reason=reason)
             if self.metrics is not None:
                 self.metrics.refused(self.job_id, reason)
-            self._run(self.strategy.task_failed(site, task_id, reason, time.monotonic()))
+            self._run(self.strategy.task_failed(site, self._plain(task_id), reason, time.monotonic()))
 
     def site_crashed(self, site: str, detail: str) -> None:
         """The site's script died: its tasks are lost and it gets no more of this job's work."""
@@ -193,7 +197,7 @@ class JobController:
         self.tasks.pop(result.task_id, None)
         update = Update(
             site=site,
-            task_id=result.task_id,
+            task_id=self._plain(result.task_id),
             base_version=result.version,
             params=params,
             params_type=result.params_type,  # type: ignore[arg-type]
@@ -201,6 +205,12 @@ class JobController:
             metrics=result.metrics,
         )
         self._run(self.strategy.on_update(update, time.monotonic()))
+
+    def _wire(self, task_id: str) -> str:
+        return f"{task_id}.{self.epoch}"
+
+    def _plain(self, wire: str) -> str:
+        return wire.removesuffix(f".{self.epoch}")
 
     # --- executing actions ---------------------------------------------------------------------------------
 
@@ -219,7 +229,7 @@ class JobController:
         elif isinstance(action, Accepted):
             self.store.record_update(
                 self.job_id,
-                action.task_id,
+                self._wire(action.task_id),
                 action.site,
                 action.version,
                 accepted=True,
@@ -228,13 +238,14 @@ class JobController:
             )
         elif isinstance(action, Rejected):
             self.log.warning("update rejected", site=action.site, task=action.task_id, reason=action.reason)
-            self.store.record_update(self.job_id, action.task_id, action.site, -1, accepted=False, reason=action.reason)
+            wire = self._wire(action.task_id)
+            self.store.record_update(self.job_id, wire, action.site, -1, accepted=False, reason=action.reason)
         elif isinstance(action, Evaluated):
             self.store.record_event(
                 self.job_id, action.site, "evaluation", {"version": action.version, **action.metrics}
             )
         elif isinstance(action, Cancel):
-            self.tasks.pop(action.task_id, None)
+            self.tasks.pop(self._wire(action.task_id), None)
         elif isinstance(action, Finished):
             self._end("finished", action.reason)
         elif isinstance(action, Failed):
@@ -242,16 +253,16 @@ class JobController:
 
     def _dispatch(self, action: Dispatch) -> None:
         peer = self.bus.peer_of(action.site)
+        wire = self._wire(action.task_id)
+        self.tasks[wire] = action.site
         if peer is None or self.source is None:
-            self.tasks[action.task_id] = action.site
             # Not re-entrant: the strategy hears of the failure after the current action list has run.
-            asyncio.get_running_loop().call_soon(self.task_failed, action.site, action.task_id, "site is not connected")
+            asyncio.get_running_loop().call_soon(self.task_failed, action.site, wire, "site is not connected")
             return
-        self.tasks[action.task_id] = action.site
         sid = secrets.randbits(62)
         task = Task(
             job_id=self.job_id,
-            task_id=action.task_id,
+            task_id=wire,
             kind=action.kind,
             version=action.version,
             round=action.version,
@@ -266,9 +277,9 @@ class JobController:
         # next round does not wait for the disk. (After a crash, results for an unsaved version are refused.)
         try:
             await self.bus.send(peer, task)
-            await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": action.task_id}, task.sid or 0)
+            await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": task.task_id}, task.sid or 0)
         except FedbusError as exc:
-            self.task_failed(action.site, action.task_id, f"model download failed: {exc}")
+            self.task_failed(action.site, task.task_id, f"model download failed: {exc}")
 
     def _publish(self, action: Publish) -> None:
         self.source = ModelSource.from_state_dict(action.model)

@@ -355,6 +355,7 @@ class Site:
         self.welcomed.set()
         self.log.info("welcomed by the broker", broker_session=msg.session[:64], heartbeat_s=self._heartbeat_s)
         await self.uplink.hub.resume_all()
+        await self.uplink.hub.reoffer_all()  # our uploads: resumed by the same broker, refused by a new one
 
     async def _error(self, msg: Error) -> None:
         self.log.warning("the broker refused a message", code=msg.code[:64], reason=msg.reason[:500], ref=msg.ref[:32])

@@ -292,6 +292,7 @@ class StreamHub:
         self.max_total = max_total
         self.stall_timeout = stall_timeout
         self._outgoing: dict[tuple[bytes, int], asyncio.Queue[Message]] = {}
+        self._offers: dict[tuple[bytes, int], Offer] = {}  # of the outgoing streams, for reoffer_all
         self._incoming: dict[tuple[bytes, int], asyncio.Queue[tuple[Message, list[memoryview]]]] = {}
         self._receivers: dict[tuple[bytes, int], Receiver] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -330,6 +331,7 @@ class StreamHub:
         inbox: asyncio.Queue[Message] = asyncio.Queue()
         key = (peer, sid)
         self._outgoing[key] = inbox
+        self._offers[key] = sender.offer()
         try:
             await self.endpoint.send(peer, sender.offer())
             while True:
@@ -349,6 +351,7 @@ class StreamHub:
                     sender.receive(inbox.get_nowait(), _now())
         finally:
             del self._outgoing[key]
+            del self._offers[key]
         if sender.state is SenderState.FAILED:
             raise TransportError(f"stream {sid} to {peer!r} failed: {sender.failure}")
         return sid
@@ -486,6 +489,14 @@ class StreamHub:
         outbox = self._outgoing.get(key)
         if outbox is not None:
             outbox.put_nowait(msg)
+
+    async def reoffer_all(self) -> None:
+        """After a reconnect: offer every outgoing stream again. A receiver that still holds one answers with
+        the offset to resume from; one that forgot it (a restarted broker) refuses it, so its sender fails now
+        rather than after the stall timeout."""
+        for (peer, _sid), offer in list(self._offers.items()):
+            with contextlib.suppress(TransportError):
+                await self.endpoint.send(peer, offer)
 
     def abort_peer(self, peer: bytes, reason: str) -> None:
         """Give up every stream coming from ``peer`` (it was declared gone): its owners hear at once."""
