@@ -110,7 +110,12 @@ class Broker:
     async def startup(self) -> None:
         tune_malloc()
         self.guard.start(self.ctx)  # ZAP first: libzmq asks it about every CURVE connection
-        self.router = RouterEndpoint.bind(self.ctx, self.config.bind, curve_secret=self.guard.secret)
+        try:
+            self.router = RouterEndpoint.bind(self.ctx, self.config.bind, curve_secret=self.guard.secret)
+        except TransportError:  # e.g. the port is taken: free what startup took, so a retry can start clean
+            self.guard.close()
+            self._release_ctx()
+            raise
         for coro in self.guard.tasks(self.router.sock):
             self._spawn(coro)
         self.endpoint = CountingEndpoint(self.router, self.metrics)
