@@ -17,7 +17,11 @@ from fedbus.errors import LocalProtocolError, RemoteProtocolError
 from fedbus.protocol.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message, fields_of
 
 MAX_ENVELOPE = 256 * 1024
-"""Largest envelope accepted (bytes). Headers of models with ~10^4 tensors fit; payloads never travel here."""
+"""Largest envelope accepted (bytes), but for an offer. Payloads never travel here."""
+
+MAX_OFFER_ENVELOPE = 16 << 20
+"""Largest offer accepted (bytes). An offer carries the model's safetensors header, ~85 bytes per tensor: a
+4 GiB model of 4,200 tensors has a 360 KB header (more than MAX_ENVELOPE), 16 MiB fits ~190,000 tensors."""
 
 MAX_DEPTH = 8
 """Deepest nesting accepted inside dict/list fields (metrics, meta, config)."""
@@ -76,15 +80,22 @@ def encode(msg: Message, mid: int = 0) -> bytes:
         raise LocalProtocolError(f"cannot send: {exc}") from None
     body.update(values)
     try:
-        return msgpack.packb(body, use_bin_type=True)
+        data = msgpack.packb(body, use_bin_type=True)
     except (OverflowError, ValueError) as exc:  # an int beyond 64 bits, a nest too deep for msgpack
         raise LocalProtocolError(f"cannot send {msg.TYPE}: {exc}") from None
+    if len(data) > _limit(msg.TYPE, MAX_ENVELOPE):
+        raise LocalProtocolError(f"cannot send {msg.TYPE}: envelope of {len(data)} bytes exceeds the limit")
+    return data
+
+
+def _limit(mtype: object, max_size: int) -> int:
+    return max(max_size, MAX_OFFER_ENVELOPE) if mtype == "offer" else max_size
 
 
 def decode(data: bytes | bytearray | memoryview, max_size: int = MAX_ENVELOPE) -> tuple[Message, int]:
     """Parse and validate one untrusted envelope frame; returns (message, message id)."""
     size = memoryview(data).nbytes
-    if size > max_size:
+    if size > _limit("offer", max_size):
         raise RemoteProtocolError(f"envelope of {size} bytes exceeds the {max_size}-byte limit")
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
@@ -98,6 +109,8 @@ def decode(data: bytes | bytearray | memoryview, max_size: int = MAX_ENVELOPE) -
     mtype = body.pop("t", None)
     if not isinstance(mtype, str) or mtype not in _SCHEMAS:
         raise RemoteProtocolError(f"unknown message type {mtype!r}")
+    if size > _limit(mtype, max_size):
+        raise RemoteProtocolError(f"{mtype}: envelope of {size} bytes exceeds the {max_size}-byte limit")
     mid = body.pop("id", 0)
     if type(mid) is not int:
         raise RemoteProtocolError(f"{mtype}: field 'id' must be int")

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fedbus.errors import LocalProtocolError, RemoteProtocolError
 from fedbus.protocol import MAX_ENVELOPE, MESSAGE_TYPES, PROTOCOL_VERSION, Message, decode, encode
-from fedbus.protocol.envelope import MAX_DEPTH
+from fedbus.protocol.envelope import MAX_DEPTH, MAX_OFFER_ENVELOPE
+from fedbus.protocol.messages import fields_of
 
 SAMPLES: dict[str, Any] = {
     "int": 7,
@@ -117,10 +118,21 @@ def test_rejects_missing_extra_and_mistyped_fields() -> None:
 
 
 def test_rejects_oversize_envelopes() -> None:
-    big = encode(MESSAGE_TYPES["hello"]("site", "x" * MAX_ENVELOPE, "s"))
-    reject(big, f"exceeds the {MAX_ENVELOPE}-byte limit")
+    hello_big = MESSAGE_TYPES["hello"]("site", "x" * MAX_ENVELOPE, "s")
+    with pytest.raises(LocalProtocolError, match="cannot send hello: envelope of .* exceeds"):
+        encode(hello_big)  # the sender finds out first
+    reject(msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", **fields_of(hello_big)}), "hello: envelope of")
+    reject(b"\x81" + bytes(MAX_OFFER_ENVELOPE), f"exceeds the {MAX_ENVELOPE}-byte limit")  # never even unpacked
     with pytest.raises(RemoteProtocolError, match="exceeds the 10-byte limit"):
         decode(encode(credit), max_size=10)
+
+
+def test_an_offer_may_carry_the_header_of_a_model_with_many_tensors() -> None:
+    """A 4 GiB model of 4,200 tensors has a 360 KB safetensors header: its offer must pass, up to its own cap."""
+    offer = MESSAGE_TYPES["offer"](1, 1 << 32, 4 << 20, "sum64", "", b"h" * (2 * MAX_ENVELOPE))
+    assert decode(encode(offer))[0] == offer
+    with pytest.raises(LocalProtocolError, match="cannot send offer"):
+        encode(MESSAGE_TYPES["offer"](1, 1 << 32, 4 << 20, "sum64", "", b"h" * MAX_OFFER_ENVELOPE))
 
 
 def test_rejects_non_string_keys_and_deep_nesting() -> None:
