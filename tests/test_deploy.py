@@ -6,11 +6,14 @@ files. The kits they name are made by the real `fedbus provision` on deploy/proj
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import tomllib
+import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -396,3 +399,57 @@ def test_kustomize_renders_the_manifests() -> None:
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["Namespace", "Service", "PersistentVolumeClaim", *["Deployment"] * 4])
     assert all(o["metadata"].get("namespace") == "fedbus" for o in objects if o["kind"] != "Namespace")
+
+
+# --- the compose federation's own commands, as local processes ------------------------------------------------
+
+
+def host_argv(argv: list[str], volumes: dict[str, Path]) -> list[str]:
+    """A container's argv with its mounted paths moved to host folders."""
+    out = []
+    for a in argv:
+        for target, host in volumes.items():
+            if a == target or a.startswith(target + "/"):
+                a = str(host) + a[len(target) :]
+        out.append(a)
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_compose_commands_run_a_federation_as_processes(kits: Path, tmp_path: Path) -> None:
+    """The broker's and a site's commands of compose.yaml, with their kits, CurveZMQ and the metrics port, and
+    the admin's kit: only the paths become host folders and the ports free ones (flags beat the kits)."""
+    from tests.broker.test_metrics import free_port
+    from tests.e2e.procs import FEDBUS, Daemon
+
+    c = compose()
+    volumes = {"/kits": kits, "/var/lib/fedbus/broker": tmp_path / "broker"}
+    argv = host_argv([str(a) for a in c["services"]["fedbus-broker"]["command"]], volumes)
+    port = free_port()
+    argv[argv.index("--metrics-port") + 1] = str(port)
+    daemons = [Daemon([*argv, "--bind", "tcp://127.0.0.1:0"], tmp_path / "broker.log")]
+    try:
+        address = daemons[0].wait_for("broker listening")["address"]
+        sites = sorted(n for n in c["services"] if n.startswith("site-"))[:1]  # the others differ by name only
+        for name in sites:
+            volumes["/var/lib/fedbus/site"] = tmp_path / name
+            argv = host_argv([str(a) for a in c["services"][name]["command"]], volumes)
+            daemons.append(Daemon([*argv, "--broker", address], tmp_path / f"{name}.log"))
+        for d in daemons[1:]:
+            d.wait_for("welcomed by the broker")
+        kit = host_argv([c["services"]["admin"]["environment"]["FEDBUS_KIT"]], volumes)[0]
+        res = subprocess.run(
+            [*FEDBUS, "status", "--json", "--broker", address, "--timeout", "20"],
+            env={**os.environ, "FEDBUS_KIT": kit},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert res.returncode == 0, res.stderr
+        assert sorted(s["name"] for s in json.loads(res.stdout)["sites"] if s["online"]) == sites
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert f"fedbus_sites_connected {len(sites)}" in resp.read().decode()
+    finally:
+        codes = [d.stop() for d in reversed(daemons)]
+    assert codes == [0] * len(daemons)
