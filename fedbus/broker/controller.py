@@ -162,6 +162,7 @@ class JobController:
             max_total=self.max_model_bytes,
             expected=self.strategy.model,
         )
+        sink.settled = asyncio.get_running_loop().create_future()  # the site hears of it once it is recorded
         self._spawn(self._collect(peer, offer.sid, pending, sink))
         return sink
 
@@ -178,6 +179,8 @@ class JobController:
             self._update(pending.site, pending.result, params)
         finally:
             params.release()
+            if sink.settled is not None and not sink.settled.done():
+                sink.settled.set_result(None)  # accepted or refused, it is in the store: the ack may go
 
     def task_failed(self, site: str, task_id: str, reason: str) -> None:
         if self.tasks.pop(task_id, None) is not None and self.state == "running":

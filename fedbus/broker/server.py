@@ -131,7 +131,8 @@ class Broker:
             if job["state"] == "uploading":  # its submitter was cut off mid-upload
                 self.store.set_state(job["id"], "failed", "the initial model upload did not complete")
                 continue
-            log.info("job will resume", job=job["id"], version=job["version"])
+            unapplied = self.store.unapply_after(job["id"], job["version"])
+            log.info("job will resume", job=job["id"], version=job["version"], updates_lost_in_aggregate=unapplied)
             self.store.set_state(job["id"], "waiting", "resuming after a broker restart")
         if self.config.metrics_port:
             self.metrics_server = MetricsServer(

@@ -175,6 +175,19 @@ class JobStore:
             (job_id, task_id, site, version, int(accepted), staleness, weight, reason, time.time()),
         )
 
+    def unapply_after(self, job_id: str, version: int) -> int:
+        """After a restart from checkpoint ``version``: accepted updates whose aggregate went into a later,
+        never-checkpointed version (a FedAvg round in progress, a FedBuff buffer not yet applied) were lost
+        with the process; record them as dropped, with the reason, instead of leaving them counted. An update
+        accepted at global version v with staleness s lands in version v + s + 1. Returns how many."""
+        reason = f"accepted into an aggregate the broker lost when it stopped (resumed from version {version})"
+        cur = self.db.execute(
+            "UPDATE updates SET accepted = 0, reason = ? "
+            "WHERE job_id = ? AND accepted = 1 AND version + COALESCE(staleness, 0) + 1 > ?",
+            (reason, job_id, version),
+        )
+        return cur.rowcount
+
     def updates(self, job_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT task_id, site, version, accepted, staleness, weight, reason FROM updates WHERE job_id = ?",

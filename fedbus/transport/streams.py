@@ -30,7 +30,7 @@ from fedbus import digest, serde
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.envelope import decode, encode
-from fedbus.protocol.messages import Abort, Chunk, End, Message, Offer
+from fedbus.protocol.messages import Abort, Ack, Chunk, End, Message, Offer
 from fedbus.protocol.stream import Receiver, ReceiverState, Sender, SenderState
 
 DEFAULT_CHUNK = 4 << 20
@@ -167,6 +167,10 @@ class BufferSink:
         self.offer: Offer | None = None
         self.peer = b""
         self.result: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
+        # An owner that must record what arrived before the sender may forget it (the broker: an update is
+        # counted, or refused with a reason, before its site hears it was delivered) sets this future and
+        # resolves it once recorded; the hub holds the ACK until then, so a crash never loses an acked stream.
+        self.settled: asyncio.Future[None] | None = None
 
     def open(self, offer: Offer, *, resume: bool = False) -> None:
         """Validate the untrusted header and allocate; raises RemoteProtocolError to refuse the stream."""
@@ -417,6 +421,7 @@ class StreamHub:
         resumed: bool,
     ) -> None:
         peer, sid = key
+        held: list[Message] = []
         try:
             for m in receiver.resume(_now()) if resumed else receiver.start():
                 await self.endpoint.send(peer, m)
@@ -429,6 +434,9 @@ class StreamHub:
                     while not queue.empty():
                         self._feed(receiver, sink, *queue.get_nowait())
                 for m in receiver.next_messages(_now()):
+                    if isinstance(m, Ack) and sink.settled is not None:
+                        held.append(m)  # sent once the owner recorded the stream's content
+                        continue
                     # A sender that is away (killed, reconnecting) may come back and resume: its silence
                     # is the stall timeout's business (or the owner's, via abort_peer), not a failed send's.
                     with contextlib.suppress(TransportError):
@@ -439,6 +447,11 @@ class StreamHub:
                     getattr(result, "release", lambda: None)()
                 else:
                     sink.result.set_result(result)
+                if held and sink.settled is not None:
+                    await asyncio.wait({sink.settled}, timeout=self.stall_timeout)
+                    recorded = sink.settled.done() and not sink.settled.cancelled() and not sink.settled.exception()
+                    for m in held if recorded else [Abort(sid, "the receiver could not record the stream")]:
+                        await self.endpoint.send(peer, m)
             elif not sink.result.done():
                 sink.result.set_exception(TransportError(f"stream {sid} from {peer!r}: {receiver.failure}"))
         except FedbusError as exc:

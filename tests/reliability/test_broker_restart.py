@@ -77,3 +77,19 @@ def test_broker_sigkill_and_restart_reach_the_uninterrupted_model_bit_for_bit(tm
         assert torch.equal(reference[name].view(torch.uint8), killed[name].view(torch.uint8)), name
     start = serde.read_file(tmp_path / "straight" / "job" / "model.safetensors")
     assert not torch.equal(reference["w"], start["w"])  # the job did train
+
+
+def test_a_restart_records_updates_of_a_lost_aggregate_as_dropped(tmp_path: Path) -> None:
+    """Accepted into a buffer or round the dead broker never checkpointed: dropped with a reason, not counted."""
+    from fedbus.broker.store import JobStore
+
+    store = JobStore(tmp_path)
+    store.create_job("j", "j", {}, state="running")
+    for task, version, staleness in (("a", 0, 0), ("b", 1, 0), ("c", 1, 1), ("d", 2, 0)):
+        store.record_update("j", task, "s", version, accepted=True, staleness=staleness, weight=1.0)
+    store.record_update("j", "e", "s", -1, accepted=False, reason="stale")
+    assert store.unapply_after("j", 2) == 2  # c and d landed in version 3, which was never written
+    rows = {u["task_id"]: u for u in store.updates("j")}
+    assert [t for t, u in rows.items() if u["accepted"]] == ["a", "b"]
+    assert "resumed from version 2" in rows["d"]["reason"] and rows["e"]["reason"] == "stale"
+    store.close()
