@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -169,74 +170,128 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+Row = tuple[float, dict[str, str]]  # (value, labels)
+
+
 class _Text:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def family(self, name: str, kind: str, help_text: str) -> None:
+    def family(self, name: str, kind: str, help_text: str, rows: Iterable[Row] = ()) -> None:
+        """One metric family: its HELP and TYPE lines, then its samples (they must not be interleaved)."""
         self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for value, labels in rows:
+            self.sample(name, value, labels)
 
-    def sample(self, name: str, value: float, **labels: str) -> None:
-        body = ",".join(f'{k}="{_label(str(v))}"' for k, v in labels.items())
-        self.lines.append(f"{name}{{{body}}} {value:g}" if body else f"{name} {value:g}")
+    def sample(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
+        body = ",".join(f'{k}="{_label(str(v))}"' for k, v in (labels or {}).items())
+        text = _number(value)
+        self.lines.append(f"{name}{{{body}}} {text}" if body else f"{name} {text}")
+
+
+def _number(value: float) -> str:
+    """Exact: an int as is (a byte counter keeps every digit), a float as its shortest round-trip repr."""
+    if isinstance(value, int):
+        return str(int(value))  # int(): a bool prints as 0 or 1
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _per_direction(values: Any, scale: Callable[[float], float] | None = None) -> list[Row]:
+    return [(values[d] if scale is None else scale(values[d]), {"direction": d}) for d in ("in", "out")]
 
 
 def render(metrics: Metrics, broker: Any) -> str:
     """The Prometheus text exposition of ``metrics`` plus gauges read from ``broker`` now."""
     t = _Text()
-    t.family("fedbus_up_seconds", "gauge", "Seconds since the broker started.")
-    t.sample("fedbus_up_seconds", round(time.time() - metrics.started, 3))
-    t.family("fedbus_sites_connected", "gauge", "Sites online now (said hello, not silent past liveness).")
-    t.sample("fedbus_sites_connected", len(broker.registry.online()))
-    t.family("fedbus_sites_known", "gauge", "Sites seen since the broker started, online or not.")
-    t.sample("fedbus_sites_known", len(broker.registry.sites))
-    t.family("fedbus_jobs", "gauge", "Jobs in the store, by state.")
-    counts = broker.store.count_by_state()
-    for state in (*ACTIVE_STATES, *FINAL_STATES):
-        t.sample("fedbus_jobs", counts.get(state, 0), state=state)
-    running = sorted(broker.controllers.items())
-    t.family("fedbus_job_version", "gauge", "Global model version of each running job.")
-    for job_id, c in running:
-        t.sample("fedbus_job_version", c.strategy.version, job=job_id)
-    t.family("fedbus_job_tasks_in_flight", "gauge", "Tasks dispatched and not yet answered, per running job.")
-    for job_id, c in running:
-        t.sample("fedbus_job_tasks_in_flight", len(c.tasks), job=job_id)
-    t.family("fedbus_versions_published_total", "counter", "Global model versions (rounds) published, per job.")
-    for job_id, n in sorted(metrics.versions.items()):
-        t.sample("fedbus_versions_published_total", n, job=job_id)
-    t.family("fedbus_updates_total", "counter", "Site updates accepted into an aggregate or refused, by reason.")
-    for (job_id, outcome, reason), n in sorted(metrics.updates.items()):
-        t.sample("fedbus_updates_total", n, job=job_id, outcome=outcome, reason=reason)
-    t.family("fedbus_update_staleness", "histogram", "Staleness (versions behind) of accepted updates.")
-    for job_id, hist in sorted(metrics.staleness.items()):
-        running = 0
-        for bound, n in zip((*map(str, STALENESS_BUCKETS), "+Inf"), hist, strict=True):
-            running += n
-            t.sample("fedbus_update_staleness_bucket", running, job=job_id, le=bound)
-        t.sample("fedbus_update_staleness_sum", metrics.staleness_sum[job_id], job=job_id)
-        t.sample("fedbus_update_staleness_count", running, job=job_id)
-    t.family("fedbus_messages_total", "counter", "Messages received (in) and sent (out), by type.")
-    for (direction, msg_type), n in sorted(metrics.messages.items()):
-        t.sample("fedbus_messages_total", n, direction=direction, type=msg_type)
-    t.family("fedbus_payload_bytes_total", "counter", "Payload bytes (model chunks, job archives) in and out.")
-    for direction in ("in", "out"):
-        t.sample("fedbus_payload_bytes_total", metrics.bytes[direction], direction=direction)
-    t.family("fedbus_streams_total", "counter", "Model streams ended, by direction and outcome.")
-    for (direction, outcome), n in sorted(metrics.streams.items()):
-        t.sample("fedbus_streams_total", n, direction=direction, outcome=outcome)
-    t.family("fedbus_stream_bytes_total", "counter", "Bytes of completed model streams.")
-    for direction in ("in", "out"):
-        t.sample("fedbus_stream_bytes_total", metrics.stream_bytes[direction], direction=direction)
-    t.family("fedbus_stream_seconds_total", "counter", "Seconds spent on completed model streams.")
-    for direction in ("in", "out"):
-        t.sample("fedbus_stream_seconds_total", round(metrics.stream_seconds[direction], 6), direction=direction)
+    m = metrics
+    up = round(time.time() - m.started, 3)
+    t.family("fedbus_up_seconds", "gauge", "Seconds since the broker started.", [(up, {})])
     t.family(
-        "fedbus_stream_throughput_bytes_per_second", "gauge", "Mean throughput of completed streams (bytes/seconds)."
+        "fedbus_sites_connected",
+        "gauge",
+        "Sites online now (said hello, not silent past liveness).",
+        [(len(broker.registry.online()), {})],
     )
-    for direction in ("in", "out"):
-        secs = metrics.stream_seconds[direction]
-        rate = metrics.stream_bytes[direction] / secs if secs > 0 else 0.0
-        t.sample("fedbus_stream_throughput_bytes_per_second", round(rate, 1), direction=direction)
+    t.family(
+        "fedbus_sites_known",
+        "gauge",
+        "Sites seen since the broker started, online or not.",
+        [(len(broker.registry.sites), {})],
+    )
+    counts = broker.store.count_by_state()
+    states = [(counts.get(s, 0), {"state": s}) for s in (*ACTIVE_STATES, *FINAL_STATES)]
+    t.family("fedbus_jobs", "gauge", "Jobs in the store, by state.", states)
+    running = sorted(broker.controllers.items())
+    t.family(
+        "fedbus_job_version",
+        "gauge",
+        "Global model version of each running job.",
+        [(c.strategy.version, {"job": j}) for j, c in running],
+    )
+    t.family(
+        "fedbus_job_tasks_in_flight",
+        "gauge",
+        "Tasks dispatched and not yet answered, per running job.",
+        [(len(c.tasks), {"job": j}) for j, c in running],
+    )
+    t.family(
+        "fedbus_versions_published_total",
+        "counter",
+        "Global model versions (rounds) published, per job.",
+        [(n, {"job": j}) for j, n in sorted(m.versions.items())],
+    )
+    t.family(
+        "fedbus_updates_total",
+        "counter",
+        "Site updates accepted into an aggregate or refused, by reason.",
+        [(n, {"job": j, "outcome": o, "reason": r}) for (j, o, r), n in sorted(m.updates.items())],
+    )
+    t.family("fedbus_update_staleness", "histogram", "Staleness (versions behind) of accepted updates.")
+    for job_id, hist in sorted(m.staleness.items()):
+        cumulative = 0
+        for bound, n in zip((*map(str, STALENESS_BUCKETS), "+Inf"), hist, strict=True):
+            cumulative += n
+            t.sample("fedbus_update_staleness_bucket", cumulative, {"job": job_id, "le": bound})
+        t.sample("fedbus_update_staleness_sum", m.staleness_sum[job_id], {"job": job_id})
+        t.sample("fedbus_update_staleness_count", cumulative, {"job": job_id})
+    t.family(
+        "fedbus_messages_total",
+        "counter",
+        "Messages received (in) and sent (out), by type.",
+        [(n, {"direction": d, "type": ty}) for (d, ty), n in sorted(m.messages.items())],
+    )
+    t.family(
+        "fedbus_payload_bytes_total",
+        "counter",
+        "Payload bytes (model chunks, job archives) in and out.",
+        _per_direction(m.bytes),
+    )
+    t.family(
+        "fedbus_streams_total",
+        "counter",
+        "Model streams ended, by direction and outcome.",
+        [(n, {"direction": d, "outcome": o}) for (d, o), n in sorted(m.streams.items())],
+    )
+    t.family(
+        "fedbus_stream_bytes_total", "counter", "Bytes of completed model streams.", _per_direction(m.stream_bytes)
+    )
+    t.family(
+        "fedbus_stream_seconds_total",
+        "counter",
+        "Seconds spent on completed model streams.",
+        _per_direction(m.stream_seconds, lambda v: round(v, 6)),
+    )
+    rates = {d: m.stream_bytes[d] / m.stream_seconds[d] if m.stream_seconds[d] > 0 else 0.0 for d in ("in", "out")}
+    t.family(
+        "fedbus_stream_throughput_bytes_per_second",
+        "gauge",
+        "Mean throughput of completed streams (bytes/seconds).",
+        _per_direction(rates, lambda v: round(v, 1)),
+    )
     return "\n".join(t.lines) + "\n"
 
 

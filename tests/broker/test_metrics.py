@@ -10,12 +10,15 @@ import json
 import re
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from fedbus import log
 from fedbus.broker import Broker
-from fedbus.broker.metrics import MAX_REQUEST, MetricsServer, reason_class, tensorboard_available
+from fedbus.broker.metrics import MAX_REQUEST, Metrics, MetricsServer, reason_class, render, tensorboard_available
+from fedbus.broker.registry import Registry
+from fedbus.broker.store import JobStore
 from fedbus.config import BrokerConfig
 from fedbus.errors import TransportError
 from tests.broker.harness import federation, wait_job, write_job
@@ -209,3 +212,19 @@ async def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) ->
                 pass
     async with Broker(BrokerConfig(**opts)) as broker:  # what the failed start opened was closed again
         assert broker.address == opts["bind"]
+
+
+def test_counters_render_exactly(tmp_path: Path) -> None:
+    """Big counters keep every digit (a rate over a rounded counter would jump), floats round-trip."""
+    broker = SimpleNamespace(registry=Registry(1.0, 5), store=JobStore(tmp_path), controllers={})
+    metrics = Metrics()
+    metrics.bytes["in"] = 123_456_789_012_345
+    metrics.stream_done("in", 10_000_000_001, 0.1, ok=True)
+    try:
+        text = render(metrics, broker)
+    finally:
+        broker.store.close()
+    assert 'fedbus_payload_bytes_total{direction="in"} 123456789012345\n' in text
+    assert 'fedbus_stream_bytes_total{direction="in"} 10000000001\n' in text
+    assert 'fedbus_stream_seconds_total{direction="in"} 0.1\n' in text
+    assert 'fedbus_stream_throughput_bytes_per_second{direction="in"} 100000000010.0\n' in text
