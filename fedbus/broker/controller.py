@@ -301,6 +301,8 @@ class JobController:
         if self._timer is not None:
             self._timer.cancel()
         self.log.info("job ended", state=state, reason=reason)
+        if self.metrics is not None:
+            self.metrics.job_ended(self.job_id)
         self._spawn(self._finish(state, reason))
 
     async def _finish(self, state: str, reason: str) -> None:

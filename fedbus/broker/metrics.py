@@ -29,7 +29,7 @@ from typing import Any
 from fedbus.broker.store import ACTIVE_STATES, FINAL_STATES
 from fedbus.log import get_logger
 from fedbus.protocol.messages import Message
-from fedbus.strategy import Accepted, Action, Failed, Finished, Publish, Rejected
+from fedbus.strategy import Accepted, Action, Publish, Rejected
 from fedbus.transport.endpoint import Incoming
 
 log = get_logger("broker.metrics")
@@ -127,12 +127,15 @@ class Metrics:
             self.versions[job] += 1
             if self.boards is not None:
                 self.boards.version(job, action.version, action.metrics)
-        elif isinstance(action, Finished | Failed) and self.boards is not None:
-            self.boards.close(job)
 
     def refused(self, job: str, reason: str) -> None:
         """An update that did not go into the aggregate (refused by the strategy, or its task failed)."""
         self.updates[(job, "refused", reason_class(reason))] += 1
+
+    def job_ended(self, job: str) -> None:
+        """The job is final (finished, failed or aborted): its TensorBoard writer is flushed and closed."""
+        if self.boards is not None:
+            self.boards.close(job)
 
     def close(self) -> None:
         if self.boards is not None:

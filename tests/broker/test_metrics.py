@@ -170,6 +170,7 @@ async def test_tensorboard_event_files_per_job(tmp_path: Path) -> None:
         job_id = await admin.submit(write_job(tmp_path / "job", rounds=2))
         job = await wait_job(admin, job_id)
         board = broker.store.job_dir(job_id) / "tensorboard"
+        assert broker.metrics.boards is not None and not broker.metrics.boards._writers  # closed at the job's end
     assert job["state"] == "finished", job["reason"]
     acc = EventAccumulator(str(board))
     acc.Reload()
