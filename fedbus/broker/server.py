@@ -422,7 +422,8 @@ class Broker:
 
     def _audit_update(self, result: asyncio.Future, peer: bytes, offer: Offer, pending: Any) -> None:
         """Every update that arrived (or failed to), with the digest its stream was verified against."""
-        digest = self._end_digests.pop((peer, offer.sid), None)
+        # the digest the stream was verified against: in its END, or in its offer (a small model sent inline)
+        digest = self._end_digests.pop((peer, offer.sid), None) or offer.digest or None
         r = pending.result
         fields = {"job": r.job_id, "task": r.task_id, "site": pending.site, "version": r.version, "size": offer.total}
         if result.cancelled() or result.exception() is not None:

@@ -41,7 +41,9 @@ async def test_secure_job_audit_agrees_and_excluded_tensors_stay_home(tmp_path: 
     job = write_job(tmp_path / "job", model, rounds=2, extra='\n[extra.privacy]\nexclude = ["private"]\n')
     async with secure_broker(tmp_path, kits) as broker, Relay(broker.address) as relay:
         # site-1 dials through the relay and imposes its own filter: "w" never leaves it
-        one = Site(site_config(tmp_path, kits, "site-1", relay.address, exclude_vars=("w",)))
+        # small chunks for site-1's uploads (digest at END), while site-2's small model rides in its offer
+        one_cfg = site_config(tmp_path, kits, "site-1", relay.address, exclude_vars=("w",))
+        one = Site(one_cfg, chunk_size=64 << 10, window=256 << 10)
         two = Site(site_config(tmp_path, kits, "site-2", broker.address))
         async with one, two:
             await until(lambda: broker.registry.online() == ["site-1", "site-2"], what="both sites online")
