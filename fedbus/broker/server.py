@@ -57,6 +57,7 @@ from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
 MiB = 1 << 20
 REPLY_INLINE_MAX = 64 * 1024
+MAX_END_DIGESTS = 4096
 log = get_logger("broker")
 
 
@@ -271,8 +272,10 @@ class Broker:
             if self.registry.by_peer(peer) is None and peer not in self.registry.admins:
                 await self._send_error(peer, "hello_required", "say hello first", msg.TYPE)
                 return
-            if isinstance(msg, End):  # the digest the receiver verifies: what the audit records
+            if isinstance(msg, End) and self.registry.by_peer(peer) is not None:  # a site's: the audit's digest
                 self._end_digests[(peer, msg.sid)] = msg.digest
+                while len(self._end_digests) > MAX_END_DIGESTS:  # ENDs of refused streams are never collected
+                    del self._end_digests[next(iter(self._end_digests))]
             await self.hub.dispatch(peer, msg, payload)
             return
         site = self.registry.seen(peer, now)
