@@ -2,11 +2,13 @@
 
 Why a file of its own and not the log: logs rotate, change level and carry debugging noise; the audit
 trail is for a compliance officer reconstructing what left each site. Every record is one line written
-with a single ``write`` on an ``O_APPEND`` descriptor (lines from one process never interleave, and the
-file is only ever appended to), mode 0600. Fields are flat: ``time`` (UTC, ISO 8601), ``ts`` (epoch
-seconds), ``actor`` (the daemon writing: ``broker`` or the site's name), ``kind``, then what applies of
-``job``, ``task``, ``site``, ``by`` (the participant acting), ``key`` (its public key, CURVE only),
-``version``, ``size``, ``digest`` and ``reason``.
+with a single ``write`` on an ``O_APPEND`` descriptor (lines never interleave, and the file is only ever
+appended to), mode 0600. The file is opened per record, not held: records are few (per connection, task
+and update), and a simulation with a thousand sites in one process should not hold a thousand descriptors.
+
+Fields are flat: ``time`` (UTC, ISO 8601), ``ts`` (epoch seconds), ``actor`` (the daemon writing: ``broker``
+or the site's name), ``kind``, then what applies of ``job``, ``task``, ``site``, ``by`` (the participant
+acting), ``key`` (its public key, CURVE only), ``version``, ``size``, ``digest`` and ``reason``.
 
 Kinds: ``connection_refused``, ``refused`` (a message or request), ``hello``, ``revoked``,
 ``job_submitted``, ``job_aborted``, ``job_downloaded``, ``job_deployed``, ``task_sent`` /
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -31,14 +32,14 @@ MAX_FIELD = 2000
 
 
 class AuditLog:
-    """Appends audit records to one file; safe to call from several threads of one process."""
+    """Appends audit records to one file; safe from several threads and processes (one write per line)."""
 
     def __init__(self, path: str | os.PathLike[str], actor: str) -> None:
         self.path = Path(path)
         self.actor = actor
+        self.closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._lock = threading.Lock()
+        os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))  # exists from the start
 
     def record(self, kind: str, **fields: Any) -> None:
         """Append one record; None fields are left out, long strings cut."""
@@ -54,15 +55,17 @@ class AuditLog:
                 continue
             rec[k] = v[:MAX_FIELD] if isinstance(v, str) else v
         line = (json.dumps(rec, default=str, ensure_ascii=True) + "\n").encode()
-        with self._lock:
-            if self._fd >= 0:
-                os.write(self._fd, line)
+        if self.closed:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        """Later records are dropped (the daemon has stopped)."""
+        self.closed = True
 
 
 def read_audit(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
