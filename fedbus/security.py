@@ -166,12 +166,12 @@ def parse_participants(doc: dict[str, Any], where: str) -> list[Participant]:
 
 
 class Participants:
-    """The broker's allow-list, re-read when the file changes (mtime or size), so revocations take effect
+    """The broker's allow-list, re-read when the file changes (mtime, size or inode), so revocations take effect
     without a restart. A file that becomes unreadable or invalid keeps the last good list (and is logged)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self.by_key: dict[str, Participant] = {}
         self.by_name: dict[str, Participant] = {}
         self._revoked: list[str] = []
@@ -187,7 +187,7 @@ class Participants:
             if strict:
                 raise ConfigError(f"{self.path}: cannot read the participants file: {exc.strerror or exc}") from exc
             return []
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)  # the inode: provision replaces the file
         if stamp == self._stamp:
             return []
         try:
