@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--sites", type=_positive_int, default=4)
     rd.add_argument("--rounds", type=_positive_int, default=4, help="versions (>= 2: the first is not timed)")
     rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
+    sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
+    sc.add_argument("--sites", type=_positive_int, default=1000)
+    sc.add_argument("--size-kb", type=_positive_float, default=100)
+    sc.add_argument("--seconds", type=_positive_float, default=20)
+    sc.add_argument("--procs", type=_positive_int, default=2, help="processes the simulated sites share")
+    sc.add_argument("--buffer", type=_positive_int, default=50, help="FedBuff buffer_size")
+    sc.add_argument("--heartbeat-s", type=_positive_float, default=1.0)
     fz = bsub.add_parser("fuzz", help="hostile generated input for every trust boundary, and a real broker socket")
     fz.add_argument("--inputs", type=_positive_int, default=100_000)
     fz.add_argument("--seed", type=int, default=0)
@@ -217,6 +224,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from fedbus.bench.round import run_round
 
             report = run_round(args.size_mb, args.sites, args.rounds, args.strategy)
+        elif args.bench == "scale":
+            from fedbus.bench.scale import run_scale
+
+            report = run_scale(args.sites, args.size_kb, args.seconds, args.procs, args.buffer, args.heartbeat_s)
         elif args.bench == "fuzz":
             from fedbus.bench.fuzz import run_fuzz
 

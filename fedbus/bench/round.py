@@ -86,12 +86,13 @@ def _daemon(args: list[str], log: Path, threads: int) -> subprocess.Popen:
     # Without it, torch's idle OpenMP threads spin: a third of the broker's CPU on 2 cores (perf, 64 MiB x 4).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     level = "info" if args[0] == "broker" else "warning"
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedbus.cli", *args, "--log-json", "--log-level", level],
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "w"),
-        env=env,
-    )
+    with open(log, "w") as err:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedbus.cli", *args, "--log-json", "--log-level", level],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+        )
 
 
 async def _run_job(address: str, folder: Path, timeout: float) -> dict[str, Any]:

@@ -49,7 +49,10 @@ from fedbus.strategy import (
     Update,
 )
 from fedbus.transport.spool import SpoolSink
-from fedbus.transport.streams import BufferSink, ModelSource
+from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
+
+SMALL_UPLOAD = DEFAULT_CHUNK
+"""Uploads of at most one chunk and this many bytes are received into memory instead of a spool file."""
 
 
 class Bus(Protocol):
@@ -154,31 +157,39 @@ class JobController:
         pending = self.pending.get((peer, offer.sid))
         if pending is None or self.state != "running":
             return None
-        await self.upload_slots.acquire()
-        spool = self.store.job_dir(self.job_id) / "incoming"
-        spool.mkdir(parents=True, exist_ok=True)
-        sink = SpoolSink(
-            path=str(spool / f"{pending.result.task_id}.part"),
-            max_total=self.max_model_bytes,
-            expected=self.strategy.model,
-        )
+        small = offer.total <= min(offer.chunk, SMALL_UPLOAD)
+        sink: BufferSink
+        if small:
+            # One chunk, most likely already here inside the offer (the inline fast path): memory, not a
+            # file, and no upload slot, which bounds the bytes of big uploads in flight (scale bench).
+            sink = BufferSink(max_total=self.max_model_bytes, expected=self.strategy.model)
+        else:
+            await self.upload_slots.acquire()
+            spool = self.store.job_dir(self.job_id) / "incoming"
+            spool.mkdir(parents=True, exist_ok=True)
+            sink = SpoolSink(
+                path=str(spool / f"{pending.result.task_id}.part"),
+                max_total=self.max_model_bytes,
+                expected=self.strategy.model,
+            )
         sink.settled = asyncio.get_running_loop().create_future()  # the site hears of it once it is recorded
-        self._spawn(self._collect(peer, offer.sid, pending, sink))
+        self._spawn(self._collect(peer, offer.sid, pending, sink, slot=not small))
         return sink
 
-    async def _collect(self, peer: bytes, sid: int, pending: PendingResult, sink: SpoolSink) -> None:
+    async def _collect(self, peer: bytes, sid: int, pending: PendingResult, sink: BufferSink, *, slot: bool) -> None:
         try:
             params = await sink.result
         except FedbusError as exc:
             self.task_failed(pending.site, pending.result.task_id, f"upload failed: {exc}")
             return
         finally:
-            self.upload_slots.release()
+            if slot:
+                self.upload_slots.release()
             self.pending.pop((peer, sid), None)
         try:
             self._update(pending.site, pending.result, params)
         finally:
-            params.release()
+            getattr(params, "release", lambda: None)()
             if sink.settled is not None and not sink.settled.done():
                 sink.settled.set_result(None)  # accepted or refused, it is in the store: the ack may go
 

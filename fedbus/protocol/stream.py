@@ -39,6 +39,16 @@ receiver that is DONE answers a duplicate END with the ACK again). So one lost m
 never the stream. ``deadline()`` says when ``next_messages`` must be called at the latest; a deadline at or
 before the last ``now`` means "call it now".
 
+Small models (the inline fast path). A stream of at most one chunk may travel inside its offer: the sender
+(``inline=True``) attaches the whole stream to the OFFER as its payload, and a receiver whose window holds it
+(``accept_inline``) writes it and answers ACK at once (``inline_written``): one round trip instead of
+OFFER / CREDIT / CHUNK / END / ACK. The offer's digest covers the bytes. Anything else falls back to the
+ordinary stream with no extra message: a receiver that does not take the bytes (an older peer, a digest
+mismatch) just grants credit, and the sender, still in OFFERED, sends the chunk.
+
+    OFFER(..., digest) + payload [0, total)  ->   accept_inline? write, inline_written(actual sum)
+                                             <-   ACK(digest)          (or CREDIT: the ordinary stream)
+
 Errors. Misuse by the driver (wrong sid, calls out of order) raises ``LocalProtocolError``; anything the peer
 sent that no correct peer sends raises ``RemoteProtocolError`` and leaves the machine unchanged (the driver
 usually answers with ``abort()``). Messages arriving after DONE or FAILED are ignored: late duplicates are
@@ -80,7 +90,7 @@ _S, _R = SenderState, ReceiverState
 
 # state -> event -> next state. A missing event is illegal in that state (raised as the peer's fault).
 _SENDER: dict[SenderState, dict[str, SenderState]] = {
-    _S.OFFERED: {"credit": _S.SENDING, "rewind": _S.SENDING, "fail": _S.FAILED},
+    _S.OFFERED: {"credit": _S.SENDING, "rewind": _S.SENDING, "ack": _S.DONE, "fail": _S.FAILED},
     _S.SENDING: {"credit": _S.SENDING, "rewind": _S.SENDING, "sent_all": _S.ENDED, "ack": _S.DONE, "fail": _S.FAILED},
     _S.ENDED: {"credit": _S.ENDED, "rewind": _S.SENDING, "ack": _S.DONE, "fail": _S.FAILED},
     _S.DONE: {},
@@ -133,9 +143,12 @@ class Sender:
         now: float,
         stall_timeout: float = 30.0,
         resumed: bool = False,
+        inline: bool = False,
     ) -> None:
         """``resumed``: this stream was begun by an earlier process (a site killed mid-upload and started
-        again), so the receiver may ask to resume from any offset, not only from what this one has sent."""
+        again), so the receiver may ask to resume from any offset, not only from what this one has sent.
+        ``inline``: the driver sends the whole stream (at most one chunk) with the offer; the digest must
+        then be known up front (a str)."""
 
         def need(ok: bool, what: str) -> None:
             if not ok:
@@ -152,7 +165,11 @@ class Sender:
         need(len(chunk_sums) == nchunks, f"{len(chunk_sums)} chunk sums given for {nchunks} chunks")
         need(callable(digest) or _is_digest(digest), "digest must be a str of <= 256 chars or a callable")
         need(stall_timeout > 0, "stall_timeout must be positive")
+        need(
+            not inline or (total <= chunk_size and bool(digest) and not callable(digest)), "inline: one chunk, a digest"
+        )
         self._sid = sid
+        self._inline = inline
         # A lazy digest (a callable) is computed at END from the chunk sums, which may then be a lazy
         # sequence too: the first chunk leaves without a pass over the whole model (the offer names no digest).
         self._offer = Offer(
@@ -167,7 +184,7 @@ class Sender:
         self._failure: str | None = None
         self._credit = 0  # max credit seen (lowered only by a nack)
         self._next = 0  # next offset to send in this pass
-        self._high = total if resumed else 0  # highest byte offset ever sent (by us or our predecessor)
+        self._high = total if resumed or inline else 0  # highest byte offset ever sent (by us or a predecessor)
         self._nacks: dict[int, int] = {}
         self._since = now  # last sign of life from the peer, or our last chunk
         self._now = now
@@ -196,6 +213,11 @@ class Sender:
     @property
     def credit(self) -> int:
         return self._credit
+
+    @property
+    def inline(self) -> bool:
+        """The offer carries the whole stream (the driver attaches bytes [0, total) to it)."""
+        return self._inline
 
     # --- API -----------------------------------------------------------------------------------------------
 
@@ -308,6 +330,8 @@ class Sender:
         self._rewind(target)
 
     def _on_ack(self, msg: Ack) -> None:
+        if self._state is _S.OFFERED and not self._inline:
+            raise RemoteProtocolError(f"stream {self._sid}: 'ack' is not allowed in state offered")
         nxt = _fire(_SENDER, self._state, "ack", self._sid)
         if msg.digest != self._stream_digest():
             raise RemoteProtocolError(f"stream {self._sid}: ack digest {msg.digest!r} is not the stream's digest")
@@ -450,6 +474,35 @@ class Receiver:
 
     def chunk_length(self, off: int) -> int:
         return min(self._chunk, self._total - off)
+
+    def accept_inline(self, length: int) -> bool:
+        """The offer carried ``length`` bytes: should the driver write them (then call ``inline_written``)?
+
+        Yes when they are the whole stream and within one chunk (the window, whole chunks, always holds it),
+        and the offer names the digest to check them against. No: the driver calls ``start()`` as usual.
+        """
+        if self._started:
+            raise LocalProtocolError(f"stream {self._sid}: accept_inline() after start()")
+        return self._state is _R.RECEIVING and length == self._total <= self._chunk and bool(self._offer.digest)
+
+    def inline_written(self, actual_sum: int, now: float) -> list[Message]:
+        """The offer's bytes are in place with sum ``actual_sum``: ACK when they match the offer's digest.
+
+        On a mismatch nothing is sent and the stream is not started: the driver calls ``start()``, whose
+        credit makes the sender send the chunk the ordinary way.
+        """
+        if self._started:
+            raise LocalProtocolError(f"stream {self._sid}: inline_written() after start()")
+        self._now = now
+        triples = [(0, self._total, actual_sum)]
+        digest = self._digest_fn(triples)
+        if digest != self._offer.digest:
+            return []
+        self._started = True
+        self._triples, self._expected, self._since = triples, self._total, now
+        self._state = _fire(_RECEIVER, self._state, "verified", self._sid)
+        self._acked = digest
+        return [Ack(self._sid, digest)]
 
     def start(self) -> list[Message]:
         if self._started:

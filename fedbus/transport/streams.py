@@ -319,25 +319,27 @@ class StreamHub:
         it, answers the repeated offer with the offset to continue from."""
         sid = sid if sid is not None else secrets.randbits(62)
         sums = source.sums(self.chunk_size, self.alg)
+        inline = source.total <= self.chunk_size and not resumed  # a small model rides in its offer
         sender = Sender(
             sid,
             header=source.layout.header,
             total=source.total,
             chunk_size=self.chunk_size,
             chunk_sums=sums,
-            digest=sums.digest,
+            digest=sums.digest() if inline else sums.digest,
             alg=self.alg,
             ctx=ctx or {},
             now=_now(),
             stall_timeout=self.stall_timeout,
             resumed=resumed,
+            inline=inline,
         )
         inbox: asyncio.Queue[Message] = asyncio.Queue()
         key = (peer, sid)
         self._outgoing[key] = inbox
         self._offers[key] = sender.offer()
         try:
-            await self.endpoint.send(peer, sender.offer())
+            await self.endpoint.send(peer, sender.offer(), source.frames(0, source.total) if inline else ())
             while True:
                 for m in sender.next_messages(_now()):
                     payload = source.frames(m.off, sender.chunk_length(m.off)) if isinstance(m, Chunk) else ()
@@ -362,14 +364,14 @@ class StreamHub:
 
     # --- receiving -----------------------------------------------------------------------------------
 
-    async def _accept(self, peer: bytes, offer: Offer) -> None:
+    async def _accept(self, peer: bytes, offer: Offer, inline: list[memoryview]) -> None:
         key = (peer, offer.sid)
         try:
-            await self._open(key, offer)
+            await self._open(key, offer, inline)
         finally:
             self._accepting.discard(key)
 
-    async def _open(self, key: tuple[bytes, int], offer: Offer) -> None:
+    async def _open(self, key: tuple[bytes, int], offer: Offer, inline: list[memoryview]) -> None:
         peer = key[0]
         sink: BufferSink | None = None
         try:
@@ -380,11 +382,26 @@ class StreamHub:
             receiver = Receiver(offer, **self._receiver_options(offer.alg))
             sink.peer = peer
             sink.open(offer)
+            done = inline and receiver.accept_inline(sum(f.nbytes for f in inline))
+            acks = receiver.inline_written(sink.write(0, inline), _now()) if done else []
         except FedbusError as exc:
             log.warning("stream refused", peer=peer, sid=offer.sid, reason=str(exc))
             if sink is not None and not sink.result.done():
                 sink.result.set_exception(exc)
             await self.endpoint.send(peer, Abort(offer.sid, f"refused: {exc}"))
+            return
+        if receiver.state is ReceiverState.DONE:  # it came inline: no stream task, no credit round trip
+            try:
+                if sink.settled is None:
+                    for m in acks:
+                        await self.endpoint.send(peer, m)
+                await self._complete(peer, offer.sid, sink, acks if sink.settled is not None else [])
+            except FedbusError as exc:
+                log.warning("stream failed", peer=peer, sid=offer.sid, reason=str(exc))
+                if not sink.result.done():
+                    sink.result.set_exception(exc)
+            finally:
+                sink.close()
             return
         self._track(key, receiver, sink, resumed=False)
 
@@ -442,16 +459,7 @@ class StreamHub:
                     with contextlib.suppress(TransportError):
                         await self.endpoint.send(peer, m)
             if receiver.state is ReceiverState.DONE:
-                result = sink.finish()
-                if sink.result.done():  # the owner stopped waiting (cancelled): nobody will release it
-                    getattr(result, "release", lambda: None)()
-                else:
-                    sink.result.set_result(result)
-                if held and sink.settled is not None:
-                    await asyncio.wait({sink.settled}, timeout=self.stall_timeout)
-                    recorded = sink.settled.done() and not sink.settled.cancelled() and not sink.settled.exception()
-                    for m in held if recorded else [Abort(sid, "the receiver could not record the stream")]:
-                        await self.endpoint.send(peer, m)
+                await self._complete(peer, sid, sink, held)
             elif not sink.result.done():
                 sink.result.set_exception(TransportError(f"stream {sid} from {peer!r}: {receiver.failure}"))
         except FedbusError as exc:
@@ -466,6 +474,19 @@ class StreamHub:
             sink.close()
             if not sink.result.done():
                 sink.result.set_exception(TransportError(f"stream {sid} from {peer!r} was cancelled"))
+
+    async def _complete(self, peer: bytes, sid: int, sink: BufferSink, held: list[Message]) -> None:
+        """A verified stream: its result to the owner, then the held ACK once the owner recorded it."""
+        result = sink.finish()
+        if sink.result.done():  # the owner stopped waiting (cancelled): nobody will release it
+            getattr(result, "release", lambda: None)()
+        else:
+            sink.result.set_result(result)
+        if held and sink.settled is not None:
+            await asyncio.wait({sink.settled}, timeout=self.stall_timeout)
+            recorded = sink.settled.done() and not sink.settled.cancelled() and not sink.settled.exception()
+            for m in held if recorded else [Abort(sid, "the receiver could not record the stream")]:
+                await self.endpoint.send(peer, m)
 
     def _feed(self, receiver: Receiver, sink: BufferSink, msg: Message, frames: list[memoryview]) -> None:
         now = _now()
@@ -492,7 +513,7 @@ class StreamHub:
                 return  # otherwise a duplicated offer: the stream is already being received
             # Accepting may wait (the owner can hold offers back to bound memory), so never block routing.
             self._accepting.add(key)
-            self._spawn(self._accept(peer, msg))
+            self._spawn(self._accept(peer, msg, payload))
             return
         if isinstance(msg, Chunk | End) or (isinstance(msg, Abort) and key in self._incoming):
             queue = self._incoming.get(key)
