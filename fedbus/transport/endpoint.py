@@ -191,10 +191,14 @@ class RouterEndpoint(_ZmqEndpoint):
                     raise TransportError(f"cannot bind {address} again: {exc}") from exc
                 await asyncio.sleep(0.01)
 
+    _bound = ""
+
     @property
     def address(self) -> str:
-        """The bound address, with the real port when bound to port 0 or ``*``."""
-        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        """The bound address, with the real port when bound to port 0 or ``*`` (kept across a rebind)."""
+        if not self._bound:
+            self._bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self._bound
 
 
 class DealerEndpoint(_ZmqEndpoint):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,13 @@ from fedbus.transport.endpoint import DealerEndpoint
 from tests.security.helpers import audit_of, keys, make_kits, secure_broker, site_config, until
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.asyncio.Context]:
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
 
 
 def _site_dealer(ctx: zmq.asyncio.Context, address: str, name: str, k: ClientKeys) -> DealerEndpoint:
@@ -78,9 +86,8 @@ async def test_admin_kit_connects(tmp_path: Path) -> None:
         assert hello["by"] == "ops" and hello["key"] == keys(kits, "ops").public.decode()
 
 
-async def test_site_cannot_claim_another_sites_name(tmp_path: Path) -> None:
+async def test_site_cannot_claim_another_sites_name(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
     kits = make_kits(tmp_path)
-    ctx = zmq.asyncio.Context()
     own = keys(kits, "site-2")
     async with secure_broker(tmp_path, kits) as broker:
         # 1. site-2's key, hello as site-1, from site-2's own route
@@ -101,12 +108,10 @@ async def test_site_cannot_claim_another_sites_name(tmp_path: Path) -> None:
         assert "the key of site 'site-2' may not register as site 'site-1'" in reasons
         assert any("does not belong to site 'site-2'" in r for r in reasons)
         assert all(r["by"] == "site-2" for r in audit_of(audit, "refused"))
-    ctx.destroy(linger=0)
 
 
-async def test_site_key_cannot_submit_a_job(tmp_path: Path) -> None:
+async def test_site_key_cannot_submit_a_job(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
     kits = make_kits(tmp_path)
-    ctx = zmq.asyncio.Context()
     async with secure_broker(tmp_path, kits) as broker:
         with pytest.raises(FedbusError, match="site 'site-1'"):  # the admin client, with a site's key
             async with Admin(broker.address, timeout=5.0, keys=keys(kits, "site-1")):
@@ -126,12 +131,10 @@ async def test_site_key_cannot_submit_a_job(tmp_path: Path) -> None:
         reasons = [r["reason"] for r in audit_of(tmp_path / "broker" / "audit.jsonl", "refused")]
         assert "the key of site 'site-1' may not say hello as 'admin'" in reasons
         assert "say hello as an admin before sending requests" in reasons
-    ctx.destroy(linger=0)
 
 
-async def test_revoked_key_is_refused_and_its_connection_closed(tmp_path: Path) -> None:
+async def test_revoked_key_is_refused_and_its_connection_closed(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
     kits = make_kits(tmp_path)
-    ctx = zmq.asyncio.Context()
     async with secure_broker(tmp_path, kits) as broker:
         k = keys(kits, "site-2")
         ep = DealerEndpoint.connect(
@@ -169,7 +172,6 @@ async def test_revoked_key_is_refused_and_its_connection_closed(tmp_path: Path) 
         assert [r["site"] for r in audit_of(audit, "revoked")] == ["site-2"]
         refused = [r for r in audit_of(audit, "connection_refused") if r.get("reason") == "revoked key"]
         assert refused and refused[0]["key"] == k.public.decode()
-    ctx.destroy(linger=0)
 
 
 def test_secret_key_files_must_be_private(tmp_path: Path) -> None:
