@@ -12,13 +12,16 @@ a task costs the broker ``task`` + ``offer``+bytes out and ``ack`` in, a result 
 in and ``ack`` out.
 
 Figures (last line, JSON): ``updates_per_s`` (accepted updates over the versions published after the first,
-``buffer`` updates each), heartbeat round trips ``hb_p50_ms`` / ``hb_p99_ms`` measured by the sites over the
-same window, ``broker_cpu`` (CPU seconds per second, all threads) and the broker's RSS.
+``buffer`` updates each); heartbeat round trips ``hb_p50_ms`` / ``hb_p99_ms`` over the same window, measured by
+``PROBES`` idle sites in a process of their own (the broker's answer time under the load), and
+``hb_loaded_*`` as the busy simulated sites see them (including their own event loop's backlog);
+``broker_cpu`` (CPU seconds per second, all threads) and the broker's RSS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
@@ -123,7 +126,8 @@ async def _sim_main(address: str, first: int, count: int, model_path: str) -> di
     ctx = zmq.asyncio.Context()
     model = serde.read_file(model_path)
     delta = ModelSource.from_state_dict({k: v.mul(0.0).add_(1e-3) for k, v in model.items()})
-    sites = [SimSite(f"sim{i:05d}", address, ctx, delta) for i in range(first, first + count)]
+    prefix = "zz-probe" if first < 0 else "sim"  # probes sort after the job's sites, so the job never takes them
+    sites = [SimSite(f"{prefix}{i:05d}", address, ctx, delta) for i in range(abs(first), abs(first) + count)]
     runs = [asyncio.create_task(s.run()) for s in sites]
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -143,6 +147,23 @@ def sim_main(address: str, first: int, count: int, model_path: str, out: str) ->
     """Entry point of one simulation process: ``count`` sites until SIGTERM; their figures go to ``out``."""
     result = asyncio.run(_sim_main(address, first, count, model_path))
     Path(out).write_text(json.dumps(result))
+
+
+PROBES = 10
+"""Idle sites in a process of their own whose heartbeat round trips are reported (see ``run_scale``)."""
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _percentiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=100) if len(values) >= 2 else [float("nan")] * 99
 
 
 def _write_job(folder: Path, size_kb: float, sites: int, buffer: int, seconds: float) -> Path:
@@ -183,13 +204,19 @@ def run_scale(
             outs.append(tmp / f"sim{k}.json")
             argv = [sys.executable, "-m", "fedbus.bench.scale", address, str(first), str(count), str(model_path)]
             children.append(subprocess.Popen([*argv, str(outs[-1])], stdout=subprocess.PIPE, text=True))
+        # Probes: a few sites in a process of their own that only heartbeat, so their round trips show the
+        # broker's answer time rather than the backlog of a simulator process running 500 busy sites.
+        outs.append(tmp / "probes.json")
+        argv = [sys.executable, "-m", "fedbus.bench.scale", address, "-1", str(PROBES), str(model_path)]
+        children.append(subprocess.Popen([*argv, str(outs[-1])], stdout=subprocess.PIPE, text=True))
         for child in children[1:]:
             assert child.stdout is not None
             child.stdout.readline()
         proc = psutil.Process(broker.pid)
-        cpu0, t0 = proc.cpu_times(), time.time()
+        sim_procs = [psutil.Process(c.pid) for c in children[1:]]
+        cpu0, sim0, t0 = proc.cpu_times(), _cpu(sim_procs), time.time()
         result = asyncio.run(_run_job(address, tmp / "job", seconds * 3 + 120))
-        cpu1, t1 = proc.cpu_times(), time.time()
+        cpu1, sim1, t1 = proc.cpu_times(), _cpu(sim_procs), time.time()
         peak = _proc_kb(broker.pid, "VmHWM")
         rss_end = _proc_kb(broker.pid, "VmRSS")
     finally:
@@ -211,16 +238,18 @@ def run_scale(
         raise RuntimeError(f"only {len(times) - 1} versions in {seconds} s: too few to measure (logs in {tmp})")
     w0, w1 = times[1], times[-1]
     rate = buffer * (len(times) - 2) / (w1 - w0)
-    sims = [json.loads(o.read_text()) for o in outs if o.exists()]
-    rtts = sorted(r for s in sims for t, r in s["rtts"] if w0 <= t <= w1)
-    q = statistics.quantiles(rtts, n=100) if len(rtts) >= 2 else [float("nan")] * 99
+    sims = [json.loads(o.read_text()) for o in outs[:-1] if o.exists()]
+    probes = json.loads(outs[-1].read_text()) if outs[-1].exists() else {"rtts": []}
+    rtts = sorted(r for t, r in probes["rtts"] if w0 <= t <= w1)
+    q = _percentiles(rtts)
+    loaded = _percentiles(sorted(r for s in sims for t, r in s["rtts"] if w0 <= t <= w1))
     cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0)
     out = {
         "sites": sites,
         "size_kb": size_kb,
         "buffer": buffer,
         "seconds": seconds,
-        "sim_procs": len(outs),
+        "sim_procs": len(outs) - 1,
         "heartbeat_s": heartbeat_s,
         "updates_per_s": round(rate, 1),
         "versions": len(times) - 1,
@@ -228,16 +257,21 @@ def run_scale(
         "hb_p50_ms": round(q[49] * 1e3, 2),
         "hb_p99_ms": round(q[98] * 1e3, 2),
         "heartbeats": len(rtts),
+        "hb_loaded_p50_ms": round(loaded[49] * 1e3, 2),
+        "hb_loaded_p99_ms": round(loaded[98] * 1e3, 2),
         "broker_cpu": round(cpu, 3),
+        "sims_cpu": round((sim1 - sim0) / (t1 - t0), 3),
         "broker_rss_mb": round(rss_end / 2**20, 1),
         "broker_rss_growth_mb": round((peak - base_rss) / 2**20, 1),
     }
     shutil.rmtree(tmp, ignore_errors=True)
     rows = [
-        ("sites", f"{sites} simulated sites in {len(outs)} processes, heartbeat every {heartbeat_s:g} s"),
+        ("sites", f"{sites} simulated sites in {len(outs) - 1} processes, heartbeat every {heartbeat_s:g} s"),
         ("job", f"FedBuff, {size_kb:g} KB model, buffer {buffer}, {seconds:g} s"),
         ("updates", f"{rate:.0f} accepted updates/s ({out['versions']} versions)"),
-        ("heartbeat rtt", f"p50 {out['hb_p50_ms']} ms, p99 {out['hb_p99_ms']} ms ({len(rtts)} beats)"),
+        ("hb rtt", f"p50 {out['hb_p50_ms']} ms, p99 {out['hb_p99_ms']} ms ({len(rtts)} beats, {PROBES} probes)"),
+        ("hb busy", f"p50 {out['hb_loaded_p50_ms']} ms, p99 {out['hb_loaded_p99_ms']} ms (incl. own lag)"),
+        ("cpu", f"simulators {out['sims_cpu']:.2f} CPU s/s (all processes)"),
         ("broker", f"{cpu:.2f} CPU s/s, RSS {out['broker_rss_mb']} MB (+{out['broker_rss_growth_mb']} MB)"),
     ]
     return format_report(rows, out)
