@@ -53,7 +53,7 @@ PATH_KEYS = ("secret_key", "broker_key", "participants")
 """Keys naming files: relative paths in a config file resolve against that file's folder (kits relocate)."""
 
 
-def is_safe_name(value: object) -> bool:
+def is_safe_name(value: object) -> typing.TypeGuard[str]:
     """True for a name usable as a file name and a routing id: ``[A-Za-z0-9_.-]{1,64}``, not only dots."""
     return isinstance(value, str) and bool(_SAFE_NAME.fullmatch(value)) and value.strip(".") != ""
 

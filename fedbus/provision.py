@@ -78,7 +78,7 @@ def load_project(path: str | os.PathLike[str]) -> Project:
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where}: list the participants as [[participant]] tables (name, role)")
     seen: set[str] = set()
-    out = []
+    out: list[tuple[str, str]] = []
     for i, e in enumerate(entries):
         at = f"{where}: participant #{i + 1}"
         if not isinstance(e, dict) or set(e) - {"name", "role"}:
@@ -91,11 +91,11 @@ def load_project(path: str | os.PathLike[str]) -> Project:
         if pname in seen:
             raise ConfigError(f"{at}: {pname!r} is listed twice")
         seen.add(pname)
-        out.append((pname, role))
+        out.append((pname, str(role)))
     revoked = doc.get("revoked", [])
     if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
         raise ConfigError(f"{where}: revoked must be a list of participant names")
-    return Project(name, broker, bind, tuple(out), frozenset(revoked))
+    return Project(name, str(broker), str(bind), tuple(out), frozenset(revoked))
 
 
 def provision(project_path: str | os.PathLike[str], outdir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -241,7 +241,7 @@ def write_participants(path: Path, participants: Iterable[Participant], project:
 Refusal = Callable[[str, dict[str, Any]], None]
 """Called with (reason, details) for every refused connection: the broker writes it to its audit log."""
 
-_HANDSHAKE_FAILED = {
+_HANDSHAKE_FAILED: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed: connection dropped (a plaintext peer? wrong broker key?)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed: wrong security mechanism or protocol (a plaintext peer?)",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake failed: authentication refused",
@@ -304,10 +304,10 @@ class Authenticator:
         self.on_refuse(reason, details)
         return [ZAP_VERSION, rid, b"400", reason.encode()[:200], b"", b""]
 
-    async def watch(self, sock: zmq.Socket) -> None:
+    async def watch(self, sock: zmq.asyncio.Socket) -> None:
         """Report handshakes that fail before or after ZAP (monitor events of the broker's ROUTER)."""
         events = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-        monitor = sock.get_monitor_socket(events)
+        monitor = cast(zmq.asyncio.Socket, sock.get_monitor_socket(events))
         try:
             while True:
                 msg = parse_monitor_message(await monitor.recv_multipart())
@@ -327,11 +327,11 @@ class Authenticator:
             self.sock = None
 
 
-async def handshake_refused(sock: zmq.Socket) -> str:
+async def handshake_refused(sock: zmq.asyncio.Socket) -> str:
     """A CURVE client's view: wait until the broker refuses our handshake and return why (never, if it
     accepts: cancel the wait). libzmq retries refused handshakes by itself, so without this a client with a
     revoked key would only ever see silence."""
-    monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILED))
+    monitor = cast(zmq.asyncio.Socket, sock.get_monitor_socket(sum(_HANDSHAKE_FAILED)))
     try:
         msg = parse_monitor_message(await monitor.recv_multipart())
         if msg["event"] == zmq.EVENT_MONITOR_STOPPED:

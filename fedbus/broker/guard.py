@@ -53,7 +53,7 @@ class Guard:
             self.auth = Authenticator(ctx, self.participants, self._connection_refused)
             self.auth.start()
 
-    def tasks(self, sock: zmq.Socket, *, zap: bool = True) -> list[Any]:
+    def tasks(self, sock: zmq.asyncio.Socket, *, zap: bool = True) -> list[Any]:
         """The coroutines to run while serving: the ZAP loop (unless ``zap=False``: it runs already) and the
         handshake watcher of ``sock``."""
         if self.auth is None:

@@ -95,7 +95,7 @@ class Site:
         self.keys = client_keys(config.secret_key, config.broker_key, f"site {config.name}")
         # The site's own filters: every job's updates pass them last; a job can add filters, never remove these.
         site_imposed = make_filters(dp_clip=config.dp_clip, dp_sigma=config.dp_sigma, exclude=config.exclude_vars)
-        self.filters = [*filters, *site_imposed]
+        self.filters: list[Filter] = [*filters, *site_imposed]
         self.audit = AuditLog(self.workspace / "audit.jsonl", actor=config.name)
         self.session = secrets.token_hex(8)
         self.log = get_logger("site", site=config.name)

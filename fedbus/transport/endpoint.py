@@ -113,7 +113,7 @@ class _ZmqEndpoint:
             peer = frames.pop(0).bytes
         if not frames:
             raise BadMessage(peer, "empty message")
-        user = (frames[0].get("User-Id") or "") if self.authenticated else ""
+        user = str(frames[0].get("User-Id") or "") if self.authenticated else ""
         try:
             msg, mid = decode(frames[0].buffer, self.max_envelope)
         except RemoteProtocolError as exc:
