@@ -20,8 +20,6 @@ never acknowledged, so the site knows; they are reported as not delivered.
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
 import os
 import random
 import signal
@@ -37,6 +35,7 @@ import torch
 
 from fedbus import serde
 from fedbus.bench.common import format_report
+from fedbus.recipes.poc import read_json_lines
 
 SCRIPT = """
 import random, time
@@ -106,21 +105,10 @@ def _write_job(folder: Path, sites: int, seed: int) -> None:
     )
 
 
-def _log_events(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with contextlib.suppress(OSError), open(path, errors="replace") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if isinstance(rec, dict):
-                    out.append(rec)
-    return out
-
-
 def _wait_log(path: Path, event: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for rec in _log_events(path):
+        for rec in read_json_lines(path):
             if rec.get("event") == event:
                 return rec
         time.sleep(0.2)
@@ -201,7 +189,7 @@ def _books(
     acked: set[str] = set()
     undelivered = 0
     for i in range(1, sites + 1):
-        for rec in _log_events(root / f"site-{i}.log"):
+        for rec in read_json_lines(root / f"site-{i}.log"):
             if rec.get("event") in ("result delivered", "interrupted upload delivered") and rec.get("task_id"):
                 acked.add(str(rec["task_id"]))
             elif rec.get("event") in ("update lost on the way to the broker", "interrupted upload lost"):

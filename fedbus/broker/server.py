@@ -133,6 +133,8 @@ class Broker:
                 self.store.set_state(job["id"], "failed", "the initial model upload did not complete")
                 continue
             unapplied = self.store.unapply_after(job["id"], job["version"])
+            for part in (self.store.job_dir(job["id"]) / "incoming").glob("*.part"):
+                part.unlink(missing_ok=True)  # uploads the dead broker was receiving: their sites resend or drop
             log.info("job will resume", job=job["id"], version=job["version"], updates_lost_in_aggregate=unapplied)
             self.store.set_state(job["id"], "waiting", "resuming after a broker restart")
         if self.config.metrics_port:

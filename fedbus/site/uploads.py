@@ -41,9 +41,11 @@ class PendingUploads:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         data = self.dir / f"{result.task_id}.safetensors"
         data.unlink(missing_ok=True)
-        if source.path is not None:
+        try:
+            if source.path is None:
+                raise OSError("no file to link")
             os.link(source.path, data)  # the script's file as it is (no filter had to see it): no copy
-        else:
+        except OSError:
             serde.write_file(data, source.layout, durable=False)  # page cache survives a killed process
         tmp = self.dir / f"{result.task_id}.result.tmp"
         tmp.write_bytes(encode(result))

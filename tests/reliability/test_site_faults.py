@@ -28,7 +28,7 @@ def _broker_config(tmp: Path, **keys: object) -> str:
 
 
 def test_site_killed_mid_upload_resumes_its_stream(tmp_path: Path) -> None:
-    job = deterministic_job(tmp_path / "job", sites=2, rounds=2, numel=6 << 20)  # 24 MiB: six 4 MiB chunks
+    job = deterministic_job(tmp_path / "job", sites=2, rounds=1, numel=6 << 20)  # 24 MiB: six 4 MiB chunks
     cfg = _broker_config(tmp_path, heartbeat_s=0.5, liveness=30)  # back within 15 s: still the same site
     broker, address = start_broker(tmp_path, "--config", cfg)
     site1 = start_site(tmp_path, "site-1", address)
@@ -55,7 +55,7 @@ def test_site_killed_mid_upload_resumes_its_stream(tmp_path: Path) -> None:
         assert delivered["task_id"].startswith("0-site-2-")
         accepted = {(u["task_id"], u["accepted"]) for u in data["updates"]}
         assert (delivered["task_id"], 1) in accepted  # the resumed update counted in round 1
-        assert [h["version"] for h in data["history"]] == [0, 1, 2]
+        assert [h["version"] for h in data["history"]] == [0, 1]
         assert not list((tmp_path / "site-2" / "jobs").glob("*/uploads/*")), "a settled upload left files"
     finally:
         for d in [site1, dying, *([revived] if revived else []), broker]:
@@ -66,7 +66,7 @@ def test_a_hung_script_is_stopped_at_the_task_timeout(tmp_path: Path) -> None:
     """site-3's script hangs in training; the job's task_timeout_s stops it and FedAvg finishes with 2 of 3."""
     job = write_job(tmp_path / "job", mode="hang", min_clients=2, rounds=1)
     with open(job / "job.toml", "a") as f:
-        f.write("\n[limits]\ntask_timeout_s = 20.0\n")
+        f.write("\n[limits]\ntask_timeout_s = 10.0\n")
     broker, address = start_broker(tmp_path)
     sites = [start_site(tmp_path, f"site-{i}", address) for i in (1, 2, 3)]
     try:
