@@ -22,7 +22,8 @@ def test_transfer_bench_reports_every_figure() -> None:
     for key in ("fedbus_gbps", "raw_zmq_gbps", "memcpy_gbps", "ratio", "fedbus_warm_gbps", "warm_ratio"):
         assert got[key] > 0, key
     assert got["ratio"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_gbps"], rel=0.02)
-    assert 0.5 < got["sender_rss_x"] < 3 and 0.5 < got["receiver_rss_x"] < 3  # the model itself is 1.0
+    # Growth over the baseline, in model sizes: at 8 MiB malloc may reuse resident memory, so only bounds.
+    assert 0 <= got["sender_rss_x"] < 3 and 0 <= got["receiver_rss_x"] < 3
     assert got["tensors"] > 1 and got["device"] == "cpu"
 
 

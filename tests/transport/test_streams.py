@@ -10,6 +10,7 @@ import zmq
 
 from fedbus import digest
 from fedbus.errors import TransportError
+from fedbus.protocol.envelope import MAX_OFFER_ENVELOPE
 from fedbus.protocol.messages import Heartbeat
 from fedbus.transport.endpoint import MemoryHub
 from fedbus.transport.streams import BufferSink, ModelSource
@@ -105,7 +106,7 @@ async def test_garbage_is_refused_and_the_router_keeps_serving(tmp_path) -> None
             [b"\xc1\xff\x00"],
             [b"\x93\x01\x02\x03"],
             [b"\x84\xa1v\x01\xa1t\xa5chunk\xa2id\x00\xa3sid\xa1x"],
-            [b"x" * 300_000],
+            [b"x" * (MAX_OFFER_ENVELOPE + 1)],  # over every cap: refused before msgpack sees it
             [],
         ]
         for frames in garbage:
