@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,7 @@ def run_soak(sites: int = 20, minutes: float = 10.0, kill_every: float = 30.0, s
         for i in range(1, sites + 1)
     ]
     kills: collections.Counter[str] = collections.Counter()
+    site_kills: list[tuple[str, float]] = []  # (site, wall time of the kill): how soon the broker noticed
     t0 = time.monotonic()
     try:
         broker.start()
@@ -162,6 +164,8 @@ def run_soak(sites: int = 20, minutes: float = 10.0, kill_every: float = 30.0, s
             victim = broker if rng.random() < 0.25 else rng.choice(members)
             victim.kill()
             kills[victim.name if victim is broker else "site"] += 1
+            if victim is not broker:
+                site_kills.append((victim.name, time.time()))
             time.sleep(rng.uniform(0.5, 3.0))
             victim.start()
         time.sleep(max(0.0, end - time.monotonic()))
@@ -173,19 +177,38 @@ def run_soak(sites: int = 20, minutes: float = 10.0, kill_every: float = 30.0, s
         for s in members:
             s.stop()
         broker.stop()
-    return _books(root, job_id, sites, minutes, kill_every, kills, started_s, [broker, *members])
+    figures = _books(root, job_id, sites, kills, [broker, *members])
+    figures.update(sites=sites, minutes=minutes, kill_every_s=kill_every, seconds_to_start=round(started_s, 1))
+    figures.update(_detection(root / "broker.log", site_kills))
+    rows = [(k, v) for k, v in figures.items() if k != "lost_task_ids"]
+    return format_report(rows, figures), figures
 
 
-def _books(
-    root: Path,
-    job_id: str,
-    sites: int,
-    minutes: float,
-    kill_every: float,
-    kills: collections.Counter[str],
-    started_s: float,
-    procs: list[Proc],
-) -> tuple[str, dict]:
+def _detection(broker_log: Path, site_kills: list[tuple[str, float]]) -> dict[str, Any]:
+    """Seconds from each site kill to the broker's "site gone". A site that is back before its liveness ran
+    out simply registers again and is never declared gone: only a kill whose next event is "site gone" counts.
+    """
+    events = [
+        (rec["site"], _wall(rec["timestamp"]), rec["event"])
+        for rec in read_json_lines(broker_log)
+        if rec.get("event") in ("site gone", "site registered") and rec.get("site") and rec.get("timestamp")
+    ]
+    delays = []
+    for site, at in site_kills:
+        after = sorted((t, kind) for s, t, kind in events if s == site and t >= at)
+        if after and after[0][1] == "site gone":
+            delays.append(after[0][0] - at)
+    return {
+        "site_kills_declared_gone": len(delays),
+        "declared_gone_after_s_max": round(max(delays), 2) if delays else None,
+    }
+
+
+def _wall(stamp: Any) -> float:
+    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+
+
+def _books(root: Path, job_id: str, sites: int, kills: collections.Counter[str], procs: list[Proc]) -> dict:
     acked: set[str] = set()
     undelivered = 0
     for i in range(1, sites + 1):
@@ -205,13 +228,9 @@ def _books(
     dropped = {t: r for t, (a, r) in final.items() if not a}
     reasons = collections.Counter(_reason_kind(r) for r in dropped.values())
     lost = sorted(acked - set(final))
-    figures = {
-        "sites": sites,
-        "minutes": minutes,
-        "kill_every_s": kill_every,
+    return {
         "kills": dict(kills),
         "restarts": {p.name: p.starts - 1 for p in procs if p.starts > 1},
-        "seconds_to_start": round(started_s, 1),
         "versions": version[0] if version else None,
         "sent_acknowledged": len(acked),
         "not_delivered_site_knew": undelivered,
@@ -223,8 +242,6 @@ def _books(
         "acked_and_accepted": len(acked & accepted),
         "workspace": str(root),
     }
-    rows_out = [(k, v) for k, v in figures.items() if k != "lost_task_ids"]
-    return format_report(rows_out, figures), figures
 
 
 def _reason_kind(reason: str) -> str:
