@@ -148,15 +148,7 @@ def run_round(size_mb: float, sites: int, rounds: int = 4, strategy: str = "feda
         broker_peak = _proc_kb(broker.pid, "VmHWM")
     finally:
         peaks.stop()
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs)
     if result["state"] != "finished":
         raise RuntimeError(f"bench job {result['state']}: {result['reason']} (logs in {tmp})")
     times = [h["time"] for h in result["history"]]
@@ -269,6 +261,21 @@ class _Tree:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+    """SIGTERM every process still running, then wait; SIGKILL what outlives ``grace``; close our pipe ends."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 def _wait_listening(log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -40,7 +40,7 @@ import zmq.asyncio
 
 from fedbus import serde
 from fedbus.bench.common import format_report, random_state_dict
-from fedbus.bench.round import _daemon, _free_tcp, _proc_kb, _run_job, _wait_listening
+from fedbus.bench.round import _daemon, _free_tcp, _proc_kb, _run_job, _wait_listening, stop_all
 from fedbus.errors import FedbusError
 from fedbus.protocol.messages import STREAM_TYPES, Deploy, EndJob, Heartbeat, Hello, Offer, Result, Task, Welcome
 from fedbus.transport.endpoint import DealerEndpoint
@@ -220,17 +220,7 @@ def run_scale(
         peak = _proc_kb(broker.pid, "VmHWM")
         rss_end = _proc_kb(broker.pid, "VmRSS")
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            if child.stdout is not None:
-                child.stdout.close()
+        stop_all(children, grace=30.0)
     if result["state"] != "finished":
         raise RuntimeError(f"scale job {result['state']}: {result['reason']} (logs in {tmp})")
     times = [h["time"] for h in result["history"]]
