@@ -48,7 +48,7 @@ from fedbus.strategy import (
     Strategy,
     Update,
 )
-from fedbus.transport.spool import SpoolSink
+from fedbus.transport.spool import SpoolPool, SpoolSink
 from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
 
 SMALL_UPLOAD = DEFAULT_CHUNK
@@ -95,6 +95,7 @@ class JobController:
         self.bus = bus
         self.max_model_bytes = max_model_bytes
         self.upload_slots = upload_slots
+        self.spool_pool: SpoolPool | None = None
         self.on_end = on_end
         self.keep_versions = keep_versions
         self.metrics = metrics
@@ -167,10 +168,13 @@ class JobController:
             await self.upload_slots.acquire()
             spool = self.store.job_dir(self.job_id) / "incoming"
             spool.mkdir(parents=True, exist_ok=True)
+            if self.spool_pool is None:  # recycled files: their page cache is reused (transport/spool.py)
+                self.spool_pool = SpoolPool(spool)
             sink = SpoolSink(
                 path=str(spool / f"{pending.result.task_id}.part"),
                 max_total=self.max_model_bytes,
                 expected=self.strategy.model,
+                pool=self.spool_pool,
             )
         sink.settled = asyncio.get_running_loop().create_future()  # the site hears of it once it is recorded
         self._spawn(self._collect(peer, offer.sid, pending, sink, slot=not small))
@@ -355,6 +359,8 @@ class JobController:
         for task in list(self._bg):
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
+        if self.spool_pool is not None:
+            self.spool_pool.clear()
 
     def status(self) -> dict[str, Any]:
         return {

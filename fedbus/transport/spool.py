@@ -11,6 +11,10 @@ one system call maps every page): no copy and no fresh memory, where reading it 
 paid a first-touch page fault per 4 KiB (1.3 GB/s on the 2-core machine). ``fedbus bench round``, 64 MiB
 x 4 sites: validation + fold of one update went from ~0.7 s to ~0.03 s (docs/benchmarks.md). The
 mapping lives as long as the tensor: a strategy that folds one tensor at a time holds one at a time.
+Spool files are recycled (``SpoolPool``): a released update's file is renamed for the next upload instead of
+deleted, so its page-cache pages are overwritten rather than freed and allocated again (pwritev of 256 MiB:
+0.15 CPU s into a new file, 0.055 s into a reused one, 2 cores). A file is only recycled once no tensor mapped
+from it is alive; otherwise it is deleted as before (its mappings keep their data).
 Tensors below ``MAP_MIN`` bytes are read with ``preadv`` instead (a mapping per bias vector costs more
 than the copy). Files opened read-only (``open_params``) are read, since a read-only buffer cannot back a
 writable tensor.
@@ -19,8 +23,10 @@ writable tensor.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,17 +39,57 @@ from fedbus.protocol.messages import Offer
 from fedbus.transport.streams import BufferSink
 
 
+class SpoolPool:
+    """Released spool files of one folder, kept (at most ``keep``) to be renamed for the next uploads."""
+
+    def __init__(self, folder: str | os.PathLike[str], keep: int = 4) -> None:
+        self.folder = os.fspath(folder)
+        self.keep = keep
+        self._free: list[str] = []
+        self._names = itertools.count()
+
+    def take(self, path: str) -> None:
+        """Put a recycled file (if any) at ``path``; the sink then overwrites its pages."""
+        while self._free:
+            with contextlib.suppress(OSError):
+                os.rename(self._free.pop(), path)
+                return
+
+    def give(self, path: str) -> None:
+        if len(self._free) < self.keep:
+            free = os.path.join(self.folder, f".free-{next(self._names)}.part")
+            with contextlib.suppress(OSError):
+                os.rename(path, free)
+                self._free.append(free)
+                return
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    def clear(self) -> None:
+        """Delete the kept files (the job ended)."""
+        for free in self._free:
+            with contextlib.suppress(OSError):
+                os.unlink(free)
+        self._free.clear()
+
+
 class SpoolSink(BufferSink):
     """A sink whose bytes go to ``path`` with positional writes; the result is a lazy ``SpooledParams``."""
 
-    def __init__(self, *, path: str, max_total: int, expected: Any = None, keep: bool = False) -> None:
+    def __init__(
+        self, *, path: str, max_total: int, expected: Any = None, keep: bool = False, pool: SpoolPool | None = None
+    ) -> None:
         super().__init__(max_total=max_total, expected=expected, path=path)
         self._fd = -1
         self.keep = keep
+        self.pool = None if keep else pool
 
     def _allocate(self, offer: Offer, resume: bool) -> None:
         assert self.path is not None
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        if self.pool is not None:
+            self.pool.take(self.path)  # no O_TRUNC: a recycled file's pages are overwritten, not freed
+        trunc = 0 if self.pool is not None else os.O_TRUNC
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | trunc, 0o600)
         os.ftruncate(self._fd, offer.total)
 
     def write(self, off: int, frames: Sequence[memoryview]) -> int:
@@ -64,7 +110,9 @@ class SpoolSink(BufferSink):
         if head != self.header:
             self.close()
             raise RemoteProtocolError("stream header bytes differ from the offered header")
-        params = SpooledParams(self._fd, self.path or "", self.specs, self.data_start, owned=not self.keep)
+        params = SpooledParams(
+            self._fd, self.path or "", self.specs, self.data_start, owned=not self.keep, pool=self.pool
+        )
         self._fd = -1  # owned by the params now
         return params
 
@@ -94,8 +142,11 @@ class SpooledParams(Mapping[str, torch.Tensor]):
         *,
         owned: bool = True,
         writable: bool = True,
+        pool: SpoolPool | None = None,
     ) -> None:
         self._fd = fd
+        self._pool = pool
+        self._maps: list[weakref.ref[mmap.mmap]] = []
         self.path = path
         self._owned = owned
         self._writable = writable
@@ -120,7 +171,10 @@ class SpooledParams(Mapping[str, torch.Tensor]):
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         mm = mmap.mmap(self._fd, start + spec.nbytes - base, flags=flags, offset=base)
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=spec.nbytes, offset=start - base)
-        return raw.view(serde.DTYPES[spec.dtype]).view(spec.shape)  # keeps ``mm`` alive, unmapped with the tensor
+        t = raw.view(serde.DTYPES[spec.dtype]).view(spec.shape)  # keeps ``mm`` alive, unmapped with the tensor
+        if self._pool is not None:
+            self._maps.append(weakref.ref(mm))  # alive as long as any view of the tensor is
+        return t
 
     def describe(self, name: str) -> torch.Tensor:
         """A data-less tensor (device "meta") with the tensor's dtype and shape, for structure checks;
@@ -139,7 +193,9 @@ class SpooledParams(Mapping[str, torch.Tensor]):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            if self._owned:
+            if self._owned and self._pool is not None and all(m() is None for m in self._maps):
+                self._pool.give(self.path)
+            elif self._owned:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
 

@@ -43,3 +43,38 @@ def test_read_only_files_are_read_not_mapped(tmp_path: Path) -> None:
     params.release()
     t.add_(1)  # a private copy: the checkpoint file is untouched
     assert torch.equal(serde.read_file(tmp_path / "m.safetensors")["big"], model["big"])
+
+
+async def test_released_spool_files_are_recycled_unless_a_mapping_is_alive(tmp_path: Path) -> None:
+    from fedbus.protocol.messages import Offer
+    from fedbus.transport.spool import SpoolPool, SpoolSink
+
+    pool = SpoolPool(tmp_path, keep=1)
+
+    def receive(name: str, model: dict[str, torch.Tensor]) -> SpooledParams:
+        lay = serde.layout(model)
+        sink = SpoolSink(path=str(tmp_path / name), max_total=1 << 30, pool=pool)
+        sink.open(Offer(1, lay.total, 1 << 20, "sum64", "", lay.header, {}))
+        off = 0
+        for part in lay.parts:
+            sink.write(off, [part])
+            off += part.nbytes
+        return sink.finish()
+
+    a = {"w": torch.full((MAP_MIN // 4,), 1.0)}
+    first = receive("a.part", a)
+    inode = os.stat(tmp_path / "a.part").st_ino
+    assert torch.equal(first["w"], a["w"])
+    first.release()  # no tensor of it is alive: the file waits for the next upload
+    assert not (tmp_path / "a.part").exists()
+    b = {"w": torch.full((MAP_MIN // 4,), 2.0)}
+    second = receive("b.part", b)
+    assert os.stat(tmp_path / "b.part").st_ino == inode  # the same file, its pages overwritten
+    held = second["w"]
+    second.release()  # a tensor still maps it: deleted, not recycled, so its data cannot change
+    assert not (tmp_path / "b.part").exists() and not pool._free
+    third = receive("c.part", {"w": torch.full((MAP_MIN // 4,), 3.0)})
+    assert torch.equal(held, b["w"]) and os.stat(tmp_path / "c.part").st_ino != inode
+    third.release()
+    pool.clear()
+    assert list(tmp_path.iterdir()) == []
