@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bind", help="address to bind (default tcp://127.0.0.1:7788; env FEDBUS_BIND)")
     b.add_argument("--workspace", help="folder for the job store and checkpoints")
     b.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (env FEDBUS_METRICS_PORT; 0: off)"
+        "--metrics-port",
+        type=_port,
+        help="serve Prometheus metrics on this HTTP port (env FEDBUS_METRICS_PORT; 0: off)",
     )
     _log_flags(b)
 
@@ -144,14 +146,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}: {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_port = _int_at_least(0)
 
 
 def _broker_address(args: argparse.Namespace) -> str:

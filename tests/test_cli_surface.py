@@ -96,7 +96,12 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["broker", "--metrics-port", "x"], ["bench", "round", "--sites", "0"], ["status", "--timeout", "-1"]):
+    for argv in (
+        ["broker", "--metrics-port", "x"],
+        ["broker", "--metrics-port", "-1"],
+        ["bench", "round", "--sites", "0"],
+        ["status", "--timeout", "-1"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2, argv
