@@ -303,12 +303,12 @@ class ClientSession:
         if task.kind == "train" and model.params is not None:
             params = to_cpu_params(model.params)
             if task.meta.get("params_type") == ParamsType.DIFF and params_type is ParamsType.FULL:
+                # The base is the task's file, not the tensors handed to the script: a script may train those
+                # in place (add_ on received params), which made every delta zero.
                 path = task.meta.get("path")
-                if self._received is None and isinstance(path, str):
-                    self._received = load_params(path)
-                if self._received is None:
+                if not isinstance(path, str):
                     raise JobError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
-                params, params_type = diff_params(params, self._received), ParamsType.DIFF
+                params, params_type = diff_params(params, load_params(path)), ParamsType.DIFF
             if not _SAFE_NAME.fullmatch(task.task_id):
                 raise JobError(f"task id {task.task_id!r} is not a safe file name")
             path = self.workspace / "outbox" / f"{task.task_id}.safetensors"

@@ -132,6 +132,24 @@ async def test_full_is_converted_to_diff_when_the_strategy_wants_deltas(site: Fa
         session.close()
 
 
+async def test_diff_is_against_the_received_model_even_if_the_script_trained_it_in_place(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        received = sample_params()
+        await site.push_task("t1", received, params_type="DIFF")
+        model = await asyncio.to_thread(session.receive)
+        for v in model.params.values():
+            v.add_(1)  # training the received tensors themselves
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=model.params)))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        back = serde.read_file(result.meta["path"])
+        for k, v in received.items():
+            torch.testing.assert_close(back[k], torch.ones_like(v))  # (x + 1) - x, rounded: not zeros
+    finally:
+        session.close()
+
+
 async def test_explicit_diff_and_numpy_params_travel_as_given(site: FakeSite) -> None:
     session = await connected(site)
     try:
