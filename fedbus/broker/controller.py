@@ -16,6 +16,12 @@ ordered), then the offer; ``accept_offer`` checks the offer against the global m
 and dtypes before any payload byte is taken, and spools the upload to a file in the job's folder (page
 cache, not broker memory); the strategy then folds it in one tensor at a time. Broker memory is about
 the global model plus the aggregate, whatever the number of sites.
+
+Accepted updates outlive the process where the strategy buffers them (``restores_updates``: FedBuff). Each
+one's params are kept under the job's ``kept/`` folder (the spool file is renamed there, a small in-memory
+upload is written) and its store row says where, until a recorded checkpoint covers it; a broker restarted
+from checkpoint v folds the ones that land after v again (``strategy.restore``), in the order they were
+accepted, instead of recording them lost.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedbus import serde
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.store import JobStore
 from fedbus.errors import FedbusError
@@ -48,7 +55,8 @@ from fedbus.strategy import (
     Strategy,
     Update,
 )
-from fedbus.transport.spool import SpoolPool, SpoolSink
+from fedbus.strategy.base import clean_metrics
+from fedbus.transport.spool import SpooledParams, SpoolPool, SpoolSink, open_params
 from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
 
 SMALL_UPLOAD = DEFAULT_CHUNK
@@ -117,6 +125,7 @@ class JobController:
         self._timer: asyncio.TimerHandle | None = None
         self._bg: set[asyncio.Task] = set()
         self._chain: asyncio.Future | None = None
+        self._folding: Update | None = None  # the update the strategy is deciding on (its params may be kept)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -127,6 +136,47 @@ class JobController:
         # Stream the strategy's own copy, so the caller's model can be freed.
         self.source = ModelSource.from_state_dict(self.strategy.model)
         self._run(actions)
+        if self.strategy.restores_updates:
+            self._restore_kept()
+
+    def _restore_kept(self) -> None:
+        """Fold again the updates a previous broker accepted after the checkpoint this job started from."""
+        restored = dropped = 0
+        for row in self.store.kept_updates(self.job_id, self.strategy.version):
+            kept = row["kept"]
+            try:
+                params = open_params(kept["path"], max_total=self.max_model_bytes)
+            except (FedbusError, OSError) as exc:
+                why = f"accepted, but its kept copy could not be read when the broker restarted: {exc}"
+                self.store.drop_update(row["rowid"], why)
+                dropped += 1
+                continue
+            update = Update(
+                site=row["site"],
+                task_id=row["task_id"],
+                base_version=row["version"],
+                params=params,
+                params_type=kept["params_type"],
+                weight=kept["weight"],
+                metrics=kept["metrics"],
+            )
+            try:
+                actions = self.strategy.restore(update)
+            finally:
+                params.release()
+            for action in actions:
+                if isinstance(action, Accepted):
+                    self.store.refold_update(row["rowid"], action.staleness, action.weight)
+                    restored += 1
+                elif isinstance(action, Rejected):
+                    why = f"accepted, but not folded again when the broker restarted: {action.reason}"
+                    self.store.drop_update(row["rowid"], why)
+                    dropped += 1
+                else:
+                    self._execute(action)
+        if restored or dropped:
+            self.log.info("kept updates folded again", restored=restored, dropped=dropped)
+        self._schedule_tick()
 
     def abort(self, reason: str) -> None:
         if self.state == "running":
@@ -222,7 +272,12 @@ class JobController:
             weight=result.weight,
             metrics=result.metrics,
         )
-        self._run(self.strategy.on_update(update, time.monotonic()))
+        self._folding = update
+        try:
+            actions = self.strategy.on_update(update, time.monotonic())
+            self._run(actions)
+        finally:
+            self._folding = None
 
     def _wire(self, task_id: str) -> str:
         return f"{task_id}.{self.epoch}"
@@ -245,14 +300,16 @@ class JobController:
         elif isinstance(action, Publish):
             self._publish(action)
         elif isinstance(action, Accepted):
+            wire = self._wire(action.task_id)
             self.store.record_update(
                 self.job_id,
-                self._wire(action.task_id),
+                wire,
                 action.site,
                 action.version,
                 accepted=True,
                 staleness=action.staleness,
                 weight=action.weight,
+                kept=self._keep(wire, action),
             )
         elif isinstance(action, Rejected):
             self.log.warning("update rejected", site=action.site, task=action.task_id, reason=action.reason)
@@ -268,6 +325,28 @@ class JobController:
             self._end("finished", action.reason)
         elif isinstance(action, Failed):
             self._end("failed", action.reason)
+
+    def _keep(self, wire: str, action: Accepted) -> dict[str, Any] | None:
+        """Put an accepted update's params where a restarted broker finds them (strategies that buffer only)."""
+        update = self._folding
+        if not self.strategy.restores_updates or update is None or update.task_id != action.task_id:
+            return None
+        if update.params is None:
+            return None
+        folder = self.store.kept_dir(self.job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{wire}.safetensors"
+        params = update.params
+        if not (isinstance(params, SpooledParams) and params.keep_as(path)):
+            # A small upload received into memory (at most one chunk): a file without fsync, since what it must
+            # survive is the process being killed, and the page cache outlives that.
+            serde.write_file(path, serde.layout(params), durable=False)
+        return {
+            "path": str(path),
+            "params_type": update.params_type,
+            "weight": float(update.weight),
+            "metrics": clean_metrics(update.metrics),
+        }
 
     def _dispatch(self, action: Dispatch) -> None:
         peer = self.bus.peer_of(action.site)
@@ -308,6 +387,7 @@ class JobController:
         path = await asyncio.to_thread(self.store.write_checkpoint, self.job_id, action.version, action.model)
         self.store.add_version(self.job_id, action.version, path, action.metrics)
         self.store.prune(self.job_id, self.keep_versions)
+        self.store.release_covered(self.job_id, action.version)  # their kept params are in this checkpoint now
 
     def _end(self, state: str, reason: str) -> None:
         if self.state != "running":
@@ -325,6 +405,7 @@ class JobController:
             with contextlib.suppress(Exception):
                 await self._chain  # the last checkpoint lands before the job is final
         self.store.set_state(self.job_id, state, reason)
+        self.store.release_covered(self.job_id)
         for site in self.sites:
             peer = self.bus.peer_of(site)
             if peer is not None:

@@ -6,6 +6,7 @@ Everything needed to restart lives here. Layout::
     WORKSPACE/jobs/JOB/job.zip               the submitted job folder, as deployed to sites
     WORKSPACE/jobs/JOB/files/                the same, unpacked (validated at submit)
     WORKSPACE/jobs/JOB/models/vN.safetensors global model version N (written atomically)
+    WORKSPACE/jobs/JOB/kept/TASK.safetensors an accepted update whose aggregate is not checkpointed yet
 
 SQLite runs in WAL mode with one connection owned by the event loop thread; every statement is small,
 so the loop never waits long. Checkpoints are written by ``serde.write_file`` (no concatenation, fsync,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -39,12 +41,15 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS updates (
     job_id TEXT NOT NULL, task_id TEXT NOT NULL, site TEXT NOT NULL, version INTEGER NOT NULL,
     accepted INTEGER NOT NULL, staleness INTEGER, weight REAL, reason TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL
+    created REAL NOT NULL, kept TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL
 );
 """
+
+_LANDS = "version + COALESCE(staleness, 0) + 1"
+"""The global version an accepted update's aggregate becomes: accepted at v with staleness s, it lands in v+s+1."""
 
 ACTIVE_STATES = ("uploading", "waiting", "running")
 FINAL_STATES = ("finished", "failed", "aborted")
@@ -60,6 +65,8 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        if "kept" not in [r[1] for r in self.db.execute("PRAGMA table_info(updates)")]:  # a workspace from before
+            self.db.execute("ALTER TABLE updates ADD COLUMN kept TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -168,25 +175,86 @@ class JobStore:
         staleness: int | None = None,
         weight: float | None = None,
         reason: str = "",
+        kept: Mapping[str, Any] | None = None,
     ) -> None:
+        """``kept``: where an accepted update's params lie on disk and what folding it again needs (its data
+        weight, metrics), until a recorded checkpoint covers it (``release_covered``)."""
         self.db.execute(
-            "INSERT INTO updates (job_id, task_id, site, version, accepted, staleness, weight, reason, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, task_id, site, version, int(accepted), staleness, weight, reason, time.time()),
+            "INSERT INTO updates (job_id, task_id, site, version, accepted, staleness, weight, reason, created, kept) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                task_id,
+                site,
+                version,
+                int(accepted),
+                staleness,
+                weight,
+                reason,
+                time.time(),
+                None if kept is None else json.dumps(dict(kept)),
+            ),
         )
+
+    def kept_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "kept"
+
+    def kept_updates(self, job_id: str, version: int) -> list[dict[str, Any]]:
+        """Accepted updates kept on disk whose aggregate lands after ``version``, in the order they were accepted:
+        what a broker restarted from checkpoint ``version`` folds again."""
+        rows = self.db.execute(
+            "SELECT rowid, task_id, site, version, staleness, kept FROM updates "
+            f"WHERE job_id = ? AND accepted = 1 AND kept IS NOT NULL AND {_LANDS} > ? ORDER BY rowid",
+            (job_id, version),
+        ).fetchall()
+        keys = ("rowid", "task_id", "site", "version", "staleness")
+        return [{**dict(zip(keys, r[:5], strict=True)), "kept": json.loads(r[5])} for r in rows]
+
+    def refold_update(self, rowid: int, staleness: int, weight: float) -> None:
+        """A kept update folded again after a restart, with the staleness and coefficient it got this time."""
+        self.db.execute("UPDATE updates SET staleness = ?, weight = ? WHERE rowid = ?", (staleness, weight, rowid))
+
+    def drop_update(self, rowid: int, reason: str) -> None:
+        """A kept update that could not be folded again: dropped, with the reason; its file goes."""
+        self._unlink_kept("rowid = ?", (rowid,))
+        self.db.execute("UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid))
+
+    def release_covered(self, job_id: str, version: int | None = None) -> int:
+        """Delete the kept files of updates folded into checkpoint ``version`` or before (all of the job's when
+        None: it ended). Returns how many."""
+        where, args = "job_id = ? AND kept IS NOT NULL", (job_id,)
+        if version is not None:
+            where, args = f"{where} AND (accepted = 0 OR {_LANDS} <= ?)", (job_id, version)
+        n = self._unlink_kept(where, args)
+        self.db.execute(f"UPDATE updates SET kept = NULL WHERE {where}", args)
+        if version is None:
+            shutil.rmtree(self.kept_dir(job_id), ignore_errors=True)  # and what a killed broker half wrote
+        return n
+
+    def _unlink_kept(self, where: str, args: tuple) -> int:
+        rows = self.db.execute(f"SELECT kept FROM updates WHERE {where} AND kept IS NOT NULL", args).fetchall()
+        for (kept,) in rows:
+            Path(json.loads(kept)["path"]).unlink(missing_ok=True)
+        return len(rows)
 
     def unapply_after(self, job_id: str, version: int) -> int:
         """After a restart from checkpoint ``version``: accepted updates whose aggregate went into a later,
-        never-checkpointed version (a FedAvg round in progress, a FedBuff buffer not yet applied) were lost
+        never-checkpointed version (a FedAvg round in progress, a FedBuff update whose file is gone) were lost
         with the process; record them as dropped, with the reason, instead of leaving them counted. An update
-        accepted at global version v with staleness s lands in version v + s + 1. Returns how many."""
+        accepted at global version v with staleness s lands in version v + s + 1. Updates kept on disk (FedBuff)
+        stay accepted: the restarted controller folds them again (``kept_updates``). Returns how many."""
         reason = f"accepted into an aggregate the broker lost when it stopped (resumed from version {version})"
-        cur = self.db.execute(
-            "UPDATE updates SET accepted = 0, reason = ? "
-            "WHERE job_id = ? AND accepted = 1 AND version + COALESCE(staleness, 0) + 1 > ?",
-            (reason, job_id, version),
+        lost = [
+            rowid
+            for rowid, kept in self.db.execute(
+                f"SELECT rowid, kept FROM updates WHERE job_id = ? AND accepted = 1 AND {_LANDS} > ?", (job_id, version)
+            ).fetchall()
+            if kept is None or not Path(json.loads(kept)["path"]).is_file()
+        ]
+        self.db.executemany(
+            "UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", [(reason, r) for r in lost]
         )
-        return cur.rowcount
+        return len(lost)
 
     def updates(self, job_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute(

@@ -248,6 +248,14 @@ class Strategy(abc.ABC):
     """
 
     params_type: ClassVar[ParamsType] = "FULL"
+    restores_updates: ClassVar[bool] = False
+    """True when an accepted update may wait for a later aggregate (FedBuff's buffer): the controller then keeps
+    it on disk until a checkpoint covers it and, after a restart, hands it back through :meth:`restore`."""
+
+    def restore(self, update: Update) -> list[Action]:
+        """Fold again an update accepted before a restart, right after ``start`` from the last checkpoint and in
+        the order the updates were first accepted; it has no task to claim. Only where ``restores_updates``."""
+        raise StrategyError(f"{type(self).__name__} does not restore updates: a restart redoes its aggregate")
 
     @abc.abstractmethod
     def start(self, model: Params, sites: Sequence[str], now: float, *, version: int = 0) -> list[Action]:

@@ -71,6 +71,7 @@ class FedBuff(Strategy):
     """Buffered asynchronous aggregation; see the module docstring for the theory of operation."""
 
     params_type: ClassVar[ParamsType] = "DIFF"
+    restores_updates: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -211,6 +212,20 @@ class FedBuff(Strategy):
         else:
             acts += self._train_result(update, task.version)
         return acts + self._after_slot_freed(now)
+
+    def restore(self, update: Update) -> list[Action]:
+        """An update a previous broker accepted into a buffer it never applied: folded exactly as ``on_update``
+        would, staleness counted from its base version, without a task. Its base must exist again by now
+        (the checkpoint, or a version the updates replayed before it rebuilt); otherwise it is Rejected."""
+        if self._phase != "train":
+            if self._phase == "new":
+                raise StrategyError("FedBuff: call start() before restore()")
+            return [self._reject(update, f"training has ended ({self._stop_reason})")]
+        if isinstance(update.base_version, bool) or not isinstance(update.base_version, int):
+            return [self._reject(update, f"base_version must be an int, got {update.base_version!r}")]
+        if update.base_version > self._version:
+            return [self._reject(update, f"trained from version {update.base_version}, which the broker lost")]
+        return self._train_result(update, update.base_version)
 
     def tick(self, now: float) -> list[Action]:
         return self._events_start(now)

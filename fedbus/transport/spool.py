@@ -188,6 +188,16 @@ class SpooledParams(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._specs)
 
+    def keep_as(self, path: str | os.PathLike[str]) -> bool:
+        """Move a spooled update's file to ``path`` and leave it there on ``release`` (its tensors stay valid):
+        an accepted update that must outlive the process until its aggregate is checkpointed. False when this
+        is not an owned, open spool file (the caller then writes a copy)."""
+        if not self._owned or self._fd < 0:
+            return False
+        os.replace(self.path, path)
+        self.path, self._owned = os.fspath(path), False
+        return True
+
     def release(self) -> None:
         """Close (and, for a spooled update, delete) the file: the update has been folded in or refused."""
         if self._fd >= 0:

@@ -6,7 +6,10 @@ uninterrupted result is computed here directly: it cannot depend on timing)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -113,4 +116,98 @@ def test_a_restart_records_updates_of_a_lost_aggregate_as_dropped(tmp_path: Path
     rows = {u["task_id"]: u for u in store.updates("j")}
     assert [t for t, u in rows.items() if u["accepted"]] == ["a", "b"]
     assert "resumed from version 2" in rows["d"]["reason"] and rows["e"]["reason"] == "stale"
+    store.close()
+
+
+K = 6  # FedBuff buffer: with 3 sites, a version needs two passes of training, so updates wait in the buffer
+
+
+def _fedbuff_job(folder: Path) -> Path:
+    deterministic_job(folder, sites=3, rounds=1, pause=0.4)  # its script and model; the strategy is FedBuff
+    (folder / "job.toml").write_text(
+        'name = "buff"\nmodel = "model.safetensors"\n\n[strategy]\nname = "fedbuff"\nconcurrency = 3\n'
+        f'buffer_size = {K}\nnum_versions = 3\nstaleness = "constant"\n\n[script]\npath = "client.py"\n'
+        'args = ["0.4"]\n\n[sites]\nmin = 3\nmax = 3\n'
+    )
+    return folder
+
+
+def _waiting(db: Path, job_id: str) -> list[str]:
+    """Accepted updates the broker keeps for an aggregate it has not checkpointed yet (read from its store)."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        latest = conn.execute("SELECT MAX(version) FROM versions WHERE job_id = ?", (job_id,)).fetchone()[0]
+        rows = conn.execute(
+            "SELECT task_id FROM updates WHERE job_id = ? AND accepted = 1 AND kept IS NOT NULL "
+            "AND version + staleness + 1 > ?",
+            (job_id, -1 if latest is None else latest),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+@pytest.mark.timeout(60)
+def test_fedbuff_updates_waiting_in_the_buffer_survive_a_broker_sigkill(tmp_path: Path) -> None:
+    """SIGKILLed while its buffer holds accepted updates, the broker started again on the same workspace folds them
+    back into its buffer: they stay accepted, none is recorded lost, and the version they complete counts them."""
+    job = _fedbuff_job(tmp_path / "job")
+    address = f"ipc://{tmp_path}/broker.sock"
+    db = tmp_path / "broker" / "fedbus.db"
+    brokers = [_broker(tmp_path, 0)]
+    sites = [start_site(tmp_path, f"site-{i}", address) for i in (1, 2, 3)]
+    try:
+
+        async def scenario() -> tuple[str, list[str], dict]:
+            async with Admin(address, timeout=60) as admin:
+                job_id = await admin.submit(job)
+            async with asyncio.timeout(30):
+                while len(waiting := await asyncio.to_thread(_waiting, db, job_id)) < 2:
+                    await asyncio.sleep(0.02)
+            brokers[-1].proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(brokers[-1].proc.wait, 10)
+            brokers.append(await asyncio.to_thread(_broker, tmp_path, 1))
+            async with Admin(address, timeout=60) as admin:
+                return job_id, waiting, await wait_job(admin, job_id, timeout=40)
+
+        job_id, waiting, done = asyncio.run(scenario())
+        assert done["state"] == "finished", done["reason"]
+        folded = brokers[1].wait_for("kept updates folded again")
+        assert folded["restored"] >= len(waiting) and folded["dropped"] == 0, folded
+        assert brokers[1].wait_for("job will resume")["updates_lost_in_aggregate"] == 0
+        from fedbus.broker.store import JobStore
+
+        store = JobStore(tmp_path / "broker")
+        try:
+            rows = {u["task_id"]: u for u in store.updates(job_id)}
+            history = store.history(job_id)
+        finally:
+            store.close()
+        assert all(rows[t]["accepted"] for t in waiting), [rows[t] for t in waiting]
+        assert not [u for u in rows.values() if "lost" in u["reason"]]
+        # Each version counts K updates, and the store's accepted updates landing in it are exactly those K:
+        # the updates kept across the kill are among them (accepted at version v with staleness s: lands in v+s+1).
+        lands = collections.Counter(u["version"] + u["staleness"] + 1 for u in rows.values() if u["accepted"])
+        assert [h["metrics"]["strategy/num_updates"] for h in history[1:]] == [K] * 3
+        assert [lands[v] for v in (1, 2, 3)] == [K] * 3, lands
+        assert not list((tmp_path / "broker" / "jobs" / job_id / "kept").glob("*"))  # released at the end
+    finally:
+        for d in [*sites, *brokers]:
+            d.stop()
+
+
+def test_kept_updates_stay_accepted_while_their_file_exists_and_go_once_covered(tmp_path: Path) -> None:
+    from fedbus.broker.store import JobStore
+
+    store = JobStore(tmp_path)
+    store.create_job("j", "j", {}, state="running")
+    files = {t: tmp_path / f"{t}.safetensors" for t in "abc"}
+    for t in "ab":
+        files[t].write_bytes(b"x")
+    for task, version, staleness in (("a", 2, 0), ("b", 2, 1), ("c", 2, 0)):
+        kept = {"path": str(files[task]), "params_type": "DIFF", "weight": 1.0, "metrics": {}}
+        store.record_update("j", task, "s", version, accepted=True, staleness=staleness, weight=1.0, kept=kept)
+    assert store.unapply_after("j", 2) == 1  # c's file is gone: lost, with the reason; a and b wait to be refolded
+    assert [r["task_id"] for r in store.kept_updates("j", 2)] == ["a", "b"]
+    assert store.release_covered("j", 3) == 1 and not files["a"].exists() and files["b"].exists()  # a is in v3
+    assert [r["task_id"] for r in store.kept_updates("j", 2)] == ["b"]
+    store.release_covered("j")  # the job ended
+    assert not files["b"].exists() and all(u["accepted"] for u in store.updates("j") if u["task_id"] != "c")
     store.close()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from fedbus.errors import ConfigError
+from fedbus.errors import ConfigError, StrategyError
 from fedbus.strategy import (
     Accepted,
     Cancel,
@@ -321,3 +321,47 @@ def test_the_job_fails_when_every_site_is_benched() -> None:
     acts = s.task_failed("a", d["a"].task_id, "ImportError: torchvision", 1.0)
     assert len(acts) == 1 and isinstance(acts[0], Failed) and s.done
     assert "ImportError: torchvision" in acts[0].reason
+
+
+def test_restore_refolds_accepted_updates_exactly_as_on_update_did() -> None:
+    """A broker restarted from checkpoint v0 hands back, in order, the updates the dead one had accepted: the
+    rebuilt versions and the buffer are the ones the uninterrupted strategy reached, staleness and all."""
+    model = {"w": torch.tensor([1.0, -2.0, 0.5])}
+    kw = {"buffer_size": 3, "staleness": "polynomial"}
+    live, d = started(["a", "b", "c", "e"], model, **kw)
+    accepted: list[tuple[Update, Accepted]] = []
+    g = torch.Generator().manual_seed(3)
+    for site in ["a", "b", "c", "a", "c"]:  # v1 after three; then a (base 0, s=1) and c (base 1, s=0) wait
+        up = answer(d[site], {"w": torch.randn(3, generator=g)}, "DIFF", weight=2.0, metrics={"loss": 1.0})
+        acts = live.on_update(up, 1.0)
+        accepted += [(up, a) for a in of(acts, Accepted)]
+        d.update({x.site: x for x in of(acts, Dispatch)})
+    assert live.version == 1 and live.state()["buffered"] == 2
+    assert [a.staleness for _, a in accepted] == [0, 0, 0, 1, 0]
+
+    restarted, rd = started(["a", "b", "c", "e"], model, **kw)
+    rebuilt = []
+    for up, acc in accepted:
+        acts = restarted.restore(up)
+        assert of(acts, Accepted) == [acc]  # same staleness, same coefficient
+        rebuilt += of(acts, Publish)
+    assert [p.version for p in rebuilt] == [1] and same(rebuilt[0].model, live.model)
+    assert restarted.state()["buffered"] == 2 and restarted.state()["accepted"] == 5
+
+    last = {"w": torch.tensor([0.25, 0.25, 0.25])}  # the next live result applies both buffers identically
+    (p1,) = of(live.on_update(answer(d["e"], last, "DIFF"), 2.0), Publish)
+    (p2,) = of(restarted.on_update(answer(rd["e"], last, "DIFF"), 2.0), Publish)
+    assert p1.version == p2.version == 2 and same(p1.model, p2.model)
+    assert p2.metrics["strategy/num_updates"] == 3.0
+
+
+def test_restore_refuses_what_cannot_be_folded_again() -> None:
+    s, _ = started(["a"], buffer_size=2, max_staleness=0)
+    with pytest.raises(StrategyError, match="start"):
+        FedBuff(concurrency=1, buffer_size=1, num_versions=1).restore(Update("a", "t", 0, delta(1.0, 1.0), "DIFF"))
+    (rej,) = s.restore(Update("a", "t1", 3, delta(1.0, 1.0), "DIFF"))
+    assert isinstance(rej, Rejected) and "version 3, which the broker lost" in rej.reason
+    (rej,) = s.restore(Update("a", "t2", 0, {"w": torch.tensor([float("nan"), 0.0])}, "DIFF"))
+    assert isinstance(rej, Rejected) and "non-finite" in rej.reason
+    assert of(s.restore(Update("a", "t3", 0, delta(1.0, 1.0), "DIFF")), Accepted)
+    assert s.state()["buffered"] == 1 and s.state()["rejected"] == 2

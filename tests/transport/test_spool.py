@@ -78,3 +78,17 @@ async def test_released_spool_files_are_recycled_unless_a_mapping_is_alive(tmp_p
     third.release()
     pool.clear()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kept_spool_file_moves_and_outlives_its_release(tmp_path: Path) -> None:
+    """An accepted update the broker must keep until its aggregate is checkpointed: renamed, never deleted."""
+    model = {"big": torch.arange(MAP_MIN // 4 + 5, dtype=torch.float32), "small": torch.ones(3)}
+    params = _spooled(tmp_path / "u.part", model)
+    big = params["big"]  # mapped before the move: still valid after it
+    assert params.keep_as(tmp_path / "kept.safetensors")
+    params.release()
+    assert not (tmp_path / "u.part").exists() and torch.equal(big, model["big"])
+    again = open_params(tmp_path / "kept.safetensors", max_total=1 << 30)
+    assert all(torch.equal(again[k], t) for k, t in model.items())
+    again.release()
+    assert not again.keep_as(tmp_path / "x.safetensors")  # not an owned spool file: the caller writes a copy
