@@ -70,6 +70,7 @@ class Broker:
         self.ctx, self._release_ctx = own_context(self.guard, ctx)
         self.session = os.urandom(8).hex()
         self.registry = Registry(config.heartbeat_s, config.liveness)
+        self._caught_up = time.monotonic()  # when the receive loop last had nothing unread
         self.store = JobStore(config.workspace)
         self.controllers: dict[str, JobController] = {}
         self.upload_slots = asyncio.Semaphore(config.upload_slots)
@@ -215,9 +216,16 @@ class Broker:
 
     # --- the receive loop ---------------------------------------------------------------------------------------
 
+    def _backlogged(self) -> bool:
+        """Messages wait unread in the socket (pyzmq's asyncio socket re-arms its reader after this check)."""
+        sock = getattr(self.endpoint, "sock", None)
+        return sock is not None and bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
+
     async def _receive_loop(self) -> None:
         assert self.endpoint is not None
         while True:
+            if not self._backlogged():
+                self._caught_up = time.monotonic()  # everything sent before now has been read
             try:
                 inc = await self.endpoint.recv()
             except BadMessage as exc:
@@ -361,10 +369,15 @@ class Broker:
             await self._start_waiting_jobs()
 
     async def _liveness_loop(self) -> None:
-        """Declare silent sites gone; runs at the heartbeat period (the liveness clock, not a data poll)."""
+        """Declare silent sites gone; runs at the heartbeat period (the liveness clock, not a data poll).
+
+        Silence is judged only up to the moment the receive loop last had nothing unread: after the loop was
+        held up (a long fold, a checkpoint, a busy machine), heartbeats may sit in the socket, and a sweep
+        that ran first expired every site at once (seen with 8 sites importing torch on 2 cores)."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
-            for rec in self.registry.expire(time.monotonic()):
+            seen_until = self._caught_up if self._backlogged() else time.monotonic()
+            for rec in self.registry.expire(seen_until):
                 self._site_gone(rec.peer, "heartbeat timeout", rec.name)
             revoked = self.guard.revoked_now()
             if revoked:

@@ -1,0 +1,63 @@
+"""A broker held up for longer than the liveness window does not expire sites whose heartbeats wait unread,
+and still expires a site that went silent.
+
+The race itself (a sweep scheduled between reading a backlog and handling it) needs a loaded machine to show
+(it did in ``fedbus bench round`` with 8 sites on 2 cores); this test holds the loop up and checks both
+outcomes, so a sweep that judged silence by the wrong clock, either way, fails it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+import zmq
+
+from fedbus.broker.server import Broker
+from fedbus.config import BrokerConfig
+from fedbus.protocol.envelope import encode
+from fedbus.protocol.messages import Heartbeat, Hello
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _heartbeating_site(address: str, name: str, stop: threading.Event) -> None:
+    """A site in its own thread (plain zmq): it keeps beating while the broker's event loop is blocked."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    try:
+        sock.send(encode(Hello("site", name, "s1")))
+        while not stop.wait(0.05):
+            sock.send(encode(Heartbeat()))
+            while sock.poll(0):
+                sock.recv_multipart()
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+async def test_sites_are_not_expired_for_heartbeats_the_broker_has_not_read_yet(tmp_path: Path) -> None:
+    cfg = BrokerConfig(bind="tcp://127.0.0.1:0", workspace=str(tmp_path / "b"), heartbeat_s=0.1, liveness=3)
+    stop = threading.Event()
+    with structlog.testing.capture_logs() as logs:
+        async with Broker(cfg) as broker:
+            beater = threading.Thread(target=_heartbeating_site, args=(broker.address, "s1", stop))
+            beater.start()
+            try:
+                async with asyncio.timeout(10):
+                    while broker.registry.online() != ["s1"]:
+                        await asyncio.sleep(0.02)
+                time.sleep(1.0)  # the broker's loop is held up for 3x the liveness window; heartbeats queue up
+                await asyncio.sleep(0.5)  # the loop runs again: the sweep comes before the queued heartbeats
+                assert not [e for e in logs if e["event"] == "site gone"]
+            finally:
+                stop.set()
+                beater.join(5)
+            async with asyncio.timeout(10):  # a site that really went silent is still declared gone
+                while broker.registry.online():
+                    await asyncio.sleep(0.05)
+    assert [e["reason"] for e in logs if e["event"] == "site gone"] == ["heartbeat timeout"]
