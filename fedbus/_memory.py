@@ -1,5 +1,4 @@
-"""Keep a daemon's memory honest and fast: large freed buffers go back to the OS at once, and large fresh
-buffers sit on huge pages (``fresh_buffer``).
+"""Keep a daemon's memory honest: large freed buffers go back to the OS at once.
 
 glibc raises its mmap threshold after the first large free (up to 32 MiB), after which 4 MiB frames
 (zmq's receive buffers, one per chunk) come from the heap and stay resident once freed. A fixed
@@ -9,12 +8,8 @@ threshold of 1 MiB makes every chunk-sized buffer its own mapping, returned on f
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
-import mmap
-
-import torch
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -32,27 +27,3 @@ def tune_malloc(mmap_threshold: int = 1 << 20) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
-
-
-# --- fresh receive buffers ------------------------------------------------------------------------------
-
-HUGE_BUFFER_MIN = 64 << 20  # below this a buffer is plain memory: a mapping of its own costs more than it saves
-
-
-def fresh_buffer(size: int) -> torch.Tensor:
-    """An uninitialised uint8 buffer of ``size`` bytes, on transparent huge pages when it is large.
-
-    Why. A fresh buffer costs a page fault per 4 KiB page on its first write, which dominates receiving a
-    model on a machine with cores to spare. ``fedbus bench transfer --size-mb 1024``, fresh receive buffer,
-    on a quiet 16-core host: 1.33 GB/s in plain memory, 2.23 GB/s advised to huge pages (512x fewer
-    faults), 2.11 GB/s advised and populated ahead of the writer by a thread (``MADV_POPULATE_WRITE``);
-    pinned to 2 of its cores all three move 1.3-1.7 GB/s (the cores are busy with the copy, the digests and
-    zmq's own work, not with faults). Advice alone it is: simplest, never slower. A large buffer is its own
-    anonymous mapping, returned to the OS as soon as the last tensor viewing it is freed.
-    """
-    if size < HUGE_BUFFER_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return torch.empty(size, dtype=torch.uint8)
-    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError, AttributeError, ValueError):  # not Linux, or THP compiled out
-        mem.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mem, dtype=torch.uint8)  # the tensor keeps ``mem`` alive as long as any view of it
