@@ -173,10 +173,12 @@ def run_soak(sites: int = 20, minutes: float = 10.0, kill_every: float = 30.0, s
             if not p.alive():
                 p.start()
         time.sleep(SETTLE_S)
-    finally:
-        for s in members:
-            s.stop()
-        broker.stop()
+    finally:  # the broker first: sites stopping under a running job refuse its downloads and would fail it
+        try:
+            broker.stop()
+        finally:
+            for s in members:
+                s.stop()
     figures = _books(root, job_id, sites, kills, [broker, *members])
     figures.update(sites=sites, minutes=minutes, kill_every_s=kill_every, seconds_to_start=round(started_s, 1))
     figures.update(_detection(root / "broker.log", site_kills))
