@@ -25,6 +25,7 @@ the global model's own values (FULL) or zeros (DIFF). Names match exactly or as 
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -50,13 +51,14 @@ class FilterContext:
     """The global model the task was trained from (None when the site has none, e.g. a task without model)."""
 
 
-class PrivacyFilter:
+class PrivacyFilter(abc.ABC):
     """Base of filters that want the context; ``name`` is what the audit trail records."""
 
     name = "filter"
 
+    @abc.abstractmethod
     def __call__(self, params: Params, ctx: FilterContext) -> Params:
-        raise NotImplementedError
+        """The params to upload instead of ``params`` (new tensors: the input may be a view of the script's file)."""
 
     def __repr__(self) -> str:
         return self.name
