@@ -38,7 +38,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -181,16 +181,26 @@ def _encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | No
 
 def layout(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Layout:
     """Lay ``state_dict`` out as a safetensors file without concatenating it. Raises ``ConfigError``."""
-    entries, specs, header, meta = _plan(state_dict, metadata)
-    parts = [_tensor_bytes(t) for _, _, t in entries]
-    total = specs[-1].end + len(header) if specs else len(header)
-    return Layout(header, tuple(specs), [memoryview(header), *parts], total, meta)
+    plan = _plan(state_dict, metadata)
+    parts = [_tensor_bytes(t) for t in plan.tensors]
+    return Layout(plan.header, tuple(plan.specs), [memoryview(plan.header), *parts], plan.total, plan.metadata)
 
 
-def _plan(
-    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> tuple[list[tuple[str, str, torch.Tensor]], list[TensorSpec], bytes, dict[str, str]]:
-    """Validated entries in file order, their specs and the header: everything but the tensors' bytes."""
+class _Plan(NamedTuple):
+    """A state_dict's file, everything but the tensors' bytes: tensors and specs in file order, the header."""
+
+    tensors: list[torch.Tensor]
+    specs: list[TensorSpec]
+    header: bytes
+    metadata: dict[str, str]
+
+    @property
+    def total(self) -> int:
+        return len(self.header) + (self.specs[-1].end if self.specs else 0)
+
+
+def _plan(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> _Plan:
+    """Validate ``state_dict`` and lay it out: names, dtypes, shapes and offsets, without touching its data."""
     if not isinstance(state_dict, Mapping):
         raise ConfigError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     meta = _check_metadata(metadata)
@@ -216,7 +226,7 @@ def _plan(
         nbytes = t.numel() * t.element_size()
         specs.append(TensorSpec(name, dtype, tuple(t.shape), offset, offset + nbytes))
         offset += nbytes
-    return entries, specs, _encode_header(specs, meta), dict(meta or {})
+    return _Plan([t for _, _, t in entries], specs, _encode_header(specs, meta), dict(meta or {}))
 
 
 # --- receiving -------------------------------------------------------------------------------------------
@@ -470,23 +480,21 @@ def _write_all(fd: int, parts: Iterable[memoryview]) -> None:
                 written = 0
 
 
-def _copy_into_file(
-    fd: int, entries: list[tuple[str, str, torch.Tensor]], specs: list[TensorSpec], header: bytes
-) -> None:
+def _copy_into_file(fd: int, plan: _Plan) -> None:
     """Fill an empty file with a state_dict whose tensors live on a device or are strided: each is copied
     once, straight into the file's pages (no host staging copy of the model, no second copy by write())."""
-    total = len(header) + (specs[-1].end if specs else 0)
-    os.ftruncate(fd, total)
-    if total == len(header):
-        os.pwrite(fd, header, 0)
+    os.ftruncate(fd, plan.total)
+    start = len(plan.header)
+    if plan.total == start:
+        os.pwrite(fd, plan.header, 0)
         return
-    mem = mmap.mmap(fd, total)
+    mem = mmap.mmap(fd, plan.total)
     try:
         buf = torch.frombuffer(mem, dtype=torch.uint8)
-        buf[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-        for (_, _, t), spec in zip(entries, specs, strict=True):
+        buf[:start] = torch.frombuffer(bytearray(plan.header), dtype=torch.uint8)
+        for t, spec in zip(plan.tensors, plan.specs, strict=True):
             if spec.end > spec.start:
-                buf[len(header) + spec.start : len(header) + spec.end].view(t.dtype).view(t.shape).copy_(t.detach())
+                buf[start + spec.start : start + spec.end].view(t.dtype).view(t.shape).copy_(t.detach())
         del buf
     finally:
         mem.close()
@@ -502,7 +510,7 @@ def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Te
     on a GPU (or strided ones) is copied straight into the file's mapped pages, tensor by tensor: the one
     host copy the transfer needs (``fedbus bench transfer --device cuda`` measures it).
     """
-    to_map = None
+    to_map: _Plan | None = None
     if not isinstance(lay, Layout):
         if any(isinstance(t, torch.Tensor) and (t.device.type != "cpu" or not t.is_contiguous()) for t in lay.values()):
             to_map = _plan(lay, None)
@@ -514,7 +522,7 @@ def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Te
     try:
         try:
             if to_map is not None:
-                _copy_into_file(fd, *to_map[:3])
+                _copy_into_file(fd, to_map)
             else:
                 _write_all(fd, lay.parts)  # type: ignore[union-attr]
             if durable:
