@@ -72,6 +72,39 @@ def reset_peak_rss() -> None:
         pass
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, by kind: ``main`` (the event loop), ``zmq_io`` (libzmq's
+    I/O threads, which move every byte through the kernel) and ``other`` (torch/OpenMP pools, executors).
+
+    Compared with the wall time of a phase it says which thread saturates: a kind near 1.0 s of CPU per
+    second is the bottleneck. Read from ``/proc/self/task/*/schedstat`` (nanoseconds) where the kernel keeps
+    it, else ``stat`` (clock ticks)."""
+    out = {"main": 0.0, "zmq_io": 0.0, "other": 0.0}
+    pid = os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        base = f"/proc/self/task/{tid}"
+        try:
+            with open(f"{base}/comm") as f:
+                name = f.read().strip()
+            with open(f"{base}/schedstat") as f:
+                seconds = int(f.read().split()[0]) / 1e9
+            if not seconds:  # schedstat off: utime + stime from stat
+                with open(f"{base}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended while we read it
+        kind = "main" if int(tid) == pid else "zmq_io" if name.startswith("ZMQbg/IO") else "other"
+        out[kind] += seconds
+    return out
+
+
+def cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """``thread_cpu()`` now minus ``before``, rounded for a report."""
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in thread_cpu().items()}
+
+
 def memcpy_gbps(size: int = 256 * MiB, repeats: int = 3) -> float:
     """Copy bandwidth into a reused buffer: the ceiling for any path that copies bytes once."""
     src = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)

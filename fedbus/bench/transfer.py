@@ -30,6 +30,7 @@ import zmq.asyncio
 from fedbus import serde
 from fedbus.bench.common import (
     MiB,
+    cpu_since,
     format_report,
     memcpy_gbps,
     model_bytes,
@@ -37,6 +38,7 @@ from fedbus.bench.common import (
     random_state_dict,
     reset_peak_rss,
     rss,
+    thread_cpu,
 )
 from fedbus.errors import ConfigError
 from fedbus.protocol.messages import STREAM_TYPES, Reply
@@ -90,10 +92,12 @@ async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
     baseline = rss()
     offers: asyncio.Queue[BufferSink] = asyncio.Queue()
     reuse: list[torch.Tensor] = []
+    cpu_at_offer: dict[str, float] = {}
 
     async def on_offer(peer: bytes, offer: Any) -> BufferSink:
         if not reuse:
             reset_peak_rss()
+            cpu_at_offer.update(thread_cpu())
         sink = BufferSink(max_total=offer.total, buffer=reuse[0] if reuse else None)
         offers.put_nowait(sink)
         return sink
@@ -104,6 +108,7 @@ async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
     tensors = await sink.result
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     stats = {"peak_growth": peak_rss() - baseline, "tensors": len(tensors), "model_bytes": nbytes}
+    stats["cpu"] = cpu_since(cpu_at_offer)
     assert sink.buffer is not None
     reuse.append(sink.buffer)
     del tensors
@@ -223,6 +228,7 @@ async def _fedbus_send(
         model = random_state_dict(size_mb, seed=1, dtype=torch_dtype)
     size = model_bytes(model)
     pump = asyncio.create_task(_route_controls(ep, hub))
+    cpu_before = thread_cpu()
     start = time.perf_counter()
     d2h = 0.0
     if on_device:  # flare.send's path: device -> hand-over file (page cache) -> stream from its mapping
@@ -233,6 +239,7 @@ async def _fedbus_send(
         source = ModelSource.from_state_dict(model)
     await hub.send(b"", source)
     elapsed = time.perf_counter() - start
+    sender_cpu = cpu_since(cpu_before)
     sender_growth = peak_rss() - baseline
     start = time.perf_counter()
     again = ModelSource.from_file(hand_over) if on_device else ModelSource.from_state_dict(model)
@@ -245,6 +252,7 @@ async def _fedbus_send(
     del source, again
     shutil.rmtree(folder, ignore_errors=True)
     out = {"elapsed": elapsed, "warm": warm, "size": size, "total": total, "sender_growth": sender_growth, "d2h": d2h}
+    out["sender_cpu"] = sender_cpu
     return {**out, **reply}
 
 
@@ -308,6 +316,8 @@ def run_transfer(
         "warm_ratio": round(fb["size"] / fb["warm"] / 1e9 / raw_gbps, 3),
         "sender_rss_x": round(fb["sender_growth"] / fb["size"], 3),
         "receiver_rss_x": round(fb["peak_growth"] / fb["size"], 3),
+        "sender_cpu_s": fb["sender_cpu"],
+        "receiver_cpu_s": fb["cpu"],
         "tensors": fb["tensors"],
         "device": device,
         "dtype": dtype,
@@ -325,6 +335,10 @@ def run_transfer(
         ),
         *([("device to file", f"{result['d2h_gbps']:.2f} GB/s ({fb['d2h']:.3f} s of fedbus_s)")] if fb["d2h"] else []),
         ("memcpy", f"{mem:.2f} GB/s"),
+        *(
+            (f"{side} cpu (cold)", ", ".join(f"{k} {v:.2f} s" for k, v in fb[key].items()))
+            for side, key in (("sender", "sender_cpu"), ("receiver", "cpu"))
+        ),
         ("sender rss", f"{result['sender_rss_x']:.2f} x model"),
         ("receiver rss", f"{result['receiver_rss_x']:.2f} x model"),
     ]

@@ -401,6 +401,9 @@ class Receiver:
         self._state = _R.RECEIVING
         self._failure: str | None = None
         self._expected = 0  # next byte expected = bytes verified, contiguous
+        self._arrived = 0  # end of the chunks accepted: [expected, arrived) is being written by the driver
+        self._held_end: End | None = None  # an END that came while accepted chunks were still being written
+        self._accepted_end = 0  # the furthest end of any chunk ever accepted (to catch driver misuse)
         self._triples: list[tuple[int, int, int]] = []
         self._grant = 0  # credit granted in this pass
         self._granted = 0  # highest credit ever granted: no correct sender exceeds it
@@ -463,7 +466,7 @@ class Receiver:
                 raise LocalProtocolError(f"stream {offer.sid}: journal is not contiguous at offset {off}")
             expected += length
         rx._triples = [tuple(t) for t in verified]  # type: ignore[misc]
-        rx._expected = expected
+        rx._expected = rx._arrived = rx._accepted_end = expected
         rx._started = True
         return rx
 
@@ -524,34 +527,51 @@ class Receiver:
             raise RemoteProtocolError(f"stream {self._sid}: chunk at offset {off} has {length} bytes, not {want}")
         if off + length > self._granted:
             raise RemoteProtocolError(f"stream {self._sid}: chunk at offset {off} exceeds the credit {self._granted}")
-        if off > self._expected:  # something before it was lost: ask once per gap
+        if off > self._arrived:  # something before it was lost: ask once per gap
             self._ask_resume()
-        return off == self._expected
+        if off != self._arrived:
+            return False
+        self._arrived += length
+        self._accepted_end = max(self._accepted_end, self._arrived)
+        return True
 
     def chunk_written(self, msg: Chunk, actual_sum: int, now: float) -> bool:
+        """An accepted chunk is in place and its bytes sum to ``actual_sum``: True if that verified it.
+
+        Call it in the order the chunks were accepted. A chunk accepted before the stream rewound below
+        it (a NACK, a resume) is ignored (False): it will be sent again."""
         _sid_of(msg, self._sid)
         self._now = now
         if self._state is not _R.RECEIVING:
             return False
         off = msg.off
-        if off != self._expected:
-            raise LocalProtocolError(f"stream {self._sid}: chunk_written({off}) but offset {self._expected} is next")
+        if off < self._expected or off >= self._accepted_end:
+            raise LocalProtocolError(
+                f"stream {self._sid}: chunk_written({off}) but offset {self._expected} is next"
+                f" and chunks were accepted up to {self._accepted_end}"
+            )
+        if off > self._expected:  # overtaken by a rewind
+            return False
         if actual_sum != msg.sum:
             count = self._retries[off] = self._retries.get(off, 0) + 1
             if count > self._max_retries:
                 self._fail(f"chunk digest mismatch at offset {off}, {count} times", notify=True)
             else:
-                self._rewind_at = off
+                self._rewind_at, self._arrived, self._held_end = off, off, None
                 self._push(Nack(self._sid, off, f"chunk digest mismatch at offset {off}"))
                 self._push(self._credit_msg())
             return False
         length = self.chunk_length(off)
         self._triples.append((off, length, msg.sum))
         self._expected += length
+        self._arrived = max(self._arrived, self._expected)
         self._since, self._probes, self._rewind_at = now, 0, None
         grant = min(self._total, self._expected + self._window)
         if grant - self._grant >= self._chunk or grant == self._total > self._grant:  # a whole chunk is free again
             self._push(self._credit_msg())
+        if self._expected == self._total and self._held_end is not None:
+            end, self._held_end = self._held_end, None
+            self._on_end(end, now)
         return True
 
     def receive(self, msg: Message, now: float) -> None:
@@ -595,6 +615,7 @@ class Receiver:
             return [Abort(self._sid, self._failure or "failed")]
         self._outbox = [m for m in self._outbox if not isinstance(m, Resume | Credit)]
         self._since, self._probes, self._rewind_at = now, 0, self._expected
+        self._arrived, self._held_end = self._expected, None
         return [Resume(self._sid, self._expected), self._credit_msg()]
 
     def deadline(self) -> float | None:
@@ -628,16 +649,20 @@ class Receiver:
         self._outbox.append(msg)
 
     def _ask_resume(self) -> None:
-        if self._rewind_at != self._expected:
-            self._rewind_at = self._expected
-            self._push(Resume(self._sid, self._expected))
+        """Ask the sender to continue after the chunks accepted so far (once per gap)."""
+        if self._rewind_at != self._arrived:
+            self._rewind_at = self._arrived
+            self._push(Resume(self._sid, self._arrived))
 
     def _on_end(self, msg: End, now: float) -> None:
         if self._state is _R.DONE:
             self._push(Ack(self._sid, self._acked))  # the first ack may have been lost
             return
-        if self._expected < self._total:  # bytes missing (lost or still in flight)
-            self._ask_resume()
+        if self._expected < self._total:
+            if self._arrived == self._total:  # every byte is here, some still being written: answer then
+                self._held_end = msg
+            else:  # bytes missing (lost or still in flight)
+                self._ask_resume()
             return
         digest = self._digest_fn(self._triples)
         if digest == msg.digest and (not self._offer.digest or digest == self._offer.digest):
@@ -649,7 +674,7 @@ class Receiver:
         if self._restarts > self._max_retries:
             self._fail(f"stream digest mismatch, {self._restarts} times", notify=True)
             return
-        self._expected, self._triples, self._grant = 0, [], 0  # everything again
+        self._expected, self._arrived, self._triples, self._grant = 0, 0, [], 0  # everything again
         self._since, self._probes, self._rewind_at = now, 0, 0
         self._push(Nack(self._sid, 0, "stream digest mismatch"))
         self._push(self._credit_msg())

@@ -112,6 +112,9 @@ class StreamPair:
     sender_digest: str | None = None
     check_window: bool = True
     lazy: bool = False
+    pipeline: int = 0
+    """Up to this many accepted chunks are written later, in order, as a driver with placement threads does
+    (0: each chunk is written as it is accepted)."""
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -137,6 +140,8 @@ class StreamPair:
         self.steps = 0
         self._corrupted: set[int] = set()
         self._idle = 0
+        self.placing: deque[tuple[Chunk, bytes]] = deque()  # accepted, not yet written
+        self.placed_end = 0  # end of the furthest chunk handed to placement
         self._emit(self.receiver.start(), self.to_sender)
 
     # --- the link ------------------------------------------------------------------------------------------
@@ -180,11 +185,21 @@ class StreamPair:
             self.sender.receive(msg, self.now)
         elif isinstance(msg, Chunk):
             assert payload is not None
+            if self.placing and msg.off < self.placed_end:  # a chunk sent again: earlier writes land first
+                self.settle(len(self.placing))
             if self.receiver.accept_chunk(msg, len(payload)):
-                self.buffer[msg.off : msg.off + len(payload)] = payload
-                self.receiver.chunk_written(msg, chunk_sum(payload), self.now)
+                self.placing.append((msg, payload))
+                self.placed_end = max(self.placed_end, msg.off + len(payload))
+                self.settle(len(self.placing) - self.pipeline)
         else:
             self.receiver.receive(msg, self.now)
+
+    def settle(self, count: int) -> None:
+        """Write the oldest ``count`` accepted chunks and tell the receiver, in the order they were accepted."""
+        for _ in range(max(0, count)):
+            msg, payload = self.placing.popleft()
+            self.buffer[msg.off : msg.off + len(payload)] = payload
+            self.receiver.chunk_written(msg, chunk_sum(self.buffer[msg.off : msg.off + len(payload)]), self.now)
 
     # --- driving -------------------------------------------------------------------------------------------
 
@@ -210,6 +225,9 @@ class StreamPair:
         self._emit(self.sender.next_messages(self.now), self.to_receiver)
         self._emit(self.receiver.next_messages(self.now), self.to_sender)
         self.check_invariants()
+        if self.placing and (self.rng.random() < 0.3 or not (self.to_receiver or self.to_sender)):
+            self.settle(self.rng.randint(1, len(self.placing)))
+            return True
         if self.to_receiver or self.to_sender:
             if self.rng.random() < self.faults.reconnect:
                 self.reconnect()

@@ -98,6 +98,7 @@ rates = st.floats(0.0, 0.2)
     chunk=st.sampled_from([8, 16, 40]),
     window=st.integers(1, 160),
     n=st.integers(8, 700),
+    pipeline=st.sampled_from([0, 0, 1, 3]),
 )
 def test_faulty_link_delivers_exactly_or_fails_with_reason(
     seed: int,
@@ -109,10 +110,13 @@ def test_faulty_link_delivers_exactly_or_fails_with_reason(
     chunk: int,
     window: int,
     n: int,
+    pipeline: int,
 ) -> None:
+    """Whatever the faults, and whether chunks are written as they come or later by placement threads
+    (``pipeline``), the receiver ends DONE with exactly the sent bytes or FAILED with a reason."""
     data = payload(n, seed=seed)
     faults = Faults(drop=drop, duplicate=duplicate, reorder=reorder, corrupt=corrupt, reconnect=reconnect)
-    pair = StreamPair(data, chunk=chunk, window=window, faults=faults, seed=seed).run()  # checks the window
+    pair = StreamPair(data, chunk=chunk, window=window, faults=faults, seed=seed, pipeline=pipeline).run()
     s, r = pair.sender, pair.receiver
     if r.state is DONE_R:
         assert bytes(pair.buffer) == data
@@ -124,11 +128,12 @@ def test_faulty_link_delivers_exactly_or_fails_with_reason(
         assert s.state is SenderState.FAILED and s.failure
 
 
+@pytest.mark.parametrize("pipeline", [0, 2])
 @pytest.mark.parametrize("seed", range(12))
-def test_moderate_faults_still_deliver(seed: int) -> None:
+def test_moderate_faults_still_deliver(seed: int, pipeline: int) -> None:
     data = payload(1500, seed)
     faults = Faults(drop=0.05, duplicate=0.05, reorder=0.05, corrupt=0.05, reconnect=0.002)
-    pair = StreamPair(data, chunk=32, window=96, faults=faults, seed=seed).run()
+    pair = StreamPair(data, chunk=32, window=96, faults=faults, seed=seed, pipeline=pipeline).run()
     assert (pair.sender.state, pair.receiver.state) == (DONE_S, DONE_R)
     assert bytes(pair.buffer) == data
 
@@ -497,6 +502,71 @@ def test_end_with_missing_bytes_asks_to_resume() -> None:
     r.next_messages(0.0)
     r.receive(End(1, s.offer().digest), 0.0)
     assert r.next_messages(0.0) == [Resume(1, 64)]
+
+
+def accept(r: Receiver, data: bytes, off: int) -> Chunk | None:
+    """A driver with placement threads: accept the chunk at ``off`` now, report it written later."""
+    piece = data[off : off + r.chunk_length(off)]
+    msg = Chunk(r.offer.sid, off, chunk_sum(piece))
+    return msg if r.accept_chunk(msg, len(piece)) else None
+
+
+def written(r: Receiver, data: bytes, msg: Chunk, *, corrupt: bool = False) -> bool:
+    return r.chunk_written(msg, chunk_sum(data[msg.off : msg.off + r.chunk_length(msg.off)]) ^ corrupt, 0.0)
+
+
+def test_chunks_accepted_while_earlier_ones_are_still_being_written() -> None:
+    """Placement threads: the next chunk is accepted before the one before it is written; credit and the
+    verified offset move only as chunks are reported written, in order."""
+    data = payload(300)
+    s = make_sender(data, chunk=64)
+    r = receiver_for(s.offer(), window=128)
+    r.start()
+    placing = [accept(r, data, off) for off in (0, 64)]
+    assert all(placing) and r.offset == 0 and r.next_messages(0.0) == []
+    assert accept(r, data, 64) is None  # a duplicate of an accepted chunk is not placed twice
+    assert written(r, data, placing[0]) and r.offset == 64
+    assert r.next_messages(0.0) == [Credit(1, 192)]
+    assert accept(r, data, 128) and written(r, data, placing[1]) and r.offset == 128
+
+
+def test_end_waits_for_chunks_still_being_written() -> None:
+    """END after every chunk was accepted but not yet written: no resume (nothing is missing), the ACK
+    once the last chunk is in place."""
+    data = payload(300)
+    s = make_sender(data, chunk=64)
+    r = receiver_for(s.offer(), window=320)
+    r.start()
+    placing = [accept(r, data, off) for off in range(0, 300, 64)]
+    r.receive(End(1, s.offer().digest), 0.0)
+    assert r.next_messages(0.0) == []
+    for msg in placing:
+        assert msg is not None and written(r, data, msg)
+    assert r.state is DONE_R and r.next_messages(0.0) == [Ack(1, s.offer().digest)]
+
+
+def test_a_corrupt_chunk_voids_the_chunks_accepted_after_it() -> None:
+    """Chunk 64 lands corrupt while 128 and 192 are being written: NACK(64); the later two are ignored when
+    they land (they will come again) and the re-sent 64 is accepted."""
+    data = payload(300)
+    r = receiver_for(make_sender(data, chunk=64).offer(), window=320)
+    r.start()
+    placing = [accept(r, data, off) for off in (0, 64, 128, 192)]
+    assert written(r, data, placing[0])
+    assert not written(r, data, placing[1], corrupt=True)
+    assert [type(m) for m in r.next_messages(0.0)] == [Nack, Credit]
+    assert not written(r, data, placing[2]) and not written(r, data, placing[3]) and r.offset == 64
+    again = accept(r, data, 64)
+    assert again is not None and written(r, data, again) and r.offset == 128
+
+
+def test_a_gap_resumes_after_the_accepted_chunks() -> None:
+    data = payload(600)
+    r = receiver_for(make_sender(data, chunk=64).offer(), window=640)
+    r.start()
+    assert accept(r, data, 0) and accept(r, data, 64)
+    assert accept(r, data, 192) is None  # 128 was lost; 0 and 64 are still being written
+    assert r.next_messages(0.0) == [Resume(1, 128)]
 
 
 def test_reoffer_is_answered_with_where_we_are() -> None:
