@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     tr = bsub.add_parser("transfer", help="stream one model between two processes vs raw ZeroMQ")
     tr.add_argument("--size-mb", type=_positive_float, default=256)
-    tr.add_argument("--chunk-mb", type=_positive_float, default=4)
-    tr.add_argument("--window-mb", type=_positive_float, default=32)
+    tr.add_argument("--chunk-mb", type=_positive_float, help="chunk size (default: the transport's, 2 MiB)")
+    tr.add_argument("--window-mb", type=_positive_float, help="credit window (default: the transport's, 64 MiB)")
     tr.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
     tr.add_argument("--curve", action="store_true", help="CurveZMQ-encrypt the fedbus stream (and the raw baseline)")
     tr.add_argument("--device", default="cpu", help="where the model lives, e.g. cuda: sent as flare.send does")
@@ -220,11 +220,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.bench == "transfer":
             from fedbus.bench.transfer import run_transfer
 
+            sizes = {k: v for k, v in (("chunk_mb", args.chunk_mb), ("window_mb", args.window_mb)) if v is not None}
             report = run_transfer(
                 args.size_mb,
-                args.chunk_mb,
-                args.window_mb,
-                args.transport,
+                transport=args.transport,
+                **sizes,
                 curve=args.curve,
                 device=args.device,
                 dtype=args.dtype,

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from fedbus._memory import fresh_buffer
 from fedbus.errors import ConfigError, HeaderError, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -359,18 +360,16 @@ def parse_header(
     return data_start, specs, metadata
 
 
-def allocate(total: int) -> torch.Tensor:
+def allocate(total: int, *, huge: bool = False) -> torch.Tensor:
     """The one uint8 receive buffer of a stream (uninitialised: every byte is written before use).
 
-    A fresh buffer costs a page fault per 4 KiB page on its first write, which dominates a cold receive.
-    Advising transparent huge pages (its own anonymous mapping, ``MADV_HUGEPAGE``) was measured with
-    ``fedbus bench transfer --size-mb 1024``: on a quiet 16-core host cold 1.33 -> 2.23 GB/s, but on this
-    project's 2-core development VM 1.0 -> 0.49 GB/s (huge-page faults are slow there), so plain memory it
-    is; callers that receive repeatedly should reuse buffers (the warm path).
+    A fresh buffer costs a page fault per 4 KiB page on its first write, which dominates a cold receive;
+    ``huge`` puts a large one on transparent huge pages (``_memory.fresh_buffer`` says when that pays).
+    Callers that receive repeatedly should reuse buffers (the warm path).
     """
     if not _is_int(total) or total < 0:
         raise LocalProtocolError(f"buffer size must be a non-negative int, got {total!r}")
-    return torch.empty(total, dtype=torch.uint8)
+    return fresh_buffer(total, huge=huge)
 
 
 def tensors_from_buffer(buf: torch.Tensor, specs: Iterable[TensorSpec], data_start: int) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ def test_poc_profile_has_short_heartbeats() -> None:
 def test_no_file_gives_defaults_and_byte_sizes() -> None:
     cfg = load_config(BrokerConfig, None, {}, environ={})
     assert cfg == BrokerConfig()
-    assert (cfg.chunk_bytes, cfg.window_bytes) == (4 << 20, 32 << 20)
+    assert (cfg.chunk_bytes, cfg.window_bytes) == (2 << 20, 64 << 20)
 
 
 def test_unknown_key_names_file_and_suggests(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_types_checked(tmp_path: Path, line: str, match: str) -> None:
         ("chunk_mb = 0.03125", r"'chunk_mb' must be within \[0.0625, 64\]"),
         ("chunk_mb = 128", r"'chunk_mb' must be within"),
         ("chunk_mb = 0.1", "'chunk_mb' must be a multiple of 1/1024"),
-        ("window_mb = 2", r"window_mb \(2\) must be >= chunk_mb \(4\)"),
+        ("window_mb = 1", r"window_mb \(1\) must be >= chunk_mb \(2\)"),
         ("upload_slots = 0", "'upload_slots' must be >= 1"),
         ("keep_versions = -1", "'keep_versions' must be >= 0"),
         ("round_timeout_s = 0", "'round_timeout_s' must be > 0"),

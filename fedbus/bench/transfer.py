@@ -43,7 +43,7 @@ from fedbus.bench.common import (
 from fedbus.errors import ConfigError
 from fedbus.protocol.messages import STREAM_TYPES, Reply
 from fedbus.transport.endpoint import DealerEndpoint, RouterEndpoint
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, ModelSource, StreamHub
 
 RAW_FRAME = 4 * MiB
 CURVE_ENV = "FEDBUS_BENCH_CURVE"
@@ -268,8 +268,8 @@ async def _route_controls(ep: DealerEndpoint, hub: StreamHub) -> dict[str, Any]:
 
 def run_transfer(
     size_mb: float,
-    chunk_mb: float = 4,
-    window_mb: float = 32,
+    chunk_mb: float = DEFAULT_CHUNK / MiB,
+    window_mb: float = DEFAULT_WINDOW / MiB,
     transport: str = "tcp",
     *,
     curve: bool = False,

@@ -14,6 +14,7 @@ sender nothing beyond the model itself and the receiver one buffer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import mmap
 import os
@@ -21,6 +22,7 @@ import secrets
 import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -34,13 +36,52 @@ from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Abort, Ack, Chunk, End, Message, Offer
 from fedbus.protocol.stream import Receiver, ReceiverState, Sender, SenderState
 
-DEFAULT_CHUNK = 4 << 20
-"""Chunk size, from ``fedbus bench transfer`` sweeps (see docs/benchmarks.md)."""
+DEFAULT_CHUNK = 2 << 20
+"""Chunk size, from ``fedbus bench transfer --size-mb 1024`` sweeps (docs/benchmarks.md). With placement threads
+(16 cores) 2 MiB chunks and a 64 MiB window moved 3.0-3.7 GB/s cold against 2.4-3.0 for 4 MiB / 32 MiB: a chunk
+is credited back once written, and a smaller chunk is written sooner. On 2 cores the two are equal (1.0-1.1)."""
 
-DEFAULT_WINDOW = 32 << 20
-"""Credit window in bytes, from the same sweeps."""
+DEFAULT_WINDOW = 64 << 20
+"""Credit window in bytes (what one stream may have in flight beyond what the receiver verified), from the
+same sweeps; 128 MiB gained nothing over 64."""
+
+PLACEMENT_MIN = 1 << 20
+"""Chunks smaller than this are written by the event loop itself: a thread hop would cost more than the copy."""
 
 log = get_logger("transport.streams")
+
+
+def placement_threads() -> int:
+    """How many threads write received chunks into place (0: the event loop writes them itself).
+
+    Writing a chunk (the first touch of fresh buffer pages, the copy out of zmq's frame, the digest of what
+    landed) is most of a receiver's work: one thread doing it for a 1 GiB model is busy the whole transfer
+    (0.70-0.86 CPU s of 0.72-0.88 s on a 16-core host, ``receiver_cpu_s`` of ``fedbus bench transfer``).
+    With spare cores the writes run in parallel, the loop only routing. On two cores there is no spare core:
+    threads would only add hand-offs. ``FEDBUS_PLACEMENT_THREADS`` overrides the choice.
+    """
+    raw = os.environ.get("FEDBUS_PLACEMENT_THREADS")
+    if raw is not None:
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            log.warning("FEDBUS_PLACEMENT_THREADS is not an int; using the default", value=raw)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if cores < 4 else min(4, cores // 4)
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _placement_pool() -> concurrent.futures.ThreadPoolExecutor | None:
+    """The process's placement threads, shared by every hub and stream (created on first use)."""
+    global _pool
+    if _pool is None:
+        n = placement_threads()
+        if n == 0:
+            return None
+        _pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="fedbus-place")
+    return _pool
 
 
 def _now() -> float:
@@ -111,6 +152,7 @@ class ChunkSums(Sequence[int]):
         self._ref, self._total = weakref.ref(source), source.total
         self._chunk, self._alg = chunk_size, alg
         self._sums: list[int | None] = [None] * -(-source.total // chunk_size)
+        self._coming: dict[int, concurrent.futures.Future[int]] = {}  # sums being computed by placement threads
 
     def __len__(self) -> int:
         return len(self._sums)
@@ -120,12 +162,23 @@ class ChunkSums(Sequence[int]):
             return [self[i] for i in range(*k.indices(len(self)))]
         got = self._sums[k]
         if got is None:
-            source = self._ref()
-            if source is None:
-                raise LocalProtocolError("chunk sums asked of a model source that is gone")
-            off = (k % len(self)) * self._chunk
-            got = self._sums[k] = digest.chunk_sum(source.frames(off, min(self._chunk, self._total - off)), self._alg)
+            coming = self._coming.pop(k % len(self), None)
+            got = self._sums[k] = coming.result() if coming is not None else self._compute(k % len(self))
         return got
+
+    def prefetch(self, start: int, end: int, pool: concurrent.futures.Executor) -> None:
+        """Start computing the sums of the chunks in byte range [start, end) in ``pool``, so the sender's
+        loop finds them ready instead of reading each chunk itself before it leaves."""
+        for k in range(start // self._chunk, min(len(self), -(-end // self._chunk))):
+            if self._sums[k] is None and k not in self._coming:
+                self._coming[k] = pool.submit(self._compute, k)
+
+    def _compute(self, k: int) -> int:
+        source = self._ref()
+        if source is None:
+            raise LocalProtocolError("chunk sums asked of a model source that is gone")
+        off = k * self._chunk
+        return digest.chunk_sum(source.frames(off, min(self._chunk, self._total - off)), self._alg)
 
     def digest(self) -> str:
         """The whole-stream digest (every chunk's sum, computing those not yet sent)."""
@@ -231,7 +284,7 @@ class BufferSink:
         if self.path is None and reuse is not None and reuse.dtype == torch.uint8 and reuse.numel() == offer.total:
             self.buffer = reuse
         elif self.path is None:
-            self.buffer = serde.allocate(offer.total)
+            self.buffer = serde.allocate(offer.total, huge=placement_threads() > 0)
         else:
             if not resume:
                 with open(self.path, "wb") as f:
@@ -266,6 +319,68 @@ class BufferSink:
             self._journal = None
 
 
+class _Placements:
+    """The chunks of one incoming stream on their way into its sink, written by placement threads.
+
+    They are reported to the ``Receiver`` in the order it accepted them. A chunk sent again (after a NACK or a
+    resume) waits until every earlier write has landed and been reported, so two writes never race for the
+    same bytes and a chunk already verified is never overwritten.
+    """
+
+    def __init__(
+        self,
+        receiver: Receiver,
+        sink: BufferSink,
+        pool: concurrent.futures.Executor | None,
+        wake: Callable[[], None],
+    ) -> None:
+        self.receiver, self.sink, self.pool, self.wake = receiver, sink, pool, wake
+        self.pending: deque[tuple[Chunk, int, concurrent.futures.Future[int]]] = deque()
+        self.end = 0  # the furthest end of a chunk handed to a thread
+
+    async def feed(self, msg: Message, frames: list[memoryview]) -> None:
+        if not isinstance(msg, Chunk):
+            self.receiver.receive(msg, _now())
+            return
+        length = sum(f.nbytes for f in frames)
+        if self.pending and msg.off < self.end:
+            await self.drain()
+        if not self.receiver.accept_chunk(msg, length):
+            return
+        if self.pool is None or length < PLACEMENT_MIN:
+            await self.drain()
+            self._written(msg, length, self.sink.write(msg.off, frames))
+            return
+        future = self.pool.submit(self.sink.write, msg.off, frames)
+        future.add_done_callback(lambda _: self.wake())
+        self.pending.append((msg, length, future))
+        self.end = max(self.end, msg.off + length)
+
+    def settle(self) -> None:
+        """Report the writes that landed, oldest first, stopping at the first still running."""
+        while self.pending and self.pending[0][2].done():
+            msg, length, future = self.pending.popleft()
+            self._written(msg, length, future.result())
+
+    async def drain(self) -> None:
+        for _, _, future in list(self.pending):
+            await asyncio.wrap_future(future)
+        self.settle()
+
+    def abandon(self) -> None:
+        """The stream is over: wait (briefly, a chunk's copy) for writes still running, so none lands in a
+        buffer its owner has moved on from."""
+        concurrent.futures.wait([future for _, _, future in self.pending])
+        self.pending.clear()
+
+    def _written(self, msg: Chunk, length: int, actual_sum: int) -> None:
+        if self.receiver.chunk_written(msg, actual_sum, _now()):
+            self.sink.record(msg.off, length, msg.sum)
+
+
+_WAKE: tuple[Message | None, list[memoryview]] = (None, [])
+"""Put on a stream's queue when a placement thread finished a write."""
+
 OfferHandler = Callable[[bytes, Offer], Awaitable[BufferSink | None]]
 
 
@@ -292,8 +407,12 @@ class StreamHub:
         alg: str = digest.DEFAULT_ALG,
         max_total: int = 1 << 40,
         stall_timeout: float = 30.0,
+        pool: concurrent.futures.Executor | None = None,
     ) -> None:
+        """``pool``: the threads that write received chunks into place and digest outgoing ones ahead of the
+        loop; by default the process's shared placement threads (``placement_threads``: none on 2 cores)."""
         self.endpoint = endpoint
+        self.pool = pool if pool is not None else _placement_pool()
         self.on_offer = on_offer
         self.chunk_size = chunk_size
         self.window = window
@@ -302,7 +421,7 @@ class StreamHub:
         self.stall_timeout = stall_timeout
         self._outgoing: dict[tuple[bytes, int], asyncio.Queue[Message]] = {}
         self._offers: dict[tuple[bytes, int], Offer] = {}  # of the outgoing streams, for reoffer_all
-        self._incoming: dict[tuple[bytes, int], asyncio.Queue[tuple[Message, list[memoryview]]]] = {}
+        self._incoming: dict[tuple[bytes, int], asyncio.Queue[tuple[Message | None, list[memoryview]]]] = {}
         self._receivers: dict[tuple[bytes, int], Receiver] = {}
         self._tasks: set[asyncio.Task] = set()
         self._accepting: set[tuple[bytes, int]] = set()
@@ -343,9 +462,12 @@ class StreamHub:
         key = (peer, sid)
         self._outgoing[key] = inbox
         self._offers[key] = sender.offer()
+        pool = self.pool
         try:
             await self.endpoint.send(peer, sender.offer(), source.frames(0, source.total) if inline else ())
             while True:
+                if pool is not None:  # the next window's sums, ahead, off the loop
+                    sums.prefetch(sender.sent_until, sender.credit + self.window, pool)
                 for m in sender.next_messages(_now()):
                     payload = source.frames(m.off, sender.chunk_length(m.off)) if isinstance(m, Chunk) else ()
                     await self.endpoint.send(peer, m, payload)
@@ -422,7 +544,7 @@ class StreamHub:
 
     def _track(self, key: tuple[bytes, int], receiver: Receiver, sink: BufferSink, *, resumed: bool) -> None:
         self._receivers[key] = receiver
-        queue: asyncio.Queue[tuple[Message, list[memoryview]]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[Message | None, list[memoryview]]] = asyncio.Queue()
         self._incoming[key] = queue
         self._spawn(self._receive(key, receiver, sink, queue, resumed))
 
@@ -439,11 +561,13 @@ class StreamHub:
         key: tuple[bytes, int],
         receiver: Receiver,
         sink: BufferSink,
-        queue: asyncio.Queue[tuple[Message, list[memoryview]]],
+        queue: asyncio.Queue[tuple[Message | None, list[memoryview]]],
         resumed: bool,
     ) -> None:
         peer, sid = key
         held: list[Message] = []
+        loop = asyncio.get_running_loop()
+        placements = _Placements(receiver, sink, self.pool, lambda: loop.call_soon_threadsafe(queue.put_nowait, _WAKE))
         try:
             for m in receiver.resume(_now()) if resumed else receiver.start():
                 await self.endpoint.send(peer, m)
@@ -452,9 +576,13 @@ class StreamHub:
                 timeout = None if deadline is None else max(0.0, deadline - _now())
                 with contextlib.suppress(TimeoutError):
                     msg, frames = await asyncio.wait_for(queue.get(), timeout)
-                    self._feed(receiver, sink, msg, frames)
-                    while not queue.empty():
-                        self._feed(receiver, sink, *queue.get_nowait())
+                    while True:
+                        if msg is not None:
+                            await placements.feed(msg, frames)
+                        placements.settle()
+                        if queue.empty():
+                            break
+                        msg, frames = queue.get_nowait()
                 for m in receiver.next_messages(_now()):
                     if isinstance(m, Ack) and sink.settled is not None:
                         held.append(m)  # sent once the owner recorded the stream's content
@@ -474,6 +602,7 @@ class StreamHub:
             if not sink.result.done():
                 sink.result.set_exception(exc)
         finally:
+            placements.abandon()
             self._incoming.pop(key, None)
             self._receivers.pop(key, None)
             sink.close()
@@ -492,15 +621,6 @@ class StreamHub:
             recorded = sink.settled.done() and not sink.settled.cancelled() and not sink.settled.exception()
             for m in held if recorded else [Abort(sid, "the receiver could not record the stream")]:
                 await self.endpoint.send(peer, m)
-
-    def _feed(self, receiver: Receiver, sink: BufferSink, msg: Message, frames: list[memoryview]) -> None:
-        now = _now()
-        if isinstance(msg, Chunk):
-            length = sum(f.nbytes for f in frames)
-            if receiver.accept_chunk(msg, length) and receiver.chunk_written(msg, sink.write(msg.off, frames), now):
-                sink.record(msg.off, length, msg.sum)
-        else:
-            receiver.receive(msg, now)
 
     # --- routing -------------------------------------------------------------------------------------
 

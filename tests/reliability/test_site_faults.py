@@ -12,6 +12,7 @@ import torch
 
 from fedbus import serde
 from fedbus.admin import Admin
+from fedbus.transport.streams import DEFAULT_CHUNK
 from tests.broker.harness import wait_job, write_job
 from tests.e2e.procs import Daemon, start_broker, start_site
 from tests.reliability.jobs import deterministic_job
@@ -28,7 +29,7 @@ def _broker_config(tmp: Path, **keys: object) -> str:
 
 
 def test_site_killed_mid_upload_resumes_its_stream(tmp_path: Path) -> None:
-    job = deterministic_job(tmp_path / "job", sites=2, rounds=1, numel=6 << 20)  # 24 MiB: six 4 MiB chunks
+    job = deterministic_job(tmp_path / "job", sites=2, rounds=1, numel=6 << 20)  # 24 MiB: twelve 2 MiB chunks
     cfg = _broker_config(tmp_path, heartbeat_s=0.5, liveness=30)  # back within 15 s: still the same site
     broker, address = start_broker(tmp_path, "--config", cfg)
     site1 = start_site(tmp_path, "site-1", address)
@@ -49,7 +50,7 @@ def test_site_killed_mid_upload_resumes_its_stream(tmp_path: Path) -> None:
         done, data = asyncio.run(scenario())
         assert done["state"] == "finished", done["reason"]
         resumed = broker.wait_for("stream resumed by its sender")
-        assert resumed["offset"] >= 2 * (4 << 20), resumed  # not from zero: from what had been verified
+        assert resumed["offset"] >= 2 * DEFAULT_CHUNK, resumed  # not from zero: from what had been verified
         assert revived is not None
         delivered = revived.wait_for("interrupted upload delivered")
         assert delivered["task_id"].startswith("0-site-2-")

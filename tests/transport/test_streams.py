@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import zmq
 from fedbus import digest
 from fedbus.errors import TransportError
 from fedbus.protocol.envelope import MAX_OFFER_ENVELOPE
-from fedbus.protocol.messages import Heartbeat
+from fedbus.protocol.messages import Chunk, Heartbeat
 from fedbus.transport.endpoint import MemoryHub
 from fedbus.transport.streams import BufferSink, ModelSource
 from tests.transport.conftest import linked, make_side, pump
@@ -145,4 +146,61 @@ def test_model_source_sums_are_lazy_cached_and_equal_to_an_eager_pass() -> None:
     assert sums._sums.count(None) == len(sums)  # nothing computed before a chunk is sent
     eager = digest.chunk_sums(src.layout.parts, 64, "sum64")
     assert list(sums) == [s for _, _, s in eager]
+    assert sums.digest() == digest.stream_digest(eager, "sum64")
+
+
+class CountingPool(concurrent.futures.ThreadPoolExecutor):
+    """Placement threads that count what they were given."""
+
+    def __init__(self) -> None:
+        super().__init__(3, thread_name_prefix="test-place")
+        self.submitted = 0
+
+    def submit(self, *args, **kwargs):  # type: ignore[override]
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+class CorruptOnce:
+    """An outbox that flips one bit of the payload of each listed chunk offset the first time it is sent."""
+
+    def __init__(self, endpoint, offsets: set[int]) -> None:
+        self.endpoint, self.offsets, self.flipped = endpoint, set(offsets), []
+
+    async def send(self, peer, msg, payload=()):
+        if isinstance(msg, Chunk) and msg.off in self.offsets:
+            self.offsets.discard(msg.off)
+            self.flipped.append(msg.off)
+            first = bytearray(payload[0])
+            first[len(first) // 2] ^= 0x10
+            payload = [first, *payload[1:]]
+        await self.endpoint.send(peer, msg, payload)
+
+
+@pytest.mark.parametrize("corrupt", [set(), {0, 5 << 20}])
+async def test_placement_threads_deliver_bit_exact_and_resend_corrupt_chunks(address: str, corrupt: set[int]) -> None:
+    """Chunks written by placement threads while the next ones arrive, over real sockets: bit-exact, and a
+    chunk corrupted on the way (with later chunks already being written) is NACKed and sent again."""
+    pool = CountingPool()
+    sd = {"w": torch.randn(3 << 20, generator=torch.Generator().manual_seed(3)), "b": torch.arange(7.0)}
+    try:
+        async with linked(address, chunk_size=1 << 20, window=4 << 20, pool=pool) as (router, dealer):
+            dealer.hub.endpoint = outbox = CorruptOnce(dealer.endpoint, corrupt)
+            await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict(sd)), 30)
+            assert_same(await (await router.sinks.get()).result, sd)
+            assert sorted(outbox.flipped) == sorted(corrupt)
+        assert pool.submitted >= 12  # 12 chunks written in threads (plus the sender's sums ahead)
+    finally:
+        pool.shutdown()
+
+
+def test_model_source_sums_prefetched_by_threads_equal_an_eager_pass() -> None:
+    model = {"w": torch.randn(10_000), "b": torch.ones(3, dtype=torch.int8)}
+    src = ModelSource.from_state_dict(model)
+    sums = src.sums(4096, "sum64")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        sums.prefetch(0, 3 * 4096, pool)
+        sums.prefetch(4096, 1 << 30, pool)  # overlapping and past the end: each chunk once
+        eager = digest.chunk_sums(src.layout.parts, 4096, "sum64")
+        assert list(sums) == [s for _, _, s in eager]
     assert sums.digest() == digest.stream_digest(eager, "sum64")
