@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import mmap
 
 import torch
@@ -32,6 +33,20 @@ def tune_malloc(mmap_threshold: int = 1 << 20) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
+
+
+def freeze_startup_objects() -> None:
+    """Put every object alive now (a daemon after its imports: ~170,000 with torch) out of the garbage
+    collector's reach, so its full collections stop walking them.
+
+    Streaming allocates steadily (frames, messages, futures), which runs the collector: receiving 1 GiB took
+    five young and one full collection, and the full one walked every imported object. ``fedbus bench
+    transfer --size-mb 1024`` on 2 cores, receiver frozen after start-up: main-thread CPU 0.92 -> 0.86 s,
+    cold 0.96 -> 1.03 GB/s (three runs each). For daemon processes only: a library must not freeze its
+    host's objects.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 # --- fresh receive buffers ------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from fedbus import log
 
     if args.command == "broker":
+        from fedbus._memory import freeze_startup_objects
         from fedbus.broker import Broker
         from fedbus.config import BrokerConfig, load_config
 
@@ -191,9 +192,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             BrokerConfig, args.config, _overrides(args, "bind", "workspace", "metrics_port", "log_json", "log_level")
         )
         log.configure(json=cfg.log_json or None, level=cfg.log_level)
+        freeze_startup_objects()
         Broker(cfg).run()
         return 0
     if args.command == "site":
+        from fedbus._memory import freeze_startup_objects
         from fedbus.config import SiteConfig, load_config
         from fedbus.site import Site
 
@@ -201,6 +204,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             SiteConfig, args.config, _overrides(args, "name", "broker", "workspace", "log_json", "log_level")
         )
         log.configure(json=cfg.log_json or None, level=cfg.log_level)
+        freeze_startup_objects()
         Site(cfg).run()
         return 0
     if args.command == "provision":

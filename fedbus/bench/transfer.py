@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from fedbus import serde
+from fedbus._memory import freeze_startup_objects
 from fedbus.bench.common import (
     MiB,
     cpu_since,
@@ -140,6 +141,7 @@ def receiver_main(mode: str, address: str, total: int, window: int, chunk: int) 
         raw.close(linger=500)
         ctx.term()
         return
+    freeze_startup_objects()  # as the daemons do
     actx = zmq.asyncio.Context()
     ep = RouterEndpoint.bind(actx, address, configure=lambda sock: _curve(sock, server=True))
     sys.stdout.write(ep.address + "\n")
