@@ -55,6 +55,7 @@ from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
+from fedbus.transport.spool import SpoolSink
 from fedbus.transport.streams import BufferSink, ModelSource
 
 KINDS = ("train", "evaluate")
@@ -250,14 +251,16 @@ class JobRunner:
             return None
         del self._expected[task.task_id]
         path = self.folder.inbox_file(task.task_id)
-        sink = BufferSink(max_total=self.settings.max_model_bytes, path=str(path))
+        # Positional writes, not a shared mapping of the new file: its fresh page-cache pages cost 2.4x less
+        # that way (64 MiB: 0.017 vs 0.040 CPU s, 2 cores); writing through the mapping was half the site's time.
+        sink = SpoolSink(path=str(path), max_total=self.settings.max_model_bytes, keep=True)
         self._spawn(self._await_model(task, sink, path))
         return sink
 
     async def _await_model(self, task: Task, sink: BufferSink, path: Path) -> None:
         try:
-            tensors = await sink.result
-            del tensors  # views of the file's memory map: the script reads the file itself
+            received = await sink.result
+            received.release()  # the file stays (keep=True): the script reads it itself
             self._audit("task_received", task=task.task_id, version=task.version, size=sink.offer and sink.offer.total)
         except FedbusError as exc:
             self.log.warning("model stream failed", task_id=task.task_id, reason=str(exc))

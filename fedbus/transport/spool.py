@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fedbus import digest, serde
-from fedbus.errors import RemoteProtocolError
+from fedbus.errors import RemoteProtocolError, TransportError
 from fedbus.protocol.messages import Offer
 from fedbus.transport.streams import BufferSink
 
@@ -96,7 +96,10 @@ class SpoolSink(BufferSink):
         pos = off
         pending = list(frames)
         while pending:  # pwritev may write less than asked (rare): continue where it stopped
-            n = os.pwritev(self._fd, pending, pos)
+            try:
+                n = os.pwritev(self._fd, pending, pos)
+            except OSError as exc:  # a full disk fails the stream with a reason, not the receiving task
+                raise TransportError(f"cannot write {self.path}: {exc}") from exc
             pos += n
             while pending and n >= pending[0].nbytes:
                 n -= pending[0].nbytes
