@@ -19,9 +19,12 @@ def _figures(report: str) -> dict:
 
 def test_transfer_bench_reports_every_figure() -> None:
     got = _figures(run_transfer(8, chunk_mb=1, window_mb=4))
-    for key in ("fedbus_gbps", "raw_zmq_gbps", "memcpy_gbps", "ratio", "fedbus_warm_gbps", "warm_ratio"):
+    keys = ("fedbus_gbps", "raw_zmq_gbps", "raw_zmq_spread_gbps", "memcpy_gbps", "ratio", "fedbus_warm_gbps")
+    for key in (*keys, "warm_ratio", "ratio_vs_spread"):
         assert got[key] > 0, key
     assert got["ratio"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_gbps"], rel=0.02)
+    assert got["ratio_vs_spread"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_spread_gbps"], rel=0.02)
+    assert set(got["receiver_cpu_s"]) == {"main", "zmq_io", "other"} and got["receiver_cpu_s"]["main"] > 0
     # Growth over the baseline, in model sizes: at 8 MiB malloc may reuse resident memory, so only bounds.
     assert 0 <= got["sender_rss_x"] < 3 and 0 <= got["receiver_rss_x"] < 3
     assert got["tensors"] > 1 and got["device"] == "cpu"
