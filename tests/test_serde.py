@@ -570,3 +570,24 @@ def test_write_file_copies_strided_tensors_straight_into_the_file(tmp_path) -> N
     assert path.read_bytes() == safetensors.torch.save({k: v.contiguous() for k, v in model.items()})
     back = serde.read_file(path)
     assert all(torch.equal(back[k], v) for k, v in model.items())
+
+
+def test_huge_page_receive_buffer_is_its_own_mapping_and_outlives_its_name() -> None:
+    """With ``huge`` (placement threads on) a buffer of HUGE_BUFFER_MIN bytes or more is an anonymous mapping
+    advised to huge pages; tensors viewing it keep it alive after every name of the buffer is gone."""
+    import gc
+
+    from fedbus._memory import HUGE_BUFFER_MIN
+
+    buf = serde.allocate(HUGE_BUFFER_MIN, huge=True)
+    assert buf.numel() == HUGE_BUFFER_MIN and buf.dtype is torch.uint8
+    model = {"w": torch.arange(HUGE_BUFFER_MIN // 8, dtype=torch.float32)}
+    data = serde.save_bytes(model)
+    buf = serde.allocate(len(data), huge=True)
+    buf.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+    start, specs, _ = serde.parse_header(data[: 8 + int.from_bytes(data[:8], "little")], max_total=len(data))
+    tensors = serde.tensors_from_buffer(buf, specs, start)
+    del buf
+    gc.collect()
+    assert torch.equal(tensors["w"], model["w"])
+    assert serde.allocate(16, huge=True).numel() == 16  # small buffers stay plain memory

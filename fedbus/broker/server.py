@@ -53,7 +53,7 @@ from fedbus.protocol.messages import (
 from fedbus.strategy import make_strategy
 from fedbus.transport.endpoint import BadMessage, RouterEndpoint
 from fedbus.transport.spool import SpoolSink, open_params
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+from fedbus.transport.streams import BufferSink, ModelSource, StreamHub, placement_threads
 
 MiB = 1 << 20
 REPLY_INLINE_MAX = 64 * 1024
@@ -149,7 +149,13 @@ class Broker:
                 raise TransportError(
                     f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}"
                 ) from exc
-        log.info("broker listening", address=self.address, workspace=str(self.store.root), session=self.session)
+        log.info(
+            "broker listening",
+            address=self.address,
+            workspace=str(self.store.root),
+            session=self.session,
+            placement_threads=placement_threads(),
+        )
         self.started.set()
 
     def _install_signals(self) -> None:

@@ -60,7 +60,7 @@ from fedbus.site.filters import Filter, make_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming
-from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink
+from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, placement_threads
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
@@ -179,7 +179,12 @@ class Site:
         tune_malloc()
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
         self._spawn(self.uplink.flush_loop())
-        self.log.info("site starting", broker=self.config.broker, workspace=str(self.workspace))
+        self.log.info(
+            "site starting",
+            broker=self.config.broker,
+            workspace=str(self.workspace),
+            placement_threads=placement_threads(),
+        )
         self.started.set()
 
     async def main_loop(self) -> None:
