@@ -129,7 +129,7 @@ class BrokerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 5
     chunk_mb: float = 2
-    window_mb: float = 64
+    window_mb: float = 32  # per upload in flight (upload_slots of them): half the transport's 64, for broker memory
     max_model_mb: float = 16384
     upload_slots: int = 2
     stall_timeout_s: float = 60.0
@@ -289,7 +289,7 @@ def _check_layer(cls: type, source: str, layer: Mapping[str, Any]) -> dict[str, 
 def _check_cross(cls_name: str, values: Mapping[str, Any], origin: Mapping[str, str]) -> None:
     """Checks between fields, naming where each value came from."""
     if cls_name == "BrokerConfig":
-        chunk, window = values.get("chunk_mb", 2), values.get("window_mb", 64)
+        chunk, window = values.get("chunk_mb", 2), values.get("window_mb", 32)
         if window < chunk:
             where = ", ".join(sorted({origin.get("chunk_mb", "default"), origin.get("window_mb", "default")}))
             raise ConfigError(f"{where}: window_mb ({window:g}) must be >= chunk_mb ({chunk:g})")

@@ -36,7 +36,7 @@ def test_poc_profile_has_short_heartbeats() -> None:
 def test_no_file_gives_defaults_and_byte_sizes() -> None:
     cfg = load_config(BrokerConfig, None, {}, environ={})
     assert cfg == BrokerConfig()
-    assert (cfg.chunk_bytes, cfg.window_bytes) == (2 << 20, 64 << 20)
+    assert (cfg.chunk_bytes, cfg.window_bytes) == (2 << 20, 32 << 20)
 
 
 def test_unknown_key_names_file_and_suggests(tmp_path: Path) -> None:

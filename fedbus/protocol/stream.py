@@ -25,6 +25,13 @@ Flow control. The receiver grants credit up to ``verified offset + window`` (win
 and re-grants whenever a full chunk of window is free again. The sender sends a chunk only when its end fits in
 the credit, so at most ``window`` bytes are ever in flight beyond what the receiver has verified.
 
+Placement. Writing a chunk may take longer than receiving the next (a driver with placement threads), so
+accepting and verifying are two steps: ``accept_chunk`` takes the next chunk in order and the driver writes it
+where it likes; ``chunk_written`` (called in acceptance order) reports the sum of what landed. Chunks accepted
+but not yet written count as arrived, not verified: credit still follows the verified offset, an END that comes
+while they are being written is answered once they are, and a NACK or resume voids the chunks accepted after
+the offset it names (their late reports are ignored; they will be sent again).
+
 Recovery. The receiver verifies every chunk's digest before advancing. A corrupt chunk is answered with
 NACK(off); a gap (a chunk beyond the expected offset) with RESUME(expected), once per gap. A NACK voids the
 sender's credit beyond its offset (credit is counted from the receiver's position, which moved back), so the
