@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import gc
 import mmap
+from typing import Any
 
 import torch
 
@@ -50,6 +51,36 @@ def freeze_startup_objects() -> None:
 
 
 # --- fresh receive buffers ------------------------------------------------------------------------------
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_PAGE = mmap.PAGESIZE
+_libc: Any = None
+
+
+def populate_for_write(address: int, length: int) -> bool:
+    """Map the pages of [address, address + length) for writing with one system call, before a copy into them.
+
+    A copy into fresh memory otherwise takes a page-fault trap per 4 KiB page; populating the range first does
+    the same page allocation in the kernel without the traps: writing 1 GiB in 2 MiB chunks into a fresh
+    buffer, 0.43-0.45 -> 0.38-0.41 CPU s; ``fedbus bench transfer --size-mb 1024``, receiver loop CPU 0.77-0.80
+    -> 0.74-0.75 s, throughput within noise (2 cores, three runs each). No gain for file-backed mappings
+    (measured: equal), so callers use it for anonymous buffers only. False where the kernel or libc cannot
+    (Linux before 5.14): callers stop asking."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name, use_errno=True) if name else False
+            if _libc:
+                _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc or length <= 0:
+        return bool(_libc)
+    start = address - address % _PAGE
+    end = address + length + (-(address + length)) % _PAGE
+    return _libc.madvise(start, end - start, MADV_POPULATE_WRITE) == 0
+
 
 HUGE_BUFFER_MIN = 64 << 20  # below this a buffer is plain memory: a mapping of its own costs more than it saves
 

@@ -591,3 +591,14 @@ def test_huge_page_receive_buffer_is_its_own_mapping_and_outlives_its_name() -> 
     gc.collect()
     assert torch.equal(tensors["w"], model["w"])
     assert serde.allocate(16, huge=True).numel() == 16  # small buffers stay plain memory
+
+
+def test_populating_a_fresh_buffer_for_writing_keeps_its_bytes_writable() -> None:
+    """Any range, page-aligned or not (rounded out to whole pages of the buffer); an empty one is a no-op."""
+    from fedbus._memory import populate_for_write
+
+    buf = torch.empty(5 << 20, dtype=torch.uint8)
+    assert populate_for_write(buf.data_ptr() + 1234, 3 << 20)
+    assert populate_for_write(buf.data_ptr(), 0)
+    buf.fill_(7)
+    assert int(buf.sum()) == 7 * (5 << 20)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fedbus import digest, serde
+from fedbus._memory import populate_for_write
 from fedbus.errors import FedbusError, LocalProtocolError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.envelope import decode, encode
@@ -218,6 +219,7 @@ class BufferSink:
         self.alg = alg
         self.buffer: torch.Tensor | None = None
         self._view: np.ndarray | None = None
+        self._populate = False  # a fresh anonymous buffer: its pages are mapped a chunk at a time before writing
         self.specs: list[serde.TensorSpec] = []
         self.data_start = 0
         self.metadata: dict[str, str] = {}
@@ -285,6 +287,7 @@ class BufferSink:
             self.buffer = reuse
         elif self.path is None:
             self.buffer = serde.allocate(offer.total, huge=placement_threads() > 0)
+            self._populate = True
         else:
             if not resume:
                 with open(self.path, "wb") as f:
@@ -295,7 +298,9 @@ class BufferSink:
     def write(self, off: int, frames: Sequence[memoryview]) -> int:
         """Copy one chunk's frames into place and return the digest of what landed."""
         view = self._view
-        assert view is not None
+        assert view is not None and self.buffer is not None
+        if self._populate:
+            self._populate = populate_for_write(self.buffer.data_ptr() + off, sum(f.nbytes for f in frames))
         pos = off
         for f in frames:
             n = f.nbytes
