@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import mmap
 from typing import Any
@@ -22,17 +23,28 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
+def _libc() -> Any:
+    """The C library through ctypes (errno kept), or None where it cannot be loaded."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
+        return None
+    for func, argtypes in (
+        ("mallopt", [ctypes.c_int] * 2),
+        ("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]),
+    ):
+        if hasattr(libc, func):
+            getattr(libc, func).argtypes = argtypes
+    return libc
+
+
 def tune_malloc(mmap_threshold: int = 1 << 20) -> bool:
     """Fix glibc's mmap and trim thresholds; a no-op (False) where libc is not glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
 
 
@@ -54,7 +66,6 @@ def freeze_startup_objects() -> None:
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _PAGE = mmap.PAGESIZE
-_libc: Any = None
 
 
 def populate_for_write(address: int, length: int) -> bool:
@@ -66,20 +77,12 @@ def populate_for_write(address: int, length: int) -> bool:
     -> 0.74-0.75 s, throughput within noise (2 cores, three runs each). No gain for file-backed mappings
     (measured: equal), so callers use it for anonymous buffers only. False where the kernel or libc cannot
     (Linux before 5.14): callers stop asking."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name, use_errno=True) if name else False
-            if _libc:
-                _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _libc = False
-    if not _libc or length <= 0:
-        return bool(_libc)
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None or length <= 0:
+        return madvise is not None
     start = address - address % _PAGE
     end = address + length + (-(address + length)) % _PAGE
-    return _libc.madvise(start, end - start, MADV_POPULATE_WRITE) == 0
+    return madvise(start, end - start, MADV_POPULATE_WRITE) == 0
 
 
 HUGE_BUFFER_MIN = 64 << 20  # below this a buffer is plain memory: a mapping of its own costs more than it saves
