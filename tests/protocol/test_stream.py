@@ -41,13 +41,21 @@ def receiver_for(offer: Offer, *, window: int = 64, now: float = 0.0, **kw) -> R
     return Receiver(offer, window=window, now=now, digest_fn=digest_fn, **kw)
 
 
-def feed(r: Receiver, data: bytes, off: int, now: float = 0.0, *, corrupt: bool = False) -> bool:
-    """Deliver the chunk at ``off`` the way a driver does: accept, write, report the actual sum."""
+def accept(r: Receiver, data: bytes, off: int) -> Chunk | None:
+    """A driver with placement threads: accept the chunk at ``off`` now, report it written later."""
     piece = data[off : off + r.chunk_length(off)]
     msg = Chunk(r.offer.sid, off, chunk_sum(piece))
-    if not r.accept_chunk(msg, len(piece)):
-        return False
-    return r.chunk_written(msg, chunk_sum(piece) ^ corrupt, now)
+    return msg if r.accept_chunk(msg, len(piece)) else None
+
+
+def written(r: Receiver, data: bytes, msg: Chunk, now: float = 0.0, *, corrupt: bool = False) -> bool:
+    return r.chunk_written(msg, chunk_sum(data[msg.off : msg.off + r.chunk_length(msg.off)]) ^ corrupt, now)
+
+
+def feed(r: Receiver, data: bytes, off: int, now: float = 0.0, *, corrupt: bool = False) -> bool:
+    """Deliver the chunk at ``off`` the way a driver does: accept, write, report the actual sum."""
+    msg = accept(r, data, off)
+    return msg is not None and written(r, data, msg, now, corrupt=corrupt)
 
 
 # --- exact delivery ----------------------------------------------------------------------------------------
@@ -502,17 +510,6 @@ def test_end_with_missing_bytes_asks_to_resume() -> None:
     r.next_messages(0.0)
     r.receive(End(1, s.offer().digest), 0.0)
     assert r.next_messages(0.0) == [Resume(1, 64)]
-
-
-def accept(r: Receiver, data: bytes, off: int) -> Chunk | None:
-    """A driver with placement threads: accept the chunk at ``off`` now, report it written later."""
-    piece = data[off : off + r.chunk_length(off)]
-    msg = Chunk(r.offer.sid, off, chunk_sum(piece))
-    return msg if r.accept_chunk(msg, len(piece)) else None
-
-
-def written(r: Receiver, data: bytes, msg: Chunk, *, corrupt: bool = False) -> bool:
-    return r.chunk_written(msg, chunk_sum(data[msg.off : msg.off + r.chunk_length(msg.off)]) ^ corrupt, 0.0)
 
 
 def test_chunks_accepted_while_earlier_ones_are_still_being_written() -> None:
