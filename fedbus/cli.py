@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fedbus.errors import FedbusError
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--sites", type=_positive_int, default=4)
     rd.add_argument("--rounds", type=_positive_int, default=4, help="versions (>= 2: the first is not timed)")
     rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
+    rd.add_argument("--logs", type=Path, help="copy the daemons' logs (JSON lines, debug level) into this folder")
+    rd.add_argument("--broker-config", type=Path, help="the broker's profile (TOML), e.g. brokers/local.toml")
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -236,7 +239,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.bench == "round":
             from fedbus.bench.round import run_round
 
-            report = run_round(args.size_mb, args.sites, args.rounds, args.strategy)
+            report = run_round(
+                args.size_mb, args.sites, args.rounds, args.strategy, logs=args.logs, broker_config=args.broker_config
+            )
         elif args.bench == "scale":
             from fedbus.bench.scale import run_scale
 

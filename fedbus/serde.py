@@ -290,12 +290,15 @@ def _parse_entry(name: str, info: object) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(shape), start, end)
 
 
-def read_header(fd: int, *, max_total: int) -> tuple[int, list[TensorSpec], dict[str, str]]:
-    """``parse_header`` of an open ``.safetensors`` file, reading only its header (two small preads)."""
-    size = os.fstat(fd).st_size
-    prefix = os.pread(fd, 8, 0)
+def read_header(
+    fd: int, *, max_total: int, offset: int = 0, length: int | None = None
+) -> tuple[int, list[TensorSpec], dict[str, str]]:
+    """``parse_header`` of an open ``.safetensors`` file, reading only its header (two small preads); or of
+    the ``length`` bytes at ``offset`` (one of many in a file, ``append_to``). Offsets are the blob's own."""
+    size = os.fstat(fd).st_size - offset if length is None else length
+    prefix = os.pread(fd, 8, offset)
     head_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-    head = prefix + os.pread(fd, min(head_len, MAX_HEADER_BYTES, size), 8)
+    head = prefix + os.pread(fd, min(head_len, MAX_HEADER_BYTES, size), offset + 8)
     return parse_header(head, max_total=max_total, total=size)
 
 
@@ -458,6 +461,18 @@ def load_bytes(data: bytes | bytearray | memoryview, *, max_total: int | None = 
 
 def _parse_whole(mv: memoryview, max_total: int | None) -> tuple[int, list[TensorSpec], dict[str, str]]:
     return parse_header(mv, max_total=mv.nbytes if max_total is None else max_total, total=mv.nbytes)
+
+
+def append_to(fd: int, lay: Layout, *, align: int = 64) -> int:
+    """Append ``lay`` to the open file ``fd`` at the next multiple of ``align`` bytes; returns that offset.
+
+    Many small models in one file: creating a file per model cost a broker keeping 300 small updates a
+    second about a tenth of its time (``fedbus bench scale``, py-spy), appending almost nothing.
+    """
+    end = os.lseek(fd, 0, os.SEEK_END)
+    pad = -end % align
+    _write_all(fd, [memoryview(bytes(pad)), *lay.parts])
+    return end + pad
 
 
 def _write_all(fd: int, parts: Iterable[memoryview]) -> None:

@@ -81,11 +81,10 @@ def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: 
     return model_bytes(model)
 
 
-def _daemon(args: list[str], log: Path, threads: int) -> subprocess.Popen:
+def _daemon(args: list[str], log: Path, threads: int, level: str) -> subprocess.Popen:
     # PocEnv's policy for processes sharing a machine: OpenMP threads split the cores (recipes/poc.py).
     # Without it, torch's idle OpenMP threads spin: a third of the broker's CPU on 2 cores (perf, 64 MiB x 4).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    level = "info" if args[0] == "broker" else "warning"
     with open(log, "w") as err:  # the child keeps its own descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "fedbus.cli", *args, "--log-json", "--log-level", level],
@@ -112,8 +111,18 @@ async def _run_job(address: str, folder: Path, timeout: float) -> dict[str, Any]
         return {"state": job["state"], "reason": job["reason"], "history": data["history"], "updates": data["updates"]}
 
 
-def run_round(size_mb: float, sites: int, rounds: int = 4, strategy: str = "fedavg", timeout: float = 600.0) -> str:
-    """Run the benchmark and return the report (a table, then one JSON line)."""
+def run_round(
+    size_mb: float,
+    sites: int,
+    rounds: int = 4,
+    strategy: str = "fedavg",
+    timeout: float = 600.0,
+    logs: Path | None = None,
+    broker_config: Path | None = None,
+) -> str:
+    """Run the benchmark and return the report (a table, then one JSON line). ``logs``: a folder to copy
+    the daemons' logs into (debug level: a timeline of every stream and decision); ``broker_config``: the
+    broker's profile (TOML)."""
     from fedbus.bench.transfer import raw_zmq_gbps
 
     if rounds < 2:
@@ -127,7 +136,14 @@ def run_round(size_mb: float, sites: int, rounds: int = 4, strategy: str = "feda
         sock = tmp / "broker.sock"
         address = f"ipc://{sock}" if os.environ.get("FEDBUS_BENCH_IPC") else _free_tcp()
         threads = max(1, (os.cpu_count() or 1) // (sites + 1))
-        broker = _daemon(["broker", "--bind", address, "--workspace", str(tmp / "broker")], tmp / "broker.log", threads)
+        level = "debug" if logs else "warning"
+        config = ["--config", str(broker_config)] if broker_config else []
+        broker = _daemon(
+            ["broker", "--bind", address, "--workspace", str(tmp / "broker"), *config],
+            tmp / "broker.log",
+            threads,
+            "debug" if logs else "info",
+        )
         procs.append(broker)
         for i in range(sites):
             procs.append(
@@ -135,6 +151,7 @@ def run_round(size_mb: float, sites: int, rounds: int = 4, strategy: str = "feda
                     ["site", "--name", f"s{i}", "--broker", address, "--workspace", str(tmp / f"s{i}")],
                     tmp / f"s{i}.log",
                     threads,
+                    level,
                 )
             )
         _wait_listening(tmp / "broker.log", broker)
@@ -149,6 +166,10 @@ def run_round(size_mb: float, sites: int, rounds: int = 4, strategy: str = "feda
     finally:
         peaks.stop()
         stop_all(procs)
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in tmp.glob("*.log"):
+                shutil.copy(log, logs / log.name)
     if result["state"] != "finished":
         raise RuntimeError(f"bench job {result['state']}: {result['reason']} (logs in {tmp})")
     times = [h["time"] for h in result["history"]]

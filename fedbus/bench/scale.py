@@ -191,7 +191,7 @@ def run_scale(
         cfg = tmp / "broker.toml"
         cfg.write_text(f"heartbeat_s = {heartbeat_s}\n")
         args = ["broker", "--bind", address, "--workspace", str(tmp / "broker"), "--config", str(cfg)]
-        broker = _daemon(args, tmp / "broker.log", 1)
+        broker = _daemon(args, tmp / "broker.log", 1, "info")  # info: "broker listening" says it is ready
         children.append(broker)
         _wait_listening(tmp / "broker.log", broker)
         base_rss = _proc_kb(broker.pid, "VmRSS")

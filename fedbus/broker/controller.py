@@ -17,6 +17,12 @@ and dtypes before any payload byte is taken, and spools the upload to a file in 
 cache, not broker memory); the strategy then folds it in one tensor at a time. Broker memory is about
 the global model plus the aggregate, whatever the number of sites.
 
+Strategy calls run one at a time, in the order their events came. Deciding on a large upload (validating
+and folding it: a few tenths of a second for 512 MiB) runs on the job's strategy thread, so that meanwhile
+the event loop keeps moving the other sites' bytes; an event that comes while such a call runs waits for it
+and is decided after it, as it would have been on the loop. With no large upload in flight a call runs on
+the loop at once. ``fedbus bench round`` at 512 MiB x 4 sites: see docs/benchmarks.md.
+
 Accepted updates outlive the process where the strategy buffers them (``restores_updates``: FedBuff). Each
 one's params are kept under the job's ``kept/`` folder (the spool file is renamed there, a small in-memory
 upload is written) and its store row says where, until a recorded checkpoint covers it; a broker restarted
@@ -27,6 +33,7 @@ accepted, instead of recording them lost.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import secrets
 import time
@@ -126,6 +133,9 @@ class JobController:
         self._bg: set[asyncio.Task] = set()
         self._chain: asyncio.Future | None = None
         self._folding: Update | None = None  # the update the strategy is deciding on (its params may be kept)
+        self._lane: asyncio.Future | None = None  # the last strategy call queued behind a running one
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None  # the strategy thread
+        self._state: dict[str, object] | None = None  # the strategy's state as of the last call that ended
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -145,7 +155,12 @@ class JobController:
         for row in self.store.kept_updates(self.job_id, self.strategy.version):
             kept = row["kept"]
             try:
-                params = open_params(kept["path"], max_total=self.max_model_bytes)
+                params = open_params(
+                    kept["path"],
+                    max_total=self.max_model_bytes,
+                    offset=kept.get("offset", 0),
+                    length=kept.get("length"),
+                )
             except (FedbusError, OSError) as exc:
                 why = f"accepted, but its kept copy could not be read when the broker restarted: {exc}"
                 self.store.drop_update(row["rowid"], why)
@@ -186,12 +201,12 @@ class JobController:
 
     def site_joined(self, site: str) -> None:
         if site in self.sites and self.state == "running":
-            self._run(self.strategy.site_joined(site, time.monotonic()))
+            self._decide(lambda: self.strategy.site_joined(site, time.monotonic()))
 
     def site_left(self, site: str, why: str) -> None:
         if site in self.sites and self.state == "running":
             self.log.warning("site left", site=site, reason=why)
-            self._run(self.strategy.site_left(site, time.monotonic()))
+            self._decide(lambda: self.strategy.site_left(site, time.monotonic()))
 
     def on_result(self, peer: bytes, site: str, result: Result) -> None:
         """A result message: metrics-only results go in now; others wait for their stream."""
@@ -231,6 +246,7 @@ class JobController:
         return sink
 
     async def _collect(self, peer: bytes, sid: int, pending: PendingResult, sink: BufferSink, *, slot: bool) -> None:
+        started = time.monotonic()
         try:
             params = await sink.result
         except FedbusError as exc:
@@ -240,8 +256,15 @@ class JobController:
             if slot:
                 self.upload_slots.release()
             self.pending.pop((peer, sid), None)
+        received = time.monotonic()
+        task = pending.result.task_id
+        self.log.debug("update received", site=pending.site, task=task, seconds=round(received - started, 4))
         try:
-            self._update(pending.site, pending.result, params)
+            decided = self._update(pending.site, pending.result, params, heavy=slot)
+            if decided is not None:
+                await decided
+            seconds = round(time.monotonic() - received, 4)
+            self.log.debug("update decided", site=pending.site, task=task, seconds=seconds)
         finally:
             getattr(params, "release", lambda: None)()
             if sink.settled is not None and not sink.settled.done():
@@ -252,7 +275,7 @@ class JobController:
             self.store.record_update(self.job_id, task_id, site, -1, accepted=False, reason=reason)
             if self.metrics is not None:
                 self.metrics.refused(self.job_id, reason)
-            self._run(self.strategy.task_failed(site, self._plain(task_id), reason, time.monotonic()))
+            self._decide(lambda: self.strategy.task_failed(site, self._plain(task_id), reason, time.monotonic()))
 
     def site_crashed(self, site: str, detail: str) -> None:
         """The site's script died: its tasks are lost and it gets no more of this job's work."""
@@ -261,7 +284,10 @@ class JobController:
                 self.task_failed(site, task_id, f"script crashed: {detail}")
         self.site_left(site, "script exited")
 
-    def _update(self, site: str, result: Result, params: Mapping[str, torch.Tensor] | None) -> None:
+    def _update(
+        self, site: str, result: Result, params: Mapping[str, torch.Tensor] | None, *, heavy: bool = False
+    ) -> asyncio.Future | None:
+        """Hand a result to the strategy; the future (if any) is done once it is decided and recorded."""
         self.tasks.pop(result.task_id, None)
         update = Update(
             site=site,
@@ -272,12 +298,57 @@ class JobController:
             weight=result.weight,
             metrics=result.metrics,
         )
+        now = time.monotonic()
+        return self._decide(lambda: self.strategy.on_update(update, now), heavy=heavy, update=update)
+
+    # --- the strategy lane -----------------------------------------------------------------------------------
+
+    def _decide(
+        self, call: Callable[[], list[Action]], *, heavy: bool = False, update: Update | None = None
+    ) -> asyncio.Future | None:
+        """Make one strategy call after every earlier one and execute its actions (see the module's doc).
+
+        Returns None when the call ran at once, else a future done once its actions ran.
+        """
+        if self._lane is None:
+            if not heavy:
+                self._apply(call(), update)
+                return None
+            self._state = self.strategy.state()  # what status shows while the thread decides
+        queued = asyncio.ensure_future(self._queued(self._lane, call, heavy, update))
+        self._lane = queued
+        queued.add_done_callback(self._lane_done)
+        return queued
+
+    async def _queued(
+        self, before: asyncio.Future | None, call: Callable[[], list[Action]], heavy: bool, update: Update | None
+    ) -> None:
+        if before is not None:
+            await asyncio.wait([before])  # its failure is its caller's to see
+        if self.state != "running" and update is None:
+            return  # the job ended while this event waited: nothing left to decide
+        if heavy:
+            if self._worker is None:
+                self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedbus-strategy")
+            actions = await asyncio.get_running_loop().run_in_executor(self._worker, call)
+        else:
+            actions = call()
+        self._apply(actions, update)
+
+    def _lane_done(self, done: asyncio.Future) -> None:
+        if self._lane is done:
+            self._lane = None
+        if not done.cancelled() and done.exception() is not None:
+            self.log.error("strategy call failed", error=repr(done.exception()))
+
+    def _apply(self, actions: list[Action], update: Update | None) -> None:
         self._folding = update
         try:
-            actions = self.strategy.on_update(update, time.monotonic())
             self._run(actions)
         finally:
             self._folding = None
+            if self._lane is not None:
+                self._state = self.strategy.state()
 
     def _wire(self, task_id: str) -> str:
         return f"{task_id}.{self.epoch}"
@@ -333,16 +404,19 @@ class JobController:
             return None
         if update.params is None:
             return None
-        folder = self.store.kept_dir(self.job_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{wire}.safetensors"
         params = update.params
-        if not (isinstance(params, SpooledParams) and params.keep_as(path)):
-            # A small upload received into memory (at most one chunk): a file without fsync, since what it must
-            # survive is the process being killed, and the page cache outlives that.
-            serde.write_file(path, serde.layout(params), durable=False)
+        where: dict[str, Any] | None = None
+        if isinstance(params, SpooledParams):  # a large upload: its spool file is renamed into kept/
+            folder = self.store.kept_dir(self.job_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{wire}.safetensors"
+            if params.keep_as(path):
+                where = {"path": str(path)}
+        if where is None:  # a small upload, received into memory: appended to the log of the version it lands in
+            lands = action.version + action.staleness + 1
+            where = self.store.keep_small(self.job_id, lands, serde.layout(params))
         return {
-            "path": str(path),
+            **where,
             "params_type": update.params_type,
             "weight": float(update.weight),
             "metrics": clean_metrics(update.metrics),
@@ -372,11 +446,14 @@ class JobController:
     async def _send_task(self, peer: bytes, action: Dispatch, task: Task, source: ModelSource) -> None:
         # The checkpoint of this version may still be being written: the stream comes from memory, so the
         # next round does not wait for the disk. (After a crash, results for an unsaved version are refused.)
+        started = time.monotonic()
         try:
             await self.bus.send(peer, task)
             await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": task.task_id}, task.sid or 0)
         except FedbusError as exc:
             self.task_failed(action.site, task.task_id, f"model download failed: {exc}")
+            return
+        self.log.debug("model sent", site=action.site, task=task.task_id, seconds=round(time.monotonic() - started, 4))
 
     def _publish(self, action: Publish) -> None:
         self.source = ModelSource.from_state_dict(action.model)
@@ -427,7 +504,7 @@ class JobController:
     def _tick(self) -> None:
         self._timer = None
         if self.state == "running":
-            self._run(self.strategy.tick(time.monotonic()))
+            self._decide(lambda: self.strategy.tick(time.monotonic()))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -440,6 +517,10 @@ class JobController:
         for task in list(self._bg):
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
+        if self._lane is not None:
+            self._lane.cancel()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)  # a fold in progress ends before its spool files go
         if self.spool_pool is not None:
             self.spool_pool.clear()
 
@@ -450,8 +531,14 @@ class JobController:
             "version": self.strategy.version,
             "sites": self.sites,
             "tasks_in_flight": len(self.tasks),
-            "strategy": self.strategy.state(),
+            "strategy": self._strategy_state(),
         }
+
+    def _strategy_state(self) -> dict[str, object]:
+        """The strategy's state; while its thread is deciding, as it was before (it is changing)."""
+        if self._lane is None or self._state is None:
+            return self.strategy.state()
+        return self._state
 
 
 def _short(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from fedbus.config import BrokerConfig
 from fedbus.log import get_logger
 from fedbus.protocol.messages import Hello
 from fedbus.security import Authenticator, Participants, load_secret_key
-from fedbus.transport.endpoint import Incoming
+from fedbus.transport.endpoint import Incoming, daemon_context
 
 log = get_logger("broker.guard")
 
@@ -140,6 +140,6 @@ def own_context(guard: Guard, ctx: zmq.asyncio.Context | None) -> tuple[zmq.asyn
     if ctx is not None:
         return ctx, lambda: None
     if not guard.secure:
-        return zmq.asyncio.Context.instance(), lambda: None
-    own = zmq.asyncio.Context()
+        return daemon_context(shared=True), lambda: None
+    own = daemon_context()
     return own, lambda: own.destroy(linger=0)

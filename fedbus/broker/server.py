@@ -51,7 +51,7 @@ from fedbus.protocol.messages import (
     Welcome,
 )
 from fedbus.strategy import make_strategy
-from fedbus.transport.endpoint import BadMessage, RouterEndpoint
+from fedbus.transport.endpoint import BadMessage, RouterEndpoint, io_threads
 from fedbus.transport.spool import SpoolSink, open_params
 from fedbus.transport.streams import BufferSink, ModelSource, StreamHub, placement_threads
 
@@ -155,6 +155,7 @@ class Broker:
             workspace=str(self.store.root),
             session=self.session,
             placement_threads=placement_threads(),
+            io_threads=io_threads(),
         )
         self.started.set()
 

@@ -16,6 +16,7 @@ atomic rename) in a worker thread, since tensors of a published version are immu
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import sqlite3
@@ -67,8 +68,12 @@ class JobStore:
         self.db.executescript(SCHEMA)
         if "kept" not in [r[1] for r in self.db.execute("PRAGMA table_info(updates)")]:  # a workspace from before
             self.db.execute("ALTER TABLE updates ADD COLUMN kept TEXT")
+        self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
 
     def close(self) -> None:
+        for _, fd in self._kept_logs.values():
+            os.close(fd)
+        self._kept_logs.clear()
         self.db.close()
 
     def job_dir(self, job_id: str) -> Path:
@@ -199,6 +204,20 @@ class JobStore:
     def kept_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "kept"
 
+    def keep_small(self, job_id: str, lands: int, lay: serde.Layout) -> dict[str, Any]:
+        """Keep a small accepted update that lands in version ``lands``: appended to that version's log file
+        of the job (no fsync: it must survive the process being killed, and the page cache outlives that).
+        Every update in one log lands in the same version, so one checkpoint releases the whole file.
+        Returns where it is (the ``kept`` entry's path, offset and length)."""
+        path = self.kept_dir(job_id) / f"lands-{lands}.log"
+        current = self._kept_logs.get(job_id)
+        if current is None or current[0] != lands:
+            if current is not None:
+                os.close(current[1])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            current = self._kept_logs[job_id] = (lands, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        return {"path": str(path), "offset": serde.append_to(current[1], lay), "length": lay.total}
+
     def kept_updates(self, job_id: str, version: int) -> list[dict[str, Any]]:
         """Accepted updates kept on disk whose aggregate lands after ``version``, in the order they were accepted:
         what a broker restarted from checkpoint ``version`` folds again."""
@@ -225,6 +244,9 @@ class JobStore:
         where, args = "job_id = ? AND kept IS NOT NULL", (job_id,)
         if version is not None:
             where, args = f"{where} AND (accepted = 0 OR {_LANDS} <= ?)", (job_id, version)
+        current = self._kept_logs.get(job_id)
+        if current is not None and (version is None or current[0] <= version):
+            os.close(self._kept_logs.pop(job_id)[1])  # its file is about to go
         n = self._unlink_kept(where, args)
         self.db.execute(f"UPDATE updates SET kept = NULL WHERE {where}", args)
         if version is None:

@@ -59,7 +59,7 @@ from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter, make_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
-from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming
+from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming, daemon_context, io_threads
 from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, placement_threads
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
@@ -108,7 +108,7 @@ class Site:
             )
         self.shutdown_timeout_s = shutdown_timeout_s
         self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.asyncio.Context()
+        self.ctx = ctx or daemon_context()
         self.uplink = Uplink(
             on_offer=self._on_offer,
             chunk_size=chunk_size,
@@ -184,6 +184,7 @@ class Site:
             broker=self.config.broker,
             workspace=str(self.workspace),
             placement_threads=placement_threads(),
+            io_threads=io_threads(),
         )
         self.started.set()
 

@@ -5,6 +5,13 @@ peers by routing id; a ``DealerEndpoint`` connects (sites, admins, training scri
 Payload frames go out with ``copy=False`` (pyzmq copies frames under its 64 KiB threshold anyway, where a
 copy is cheaper than the zero-copy bookkeeping) and come in as zero-copy ``memoryview``s of zmq's frames.
 
+Sockets are plain (blocking-API) zmq sockets driven by the endpoint itself: every send and receive is tried
+at once without blocking, and only a call that would block waits, on the socket's file descriptor in the
+event loop. zmq's descriptor signals changes, not readiness: any operation on the socket may consume the
+signal another direction waits for, so the endpoint reads ``EVENTS`` after every operation while anyone
+waits, and again before it sleeps. pyzmq's asyncio wrapper does the same with a future, a callback and a
+timer per call: 47 -> 9 us per small receive, 11 -> 4 us per send (docs/benchmarks.md, scale).
+
 Socket options, and why:
 * ``ROUTER_MANDATORY``: a send to an unknown peer raises instead of vanishing silently.
 * ``ROUTER_HANDOVER``: a site that reconnects under the same identity takes over its old routing entry,
@@ -26,6 +33,7 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
+from fedbus._cores import thread_count, usable_cores
 from fedbus.errors import RemoteProtocolError, TransportError
 from fedbus.protocol.envelope import MAX_ENVELOPE, decode, encode
 from fedbus.protocol.messages import Message
@@ -35,6 +43,26 @@ MAX_FRAME = 80 << 20
 
 HWM = 10_000
 LINGER_MS = 200
+YIELD_EVERY = 64
+"""Receives in a row that find a message waiting before one yields to the event loop anyway."""
+
+
+def io_threads() -> int:
+    """zmq I/O threads for a daemon's context (``FEDBUS_IO_THREADS`` overrides).
+
+    libzmq gives each connection to one I/O thread, which does that connection's TCP copies: with one
+    thread a broker's every download and upload goes through one core. More threads let a broker's peers
+    move bytes in parallel; one connection never spreads over two.
+    """
+    cores = usable_cores()
+    return thread_count("FEDBUS_IO_THREADS", 1 if cores < 8 else min(4, cores // 4), minimum=1)
+
+
+def daemon_context(*, shared: bool = False) -> zmq.asyncio.Context:
+    """A zmq context with ``io_threads()`` I/O threads; ``shared``: the process's instance (made so once)."""
+    if shared:
+        return zmq.asyncio.Context.instance(io_threads=io_threads())
+    return zmq.asyncio.Context(io_threads=io_threads())
 
 
 @dataclass(slots=True)
@@ -80,34 +108,57 @@ class _ZmqEndpoint:
     authenticated: bool = False
     """A CURVE server socket: every message carries the ZAP User-Id of its connection."""
 
-    def __init__(self, sock: zmq.asyncio.Socket, *, max_envelope: int) -> None:
+    def __init__(self, sock: zmq.Socket, *, max_envelope: int) -> None:
         self.sock = sock
         self.max_envelope = max_envelope
         self._mid = 0
+        self._readable: list[asyncio.Future[None]] = []  # receives waiting for a message
+        self._writable: list[asyncio.Future[None]] = []  # sends waiting for room under the HWM
+        self._watched: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._streak = 0  # receives in a row that did not wait
 
     async def send(self, peer: bytes, msg: Message, payload: Sequence[Any] = ()) -> None:
         self._mid += 1
         frames: list[Any] = [encode(msg, self._mid), *payload]
         if self.routed:
             frames.insert(0, peer)
-        try:
-            await self.sock.send_multipart(frames, copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                raise TransportError(f"peer {peer!r} is not connected") from exc
-            raise TransportError(f"send failed: {exc}") from exc
+        await self.send_raw(frames)
+
+    async def send_raw(self, frames: Sequence[Any]) -> None:
+        """Send ``frames`` as they are (a ROUTER's first frame is the peer): ``send`` without the envelope,
+        for tests that play a broken peer. Any other direct use of ``sock`` may starve a waiting receive."""
+        while True:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:
+                await self._wait(self._writable)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    raise TransportError(f"peer {bytes(frames[0])!r} is not connected") from exc
+                raise TransportError(f"send failed: {exc}") from exc
+        if self._readable:
+            self._on_events()
 
     async def recv(self) -> Incoming:
+        self._streak += 1
+        if self._streak >= YIELD_EVERY:  # a busy socket must not starve the loop's other tasks
+            self._streak = 0
+            await asyncio.sleep(0)
         while True:
             sock = self.sock
             try:
-                frames = await sock.recv_multipart(copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 break
-            except (asyncio.CancelledError, zmq.ZMQError):
-                task = asyncio.current_task()
-                if sock is self.sock or (task is not None and task.cancelling()):
+            except zmq.Again:
+                self._streak = 0
+                await self._wait(self._readable)
+            except zmq.ZMQError:
+                if sock is self.sock:
                     raise
                 # the socket was replaced under us (RouterEndpoint.rebind): read the new one
+        if self._writable:
+            self._on_events()
         peer = b""
         if self.routed:
             peer = frames.pop(0).bytes
@@ -121,7 +172,50 @@ class _ZmqEndpoint:
         return Incoming(peer, msg, mid, [f.buffer for f in frames[1:]], user)
 
     def close(self) -> None:
+        self._unwatch()
         self.sock.close(linger=LINGER_MS)
+
+    # --- readiness ---------------------------------------------------------------------------------------
+
+    async def _wait(self, waiters: list[asyncio.Future[None]]) -> None:
+        """Until the socket may be ready in the direction of ``waiters`` (the caller then tries again)."""
+        loop = asyncio.get_running_loop()
+        fd = self.sock.getsockopt(zmq.FD)
+        if self._watched != (loop, fd):
+            self._unwatch()
+            loop.add_reader(fd, self._on_events)
+            self._watched = (loop, fd)
+        ready = loop.create_future()
+        waiters.append(ready)
+        self._on_events()  # the signal may have been consumed already, by the operation that just failed
+        try:
+            await ready
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(ready)
+
+    def _on_events(self) -> None:
+        """Wake the waiters of each direction the socket is ready in (a closed socket wakes all: they see why)."""
+        try:
+            events = self.sock.getsockopt(zmq.EVENTS)
+        except zmq.ZMQError:
+            events = zmq.POLLIN | zmq.POLLOUT
+        for flag, waiters in ((zmq.POLLIN, self._readable), (zmq.POLLOUT, self._writable)):
+            if events & flag:
+                for ready in waiters:
+                    if not ready.done():
+                        ready.set_result(None)
+
+    def _unwatch(self) -> None:
+        """Stop watching the socket's descriptor (before it is closed), waking every waiter to try again."""
+        if self._watched is not None:
+            loop, fd = self._watched
+            self._watched = None
+            if not loop.is_closed():
+                loop.remove_reader(fd)
+        for ready in (*self._readable, *self._writable):
+            if not ready.done():
+                ready.set_result(None)
 
 
 class RouterEndpoint(_ZmqEndpoint):
@@ -143,8 +237,8 @@ class RouterEndpoint(_ZmqEndpoint):
         """With ``curve_secret`` the socket is a CURVE server asking ZAP (domain ``fedbus``) about every
         connection: bind the authenticator in ``ctx`` first (``fedbus.security.Authenticator``)."""
 
-        def make() -> zmq.asyncio.Socket:
-            sock = ctx.socket(zmq.ROUTER)
+        def make() -> zmq.Socket:
+            sock = ctx.socket(zmq.ROUTER, socket_class=zmq.Socket)
             _configure(sock, max_frame)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -177,6 +271,7 @@ class RouterEndpoint(_ZmqEndpoint):
         if not address.startswith("tcp://"):
             raise TransportError(f"rebind needs a tcp:// endpoint, not {address}")
         old, new = self.sock, self._make()
+        self._unwatch()
         self.sock = new  # first: a receive waiting on the old socket moves over (see recv)
         old.close(linger=0)
         loop = asyncio.get_running_loop()
@@ -217,7 +312,7 @@ class DealerEndpoint(_ZmqEndpoint):
         curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> DealerEndpoint:
         """``curve`` = (server public key, own public key, own secret key) makes this a CURVE client."""
-        sock = ctx.socket(zmq.DEALER)
+        sock = ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
         _configure(sock, max_frame)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)

@@ -213,13 +213,16 @@ class SpooledParams(Mapping[str, torch.Tensor]):
                     os.unlink(self.path)
 
 
-def open_params(path: str | os.PathLike[str], *, max_total: int) -> SpooledParams:
-    """A ``.safetensors`` file as a lazy state_dict: a consumer that copies it (a strategy starting from a
-    checkpoint) then holds one model in memory, not two. Call ``release()`` when done."""
+def open_params(
+    path: str | os.PathLike[str], *, max_total: int, offset: int = 0, length: int | None = None
+) -> SpooledParams:
+    """A ``.safetensors`` file (or the ``length`` bytes at ``offset`` of one, ``serde.append_to``) as a lazy
+    state_dict: a consumer that copies it (a strategy starting from a checkpoint) then holds one model in
+    memory, not two. Call ``release()`` when done."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        data_start, specs, _ = serde.read_header(fd, max_total=max_total)
+        data_start, specs, _ = serde.read_header(fd, max_total=max_total, offset=offset, length=length)
     except BaseException:
         os.close(fd)
         raise
-    return SpooledParams(fd, str(path), specs, data_start, owned=False, writable=False)
+    return SpooledParams(fd, str(path), specs, offset + data_start, owned=False, writable=False)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fedbus import digest, serde
+from fedbus._cores import thread_count, usable_cores
 from fedbus._memory import populate_for_write
 from fedbus.errors import FedbusError, LocalProtocolError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
@@ -61,14 +62,8 @@ def placement_threads() -> int:
     With spare cores the writes run in parallel, the loop only routing. On two cores there is no spare core:
     threads would only add hand-offs. ``FEDBUS_PLACEMENT_THREADS`` overrides the choice.
     """
-    raw = os.environ.get("FEDBUS_PLACEMENT_THREADS")
-    if raw is not None:
-        try:
-            return max(0, int(raw))
-        except ValueError:
-            log.warning("FEDBUS_PLACEMENT_THREADS is not an int; using the default", value=raw)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 0 if cores < 4 else min(4, cores // 4)
+    cores = usable_cores()
+    return thread_count("FEDBUS_PLACEMENT_THREADS", 0 if cores < 4 else min(4, cores // 4))
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,22 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02)
     assert out["broker_rss_x"] > 0 and out["total_rss_x"] > 0 and out["processes"] == 5  # broker, 2 sites, 2 scripts
     assert set(out["cpu_s_per_round"]) == {"broker", "sites", "scripts"}
+
+
+def test_bench_round_keeps_a_timeline_and_takes_a_broker_profile(tmp_path: Path) -> None:
+    profile = tmp_path / "broker.toml"
+    profile.write_text("heartbeat_s = 0.7\nchunk_mb = 1\n")  # 1 MiB chunks: a 3 MiB update is spooled
+    out = _last_json(run_round(3, 2, rounds=2, logs=tmp_path / "logs", broker_config=profile))
+    assert out["accepted"] == 4
+    events = {}
+    for name in ("broker", "s0", "s1"):
+        for line in (tmp_path / "logs" / f"{name}.log").read_text().splitlines():
+            record = json.loads(line)
+            events.setdefault((name, record["event"]), []).append(record)
+    assert [e["heartbeat_s"] for e in events[("s0", "welcomed by the broker")]] == [0.7]  # the profile's
+    for event in ("model sent", "update received", "update decided"):
+        assert sorted(e["site"] for e in events[("broker", event)]) == ["s0", "s0", "s1", "s1"], event
+        assert all(e["seconds"] >= 0 for e in events[("broker", event)])
 
 
 def test_bench_scale_reports_its_figures() -> None:

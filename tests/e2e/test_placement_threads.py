@@ -1,5 +1,7 @@
-"""Real daemons with placement threads on (as on a machine with spare cores; CI's two cores would leave them
-off): chunks written by threads while the loops route, sums computed ahead, and still the exact model."""
+"""Real daemons with placement threads and several zmq I/O threads (as on a machine with spare cores; CI's
+two cores would leave both off): chunks written by threads while the loops route, sums computed ahead, the
+sites' connections spread over the broker's I/O threads, each upload decided on the strategy thread, and
+still the exact model."""
 
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ ROUNDS = 2
 
 def test_daemons_with_placement_threads_reach_the_exact_model(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FEDBUS_PLACEMENT_THREADS", "2")  # inherited by the daemons started below
+    monkeypatch.setenv("FEDBUS_IO_THREADS", "3")
     job = deterministic_job(tmp_path / "job", sites=3, rounds=ROUNDS, numel=3 << 20)  # 12 MiB: six chunks
     broker, address = start_broker(tmp_path)
     sites = [start_site(tmp_path, f"site-{i}", address) for i in (1, 2, 3)]
     try:
-        assert broker.wait_for("broker listening")["placement_threads"] == 2
+        listening = broker.wait_for("broker listening")
+        assert (listening["placement_threads"], listening["io_threads"]) == (2, 3)
         assert all(d.wait_for("site starting")["placement_threads"] == 2 for d in sites)
 
         async def scenario() -> tuple[str, dict]:

@@ -38,7 +38,7 @@ class RawPeer:
         await self.ep.send(b"", msg, payload)
 
     async def send_raw(self, frames: list[bytes]) -> None:
-        await self.ep.sock.send_multipart(frames)
+        await self.ep.send_raw(frames)
 
     async def wait_for(self, pred: Any, timeout: float = 10.0) -> Incoming:
         """The first received message for which ``pred(msg)`` holds (waits up to ``timeout``)."""

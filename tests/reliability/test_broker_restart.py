@@ -211,3 +211,38 @@ def test_kept_updates_stay_accepted_while_their_file_exists_and_go_once_covered(
     store.release_covered("j")  # the job ended
     assert not files["b"].exists() and all(u["accepted"] for u in store.updates("j") if u["task_id"] != "c")
     store.close()
+
+
+def test_small_kept_updates_share_one_log_per_version_they_land_in(tmp_path: Path) -> None:
+    from fedbus import serde
+    from fedbus.broker.store import JobStore
+    from fedbus.transport.spool import open_params
+
+    store = JobStore(tmp_path)
+    store.create_job("j", "j", {}, state="running")
+    updates = {
+        t: {"w": torch.randn(37), "n": torch.arange(5, dtype=torch.int16) + i, "h": torch.randn(3, 3).half()}
+        for i, t in enumerate("abc")
+    }
+    lands = {"a": 3, "b": 3, "c": 4}
+    kept = {t: store.keep_small("j", lands[t], serde.layout(updates[t])) for t in "abc"}
+    assert kept["a"]["path"] == kept["b"]["path"] != kept["c"]["path"]
+    assert kept["b"]["offset"] >= kept["a"]["offset"] + kept["a"]["length"] and kept["b"]["offset"] % 64 == 0
+    for t in "abc":
+        at = {"offset": kept[t]["offset"], "length": kept[t]["length"]}
+        params = open_params(kept[t]["path"], max_total=1 << 20, **at)
+        try:
+            assert sorted(params) == ["h", "n", "w"]
+            assert all(torch.equal(params[k], updates[t][k]) for k in updates[t])
+        finally:
+            params.release()
+        store.record_update("j", t, "s", lands[t] - 1, accepted=True, staleness=0, weight=1.0, kept=kept[t])
+    assert [r["task_id"] for r in store.kept_updates("j", 2)] == ["a", "b", "c"]
+    assert store.release_covered("j", 3) == 2  # a and b are in checkpoint 3: their log goes
+    assert not Path(kept["a"]["path"]).exists() and Path(kept["c"]["path"]).exists()
+    assert [r["task_id"] for r in store.kept_updates("j", 3)] == ["c"]
+    more = store.keep_small("j", 4, serde.layout(updates["a"]))  # the open log of version 4 takes more
+    assert more["path"] == kept["c"]["path"] and more["offset"] > kept["c"]["offset"]
+    store.release_covered("j")  # the job ended
+    assert not Path(kept["c"]["path"]).exists()
+    store.close()

@@ -74,7 +74,7 @@ async def test_garbage_and_unexpected_messages_are_refused_and_serving_goes_on(
         async with running_site(tmp_path / "ws", broker.address) as site:
             await broker.wait_hellos(1)
             bogus = msgpack.packb({"v": 1, "t": "bogus", "id": 1})
-            await broker.ep.sock.send_multipart([broker.peer, bogus])
+            await broker.ep.send_raw([broker.peer, bogus])
             error = await broker.expect("error")
             assert isinstance(error, Error) and error.code == "bad_message" and "bogus" in error.reason
             await broker.send(Request(rid=1, op="status"))

@@ -14,7 +14,7 @@ from fedbus.errors import TransportError
 from fedbus.protocol.envelope import MAX_OFFER_ENVELOPE
 from fedbus.protocol.messages import Chunk, Heartbeat
 from fedbus.transport.endpoint import MemoryHub
-from fedbus.transport.streams import BufferSink, ModelSource
+from fedbus.transport.streams import BufferSink, ModelSource, placement_threads
 from tests.transport.conftest import linked, make_side, pump
 
 
@@ -204,3 +204,20 @@ def test_model_source_sums_prefetched_by_threads_equal_an_eager_pass() -> None:
         eager = digest.chunk_sums(src.layout.parts, 4096, "sum64")
         assert list(sums) == [s for _, _, s in eager]
     assert sums.digest() == digest.stream_digest(eager, "sum64")
+
+
+def test_thread_counts_follow_the_cores_unless_the_environment_says(monkeypatch) -> None:
+    from fedbus._cores import usable_cores
+    from fedbus.transport.endpoint import io_threads
+
+    monkeypatch.delenv("FEDBUS_IO_THREADS", raising=False)
+    monkeypatch.delenv("FEDBUS_PLACEMENT_THREADS", raising=False)
+    cores = usable_cores()
+    assert io_threads() == (1 if cores < 8 else min(4, cores // 4))
+    assert placement_threads() == (0 if cores < 4 else min(4, cores // 4))
+    monkeypatch.setenv("FEDBUS_IO_THREADS", "3")
+    monkeypatch.setenv("FEDBUS_PLACEMENT_THREADS", "0")
+    assert (io_threads(), placement_threads()) == (3, 0)
+    monkeypatch.setenv("FEDBUS_IO_THREADS", "0")  # zmq needs at least one
+    monkeypatch.setenv("FEDBUS_PLACEMENT_THREADS", "many")  # logged, and the default used
+    assert (io_threads(), placement_threads()) == (1, 0 if cores < 4 else min(4, cores // 4))
