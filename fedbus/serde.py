@@ -45,6 +45,7 @@ import torch
 
 from fedbus._memory import fresh_buffer
 from fedbus.errors import ConfigError, HeaderError, LocalProtocolError, RemoteProtocolError
+from fedbus.recycle import FilePool
 
 __all__ = [
     "DTYPES",
@@ -514,7 +515,13 @@ def _copy_into_file(fd: int, plan: _Plan) -> None:
         mem.close()
 
 
-def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Tensor], *, durable: bool = True) -> None:
+def write_file(
+    path: str | os.PathLike[str],
+    lay: Layout | Mapping[str, torch.Tensor],
+    *,
+    durable: bool = True,
+    recycle: FilePool | None = None,
+) -> None:
     """Write a layout (or a state_dict) as a safetensors file, atomically and (by default) durably.
 
     The parts go to a temporary file in the same directory (mode 0600), which is renamed over ``path``:
@@ -522,7 +529,9 @@ def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Te
     checkpoint survive a power cut; a hand-over file that lives for seconds (a script's result on its
     way to the site) skips them, since they cost a disk flush of the whole model. A state_dict with tensors
     on a GPU (or strided ones) is copied straight into the file's mapped pages, tensor by tensor: the one
-    host copy the transfer needs (``fedbus bench transfer --device cuda`` measures it).
+    host copy the transfer needs (``fedbus bench transfer --device cuda`` measures it). With ``recycle`` the
+    temporary file is a released file of that pool when it has one (``fedbus.recycle``: its page cache is
+    overwritten, not allocated again).
     """
     to_map: _Plan | None = None
     if not isinstance(lay, Layout):
@@ -535,10 +544,14 @@ def write_file(path: str | os.PathLike[str], lay: Layout | Mapping[str, torch.Te
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(target) + ".", suffix=".tmp")
     try:
         try:
+            if recycle is not None and recycle.take(tmp):
+                os.close(fd)
+                fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW)
             if to_map is not None:
                 _copy_into_file(fd, to_map)
             else:
                 _write_all(fd, lay.parts)  # type: ignore[union-attr]
+                os.ftruncate(fd, lay.total)  # type: ignore[union-attr]  # a recycled file may have been longer
             if durable:
                 os.fsync(fd)
         finally:

@@ -49,6 +49,7 @@ from fedbus.broker.store import JobStore
 from fedbus.errors import FedbusError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import EndJob, Message, Offer, Result, Task
+from fedbus.recycle import FilePool
 from fedbus.strategy import (
     Accepted,
     Action,
@@ -63,7 +64,7 @@ from fedbus.strategy import (
     Update,
 )
 from fedbus.strategy.base import clean_metrics
-from fedbus.transport.spool import SpooledParams, SpoolPool, SpoolSink, open_params
+from fedbus.transport.spool import SpooledParams, SpoolSink, open_params
 from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
 
 SMALL_UPLOAD = DEFAULT_CHUNK
@@ -110,7 +111,7 @@ class JobController:
         self.bus = bus
         self.max_model_bytes = max_model_bytes
         self.upload_slots = upload_slots
-        self.spool_pool: SpoolPool | None = None
+        self.spool_pool: FilePool | None = None
         self.on_end = on_end
         self.keep_versions = keep_versions
         self.metrics = metrics
@@ -234,7 +235,7 @@ class JobController:
             spool = self.store.job_dir(self.job_id) / "incoming"
             spool.mkdir(parents=True, exist_ok=True)
             if self.spool_pool is None:  # recycled files: their page cache is reused (transport/spool.py)
-                self.spool_pool = SpoolPool(spool)
+                self.spool_pool = FilePool(spool)
             sink = SpoolSink(
                 path=str(spool / f"{pending.result.task_id}.part"),
                 max_total=self.max_model_bytes,

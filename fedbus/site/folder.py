@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import zmq.asyncio
 
 from fedbus.errors import JobError, RemoteProtocolError
+from fedbus.recycle import FilePool
 from fedbus.transport.endpoint import RouterEndpoint
 
 MAX_IPC_PATH = 100
@@ -66,9 +68,22 @@ class JobFolder:
             raise RemoteProtocolError(f"result params must be the regular file {want}, got {str(claimed)[:200]!r}")
         return want
 
+    def take_inbox_file(self, task_id: str) -> Path:
+        """Where a task's model is written: a released inbox file renamed there when there is one."""
+        path = self.inbox_file(task_id)
+        FilePool(self.inbox).take(path)
+        return path
+
     def remove_task_files(self, task_id: str) -> None:
-        for p in (self.inbox_file(task_id), self.outbox_file(task_id)):
-            p.unlink(missing_ok=True)
+        """The task is over: its files are released for the next tasks' models and results to reuse
+        (``fedbus.recycle``), except a result file with another link (an upload kept for resuming)."""
+        FilePool(self.inbox).give(self.inbox_file(task_id))
+        result = self.outbox_file(task_id)
+        with contextlib.suppress(OSError):
+            st = os.lstat(result)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                FilePool(self.outbox).give(result)
+        result.unlink(missing_ok=True)
 
     def script(self, rel: str) -> Path:
         """The script the deploy names, which must be a regular file inside ``files/``."""

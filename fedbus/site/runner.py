@@ -249,7 +249,7 @@ class JobRunner:
         if task is None or task.sid != offer.sid or self._stopping:
             return None
         del self._expected[task.task_id]
-        path = self.folder.inbox_file(task.task_id)
+        path = self.folder.take_inbox_file(task.task_id)
         # Written through a shared mapping of the file. Positional writes (SpoolSink, pwritev) cost 2.4x less CPU
         # (64 MiB: 0.017 vs 0.040 s, 2 cores) but stalled a site's loop past its liveness window under writeback
         # (fedbus bench round --size-mb 512 --sites 4 on 2 cores: a site declared gone in round 3, twice).
@@ -384,8 +384,8 @@ class JobRunner:
             reply = Reply(rid=0, ok=True)
         finally:
             del self._ready[result.task_id]
+            self.uploads.done(result.task_id)  # first: the result file then has no other link, and is recycled
             self.folder.remove_task_files(result.task_id)
-            self.uploads.done(result.task_id)
         await self._to_script(reply)
 
     def _timing(self, ready: _Ready, result: Result) -> dict[str, float]:

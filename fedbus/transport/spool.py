@@ -11,10 +11,10 @@ one system call maps every page): no copy and no fresh memory, where reading it 
 paid a first-touch page fault per 4 KiB (1.3 GB/s on the 2-core machine). ``fedbus bench round``, 64 MiB
 x 4 sites: validation + fold of one update went from ~0.7 s to ~0.03 s (docs/benchmarks.md). The
 mapping lives as long as the tensor: a strategy that folds one tensor at a time holds one at a time.
-Spool files are recycled (``SpoolPool``): a released update's file is renamed for the next upload instead of
-deleted, so its page-cache pages are overwritten rather than freed and allocated again (pwritev of 256 MiB:
-0.15 CPU s into a new file, 0.055 s into a reused one, 2 cores). A file is only recycled once no tensor mapped
-from it is alive; otherwise it is deleted as before (its mappings keep their data).
+Spool files are recycled (``fedbus.recycle.FilePool``): a released update's file is renamed for the next upload
+instead of deleted, so its page-cache pages are overwritten rather than freed and allocated again (pwritev of
+256 MiB: 0.15 CPU s into a new file, 0.055 s into a reused one, 2 cores). A file is only recycled once no tensor
+mapped from it is alive; otherwise it is deleted as before (its mappings keep their data).
 Tensors below ``MAP_MIN`` bytes are read with ``preadv`` instead (a mapping per bias vector costs more
 than the copy). Files opened read-only (``open_params``) are read, since a read-only buffer cannot back a
 writable tensor.
@@ -23,7 +23,6 @@ writable tensor.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import mmap
 import os
 import weakref
@@ -36,48 +35,15 @@ import torch
 from fedbus import digest, serde
 from fedbus.errors import RemoteProtocolError, TransportError
 from fedbus.protocol.messages import Offer
+from fedbus.recycle import FilePool
 from fedbus.transport.streams import BufferSink
-
-
-class SpoolPool:
-    """Released spool files of one folder, kept (at most ``keep``) to be renamed for the next uploads."""
-
-    def __init__(self, folder: str | os.PathLike[str], keep: int = 4) -> None:
-        self.folder = os.fspath(folder)
-        self.keep = keep
-        self._free: list[str] = []
-        self._names = itertools.count()
-
-    def take(self, path: str) -> None:
-        """Put a recycled file (if any) at ``path``; the sink then overwrites its pages."""
-        while self._free:
-            with contextlib.suppress(OSError):
-                os.rename(self._free.pop(), path)
-                return
-
-    def give(self, path: str) -> None:
-        if len(self._free) < self.keep:
-            free = os.path.join(self.folder, f".free-{next(self._names)}.part")
-            with contextlib.suppress(OSError):
-                os.rename(path, free)
-                self._free.append(free)
-                return
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-    def clear(self) -> None:
-        """Delete the kept files (the job ended)."""
-        for free in self._free:
-            with contextlib.suppress(OSError):
-                os.unlink(free)
-        self._free.clear()
 
 
 class SpoolSink(BufferSink):
     """A sink whose bytes go to ``path`` with positional writes; the result is a lazy ``SpooledParams``."""
 
     def __init__(
-        self, *, path: str, max_total: int, expected: Any = None, keep: bool = False, pool: SpoolPool | None = None
+        self, *, path: str, max_total: int, expected: Any = None, keep: bool = False, pool: FilePool | None = None
     ) -> None:
         super().__init__(max_total=max_total, expected=expected, path=path)
         self._fd = -1
@@ -145,7 +111,7 @@ class SpooledParams(Mapping[str, torch.Tensor]):
         *,
         owned: bool = True,
         writable: bool = True,
-        pool: SpoolPool | None = None,
+        pool: FilePool | None = None,
     ) -> None:
         self._fd = fd
         self._pool = pool

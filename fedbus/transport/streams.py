@@ -284,9 +284,12 @@ class BufferSink:
             self.buffer = serde.allocate(offer.total, huge=placement_threads() > 0)
             self._populate = True
         else:
-            if not resume:
-                with open(self.path, "wb") as f:
-                    f.truncate(offer.total)
+            if not resume:  # no O_TRUNC: a recycled file's pages (fedbus.recycle) are overwritten, not freed
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                try:
+                    os.ftruncate(fd, offer.total)
+                finally:
+                    os.close(fd)
             self.buffer = torch.from_file(self.path, shared=True, size=offer.total, dtype=torch.uint8)
         self._view = self.buffer.numpy()
 

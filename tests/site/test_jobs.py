@@ -104,6 +104,9 @@ async def test_a_train_task_comes_back_plus_one_and_end_job_stops_the_script(
         async with asyncio.timeout(5):  # both model files are removed once the upload is acknowledged
             while (job / "outbox" / "t-1.safetensors").exists() or (job / "inbox" / "t-1.safetensors").exists():
                 await asyncio.sleep(0.02)
+        # ... and released for reuse: t-0's files took t-1's model and result (else two would wait in each box)
+        for box in ("inbox", "outbox"):
+            assert len([p for p in (job / box).iterdir() if p.name.startswith(".free-")]) == 1, box
         await broker.send(EndJob("j1", "finished"))
         exited = await broker.expect("job_event", event="exited")
         assert exited.code == 0

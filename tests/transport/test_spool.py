@@ -47,9 +47,10 @@ def test_read_only_files_are_read_not_mapped(tmp_path: Path) -> None:
 
 async def test_released_spool_files_are_recycled_unless_a_mapping_is_alive(tmp_path: Path) -> None:
     from fedbus.protocol.messages import Offer
-    from fedbus.transport.spool import SpoolPool, SpoolSink
+    from fedbus.recycle import FilePool
+    from fedbus.transport.spool import SpoolSink
 
-    pool = SpoolPool(tmp_path, keep=1)
+    pool = FilePool(tmp_path, keep=1)
 
     def receive(name: str, model: dict[str, torch.Tensor]) -> SpooledParams:
         lay = serde.layout(model)
@@ -72,7 +73,7 @@ async def test_released_spool_files_are_recycled_unless_a_mapping_is_alive(tmp_p
     assert os.stat(tmp_path / "b.part").st_ino == inode  # the same file, its pages overwritten
     held = second["w"]
     second.release()  # a tensor still maps it: deleted, not recycled, so its data cannot change
-    assert not (tmp_path / "b.part").exists() and not pool._free
+    assert not (tmp_path / "b.part").exists() and not pool.free()
     third = receive("c.part", {"w": torch.full((MAP_MIN // 4,), 3.0)})
     assert torch.equal(held, b["w"]) and os.stat(tmp_path / "c.part").st_ino != inode
     third.release()
