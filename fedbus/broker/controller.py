@@ -414,8 +414,9 @@ class JobController:
             if params.keep_as(path):
                 where = {"path": str(path)}
         if where is None:  # a small upload, received into memory: appended to the log of the version it lands in
-            lands = action.version + action.staleness + 1
-            where = self.store.keep_small(self.job_id, lands, serde.layout(params))
+            raw = getattr(params, "raw", None)  # the bytes as received: no laying out again
+            parts = [memoryview(raw.numpy())] if raw is not None else serde.layout(params).parts
+            where = self.store.keep_small(self.job_id, action.version + action.staleness + 1, parts)
         return {
             **where,
             "params_type": update.params_type,

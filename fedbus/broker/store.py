@@ -21,7 +21,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +204,12 @@ class JobStore:
     def kept_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "kept"
 
-    def keep_small(self, job_id: str, lands: int, lay: serde.Layout) -> dict[str, Any]:
+    def keep_small(self, job_id: str, lands: int, parts: Sequence[memoryview]) -> dict[str, Any]:
         """Keep a small accepted update that lands in version ``lands``: appended to that version's log file
         of the job (no fsync: it must survive the process being killed, and the page cache outlives that).
         Every update in one log lands in the same version, so one checkpoint releases the whole file.
-        Returns where it is (the ``kept`` entry's path, offset and length)."""
+        ``parts`` are the bytes of a safetensors file. Returns where it is (the ``kept`` entry's path, offset
+        and length)."""
         path = self.kept_dir(job_id) / f"lands-{lands}.log"
         current = self._kept_logs.get(job_id)
         if current is None or current[0] != lands:
@@ -216,7 +217,8 @@ class JobStore:
                 os.close(current[1])
             path.parent.mkdir(parents=True, exist_ok=True)
             current = self._kept_logs[job_id] = (lands, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        return {"path": str(path), "offset": serde.append_to(current[1], lay), "length": lay.total}
+        offset = serde.append_to(current[1], parts)
+        return {"path": str(path), "offset": offset, "length": sum(memoryview(p).nbytes for p in parts)}
 
     def kept_updates(self, job_id: str, version: int) -> list[dict[str, Any]]:
         """Accepted updates kept on disk whose aggregate lands after ``version``, in the order they were accepted:

@@ -14,6 +14,7 @@ answer to a task older than that is refused as unknown.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import KeysView
 from dataclasses import dataclass
 
 from fedbus.errors import StrategyError
@@ -69,6 +70,10 @@ class TaskBook:
     def pending_for(self, site: str) -> Task | None:
         """The task ``site`` is working on, if any."""
         return self._by_site.get(site)
+
+    def busy_sites(self) -> KeysView[str]:
+        """The sites with a task in flight."""
+        return self._by_site.keys()
 
     def is_busy(self, site: str) -> bool:
         """Whether ``site`` has a pending task."""

@@ -306,7 +306,7 @@ class BufferSink:
             pos += n
         return digest.chunk_sum([view[off:pos]], self.alg)
 
-    def finish(self) -> dict[str, torch.Tensor]:
+    def finish(self) -> Received:
         """The received tensors, as views of the buffer; the stream's own header bytes must match the offer."""
         assert self._view is not None and self.buffer is not None
         if self._view[: len(self.header)].tobytes() != self.header:
@@ -314,12 +314,21 @@ class BufferSink:
         self.close()
         if self.journal_path is not None:
             os.unlink(self.journal_path)
-        return serde.tensors_from_buffer(self.buffer, self.specs, self.data_start)
+        received = Received(serde.tensors_from_buffer(self.buffer, self.specs, self.data_start))
+        received.raw = self.buffer
+        return received
 
     def close(self) -> None:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+
+
+class Received(dict[str, torch.Tensor]):
+    """A received model: its tensors, views of one buffer, and ``raw``, that buffer: the exact bytes of the
+    stream, a valid safetensors file (kept as they are, they need no laying out again)."""
+
+    raw: torch.Tensor
 
 
 class _Placements:

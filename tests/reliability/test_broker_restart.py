@@ -225,7 +225,7 @@ def test_small_kept_updates_share_one_log_per_version_they_land_in(tmp_path: Pat
         for i, t in enumerate("abc")
     }
     lands = {"a": 3, "b": 3, "c": 4}
-    kept = {t: store.keep_small("j", lands[t], serde.layout(updates[t])) for t in "abc"}
+    kept = {t: store.keep_small("j", lands[t], serde.layout(updates[t]).parts) for t in "abc"}
     assert kept["a"]["path"] == kept["b"]["path"] != kept["c"]["path"]
     assert kept["b"]["offset"] >= kept["a"]["offset"] + kept["a"]["length"] and kept["b"]["offset"] % 64 == 0
     for t in "abc":
@@ -241,7 +241,7 @@ def test_small_kept_updates_share_one_log_per_version_they_land_in(tmp_path: Pat
     assert store.release_covered("j", 3) == 2  # a and b are in checkpoint 3: their log goes
     assert not Path(kept["a"]["path"]).exists() and Path(kept["c"]["path"]).exists()
     assert [r["task_id"] for r in store.kept_updates("j", 3)] == ["c"]
-    more = store.keep_small("j", 4, serde.layout(updates["a"]))  # the open log of version 4 takes more
+    more = store.keep_small("j", 4, serde.layout(updates["a"]).parts)  # the open log of version 4 takes more
     assert more["path"] == kept["c"]["path"] and more["offset"] > kept["c"]["offset"]
     store.release_covered("j")  # the job ended
     assert not Path(kept["c"]["path"]).exists()
