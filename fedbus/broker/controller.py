@@ -229,7 +229,7 @@ class JobController:
         if small:
             # One chunk, most likely already here inside the offer (the inline fast path): memory, not a
             # file, and no upload slot, which bounds the bytes of big uploads in flight (scale bench).
-            sink = BufferSink(max_total=self.max_model_bytes, expected=self.strategy.model)
+            sink = BufferSink(max_total=self.max_model_bytes, expected=self.strategy.model, scan_finite=True)
         else:
             await self.upload_slots.acquire()
             spool = self.store.job_dir(self.job_id) / "incoming"
@@ -241,6 +241,7 @@ class JobController:
                 max_total=self.max_model_bytes,
                 expected=self.strategy.model,
                 pool=self.spool_pool,
+                scan_finite=True,
             )
         sink.settled = asyncio.get_running_loop().create_future()  # the site hears of it once it is recorded
         self._spawn(self._collect(peer, offer.sid, pending, sink, slot=not small))

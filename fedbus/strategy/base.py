@@ -179,6 +179,9 @@ def validate_update(reference: Params, params: Params) -> str | None:
             return f"shape mismatch for {name!r}: expected {tuple(ref.shape)}, got {tuple(t.shape)}"
         if t.layout != torch.strided or (t.device != ref.device and not t.is_meta):
             return f"{name!r} must be a dense tensor on {ref.device}, got {t.layout} on {t.device}"
+    scanned = getattr(params, "nonfinite", None)  # the receiving sink checked the bytes as they arrived
+    if scanned is not None:
+        return f"non-finite values (NaN/Inf) in {scanned[0]!r}" if scanned else None
     for name, t in params.items():
         if (t.is_floating_point() or t.is_complex()) and not _all_finite(t):
             return f"non-finite values (NaN/Inf) in {name!r}"

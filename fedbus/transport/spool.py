@@ -43,9 +43,16 @@ class SpoolSink(BufferSink):
     """A sink whose bytes go to ``path`` with positional writes; the result is a lazy ``SpooledParams``."""
 
     def __init__(
-        self, *, path: str, max_total: int, expected: Any = None, keep: bool = False, pool: FilePool | None = None
+        self,
+        *,
+        path: str,
+        max_total: int,
+        expected: Any = None,
+        keep: bool = False,
+        pool: FilePool | None = None,
+        scan_finite: bool = False,
     ) -> None:
-        super().__init__(max_total=max_total, expected=expected, path=path)
+        super().__init__(max_total=max_total, expected=expected, path=path, scan_finite=scan_finite)
         self._fd = -1
         self.keep = keep
         self.pool = None if keep else pool
@@ -72,6 +79,8 @@ class SpoolSink(BufferSink):
                 pending.pop(0)
             if pending and n:
                 pending[0] = pending[0][n:]
+        if self._scan is not None:
+            self._scan.scan(off, frames)
         return digest.chunk_sum(frames, self.alg)
 
     def finish(self) -> SpooledParams:  # type: ignore[override]
@@ -82,6 +91,8 @@ class SpoolSink(BufferSink):
         params = SpooledParams(
             self._fd, self.path or "", self.specs, self.data_start, owned=not self.keep, pool=self.pool
         )
+        fd = self._fd
+        params.nonfinite = self.nonfinite(lambda at, n: os.pread(fd, n, at))
         self._fd = -1  # owned by the params now
         return params
 
@@ -101,6 +112,9 @@ MAP_MIN = 256 << 10
 
 class SpooledParams(Mapping[str, torch.Tensor]):
     """A state_dict on disk: each access maps (or reads) one tensor, released when the tensor is dropped."""
+
+    nonfinite: list[str] | None = None
+    """The tensors a finite scan on arrival found a NaN or Inf in ([]: none); None: not scanned."""
 
     def __init__(
         self,

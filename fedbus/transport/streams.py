@@ -37,6 +37,7 @@ from fedbus.log import get_logger
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Abort, Ack, Chunk, End, Message, Offer
 from fedbus.protocol.stream import Receiver, ReceiverState, Sender, SenderState
+from fedbus.transport.finite import FiniteScan
 
 DEFAULT_CHUNK = 2 << 20
 """Chunk size, from ``fedbus bench transfer --size-mb 1024`` sweeps (docs/benchmarks.md). With placement threads
@@ -204,8 +205,11 @@ class BufferSink:
         path: str | None = None,
         journal: bool = False,
         buffer: torch.Tensor | None = None,
+        scan_finite: bool = False,
     ) -> None:
         self.max_total = max_total
+        self.scan_finite = scan_finite  # check floats for NaN/Inf as chunks land (transport/finite.py)
+        self._scan: FiniteScan | None = None
         self._reuse = buffer  # a uint8 buffer from an earlier stream of the same size: no page faults
         self.path = path
         self.journal_path = f"{path}.journal" if path is not None and journal else None
@@ -239,6 +243,8 @@ class BufferSink:
         self.header = offer.header
         self.offer = offer
         self.alg = offer.alg
+        if self.scan_finite:
+            self._scan = FiniteScan(self.specs, self.data_start)
         self._allocate(offer, resume)
         if self.journal_path is not None:
             self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - lives as long as the stream
@@ -304,7 +310,15 @@ class BufferSink:
             n = f.nbytes
             view[pos : pos + n] = np.frombuffer(f, dtype=np.uint8)
             pos += n
+        if self._scan is not None:
+            self._scan.scan(off, frames)
         return digest.chunk_sum([view[off:pos]], self.alg)
+
+    def nonfinite(self, read: Callable[[int, int], bytes]) -> list[str] | None:
+        """What the finite scan found (``FiniteScan.result``), or None without one."""
+        if self._scan is None or self.offer is None:
+            return None
+        return self._scan.result(self.offer.total, read)
 
     def finish(self) -> Received:
         """The received tensors, as views of the buffer; the stream's own header bytes must match the offer."""
@@ -316,6 +330,8 @@ class BufferSink:
             os.unlink(self.journal_path)
         received = Received(serde.tensors_from_buffer(self.buffer, self.specs, self.data_start))
         received.raw = self.buffer
+        view = self._view
+        received.nonfinite = self.nonfinite(lambda at, n: view[at : at + n].tobytes())
         return received
 
     def close(self) -> None:
@@ -326,9 +342,11 @@ class BufferSink:
 
 class Received(dict[str, torch.Tensor]):
     """A received model: its tensors, views of one buffer, and ``raw``, that buffer: the exact bytes of the
-    stream, a valid safetensors file (kept as they are, they need no laying out again)."""
+    stream, a valid safetensors file (kept as they are, they need no laying out again). ``nonfinite``: the
+    tensors the sink's finite scan found a NaN or Inf in ([]: none; None: not scanned)."""
 
     raw: torch.Tensor
+    nonfinite: list[str] | None = None
 
 
 class _Placements:
