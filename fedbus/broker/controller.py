@@ -462,11 +462,6 @@ class JobController:
         self.source = ModelSource.from_state_dict(action.model)
         self.log.info("new global version", round=action.version, version=action.version, **_short(action.metrics))
         self._chain = asyncio.ensure_future(self._checkpoint(action))
-        self._decide(self._prepare, heavy=True)  # on the strategy thread, while the new model goes out
-
-    def _prepare(self) -> list[Action]:
-        self.strategy.prepare()
-        return []
 
     async def _checkpoint(self, action: Publish) -> None:
         path = await asyncio.to_thread(self.store.write_checkpoint, self.job_id, action.version, action.model)

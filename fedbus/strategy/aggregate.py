@@ -42,22 +42,17 @@ def weighted_sum_into(
     weight: float,
     *,
     integers: IntegerRule = "max",
-    spare: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Fold ``weight * params`` into ``acc`` in place; ``params`` is only read.
 
     A missing key is created on first use (``acc`` may start empty), so the caller needs no reference
-    model to build the accumulator: in a tensor taken from ``spare`` when it has one of that name, shape
-    and dtype (memory already mapped), else in a new one. Non-floating tensors follow ``integers`` (module
-    docstring).
+    model to build the accumulator. Non-floating tensors follow ``integers`` (module docstring).
     """
     for name, t in params.items():
         cur = acc.get(name)
         if _is_float(t):
             if cur is None:
-                out = spare.pop(name, None) if spare else None
-                fits = out is not None and out.shape == t.shape and out.dtype == t.dtype
-                acc[name] = torch.mul(t, weight, out=out) if fits else torch.mul(t, weight)
+                acc[name] = torch.mul(t, weight)
             else:
                 cur.add_(t, alpha=weight)
         elif integers == "max":

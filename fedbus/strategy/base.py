@@ -284,11 +284,6 @@ class Strategy(abc.ABC):
     def tick(self, now: float) -> list[Action]:
         """Fire deadlines that are due (round timeout, time budget); a no-op when none is."""
 
-    def prepare(self) -> None:
-        """Work worth doing between events rather than inside the next one (no decision, no actions): the
-        controller calls it after each Publish, on the strategy thread, while the new model goes out."""
-        return None
-
     @property
     @abc.abstractmethod
     def version(self) -> int:

@@ -98,7 +98,6 @@ class FedAvg(Strategy):
 
     def _reset_round(self) -> None:
         self._acc: dict[str, torch.Tensor] = {}
-        self._spare: dict[str, torch.Tensor] = {}  # the next round's accumulator, mapped ahead (``prepare``)
         self._acc_type: ParamsType | None = None
         self._weight = 0.0
         self._metrics = MetricMean()
@@ -192,15 +191,6 @@ class FedAvg(Strategy):
 
     def tick(self, now: float) -> list[Action]:
         return self._events_start(now)
-
-    @torch.no_grad()
-    def prepare(self) -> None:
-        """Map the next round's accumulator while the round's models are out. The first fold of a round
-        otherwise faults in a fresh model-sized buffer; on the broker's decision path that was 0.28 s of
-        0.12-0.18 s folds at 512 MiB (``fedbus bench round --logs``, 16 cores)."""
-        if self._acc or self._spare or self._phase == "done":
-            return
-        self._spare = {k: torch.empty_like(g).zero_() for k, g in self._global.items() if g.is_floating_point()}
 
     def state(self) -> dict[str, object]:
         """Job-wide totals plus ``round_*`` counters for the round (or evaluation) in progress."""
@@ -346,11 +336,11 @@ class FedAvg(Strategy):
         if self._acc_type is None:
             self._acc_type = update.params_type
         if update.params_type == "FULL":
-            weighted_sum_into(self._acc, params, w, integers="max", spare=self._spare)
+            weighted_sum_into(self._acc, params, w, integers="max")
             if self._acc_type == "DIFF":
                 weighted_sum_into(self._acc, self._global, -w, integers="skip")
         else:
-            weighted_sum_into(self._acc, params, w, integers="skip", spare=self._spare)
+            weighted_sum_into(self._acc, params, w, integers="skip")
             if self._acc_type == "FULL":
                 weighted_sum_into(self._acc, self._global, w, integers="skip")
         self._weight += w

@@ -103,10 +103,6 @@ async def test_a_large_update_is_decided_off_the_loop_and_later_events_wait_for_
     assert strategy.version == 1
     assert torch.equal(strategy.model["w"], torch.full((1000,), 2.0))
 
-    # After the publish the strategy thread maps the next round's accumulator, then the lane is idle.
-    assert ctl._lane is not None
-    await asyncio.wait_for(asyncio.shield(ctl._lane), 10)
-    assert set(strategy._spare) == {"w"} and strategy._acc == {}
     # With nothing in flight (the second round is running) a light call is made at once, on the loop.
     assert ctl._lane is None and ctl.state == "running"
     ctl.site_left("b", "gone")

@@ -314,33 +314,3 @@ def test_resume_from_a_checkpointed_version() -> None:
     assert isinstance(d, Dispatch) and d.version == 2
     acts = s.on_update(answer(d, like(make_model(), 1.0)), 1.0)
     assert of(acts, Publish)[0].version == 3 and isinstance(acts[-1], Finished)
-
-
-@pytest.mark.parametrize("params_type", ["FULL", "DIFF"])
-def test_prepare_maps_the_next_accumulator_and_changes_no_bit(params_type: str) -> None:
-    """``prepare`` between rounds: the round's first fold writes into the prepared tensors, and the models
-    are bit for bit those of a strategy never prepared (negative zeros and all)."""
-    model = {"w": torch.randn(64, generator=torch.Generator().manual_seed(7)), "n": torch.tensor(3)}
-    runs = []
-    for prepared in (False, True):
-        s, d = started(["a", "b"], clone(model), num_rounds=3)
-        history = []
-        for r in range(3):
-            if prepared:
-                s.prepare()
-                spare = s._spare["w"].data_ptr()
-            sent = {
-                "a": {"w": torch.randn(64, generator=torch.Generator().manual_seed(r)), "n": torch.tensor(r)},
-                "b": {"w": torch.full((64,), -0.0), "n": torch.tensor(r)},
-            }
-            for site, weight in (("b", 1.0), ("a", 2.0)):
-                acts = s.on_update(answer(d[site], sent[site], params_type, weight=weight), 1.0)
-                if prepared and site == "b":
-                    assert s._acc["w"].data_ptr() == spare  # folded into the prepared tensor
-            (pub,) = of(acts, Publish)
-            history.append({k: v.clone() for k, v in pub.model.items()})
-            d = {x.site: x for x in of(acts, Dispatch)}
-        runs.append(history)
-    for plain, prepared in zip(*runs, strict=True):
-        assert all(torch.equal(plain[k].view(torch.uint8), prepared[k].view(torch.uint8)) for k in ("w",))
-        assert torch.equal(plain["n"], prepared["n"])
