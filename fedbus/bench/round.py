@@ -7,7 +7,8 @@ checkpoints. FedAvg: one version per round of N updates; FedBuff (concurrency = 
 per N updates, so ``round_s`` is seconds per global version either way.
 
 Figures (the last line, JSON):
-* ``round_s``: median seconds per version over every round but the first (the first also pays the
+* ``round_s``: median seconds per version (between the times versions were published, the history's times)
+  over every round but the first (the first also pays the
   scripts' start: a Python process importing torch, which is not the runtime's cost); ``first_round_s``
   is that first round on its own.
 * ``bytes_per_round`` = 2 x N x model bytes (down and up); ``gbps`` = that / ``round_s``;

@@ -461,11 +461,11 @@ class JobController:
     def _publish(self, action: Publish) -> None:
         self.source = ModelSource.from_state_dict(action.model)
         self.log.info("new global version", round=action.version, version=action.version, **_short(action.metrics))
-        self._chain = asyncio.ensure_future(self._checkpoint(action))
+        self._chain = asyncio.ensure_future(self._checkpoint(action, time.time()))
 
-    async def _checkpoint(self, action: Publish) -> None:
+    async def _checkpoint(self, action: Publish, published: float) -> None:
         path = await asyncio.to_thread(self.store.write_checkpoint, self.job_id, action.version, action.model)
-        self.store.add_version(self.job_id, action.version, path, action.metrics)
+        self.store.add_version(self.job_id, action.version, path, action.metrics, published)
         self.store.prune(self.job_id, self.keep_versions)
         self.store.release_covered(self.job_id, action.version)  # their kept params are in this checkpoint now
 

@@ -136,12 +136,16 @@ class JobStore:
         serde.write_file(path, serde.layout(model, {"job_id": job_id, "version": str(version)}))
         return path
 
-    def add_version(self, job_id: str, version: int, path: Path, metrics: Mapping[str, Any]) -> None:
-        """Record a checkpoint written by ``write_checkpoint``: the version now survives a restart."""
+    def add_version(
+        self, job_id: str, version: int, path: Path, metrics: Mapping[str, Any], published: float | None = None
+    ) -> None:
+        """Record a checkpoint written by ``write_checkpoint``: the version now survives a restart. Its
+        history time is ``published`` (when it became the global model; default now), not when its file landed:
+        a write held up by the disk would otherwise bunch the times of the versions behind it."""
         now = time.time()
         self.db.execute(
             "INSERT OR REPLACE INTO versions (job_id, version, path, metrics, created) VALUES (?, ?, ?, ?, ?)",
-            (job_id, version, str(path), json.dumps(dict(metrics)), now),
+            (job_id, version, str(path), json.dumps(dict(metrics)), now if published is None else published),
         )
         self.db.execute("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id))
 

@@ -246,3 +246,16 @@ def test_small_kept_updates_share_one_log_per_version_they_land_in(tmp_path: Pat
     store.release_covered("j")  # the job ended
     assert not Path(kept["c"]["path"]).exists()
     store.close()
+
+
+def test_a_version_is_dated_when_published_not_when_its_checkpoint_landed(tmp_path: Path) -> None:
+    from fedbus.broker.store import JobStore
+
+    store = JobStore(tmp_path)
+    store.create_job("j", "j", {}, state="running")
+    path = store.write_checkpoint("j", 1, {"w": torch.zeros(3)})
+    store.add_version("j", 1, path, {}, published=1000.5)  # the write took its time; the history does not care
+    store.add_version("j", 2, path, {})
+    times = [h["time"] for h in store.history("j")]
+    assert times[0] == 1000.5 and times[1] > 1000.5
+    store.close()
