@@ -5,6 +5,7 @@ Layout, under ``WORKSPACE/jobs/JOB`` (mode 0700: other users of the machine see 
     files/                   the unpacked job archive; the script's working directory
     inbox/TASK.safetensors   a model from the broker, written in place as its chunks arrive
     outbox/TASK.safetensors  the script's result for that task
+    inbox/.free-*, outbox/.free-*  files of finished tasks, reused for the next ones (fedbus.recycle)
     script.log               the script's stdout and stderr (appended across runs)
     link.sock                the local link: ipc, mode 0600, plus a per-job token checked on hello
 
