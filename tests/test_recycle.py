@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fedbus import serde
-from fedbus.protocol.messages import Offer
 from fedbus.recycle import FilePool
 from fedbus.site.folder import JobFolder
 from fedbus.transport.streams import BufferSink
+from tests.transport.sinks import fill
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,13 +54,7 @@ async def test_writes_into_a_longer_recycled_file_are_exact(tmp_path: Path) -> N
     lay = serde.layout(small)
     target = tmp_path / "inbox.safetensors"
     assert pool.take(target)
-    sink = BufferSink(max_total=1 << 30, path=str(target))
-    sink.open(Offer(1, lay.total, 1 << 20, "sum64", "", lay.header, {}))
-    off = 0
-    for part in lay.parts:
-        sink.write(off, [part])
-        off += part.nbytes
-    got = sink.finish()
+    got = fill(BufferSink(max_total=1 << 30, path=str(target)), lay)
     assert all(torch.equal(got[k], small[k]) for k in small)
     assert os.path.getsize(target) == lay.total and serde.read_file(target).keys() == small.keys()
 

@@ -13,6 +13,7 @@ import torch
 from fedbus import serde
 from fedbus.strategy.base import validate_update
 from fedbus.transport.finite import FiniteScan
+from tests.transport.sinks import fill
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,7 +84,6 @@ def test_a_chunk_written_again_replaces_its_first_copy_and_a_gap_gives_no_answer
 
 
 async def test_a_received_update_carries_the_answer_and_validation_uses_it(tmp_path) -> None:
-    from fedbus.protocol.messages import Offer
     from fedbus.transport.spool import SpoolSink
     from fedbus.transport.streams import BufferSink
 
@@ -94,12 +94,7 @@ async def test_a_received_update_carries_the_answer_and_validation_uses_it(tmp_p
         BufferSink(max_total=1 << 30, scan_finite=True),
         SpoolSink(path=str(tmp_path / "u.part"), max_total=1 << 30, scan_finite=True),
     ):
-        sink.open(Offer(1, lay.total, 1 << 16, "sum64", "", lay.header, {}))
-        off = 0
-        for part in lay.parts:
-            sink.write(off, [part])
-            off += part.nbytes
-        params = sink.finish()
+        params = fill(sink, lay, chunk=1 << 16)
         assert params.nonfinite == ["h"]
         assert validate_update(model, params) == "non-finite values (NaN/Inf) in 'h'"
         getattr(params, "release", lambda: None)()

@@ -9,6 +9,7 @@ import torch
 
 from fedbus import serde
 from fedbus.transport.spool import MAP_MIN, SpooledParams, open_params
+from tests.transport.sinks import fill
 
 
 def _spooled(path: Path, model: dict[str, torch.Tensor]) -> SpooledParams:
@@ -46,21 +47,13 @@ def test_read_only_files_are_read_not_mapped(tmp_path: Path) -> None:
 
 
 async def test_released_spool_files_are_recycled_unless_a_mapping_is_alive(tmp_path: Path) -> None:
-    from fedbus.protocol.messages import Offer
     from fedbus.recycle import FilePool
     from fedbus.transport.spool import SpoolSink
 
     pool = FilePool(tmp_path, keep=1)
 
     def receive(name: str, model: dict[str, torch.Tensor]) -> SpooledParams:
-        lay = serde.layout(model)
-        sink = SpoolSink(path=str(tmp_path / name), max_total=1 << 30, pool=pool)
-        sink.open(Offer(1, lay.total, 1 << 20, "sum64", "", lay.header, {}))
-        off = 0
-        for part in lay.parts:
-            sink.write(off, [part])
-            off += part.nbytes
-        return sink.finish()
+        return fill(SpoolSink(path=str(tmp_path / name), max_total=1 << 30, pool=pool), serde.layout(model))
 
     a = {"w": torch.full((MAP_MIN // 4,), 1.0)}
     first = receive("a.part", a)
