@@ -175,8 +175,9 @@ async def test_tensorboard_event_files_per_job(tmp_path: Path) -> None:
     acc = EventAccumulator(str(board))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert "loss" in tags and "fedbus/staleness" in tags
+    assert "loss" in tags and "fedbus/staleness" in tags and "fedbus/staleness_max" in tags
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    assert [(e.step, e.value) for e in acc.Scalars("fedbus/staleness")] == [(1, 0.0), (2, 0.0)]  # FedAvg: never stale
 
 
 async def test_bad_requests_are_refused_and_the_server_keeps_serving() -> None:
