@@ -33,7 +33,7 @@ class Guard:
     """Authentication, authorization and audit for one broker."""
 
     def __init__(self, config: BrokerConfig, workspace: Path) -> None:
-        self.audit = AuditLog(workspace / "audit.jsonl", actor="broker")
+        self.audit = AuditLog(workspace / "audit.jsonl", actor="broker", hold=True)
         self.participants: Participants | None = None
         self.secret: bytes | None = None
         self.public: bytes | None = None

@@ -95,3 +95,22 @@ async def test_secure_job_audit_agrees_and_excluded_tensors_stay_home(tmp_path: 
     with contextlib.redirect_stdout(out):
         assert cli.main(["audit", str(tmp_path / "site-1" / "audit.jsonl"), "--site", "site-1"]) == 0
     assert "update_sent" in out.getvalue() and "task_received" in out.getvalue()
+
+
+def test_a_held_audit_file_survives_being_moved_away(tmp_path, monkeypatch) -> None:
+    """The broker's audit log holds its descriptor; an operator moving the file away gets a new one within a
+    second, and records before and after land in the file the path named at the time."""
+    from fedbus import audit
+    from fedbus.audit import AuditLog, read_audit
+
+    clock = [100.0]
+    monkeypatch.setattr(audit.time, "monotonic", lambda: clock[0])
+    log = AuditLog(tmp_path / "audit.jsonl", actor="broker", hold=True)
+    log.record("hello", site="a")
+    (tmp_path / "audit.jsonl").rename(tmp_path / "old.jsonl")
+    clock[0] += 2.0
+    log.record("hello", site="b")
+    log.close()
+    log.record("hello", site="c")  # after close: dropped
+    assert [r["site"] for r in read_audit(tmp_path / "old.jsonl")] == ["a"]
+    assert [r["site"] for r in read_audit(tmp_path / "audit.jsonl")] == ["b"]
