@@ -234,7 +234,7 @@ class JobController:
             await self.upload_slots.acquire()
             spool = self.store.job_dir(self.job_id) / "incoming"
             spool.mkdir(parents=True, exist_ok=True)
-            if self.spool_pool is None:  # recycled files: their page cache is reused (transport/spool.py)
+            if self.spool_pool is None:  # recycled files: their page cache is reused (fedbus/recycle.py)
                 self.spool_pool = FilePool(spool)
             sink = SpoolSink(
                 path=str(spool / f"{pending.result.task_id}.part"),
