@@ -141,6 +141,7 @@ class Metrics:
 
     def job_ended(self, job: str) -> None:
         """The job is final (finished, failed or aborted): its TensorBoard writer is flushed and closed."""
+        self._since_version.pop(job, None)  # updates folded into no version: nothing left to plot them at
         if self.boards is not None:
             self.boards.close(job)
 
