@@ -202,12 +202,14 @@ class JobController:
 
     def site_joined(self, site: str) -> None:
         if site in self.sites and self.state == "running":
-            self._decide(lambda: self.strategy.site_joined(site, time.monotonic()))
+            now = time.monotonic()  # the event's time, though the call may wait behind a decision
+            self._decide(lambda: self.strategy.site_joined(site, now))
 
     def site_left(self, site: str, why: str) -> None:
         if site in self.sites and self.state == "running":
             self.log.warning("site left", site=site, reason=why)
-            self._decide(lambda: self.strategy.site_left(site, time.monotonic()))
+            now = time.monotonic()
+            self._decide(lambda: self.strategy.site_left(site, now))
 
     def on_result(self, peer: bytes, site: str, result: Result) -> None:
         """A result message: metrics-only results go in now; others wait for their stream."""
@@ -277,7 +279,8 @@ class JobController:
             self.store.record_update(self.job_id, task_id, site, -1, accepted=False, reason=reason)
             if self.metrics is not None:
                 self.metrics.refused(self.job_id, reason)
-            self._decide(lambda: self.strategy.task_failed(site, self._plain(task_id), reason, time.monotonic()))
+            now = time.monotonic()
+            self._decide(lambda: self.strategy.task_failed(site, self._plain(task_id), reason, now))
 
     def site_crashed(self, site: str, detail: str) -> None:
         """The site's script died: its tasks are lost and it gets no more of this job's work."""
