@@ -168,6 +168,9 @@ class SpooledParams(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs  # Mapping's default would map (load) the tensor only to drop it
+
     def __len__(self) -> int:
         return len(self._specs)
 

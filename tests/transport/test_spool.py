@@ -86,3 +86,20 @@ def test_a_kept_spool_file_moves_and_outlives_its_release(tmp_path: Path) -> Non
     assert all(torch.equal(again[k], t) for k, t in model.items())
     again.release()
     assert not again.keep_as(tmp_path / "x.safetensors")  # not an owned spool file: the caller writes a copy
+
+
+def test_membership_and_description_read_no_tensor_data(tmp_path: Path) -> None:
+    # validate_update asks ``name in params`` for every tensor: Mapping's default answers by loading the
+    # tensor (a 512 MiB model mapped and dropped once more per update). Cut the data off to prove it is not read.
+    model = {"big": torch.ones(MAP_MIN // 4 * 2), "small": torch.ones(3)}
+    params = _spooled(tmp_path / "u.part", model)
+    os.truncate(params.path, 64)
+    assert "big" in params and "small" in params and "other" not in params
+    assert params.describe("big").shape == model["big"].shape
+    try:
+        params["small"]
+    except Exception as exc:  # the data really is gone: a load fails, membership did not try one
+        assert "truncated" in str(exc)
+    else:
+        raise AssertionError("reading a cut-off tensor should fail")
+    params.release()
