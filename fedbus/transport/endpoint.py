@@ -2,8 +2,8 @@
 
 This is the only module that touches zmq sockets. A ``RouterEndpoint`` binds (the broker) and addresses
 peers by routing id; a ``DealerEndpoint`` connects (sites, admins, training scripts) and has one peer.
-Payload frames go out with ``copy=False`` (pyzmq copies frames under its 64 KiB threshold anyway, where a
-copy is cheaper than the zero-copy bookkeeping) and come in as zero-copy ``memoryview``s of zmq's frames.
+Payload frames go out with ``copy=False`` (frames under ``COPY_BELOW`` are copied anyway, where a copy is
+cheaper than the zero-copy bookkeeping) and come in as zero-copy ``memoryview``s of zmq's frames.
 
 Sockets are plain (blocking-API) zmq sockets driven by the endpoint itself: every send and receive is tried
 at once without blocking, and only a call that would block waits, on the socket's file descriptor in the
@@ -42,6 +42,11 @@ MAX_FRAME = 80 << 20
 """Largest single frame a peer may send: a 64 MiB chunk or job archive plus slack."""
 
 HWM = 10_000
+COPY_BELOW = 256 << 10
+"""Frames smaller than this are copied on send. A zero-copy frame is tracked by pyzmq's collector thread until
+libzmq lets go of it; send + receive over tcp loopback, one thread each side (2 cores, CPU us per message,
+copy / zero-copy): 100 KB 94-110 / 127-146, 256 KiB 142-162 / 156-174, 512 KiB 220 / 217, 1 MiB 429 / 329.
+pyzmq's own threshold is 64 KiB; a 100 KB model (the scale bench's) now goes as a copy."""
 LINGER_MS = 200
 YIELD_EVERY = 64
 """Receives in a row that find a message waiting before one yields to the event loop anyway."""
@@ -101,6 +106,7 @@ def _configure(sock: zmq.Socket, max_frame: int) -> None:
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.copy_threshold = COPY_BELOW
 
 
 class _ZmqEndpoint:
