@@ -42,13 +42,16 @@ from fedbus import serde
 from fedbus.bench.common import format_report, random_state_dict
 from fedbus.bench.round import _daemon, _free_tcp, _proc_kb, _run_job, _wait_listening, stop_all
 from fedbus.errors import FedbusError
+from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import STREAM_TYPES, Deploy, EndJob, Heartbeat, Hello, Offer, Result, Task, Welcome
 from fedbus.transport.endpoint import DealerEndpoint
 from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
 
 
 class SimSite:
-    """One simulated site on its own DEALER: hello, heartbeats, and an instant DIFF answer to every task."""
+    """One simulated site on its own DEALER: hello, heartbeats, and an instant DIFF answer to every task.
+
+    Heartbeats follow the site daemon's rule: one only after a period with no message either way."""
 
     def __init__(self, name: str, address: str, ctx: zmq.asyncio.Context, delta: ModelSource) -> None:
         self.name = name
@@ -59,29 +62,35 @@ class SimSite:
         self.rtts: list[tuple[float, float]] = []  # (wall time, round trip s)
         self._beats: deque[float] = deque()
         self.heartbeat_s = 1.0
+        self.sent_at = self.heard_at = float("-inf")  # the loop's clock at the last message each way
         self.updates = 0
         self.ended = asyncio.Event()
 
     async def send(self, peer: bytes, msg: Any, payload: Any = ()) -> None:  # the hub's outbox
         await self.ep.send(b"", msg, payload)
+        self.sent_at = asyncio.get_running_loop().time()
 
     async def run(self) -> None:
-        await self.ep.send(b"", Hello(role="site", name=self.name, session=secrets.token_hex(8), caps={"sim": True}))
+        await self.send(b"", Hello(role="site", name=self.name, session=secrets.token_hex(8), caps={"sim": True}))
         beats = asyncio.create_task(self._heartbeats())
         try:
             while not self.ended.is_set():
                 inc = await self.ep.recv()
+                self.heard_at = asyncio.get_running_loop().time()
                 await self._on(inc.msg, inc.payload)
         finally:
             beats.cancel()
             await self.hub.close()
 
     async def _heartbeats(self) -> None:
+        loop = asyncio.get_running_loop()
         await asyncio.sleep(self.heartbeat_s * secrets.randbelow(1000) / 1000)  # spread the sites out
         while True:
-            self._beats.append(time.perf_counter())
-            await self.ep.send(b"", Heartbeat())
-            await asyncio.sleep(self.heartbeat_s)
+            if heartbeat_due_in(self.sent_at, self.heard_at, self.heartbeat_s, loop.time()) <= 0:
+                self._beats.append(time.perf_counter())
+                await self.send(b"", Heartbeat())
+            due = heartbeat_due_in(self.sent_at, self.heard_at, self.heartbeat_s, loop.time())
+            await asyncio.sleep(due if due > 0 else self.heartbeat_s)
 
     async def _on(self, msg: Any, payload: list[memoryview]) -> None:
         if msg.TYPE in STREAM_TYPES:
@@ -115,7 +124,7 @@ class SimSite:
     async def _answer(self, task: Task) -> None:
         sid = secrets.randbits(62)
         try:
-            await self.ep.send(b"", Result(task.job_id, task.task_id, task.version, "DIFF", 1.0, {}, {}, sid))
+            await self.send(b"", Result(task.job_id, task.task_id, task.version, "DIFF", 1.0, {}, {}, sid))
             await self.hub.send(b"", self.delta, {"job_id": task.job_id, "task_id": task.task_id}, sid)
         except FedbusError:  # refused once the job's time is up: the broker says so, nothing to count
             return

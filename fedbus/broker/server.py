@@ -286,7 +286,8 @@ class Broker:
             return
         if msg.TYPE in STREAM_TYPES:
             assert self.hub is not None
-            if self.registry.by_peer(peer) is None and peer not in self.registry.admins:
+            # A site's stream traffic counts as a sign of life: it skips heartbeats while it sends.
+            if self.registry.seen(peer, now) is None and peer not in self.registry.admins:
                 await self._send_error(peer, "hello_required", "say hello first", msg.TYPE)
                 return
             if isinstance(msg, End) and self.registry.by_peer(peer) is not None:  # a site's: the audit's digest

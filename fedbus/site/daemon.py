@@ -41,6 +41,7 @@ from fedbus.audit import AuditLog
 from fedbus.config import SiteConfig, is_safe_name
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
+from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import (
     STREAM_TYPES,
     Bye,
@@ -312,15 +313,18 @@ class Site:
                 await self._send(Error("refused", str(exc)[:500], inc.msg.TYPE))
 
     async def _heartbeat_loop(self) -> None:
-        """Heartbeat while welcomed; return once the broker has been silent for heartbeat_s x liveness."""
+        """Heartbeat while welcomed, when one is due (``fedbus.protocol.liveness``); return once the broker has
+        been silent for heartbeat_s x liveness."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self._heartbeat_s)
+            due = heartbeat_due_in(self.uplink.sent_at, self._last_heard, self._heartbeat_s, loop.time())
+            await asyncio.sleep(due if due > 0 else self._heartbeat_s)
             expiry = self._heartbeat_s * self._liveness
             if loop.time() - self._last_heard >= expiry:
                 self.log.warning("broker silent", for_s=round(expiry, 3))
                 return
-            if self.welcomed.is_set():
+            due = heartbeat_due_in(self.uplink.sent_at, self._last_heard, self._heartbeat_s, loop.time())
+            if self.welcomed.is_set() and due <= 0:
                 await self._send(Heartbeat())
 
     # --- messages from the broker ---------------------------------------------------------------------

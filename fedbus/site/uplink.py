@@ -58,6 +58,8 @@ class Uplink:
         self.welcomed = asyncio.Event()
         self.backlog: deque[Message] = deque(maxlen=BACKLOG)
         self._pending = asyncio.Event()
+        self.sent_at = float("-inf")
+        """The event loop's clock at the last message sent: traffic counts as a heartbeat."""
         self.hub = StreamHub(_HubOutbox(self), on_offer=on_offer, **hub_options)
 
     def attach(self, ep: DealerEndpoint) -> None:
@@ -74,6 +76,7 @@ class Uplink:
         if self.ep is None:
             raise TransportError("not connected to the broker")
         await self.ep.send(b"", msg, payload)
+        self.sent_at = asyncio.get_running_loop().time()
 
     def report(self, msg: Message) -> None:
         self.backlog.append(msg)

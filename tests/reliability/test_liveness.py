@@ -19,20 +19,20 @@ import zmq
 from fedbus.broker.server import Broker
 from fedbus.config import BrokerConfig
 from fedbus.protocol.envelope import encode
-from fedbus.protocol.messages import Heartbeat, Hello
+from fedbus.protocol.messages import Credit, Heartbeat, Hello, Message
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _heartbeating_site(address: str, name: str, stop: threading.Event) -> None:
-    """A site in its own thread (plain zmq): it keeps beating while the broker's event loop is blocked."""
+def _heartbeating_site(address: str, name: str, stop: threading.Event, beat: Message | None = None) -> None:
+    """A site in its own thread (plain zmq): it keeps sending ``beat`` while the broker's event loop is blocked."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(address)
     try:
         sock.send(encode(Hello("site", name, "s1")))
         while not stop.wait(0.05):
-            sock.send(encode(Heartbeat()))
+            sock.send(encode(beat or Heartbeat()))
             while sock.poll(0):
                 sock.recv_multipart()
     finally:
@@ -58,6 +58,32 @@ async def test_sites_are_not_expired_for_heartbeats_the_broker_has_not_read_yet(
                 stop.set()
                 beater.join(5)
             async with asyncio.timeout(10):  # a site that really went silent is still declared gone
+                while broker.registry.online():
+                    await asyncio.sleep(0.05)
+    assert [e["reason"] for e in logs if e["event"] == "site gone"] == ["heartbeat timeout"]
+
+
+async def test_stream_traffic_keeps_a_site_alive_without_heartbeats(tmp_path: Path) -> None:
+    # A site skips heartbeats while it sends anything else (a long upload sends only chunks): the broker must
+    # count those messages as signs of life. A credit for a stream nobody knows is harmless and dropped.
+    cfg = BrokerConfig(bind="tcp://127.0.0.1:0", workspace=str(tmp_path / "b"), heartbeat_s=0.1, liveness=3)
+    stop = threading.Event()
+    with structlog.testing.capture_logs() as logs:
+        async with Broker(cfg) as broker:
+            chatter = threading.Thread(
+                target=_heartbeating_site, args=(broker.address, "s1", stop, Credit(sid=1, until=0))
+            )
+            chatter.start()
+            try:
+                async with asyncio.timeout(10):
+                    while broker.registry.online() != ["s1"]:
+                        await asyncio.sleep(0.02)
+                await asyncio.sleep(1.0)  # over 3x the liveness window, no heartbeat sent
+                assert broker.registry.online() == ["s1"]
+            finally:
+                stop.set()
+                chatter.join(5)
+            async with asyncio.timeout(10):  # silence still expires it
                 while broker.registry.online():
                     await asyncio.sleep(0.05)
     assert [e["reason"] for e in logs if e["event"] == "site gone"] == ["heartbeat timeout"]

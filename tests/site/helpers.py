@@ -64,6 +64,7 @@ class FakeBroker:
         self.uploads: asyncio.Queue[tuple[Result, BufferSink]] = asyncio.Queue()
         self.results: dict[tuple[bytes, int], Result] = {}
         self.hellos = 0
+        self.heartbeats: list[float] = []  # the loop's clock at each heartbeat received
         self.peer = b""
         self._reader = asyncio.create_task(self._read())
 
@@ -82,6 +83,7 @@ class FakeBroker:
                     self.known.add(inc.peer)
                     await self.ep.send(inc.peer, Welcome("broker-1", HEARTBEAT_S, 5))
             elif isinstance(inc.msg, Heartbeat):
+                self.heartbeats.append(asyncio.get_running_loop().time())
                 if inc.peer not in self.known:  # what a restarted broker says to a peer it forgot
                     await self.ep.send(inc.peer, Error("hello_required", "say hello first", "heartbeat"))
                 elif self.answer_heartbeats:

@@ -16,8 +16,8 @@ import pytest
 import zmq.asyncio
 
 from fedbus.errors import TransportError
-from fedbus.protocol.messages import Bye, Error, Request, Task
-from tests.site.helpers import FakeBroker, running_site
+from fedbus.protocol.messages import Bye, Error, Heartbeat, Request, Task
+from tests.site.helpers import HEARTBEAT_S, FakeBroker, running_site
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,6 +62,39 @@ async def test_a_silent_broker_is_redialled(tmp_path: Path, ctx: zmq.asyncio.Con
             # heartbeat 0.2 s x liveness 5: silence is noticed after 1 s, the next hello comes 0.1 s later
             await broker.wait_hellos(2, timeout=5)
             assert site.hellos >= 2
+    finally:
+        await broker.close()
+
+
+async def test_a_site_sends_heartbeats_only_when_neither_side_said_anything(
+    tmp_path: Path, ctx: zmq.asyncio.Context
+) -> None:
+    broker = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
+    loop = asyncio.get_running_loop()
+
+    async def traffic(*, answered: bool) -> tuple[float, float]:
+        start = loop.time()
+        while loop.time() < start + 5 * HEARTBEAT_S:  # 4 messages per heartbeat period
+            await site.uplink.send(Error("chatter", "traffic counts as a heartbeat"))
+            if answered:
+                await broker.send(Heartbeat())  # the site ignores it, but it is news from the broker
+            await asyncio.sleep(HEARTBEAT_S / 4)
+        return start + HEARTBEAT_S / 2, loop.time()  # from when the last scheduled heartbeat has passed
+
+    def beats(start: float, end: float) -> int:
+        return len([t for t in broker.heartbeats if start < t <= end])
+
+    try:
+        async with running_site(tmp_path / "ws", broker.address) as site:
+            await asyncio.wait_for(site.welcomed.wait(), 5)
+            both = await traffic(answered=True)
+            one_way = await traffic(answered=False)  # the site talks, the broker only answers heartbeats
+            quiet = loop.time()
+            await asyncio.sleep(5 * HEARTBEAT_S)
+            assert beats(*both) == 0
+            assert beats(*one_way) >= 3  # about one per period: a pong is the only news from the broker
+            assert beats(quiet, loop.time()) >= 3
+            assert site.hellos == 1  # the broker never seemed silent
     finally:
         await broker.close()
 
