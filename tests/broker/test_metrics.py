@@ -9,6 +9,8 @@ import io
 import json
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,6 +180,26 @@ async def test_tensorboard_event_files_per_job(tmp_path: Path) -> None:
     assert "loss" in tags and "fedbus/staleness" in tags and "fedbus/staleness_max" in tags
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
     assert [(e.step, e.value) for e in acc.Scalars("fedbus/staleness")] == [(1, 0.0), (2, 0.0)]  # FedAvg: never stale
+
+
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed")
+def test_tensorboard_is_imported_off_the_event_loop_at_start() -> None:
+    # Importing it where the first version is published held the broker's loop for ~1 s. A fresh process,
+    # since this one may have imported it already.
+    probe = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fedbus.broker.metrics import BoardWriters\n"
+        "assert 'torch.utils.tensorboard' not in sys.modules\n"
+        "BoardWriters(lambda job: Path(job))\n"
+        "deadline = time.monotonic() + 30\n"
+        "while 'torch.utils.tensorboard' not in sys.modules and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "print('torch.utils.tensorboard' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
 
 
 async def test_bad_requests_are_refused_and_the_server_keeps_serving() -> None:
