@@ -29,6 +29,7 @@ little-endian order on every platform torch ships for.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import mmap
@@ -396,6 +397,31 @@ def tensors_from_buffer(buf: torch.Tensor, specs: Iterable[TensorSpec], data_sta
         except RuntimeError as exc:  # misaligned buffer: a caller bug, since parse_header checked offsets
             raise LocalProtocolError(f"tensor {_q(s.name)} cannot be viewed in place: {exc}") from exc
     return out
+
+
+def parse_header_cached(
+    data: bytes | bytearray | memoryview, *, max_total: int, total: int | None = None
+) -> tuple[int, list[TensorSpec], dict[str, str]]:
+    """``parse_header``, remembered for the last few distinct headers (as bytes).
+
+    Headers repeat: every update of a job, and every download of a version, carries the global model's
+    layout. Validating one is Python work on the receiver's event loop, per stream: 2 cores, 1 tensor 32 us,
+    31 tensors 402 us, 4,200 tensors (an LLM's layout, 300 KB of header) 49 ms; remembered 1.4 us, 1.6 us and
+    2.4 ms (hashing the bytes). Only a header that passed is remembered (a refusal is not cached, so it raises
+    every time), at most 16 of them; the caller gets its own list and dict.
+    """
+    if not isinstance(data, bytes):
+        return parse_header(data, max_total=max_total, total=total)
+    data_start, specs, metadata = _parse_header_bytes(data, max_total, total)
+    return data_start, list(specs), dict(metadata)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_header_bytes(
+    data: bytes, max_total: int, total: int | None
+) -> tuple[int, tuple[TensorSpec, ...], tuple[tuple[str, str], ...]]:
+    data_start, specs, metadata = parse_header(data, max_total=max_total, total=total)
+    return data_start, tuple(specs), tuple(metadata.items())
 
 
 def check_compatible(reference: Any, specs: Any) -> None:

@@ -602,3 +602,19 @@ def test_populating_a_fresh_buffer_for_writing_keeps_its_bytes_writable() -> Non
     assert populate_for_write(buf.data_ptr(), 0)
     buf.fill_(7)
     assert int(buf.sum()) == 7 * (5 << 20)
+
+
+def test_the_cached_header_parse_answers_as_the_parse_does_and_never_remembers_a_refusal() -> None:
+    lay = serde.layout({"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.int64)})
+    header = bytes(lay.header)
+    first = serde.parse_header_cached(bytes(header), max_total=1 << 20, total=lay.total)
+    again = serde.parse_header_cached(bytes(header), max_total=1 << 20, total=lay.total)
+    assert first == again == serde.parse_header(header, max_total=1 << 20, total=lay.total)
+    first[1].clear()  # each caller owns its list (and dict): a change does not reach the next one
+    first[2]["x"] = "y"
+    assert serde.parse_header_cached(header, max_total=1 << 20, total=lay.total) == again
+    for _ in range(2):  # the same header with a wrong total, or over the cap, is refused each time
+        with pytest.raises(serde.HeaderError):
+            serde.parse_header_cached(header, max_total=1 << 20, total=lay.total + 1)
+        with pytest.raises(serde.HeaderError):
+            serde.parse_header_cached(header, max_total=16, total=lay.total)

@@ -233,7 +233,7 @@ class BufferSink:
 
     def open(self, offer: Offer, *, resume: bool = False) -> None:
         """Validate the untrusted header and allocate; raises RemoteProtocolError to refuse the stream."""
-        self.data_start, self.specs, self.metadata = serde.parse_header(
+        self.data_start, self.specs, self.metadata = serde.parse_header_cached(
             offer.header, max_total=self.max_total, total=offer.total
         )
         if self.data_start != len(offer.header):
