@@ -3,7 +3,8 @@
 Theory of operation (the uvicorn shape). ``serve()`` = ``startup()`` / ``main_loop()`` / ``shutdown()``.
 The main loop is a connection loop: connect a DEALER (identity ``site:NAME``, so a reconnect takes over
 the broker's routing entry), say ``hello``, then one receive task reads the socket while another sends
-``heartbeat`` every ``heartbeat_s`` once welcomed. Any message counts as a sign of life; after
+``heartbeat`` once welcomed, whenever ``heartbeat_s`` passed with no message either way
+(``fedbus.protocol.liveness``). Any message counts as a sign of life; after
 ``heartbeat_s x liveness`` of silence (the broker's values from ``welcome``) the socket is closed and a new
 one connects after a backoff of 0.1 s doubling to 5 s, forever. ``error(hello_required)`` (the broker
 restarted and forgot us) is answered with a new hello on the same socket.
