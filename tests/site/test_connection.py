@@ -91,7 +91,9 @@ async def test_a_site_sends_heartbeats_only_when_neither_side_said_anything(
             one_way = await traffic(answered=False)  # the site talks, the broker only answers heartbeats
             quiet = loop.time()
             await asyncio.sleep(5 * HEARTBEAT_S)
-            assert beats(*both) == 0
+            # Heartbeats every period would put 4-5 here; one is allowed for a loop held up on a loaded machine
+            # (a stall of a period between a message and its answer makes one due, rightly).
+            assert beats(*both) <= 1
             assert beats(*one_way) >= 3  # about one per period: a pong is the only news from the broker
             assert beats(quiet, loop.time()) >= 3
             assert site.hellos == 1  # the broker never seemed silent
