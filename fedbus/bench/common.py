@@ -72,18 +72,23 @@ def reset_peak_rss() -> None:
         pass
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds so far of this process's threads, by kind: ``main`` (the event loop), ``zmq_io`` (libzmq's
-    I/O threads, which move every byte through the kernel) and ``other`` (torch/OpenMP pools, executors).
+def thread_cpu(pid: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of a process's threads (this one's by default), by kind: ``main`` (the event loop),
+    ``zmq_io`` (libzmq's I/O threads, which move every byte through the kernel) and ``other`` (placement and
+    strategy threads, torch/OpenMP pools, executors).
 
     Compared with the wall time of a phase it says which thread saturates: a kind near 1.0 s of CPU per
     second is the bottleneck. Read from ``/proc/self/task/*/schedstat`` (nanoseconds) where the kernel keeps
     it, else ``stat`` (clock ticks)."""
     out = {"main": 0.0, "zmq_io": 0.0, "other": 0.0}
-    pid = os.getpid()
+    pid = os.getpid() if pid is None else pid
     tick = os.sysconf("SC_CLK_TCK")
-    for tid in os.listdir("/proc/self/task"):
-        base = f"/proc/self/task/{tid}"
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # the process is gone (or this is not Linux)
+        return out
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
         try:
             with open(f"{base}/comm") as f:
                 name = f.read().strip()

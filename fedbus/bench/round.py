@@ -39,7 +39,7 @@ from typing import Any
 import psutil
 
 from fedbus import serde
-from fedbus.bench.common import format_report, model_bytes, random_state_dict
+from fedbus.bench.common import format_report, model_bytes, random_state_dict, thread_cpu
 from fedbus.errors import ConfigError
 
 CLIENT = """
@@ -182,7 +182,8 @@ def run_round(
     scripts = len(peaks.peak) - len(procs)
     tree_growth = sum(peaks.peak.values()) - sum(peaks.base.values()) - scripts * script_floor
     cpu = peaks.cpu_between(times[1], times[-1])
-    cpu_per_round = {k: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items())}
+    cpu_per_round = {k: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items()) if ":" not in k}
+    broker_threads = {k[7:]: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items()) if k[:7] == "broker:"}
     out = {
         "size_mb": size_mb,
         "sites": sites,
@@ -199,6 +200,7 @@ def run_round(
         "total_rss_x": round(tree_growth / size, 3),
         "processes": len(peaks.peak),
         "cpu_s_per_round": cpu_per_round,
+        "broker_cpu_s_per_round": broker_threads,
         "wall_s": round(wall, 2),
         "accepted": sum(1 for u in result["updates"] if u["accepted"]),
     }
@@ -210,6 +212,7 @@ def run_round(
         ("broker rss", f"peak growth {out['broker_rss_x']:.2f} x model"),
         ("process tree", f"peak growth {out['total_rss_x']:.2f} x model over {len(peaks.peak)} processes"),
         ("cpu per round", ", ".join(f"{k} {v:.2f} s" for k, v in cpu_per_round.items())),
+        ("broker threads", ", ".join(f"{k} {v:.2f} s" for k, v in broker_threads.items())),
     ]
     return format_report(rows, out)
 
@@ -268,6 +271,9 @@ class _Tree:
                 except psutil.Error:
                     continue
                 totals[self.kind[p]] = totals.get(self.kind[p], 0.0) + t.user + t.system
+                if self.kind[p] == "broker":  # which of its threads: the loop, zmq's I/O, or the workers
+                    for part, seconds in thread_cpu(p).items():
+                        totals[f"broker:{part}"] = seconds
         self.cpu.append((time.time(), totals))
 
     def cpu_between(self, t0: float, t1: float) -> dict[str, float]:

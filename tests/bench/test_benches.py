@@ -26,6 +26,9 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02)
     assert out["broker_rss_x"] > 0 and out["total_rss_x"] > 0 and out["processes"] == 5  # broker, 2 sites, 2 scripts
     assert set(out["cpu_s_per_round"]) == {"broker", "sites", "scripts"}
+    threads = out["broker_cpu_s_per_round"]  # the broker's CPU by thread: its event loop, zmq's I/O, workers
+    assert set(threads) == {"main", "zmq_io", "other"} and min(threads.values()) >= 0
+    assert sum(threads.values()) == pytest.approx(out["cpu_s_per_round"]["broker"], abs=0.05)  # the same CPU, split
 
 
 def test_bench_round_keeps_a_timeline_and_takes_a_broker_profile(tmp_path: Path) -> None:
