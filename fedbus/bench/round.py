@@ -182,8 +182,9 @@ def run_round(
     scripts = len(peaks.peak) - len(procs)
     tree_growth = sum(peaks.peak.values()) - sum(peaks.base.values()) - scripts * script_floor
     cpu = peaks.cpu_between(times[1], times[-1])
-    cpu_per_round = {k: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items()) if ":" not in k}
-    broker_threads = {k[7:]: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items()) if k[:7] == "broker:"}
+    cpu_all = {k: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items())}
+    cpu_per_round = {k: v for k, v in cpu_all.items() if ":" not in k}
+    broker_threads = {k.removeprefix("broker:"): v for k, v in cpu_all.items() if k.startswith("broker:")}
     out = {
         "size_mb": size_mb,
         "sites": sites,

@@ -463,7 +463,8 @@ class JobController:
 
     async def _send_task(self, peer: bytes, action: Dispatch, task: Task, source: ModelSource) -> None:
         # The checkpoint of this version may still be being written: the stream comes from memory, so the
-        # next round does not wait for the disk. (After a crash, results for an unsaved version are refused.)
+        # next round does not wait for the disk unless it is CHECKPOINTS_BEHIND. (After a crash, results for
+        # an unsaved version are refused.)
         started = time.monotonic()
         if self._unsaved > CHECKPOINTS_BEHIND:  # the disk is behind: hold the task, do not outrun the writes
             while self._unsaved > CHECKPOINTS_BEHIND and self.state == "running":
