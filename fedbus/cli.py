@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--curve", action="store_true", help="CurveZMQ-encrypt the fedbus stream (and the raw baseline)")
     tr.add_argument("--device", default="cpu", help="where the model lives, e.g. cuda: sent as flare.send does")
     tr.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    tr.add_argument("--repeat", type=_positive_int, default=3, help="runs of the whole sequence; the median is shown")
     rd = bsub.add_parser("round", help="whole rounds on real broker and site processes, random models, no training")
     rd.add_argument("--size-mb", type=_positive_float, default=64)
     rd.add_argument("--sites", type=_positive_int, default=4)
@@ -235,6 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 curve=args.curve,
                 device=args.device,
                 dtype=args.dtype,
+                repeat=args.repeat,
             )
         elif args.bench == "round":
             from fedbus.bench.round import run_round

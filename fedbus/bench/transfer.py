@@ -12,6 +12,10 @@ steady-state rounds). In one run:
    into one preallocated buffer and returned as tensors;
 3. memcpy into a reused buffer: the cost of touching every byte once.
 Memory figures are peak RSS growth over the RSS before the model exists, as multiples of the model size.
+
+The whole sequence runs ``--repeat`` times (3): one run is a third of a second at 1 GiB, and the host's bus
+drifts between runs, so the report is the run with the median ratio (every run's ratio is in ``ratios``),
+and the memory figures are the worst run's.
 """
 
 from __future__ import annotations
@@ -273,31 +277,10 @@ async def _route_controls(ep: DealerEndpoint, hub: StreamHub) -> dict[str, Any]:
             await hub.dispatch(inc.peer, inc.msg, inc.payload)
 
 
-def run_transfer(
-    size_mb: float,
-    chunk_mb: float = DEFAULT_CHUNK / MiB,
-    window_mb: float = DEFAULT_WINDOW / MiB,
-    transport: str = "tcp",
-    *,
-    curve: bool = False,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> str:
-    """Run the whole benchmark; returns the report (a table, then one JSON line). ``curve``: CurveZMQ on.
-    ``device``: the model lives there (``cuda``) and is sent as ``flare.send`` does: copied once into the
-    hand-over file, then streamed from its mapping; ``d2h_s`` is the copy's share of ``fedbus_s``."""
-    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise ConfigError(f"--device {device!r}: only cpu, or cuda[:N] on a machine with a CUDA GPU")
-    if curve:
-        os.environ[CURVE_ENV] = ",".join(k.decode() for k in zmq.curve_keypair())
-        try:
-            return run_transfer(size_mb, chunk_mb, window_mb, transport, device=device, dtype=dtype).replace(
-                f'"transport": "{transport}"', f'"transport": "{transport}+curve"'
-            )
-        finally:
-            del os.environ[CURVE_ENV]
-    chunk, window = int(chunk_mb * MiB), int(window_mb * MiB)
-    total = int(size_mb * MiB)
+def _one_run(
+    size_mb: float, total: int, chunk: int, window: int, transport: str, device: str, dtype: str
+) -> dict[str, Any]:
+    """The bus's two ceilings, then fedbus, back to back (one repetition of the benchmark)."""
     raw_gbps = raw_zmq_gbps(total, window, transport)
     raw_spread_gbps = raw_zmq_gbps(total, window, transport, spread=True)
     proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk)
@@ -308,13 +291,53 @@ def run_transfer(
         raise
     finally:
         _end(proc)
-    mem = memcpy_gbps()
     fedbus_gbps = fb["size"] / fb["elapsed"] / 1e9
+    return {"fb": fb, "raw_gbps": raw_gbps, "raw_spread_gbps": raw_spread_gbps, "fedbus_gbps": fedbus_gbps}
+
+
+def run_transfer(
+    size_mb: float,
+    chunk_mb: float = DEFAULT_CHUNK / MiB,
+    window_mb: float = DEFAULT_WINDOW / MiB,
+    transport: str = "tcp",
+    *,
+    curve: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    repeat: int = 3,
+) -> str:
+    """Run the benchmark ``repeat`` times and report the median run; returns the report (a table, then one
+    JSON line). ``curve``: CurveZMQ on.
+    ``device``: the model lives there (``cuda``) and is sent as ``flare.send`` does: copied once into the
+    hand-over file, then streamed from its mapping; ``d2h_s`` is the copy's share of ``fedbus_s``."""
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ConfigError(f"--device {device!r}: only cpu, or cuda[:N] on a machine with a CUDA GPU")
+    if curve:
+        os.environ[CURVE_ENV] = ",".join(k.decode() for k in zmq.curve_keypair())
+        try:
+            report = run_transfer(size_mb, chunk_mb, window_mb, transport, device=device, dtype=dtype, repeat=repeat)
+            return report.replace(f'"transport": "{transport}"', f'"transport": "{transport}+curve"')
+        finally:
+            del os.environ[CURVE_ENV]
+    if repeat < 1:
+        raise ConfigError(f"--repeat must be >= 1, got {repeat}")
+    chunk, window = int(chunk_mb * MiB), int(window_mb * MiB)
+    total = int(size_mb * MiB)
+    runs = [_one_run(size_mb, total, chunk, window, transport, device, dtype) for _ in range(repeat)]
+    # Each run measures the bus and then fedbus back to back; the host drifts by +-20 % between runs (the
+    # 16-core host: raw ZeroMQ 3.4-4.4 GB/s within minutes), so the ratio is the median of the runs' own
+    # ratios, and the run that gives it supplies the other figures. Memory is the worst run's.
+    ranked = sorted(runs, key=lambda r: r["fedbus_gbps"] / r["raw_gbps"])
+    median = ranked[(len(ranked) - 1) // 2]
+    fb, raw_gbps, raw_spread_gbps = median["fb"], median["raw_gbps"], median["raw_spread_gbps"]
+    mem = memcpy_gbps()
+    fedbus_gbps = median["fedbus_gbps"]
     result = {
         "size_mb": size_mb,
         "chunk_mb": chunk_mb,
         "window_mb": window_mb,
         "transport": transport,
+        "repeat": repeat,
         "fedbus_s": round(fb["elapsed"], 4),
         "fedbus_gbps": round(fedbus_gbps, 3),
         "raw_zmq_gbps": round(raw_gbps, 3),
@@ -322,10 +345,11 @@ def run_transfer(
         "ratio_vs_spread": round(fedbus_gbps / raw_spread_gbps, 3),
         "memcpy_gbps": round(mem, 3),
         "ratio": round(fedbus_gbps / raw_gbps, 3),
+        "ratios": [round(r["fedbus_gbps"] / r["raw_gbps"], 3) for r in runs],
         "fedbus_warm_gbps": round(fb["size"] / fb["warm"] / 1e9, 3),
         "warm_ratio": round(fb["size"] / fb["warm"] / 1e9 / raw_gbps, 3),
-        "sender_rss_x": round(fb["sender_growth"] / fb["size"], 3),
-        "receiver_rss_x": round(fb["peak_growth"] / fb["size"], 3),
+        "sender_rss_x": round(max(r["fb"]["sender_growth"] for r in runs) / fb["size"], 3),
+        "receiver_rss_x": round(max(r["fb"]["peak_growth"] for r in runs) / fb["size"], 3),
         "sender_cpu_s": fb["sender_cpu"],
         "receiver_cpu_s": fb["cpu"],
         "tensors": fb["tensors"],
@@ -340,6 +364,7 @@ def run_transfer(
         ("raw zmq", f"{raw_gbps:.2f} GB/s from one 4 MiB buffer (cache-hot)"),
         ("raw zmq, spread", f"{raw_spread_gbps:.2f} GB/s from {size_mb} MiB of memory, each byte once"),
         ("fedbus", f"{fedbus_gbps:.2f} GB/s ({fb['elapsed']:.3f} s), {result['ratio']:.0%} of raw"),
+        ("runs", f"{repeat}, fedbus / raw in each: {', '.join(f'{r:.0%}' for r in result['ratios'])} (median shown)"),
         (
             "fedbus warm",
             f"{result['fedbus_warm_gbps']:.2f} GB/s into a reused receive buffer, {result['warm_ratio']:.0%} of raw",

@@ -18,11 +18,14 @@ def _figures(report: str) -> dict:
 
 
 def test_transfer_bench_reports_every_figure() -> None:
-    got = _figures(run_transfer(8, chunk_mb=1, window_mb=4))
+    got = _figures(run_transfer(8, chunk_mb=1, window_mb=4, repeat=2))
     keys = ("fedbus_gbps", "raw_zmq_gbps", "raw_zmq_spread_gbps", "memcpy_gbps", "ratio", "fedbus_warm_gbps")
     for key in (*keys, "warm_ratio", "ratio_vs_spread"):
         assert got[key] > 0, key
     assert got["ratio"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_gbps"], rel=0.02)
+    # two runs, each with its own ratio; the report is the median one's (of two, the lower)
+    assert got["repeat"] == 2 and len(got["ratios"]) == 2
+    assert got["ratio"] == pytest.approx(min(got["ratios"]), abs=0.002)
     assert got["ratio_vs_spread"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_spread_gbps"], rel=0.02)
     assert set(got["receiver_cpu_s"]) == {"main", "zmq_io", "other"} and got["receiver_cpu_s"]["main"] > 0
     # Growth over the baseline, in model sizes: at 8 MiB malloc may reuse resident memory, so only bounds.
@@ -33,6 +36,8 @@ def test_transfer_bench_reports_every_figure() -> None:
 def test_transfer_bench_refuses_a_device_it_cannot_use() -> None:
     with pytest.raises(ConfigError, match="--device 'meta'"):
         run_transfer(1, device="meta")
+    with pytest.raises(ConfigError, match="--repeat must be >= 1"):
+        run_transfer(1, repeat=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
