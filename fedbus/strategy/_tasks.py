@@ -14,7 +14,6 @@ answer to a task older than that is refused as unknown.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import KeysView
 from dataclasses import dataclass
 
 from fedbus.errors import StrategyError
@@ -43,6 +42,7 @@ class TaskBook:
         self._pending: dict[str, Task] = {}  # task_id -> task, in issue order
         self._by_site: dict[str, Task] = {}
         self._closed: OrderedDict[str, Task] = OrderedDict()
+        self._freed: set[str] = set()  # sites whose task closed since take_freed() was last called
 
     def __len__(self) -> int:
         """How many tasks are pending."""
@@ -71,9 +71,11 @@ class TaskBook:
         """The task ``site`` is working on, if any."""
         return self._by_site.get(site)
 
-    def busy_sites(self) -> KeysView[str]:
-        """The sites with a task in flight."""
-        return self._by_site.keys()
+    def take_freed(self) -> set[str]:
+        """The sites whose task closed since the last call (each had become idle then): an owner keeps its
+        idle sites current from these, in the number of changes, instead of scanning every site."""
+        freed, self._freed = self._freed, set()
+        return freed
 
     def is_busy(self, site: str) -> bool:
         """Whether ``site`` has a pending task."""
@@ -118,6 +120,7 @@ class TaskBook:
         task.closed = reason
         del self._pending[task.task_id]
         del self._by_site[task.site]
+        self._freed.add(task.site)
         self._closed[task.task_id] = task
         while len(self._closed) > self._history:
             self._closed.popitem(last=False)

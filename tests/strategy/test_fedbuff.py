@@ -124,7 +124,9 @@ def test_scheduling_invariants_hold_for_random_event_sequences(
     seed: int, concurrency: int, k: int, events: list[str]
 ) -> None:
     rng = random.Random(seed)
-    s = FedBuff(concurrency=concurrency, buffer_size=k, num_versions=5, time_budget=50.0, max_staleness=2)
+    s = FedBuff(
+        concurrency=concurrency, buffer_size=k, num_versions=5, time_budget=50.0, max_staleness=2, max_task_failures=99
+    )
     sites = {"a", "b", "c"}
     outstanding: dict[str, Dispatch] = {}
     published = 0
@@ -141,6 +143,8 @@ def test_scheduling_invariants_hold_for_random_event_sequences(
                 published += 1
                 assert a.version == published
         assert len(outstanding) <= concurrency and s.state()["busy"] == len(outstanding)
+        if s.state()["phase"] == "train":  # work-conserving: no free slot while an idle site waits
+            assert len(outstanding) == min(concurrency, len(sites)), (sorted(sites), outstanding)
         if s.done or ev == "end":
             break
         now = float(i)
