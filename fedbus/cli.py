@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--procs", type=_positive_int, default=2, help="processes the simulated sites share")
     sc.add_argument("--buffer", type=_positive_int, default=50, help="FedBuff buffer_size")
     sc.add_argument("--heartbeat-s", type=_positive_float, default=1.0)
+    sc.add_argument(
+        "--sim-nice",
+        type=int,
+        choices=range(20),
+        default=10,
+        metavar="0-19",
+        help="niceness of the simulator processes (they stand in for other machines; 0: equal shares)",
+    )
     fz = bsub.add_parser("fuzz", help="hostile generated input for every trust boundary, and a real broker socket")
     fz.add_argument("--inputs", type=_positive_int, default=100_000)
     fz.add_argument("--seed", type=int, default=0)
@@ -247,7 +255,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.bench == "scale":
             from fedbus.bench.scale import run_scale
 
-            report = run_scale(args.sites, args.size_kb, args.seconds, args.procs, args.buffer, args.heartbeat_s)
+            report = run_scale(
+                args.sites, args.size_kb, args.seconds, args.procs, args.buffer, args.heartbeat_s, args.sim_nice
+            )
         elif args.bench == "fuzz":
             from fedbus.bench.fuzz import run_fuzz
 

@@ -51,6 +51,7 @@ def test_admin_commands_and_exit_codes(tmp_path: Path) -> None:
         # usage errors exit 2
         assert fedbus("frobnicate").returncode == 2
         assert fedbus("bench", "transfer", "--size-mb", "-3").returncode == 2
+        assert fedbus("bench", "scale", "--sim-nice", "20").returncode == 2
     finally:
         assert broker.stop() == 0
 
