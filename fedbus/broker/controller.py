@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -283,8 +284,8 @@ class JobController:
             self.log.debug("update decided", site=pending.site, task=task, seconds=seconds)
         finally:
             getattr(params, "release", lambda: None)()
-            if sink.settled is not None and not sink.settled.done():
-                sink.settled.set_result(None)  # accepted or refused, it is in the store: the ack may go
+            if sink.settled is not None:  # accepted or refused, once it is in the store the ack may go
+                self.store.when_recorded(functools.partial(_settle, sink.settled))
 
     def task_failed(self, site: str, task_id: str, reason: str) -> None:
         if self.tasks.pop(task_id, None) is not None and self.state == "running":
@@ -575,6 +576,11 @@ class JobController:
         if self._lane is None or self._state is None:
             return self.strategy.state()
         return self._state
+
+
+def _settle(settled: asyncio.Future[None]) -> None:
+    if not settled.done():
+        settled.set_result(None)
 
 
 def _short(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,13 +15,14 @@ atomic rename) in a worker thread, since tensors of a published version are immu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,50 @@ class JobStore:
         # updates and 43 ms at 100,000 (the broker's loop waits for it).
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
         self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
+        self._batch: list[Callable[[], None]] | None = None  # an open transaction: what waits for its commit
+
+    # --- batched commits --------------------------------------------------------------------------------------
+
+    def _batch_this_turn(self) -> None:
+        """Open the transaction that the updates recorded in this turn of the event loop share (committed at
+        the turn's end). A commit per update was 67 us of the broker's loop against 20-27 us batched (2 cores,
+        WAL: each commit appends its own pages and runs the WAL's checkpoints), at 400 updates a second."""
+        if self._batch is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (tools, tests): autocommit
+        if not self.db.in_transaction:  # (one left open by a failed COMMIT goes on)
+            self.db.execute("BEGIN")
+        self._batch = []
+        loop.call_soon(self.commit)
+
+    def when_recorded(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once every update recorded so far is committed (at once if none waits): an update's
+        site hears it was delivered only after that."""
+        if self._batch is None:
+            then()
+        else:
+            self._batch.append(then)
+
+    def commit(self) -> None:
+        """Commit the open batch, if any, and run what waited for it."""
+        if self._batch is None:
+            return
+        waiting, self._batch = self._batch, None
+        self.db.execute("COMMIT")
+        for then in waiting:
+            then()
+
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """Every write but an update's record: after the batch (it may delete files the batch's rows name, so
+        the rows must be durable first), and committed at once."""
+        self.commit()
+        self.db.execute(sql, args)
 
     def close(self) -> None:
+        self.commit()
         for _, fd in self._kept_logs.values():
             os.close(fd)
         self._kept_logs.clear()
@@ -90,18 +133,18 @@ class JobStore:
 
     def create_job(self, job_id: str, name: str, spec: dict[str, Any], state: str = "waiting") -> None:
         now = time.time()
-        self.db.execute(
+        self._write(
             "INSERT INTO jobs (id, name, state, spec, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
             (job_id, name, state, json.dumps(spec), now, now),
         )
 
     def set_state(self, job_id: str, state: str, reason: str = "") -> None:
-        self.db.execute(
+        self._write(
             "UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?", (state, reason, time.time(), job_id)
         )
 
     def set_sites(self, job_id: str, sites: list[str]) -> None:
-        self.db.execute("UPDATE jobs SET sites = ? WHERE id = ?", (json.dumps(sites), job_id))
+        self._write("UPDATE jobs SET sites = ? WHERE id = ?", (json.dumps(sites), job_id))
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         row = self.db.execute(
@@ -147,11 +190,11 @@ class JobStore:
         history time is ``published`` (when it became the global model; default now), not when its file landed:
         a write held up by the disk would otherwise bunch the times of the versions behind it."""
         now = time.time()
-        self.db.execute(
+        self._write(
             "INSERT OR REPLACE INTO versions (job_id, version, path, metrics, created) VALUES (?, ?, ?, ?, ?)",
             (job_id, version, str(path), json.dumps(dict(metrics)), now if published is None else published),
         )
-        self.db.execute("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id))
+        self._write("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id))
 
     def latest_version(self, job_id: str) -> tuple[int, Path] | None:
         row = self.db.execute(
@@ -169,6 +212,7 @@ class JobStore:
         """Delete all but the newest ``keep`` checkpoint files (the rows stay, for the history)."""
         if keep <= 0:
             return
+        self.commit()
         rows = self.db.execute(
             "SELECT version, path FROM versions WHERE job_id = ? ORDER BY version DESC", (job_id,)
         ).fetchall()
@@ -191,7 +235,11 @@ class JobStore:
         kept: Mapping[str, Any] | None = None,
     ) -> None:
         """``kept``: where an accepted update's params lie on disk and what folding it again needs (its data
-        weight, metrics), until a recorded checkpoint covers it (``release_covered``)."""
+        weight, metrics), until a recorded checkpoint covers it (``release_covered``).
+
+        Inside a running event loop the row joins the turn's batch (``when_recorded``); outside one it is
+        committed at once."""
+        self._batch_this_turn()
         self.db.execute(
             "INSERT INTO updates (job_id, task_id, site, version, accepted, staleness, weight, reason, created, kept) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -241,12 +289,12 @@ class JobStore:
 
     def refold_update(self, rowid: int, staleness: int, weight: float) -> None:
         """A kept update folded again after a restart, with the staleness and coefficient it got this time."""
-        self.db.execute("UPDATE updates SET staleness = ?, weight = ? WHERE rowid = ?", (staleness, weight, rowid))
+        self._write("UPDATE updates SET staleness = ?, weight = ? WHERE rowid = ?", (staleness, weight, rowid))
 
     def drop_update(self, rowid: int, reason: str) -> None:
         """A kept update that could not be folded again: dropped, with the reason; its file goes."""
         self._unlink_kept("rowid = ?", (rowid,))
-        self.db.execute("UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid))
+        self._write("UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid))
 
     def release_covered(self, job_id: str, version: int | None = None) -> int:
         """Delete the kept files of updates folded into checkpoint ``version`` or before (all of the job's when
@@ -258,12 +306,13 @@ class JobStore:
         if current is not None and (version is None or current[0] <= version):
             os.close(self._kept_logs.pop(job_id)[1])  # its file is about to go
         n = self._unlink_kept(where, args)
-        self.db.execute(f"UPDATE updates SET kept = NULL WHERE {where}", args)
+        self._write(f"UPDATE updates SET kept = NULL WHERE {where}", args)
         if version is None:
             shutil.rmtree(self.kept_dir(job_id), ignore_errors=True)  # and what a killed broker half wrote
         return n
 
     def _unlink_kept(self, where: str, args: tuple) -> int:
+        self.commit()  # the rows naming these files first
         rows = self.db.execute(f"SELECT kept FROM updates WHERE {where} AND kept IS NOT NULL", args).fetchall()
         for path in {json.loads(kept)["path"] for (kept,) in rows}:  # small updates share one log per version
             Path(path).unlink(missing_ok=True)
@@ -283,6 +332,7 @@ class JobStore:
             ).fetchall()
             if kept is None or not Path(json.loads(kept)["path"]).is_file()
         ]
+        self.commit()
         self.db.executemany(
             "UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", [(reason, r) for r in lost]
         )
@@ -297,7 +347,7 @@ class JobStore:
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def record_event(self, job_id: str, site: str, kind: str, data: Mapping[str, Any]) -> None:
-        self.db.execute(
+        self._write(
             "INSERT INTO events (job_id, site, kind, data, created) VALUES (?, ?, ?, ?, ?)",
             (job_id, site, kind, json.dumps(dict(data), default=str), time.time()),
         )

@@ -280,3 +280,37 @@ def test_a_version_is_dated_when_published_not_when_its_checkpoint_landed(tmp_pa
     times = [h["time"] for h in store.history("j")]
     assert times[0] == 1000.5 and times[1] > 1000.5
     store.close()
+
+
+async def test_updates_recorded_in_one_loop_turn_commit_together_before_their_sites_hear(tmp_path: Path) -> None:
+    # One commit per loop turn, not per update; an update's ack waits for its commit, and any other write
+    # (which may delete files the batch's rows name) commits the batch first.
+    from fedbus.broker.store import JobStore
+
+    store = JobStore(tmp_path)
+    store.create_job("j", "j", {}, state="running")
+    other = sqlite3.connect(tmp_path / "fedbus.db")  # what a restarted broker would read
+    committed = lambda: other.execute("SELECT COUNT(*) FROM updates").fetchone()[0]  # noqa: E731
+    heard: list[str] = []
+    for task in "ab":
+        store.record_update("j", task, "s", 1, accepted=True, staleness=0, weight=1.0)
+        store.when_recorded(lambda task=task: heard.append(task))
+    assert committed() == 0 and heard == [] and len(store.updates("j")) == 2  # visible to the broker itself
+    await asyncio.sleep(0)  # the turn ends
+    assert committed() == 2 and heard == ["a", "b"]
+    store.when_recorded(lambda: heard.append("nothing waits"))  # nothing open: at once
+    store.record_update("j", "c", "s", 1, accepted=False, reason="late")
+    store.when_recorded(lambda: heard.append("c"))
+    store.set_state("j", "finished")  # another write: the batch is committed first
+    assert committed() == 3 and heard == ["a", "b", "nothing waits", "c"]
+    other.close()
+    store.close()
+
+    def tool() -> int:  # no event loop in this thread (tools, restores): every record commits at once
+        outside = JobStore(tmp_path)
+        outside.record_update("j", "d", "s", 1, accepted=True)
+        count = sqlite3.connect(tmp_path / "fedbus.db").execute("SELECT COUNT(*) FROM updates").fetchone()[0]
+        outside.close()
+        return count
+
+    assert await asyncio.to_thread(tool) == 4
