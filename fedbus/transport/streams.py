@@ -98,6 +98,7 @@ class ModelSource:
         self.path: str | None = None  # the file streamed, for a source made by from_file
         self._index = digest.PartIndex(lay.parts)  # built once: slicing a chunk is then O(log parts)
         self._sums: dict[tuple[int, str], ChunkSums] = {}
+        self._whole: bytes | None = None
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], metadata: dict | None = None) -> ModelSource:
@@ -131,6 +132,14 @@ class ModelSource:
         if key not in self._sums:
             self._sums[key] = ChunkSums(self, chunk_size, alg)
         return self._sums[key]
+
+    def whole(self) -> bytes:
+        """All of the stream's bytes in one piece, joined once per source: how a small model travels inside its
+        offer. The receiver gets one frame it can keep as its buffer (``BufferSink._adopt``) instead of a
+        frame per tensor to copy out, and a broker sending one global model to every site joins it once."""
+        if self._whole is None:
+            self._whole = b"".join(self.frames(0, self.total))
+        return self._whole
 
     def frames(self, off: int, length: int) -> list[Any]:
         """Zero-copy slices of the tensors' memory covering [off, off + length): one chunk's frames."""
@@ -237,8 +246,11 @@ class BufferSink:
         # resolves it once recorded; the hub holds the ACK until then, so a crash never loses an acked stream.
         self.settled: asyncio.Future[None] | None = None
 
-    def open(self, offer: Offer, *, resume: bool = False) -> None:
-        """Validate the untrusted header and allocate; raises RemoteProtocolError to refuse the stream."""
+    def open(self, offer: Offer, *, resume: bool = False, inline: Sequence[memoryview] = ()) -> None:
+        """Validate the untrusted header and allocate; raises RemoteProtocolError to refuse the stream.
+
+        ``inline``: the stream's bytes, carried by its offer. One writable, 8-byte aligned frame holding all of
+        them becomes the buffer itself (``_adopt``), where a copy would be the only thing the bytes need."""
         self.data_start, self.specs, self.metadata = serde.parse_header_cached(
             offer.header, max_total=self.max_total, total=offer.total
         )
@@ -251,7 +263,8 @@ class BufferSink:
         self.alg = offer.alg
         if self.scan_finite:
             self._scan = FiniteScan(self.specs, self.data_start)
-        self._allocate(offer, resume)
+        if not self._adopt(offer, inline):
+            self._allocate(offer, resume)
         if self.journal_path is not None:
             self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - lives as long as the stream
             if not resume:
@@ -288,6 +301,21 @@ class BufferSink:
         sink.open(offer, resume=True)
         return sink, triples
 
+    def _adopt(self, offer: Offer, inline: Sequence[memoryview]) -> bool:
+        """Take a small model's one inline frame (zmq's received message) as the buffer: no allocation, and
+        ``write`` finds its bytes in place. A broker at 1,000 sites spent 6 % of its loop allocating and
+        filling a fresh buffer for each 100 KB update (``fedbus bench scale``). Tensors keep the frame alive."""
+        if self.path is not None or self._reuse is not None or len(inline) != 1:
+            return False
+        frame = inline[0]
+        if frame.nbytes != offer.total or frame.readonly or not frame.c_contiguous:
+            return False
+        view = np.frombuffer(frame, dtype=np.uint8)
+        if view.ctypes.data % 8:  # safetensors aligns tensors to 8 bytes within the file; keep them aligned here
+            return False
+        self.buffer, self._view = torch.from_numpy(view), view
+        return True
+
     def _allocate(self, offer: Offer, resume: bool) -> None:
         reuse = self._reuse
         if self.path is None and reuse is not None and reuse.dtype == torch.uint8 and reuse.numel() == offer.total:
@@ -316,7 +344,9 @@ class BufferSink:
         pos = off
         for f in frames:
             n = f.nbytes
-            view[pos : pos + n] = np.frombuffer(f, dtype=np.uint8)
+            src = np.frombuffer(f, dtype=np.uint8)
+            if src.ctypes.data != view.ctypes.data + pos:  # an adopted frame is in place already
+                view[pos : pos + n] = src
             pos += n
         if self._scan is not None:
             self._scan.scan(off, frames)
@@ -549,7 +579,7 @@ class StreamHub:
         self._offers[key] = sender.offer()
         pool = self.pool
         try:
-            await self.endpoint.send(peer, sender.offer(), source.frames(0, source.total) if inline else ())
+            await self.endpoint.send(peer, sender.offer(), [source.whole()] if inline else ())
             while True:
                 if pool is not None:  # the next window's sums, ahead, off the loop
                     sums.prefetch(sender.sent_until, sender.credit + self.window, pool)
@@ -590,7 +620,7 @@ class StreamHub:
                 return
             receiver = Receiver(offer, **self._receiver_options(offer.alg))
             sink.peer = peer
-            sink.open(offer)
+            sink.open(offer, inline=inline)
             done = inline and receiver.accept_inline(sum(f.nbytes for f in inline))
             acks = receiver.inline_written(sink.write(0, inline), _now()) if done else []
         except FedbusError as exc:

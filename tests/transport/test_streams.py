@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -221,3 +222,48 @@ def test_thread_counts_follow_the_cores_unless_the_environment_says(monkeypatch)
     monkeypatch.setenv("FEDBUS_IO_THREADS", "0")  # zmq needs at least one
     monkeypatch.setenv("FEDBUS_PLACEMENT_THREADS", "many")  # logged, and the default used
     assert (io_threads(), placement_threads()) == (1, 0 if cores < 4 else min(4, cores // 4))
+
+
+async def test_a_small_model_arrives_in_its_offer_frame_itself_and_a_corrupt_one_is_still_caught(address: str) -> None:
+    # Over zmq the inline frame is writable memory of our own: it becomes the receive buffer, no copy made.
+    async with linked(address) as (router, dealer):
+        sd = mixed_state_dict()
+        await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict(sd)), 10)
+        sink = await router.sinks.get()
+        assert_same(await sink.result, sd)
+        assert isinstance(sink._view.base.obj, zmq.Frame)  # the buffer is the received frame
+        # a flipped byte in the offer's bytes: caught by the digest, sent again as a chunk, delivered intact
+        source = ModelSource.from_state_dict(sd)
+        source.sums(dealer.hub.chunk_size, dealer.hub.alg).digest()  # the true sums, before the damage
+        real_frames, sent = source.frames, []
+
+        def corrupt_first(off: int, length: int) -> list:
+            frames = real_frames(off, length)
+            if not sent:
+                bad = bytearray(b"".join(bytes(f) for f in frames))
+                bad[-1] ^= 0xFF
+                frames = [memoryview(bad)]
+            sent.append(off)
+            return frames
+
+        source.frames = corrupt_first
+        await asyncio.wait_for(dealer.hub.send(b"", source), 10)
+        assert_same(await (await router.sinks.get()).result, sd)
+        assert sent == [0, 0]  # the offer's bytes, then the same bytes again as an ordinary chunk
+
+
+async def test_only_one_writable_aligned_frame_of_the_whole_stream_is_adopted() -> None:
+    data = bytearray(range(256)) * 4
+    offer = SimpleNamespace(total=len(data))
+    assert BufferSink(max_total=1 << 20)._adopt(offer, [memoryview(data)])
+    refused = {
+        "read-only": [memoryview(bytes(data))],
+        "two frames": [memoryview(data)[:512], memoryview(data)[512:]],
+        "short": [memoryview(data)[:-8]],
+        "misaligned": [memoryview(bytearray(len(data) + 1))[1:]],
+    }
+    for why, frames in refused.items():
+        assert not BufferSink(max_total=1 << 20)._adopt(offer, frames), why
+    assert not BufferSink(max_total=1 << 20, buffer=torch.empty(len(data), dtype=torch.uint8))._adopt(
+        offer, [memoryview(data)]
+    )  # a buffer handed in for reuse is used instead
