@@ -7,7 +7,7 @@ appended to), mode 0600. A site opens the file per record: its records are few, 
 thousand sites in one process should not hold a thousand descriptors. The broker holds its descriptor
 (``hold``): it writes two records per update, and opening the file for each was 4 % of its loop at 300 updates/s
 (``fedbus bench scale``, py-spy); once a second it checks the path still names that file (moved or deleted by
-an operator: a new one is opened).
+an operator: a new one is opened). A held file's records are written once per turn of the event loop (``flush``).
 
 Fields are flat: ``time`` (UTC, ISO 8601), ``ts`` (epoch seconds), ``actor`` (the daemon writing: ``broker``
 or the site's name), ``kind``, then what applies of ``job``, ``task``, ``site``, ``by`` (the participant
@@ -21,6 +21,7 @@ verified whole-stream digest), ``update_failed``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -42,6 +43,7 @@ class AuditLog:
         self.actor = actor
         self.closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._pending: list[bytes] | None = None  # a held file's records of this turn of the event loop
         self._fd = self._open()  # the file exists from the start
         self._checked = time.monotonic()
         if not hold:
@@ -82,7 +84,14 @@ class AuditLog:
         if self.closed:
             return
         if self._fd >= 0:
-            os.write(self._held(), line)
+            if self._pending is None:
+                try:
+                    asyncio.get_running_loop().call_soon(self.flush)
+                except RuntimeError:  # no event loop in this thread: at once
+                    os.write(self._held(), line)
+                    return
+                self._pending = []
+            self._pending.append(line)
             return
         fd = self._open()
         try:
@@ -90,8 +99,18 @@ class AuditLog:
         finally:
             os.close(fd)
 
+    def flush(self) -> None:
+        """Write the records of this turn of the event loop, in one ``write``. The broker writes two records
+        per update; a system call for each was 3.7 % of its loop at 500 updates/s (``fedbus bench scale``,
+        py-spy). The broker calls this before a reply or an error leaves, so that what a peer is told about
+        is in the trail when it hears of it."""
+        pending, self._pending = self._pending, None
+        if pending and self._fd >= 0:
+            os.write(self._held(), b"".join(pending))
+
     def close(self) -> None:
         """Later records are dropped (the daemon has stopped)."""
+        self.flush()
         self.closed = True
         if self._fd >= 0:
             os.close(self._fd)

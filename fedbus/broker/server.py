@@ -267,6 +267,7 @@ class Broker:
         return False
 
     async def _send_error(self, peer: bytes, code: str, reason: str, ref: str = "") -> None:
+        self.guard.audit.flush()  # a refusal is in the trail before the peer hears of it
         with contextlib.suppress(FedbusError):
             await self._send(peer, Error(code=code, reason=reason[:500], ref=ref))
 
@@ -610,11 +611,13 @@ class Broker:
         except (FedbusError, OSError) as exc:
             log.warning("request refused", op=req.op, reason=str(exc))
             self.guard.refused(str(exc), peer=peer, user=by, type=f"request:{req.op[:32]}")
+            self.guard.audit.flush()
             await self._send(peer, Reply(rid=req.rid, ok=False, error=str(exc)[:2000]))
             return
         kind = {"submit": "job_submitted", "abort": "job_aborted", "download": "job_downloaded"}.get(req.op)
         if kind is not None:
             self.guard.audit.record(kind, job=data.get("job_id"), by=by, key=self.guard.key_of(user))
+        self.guard.audit.flush()  # what the admin is told about (a revocation, a job) is in the trail first
         await self._send(peer, *_reply(req.rid, data))
         if req.op == "download":
             self._spawn(self._send_download(peer, data))

@@ -9,6 +9,7 @@ Shows together, on one run (a job costs seconds of process start-up on a small m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -114,3 +115,27 @@ def test_a_held_audit_file_survives_being_moved_away(tmp_path, monkeypatch) -> N
     log.record("hello", site="c")  # after close: dropped
     assert [r["site"] for r in read_audit(tmp_path / "old.jsonl")] == ["a"]
     assert [r["site"] for r in read_audit(tmp_path / "audit.jsonl")] == ["b"]
+
+
+async def test_a_held_audit_file_gets_one_write_per_turn_of_the_event_loop(tmp_path, monkeypatch) -> None:
+    from fedbus import audit
+    from fedbus.audit import AuditLog, read_audit
+
+    writes: list[bytes] = []
+    real_write = audit.os.write
+    monkeypatch.setattr(audit.os, "write", lambda fd, data: writes.append(bytes(data)) or real_write(fd, data))
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, actor="broker", hold=True)
+    for site in "abc":
+        log.record("hello", site=site)
+    assert writes == [] and list(read_audit(path)) == []  # held until the turn ends...
+    await asyncio.sleep(0)
+    assert len(writes) == 1 and [r["site"] for r in read_audit(path)] == ["a", "b", "c"]  # ...then one write
+    log.record("refused", site="d")
+    log.flush()  # before a reply leaves: at once
+    assert [r["site"] for r in read_audit(path)][-1] == "d" and len(writes) == 2
+    log.record("hello", site="e")
+    log.close()  # a daemon stopping writes what is left
+    assert [r["site"] for r in read_audit(path)][-1] == "e"
+    await asyncio.sleep(0)  # the turn's flush, after close: nothing twice
+    assert [r["site"] for r in read_audit(path)] == ["a", "b", "c", "d", "e"]
