@@ -131,7 +131,7 @@ class BrokerConfig:
     chunk_mb: float = 2
     window_mb: float = 32  # per upload in flight (upload_slots of them): half the transport's 64, for broker memory
     max_model_mb: float = 16384
-    upload_slots: int = 2
+    upload_slots: int | None = None  # None: by the machine's cores (fedbus.broker.server.default_upload_slots)
     stall_timeout_s: float = 60.0
     round_timeout_s: float | None = None
     keep_versions: int = 0

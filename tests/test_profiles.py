@@ -93,3 +93,22 @@ def test_metrics_keys_are_validated(tmp_path: Path) -> None:
         load_config(BrokerConfig, None, {}, environ={"FEDBUS_METRICS_PORT": "ninety"})
     cfg = load_config(BrokerConfig, None, {}, environ={"FEDBUS_METRICS_PORT": "9100"})
     assert (cfg.metrics_port, cfg.metrics_host) == (9100, "127.0.0.1")
+
+
+async def test_upload_slots_follow_the_cores_unless_the_profile_says(monkeypatch, tmp_path: Path) -> None:
+    from fedbus.broker import server
+
+    def slots_of(config: BrokerConfig) -> int:
+        broker = server.Broker(config)  # not started: what it would receive uploads with
+        try:
+            return broker.upload_slots._value
+        finally:
+            broker.guard.close()
+            broker._release_ctx()
+            broker.store.close()
+
+    for cores, slots in ((2, 2), (4, 2), (8, 4), (16, 4)):
+        monkeypatch.setattr(server, "usable_cores", lambda cores=cores: cores)
+        assert server.default_upload_slots() == slots
+        assert slots_of(BrokerConfig(workspace=str(tmp_path / f"w{cores}"))) == slots
+    assert slots_of(BrokerConfig(workspace=str(tmp_path / "w"), upload_slots=3)) == 3  # a profile's value wins
