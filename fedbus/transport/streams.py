@@ -37,6 +37,7 @@ from fedbus.log import get_logger
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Abort, Ack, Chunk, End, Message, Offer
 from fedbus.protocol.stream import Receiver, ReceiverState, Sender, SenderState
+from fedbus.transport.endpoint import COPY_BELOW
 from fedbus.transport.finite import FiniteScan
 
 DEFAULT_CHUNK = 2 << 20
@@ -304,11 +305,14 @@ class BufferSink:
     def _adopt(self, offer: Offer, inline: Sequence[memoryview]) -> bool:
         """Take a small model's one inline frame (zmq's received message) as the buffer: no allocation, and
         ``write`` finds its bytes in place. A broker at 1,000 sites spent 6 % of its loop allocating and
-        filling a fresh buffer for each 100 KB update (``fedbus bench scale``). Tensors keep the frame alive."""
+        filling a fresh buffer for each 100 KB update (``fedbus bench scale``). Tensors keep the frame alive.
+
+        Only a frame under ``COPY_BELOW``: every sender copies those into memory of zmq's own. A larger one may
+        have been sent zero-copy over ``inproc://`` (SimEnv), and its memory is then the sender's own object."""
         if self.path is not None or self._reuse is not None or len(inline) != 1:
             return False
         frame = inline[0]
-        if frame.nbytes != offer.total or frame.readonly or not frame.c_contiguous:
+        if frame.nbytes != offer.total or frame.nbytes >= COPY_BELOW or frame.readonly or not frame.c_contiguous:
             return False
         view = np.frombuffer(frame, dtype=np.uint8)
         if view.ctypes.data % 8:  # safetensors aligns tensors to 8 bytes within the file; keep them aligned here

@@ -14,7 +14,7 @@ from fedbus import digest
 from fedbus.errors import TransportError
 from fedbus.protocol.envelope import MAX_OFFER_ENVELOPE
 from fedbus.protocol.messages import Chunk, Heartbeat
-from fedbus.transport.endpoint import MemoryHub
+from fedbus.transport.endpoint import COPY_BELOW, MemoryHub
 from fedbus.transport.streams import BufferSink, ModelSource, placement_threads
 from tests.transport.conftest import linked, make_side, pump
 
@@ -225,9 +225,14 @@ def test_thread_counts_follow_the_cores_unless_the_environment_says(monkeypatch)
 
 
 async def test_a_small_model_arrives_in_its_offer_frame_itself_and_a_corrupt_one_is_still_caught(address: str) -> None:
-    # Over zmq the inline frame is writable memory of our own: it becomes the receive buffer, no copy made.
+    # Over zmq a small inline frame is writable memory of zmq's own: it becomes the receive buffer, no copy made.
+    sd = {
+        "w": torch.randn(100, 100),
+        "i": torch.arange(1000, dtype=torch.int64),
+        "h": torch.randn(33).half(),
+        "b": torch.tensor([True, False]),
+    }
     async with linked(address) as (router, dealer):
-        sd = mixed_state_dict()
         await asyncio.wait_for(dealer.hub.send(b"", ModelSource.from_state_dict(sd)), 10)
         sink = await router.sinks.get()
         assert_same(await sink.result, sd)
@@ -262,8 +267,11 @@ async def test_only_one_writable_aligned_frame_of_the_whole_stream_is_adopted() 
         "short": [memoryview(data)[:-8]],
         "misaligned": [memoryview(bytearray(len(data) + 1))[1:]],
     }
+    big = bytearray(COPY_BELOW)  # a frame this large may be a zero-copy sender's own memory (inproc)
+    refused["large"] = [memoryview(big)]
     for why, frames in refused.items():
-        assert not BufferSink(max_total=1 << 20)._adopt(offer, frames), why
+        total = sum(f.nbytes for f in frames) if why == "large" else len(data)
+        assert not BufferSink(max_total=1 << 20)._adopt(SimpleNamespace(total=total), frames), why
     assert not BufferSink(max_total=1 << 20, buffer=torch.empty(len(data), dtype=torch.uint8))._adopt(
         offer, [memoryview(data)]
     )  # a buffer handed in for reuse is used instead
