@@ -166,6 +166,13 @@ class CountingEndpoint:
         await self.inner.send(peer, msg, payload)
         self.metrics.message("out", msg.TYPE, payload)
 
+    def backlogged(self) -> bool:
+        return self.inner.backlogged()
+
+    @property
+    def drained_at(self) -> float:
+        return self.inner.drained_at
+
     async def recv(self) -> Incoming:
         inc = await self.inner.recv()
         self.metrics.message("in", inc.msg.TYPE, inc.payload)

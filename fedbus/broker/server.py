@@ -83,7 +83,6 @@ class Broker:
         self.ctx, self._release_ctx = own_context(self.guard, ctx)
         self.session = os.urandom(8).hex()
         self.registry = Registry(config.heartbeat_s, config.liveness)
-        self._caught_up = time.monotonic()  # when the receive loop last had nothing unread
         self.store = JobStore(config.workspace)
         self.controllers: dict[str, JobController] = {}
         self.upload_slots = asyncio.Semaphore(config.upload_slots or default_upload_slots())
@@ -236,16 +235,9 @@ class Broker:
 
     # --- the receive loop ---------------------------------------------------------------------------------------
 
-    def _backlogged(self) -> bool:
-        """Messages wait unread in the socket (pyzmq's asyncio socket re-arms its reader after this check)."""
-        sock = getattr(self.endpoint, "sock", None)
-        return sock is not None and bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
-
     async def _receive_loop(self) -> None:
         assert self.endpoint is not None
         while True:
-            if not self._backlogged():
-                self._caught_up = time.monotonic()  # everything sent before now has been read
             try:
                 inc = await self.endpoint.recv()
             except BadMessage as exc:
@@ -398,7 +390,9 @@ class Broker:
         that ran first expired every site at once (seen with 8 sites importing torch on 2 cores)."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
-            seen_until = self._caught_up if self._backlogged() else time.monotonic()
+            assert self.endpoint is not None
+            backlogged = self.endpoint.backlogged()  # then silence counts only up to when nothing was unread
+            seen_until = self.endpoint.drained_at if backlogged else time.monotonic()
             for rec in self.registry.expire(seen_until):
                 self._site_gone(rec.peer, "heartbeat timeout", rec.name)
             revoked = self.guard.revoked_now()

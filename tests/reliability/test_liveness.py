@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import structlog
 import zmq
+import zmq.asyncio
 
 from fedbus.broker.server import Broker
 from fedbus.config import BrokerConfig
@@ -87,3 +88,37 @@ async def test_stream_traffic_keeps_a_site_alive_without_heartbeats(tmp_path: Pa
                 while broker.registry.online():
                     await asyncio.sleep(0.05)
     assert [e["reason"] for e in logs if e["event"] == "site gone"] == ["heartbeat timeout"]
+
+
+async def test_the_endpoint_says_when_messages_wait_unread_and_since_when_none_did() -> None:
+    # What the liveness sweep relies on: the broker's endpoint (through its metrics wrapper) knows whether
+    # messages wait unread, and since when everything that arrived has been read.
+    from fedbus.broker.metrics import CountingEndpoint, Metrics
+    from fedbus.transport.endpoint import RouterEndpoint
+
+    zctx = zmq.asyncio.Context()
+    router = RouterEndpoint.bind(zctx, "tcp://127.0.0.1:0")
+    ep = CountingEndpoint(router, Metrics())
+    dealer = zctx.socket(zmq.DEALER, socket_class=zmq.Socket)
+    dealer.connect(router.address)
+    try:
+        assert not ep.backlogged()
+        for _ in range(3):
+            dealer.send(encode(Heartbeat()))
+        async with asyncio.timeout(10):
+            while not ep.backlogged():
+                await asyncio.sleep(0.01)
+        drained = ep.drained_at
+        for _ in range(3):
+            assert isinstance((await ep.recv()).msg, Heartbeat)
+        assert not ep.backlogged() and ep.drained_at == drained  # read, but no receive has found it empty yet
+        waiting = asyncio.ensure_future(ep.recv())
+        await asyncio.sleep(0.05)
+        assert ep.drained_at > drained  # a receive found nothing unread
+        dealer.send(encode(Heartbeat()))
+        async with asyncio.timeout(10):
+            assert isinstance((await waiting).msg, Heartbeat)
+    finally:
+        dealer.close(linger=0)
+        router.close()
+        zctx.term()
