@@ -106,21 +106,6 @@ class Endpoint(Protocol):
 
     async def send(self, peer: bytes, msg: Message, payload: Sequence[Any] = ()) -> None: ...
 
-    def _send_frames(self, frames: Sequence[Any]) -> None:
-        """One message, frame by frame; only its first frame can meet a full queue (zmq.Again), and then
-        nothing of it was sent."""
-        sock, last = self.sock, len(frames) - 1
-        for i, frame in enumerate(frames):
-            sock.send(frame, _NOBLOCK if i == last else _NOBLOCK_MORE, copy=False)
-
-    def _recv_frames(self) -> list[zmq.Frame]:
-        frame = self.sock.recv(_NOBLOCK, copy=False)
-        frames = [frame]
-        while frame.more:
-            frame = self.sock.recv(_NOBLOCK, copy=False)
-            frames.append(frame)
-        return frames
-
     async def recv(self) -> Incoming: ...
 
     def close(self) -> None: ...
@@ -408,21 +393,6 @@ class MemoryEndpoint:
             raise TransportError(f"peer {peer!r} is not connected")
         frames = [encode(msg), *(bytes(p) for p in payload)]
         target.inbox.put_nowait((self.name, frames))
-
-    def _send_frames(self, frames: Sequence[Any]) -> None:
-        """One message, frame by frame; only its first frame can meet a full queue (zmq.Again), and then
-        nothing of it was sent."""
-        sock, last = self.sock, len(frames) - 1
-        for i, frame in enumerate(frames):
-            sock.send(frame, _NOBLOCK if i == last else _NOBLOCK_MORE, copy=False)
-
-    def _recv_frames(self) -> list[zmq.Frame]:
-        frame = self.sock.recv(_NOBLOCK, copy=False)
-        frames = [frame]
-        while frame.more:
-            frame = self.sock.recv(_NOBLOCK, copy=False)
-            frames.append(frame)
-        return frames
 
     async def recv(self) -> Incoming:
         peer, frames = await self.inbox.get()
