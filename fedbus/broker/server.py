@@ -63,8 +63,9 @@ log = get_logger("broker")
 
 
 def default_upload_slots() -> int:
-    """Result streams the broker receives at once, unless its profile says: 4 where placement threads write
-    the chunks (8 cores or more), else 2. Each upload in flight holds up to a window (32 MiB) of memory.
+    """Result streams the broker receives at once, unless its profile says: 4 on machines of 8 cores or more
+    (where two or more placement threads write the chunks), else 2. Each upload in flight holds up to a window
+    (32 MiB) of memory.
 
     16-core host, the same machine, interleaved: S = 64, N = 4 ``round_s`` 0.2325, 0.2309 with 4 slots against
     0.2513, 0.2525 with 2 (every earlier session's pairs said the same, by 4-8 %), S = 512 1.97 / 1.98;
