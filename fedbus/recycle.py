@@ -19,6 +19,9 @@ import secrets
 import stat
 
 FREE_PREFIX = ".free-"
+HELD_PREFIX = ".held-"
+"""A site's task file a training script took (``fedbus.client._files``); the site deletes leftovers when the
+script ends, the script recycles it once no tensor maps it."""
 
 
 class FilePool:

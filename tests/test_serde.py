@@ -538,6 +538,29 @@ def test_write_file_then_read_file(tmp_path: Any) -> None:
         serde.read_file(tmp_path / "bad")
 
 
+def test_map_file_hands_out_views_of_the_file_and_refuses_what_is_not_one(tmp_path: Any) -> None:
+    sd = mixed_state_dict()
+    path = tmp_path / "model.safetensors"
+    serde.write_file(path, serde.layout(sd))
+    mapped, mem = serde.map_file(path)
+    assert_same(mapped, sd)
+    mapped["f32.0"].add_(1)  # a write to a tensor is a write to the file
+    assert torch.equal(serde.read_file(path)["f32.0"], sd["f32.0"] + 1)
+    assert len({t.untyped_storage().data_ptr() for t in mapped.values()}) == 1  # views of one mapping
+    del mapped, mem
+    with pytest.raises(HeaderError, match="exceeds"):
+        serde.map_file(path, max_total=10)
+    (tmp_path / "short").write_bytes(b"\x08")
+    with pytest.raises(HeaderError, match="too short"):
+        serde.map_file(tmp_path / "short")
+    (tmp_path / "bad").write_bytes(b"\x08" + bytes(7) + b"[]      ")
+    with pytest.raises(HeaderError, match="JSON object"):
+        serde.map_file(tmp_path / "bad")
+    os.symlink(path, tmp_path / "link")
+    with pytest.raises(OSError):
+        serde.map_file(tmp_path / "link")  # a planted symlink is not followed
+
+
 def test_write_file_survives_short_writes(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.writev
     monkeypatch.setattr(os, "writev", lambda fd, bufs: real(fd, [memoryview(bufs[0])[:5]]))

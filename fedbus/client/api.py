@@ -6,7 +6,9 @@ waits for ``welcome``. From then on the site pushes ``task`` messages whose ``me
 ``.safetensors`` file it received from the broker; ``is_running()`` blocks until one is queued (True) or
 ``end_job`` arrives (False); ``receive()`` loads the file into CPU tensors; ``send()`` writes the
 script's params to ``outbox/TASK.safetensors``, sends ``result`` and blocks until the site's
-``reply``, which comes only once the broker acknowledged the upload.
+``reply``, which comes only once the broker acknowledged the upload. When the site lets the script take
+the task's file (``meta["take"]``), ``receive()`` maps it instead of reading it, and ``send()`` of those
+very tensors, trained in place, links the file into the outbox instead of writing one (``_files``).
 
 One ``ClientSession`` holds all of it; the module-level functions act on one session per process (what
 FLARE scripts expect), and tests create sessions directly. A session is not thread-safe: call it from
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from fedbus.client._files import load_params, save_params
+from fedbus.client._files import TakenFile, load_params, save_params, take_params
 from fedbus.client._link import ParentWatch, SiteLink
 from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType, diff_params, plain_values, to_cpu_params
 from fedbus.errors import ConfigError, JobError, LocalProtocolError
@@ -92,6 +94,7 @@ class ClientSession:
         self._tasks: deque[Task] = deque()
         self._current: Task | None = None
         self._received: dict[str, torch.Tensor] | None = None  # the current task's model, by reference
+        self._taken: TakenFile | None = None  # its file, when the site let the script take it
         self._ended = False
         self._watch: ParentWatch | None = None
 
@@ -186,11 +189,14 @@ class ClientSession:
         if self._ended or (self._current is None and not self._tasks):
             return None
         if self._current is None:
-            self._current, self._received = self._tasks.popleft(), None
+            self._current, self._received, self._taken = self._tasks.popleft(), None, None
         task = self._current
         path = task.meta.get("path")
         if self._received is None and isinstance(path, str):
-            self._received = load_params(path)
+            if task.meta.get("take") is True and task.meta.get("params_type") != ParamsType.DIFF:
+                self._received, self._taken = take_params(path)
+            else:
+                self._received = load_params(path)
         if self._task_started is None:
             self._task_started = time.monotonic()
         meta = {k: v for k, v in task.meta.items() if k != "path"}
@@ -217,7 +223,7 @@ class ClientSession:
         if not isinstance(model, FLModel):
             raise ConfigError(f"send() takes an FLModel, got {type(model).__name__}")
         if self._current is None and self._tasks:  # FLARE allows send() without receive()
-            self._current, self._received = self._tasks.popleft(), None
+            self._current, self._received, self._taken = self._tasks.popleft(), None, None
         task = self._current
         if self._ended:
             return  # the job is over: nobody takes results any more
@@ -239,6 +245,7 @@ class ClientSession:
         if clear_cache:
             self._current = None
             self._received = None
+            self._taken = None
             self._task_started = None
 
     def log(self, key: str, value: Any, step: int | None = None) -> None:
@@ -312,7 +319,8 @@ class ClientSession:
             if not _SAFE_NAME.fullmatch(task.task_id):
                 raise JobError(f"task id {task.task_id!r} is not a safe file name")
             path = self.workspace / "outbox" / f"{task.task_id}.safetensors"
-            save_params(path, params)
+            if self._taken is None or not self._taken.link_as(params, path):
+                save_params(path, params)
             meta["path"] = str(path)
         return Result(
             job_id=self.job_id,

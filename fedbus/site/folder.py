@@ -6,6 +6,7 @@ Layout, under ``WORKSPACE/jobs/JOB`` (mode 0700: other users of the machine see 
     inbox/TASK.safetensors   a model from the broker, written in place as its chunks arrive
     outbox/TASK.safetensors  the script's result for that task
     inbox/.free-*, outbox/.free-*  files of finished tasks, reused for the next ones (fedbus.recycle)
+    inbox/.held-*            task files the script took and maps (fedbus.client._files)
     script.log               the script's stdout and stderr (appended across runs)
     link.sock                the local link: ipc, mode 0600, plus a per-job token checked on hello
 
@@ -27,7 +28,7 @@ from typing import Any
 import zmq.asyncio
 
 from fedbus.errors import JobError, RemoteProtocolError
-from fedbus.recycle import FilePool
+from fedbus.recycle import HELD_PREFIX, FilePool
 from fedbus.transport.endpoint import RouterEndpoint
 
 MAX_IPC_PATH = 100
@@ -85,6 +86,14 @@ class JobFolder:
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 FilePool(self.outbox).give(result)
         result.unlink(missing_ok=True)
+
+    def drop_held(self) -> None:
+        """Delete the task files a script took (``fedbus.client._files``) and had not given back: it has ended."""
+        with contextlib.suppress(OSError), os.scandir(self.inbox) as entries:
+            for e in entries:
+                if e.name.startswith(HELD_PREFIX):
+                    with contextlib.suppress(OSError):
+                        os.unlink(e.path)
 
     def script(self, rel: str) -> Path:
         """The script the deploy names, which must be a regular file inside ``files/``."""

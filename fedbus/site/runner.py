@@ -189,6 +189,7 @@ class JobRunner:
         else:
             event, detail = "crashed", self.proc.tail()
         self.log.info("script ended", outcome=event, code=code)
+        self.folder.drop_held()  # files the script took and still held: no mapping of them is left
         self.bus.report(JobEvent(self.job_id, event, code=code, detail=detail[-4000:]))
 
     async def end(self, reason: str) -> None:
@@ -285,6 +286,11 @@ class JobRunner:
         meta["params_type"] = self._params_type(t)
         if ready.path is not None:
             meta["path"] = str(ready.path)
+            # The script may map the file and train it in place unless its bytes are needed later: the base
+            # of a DIFF (the script subtracts it at send) or of a privacy filter (read here at upload).
+            filters = (*self.job_filters, *self.filters)
+            needs_base = meta["params_type"] == "DIFF" or any(isinstance(f, PrivacyFilter) for f in filters)
+            meta["take"] = not needs_base
         ready.delivered_at = time.monotonic()
         if ready.timer is not None:  # the clock restarts at delivery: a script slow to start is not yet late
             ready.timer.cancel()

@@ -150,6 +150,100 @@ async def test_diff_is_against_the_received_model_even_if_the_script_trained_it_
         session.close()
 
 
+def _boxed(site: FakeSite, prefix: str) -> list[Path]:
+    return sorted(p for p in (site.folder / "inbox").iterdir() if p.name.startswith(prefix))
+
+
+async def _given_back(site: FakeSite) -> None:
+    """Wait (bounded) for the held file to leave: the worker thread that ran ``send`` drops its arguments, the
+    last references to the received tensors, just after the call returns."""
+    async with asyncio.timeout(5):
+        while _boxed(site, ".held-"):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_taken_model_trained_in_place_is_sent_as_the_very_file(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        received = sample_params()
+        await site.push_task("t1", received, take=True)
+        model = await asyncio.to_thread(session.receive)
+        assert not (site.folder / "inbox" / "t1.safetensors").exists()  # taken: out of the site's reach
+        [held] = _boxed(site, ".held-")
+        for v in model.params.values():
+            if v.is_floating_point():
+                v.add_(1)
+        assert torch.equal(serde.read_file(held)["fc.weight"], received["fc.weight"] + 1)  # the tensors are the file
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=model.params)))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        out = Path(result.meta["path"])
+        assert out.stat().st_ino == held.stat().st_ino and out.stat().st_nlink == 2  # linked, not written
+        back = serde.read_file(out)
+        assert torch.equal(back["fc.bias"], received["fc.bias"] + 1) and int(back["bn.num_batches_tracked"]) == 7
+        # the site is done with the result; once the script drops the tensors, the file is recycled
+        out.unlink()
+        del model, v
+        await _given_back(site)
+        assert len(_boxed(site, ".free-")) == 1
+    finally:
+        session.close()
+
+
+async def test_a_taken_model_is_left_alone_when_other_tensors_are_sent(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        received = sample_params()
+        await site.push_task("t1", received, take=True)
+        model = await asyncio.to_thread(session.receive)
+        replaced = dict(model.params, **{"fc.weight": model.params["fc.weight"] * 2})  # one tensor is new
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=replaced)))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        out = Path(result.meta["path"])
+        assert out.stat().st_nlink == 1  # written
+        assert torch.equal(serde.read_file(out)["fc.weight"], received["fc.weight"] * 2)
+        [held] = _boxed(site, ".held-")
+        assert torch.equal(
+            serde.read_file(held)["fc.weight"], received["fc.weight"]
+        )  # the received tensors, as they were
+        del model, replaced
+        await _given_back(site)
+    finally:
+        session.close()
+
+
+async def test_a_model_the_site_does_not_let_go_is_read_and_its_file_left_intact(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        received = sample_params()
+        await site.push_task("t1", received, take=True, params_type="DIFF")  # the base must survive: no take
+        model = await asyncio.to_thread(session.receive)
+        model.params["fc.weight"].add_(1)
+        assert _boxed(site, ".held-") == []
+        on_disk = serde.read_file(site.folder / "inbox" / "t1.safetensors")
+        assert torch.equal(on_disk["fc.weight"], received["fc.weight"])
+    finally:
+        session.close()
+
+
+async def test_a_taken_file_the_site_took_back_is_a_clear_error(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        await site.push_task("t1", sample_params(), take=True)
+        (site.folder / "inbox" / "t1.safetensors").unlink()  # the task timed out at the site meanwhile
+        with pytest.raises(JobError, match="is missing"):
+            await asyncio.to_thread(session.receive)
+        await site.push_task("t2", sample_params(), take=True)
+        (site.folder / "inbox" / "t2.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors file
+        session._current = None  # t1 is unanswerable; go on to t2
+        with pytest.raises(JobError, match="cannot read model file"):
+            await asyncio.to_thread(session.receive)
+        assert _boxed(site, ".held-") == []  # a refused file is not kept
+    finally:
+        session.close()
+
+
 async def test_explicit_diff_and_numpy_params_travel_as_given(site: FakeSite) -> None:
     session = await connected(site)
     try:

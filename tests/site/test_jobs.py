@@ -118,6 +118,60 @@ async def test_a_train_task_comes_back_plus_one_and_end_job_stops_the_script(
                 await asyncio.sleep(0.02)
 
 
+IN_PLACE = """
+import glob, os
+
+import fedbus.client as flare
+
+inbox = os.path.join(os.environ["FEDBUS_WORKSPACE"], "inbox")
+flare.init()
+while flare.is_running():
+    model = flare.receive()
+    flare.log("held", len(glob.glob(os.path.join(inbox, ".held-*"))), model.current_round)
+    for v in model.params.values():
+        v.add_(1.0)  # trained in place: with the file taken, the result is that file as it is
+    del v  # the last view of this round's file, once ``model`` is rebound: the file is then recycled
+    flare.send(flare.FLModel(params=model.params, meta={flare.NUM_STEPS_CURRENT_ROUND: 5}))
+"""
+
+
+async def test_a_script_takes_full_models_trains_them_in_place_and_the_files_are_recycled(
+    tmp_path: Path, broker: FakeBroker
+) -> None:
+    archive = job_archive(tmp_path / "job", IN_PLACE)
+    model = sample_model()
+    async with running_site(tmp_path / "ws", broker.address) as site:
+        await broker.wait_hellos(1)
+        await broker.send(deploy("j1", num_sites=1), [archive])
+        await broker.expect("job_event", event="started")
+        job = Path(site.workspace) / "jobs" / "j1"
+        for rnd, params_type in ((1, "FULL"), (2, "FULL"), (3, "DIFF")):
+            sid = secrets.randbits(62)
+            await broker.send(Task("j1", f"t-{rnd}", "train", rnd, rnd, 5, sid=sid, meta={"params_type": params_type}))
+            ctx = {"job_id": "j1", "task_id": f"t-{rnd}"}
+            download = asyncio.create_task(broker.hub.send(broker.peer, ModelSource.from_state_dict(model), ctx, sid))
+            held = await broker.expect("job_event", event="log")
+            # FULL: the script took the file (the one held); DIFF: it read a copy, since the base must stay intact
+            assert held.data == {"key": "held", "value": 1 if params_type == "FULL" else 0, "step": rnd}
+            result, sink = await asyncio.wait_for(broker.uploads.get(), 30)
+            await asyncio.wait_for(download, 5)
+            assert result.params_type == params_type
+            update = await asyncio.wait_for(sink.result, 10)
+            for name, t in model.items():
+                if params_type == "FULL":
+                    assert update[name].view(torch.uint8).equal((t + 1.0).view(torch.uint8)), name  # bit-exact
+                else:
+                    torch.testing.assert_close(update[name], torch.ones_like(t))  # (x + 1) - x
+        # t-1's file went back to the inbox's pool once the script dropped its tensors, and took a later model
+        assert not (job / "inbox" / "t-1.safetensors").exists() and not (job / "inbox" / "t-2.safetensors").exists()
+        assert any(p.name.startswith(".free-") for p in (job / "inbox").iterdir())
+        await broker.send(EndJob("j1", "finished"))
+        await broker.expect("job_event", event="exited")
+        async with asyncio.timeout(5):  # what the script still held when it ended is deleted
+            while any(p.name.startswith(".held-") for p in (job / "inbox").iterdir()):
+                await asyncio.sleep(0.02)
+
+
 async def test_a_crashing_script_is_reported_with_its_log_tail(tmp_path: Path, broker: FakeBroker) -> None:
     archive = job_archive(tmp_path / "job", CRASHER)
     async with running_site(tmp_path / "ws", broker.address):
