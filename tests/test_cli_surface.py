@@ -5,9 +5,11 @@ failures (exit 1, one line, a traceback only with --debug), environment override
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -153,6 +155,30 @@ def test_broker_metrics_port_flag_serves_metrics(tmp_path: Path) -> None:
         assert "fedbus_sites_connected 0" in body and 'fedbus_jobs{state="running"} 0' in body
     finally:
         assert broker.stop() == 0
+
+
+def test_the_broker_lets_idle_openmp_threads_sleep_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OMP_WAIT_POLICY only counts if it is set before torch loads OpenMP: importing the CLI must not load torch.
+    probe = "import sys, fedbus.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
+    seen = []
+
+    class Recorder:  # the daemon itself is not what is tested here: what the environment is when it starts
+        def __init__(self, cfg: BrokerConfig) -> None:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr("fedbus.broker.Broker", Recorder)
+    monkeypatch.setattr("fedbus._memory.freeze_startup_objects", lambda: None)  # not in the test process
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["broker", "--workspace", str(tmp_path / "a")]) == 0
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # an operator's choice is kept
+    assert main(["broker", "--workspace", str(tmp_path / "b")]) == 0
+    assert seen == ["PASSIVE", "ACTIVE"]
 
 
 DOCS = [ROOT / "README.md", ROOT / "deploy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
