@@ -140,6 +140,6 @@ def own_context(guard: Guard, ctx: zmq.asyncio.Context | None) -> tuple[zmq.asyn
     if ctx is not None:
         return ctx, lambda: None
     if not guard.secure:
-        return daemon_context(shared=True), lambda: None
-    own = daemon_context()
+        return daemon_context(shared=True, server=True), lambda: None
+    own = daemon_context(server=True)
     return own, lambda: own.destroy(linger=0)

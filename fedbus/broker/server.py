@@ -168,7 +168,7 @@ class Broker:
             workspace=str(self.store.root),
             session=self.session,
             placement_threads=placement_threads(),
-            io_threads=io_threads(),
+            io_threads=io_threads(server=True),
         )
         self.started.set()
 

@@ -215,10 +215,11 @@ def test_thread_counts_follow_the_cores_unless_the_environment_says(monkeypatch)
     monkeypatch.delenv("FEDBUS_PLACEMENT_THREADS", raising=False)
     cores = usable_cores()
     assert io_threads() == (1 if cores < 8 else min(4, cores // 4))
+    assert io_threads(server=True) == (1 if cores < 8 else min(8, 2 * min(4, cores // 4)))  # a broker's
     assert placement_threads() == (0 if cores < 4 else min(4, cores // 4))
     monkeypatch.setenv("FEDBUS_IO_THREADS", "3")
     monkeypatch.setenv("FEDBUS_PLACEMENT_THREADS", "0")
-    assert (io_threads(), placement_threads()) == (3, 0)
+    assert (io_threads(), io_threads(server=True), placement_threads()) == (3, 3, 0)
     monkeypatch.setenv("FEDBUS_IO_THREADS", "0")  # zmq needs at least one
     monkeypatch.setenv("FEDBUS_PLACEMENT_THREADS", "many")  # logged, and the default used
     assert (io_threads(), placement_threads()) == (1, 0 if cores < 4 else min(4, cores // 4))
