@@ -18,6 +18,8 @@ Figures (the last line, JSON):
 * ``total_rss_x``: the same for the whole process tree (broker, sites and their training scripts; the sum
   of each process's peak), over the baselines: the daemons' RSS once started, and for each script the RSS
   of an idle script process (``import torch, fedbus.client``) measured in the same run.
+* ``omp_threads``: the OpenMP threads each process was given (``OMP_NUM_THREADS``): the sites split the cores,
+  the broker, standing for a server with a machine of its own, has half of them.
 """
 
 from __future__ import annotations
@@ -144,13 +146,18 @@ def run_round(
         floor = subprocess.Popen([sys.executable, "-c", SCRIPT_FLOOR], stdout=subprocess.PIPE, text=True)
         sock = tmp / "broker.sock"
         address = f"ipc://{sock}" if os.environ.get("FEDBUS_BENCH_IPC") else _free_tcp()
-        threads = max(1, (os.cpu_count() or 1) // (sites + 1))
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // (sites + 1))
+        # The broker stands for a server with a machine of its own: half the cores for its folds, which run when
+        # the sites wait (its idle OpenMP threads sleep: cli.py). S = 512, N = 4, 16 cores, same machine,
+        # interleaved: 8 threads 1.37, 1.44, 1.33 s a round, 3 (the sites' share) 2.06, 1.50 (docs/benchmarks.md).
+        broker_omp = max(threads, cores // 2)
         level = "debug" if logs else "warning"
         config = ["--config", str(broker_config)] if broker_config else []
         broker = _daemon(
             ["broker", "--bind", address, "--workspace", str(tmp / "broker"), *config],
             tmp / "broker.log",
-            threads,
+            broker_omp,
             "debug" if logs else "info",
         )
         procs.append(broker)
@@ -208,6 +215,7 @@ def run_round(
         "broker_rss_x": round((broker_peak - base_rss) / size, 3),
         "total_rss_x": round(tree_growth / size, 3),
         "processes": len(peaks.peak),
+        "omp_threads": {"broker": broker_omp, "sites": threads},
         "cpu_s_per_round": cpu_per_round,
         "broker_cpu_s_per_round": broker_threads,
         "wall_s": round(wall, 2),

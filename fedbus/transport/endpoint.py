@@ -70,8 +70,9 @@ def io_threads(*, server: bool = False) -> int:
     thread a broker's every download and upload goes through one core. More threads let a broker's peers
     move bytes in parallel; one connection never spreads over two.
 
-    A server on 8 cores or more gets twice as many (up to 8), because libzmq hands a new connection to the thread with the
-    fewest sockets, not the least traffic: the listener and an idle admin client count as much as a site.
+    A server on 8 cores or more gets twice as many (up to 8), because libzmq hands a new connection to the
+    thread with the fewest sockets, not the least traffic: the listener and an idle admin client count as much
+    as a site.
     ``fedbus bench round --size-mb 512 --sites 4``, 16-core host: with 4 threads two runs of three put two sites
     on one thread (6.3-6.4 CPU s on it, 0.3 on another; their uploads took twice as long: rounds 1.42-1.52 s
     against 1.36 balanced); with 8 threads, four runs of four gave every site a thread of its own (rounds

@@ -27,6 +27,8 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02)
     assert out["broker_rss_x"] > 0 and out["total_rss_x"] > 0 and out["processes"] == 5  # broker, 2 sites, 2 scripts
     assert set(out["cpu_s_per_round"]) == {"broker", "sites", "scripts"}
+    cores = os.cpu_count() or 1  # OpenMP: the sites split the cores, the broker (a server) has half of them
+    assert out["omp_threads"] == {"broker": max(1, cores // 3, cores // 2), "sites": max(1, cores // 3)}
     threads = out["broker_cpu_s_per_round"]  # the broker's CPU by thread: its event loop, zmq's I/O, workers
     assert set(threads) == {"main", "zmq_io", "other"} and min(threads.values()) >= 0
     assert sum(threads.values()) == pytest.approx(out["cpu_s_per_round"]["broker"], abs=0.05)  # the same CPU, split
