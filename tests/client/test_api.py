@@ -190,6 +190,31 @@ async def test_a_taken_model_trained_in_place_is_sent_as_the_very_file(site: Fak
         session.close()
 
 
+async def test_a_module_that_trains_the_received_tensors_sends_them_without_a_write(site: FakeSite) -> None:
+    # what docs/client-api.md shows: load_state_dict(assign=True), an optimizer step, state_dict() sent back
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    session = await connected(site)
+    try:
+        await site.push_task("t1", {k: v.clone() for k, v in net.state_dict().items()}, take=True)
+        model = await asyncio.to_thread(session.receive)
+        net.load_state_dict(model.params, assign=True)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        net(torch.randn(8, 3)).square().sum().backward()
+        opt.step()
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=net.state_dict())))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        out = Path(result.meta["path"])
+        assert out.stat().st_nlink == 2  # the taken file, linked: nothing written
+        back = serde.read_file(out)
+        assert set(back) == set(net.state_dict())
+        for k, v in net.state_dict().items():
+            assert torch.equal(back[k], v), k
+        assert int(back["1.num_batches_tracked"]) == 1  # buffers too: updated in place by the forward pass
+    finally:
+        session.close()
+
+
 async def test_a_taken_model_is_left_alone_when_other_tensors_are_sent(site: FakeSite) -> None:
     session = await connected(site)
     try:
