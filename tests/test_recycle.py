@@ -73,3 +73,11 @@ def test_a_site_recycles_task_files_unless_a_result_has_another_link(tmp_path: P
     assert [p.read_bytes() for p in free[folder.outbox]] == [b"result"]
     assert (tmp_path / "kept-for-resume").read_bytes() == b"result"
     assert folder.take_inbox_file("t3").read_bytes() == b"model"  # a released model file, to be overwritten
+    # A script that takes its model files sends them back as results: released, they go to the box with fewer
+    # spare files, here the inbox, which the downloads draw on.
+    folder.take_inbox_file("t4")  # the inbox's last spare file
+    folder.outbox_file("t5").write_bytes(b"taken model, sent back")
+    folder.remove_task_files("t5")
+    assert [p.read_bytes() for p in folder.inbox.iterdir() if p.name.startswith(".free-")] == [
+        b"taken model, sent back"
+    ]

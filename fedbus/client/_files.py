@@ -8,10 +8,12 @@ copy) into a temporary file that is renamed into place, so the site never sees h
 the file lives for seconds, and a crash of the machine loses the task anyway). The temporary file is one the
 site released after an earlier upload, when there is one (``fedbus.recycle``: 5-9x less CPU to write).
 
-A task's file the site lets go (``meta["take"]``: no DIFF base and no privacy filter needs its bytes later) is
-*taken*: renamed out of the site's reach (``inbox/.held-*``) and mapped shared (``serde.map_file``), so receiving
-copies nothing, and a script that trains the received tensors in place (``load_state_dict(..., assign=True)``, or
-updating them directly) sends a result that is that very file, linked into the outbox: no write at all.
+A task's file the site lets go (``meta["take"]``: no privacy filter needs its bytes at upload) is *taken*:
+renamed out of the site's reach (``inbox/.held-*``) and mapped shared (``serde.map_file``). FULL: receiving copies
+nothing, and a script that trains the received tensors in place (``load_state_dict(..., assign=True)``, or
+updating them directly) sends a result that is that very file, linked into the outbox: no write at all. DIFF: the
+script trains a copy, and ``local - base`` is computed into the mapped base, which is then the result: the base
+read once instead of twice, and no result written.
 ``fedbus bench round --size-mb 512 --sites 4`` spent 0.40-0.48 s of each round in the script's turn on the 16-core
 host, 0.16-0.23 s of it reading the model and 0.19-0.44 s writing the result (docs/benchmarks.md). Once the last
 view of the mapping is gone the file goes back to the inbox's pool (``fedbus.recycle``) for a later download; a
@@ -22,7 +24,6 @@ live tensor or an upload reads.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import secrets
 import stat
@@ -55,24 +56,49 @@ def save_params(path: Path, params: Mapping[str, torch.Tensor]) -> None:
 
 
 class TakenFile:
-    """A task's model file the script holds, mapped shared; ``link_as`` makes it a result without a write."""
+    """A task's model file the script holds, its tensors views of a shared mapping of it (``params``).
 
-    def __init__(self, held: Path, mem: mmap.mmap, params: Mapping[str, torch.Tensor]) -> None:
+    FULL: ``params`` are what ``receive()`` hands the script; if the script sends them back trained in place,
+    the file is the result as it is (``link_as``). DIFF: the script gets a private copy and ``params`` stay the
+    base; ``diff_in_place`` writes ``local - base`` over the base, and the file is again the result (``link``).
+    """
+
+    def __init__(self, held: Path, params: dict[str, torch.Tensor]) -> None:
         self.held = held
-        self._mem = weakref.ref(mem)  # alive while any received tensor is: its addresses are then still ours
-        self._slots = {name: (t.data_ptr(), t.dtype, t.shape) for name, t in params.items()}
+        self.params = params
 
     def link_as(self, params: Mapping[str, torch.Tensor], dest: Path) -> bool:
-        """Link the file as ``dest`` when ``params`` are exactly the received tensors (trained in place): the
-        file then holds the result already. False otherwise, and the caller writes ``params`` out."""
-        if self._mem() is None or params.keys() != self._slots.keys():
+        """Link the file as ``dest`` when ``params`` are exactly its tensors (trained in place): the file then
+        holds the result already. False otherwise, and the caller writes ``params`` out."""
+        if params.keys() != self.params.keys():
             return False
         for name, t in params.items():
-            address, dtype, shape = self._slots[name]
-            if t.device.type != "cpu" or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
+            mine = self.params[name]
+            if t.device.type != "cpu" or t.dtype != mine.dtype or t.shape != mine.shape or not t.is_contiguous():
                 return False
-            if t.data_ptr() != address:
+            if t.data_ptr() != mine.data_ptr():
                 return False
+        return self.link(dest)
+
+    def diff_in_place(self, local: Mapping[str, torch.Tensor]) -> bool:
+        """Write ``local - base`` over the base tensors (``params`` then hold the DIFF and the file is that
+        result): no allocation and no write. False, with nothing changed, unless ``local`` has the base's names,
+        shapes and dtypes in memory of its own; the caller then computes the difference against ``params``."""
+        if local.keys() != self.params.keys():
+            return False
+        storage = next(iter(self.params.values())).untyped_storage().data_ptr() if self.params else 0
+        for name, t in local.items():
+            base = self.params[name]
+            if t.device.type != "cpu" or t.dtype != base.dtype or t.shape != base.shape or t.dtype == torch.bool:
+                return False
+            if t.untyped_storage().data_ptr() == storage:  # a view of the base itself: would change under us
+                return False
+        for name, t in local.items():
+            torch.sub(t, self.params[name], out=self.params[name])  # what diff_params computes, into the file
+        return True
+
+    def link(self, dest: Path) -> bool:
+        """Make ``dest`` a hard link of the file (False where the file system refuses: the caller writes)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.link")
         try:
@@ -85,7 +111,7 @@ class TakenFile:
         return True
 
 
-def take_params(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], TakenFile]:
+def take_params(path: str | os.PathLike[str]) -> TakenFile:
     """Take a task's model file from the site (see the module docstring): its tensors, views of the file."""
     src = Path(path)
     held = src.parent / f"{HELD_PREFIX}{secrets.token_hex(8)}"
@@ -102,7 +128,7 @@ def take_params(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
             os.unlink(held)
         raise JobError(f"cannot read model file {path}: {exc}") from exc
     weakref.finalize(mem, _give_back, held)
-    return params, TakenFile(held, mem, params)
+    return TakenFile(held, params)
 
 
 def _give_back(held: Path) -> None:

@@ -193,10 +193,14 @@ class ClientSession:
         task = self._current
         path = task.meta.get("path")
         if self._received is None and isinstance(path, str):
-            if task.meta.get("take") is True and task.meta.get("params_type") != ParamsType.DIFF:
-                self._received, self._taken = take_params(path)
-            else:
+            if task.meta.get("take") is not True:
                 self._received = load_params(path)
+            elif task.meta.get("params_type") != ParamsType.DIFF:
+                self._taken = take_params(path)
+                self._received = dict(self._taken.params)  # the file's own pages: trained in place, sent as they are
+            else:  # the file stays the base of the DIFF; the script trains a copy of it
+                self._taken = take_params(path)
+                self._received = load_params(self._taken.held)
         if self._task_started is None:
             self._task_started = time.monotonic()
         meta = {k: v for k, v in task.meta.items() if k != "path"}
@@ -309,19 +313,30 @@ class ClientSession:
             meta[TRAIN_S_KEY] = time.monotonic() - self._task_started
         if task.kind == "train" and model.params is not None:
             params = to_cpu_params(model.params)
+            if not _SAFE_NAME.fullmatch(task.task_id):
+                raise JobError(f"task id {task.task_id!r} is not a safe file name")
+            out = self.workspace / "outbox" / f"{task.task_id}.safetensors"
+            taken, written = self._taken, False
             if task.meta.get("params_type") == ParamsType.DIFF and params_type is ParamsType.FULL:
                 # The base is the task's file, not the tensors handed to the script: a script may train those
                 # in place (add_ on received params), which made every delta zero.
-                path = task.meta.get("path")
-                if not isinstance(path, str):
-                    raise JobError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
-                params, params_type = diff_params(params, load_params(path)), ParamsType.DIFF
-            if not _SAFE_NAME.fullmatch(task.task_id):
-                raise JobError(f"task id {task.task_id!r} is not a safe file name")
-            path = self.workspace / "outbox" / f"{task.task_id}.safetensors"
-            if self._taken is None or not self._taken.link_as(params, path):
-                save_params(path, params)
-            meta["path"] = str(path)
+                params_type = ParamsType.DIFF
+                if taken is not None:
+                    self._taken = None  # its tensors become the difference (or are read as the base): once only
+                    if taken.diff_in_place(params):
+                        params, written = taken.params, taken.link(out)
+                    else:
+                        params = diff_params(params, taken.params)
+                else:
+                    path = task.meta.get("path")
+                    if not isinstance(path, str):
+                        raise JobError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
+                    params = diff_params(params, load_params(path))
+            elif taken is not None:
+                written = taken.link_as(params, out)
+            if not written:
+                save_params(out, params)
+            meta["path"] = str(out)
         return Result(
             job_id=self.job_id,
             task_id=task.task_id,

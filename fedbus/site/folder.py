@@ -79,12 +79,15 @@ class JobFolder:
     def remove_task_files(self, task_id: str) -> None:
         """The task is over: its files are released for the next tasks' models and results to reuse
         (``fedbus.recycle``), except a result file with another link (an upload kept for resuming)."""
-        FilePool(self.inbox).give(self.inbox_file(task_id))
+        inbox, outbox = FilePool(self.inbox), FilePool(self.outbox)
+        inbox.give(self.inbox_file(task_id))
         result = self.outbox_file(task_id)
         with contextlib.suppress(OSError):
             st = os.lstat(result)
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                FilePool(self.outbox).give(result)
+                # To the box with fewer spare files: a script that took its model file sends it back as its result
+                # (fedbus.client._files), and the next download then needs it in the inbox.
+                (inbox if len(inbox.free()) < len(outbox.free()) else outbox).give(result)
         result.unlink(missing_ok=True)
 
     def drop_held(self) -> None:

@@ -286,11 +286,9 @@ class JobRunner:
         meta["params_type"] = self._params_type(t)
         if ready.path is not None:
             meta["path"] = str(ready.path)
-            # The script may map the file and train it in place unless its bytes are needed later: the base
-            # of a DIFF (the script subtracts it at send) or of a privacy filter (read here at upload).
-            filters = (*self.job_filters, *self.filters)
-            needs_base = meta["params_type"] == "DIFF" or any(isinstance(f, PrivacyFilter) for f in filters)
-            meta["take"] = not needs_base
+            # The script may take the file (map it, train it or a DIFF into it, send it back as it is) unless the
+            # site reads it again at upload: the base a privacy filter works on.
+            meta["take"] = not any(isinstance(f, PrivacyFilter) for f in (*self.job_filters, *self.filters))
         ready.delivered_at = time.monotonic()
         if ready.timer is not None:  # the clock restarts at delivery: a script slow to start is not yet late
             ready.timer.cancel()

@@ -242,12 +242,44 @@ async def test_a_model_the_site_does_not_let_go_is_read_and_its_file_left_intact
     session = await connected(site)
     try:
         received = sample_params()
-        await site.push_task("t1", received, take=True, params_type="DIFF")  # the base must survive: no take
+        await site.push_task("t1", received)  # no "take": the site reads the file again (a privacy filter's base)
         model = await asyncio.to_thread(session.receive)
         model.params["fc.weight"].add_(1)
         assert _boxed(site, ".held-") == []
         on_disk = serde.read_file(site.folder / "inbox" / "t1.safetensors")
         assert torch.equal(on_disk["fc.weight"], received["fc.weight"])
+    finally:
+        session.close()
+
+
+async def test_a_diff_is_computed_into_the_taken_file_which_is_then_the_result(site: FakeSite) -> None:
+    session = await connected(site)
+    try:
+        received = sample_params()
+        await site.push_task("t1", received, take=True, params_type="DIFF")
+        model = await asyncio.to_thread(session.receive)
+        [held] = _boxed(site, ".held-")
+        inode = held.stat().st_ino
+        for v in model.params.values():
+            v.add_(3)  # the script trains a copy: the taken file stays the base
+        assert torch.equal(serde.read_file(held)["fc.weight"], received["fc.weight"])
+        local = dict(model.params)
+        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=local)))
+        result = await answer_result(site)
+        await asyncio.wait_for(sending, 5)
+        assert result.params_type == "DIFF"
+        out = Path(result.meta["path"])
+        assert out.stat().st_ino == inode  # the base became the difference: nothing written
+        assert _boxed(site, ".held-") == []  # the base's mapping is gone: only the outbox's link is left
+        back = serde.read_file(out)
+        for k, v in received.items():  # exactly what diff_params gives: local - received, in local's dtype
+            assert torch.equal(back[k], torch.sub(local[k], v)) and back[k].dtype == v.dtype, k
+
+        # a result that cannot go into the file (a bool tensor has no difference) is refused as before
+        await site.push_task("t2", {"flag": torch.tensor([True, False])}, take=True, params_type="DIFF")
+        model = await asyncio.to_thread(session.receive)
+        with pytest.raises(ConfigError, match="bool tensor"):
+            await asyncio.to_thread(session.send, FLModel(params=model.params))
     finally:
         session.close()
 

@@ -135,7 +135,7 @@ while flare.is_running():
 """
 
 
-async def test_a_script_takes_full_models_trains_them_in_place_and_the_files_are_recycled(
+async def test_a_script_takes_its_models_trains_them_in_place_and_the_files_are_recycled(
     tmp_path: Path, broker: FakeBroker
 ) -> None:
     archive = job_archive(tmp_path / "job", IN_PLACE)
@@ -151,8 +151,8 @@ async def test_a_script_takes_full_models_trains_them_in_place_and_the_files_are
             ctx = {"job_id": "j1", "task_id": f"t-{rnd}"}
             download = asyncio.create_task(broker.hub.send(broker.peer, ModelSource.from_state_dict(model), ctx, sid))
             held = await broker.expect("job_event", event="log")
-            # FULL: the script took the file (the one held); DIFF: it read a copy, since the base must stay intact
-            assert held.data == {"key": "held", "value": 1 if params_type == "FULL" else 0, "step": rnd}
+            # the script took the file (the one held): FULL, it trains it; DIFF, a copy, the file the base
+            assert held.data == {"key": "held", "value": 1, "step": rnd}
             result, sink = await asyncio.wait_for(broker.uploads.get(), 30)
             await asyncio.wait_for(download, 5)
             assert result.params_type == params_type
