@@ -8,7 +8,8 @@ waits for ``welcome``. From then on the site pushes ``task`` messages whose ``me
 script's params to ``outbox/TASK.safetensors``, sends ``result`` and blocks until the site's
 ``reply``, which comes only once the broker acknowledged the upload. When the site lets the script take
 the task's file (``meta["take"]``), ``receive()`` maps it instead of reading it, and ``send()`` of those
-very tensors, trained in place, links the file into the outbox instead of writing one (``_files``).
+very tensors, trained in place, links the file into the outbox instead of writing one; a DIFF is computed
+into the file, which is then the result (``_files``).
 
 One ``ClientSession`` holds all of it; the module-level functions act on one session per process (what
 FLARE scripts expect), and tests create sessions directly. A session is not thread-safe: call it from
@@ -195,12 +196,12 @@ class ClientSession:
         if self._received is None and isinstance(path, str):
             if task.meta.get("take") is not True:
                 self._received = load_params(path)
-            elif task.meta.get("params_type") != ParamsType.DIFF:
+            else:
                 self._taken = take_params(path)
-                self._received = dict(self._taken.params)  # the file's own pages: trained in place, sent as they are
-            else:  # the file stays the base of the DIFF; the script trains a copy of it
-                self._taken = take_params(path)
-                self._received = load_params(self._taken.held)
+                if task.meta.get("params_type") == ParamsType.DIFF:  # the file stays the base; the script trains a copy
+                    self._received = load_params(self._taken.held)
+                else:  # the file's own pages: trained in place, sent as they are
+                    self._received = dict(self._taken.params)
         if self._task_started is None:
             self._task_started = time.monotonic()
         meta = {k: v for k, v in task.meta.items() if k != "path"}
