@@ -50,6 +50,14 @@ async def answer_result(site: FakeSite, ok: bool = True, error: str = "") -> Res
     return inc.msg
 
 
+async def send_answered(site: FakeSite, session: ClientSession, model: FLModel, timeout: float = 5) -> Result:
+    """``session.send(model)`` in a thread, the site reading the result and confirming it; returns the result."""
+    sending = asyncio.create_task(asyncio.to_thread(session.send, model))
+    result = await answer_result(site)
+    await asyncio.wait_for(sending, timeout)
+    return result
+
+
 async def test_round_trip_train_then_end(site: FakeSite) -> None:
     session = await connected(site)
     try:
@@ -65,9 +73,7 @@ async def test_round_trip_train_then_end(site: FakeSite) -> None:
 
         out = FLModel(params={k: v + 1 for k, v in model.params.items()}, metrics={"loss": np.float32(0.5)})
         out.meta[flare.NUM_STEPS_CURRENT_ROUND] = 12
-        sending = asyncio.create_task(asyncio.to_thread(session.send, out))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, out)
         assert (result.job_id, result.task_id, result.version, result.params_type) == (JOB, "t1", 4, "FULL")
         assert result.weight == 12.0 and result.metrics == {"loss": 0.5} and result.sid is None
         path = Path(result.meta["path"])
@@ -121,9 +127,7 @@ async def test_full_is_converted_to_diff_when_the_strategy_wants_deltas(site: Fa
         await site.push_task("t1", received, params_type="DIFF")
         model = await asyncio.to_thread(session.receive)
         local = {k: v * 3 for k, v in model.params.items()}
-        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=local)))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, FLModel(params=local))
         assert result.params_type == "DIFF"
         back = serde.read_file(result.meta["path"])
         for k, v in received.items():
@@ -140,9 +144,7 @@ async def test_diff_is_against_the_received_model_even_if_the_script_trained_it_
         model = await asyncio.to_thread(session.receive)
         for v in model.params.values():
             v.add_(1)  # training the received tensors themselves
-        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=model.params)))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, FLModel(params=model.params))
         back = serde.read_file(result.meta["path"])
         for k, v in received.items():
             torch.testing.assert_close(back[k], torch.ones_like(v))  # (x + 1) - x, rounded: not zeros
@@ -174,9 +176,7 @@ async def test_a_taken_model_trained_in_place_is_sent_as_the_very_file(site: Fak
             if v.is_floating_point():
                 v.add_(1)
         assert torch.equal(serde.read_file(held)["fc.weight"], received["fc.weight"] + 1)  # the tensors are the file
-        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=model.params)))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, FLModel(params=model.params))
         out = Path(result.meta["path"])
         assert out.stat().st_ino == held.stat().st_ino and out.stat().st_nlink == 2  # linked, not written
         back = serde.read_file(out)
@@ -201,9 +201,7 @@ async def test_a_module_that_trains_the_received_tensors_sends_them_without_a_wr
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         net(torch.randn(8, 3)).square().sum().backward()
         opt.step()
-        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=net.state_dict())))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, FLModel(params=net.state_dict()))
         out = Path(result.meta["path"])
         assert out.stat().st_nlink == 2  # the taken file, linked: nothing written
         back = serde.read_file(out)
@@ -222,9 +220,7 @@ async def test_a_taken_model_is_left_alone_when_other_tensors_are_sent(site: Fak
         await site.push_task("t1", received, take=True)
         model = await asyncio.to_thread(session.receive)
         replaced = dict(model.params, **{"fc.weight": model.params["fc.weight"] * 2})  # one tensor is new
-        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=replaced)))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, FLModel(params=replaced))
         out = Path(result.meta["path"])
         assert out.stat().st_nlink == 1  # written
         assert torch.equal(serde.read_file(out)["fc.weight"], received["fc.weight"] * 2)
@@ -264,9 +260,7 @@ async def test_a_diff_is_computed_into_the_taken_file_which_is_then_the_result(s
             v.add_(3)  # the script trains a copy: the taken file stays the base
         assert torch.equal(serde.read_file(held)["fc.weight"], received["fc.weight"])
         local = dict(model.params)
-        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=local)))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, FLModel(params=local))
         assert result.params_type == "DIFF"
         out = Path(result.meta["path"])
         assert out.stat().st_ino == inode  # the base became the difference: nothing written
@@ -308,9 +302,7 @@ async def test_explicit_diff_and_numpy_params_travel_as_given(site: FakeSite) ->
         await asyncio.to_thread(session.receive)
         delta = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array([1, 2], dtype=np.int64)}
         model = FLModel(params=delta, params_type="DIFF")
-        sending = asyncio.create_task(asyncio.to_thread(session.send, model))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, model)
         assert result.params_type == "DIFF" and result.weight == 1.0
         back = serde.read_file(result.meta["path"])
         assert torch.equal(back["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
@@ -328,9 +320,7 @@ async def test_evaluation_sends_metrics_only(site: FakeSite) -> None:
         model = await asyncio.to_thread(session.receive)
         metrics = {"acc": torch.tensor(0.75), "per_class": np.array([1.0, 0.5])}
         reply = FLModel(params=model.params, metrics=metrics)  # params are ignored for an evaluation
-        sending = asyncio.create_task(asyncio.to_thread(session.send, reply))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 5)
+        result = await send_answered(site, session, reply)
         assert result.metrics == {"acc": 0.75, "per_class": [1.0, 0.5]}
         assert "path" not in result.meta and not (site.folder / "job" / "outbox" / "e1.safetensors").exists()
     finally:
@@ -560,9 +550,7 @@ async def test_cuda_params_travel_through_send_as_cpu_tensors(site: FakeSite) ->
         model = await asyncio.to_thread(session.receive)
         assert all(t.device.type == "cpu" for t in model.params.values())  # receive() hands out CPU tensors
         on_gpu = {k: (v.cuda() * 2 if v.is_floating_point() else v.cuda()) for k, v in model.params.items()}
-        sending = asyncio.create_task(asyncio.to_thread(session.send, FLModel(params=on_gpu)))
-        result = await answer_result(site)
-        await asyncio.wait_for(sending, 10)
+        result = await send_answered(site, session, FLModel(params=on_gpu), timeout=10)
         back = serde.read_file(result.meta["path"])  # FULL CUDA params became a CPU delta file
         for k, v in received.items():
             want = v * 2 - v if v.is_floating_point() else v - v
