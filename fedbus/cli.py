@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu", help="where the model lives, e.g. cuda: sent as flare.send does")
     tr.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     tr.add_argument("--repeat", type=_positive_int, default=3, help="runs of the whole sequence; the median is shown")
+    tr.add_argument("--lanes", type=_positive_int, help="connections the chunks are spread over (default: a site's)")
     rd = bsub.add_parser("round", help="whole rounds on real broker and site processes, random models, no training")
     rd.add_argument("--size-mb", type=_positive_float, default=64)
     rd.add_argument("--sites", type=_positive_int, default=4)
@@ -240,7 +241,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.bench == "transfer":
             from fedbus.bench.transfer import run_transfer
 
-            sizes = {k: v for k, v in (("chunk_mb", args.chunk_mb), ("window_mb", args.window_mb)) if v is not None}
+            given = (("chunk_mb", args.chunk_mb), ("window_mb", args.window_mb), ("lanes", args.lanes))
+            sizes = {k: v for k, v in given if v is not None}
             report = run_transfer(
                 args.size_mb,
                 transport=args.transport,

@@ -5,11 +5,14 @@ The parent process is the sender (a DEALER, like a site uploading); a child proc
 buffer, whose page faults dominate on a small machine) and warm (the receiver reuses its buffer, as in
 steady-state rounds). In one run:
 1. raw ZeroMQ: the same byte count as 4 MiB frames, ``copy=False``, a credit window, the receiver
-   discarding what it gets: what the bus can do with no serialization, digests or placement (``ratio``);
-   and again from slices of one buffer the model's size (``raw_zmq_spread_gbps``, ``ratio_vs_spread``): each
-   byte leaves memory once, as a model's do, where the first figure sends one cache-hot 4 MiB buffer;
+   discarding what it gets, over one connection: what the bus can do with no serialization, digests or
+   placement (``ratio``); and again from slices of one buffer the model's size (``raw_zmq_spread_gbps``,
+   ``ratio_vs_spread``): each byte leaves memory once, as a model's do, where the first figure sends one
+   cache-hot 4 MiB buffer; and, where fedbus spreads its chunks over several connections (``--lanes``, by
+   default a site's ``stream_lanes``), raw ZeroMQ from memory over as many (``raw_zmq_lanes_gbps``,
+   ``ratio_vs_lanes``: the ceiling of what fedbus does then);
 2. fedbus: a random state_dict serialized (zero-copy layout), streamed with credit and digests, received
-   into one preallocated buffer and returned as tensors;
+   into one preallocated buffer and returned as tensors; each side's zmq context has a daemon's I/O threads;
 3. memcpy into a reused buffer: the cost of touching every byte once.
 Memory figures are peak RSS growth over the RSS before the model exists, as multiples of the model size.
 
@@ -49,7 +52,14 @@ from fedbus.bench.common import (
 )
 from fedbus.errors import ConfigError
 from fedbus.protocol.messages import STREAM_TYPES, Reply
-from fedbus.transport.endpoint import DealerEndpoint, RouterEndpoint
+from fedbus.transport.endpoint import (
+    MAX_LANES,
+    DealerEndpoint,
+    RouterEndpoint,
+    daemon_context,
+    io_threads,
+    stream_lanes,
+)
 from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, ModelSource, StreamHub
 
 RAW_FRAME = 4 * MiB
@@ -84,13 +94,17 @@ def _addresses(transport: str) -> tuple[str, str]:
 
 
 def _raw_receive(sock: zmq.Socket, total: int) -> None:
-    """Discard ``total`` bytes of frames, granting one frame of credit back per frame consumed."""
+    """Discard ``total`` bytes of frames, granting one frame of credit back per frame consumed (to the connection
+    that sent it), then tell every connection that it is done."""
     got = 0
+    peers: set[bytes] = set()
     while got < total:
         peer, frame = sock.recv_multipart(copy=False)
         got += len(frame)
+        peers.add(peer.bytes)
         sock.send_multipart([peer.bytes, b"c"])
-    sock.send_multipart([peer.bytes, b"done"])
+    for peer_id in peers:
+        sock.send_multipart([peer_id, b"done"])
 
 
 async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
@@ -134,10 +148,10 @@ async def _route(ep: RouterEndpoint, hub: StreamHub) -> None:
             await hub.dispatch(inc.peer, inc.msg, inc.payload)
 
 
-def receiver_main(mode: str, address: str, total: int, window: int, chunk: int) -> None:
+def receiver_main(mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1) -> None:
     """Entry point of the child process: ``raw`` discards frames, ``fedbus`` receives a model."""
     if mode == "raw":
-        ctx = zmq.Context()
+        ctx = zmq.Context(io_threads=lanes)
         raw = ctx.socket(zmq.ROUTER)
         _curve(raw, server=True)
         raw.bind(address)
@@ -148,7 +162,7 @@ def receiver_main(mode: str, address: str, total: int, window: int, chunk: int) 
         ctx.term()
         return
     freeze_startup_objects()  # as the daemons do
-    actx = zmq.asyncio.Context()
+    actx = daemon_context(server=True)
     ep = RouterEndpoint.bind(actx, address, configure=lambda sock: _curve(sock, server=True))
     sys.stdout.write(ep.address + "\n")
     sys.stdout.flush()
@@ -157,8 +171,10 @@ def receiver_main(mode: str, address: str, total: int, window: int, chunk: int) 
     actx.term()
 
 
-def _child(mode: str, address: str, total: int, window: int, chunk: int) -> tuple[subprocess.Popen, str]:
-    args = [mode, address, str(total), str(window), str(chunk)]
+def _child(
+    mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1
+) -> tuple[subprocess.Popen, str]:
+    args = [mode, address, str(total), str(window), str(chunk), str(lanes)]
     proc = subprocess.Popen([sys.executable, "-m", "fedbus.bench.transfer", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
@@ -175,14 +191,17 @@ def _end(proc: subprocess.Popen) -> None:
             proc.stdout.close()
 
 
-def raw_zmq_gbps(total: int, window: int = 32 * MiB, transport: str = "tcp", *, spread: bool = False) -> float:
+def raw_zmq_gbps(
+    total: int, window: int = 32 * MiB, transport: str = "tcp", *, spread: bool = False, lanes: int = 1
+) -> float:
     """The bus's ceiling: ``total`` bytes as 4 MiB frames, copy=False, credit window, receiver discarding.
 
     The frames are one reused 4 MiB buffer, hot in the sender's cache. ``spread``: consecutive slices of a
-    ``total``-byte buffer instead, each byte sent once from memory, as a model is (a second, fairer ceiling)."""
-    proc, address = _child("raw", _addresses(transport)[0], total, window, RAW_FRAME)
+    ``total``-byte buffer instead, each byte sent once from memory, as a model is (a second, fairer ceiling).
+    ``lanes``: over that many connections (and zmq I/O threads on each side), frames in turn."""
+    proc, address = _child("raw", _addresses(transport)[0], total, window, RAW_FRAME, lanes)
     try:
-        return total / _raw_send(address, total, window, spread=spread) / 1e9
+        return total / _raw_send(address, total, window, spread=spread, lanes=lanes) / 1e9
     finally:
         _end(proc)
 
@@ -190,36 +209,42 @@ def raw_zmq_gbps(total: int, window: int = 32 * MiB, transport: str = "tcp", *, 
 # --- sender (parent process) ----------------------------------------------------------------------------
 
 
-def _raw_send(address: str, total: int, window: int, *, spread: bool = False) -> float:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    _curve(sock, server=False)
-    sock.connect(address)
+def _raw_send(address: str, total: int, window: int, *, spread: bool = False, lanes: int = 1) -> float:
+    """Send ``total`` bytes over ``lanes`` connections, frames in turn, each connection with its share of the
+    window as credit; seconds until every connection heard that all arrived."""
+    ctx = zmq.Context(io_threads=lanes)
+    socks = [ctx.socket(zmq.DEALER) for _ in range(lanes)]
+    for sock in socks:
+        _curve(sock, server=False)
+        sock.connect(address)
     buf = memoryview(bytearray(os.urandom(1024)) * ((total if spread else RAW_FRAME) // 1024 + 1))
-    credit = max(1, window // RAW_FRAME)
+    credit = [max(1, window // RAW_FRAME // lanes)] * lanes
     start = time.perf_counter()
-    sent = 0
+    sent = turn = 0
     while sent < total:
-        while credit == 0:
-            sock.recv()
-            credit += 1
+        turn = (turn + 1) % lanes
+        while credit[turn] == 0:
+            socks[turn].recv()
+            credit[turn] += 1
         n = min(RAW_FRAME, total - sent)
-        sock.send(buf[sent : sent + n] if spread else buf[:n], copy=False)
+        socks[turn].send(buf[sent : sent + n] if spread else buf[:n], copy=False)
         sent += n
-        credit -= 1
-    while sock.recv() != b"done":
-        pass
+        credit[turn] -= 1
+    for sock in socks:
+        while sock.recv() != b"done":
+            pass
     elapsed = time.perf_counter() - start
-    sock.close(linger=0)
+    for sock in socks:
+        sock.close(linger=0)
     ctx.term()
     return elapsed
 
 
 async def _fedbus_send(
-    address: str, size_mb: float, chunk: int, window: int, device: str = "cpu", dtype: str = "float32"
+    address: str, size_mb: float, chunk: int, window: int, device: str = "cpu", dtype: str = "float32", lanes: int = 1
 ) -> dict[str, Any]:
-    ctx = zmq.asyncio.Context()
-    ep = DealerEndpoint.connect(ctx, address, configure=lambda sock: _curve(sock, server=False))
+    ctx = zmq.asyncio.Context(io_threads=max(io_threads(), lanes))  # a site's, or one per lane
+    ep = DealerEndpoint.connect(ctx, address, configure=lambda sock: _curve(sock, server=False), lanes=lanes)
 
     async def refuse(peer: bytes, offer: Any) -> None:
         return None
@@ -278,14 +303,15 @@ async def _route_controls(ep: DealerEndpoint, hub: StreamHub) -> dict[str, Any]:
 
 
 def _one_run(
-    size_mb: float, total: int, chunk: int, window: int, transport: str, device: str, dtype: str
+    size_mb: float, total: int, chunk: int, window: int, transport: str, device: str, dtype: str, lanes: int
 ) -> dict[str, Any]:
-    """The bus's two ceilings, then fedbus, back to back (one repetition of the benchmark)."""
+    """The bus's ceilings, then fedbus, back to back (one repetition of the benchmark)."""
     raw_gbps = raw_zmq_gbps(total, window, transport)
     raw_spread_gbps = raw_zmq_gbps(total, window, transport, spread=True)
+    raw_lanes_gbps = raw_zmq_gbps(total, window, transport, spread=True, lanes=lanes) if lanes > 1 else None
     proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk)
     try:
-        fb = asyncio.run(_fedbus_send(address, size_mb, chunk, window, device, dtype))
+        fb = asyncio.run(_fedbus_send(address, size_mb, chunk, window, device, dtype, lanes))
     except BaseException:
         proc.kill()  # the receiver would wait for a model that is not coming
         raise
@@ -293,6 +319,7 @@ def _one_run(
         _end(proc)
     fedbus_gbps = fb["size"] / fb["elapsed"] / 1e9
     out = {"fb": fb, "raw_gbps": raw_gbps, "raw_spread_gbps": raw_spread_gbps, "fedbus_gbps": fedbus_gbps}
+    out["raw_lanes_gbps"] = raw_lanes_gbps
     return out | {"ratio": fedbus_gbps / raw_gbps}
 
 
@@ -306,25 +333,32 @@ def run_transfer(
     device: str = "cpu",
     dtype: str = "float32",
     repeat: int = 3,
+    lanes: int | None = None,
 ) -> str:
     """Run the benchmark ``repeat`` times and report the median run; returns the report (a table, then one
     JSON line). ``curve``: CurveZMQ on.
     ``device``: the model lives there (``cuda``) and is sent as ``flare.send`` does: copied once into the
-    hand-over file, then streamed from its mapping; ``d2h_s`` is the copy's share of ``fedbus_s``."""
+    hand-over file, then streamed from its mapping; ``d2h_s`` is the copy's share of ``fedbus_s``.
+    ``lanes``: connections fedbus spreads its chunks over (default: a site's, ``stream_lanes``)."""
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ConfigError(f"--device {device!r}: only cpu, or cuda[:N] on a machine with a CUDA GPU")
     if curve:
         os.environ[CURVE_ENV] = ",".join(k.decode() for k in zmq.curve_keypair())
         try:
-            report = run_transfer(size_mb, chunk_mb, window_mb, transport, device=device, dtype=dtype, repeat=repeat)
+            report = run_transfer(
+                size_mb, chunk_mb, window_mb, transport, device=device, dtype=dtype, repeat=repeat, lanes=lanes
+            )
             return report.replace(f'"transport": "{transport}"', f'"transport": "{transport}+curve"')
         finally:
             del os.environ[CURVE_ENV]
     if repeat < 1:
         raise ConfigError(f"--repeat must be >= 1, got {repeat}")
+    lanes = stream_lanes() if lanes is None else lanes
+    if not 1 <= lanes <= MAX_LANES:
+        raise ConfigError(f"--lanes must be in [1, {MAX_LANES}], got {lanes}")
     chunk, window = int(chunk_mb * MiB), int(window_mb * MiB)
     total = int(size_mb * MiB)
-    runs = [_one_run(size_mb, total, chunk, window, transport, device, dtype) for _ in range(repeat)]
+    runs = [_one_run(size_mb, total, chunk, window, transport, device, dtype, lanes) for _ in range(repeat)]
     # Each run measures the bus and then fedbus back to back; the host drifts by +-20 % between runs (the
     # 16-core host: raw ZeroMQ 3.4-4.4 GB/s within minutes), so the ratio is the median of the runs' own
     # ratios (the lower middle one of an even count), and the run that gives it supplies the other figures.
@@ -347,6 +381,7 @@ def run_transfer(
         "memcpy_gbps": round(mem, 3),
         "ratio": round(fedbus_gbps / raw_gbps, 3),
         "ratios": [round(r["ratio"], 3) for r in runs],
+        "lanes": lanes,
         "fedbus_warm_gbps": round(fb["size"] / fb["warm"] / 1e9, 3),
         "warm_ratio": round(fb["size"] / fb["warm"] / 1e9 / raw_gbps, 3),
         "sender_rss_x": round(max(r["fb"]["sender_growth"] for r in runs) / fb["size"], 3),
@@ -357,13 +392,23 @@ def run_transfer(
         "device": device,
         "dtype": dtype,
     }
+    if median["raw_lanes_gbps"] is not None:
+        result |= {
+            "raw_zmq_lanes_gbps": round(median["raw_lanes_gbps"], 3),
+            "ratio_vs_lanes": round(fedbus_gbps / median["raw_lanes_gbps"], 3),
+        }
     if device != "cpu":
         result |= {"d2h_s": round(fb["d2h"], 4), "d2h_gbps": round(fb["size"] / fb["d2h"] / 1e9, 3)}
     rows = [
         ("model", f"{size_mb} MiB in {fb['tensors']} tensors, {fb['total']} bytes on the wire"),
-        ("chunk / window", f"{chunk_mb} MiB / {window_mb} MiB over {transport}"),
+        ("chunk / window", f"{chunk_mb} MiB / {window_mb} MiB over {transport}, {lanes} connection(s)"),
         ("raw zmq", f"{raw_gbps:.2f} GB/s from one 4 MiB buffer (cache-hot)"),
         ("raw zmq, spread", f"{raw_spread_gbps:.2f} GB/s from {size_mb} MiB of memory, each byte once"),
+        *(
+            [("raw zmq, lanes", f"{result['raw_zmq_lanes_gbps']:.2f} GB/s the same, over {lanes} connections")]
+            if lanes > 1
+            else []
+        ),
         ("fedbus", f"{fedbus_gbps:.2f} GB/s ({fb['elapsed']:.3f} s), {result['ratio']:.0%} of raw"),
         ("runs", f"{repeat}, fedbus / raw in each: {', '.join(f'{r:.0%}' for r in result['ratios'])} (median shown)"),
         (
@@ -383,4 +428,4 @@ def run_transfer(
 
 
 if __name__ == "__main__":
-    receiver_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    receiver_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))

@@ -437,6 +437,11 @@ class Receiver:
         return self._expected
 
     @property
+    def arrived(self) -> int:
+        """The end of the chunks accepted so far, contiguous from 0: the offset of the next chunk to accept."""
+        return self._arrived
+
+    @property
     def total(self) -> int:
         return self._total
 
@@ -527,13 +532,7 @@ class Receiver:
         if self._state is not _R.RECEIVING:
             return False
         off = msg.off
-        if not 0 <= off < self._total or off % self._chunk:
-            raise RemoteProtocolError(f"stream {self._sid}: chunk offset {off} is not a chunk boundary of the stream")
-        want = self.chunk_length(off)
-        if length != want:
-            raise RemoteProtocolError(f"stream {self._sid}: chunk at offset {off} has {length} bytes, not {want}")
-        if off + length > self._granted:
-            raise RemoteProtocolError(f"stream {self._sid}: chunk at offset {off} exceeds the credit {self._granted}")
+        self._check_chunk(off, length)
         if off > self._arrived:  # something before it was lost: ask once per gap
             self._ask_resume()
         if off != self._arrived:
@@ -541,6 +540,28 @@ class Receiver:
         self._arrived += length
         self._accepted_end = max(self._accepted_end, self._arrived)
         return True
+
+    def ahead(self, msg: Chunk, length: int) -> bool:
+        """Whether a chunk lies beyond the next one expected: it overtook an earlier chunk sent on another
+        connection (a sender may spread chunks over several, ``fedbus.transport.endpoint.stream_lanes``), and
+        the driver holds it until ``arrived`` reaches it. At most a window of chunks can be ahead, so what the
+        driver holds is bounded by the credit. Raises RemoteProtocolError for a chunk no correct sender sends."""
+        if not isinstance(msg, Chunk):
+            raise LocalProtocolError(f"ahead takes a Chunk, not {type(msg).__name__}")
+        _sid_of(msg, self._sid)
+        if self._state is not _R.RECEIVING:
+            return False
+        self._check_chunk(msg.off, length)
+        return msg.off > self._arrived
+
+    def _check_chunk(self, off: int, length: int) -> None:
+        if not 0 <= off < self._total or off % self._chunk:
+            raise RemoteProtocolError(f"stream {self._sid}: chunk offset {off} is not a chunk boundary of the stream")
+        want = self.chunk_length(off)
+        if length != want:
+            raise RemoteProtocolError(f"stream {self._sid}: chunk at offset {off} has {length} bytes, not {want}")
+        if off + length > self._granted:
+            raise RemoteProtocolError(f"stream {self._sid}: chunk at offset {off} exceeds the credit {self._granted}")
 
     def chunk_written(self, msg: Chunk, actual_sum: int, now: float) -> bool:
         """An accepted chunk is in place and its bytes sum to ``actual_sum``: True if that verified it.

@@ -61,7 +61,7 @@ from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter, make_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
-from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming, daemon_context, io_threads
+from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming, daemon_context, io_threads, stream_lanes
 from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, placement_threads
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
@@ -187,6 +187,7 @@ class Site:
             workspace=str(self.workspace),
             placement_threads=placement_threads(),
             io_threads=io_threads(),
+            lanes=stream_lanes(),
         )
         self.started.set()
 
@@ -254,7 +255,9 @@ class Site:
         if self.keys is not None:  # unguessable, so that no other key can take over this site's route
             identity += f":{self.keys.routing_token()}"
         curve = self.keys.as_tuple() if self.keys is not None else None
-        ep = DealerEndpoint.connect(self.ctx, self.config.broker, identity=identity.encode(), curve=curve)
+        ep = DealerEndpoint.connect(
+            self.ctx, self.config.broker, identity=identity.encode(), curve=curve, lanes=stream_lanes()
+        )
         self.uplink.attach(ep)
         self._last_heard = asyncio.get_running_loop().time()
         return ep

@@ -396,7 +396,9 @@ class _Placements:
 
     They are reported to the ``Receiver`` in the order it accepted them. A chunk sent again (after a NACK or a
     resume) waits until every earlier write has landed and been reported, so two writes never race for the
-    same bytes and a chunk already verified is never overwritten.
+    same bytes and a chunk already verified is never overwritten. A chunk that overtook an earlier one (the
+    sender spreads chunks over several connections) waits in ``ahead`` for its turn, and so does an END that
+    came before the chunks it follows: both are bounded by the credit window.
     """
 
     def __init__(
@@ -409,12 +411,32 @@ class _Placements:
         self.receiver, self.sink, self.pool, self.wake = receiver, sink, pool, wake
         self.pending: deque[tuple[Chunk, int, concurrent.futures.Future[int]]] = deque()
         self.end = 0  # the furthest end of a chunk handed to a thread
+        self.ahead: dict[int, tuple[Chunk, list[memoryview], int]] = {}  # offset -> a chunk that came early
+        self.end_msg: End | None = None  # an END that came while chunks were ahead of a missing one
 
     async def feed(self, msg: Message, frames: list[memoryview]) -> None:
+        receiver = self.receiver
         if not isinstance(msg, Chunk):
-            self.receiver.receive(msg, _now())
+            if isinstance(msg, End) and self.ahead:
+                self.end_msg = msg
+            else:
+                receiver.receive(msg, _now())
             return
         length = sum(f.nbytes for f in frames)
+        if receiver.ahead(msg, length):
+            self.ahead[msg.off] = (msg, frames, length)
+            return
+        await self._place(msg, frames, length)
+        if self.ahead:
+            while (early := self.ahead.pop(receiver.arrived, None)) is not None:
+                await self._place(*early)
+            for off in [off for off in self.ahead if off < receiver.arrived]:  # overtaken by a rewind's re-send
+                del self.ahead[off]
+            if not self.ahead and self.end_msg is not None:
+                end, self.end_msg = self.end_msg, None
+                receiver.receive(end, _now())
+
+    async def _place(self, msg: Chunk, frames: list[memoryview], length: int) -> None:
         if self.pending and msg.off < self.end:
             await self.drain()
         if not self.receiver.accept_chunk(msg, length):

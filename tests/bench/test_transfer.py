@@ -33,11 +33,22 @@ def test_transfer_bench_reports_every_figure() -> None:
     assert got["tensors"] > 1 and got["device"] == "cpu"
 
 
+def test_transfer_bench_over_lanes_reports_their_raw_ceiling_too() -> None:
+    got = _figures(run_transfer(8, chunk_mb=1, window_mb=4, repeat=1, lanes=2))
+    assert got["lanes"] == 2 and got["raw_zmq_lanes_gbps"] > 0 and got["fedbus_gbps"] > 0
+    assert got["ratio_vs_lanes"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_lanes_gbps"], rel=0.02)
+    assert 0 <= got["receiver_rss_x"] < 3
+    one = _figures(run_transfer(1, repeat=1, lanes=1))
+    assert one["lanes"] == 1 and "raw_zmq_lanes_gbps" not in one
+
+
 def test_transfer_bench_refuses_a_device_it_cannot_use() -> None:
     with pytest.raises(ConfigError, match="--device 'meta'"):
         run_transfer(1, device="meta")
     with pytest.raises(ConfigError, match="--repeat must be >= 1"):
         run_transfer(1, repeat=0)
+    with pytest.raises(ConfigError, match="--lanes must be in"):
+        run_transfer(1, lanes=9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -106,6 +106,7 @@ class Relay:
         host, port = target.removeprefix("tcp://").rsplit(":", 1)
         self.target = (host, int(port))
         self.captured = bytearray()
+        self.connections = 0  # accepted so far
         self.server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task] = set()
 
@@ -127,6 +128,7 @@ class Relay:
         await self.server.wait_closed()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.ensure_future(self._pipe(src, dst))

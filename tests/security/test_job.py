@@ -36,7 +36,10 @@ from tests.security.helpers import (
 pytestmark = pytest.mark.timeout(120)
 
 
-async def test_secure_job_audit_agrees_and_excluded_tensors_stay_home(tmp_path: Path) -> None:
+async def test_secure_job_audit_agrees_and_excluded_tensors_stay_home(tmp_path: Path, monkeypatch) -> None:
+    # The sites spread their upload chunks over two connections each (a host of 8+ cores does so by default):
+    # a lane carries its site's CURVE key and routing id, so the broker's checks hold for it as they do for the site.
+    monkeypatch.setenv("FEDBUS_LANES", "2")
     kits = make_kits(tmp_path)
     model = patterned_model()
     job = write_job(tmp_path / "job", model, rounds=2, extra='\n[extra.privacy]\nexclude = ["private"]\n')
@@ -62,7 +65,9 @@ async def test_secure_job_audit_agrees_and_excluded_tensors_stay_home(tmp_path: 
     assert torch.equal(final["private"], model["private"])
     assert torch.allclose(final["w"], model["w"] + 1.0, atol=1e-5)
 
-    # the wire between site-1 and the broker: whole models crossed it, none of their bytes in plaintext
+    # the wire between site-1 and the broker (its connection and the lane): whole models crossed it, none of their
+    # bytes in plaintext
+    assert relay.connections >= 2
     raw = model["w"].numpy().tobytes()
     assert len(relay.captured) > 2 * len(raw)
     for off in range(0, len(raw) - 64, len(raw) // 16):

@@ -11,7 +11,7 @@ import pytest
 import zmq.asyncio
 
 from fedbus.protocol.messages import STREAM_TYPES, Offer
-from fedbus.transport.endpoint import BadMessage, DealerEndpoint, RouterEndpoint
+from fedbus.transport.endpoint import BadMessage, DealerEndpoint, MemoryHub, RouterEndpoint
 from fedbus.transport.streams import BufferSink, StreamHub
 
 
@@ -50,23 +50,41 @@ def make_side(endpoint, *, expected=None, max_total=1 << 34, **hub_kwargs) -> Si
 
 
 @contextlib.asynccontextmanager
-async def linked(address: str, **hub_kwargs) -> AsyncIterator[tuple[Side, Side]]:
-    """A bound ROUTER side and a connected DEALER side (identity b'peer'), both pumping."""
-    ctx = zmq.asyncio.Context()
+async def linked(address: str, *, lanes: int = 1, **hub_kwargs) -> AsyncIterator[tuple[Side, Side]]:
+    """A bound ROUTER side and a connected DEALER side (identity b'peer', over ``lanes`` connections), both pumping."""
+    ctx = zmq.asyncio.Context(io_threads=lanes)
     router = make_side(RouterEndpoint.bind(ctx, address), **hub_kwargs)
-    dealer = make_side(DealerEndpoint.connect(ctx, router.endpoint.address, identity=b"peer"), **hub_kwargs)
+    dealer_ep = DealerEndpoint.connect(ctx, router.endpoint.address, identity=b"peer", lanes=lanes)
+    dealer = make_side(dealer_ep, **hub_kwargs)
     tasks = [asyncio.ensure_future(pump(router)), asyncio.ensure_future(pump(dealer))]
     try:
         yield router, dealer
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
         await router.hub.close()
         await dealer.hub.close()
         router.endpoint.close()
         dealer.endpoint.close()
         ctx.term()
+
+
+@contextlib.asynccontextmanager
+async def memory_linked(**hub_kwargs) -> AsyncIterator[tuple[Side, Side]]:
+    """Sides ``a`` and ``b`` joined in memory (``MemoryHub``; ``a`` sends to b'b' by default), both pumping."""
+    hub = MemoryHub()
+    a = make_side(hub.endpoint(b"a", default_peer=b"b"), **hub_kwargs)
+    b = make_side(hub.endpoint(b"b"), **hub_kwargs)
+    tasks = [asyncio.ensure_future(pump(a)), asyncio.ensure_future(pump(b))]
+    try:
+        yield a, b
+    finally:
+        await cancel_all(tasks)
+
+
+async def cancel_all(tasks: list[asyncio.Future]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture(params=["tcp", "ipc"])

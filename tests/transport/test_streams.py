@@ -14,9 +14,9 @@ from fedbus import digest
 from fedbus.errors import TransportError
 from fedbus.protocol.envelope import MAX_OFFER_ENVELOPE
 from fedbus.protocol.messages import Chunk, Heartbeat
-from fedbus.transport.endpoint import COPY_BELOW, MemoryHub
+from fedbus.transport.endpoint import COPY_BELOW
 from fedbus.transport.streams import BufferSink, ModelSource, placement_threads
-from tests.transport.conftest import linked, make_side, pump
+from tests.transport.conftest import linked, memory_linked
 
 
 def mixed_state_dict() -> dict[str, torch.Tensor]:
@@ -62,18 +62,10 @@ async def test_mixed_dtypes_round_trip_bit_exact(address: str) -> None:
 
 
 async def test_memory_transport_same_interface() -> None:
-    hub = MemoryHub()
-    a = make_side(hub.endpoint(b"a", default_peer=b"b"), chunk_size=4096, window=16384)
-    b = make_side(hub.endpoint(b"b"), chunk_size=4096, window=16384)
-    tasks = [asyncio.ensure_future(pump(a)), asyncio.ensure_future(pump(b))]
-    try:
+    async with memory_linked(chunk_size=4096, window=16384) as (a, b):
         sd = mixed_state_dict()
         await asyncio.wait_for(a.hub.send(b"b", ModelSource.from_state_dict(sd)), 10)
         assert_same(await (await b.sinks.get()).result, sd)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_incompatible_offer_is_refused_before_any_payload(address: str) -> None:
