@@ -31,6 +31,7 @@ def test_transfer_bench_reports_every_figure() -> None:
     # Growth over the baseline, in model sizes: at 8 MiB malloc may reuse resident memory, so only bounds.
     assert 0 <= got["sender_rss_x"] < 3 and 0 <= got["receiver_rss_x"] < 3
     assert got["tensors"] > 1 and got["device"] == "cpu"
+    assert ("raw_zmq_lanes_gbps" in got) == (got["lanes"] > 1)  # the lanes' ceiling where there are lanes
 
 
 def test_transfer_bench_over_lanes_reports_their_raw_ceiling_too() -> None:
@@ -38,8 +39,6 @@ def test_transfer_bench_over_lanes_reports_their_raw_ceiling_too() -> None:
     assert got["lanes"] == 2 and got["raw_zmq_lanes_gbps"] > 0 and got["fedbus_gbps"] > 0
     assert got["ratio_vs_lanes"] == pytest.approx(got["fedbus_gbps"] / got["raw_zmq_lanes_gbps"], rel=0.02)
     assert 0 <= got["receiver_rss_x"] < 3
-    one = _figures(run_transfer(1, repeat=1, lanes=1))
-    assert one["lanes"] == 1 and "raw_zmq_lanes_gbps" not in one
 
 
 def test_transfer_bench_refuses_a_device_it_cannot_use() -> None:
