@@ -433,11 +433,9 @@ class DealerEndpoint(_ZmqEndpoint):
             return sock
 
         ep = cls(make(identity), max_envelope=max_envelope)
+        lane_ids = [identity + LANE_MARK + bytes([k]) for k in range(1, lanes)] if identity else []
         try:
-            ep._lanes = tuple(
-                _ZmqEndpoint(make(identity + LANE_MARK + bytes([k])), max_envelope=max_envelope)  # type: ignore[operator]
-                for k in range(1, lanes)
-            )
+            ep._lanes = tuple(_ZmqEndpoint(make(lane_id), max_envelope=max_envelope) for lane_id in lane_ids)
         except TransportError:
             ep.close()
             raise

@@ -430,8 +430,8 @@ class _Placements:
         if self.ahead:
             while (early := self.ahead.pop(receiver.arrived, None)) is not None:
                 await self._place(*early)
-            for off in [off for off in self.ahead if off < receiver.arrived]:  # overtaken by a rewind's re-send
-                del self.ahead[off]
+            for off in [off for off in self.ahead if off < receiver.arrived]:  # sent again after a rewind and
+                del self.ahead[off]  # taken in its turn: the early copy is stale
             if not self.ahead and self.end_msg is not None:
                 end, self.end_msg = self.end_msg, None
                 receiver.receive(end, _now())
