@@ -104,8 +104,8 @@ def stream_lanes() -> int:
 
     Two on 8 cores or more. 16-core host, raw ZeroMQ from a model's memory, 2 MiB frames: 3.6-3.8 GB/s over one
     connection, 4.4-5.1 over two, 4.5-4.7 over four. ``fedbus bench transfer --size-mb 1024`` (median ratio of
-    three runs, per pass): two lanes 0.74-0.94 over five passes (fedbus 2.8-3.8 GB/s), one lane 0.65 and 0.73 on
-    the same machines, four lanes 0.83-0.84 (two passes). A broker's round with four sites moves as fast with two
+    three runs, per pass): two lanes 0.74-0.94 over six passes (fedbus 2.8-3.8 GB/s), one lane 0.65 and 0.73 on
+    the same machines, four lanes 0.75-0.84 (three passes). A broker's round with four sites moves as fast with two
     lanes per site as with one (``fedbus bench round --size-mb 512 --sites 4``: 1.43-1.49 vs 1.40-1.47 s,
     interleaved): its I/O threads are busy with the sites in parallel already. On fewer cores there is no spare
     core for a second I/O thread (2 cores, raw: 2.7-2.9 vs 3.0-3.2 GB/s, within the noise), so one.
