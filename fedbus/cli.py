@@ -242,11 +242,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             from fedbus.bench.transfer import run_transfer
 
             given = (("chunk_mb", args.chunk_mb), ("window_mb", args.window_mb), ("lanes", args.lanes))
-            sizes = {k: v for k, v in given if v is not None}
+            options = {k: v for k, v in given if v is not None}
             report = run_transfer(
                 args.size_mb,
                 transport=args.transport,
-                **sizes,
+                **options,
                 curve=args.curve,
                 device=args.device,
                 dtype=args.dtype,
