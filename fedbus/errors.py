@@ -42,6 +42,10 @@ class TransportError(FedbusError):
     """The bus failed: a socket error, a peer gone, a stream that stalled."""
 
 
+class PeerUnreachable(TransportError):
+    """A ROUTER has no connection to that peer right now: it is gone, or reconnecting (a message to it is lost)."""
+
+
 class StrategyError(FedbusError):
     """An aggregation strategy could not proceed."""
 

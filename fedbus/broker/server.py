@@ -376,6 +376,8 @@ class Broker:
             raise FedbusError(f"unknown role {msg.role[:32]!r}")
         await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
         if msg.role == "site":
+            assert self.hub is not None  # a model whose offer found the site reconnecting is offered again
+            await self.hub.reoffer_all(peer)
             if rejoined:
                 for c in list(self.controllers.values()):
                     if msg.name in c.sites:

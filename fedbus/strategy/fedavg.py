@@ -8,7 +8,12 @@ Phases: ``new`` -> ``waiting`` | ``train`` -> (``evaluate``) -> ``train`` ... ->
   available (``start`` or ``site_joined``; until then the phase is ``waiting``, with no deadline). It
   dispatches v to up to ``max_clients`` sites taken from the sorted site names, rotated by
   ``v * max_clients`` so that every site takes its turn while the choice stays reproducible. Sites
-  joining mid-round wait for the next round.
+  joining mid-round wait for the next round, except one that comes back during the round (or evaluation)
+  in which its task was lost (it left before answering, or the task failed, as when its daemon stopped and
+  took the script with it): it gets the task again, once per round. A site that lost its connection or
+  restarted is not what a barrier of all sites should fail for; a late answer to the first task is Rejected
+  as stale, so nothing is counted twice. Only a return brings a task back, so a script that keeps failing on
+  a site that stays is never re-dispatched in a loop.
 * Each result is checked (task, site, base version, weight, names/shapes/dtypes, NaN/Inf) and folded
   into ONE running weighted sum as it arrives. The sum lives in the space of the round's first accepted
   update: FULL (new = sum / W) or DIFF (new = global + sum / W); an update of the other type is
@@ -101,7 +106,12 @@ class FedAvg(Strategy):
         self._acc_type: ParamsType | None = None
         self._weight = 0.0
         self._metrics = MetricMean()
-        self._round = {"dispatched": 0, "accepted": 0, "rejected": 0, "failed": 0, "left": 0}
+        self._new_phase_counts(dispatched=0)
+
+    def _new_phase_counts(self, dispatched: int) -> None:
+        self._round = {"dispatched": dispatched, "accepted": 0, "rejected": 0, "failed": 0, "left": 0, "retried": 0}
+        self._lost: dict[str, str] = {}  # site -> "left" | "failed": its task of this phase, owed again on return
+        self._retried: set[str] = set()  # had it again already (once per round)
 
     # ---- the Strategy interface -------------------------------------------------------------------
 
@@ -143,6 +153,11 @@ class FedAvg(Strategy):
         self._sites.add(site)
         if self._phase == "waiting":
             acts += self._begin_round(now)
+        elif site in self._lost and self._phase in ("train", "evaluate"):
+            self._round[self._lost.pop(site)] -= 1  # back: its task is pending again, not lost
+            self._retried.add(site)
+            self._round["retried"] += 1
+            acts.append(self._book.issue(site, self._version, "train" if self._phase == "train" else "evaluate"))
         return acts
 
     def site_left(self, site: str, now: float) -> list[Action]:
@@ -151,6 +166,8 @@ class FedAvg(Strategy):
         task = self._book.close_site(site, f"site {site!r} left before answering")
         if task is not None:
             self._round["left"] += 1
+            if site not in self._retried:
+                self._lost[site] = "left"
             acts += self._close_if_complete(now)
         return acts
 
@@ -161,6 +178,8 @@ class FedAvg(Strategy):
             return acts  # not pending (already answered, closed, or never ours): nothing changes
         self._book.close(task_id, f"task {task_id} had already failed: {reason}")
         self._round["failed"] += 1
+        if site not in self._retried:
+            self._lost[site] = "failed"
         self._totals["failed_tasks"] += 1
         return acts + self._close_if_complete(now)
 
@@ -248,7 +267,7 @@ class FedAvg(Strategy):
         self._evaluated = self._version
         self._phase, self._final_eval = "evaluate", final
         self._deadline = None if self.round_timeout is None else now + self.round_timeout
-        self._round = {"dispatched": len(self._sites), "accepted": 0, "rejected": 0, "failed": 0, "left": 0}
+        self._new_phase_counts(dispatched=len(self._sites))
         acts: list[Action] = [self._book.issue(s, self._version, "evaluate") for s in sorted(self._sites)]
         return acts + self._close_if_complete(now)
 

@@ -45,7 +45,7 @@ import zmq
 import zmq.asyncio
 
 from fedbus._cores import thread_count, usable_cores
-from fedbus.errors import RemoteProtocolError, TransportError
+from fedbus.errors import PeerUnreachable, RemoteProtocolError, TransportError
 from fedbus.protocol.envelope import MAX_ENVELOPE, decode, encode
 from fedbus.protocol.messages import Chunk, End, Message
 
@@ -201,7 +201,7 @@ class _ZmqEndpoint:
                 await self._wait(self._writable)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
-                    raise TransportError(f"peer {bytes(frames[0])!r} is not connected") from exc
+                    raise PeerUnreachable(f"peer {bytes(frames[0])!r} is not connected") from exc
                 raise TransportError(f"send failed: {exc}") from exc
         if self._readable:
             self._on_events()
@@ -488,7 +488,7 @@ class MemoryEndpoint:
     async def send(self, peer: bytes, msg: Message, payload: Sequence[Any] = ()) -> None:
         target = self.hub.endpoints.get(peer or self.default_peer)
         if target is None:
-            raise TransportError(f"peer {peer!r} is not connected")
+            raise PeerUnreachable(f"peer {peer!r} is not connected")
         frames = [encode(msg), *(bytes(p) for p in payload)]
         target.inbox.put_nowait((self.name, frames))
 

@@ -32,7 +32,7 @@ import torch
 from fedbus import digest, serde
 from fedbus._cores import thread_count, usable_cores
 from fedbus._memory import populate_for_write
-from fedbus.errors import FedbusError, LocalProtocolError, RemoteProtocolError, TransportError
+from fedbus.errors import FedbusError, LocalProtocolError, PeerUnreachable, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Abort, Ack, Chunk, End, Message, Offer
@@ -605,13 +605,14 @@ class StreamHub:
         self._offers[key] = sender.offer()
         pool = self.pool
         try:
-            await self.endpoint.send(peer, sender.offer(), [source.whole()] if inline else ())
+            await self._send_or_lose(peer, sender.offer(), [source.whole()] if inline else ())
             while True:
                 if pool is not None:  # the next window's sums, ahead, off the loop
                     sums.prefetch(sender.sent_until, sender.credit + self.window, pool)
                 for m in sender.next_messages(_now()):
                     payload = source.frames(m.off, sender.chunk_length(m.off)) if isinstance(m, Chunk) else ()
-                    await self.endpoint.send(peer, m, payload)
+                    if not await self._send_or_lose(peer, m, payload):
+                        break  # the rest of the batch would be lost too
                 if sender.state in (SenderState.DONE, SenderState.FAILED):
                     break
                 deadline = sender.deadline()
@@ -626,6 +627,21 @@ class StreamHub:
         if sender.state is SenderState.FAILED:
             raise TransportError(f"stream {sid} to {peer!r} failed: {sender.failure}")
         return sid
+
+    async def _send_or_lose(self, peer: bytes, msg: Message, payload: Sequence[Any]) -> bool:
+        """Send one message of an outgoing stream; False if the peer has no connection right now.
+
+        A peer that is reconnecting (its socket gave up on a silent broker, a network blip) comes back under
+        the same routing id, asks for the streams it was receiving from where it verified them (RESUME), and
+        is offered again those it never heard of (``reoffer_all``). So a message that found no connection
+        is treated as lost in transit, which the stream already survives, instead of failing the stream: the
+        stall timeout still bounds the wait, and a peer declared gone has its streams aborted at once
+        (``abort_peer``). Before, a site reconnecting while its model downloaded lost its task."""
+        try:
+            await self.endpoint.send(peer, msg, payload)
+        except PeerUnreachable:
+            return False
+        return True
 
     # --- receiving -----------------------------------------------------------------------------------
 
@@ -784,19 +800,24 @@ class StreamHub:
         if outbox is not None:
             outbox.put_nowait(msg)
 
-    async def reoffer_all(self) -> None:
-        """After a reconnect: offer every outgoing stream again. A receiver that still holds one answers with
-        the offset to resume from; one that forgot it (a restarted broker) refuses it, so its sender fails now
-        rather than after the stall timeout."""
-        for (peer, _sid), offer in list(self._offers.items()):
-            with contextlib.suppress(TransportError):
-                await self.endpoint.send(peer, offer)
+    async def reoffer_all(self, peer: bytes | None = None) -> None:
+        """After a reconnect: offer every outgoing stream (to ``peer``) again. A receiver that still holds one
+        answers with the offset to resume from; one that never heard of it (the offer found no connection)
+        takes it as new; one that forgot it (a restarted peer) refuses it, so its sender fails now rather than
+        after the stall timeout."""
+        for (p, _sid), offer in list(self._offers.items()):
+            if peer is None or p == peer:
+                with contextlib.suppress(TransportError):
+                    await self.endpoint.send(p, offer)
 
     def abort_peer(self, peer: bytes, reason: str) -> None:
-        """Give up every stream coming from ``peer`` (it was declared gone): its owners hear at once."""
+        """Give up every stream from and to ``peer`` (it was declared gone): their owners hear at once."""
         for (p, sid), queue in list(self._incoming.items()):
             if p == peer:
                 queue.put_nowait((Abort(sid, reason), []))
+        for (p, sid), outbox in list(self._outgoing.items()):
+            if p == peer:
+                outbox.put_nowait(Abort(sid, reason))
 
     async def resume_all(self, peer: bytes | None = None) -> None:
         """After a reconnect: ask every sender (of ``peer``) to continue from our last verified offset."""

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from fedbus.admin import Admin
+from fedbus.broker import Broker
+from fedbus.config import BrokerConfig, SiteConfig
+from fedbus.site import Site
 from tests.broker.harness import federation, wait_job, write_job
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,3 +63,32 @@ async def test_a_bad_update_is_refused_and_the_round_completes(tmp_path: Path, m
 
         final = load_file(broker.store.checkpoint_path(job_id, 2))
         assert torch.equal(final["w"], torch.full((10,), 2.0))
+
+
+async def test_a_site_back_before_its_round_closes_takes_its_task_again(tmp_path: Path) -> None:
+    """site-1's daemon stops with its task unanswered and starts again while site-3 still trains: it gets the
+    round's task again and the round closes with all three (min_clients=3), where before the job failed."""
+    cfg = BrokerConfig(bind=f"ipc://{tmp_path}/broker.sock", workspace=str(tmp_path / "broker"), heartbeat_s=0.5)
+
+    def site(i: int) -> Site:
+        return Site(SiteConfig(name=f"site-{i}", broker=cfg.bind, workspace=str(tmp_path / f"s{i}"), heartbeat_s=0.2))
+
+    async with Broker(cfg) as broker, site(2), site(3), Admin(cfg.bind) as admin:
+        async with site(1):
+            job_id = await admin.submit(write_job(tmp_path / "job", mode="slow", min_clients=3, rounds=1))
+            async with asyncio.timeout(30):  # until site-1 holds its first task
+                while "site-1" not in broker.controllers.get(job_id, _NoTasks).tasks.values():
+                    await asyncio.sleep(0.02)
+            first = {t for t, s in broker.controllers[job_id].tasks.items() if s == "site-1"}
+        assert (await admin.status(job_id))["jobs"][0]["state"] == "running"  # site-2 and site-3 still at it
+        async with site(1):
+            job = await wait_job(admin, job_id)
+        assert job["state"] == "finished", job["reason"]
+        accepted = {u["site"]: u["task_id"] for u in broker.store.updates(job_id) if u["accepted"]}
+        assert sorted(accepted) == ["site-1", "site-2", "site-3"]
+        assert accepted["site-1"] not in first  # its second task, in the same round
+        assert [h["version"] for h in broker.store.history(job_id)] == [0, 1]
+
+
+class _NoTasks:
+    tasks: dict[str, str] = {}

@@ -154,6 +154,64 @@ def test_site_left_below_min_clients_fails_the_round() -> None:
     assert "1 sites left" in acts[-1].reason
 
 
+def test_a_site_back_in_the_same_round_gets_its_task_again_once() -> None:
+    s, d = started(["a", "b"], min_clients=2)
+    assert s.site_left("b", 1.0) == []  # a's task still pending: the round waits
+    (again,) = s.site_joined("b", 2.0)
+    assert again == Dispatch("b", again.task_id, 0) and again.task_id != d["b"].task_id
+    assert s.state()["round_retried"] == 1 and s.state()["round_left"] == 0
+    (late,) = s.on_update(answer(d["b"], like(make_model(), 9.0)), 3.0)  # the first task's answer: stale
+    assert isinstance(late, Rejected)
+    s.on_update(answer(d["a"], like(make_model(), 1.0)), 4.0)
+    acts = s.on_update(answer(again, like(make_model(), 3.0)), 5.0)
+    (pub,) = of(acts, Publish)
+    assert torch.all(pub.model["w"] == 2.0)  # a's 1 and b's second answer, 3: counted once each
+    # gone again in the next round, and again in that round: one more chance in it, not two
+    d2 = {x.site: x for x in of(acts, Dispatch)}
+    s.site_left("b", 6.0)
+    (once,) = s.site_joined("b", 7.0)
+    s.site_left("b", 8.0)
+    assert s.site_joined("b", 9.0) == []
+    acts = s.on_update(answer(d2["a"], like(make_model(), 1.0)), 10.0)
+    assert isinstance(acts[-1], Failed) and "1 sites left" in acts[-1].reason and once.version == 1
+
+
+def test_a_site_new_to_the_round_still_waits_for_the_next() -> None:
+    s, d = started(["a", "b", "c"], min_clients=1)
+    assert s.site_left("c", 0.5) == [] and s.site_joined("d", 1.0) == []  # d never had a task in this round
+    s.task_failed("b", d["b"].task_id, "script exited with 1", 2.0)  # b stays: nothing brings its task back
+    assert s.site_joined("b", 2.5) == []
+    (again,) = s.site_joined("c", 3.0)  # c left with its task unanswered: back, it has it again
+    s.on_update(answer(d["a"], like(make_model(), 1.0)), 4.0)
+    acts = s.on_update(answer(again, like(make_model(), 1.0)), 5.0)
+    assert sorted(x.site for x in of(acts, Dispatch)) == ["a", "b", "c", "d"]
+
+
+def test_a_task_that_failed_with_its_site_is_given_again_when_the_site_returns() -> None:
+    s, d = started(["a", "b"], min_clients=2)
+    s.task_failed("b", d["b"].task_id, "script exited with -15", 1.0)  # the daemon stopped, and its script
+    s.site_left("b", 1.0)
+    (again,) = s.site_joined("b", 2.0)  # a restarted daemon
+    assert s.state()["round_failed"] == 0 and s.state()["round_retried"] == 1
+    s.on_update(answer(d["a"], like(make_model(), 1.0)), 3.0)
+    assert of(s.on_update(answer(again, like(make_model(), 1.0)), 4.0), Publish)
+
+
+def test_an_evaluation_lost_to_a_leave_is_asked_again() -> None:
+    s, d = started(["a", "b"], min_clients=2, num_rounds=1, evaluate_every=1)
+    s.on_update(answer(d["a"], like(make_model(), 1.0)), 1.0)
+    acts = s.on_update(answer(d["b"], like(make_model(), 1.0)), 2.0)
+    evals = {x.site: x for x in of(acts, Dispatch)}
+    assert {x.kind for x in evals.values()} == {"evaluate"}
+    s.site_left("b", 3.0)
+    (again,) = s.site_joined("b", 4.0)
+    assert again.kind == "evaluate" and again.version == 1
+    s.on_update(Update("a", evals["a"].task_id, 1, None, "FULL", metrics={"acc": 0.5}), 5.0)
+    acts = s.on_update(Update("b", again.task_id, 1, None, "FULL", metrics={"acc": 0.7}), 6.0)
+    assert len(of(acts, Evaluated)) == 1 and isinstance(acts[-1], Finished)
+    assert "2 of 2 sites reported" in acts[-1].reason
+
+
 def test_task_failed_counts_as_an_answer() -> None:
     s, d = started()
     s.on_update(answer(d["a"], like(make_model(), 1.0)), 1.0)
