@@ -33,7 +33,7 @@ from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, rend
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.config import BrokerConfig, is_safe_name
-from fedbus.errors import ConfigError, FedbusError, TransportError
+from fedbus.errors import ConfigError, FedbusError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
     STREAM_TYPES,
@@ -254,6 +254,8 @@ class Broker:
                 continue
             try:
                 await self._handle(inc.peer, inc.msg, inc.payload, inc.user)
+            except PeerUnreachable as exc:  # our answer found the peer reconnecting: not a refusal of its message
+                log.debug("answer lost: the peer is reconnecting", peer=inc.peer, type=inc.msg.TYPE, reason=str(exc))
             except FedbusError as exc:
                 log.warning("message refused", peer=inc.peer, type=inc.msg.TYPE, reason=str(exc))
                 self.guard.refused(str(exc), peer=inc.peer, user=inc.user, type=inc.msg.TYPE)

@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from fedbus.broker.server import Broker
 from fedbus.config import BrokerConfig
+from fedbus.errors import PeerUnreachable
 from fedbus.protocol.envelope import encode
 from fedbus.protocol.messages import Credit, Heartbeat, Hello, Message
 
@@ -122,3 +123,32 @@ async def test_the_endpoint_says_when_messages_wait_unread_and_since_when_none_d
         dealer.close(linger=0)
         router.close()
         zctx.term()
+
+
+async def test_an_answer_to_a_peer_that_is_reconnecting_is_not_a_refusal(tmp_path: Path) -> None:
+    # A heartbeat read after its site's connection closed (the site gave up and is reconnecting): the echo finds
+    # no route. That is a lost answer, not a refused message: no warning, no audit record.
+    cfg = BrokerConfig(bind="tcp://127.0.0.1:0", workspace=str(tmp_path / "b"), heartbeat_s=0.5, liveness=10)
+    with structlog.testing.capture_logs() as logs:
+        async with Broker(cfg) as broker:
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, b"site:s1")
+            sock.connect(broker.address)
+            sock.send(encode(Hello("site", "s1", "s1")))
+            async with asyncio.timeout(10):
+                while broker.registry.online() != ["s1"]:
+                    await asyncio.sleep(0.02)
+            hello_seen = broker.registry.sites["s1"].last_seen
+            time.sleep(0.05)
+            sock.send(encode(Heartbeat()))
+            sock.close(linger=1000)  # delivered, then disconnected, while the broker's loop is held up
+            ctx.term()
+            time.sleep(0.5)
+            with pytest.raises(PeerUnreachable):  # the route is gone before the loop reads the heartbeat
+                await broker.router.send(b"site:s1", Heartbeat())
+            async with asyncio.timeout(10):  # the loop reads it (a sign of life) and its echo finds no connection
+                while broker.registry.sites["s1"].last_seen == hello_seen:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+    assert not [e for e in logs if e["event"] == "message refused"]  # (nor its audit record: one branch)
