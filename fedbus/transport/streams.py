@@ -636,10 +636,13 @@ class StreamHub:
         is offered again those it never heard of (``reoffer_all``). So a message that found no connection
         is treated as lost in transit, which the stream already survives, instead of failing the stream: the
         stall timeout still bounds the wait, and a peer declared gone has its streams aborted at once
-        (``abort_peer``). Before, a site reconnecting while its model downloaded lost its task."""
+        (``abort_peer``). Before, a site reconnecting while its model downloaded lost its task. A routing id
+        that libzmq made up (first byte 0: an admin client, a script) never comes back, so there it fails now."""
         try:
             await self.endpoint.send(peer, msg, payload)
         except PeerUnreachable:
+            if peer[:1] == b"\x00":
+                raise
             return False
         return True
 
