@@ -77,7 +77,7 @@ async def test_a_site_back_before_its_round_closes_takes_its_task_again(tmp_path
         async with site(1):
             job_id = await admin.submit(write_job(tmp_path / "job", mode="slow", min_clients=3, rounds=1))
             async with asyncio.timeout(30):  # until site-1 holds its first task
-                while "site-1" not in broker.controllers.get(job_id, _NoTasks).tasks.values():
+                while job_id not in broker.controllers or "site-1" not in broker.controllers[job_id].tasks.values():
                     await asyncio.sleep(0.02)
             first = {t for t, s in broker.controllers[job_id].tasks.items() if s == "site-1"}
         assert (await admin.status(job_id))["jobs"][0]["state"] == "running"  # site-2 and site-3 still at it
@@ -88,7 +88,3 @@ async def test_a_site_back_before_its_round_closes_takes_its_task_again(tmp_path
         assert sorted(accepted) == ["site-1", "site-2", "site-3"]
         assert accepted["site-1"] not in first  # its second task, in the same round
         assert [h["version"] for h in broker.store.history(job_id)] == [0, 1]
-
-
-class _NoTasks:
-    tasks: dict[str, str] = {}
