@@ -98,6 +98,15 @@ class PendingResult:
     result: Result
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A task sent and not answered yet: what a site that restarted without it is sent again. ``sid`` is its
+    latest download's, so that the failure of one it replaced is told apart."""
+
+    action: Dispatch
+    sid: int
+
+
 class JobController:
     """Drives one job's strategy; all methods run on the broker's event loop."""
 
@@ -132,8 +141,9 @@ class JobController:
         )
         self.params_type = getattr(strategy, "params_type", "FULL")
         self.source: ModelSource | None = None
+        self.source_version = -1
         self.pending: dict[tuple[bytes, int], PendingResult] = {}
-        self.tasks: dict[str, str] = {}  # task_id (as on the wire) -> site, for tasks in flight
+        self.tasks: dict[str, InFlight] = {}  # by task id as on the wire
         # Task ids on the wire carry this controller's epoch: a broker restarted on its workspace starts a new
         # strategy whose ids repeat the old ones, and a site still holding an old task must not mistake one
         # for the other. The strategy sees its own ids; the bus, the sites and the store see these.
@@ -159,6 +169,7 @@ class JobController:
         actions = self.strategy.start(model, sites, time.monotonic(), version=version)
         # Stream the strategy's own copy, so the caller's model can be freed.
         self.source = ModelSource.from_state_dict(self.strategy.model)
+        self.source_version = self.strategy.version
         self._run(actions)
         if self.strategy.restores_updates:
             self._restore_kept()
@@ -226,7 +237,8 @@ class JobController:
 
     def on_result(self, peer: bytes, site: str, result: Result) -> None:
         """A result message: metrics-only results go in now; others wait for their stream."""
-        if self.tasks.get(result.task_id) != site:
+        sent = self.tasks.get(result.task_id)
+        if sent is None or sent.action.site != site:
             self.log.warning("result for an unknown task refused", site=site, task=result.task_id)
             return
         if result.sid is None:
@@ -287,8 +299,29 @@ class JobController:
             if sink.settled is not None:  # accepted or refused, once it is in the store the ack may go
                 self.store.when_recorded(functools.partial(_settle, sink.settled))
 
-    def task_failed(self, site: str, task_id: str, reason: str) -> None:
-        if self.tasks.pop(task_id, None) is not None and self.state == "running":
+    def site_restarted(self, site: str, holds: frozenset[str]) -> None:
+        """The site's daemon came back as a new process before it was declared gone (a crash restarted within
+        the liveness window). Tasks it holds (an upload it will resume) stay as they are; the others died with
+        the old process and are sent again under their own ids, so whichever answer comes counts once. One on
+        an older version than the model streamed now cannot be sent again: it fails, and the strategy decides."""
+        if self.state != "running":
+            return
+        for wire, sent in list(self.tasks.items()):
+            if sent.action.site != site or wire in holds:
+                continue
+            if sent.action.version == self.source_version:
+                self.log.info("task sent again: the site restarted without it", site=site, task=wire)
+                self._dispatch(sent.action)
+            else:
+                self.task_failed(site, wire, "the site restarted and lost the task")
+
+    def task_failed(self, site: str, task_id: str, reason: str, sid: int | None = None) -> None:
+        """``sid``: the download that failed; a task sent again since then is not failed by it."""
+        sent = self.tasks.get(task_id)
+        if sent is None or (sid is not None and sent.sid != sid):
+            return
+        del self.tasks[task_id]
+        if self.state == "running":
             self.store.record_update(self.job_id, task_id, site, -1, accepted=False, reason=reason)
             if self.metrics is not None:
                 self.metrics.refused(self.job_id, reason)
@@ -297,8 +330,8 @@ class JobController:
 
     def site_crashed(self, site: str, detail: str) -> None:
         """The site's script died: its tasks are lost and it gets no more of this job's work."""
-        for task_id, s in list(self.tasks.items()):
-            if s == site:
+        for task_id, sent in list(self.tasks.items()):
+            if sent.action.site == site:
                 self.task_failed(site, task_id, f"script crashed: {detail}")
         self.site_left(site, "script exited")
 
@@ -444,12 +477,12 @@ class JobController:
     def _dispatch(self, action: Dispatch) -> None:
         peer = self.bus.peer_of(action.site)
         wire = self._wire(action.task_id)
-        self.tasks[wire] = action.site
+        sid = secrets.randbits(62)
+        self.tasks[wire] = InFlight(action, sid)
         if peer is None or self.source is None:
             # Not re-entrant: the strategy hears of the failure after the current action list has run.
-            asyncio.get_running_loop().call_soon(self.task_failed, action.site, wire, "site is not connected")
+            asyncio.get_running_loop().call_soon(self.task_failed, action.site, wire, "site is not connected", sid)
             return
-        sid = secrets.randbits(62)
         task = Task(
             job_id=self.job_id,
             task_id=wire,
@@ -473,16 +506,20 @@ class JobController:
                 await self._saved.wait()
             if self.state != "running":
                 return  # the job ended while its task waited
+            sent = self.tasks.get(task.task_id)
+            if sent is None or sent.sid != task.sid:
+                return  # answered, failed or sent again while it waited
         try:
             await self.bus.send(peer, task)
             await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": task.task_id}, task.sid or 0)
         except FedbusError as exc:
-            self.task_failed(action.site, task.task_id, f"model download failed: {exc}")
+            self.task_failed(action.site, task.task_id, f"model download failed: {exc}", task.sid)
             return
         self.log.debug("model sent", site=action.site, task=task.task_id, seconds=round(time.monotonic() - started, 4))
 
     def _publish(self, action: Publish) -> None:
         self.source = ModelSource.from_state_dict(action.model)
+        self.source_version = action.version
         self.log.info("new global version", round=action.version, version=action.version, **_short(action.metrics))
         self._unsaved += 1
         self._chain = asyncio.ensure_future(self._checkpoint(action, time.time(), self._chain))

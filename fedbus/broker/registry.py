@@ -1,13 +1,19 @@
 """Who is connected: sites with their liveness, and admins. Pure bookkeeping over ``now``.
 
 A site is *online* from its hello until it says bye or stays silent for ``heartbeat_s × liveness``
-(the Paranoid Pirate rule); then it is *gone* and its jobs are told. A site that comes back with a
-new session (restarted process, new connection) is a rejoin, which callers may need to redeploy to.
+(the Paranoid Pirate rule); then it is *gone* and its jobs are told. A site that comes back after it was
+gone, or with a new session (restarted process), needs its jobs deployed again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+Arrival = Literal["new", "same", "back", "restarted"]
+"""How a hello arrived: a site never seen; the session already online (a reconnect of the same process);
+one that was gone; or a new process while the old session was still online (a crash restarted faster than
+the liveness window: the old process's tasks died with it unless the site still holds them)."""
 
 
 @dataclass
@@ -41,19 +47,22 @@ class Registry:
         self._by_peer: dict[bytes, SiteRecord] = {}
         self.admins: set[bytes] = set()
 
-    def hello(self, peer: bytes, name: str, session: str, caps: dict, now: float) -> tuple[SiteRecord, bool]:
-        """Register or refresh a site; returns (record, rejoined) where rejoined means a new session."""
+    def hello(self, peer: bytes, name: str, session: str, caps: dict, now: float) -> tuple[SiteRecord, Arrival]:
+        """Register or refresh a site; says how it arrived (see ``Arrival``)."""
         rec = self.sites.get(name)
         if rec is None:
             rec = SiteRecord(name, peer, session, caps, now)
             self.sites[name] = rec
-            rejoined = True
+            arrival: Arrival = "new"
         else:
-            rejoined = rec.session != session or not rec.online
+            if rec.session == session:
+                arrival = "same" if rec.online else "back"
+            else:
+                arrival = "restarted" if rec.online else "back"
             self._by_peer.pop(rec.peer, None)
             rec.peer, rec.session, rec.caps, rec.last_seen, rec.online = peer, session, caps, now, True
         self._by_peer[peer] = rec
-        return rec, rejoined
+        return rec, arrival
 
     def seen(self, peer: bytes, now: float) -> SiteRecord | None:
         rec = self._by_peer.get(peer)

@@ -36,6 +36,7 @@ from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.errors import ConfigError, FedbusError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
+    MAX_HELD,
     STREAM_TYPES,
     Bye,
     Deploy,
@@ -372,18 +373,24 @@ class Broker:
         elif msg.role == "site":
             if not is_safe_name(msg.name):
                 raise FedbusError(f"invalid site name {msg.name[:64]!r}")
-            _, rejoined = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
-            log.info("site registered", site=msg.name, rejoined=rejoined)
+            holds = held_tasks(msg.holds)
+            _, arrival = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
+            log.info("site registered", site=msg.name, arrival=arrival, holds=len(holds))
         else:
             raise FedbusError(f"unknown role {msg.role[:32]!r}")
         await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
         if msg.role == "site":
-            assert self.hub is not None  # a model whose offer found the site reconnecting is offered again
-            await self.hub.reoffer_all(peer)
-            if rejoined:
+            assert self.hub is not None
+            if arrival == "restarted":  # the old process's downloads died with it: their tasks are sent again
+                self.hub.abort_peer(peer, "the site restarted", incoming=False)
+            else:  # a model whose offer found the site reconnecting is offered again
+                await self.hub.reoffer_all(peer)
+            if arrival != "same":
                 for c in list(self.controllers.values()):
                     if msg.name in c.sites:
                         await self._deploy(c.job_id, [msg.name])
+                        if arrival == "restarted":
+                            c.site_restarted(msg.name, holds)
                         c.site_joined(msg.name)
             await self._start_waiting_jobs()
 
@@ -713,6 +720,16 @@ class Broker:
             await self._stream(peer, ModelSource.from_state_dict(model), ctx, int.from_bytes(os.urandom(7), "big"))
         except (FedbusError, OSError) as exc:
             log.warning("download failed", job=data["job_id"], reason=str(exc))
+
+
+def held_tasks(holds: list) -> frozenset[str]:
+    """A site's ``hello.holds``, checked: at most ``MAX_HELD`` task ids, each a safe name."""
+    if len(holds) > MAX_HELD:
+        raise FedbusError(f"hello names {len(holds)} held tasks, more than {MAX_HELD}")
+    for task_id in holds:
+        if not is_safe_name(task_id):
+            raise FedbusError(f"hello names a held task that is not a task id: {str(task_id)[:80]!r}")
+    return frozenset(holds)
 
 
 def _reply(rid: int, data: dict[str, Any]) -> tuple[Reply, list[bytes]]:

@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
 
+MAX_HELD = 256
+"""Task ids a site's hello may name in ``holds``: a site answers its tasks one at a time per job."""
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -28,13 +31,17 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """A peer introduces itself: a site (data owner), an admin (operator) or a client (training script)."""
+    """A peer introduces itself: a site (data owner), an admin (operator) or a client (training script).
+
+    ``holds``: a site's task ids whose answer it still has to deliver (an upload an earlier process began,
+    kept on disk); the broker sends a restarted site again the tasks it does not hold."""
 
     TYPE: ClassVar[str] = "hello"
     role: str
     name: str
     session: str
     caps: dict = field(default_factory=dict)
+    holds: list = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import (
+    MAX_HELD,
     STREAM_TYPES,
     Bye,
     Deploy,
@@ -61,6 +62,7 @@ from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter, make_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
+from fedbus.site.uploads import held_tasks
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming, daemon_context, io_threads, stream_lanes
 from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, placement_threads
 
@@ -283,7 +285,8 @@ class Site:
         self._hello_at = asyncio.get_running_loop().time()
         self.hellos += 1
         caps = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
-        await self._send(Hello(role="site", name=self.name, session=self.session, caps=caps))
+        holds = held_tasks(self.workspace / "jobs", MAX_HELD)
+        await self._send(Hello(role="site", name=self.name, session=self.session, caps=caps, holds=holds))
 
     async def _send(self, msg: Message) -> None:
         try:

@@ -71,3 +71,10 @@ class PendingUploads:
                 with contextlib.suppress(OSError):
                     self.done(task_id)
         return out  # type: ignore[return-value]
+
+
+def held_tasks(jobs_root: Path, limit: int) -> list[str]:
+    """The tasks whose upload an earlier process of this site left under ``WORKSPACE/jobs`` (named in its hello:
+    the broker sends a restarted site again only the tasks it does not hold)."""
+    names = sorted(p.name.removesuffix(".result") for p in jobs_root.glob("*/uploads/*.result"))
+    return [n for n in names if is_safe_name(n)][:limit]

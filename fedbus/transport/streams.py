@@ -813,9 +813,11 @@ class StreamHub:
                 with contextlib.suppress(TransportError):
                     await self.endpoint.send(p, offer)
 
-    def abort_peer(self, peer: bytes, reason: str) -> None:
-        """Give up every stream from and to ``peer`` (it was declared gone): their owners hear at once."""
-        for (p, sid), queue in list(self._incoming.items()):
+    def abort_peer(self, peer: bytes, reason: str, *, incoming: bool = True) -> None:
+        """Give up every stream to ``peer``, and from it unless ``incoming`` is false (it was declared gone, or
+        a new process took its place, which may still resume what the old one was sending): their owners hear
+        at once."""
+        for (p, sid), queue in list(self._incoming.items()) if incoming else []:
             if p == peer:
                 queue.put_nowait((Abort(sid, reason), []))
         for (p, sid), outbox in list(self._outgoing.items()):

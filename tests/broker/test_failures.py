@@ -9,6 +9,7 @@ import pytest
 
 from fedbus.admin import Admin
 from fedbus.broker import Broker
+from fedbus.broker.controller import JobController
 from fedbus.config import BrokerConfig, SiteConfig
 from fedbus.site import Site
 from tests.broker.harness import federation, wait_job, write_job
@@ -77,9 +78,9 @@ async def test_a_site_back_before_its_round_closes_takes_its_task_again(tmp_path
         async with site(1):
             job_id = await admin.submit(write_job(tmp_path / "job", mode="slow", min_clients=3, rounds=1))
             async with asyncio.timeout(30):  # until site-1 holds its first task
-                while job_id not in broker.controllers or "site-1" not in broker.controllers[job_id].tasks.values():
+                while job_id not in broker.controllers or not held_by(broker.controllers[job_id], "site-1"):
                     await asyncio.sleep(0.02)
-            first = {t for t, s in broker.controllers[job_id].tasks.items() if s == "site-1"}
+            first = held_by(broker.controllers[job_id], "site-1")
         assert (await admin.status(job_id))["jobs"][0]["state"] == "running"  # site-2 and site-3 still at it
         async with site(1):
             job = await wait_job(admin, job_id)
@@ -88,3 +89,8 @@ async def test_a_site_back_before_its_round_closes_takes_its_task_again(tmp_path
         assert sorted(accepted) == ["site-1", "site-2", "site-3"]
         assert accepted["site-1"] not in first  # its second task, in the same round
         assert [h["version"] for h in broker.store.history(job_id)] == [0, 1]
+
+
+def held_by(controller: JobController, site: str) -> set[str]:
+    """The ids of the tasks in flight at ``site``."""
+    return {t for t, sent in controller.tasks.items() if sent.action.site == site}

@@ -14,7 +14,7 @@ import torch
 from fedbus.broker.controller import JobController
 from fedbus.broker.store import JobStore
 from fedbus.protocol.messages import Message, Result, Task
-from fedbus.strategy import Action, FedAvg, Update
+from fedbus.strategy import Action, FedAvg, Strategy, Update
 from fedbus.transport.streams import ModelSource
 
 pytestmark = pytest.mark.timeout(30)
@@ -58,7 +58,7 @@ class HeldFedAvg(FedAvg):
         return super().site_left(site, now)
 
 
-def _controller(tmp_path: Path, strategy: FedAvg) -> tuple[JobController, RecordingBus, JobStore]:
+def _controller(tmp_path: Path, strategy: Strategy) -> tuple[JobController, RecordingBus, JobStore]:
     store = JobStore(tmp_path)
     store.create_job("j", "j", {}, state="running")
     bus = RecordingBus()

@@ -63,6 +63,50 @@ def test_site_killed_mid_upload_resumes_its_stream(tmp_path: Path) -> None:
             d.stop()
 
 
+def test_a_site_restarted_within_the_liveness_window_gets_its_task_again(tmp_path: Path) -> None:
+    """site-2's daemon is SIGKILLed while its script trains, and a new one starts before the broker could
+    declare it gone: the round's task died with the old process, and the broker sends it again (it waited
+    for an answer that could never come, with no round timeout, for ever)."""
+    job = deterministic_job(tmp_path / "job", sites=2, rounds=2, pause=3.0)  # each script trains for 3 s
+    cfg = _broker_config(tmp_path, heartbeat_s=0.5, liveness=60)  # back within 30 s: still the same site
+    broker, address = start_broker(tmp_path, "--config", cfg)
+    site1 = start_site(tmp_path, "site-1", address)
+    first = start_site(tmp_path, "site-2", address)
+    args = ["site", "--name", "site-2", "--broker", address, "--workspace", str(tmp_path / "site-2")]
+    again = None
+    try:
+
+        async def scenario() -> tuple[dict, dict]:
+            async with Admin(address) as admin:
+                job_id = await admin.submit(job)
+                handed = await asyncio.to_thread(first.wait_for, "task handed to the script", 60)
+                assert handed["round"] == 0
+                first.proc.kill()  # mid-training: no bye, nothing kept
+                assert await asyncio.to_thread(first.proc.wait, 10) == -9
+                nonlocal again
+                again = Daemon(args, tmp_path / "site-2-again.log")
+                done = await wait_job(admin, job_id, timeout=90)
+                return done, await admin.download(job_id, tmp_path / "out")
+
+        done, data = asyncio.run(scenario())
+        assert done["state"] == "finished", done["reason"]
+        registered = [r for r in broker.lines if r.get("event") == "site registered" and r["site"] == "site-2"]
+        assert [r["arrival"] for r in registered] == ["new", "restarted"]
+        again_sent = broker.wait_for("task sent again: the site restarted without it")
+        assert again_sent["site"] == "site-2" and again_sent["task"] == handed_task(first)
+        accepted = {(u["task_id"], u["site"]) for u in data["updates"] if u["accepted"]}
+        assert (again_sent["task"], "site-2") in accepted  # the same task, answered by the new process
+        assert [h["version"] for h in data["history"]] == [0, 1, 2]
+        assert not any(r.get("event") == "site gone" for r in broker.lines)
+    finally:
+        for d in [site1, first, *([again] if again else []), broker]:
+            d.stop()
+
+
+def handed_task(site: Daemon) -> str:
+    return next(r["task_id"] for r in site.lines if r.get("event") == "task handed to the script")
+
+
 def test_a_hung_script_is_stopped_at_the_task_timeout(tmp_path: Path) -> None:
     """site-3's script hangs in training; the job's task_timeout_s stops it and FedAvg finishes with 2 of 3."""
     job = write_job(tmp_path / "job", mode="hang", min_clients=2, rounds=1)

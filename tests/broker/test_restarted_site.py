@@ -1,0 +1,122 @@
+"""A site whose daemon came back as a new process before the broker declared it gone: the controller sends
+again the tasks that died with the old process, keeps the ones the site says it holds, and fails those on a
+version it no longer streams. The registry tells such a hello from a reconnect. No sockets: a real controller,
+strategy and store over a bus that records."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedbus.broker.registry import Registry
+from fedbus.broker.server import held_tasks
+from fedbus.errors import FedbusError
+from fedbus.protocol.messages import MAX_HELD, Task
+from fedbus.site.uploads import held_tasks as site_held_tasks
+from fedbus.strategy import FedAvg, FedBuff
+from tests.broker.test_strategy_lane import RecordingBus, _controller, _result
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _of(bus: RecordingBus, site: str) -> list[Task]:
+    return [t for t in bus.tasks if t.task_id.split("-")[1] == site]
+
+
+async def test_a_restarted_site_gets_its_task_again_under_the_same_id(tmp_path: Path) -> None:
+    ctl, bus, store = _controller(tmp_path, FedAvg(min_clients=3, num_rounds=1))
+    ctl.start({"w": torch.zeros(1000)}, ["a", "b", "c"])
+    await asyncio.sleep(0)
+    [first] = _of(bus, "b")
+
+    ctl.site_restarted("b", frozenset())
+    await asyncio.sleep(0)
+    [_, again] = _of(bus, "b")
+    assert again.task_id == first.task_id and again.version == first.version and again.kind == first.kind
+    assert again.sid != first.sid  # a new download: the old one died with the old process
+    assert len(_of(bus, "a")) == len(_of(bus, "c")) == 1  # the other sites' tasks are left alone
+
+    ctl.task_failed("b", first.task_id, "model download failed: the site restarted", first.sid)
+    assert first.task_id in ctl.tasks  # the old download's failure does not fail the task sent again
+    for site, value in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        decided = ctl._update(site, *_result(_of(bus, site)[-1], value))
+        if decided is not None:
+            await decided
+    assert ctl.state == "finished"
+    accepted = sorted(u["site"] for u in store.updates("j") if u["accepted"])
+    assert accepted == ["a", "b", "c"]  # b answered once, under its one task id
+    assert torch.equal(ctl.strategy.model["w"], torch.full((1000,), 2.0))
+    await ctl.close()
+    store.close()
+
+
+async def test_a_task_the_restarted_site_holds_is_not_sent_again(tmp_path: Path) -> None:
+    ctl, bus, store = _controller(tmp_path, FedAvg(min_clients=2, num_rounds=1))
+    ctl.start({"w": torch.zeros(1000)}, ["a", "b"])
+    await asyncio.sleep(0)
+    [held] = _of(bus, "b")
+    ctl.site_restarted("b", frozenset({held.task_id}))  # its upload resumes from the disk
+    await asyncio.sleep(0)
+    assert _of(bus, "b") == [held] and ctl.tasks[held.task_id].sid == held.sid
+    ctl.task_failed("b", held.task_id, "the download failed", held.sid)  # the current sid does fail it
+    assert held.task_id not in ctl.tasks
+    await ctl.close()
+    store.close()
+
+
+async def test_a_task_on_a_version_no_longer_streamed_fails_and_the_strategy_sends_the_new_one(tmp_path: Path) -> None:
+    ctl, bus, store = _controller(tmp_path, FedBuff(concurrency=2, buffer_size=1, num_versions=5))
+    ctl.start({"w": torch.zeros(1000)}, ["a", "b"])
+    await asyncio.sleep(0)
+    [old] = _of(bus, "b")
+    result, params = _result(_of(bus, "a")[0], 1.0)
+    decided = ctl._update("a", dataclasses.replace(result, params_type="DIFF"), params)  # version 1 is published
+    if decided is not None:
+        await decided
+    await asyncio.sleep(0)
+    assert ctl.source_version == 1 and old.version == 0
+
+    ctl.site_restarted("b", frozenset())
+    await asyncio.sleep(0)
+    [_, new] = _of(bus, "b")
+    assert new.version == 1 and new.task_id != old.task_id
+    [failed] = [u for u in store.updates("j") if u["task_id"] == old.task_id]
+    assert not failed["accepted"] and failed["reason"] == "the site restarted and lost the task"
+    await ctl.close()
+    store.close()
+
+
+def test_the_registry_tells_a_restarted_process_from_a_reconnect() -> None:
+    reg = Registry(heartbeat_s=1.0, liveness=5)
+    assert reg.hello(b"p1", "s", "one", {}, 0.0)[1] == "new"
+    assert reg.hello(b"p1", "s", "one", {}, 1.0)[1] == "same"  # the same process reconnected
+    assert reg.hello(b"p2", "s", "two", {}, 2.0)[1] == "restarted"  # a new process, the old one still online
+    assert reg.expire(100.0)[0].name == "s"
+    assert reg.hello(b"p2", "s", "two", {}, 101.0)[1] == "back"  # declared gone, then heard again
+    reg.expire(200.0)
+    assert reg.hello(b"p3", "s", "three", {}, 201.0)[1] == "back"  # its tasks were closed when it left
+
+
+def test_held_tasks_in_a_hello_are_checked() -> None:
+    assert held_tasks(["0-a-1.e1", "1-a-2.e1"]) == {"0-a-1.e1", "1-a-2.e1"}
+    with pytest.raises(FedbusError, match="not a task id"):
+        held_tasks(["../../etc/passwd"])
+    with pytest.raises(FedbusError, match="not a task id"):
+        held_tasks([7])
+    with pytest.raises(FedbusError, match="more than"):
+        held_tasks([f"t{i}" for i in range(MAX_HELD + 1)])
+
+
+def test_a_site_names_the_uploads_its_jobs_keep(tmp_path: Path) -> None:
+    for job, task in (("j1", "0-s-1.e"), ("j2", "3-s-9.e")):
+        (tmp_path / job / "uploads").mkdir(parents=True)
+        (tmp_path / job / "uploads" / f"{task}.result").write_bytes(b"x")
+        (tmp_path / job / "uploads" / f"{task}.safetensors").write_bytes(b"x")
+    (tmp_path / "j1" / "uploads" / "half.result.tmp").write_bytes(b"x")  # never finished: not held
+    assert site_held_tasks(tmp_path, 10) == ["0-s-1.e", "3-s-9.e"]
+    assert site_held_tasks(tmp_path, 1) == ["0-s-1.e"]
+    assert site_held_tasks(tmp_path / "none", 10) == []
