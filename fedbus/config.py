@@ -129,7 +129,7 @@ class BrokerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 5
     chunk_mb: float = 2
-    window_mb: float = 32  # per upload in flight (upload_slots of them): half the transport's 64, for broker memory
+    window_mb: float | None = None  # per upload in flight; None: 64 MiB shared by the upload slots (server.py)
     max_model_mb: float = 16384
     upload_slots: int | None = None  # None: by the machine's cores (fedbus.broker.server.default_upload_slots)
     stall_timeout_s: float = 60.0
@@ -154,9 +154,9 @@ class BrokerConfig:
         return int(self.chunk_mb * MiB)
 
     @property
-    def window_bytes(self) -> int:
-        """Credit window of model streams, in bytes."""
-        return int(self.window_mb * MiB)
+    def window_bytes(self) -> int | None:
+        """Credit window of model streams, in bytes (None: the broker's default, by its upload slots)."""
+        return None if self.window_mb is None else int(self.window_mb * MiB)
 
     @property
     def max_model_bytes(self) -> int:
@@ -289,8 +289,8 @@ def _check_layer(cls: type, source: str, layer: Mapping[str, Any]) -> dict[str, 
 def _check_cross(cls_name: str, values: Mapping[str, Any], origin: Mapping[str, str]) -> None:
     """Checks between fields, naming where each value came from."""
     if cls_name == "BrokerConfig":
-        chunk, window = values.get("chunk_mb", 2), values.get("window_mb", 32)
-        if window < chunk:
+        chunk, window = values.get("chunk_mb", 2), values.get("window_mb")
+        if window is not None and window < chunk:
             where = ", ".join(sorted({origin.get("chunk_mb", "default"), origin.get("window_mb", "default")}))
             raise ConfigError(f"{where}: window_mb ({window:g}) must be >= chunk_mb ({chunk:g})")
     pair = {"BrokerConfig": ("secret_key", "participants")}.get(cls_name, ("secret_key", "broker_key"))

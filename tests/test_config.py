@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fedbus.broker import Broker
 from fedbus.config import BrokerConfig, SiteConfig, is_safe_name, load_config
 from fedbus.errors import ConfigError
 
@@ -36,7 +37,20 @@ def test_poc_profile_has_short_heartbeats() -> None:
 def test_no_file_gives_defaults_and_byte_sizes() -> None:
     cfg = load_config(BrokerConfig, None, {}, environ={})
     assert cfg == BrokerConfig()
-    assert (cfg.chunk_bytes, cfg.window_bytes) == (2 << 20, 32 << 20)
+    assert (cfg.chunk_bytes, cfg.window_bytes) == (2 << 20, None)  # None: the broker's, by its upload slots
+
+
+@pytest.mark.parametrize(
+    ("slots", "window_mb", "expected_mb"), [(2, None, 32), (4, None, 16), (64, None, 2), (4, 8, 8)]
+)
+async def test_the_uploads_share_64_mib_of_windows_unless_the_profile_sets_one(
+    tmp_path: Path, slots: int, window_mb: float | None, expected_mb: int
+) -> None:
+    cfg = BrokerConfig(
+        bind=f"ipc://{tmp_path}/b.sock", workspace=str(tmp_path / "b"), upload_slots=slots, window_mb=window_mb
+    )
+    async with Broker(cfg) as broker:
+        assert broker.hub is not None and broker.hub.window == expected_mb << 20  # never under a chunk (2 MiB)
 
 
 def test_unknown_key_names_file_and_suggests(tmp_path: Path) -> None:

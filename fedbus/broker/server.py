@@ -66,7 +66,7 @@ log = get_logger("broker")
 def default_upload_slots() -> int:
     """Result streams the broker receives at once, unless its profile says: 4 on machines of 8 cores or more
     (where two or more placement threads write the chunks), else 2. Each upload in flight holds up to a window
-    (32 MiB) of memory.
+    of memory (``UPLOAD_WINDOWS`` for all of them).
 
     16-core host, the same machine, interleaved: S = 64, N = 4 ``round_s`` 0.2325, 0.2309 with 4 slots against
     0.2513, 0.2525 with 2 (every earlier session's pairs said the same, by 4-8 %), S = 512 1.97 / 1.98;
@@ -74,6 +74,19 @@ def default_upload_slots() -> int:
     take turns on the same cores, and 4 x 32 MiB took ``broker_rss_x`` at S = 256, N = 8 to 2.62 (2.34 with 2).
     """
     return 4 if usable_cores() >= 8 else 2
+
+
+UPLOAD_WINDOWS = 64 * MiB
+"""What the credit windows of the uploads in flight hold together, unless the profile sets ``window_mb``: 32 MiB
+each with two slots, 16 with four. With 32 MiB each at four slots (the eighth session's default) ``broker_rss_x``
+at S = 256, N = 16 was 2.61-2.68 on the ninth to eleventh sessions' 16-core hosts, over #8's 2.5; the eleventh
+session, one machine, interleaved: 16 MiB 2.361 against 32 MiB 2.646 there, S = 64, N = 4 ``round_s`` 0.190,
+0.181, 0.175 against 0.192, 0.182, 0.195, S = 512, N = 4 1.269, 1.267 against 1.188, 1.305 (docs/benchmarks.md)."""
+
+
+def default_window(slots: int, chunk: int) -> int:
+    """Each upload's credit window when the profile does not set one: ``UPLOAD_WINDOWS`` shared by the slots."""
+    return max(chunk, UPLOAD_WINDOWS // slots)
 
 
 class Broker:
@@ -87,7 +100,9 @@ class Broker:
         self.registry = Registry(config.heartbeat_s, config.liveness)
         self.store = JobStore(config.workspace)
         self.controllers: dict[str, JobController] = {}
-        self.upload_slots = asyncio.Semaphore(config.upload_slots or default_upload_slots())
+        slots = config.upload_slots or default_upload_slots()
+        self.upload_slots = asyncio.Semaphore(slots)
+        self.window = config.window_bytes or default_window(slots, config.chunk_bytes)
         self.limits = PeerLimits(config.max_requests_per_s, config.request_burst, config.max_streams_per_peer)
         self.stop = asyncio.Event()
         self.endpoint: RouterEndpoint | CountingEndpoint | None = None
@@ -139,7 +154,7 @@ class Broker:
             self.endpoint,
             on_offer=self._on_offer,
             chunk_size=int(self.config.chunk_mb * MiB),
-            window=int(self.config.window_mb * MiB),
+            window=self.window,
             max_total=int(self.config.max_model_mb * MiB),
             stall_timeout=self.config.stall_timeout_s,
         )
