@@ -62,9 +62,9 @@ with frames on the heap, and came back to 2.42-2.47 with two heaps (16-core host
 
 
 def tune_malloc(mmap_threshold: int = 4 << 20) -> bool:
-    """Fix glibc's mmap and trim thresholds and its number of heaps (for daemons: the process's allocator is
-    theirs to tune); a no-op (False) where libc is not glibc. ``mmap_threshold`` must stay above a chunk's
-    frame."""
+    """Fix glibc's mmap and trim thresholds and its number of heaps; a no-op (False) where libc is not glibc.
+    For a daemon's own process only (``Broker.run``, ``Site.run``, before any thread starts), never a library's
+    host. ``mmap_threshold`` must stay above a chunk's frame."""
     global _tuned
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:

@@ -96,6 +96,7 @@ class Bus(Protocol):
 class PendingResult:
     site: str
     result: Result
+    task_sid: int  # the task's download when the result came: a failed upload does not fail a task sent again
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ class JobController:
         if result.sid is None:
             self._update(site, result, None)
         else:
-            self.pending[(peer, result.sid)] = PendingResult(site, result)
+            self.pending[(peer, result.sid)] = PendingResult(site, result, sent.sid)
 
     async def accept_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
         """An upload's offer: spool it to disk (after an upload slot is free) or refuse it."""
@@ -279,7 +280,7 @@ class JobController:
         try:
             params = await sink.result
         except FedbusError as exc:
-            self.task_failed(pending.site, pending.result.task_id, f"upload failed: {exc}")
+            self.task_failed(pending.site, pending.result.task_id, f"upload failed: {exc}", pending.task_sid)
             return
         finally:
             if slot:
@@ -299,21 +300,32 @@ class JobController:
             if sink.settled is not None:  # accepted or refused, once it is in the store the ack may go
                 self.store.when_recorded(functools.partial(_settle, sink.settled))
 
-    def site_restarted(self, site: str, holds: frozenset[str]) -> None:
+    def site_restarted(self, site: str, holds: frozenset[str]) -> list[InFlight]:
         """The site's daemon came back as a new process before it was declared gone (a crash restarted within
         the liveness window). Tasks it holds (an upload it will resume) stay as they are; the others died with
-        the old process and are sent again under their own ids, so whichever answer comes counts once. One on
-        an older version than the model streamed now cannot be sent again: it fails, and the strategy decides."""
+        the old process and get a new download now, so that the old one's failure no longer counts, and are
+        sent again under their own ids by ``send_again`` once the job is deployed there: whichever answer
+        comes counts once. One on an older version than the model streamed now cannot be sent again: it
+        fails, and the strategy decides."""
+        again: list[InFlight] = []
         if self.state != "running":
-            return
+            return again
         for wire, sent in list(self.tasks.items()):
             if sent.action.site != site or wire in holds:
                 continue
             if sent.action.version == self.source_version:
-                self.log.info("task sent again: the site restarted without it", site=site, task=wire)
-                self._dispatch(sent.action)
+                again.append(self._claim(sent.action))
             else:
                 self.task_failed(site, wire, "the site restarted and lost the task")
+        return again
+
+    def send_again(self, again: list[InFlight]) -> None:
+        """Send the tasks ``site_restarted`` claimed, those still in flight as claimed."""
+        for claimed in again:
+            wire = self._wire(claimed.action.task_id)
+            if self.state == "running" and self.tasks.get(wire) is claimed:
+                self.log.info("task sent again: the site restarted without it", site=claimed.action.site, task=wire)
+                self._send_claimed(claimed)
 
     def task_failed(self, site: str, task_id: str, reason: str, sid: int | None = None) -> None:
         """``sid``: the download that failed; a task sent again since then is not failed by it."""
@@ -475,10 +487,18 @@ class JobController:
         }
 
     def _dispatch(self, action: Dispatch) -> None:
+        self._send_claimed(self._claim(action))
+
+    def _claim(self, action: Dispatch) -> InFlight:
+        """The task is in flight from now on, with a new download: a failure of any earlier one is ignored."""
+        claimed = InFlight(action, secrets.randbits(62))
+        self.tasks[self._wire(action.task_id)] = claimed
+        return claimed
+
+    def _send_claimed(self, claimed: InFlight) -> None:
+        action, sid = claimed.action, claimed.sid
         peer = self.bus.peer_of(action.site)
         wire = self._wire(action.task_id)
-        sid = secrets.randbits(62)
-        self.tasks[wire] = InFlight(action, sid)
         if peer is None or self.source is None:
             # Not re-entrant: the strategy hears of the failure after the current action list has run.
             asyncio.get_running_loop().call_soon(self.task_failed, action.site, wire, "site is not connected", sid)
@@ -500,22 +520,25 @@ class JobController:
         # next round does not wait for the disk unless it is CHECKPOINTS_BEHIND. (After a crash, results for
         # an unsaved version are refused.)
         started = time.monotonic()
-        if self._unsaved > CHECKPOINTS_BEHIND:  # the disk is behind: hold the task, do not outrun the writes
-            while self._unsaved > CHECKPOINTS_BEHIND and self.state == "running":
-                self._saved.clear()
-                await self._saved.wait()
-            if self.state != "running":
-                return  # the job ended while its task waited
-            sent = self.tasks.get(task.task_id)
-            if sent is None or sent.sid != task.sid:
-                return  # answered, failed or sent again while it waited
+        while self._unsaved > CHECKPOINTS_BEHIND and self.state == "running":  # the disk is behind: do not
+            self._saved.clear()  # outrun the writes
+            await self._saved.wait()
+        if not self._current(task):
+            return
         try:
             await self.bus.send(peer, task)
+            if not self._current(task):
+                return
             await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": task.task_id}, task.sid or 0)
         except FedbusError as exc:
             self.task_failed(action.site, task.task_id, f"model download failed: {exc}", task.sid)
             return
         self.log.debug("model sent", site=action.site, task=task.task_id, seconds=round(time.monotonic() - started, 4))
+
+    def _current(self, task: Task) -> bool:
+        """Whether this is still the task's download: not answered, failed, ended or sent again since."""
+        sent = self.tasks.get(task.task_id)
+        return self.state == "running" and sent is not None and sent.sid == task.sid
 
     def _publish(self, action: Publish) -> None:
         self.source = ModelSource.from_state_dict(action.model)

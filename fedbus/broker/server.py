@@ -126,7 +126,9 @@ class Broker:
     # --- life cycle ------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM."""
+        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM. The process is the daemon's own, so its
+        allocator is tuned for it (not when a daemon runs inside someone else's process: SimEnv, tests)."""
+        tune_malloc()
         asyncio.run(self.serve(install_signals=True))
 
     async def serve(self, *, install_signals: bool = False) -> None:
@@ -139,7 +141,6 @@ class Broker:
             await self.shutdown()
 
     async def startup(self) -> None:
-        tune_malloc()
         self.guard.start(self.ctx)  # ZAP first: libzmq asks it about every CURVE connection
         try:
             self.router = RouterEndpoint.bind(self.ctx, self.config.bind, curve_secret=self.guard.secret)
@@ -396,17 +397,19 @@ class Broker:
         await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
         if msg.role == "site":
             assert self.hub is not None
-            if arrival == "restarted":  # the old process's downloads died with it: their tasks are sent again
+            jobs = [c for c in self.controllers.values() if msg.name in c.sites] if arrival != "same" else []
+            again = {}
+            if arrival == "restarted":
+                # The old process's downloads died with it. Their tasks get new downloads first, with no await in
+                # between, so that the aborted ones' failures are ignored; they go out after the deploy.
+                again = {c.job_id: c.site_restarted(msg.name, holds) for c in jobs}
                 self.hub.abort_peer(peer, "the site restarted", incoming=False)
             else:  # a model whose offer found the site reconnecting is offered again
                 await self.hub.reoffer_all(peer)
-            if arrival != "same":
-                for c in list(self.controllers.values()):
-                    if msg.name in c.sites:
-                        await self._deploy(c.job_id, [msg.name])
-                        if arrival == "restarted":
-                            c.site_restarted(msg.name, holds)
-                        c.site_joined(msg.name)
+            for c in jobs:
+                await self._deploy(c.job_id, [msg.name])
+                c.send_again(again.get(c.job_id, []))
+                c.site_joined(msg.name)
             await self._start_waiting_jobs()
 
     async def _liveness_loop(self) -> None:

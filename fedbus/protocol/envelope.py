@@ -38,6 +38,9 @@ _SCALARS: dict[str, tuple[type, ...]] = {
 }
 
 
+_REQUIRED = object()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Field:
     name: str
@@ -47,6 +50,8 @@ class _Field:
     spec: str
     simple: frozenset[type]
     """Exact types that need no further check (no NaN, nothing nested): most values take this one test."""
+    default: Any
+    """The value a missing field takes (``_REQUIRED`` if none); a field at its default is not sent."""
 
 
 def _schema(cls: type[Message]) -> tuple[_Field, ...]:
@@ -62,7 +67,11 @@ def _schema(cls: type[Message]) -> tuple[_Field, ...]:
                 kinds += _SCALARS[p]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         simple = frozenset(k for k in kinds if k in (int, str, bytes, bool))  # not float (NaN), dict or list
-        out.append(_Field(f.name, kinds, optional, required, spec, simple))
+        if required:
+            default: Any = _REQUIRED
+        else:
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        out.append(_Field(f.name, kinds, optional, required, spec, simple, default))
     return tuple(out)
 
 
@@ -82,7 +91,10 @@ def encode(msg: Message, mid: int = 0) -> bytes:
             _check_field(msg.TYPE, f, values[f.name])
     except RemoteProtocolError as exc:
         raise LocalProtocolError(f"cannot send: {exc}") from None
-    body.update(values)
+    for f in schema:  # left out: the peer fills in the same default, and one that predates the field accepts it
+        value = values[f.name]
+        if f.required or type(value) is not type(f.default) or value != f.default:
+            body[f.name] = value
     try:
         data = msgpack.packb(body, use_bin_type=True)
     except (OverflowError, ValueError) as exc:  # an int beyond 64 bits, a nest too deep for msgpack

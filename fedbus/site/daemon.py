@@ -137,7 +137,9 @@ class Site:
     # --- life cycle -----------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM."""
+        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM. The process is the daemon's own, so its
+        allocator is tuned for it (not when a daemon runs inside someone else's process: SimEnv, tests)."""
+        tune_malloc()
         asyncio.run(self.serve(install_signals=True))
 
     async def serve(self, *, install_signals: bool = False) -> None:
@@ -180,7 +182,6 @@ class Site:
             await self._serving
 
     async def startup(self) -> None:
-        tune_malloc()
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
         self._spawn(self.uplink.flush_loop())
         self.log.info(

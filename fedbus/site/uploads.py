@@ -75,6 +75,12 @@ class PendingUploads:
 
 def held_tasks(jobs_root: Path, limit: int) -> list[str]:
     """The tasks whose upload an earlier process of this site left under ``WORKSPACE/jobs`` (named in its hello:
-    the broker sends a restarted site again only the tasks it does not hold)."""
-    names = sorted(p.name.removesuffix(".result") for p in jobs_root.glob("*/uploads/*.result"))
-    return [n for n in names if is_safe_name(n)][:limit]
+    the broker sends a restarted site again only the tasks it does not hold), newest first: uploads of jobs
+    that ended while the site was away stay until the job is deployed here again, and the limit cuts those."""
+    found = []
+    for record in jobs_root.glob("*/uploads/*.result"):
+        name = record.name.removesuffix(".result")
+        with contextlib.suppress(OSError):  # settled (removed) while we looked
+            if is_safe_name(name):
+                found.append((record.stat().st_mtime, name))
+    return [name for _, name in sorted(found, reverse=True)[:limit]]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -33,15 +35,16 @@ async def test_a_restarted_site_gets_its_task_again_under_the_same_id(tmp_path: 
     await asyncio.sleep(0)
     [first] = _of(bus, "b")
 
-    ctl.site_restarted("b", frozenset())
-    await asyncio.sleep(0)
-    [_, again] = _of(bus, "b")
-    assert again.task_id == first.task_id and again.version == first.version and again.kind == first.kind
-    assert again.sid != first.sid  # a new download: the old one died with the old process
-    assert len(_of(bus, "a")) == len(_of(bus, "c")) == 1  # the other sites' tasks are left alone
-
+    again = ctl.site_restarted("b", frozenset())
+    # Between the claim and the send (the broker deploys the job there first) the old download fails: ignored.
     ctl.task_failed("b", first.task_id, "model download failed: the site restarted", first.sid)
-    assert first.task_id in ctl.tasks  # the old download's failure does not fail the task sent again
+    assert first.task_id in ctl.tasks
+    ctl.send_again(again)
+    await asyncio.sleep(0)
+    [_, resent] = _of(bus, "b")
+    assert resent.task_id == first.task_id and resent.version == first.version and resent.kind == first.kind
+    assert resent.sid != first.sid and ctl.tasks[first.task_id].sid == resent.sid  # a new download
+    assert len(_of(bus, "a")) == len(_of(bus, "c")) == 1  # the other sites' tasks are left alone
     for site, value in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
         decided = ctl._update(site, *_result(_of(bus, site)[-1], value))
         if decided is not None:
@@ -59,7 +62,7 @@ async def test_a_task_the_restarted_site_holds_is_not_sent_again(tmp_path: Path)
     ctl.start({"w": torch.zeros(1000)}, ["a", "b"])
     await asyncio.sleep(0)
     [held] = _of(bus, "b")
-    ctl.site_restarted("b", frozenset({held.task_id}))  # its upload resumes from the disk
+    assert ctl.site_restarted("b", frozenset({held.task_id})) == []  # its upload resumes from the disk
     await asyncio.sleep(0)
     assert _of(bus, "b") == [held] and ctl.tasks[held.task_id].sid == held.sid
     ctl.task_failed("b", held.task_id, "the download failed", held.sid)  # the current sid does fail it
@@ -80,12 +83,23 @@ async def test_a_task_on_a_version_no_longer_streamed_fails_and_the_strategy_sen
     await asyncio.sleep(0)
     assert ctl.source_version == 1 and old.version == 0
 
-    ctl.site_restarted("b", frozenset())
+    assert ctl.site_restarted("b", frozenset()) == []
     await asyncio.sleep(0)
     [_, new] = _of(bus, "b")
     assert new.version == 1 and new.task_id != old.task_id
     [failed] = [u for u in store.updates("j") if u["task_id"] == old.task_id]
     assert not failed["accepted"] and failed["reason"] == "the site restarted and lost the task"
+    await ctl.close()
+    store.close()
+
+
+async def test_a_download_not_started_yet_when_the_site_restarted_is_not_sent_twice(tmp_path: Path) -> None:
+    ctl, bus, store = _controller(tmp_path, FedAvg(min_clients=2, num_rounds=1))
+    ctl.start({"w": torch.zeros(1000)}, ["a", "b"])  # the dispatches' sends have not run yet
+    ctl.send_again(ctl.site_restarted("b", frozenset()))
+    await asyncio.sleep(0)
+    [only] = _of(bus, "b")  # the first send saw it was replaced and stood down
+    assert ctl.tasks[only.task_id].sid == only.sid
     await ctl.close()
     store.close()
 
@@ -111,11 +125,12 @@ def test_held_tasks_in_a_hello_are_checked() -> None:
         held_tasks([f"t{i}" for i in range(MAX_HELD + 1)])
 
 
-def test_a_site_names_the_uploads_its_jobs_keep(tmp_path: Path) -> None:
-    for job, task in (("j1", "0-s-1.e"), ("j2", "3-s-9.e")):
+def test_a_site_names_the_uploads_its_jobs_keep_newest_first(tmp_path: Path) -> None:
+    for job, task, age in (("j1", "0-s-1.e", 10), ("j2", "3-s-9.e", 1000)):  # j2's: a job that ended long ago
         (tmp_path / job / "uploads").mkdir(parents=True)
         (tmp_path / job / "uploads" / f"{task}.result").write_bytes(b"x")
         (tmp_path / job / "uploads" / f"{task}.safetensors").write_bytes(b"x")
+        os.utime(tmp_path / job / "uploads" / f"{task}.result", (time.time() - age,) * 2)
     (tmp_path / "j1" / "uploads" / "half.result.tmp").write_bytes(b"x")  # never finished: not held
     assert site_held_tasks(tmp_path, 10) == ["0-s-1.e", "3-s-9.e"]
     assert site_held_tasks(tmp_path, 1) == ["0-s-1.e"]

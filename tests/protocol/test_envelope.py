@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fedbus.errors import LocalProtocolError, RemoteProtocolError
 from fedbus.protocol import MAX_ENVELOPE, MESSAGE_TYPES, PROTOCOL_VERSION, Message, decode, encode
 from fedbus.protocol.envelope import MAX_DEPTH, MAX_OFFER_ENVELOPE
-from fedbus.protocol.messages import fields_of
+from fedbus.protocol.messages import Chunk, Hello, fields_of
 
 SAMPLES: dict[str, Any] = {
     "int": 7,
@@ -246,3 +246,14 @@ def test_corrupted_envelope_bytes(seed: int, mtype: str) -> None:
     for _ in range(rng.randrange(1, 5)):
         raw[rng.randrange(len(raw))] = rng.randrange(256)
     decode_or_refuse(bytes(raw[: rng.randrange(len(raw) + 1)]))
+
+
+def test_a_field_at_its_default_is_left_out_so_an_older_peer_accepts_the_message() -> None:
+    hello = Hello(role="site", name="s", session="x")
+    body = msgpack.unpackb(encode(hello), raw=False)
+    assert "holds" not in body and "caps" not in body  # what a peer that predates `holds` would refuse
+    assert decode(encode(hello))[0] == hello
+    held = Hello(role="site", name="s", session="x", holds=["0-s-1.e"])
+    assert msgpack.unpackb(encode(held), raw=False)["holds"] == ["0-s-1.e"]
+    assert decode(encode(held))[0] == held
+    assert msgpack.unpackb(encode(Chunk(sid=0, off=0, sum=0)), raw=False)["off"] == 0  # required: always sent
