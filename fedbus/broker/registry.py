@@ -55,10 +55,7 @@ class Registry:
             self.sites[name] = rec
             arrival: Arrival = "new"
         else:
-            if rec.session == session:
-                arrival = "same" if rec.online else "back"
-            else:
-                arrival = "restarted" if rec.online else "back"
+            arrival = "back" if not rec.online else "same" if rec.session == session else "restarted"
             self._by_peer.pop(rec.peer, None)
             rec.peer, rec.session, rec.caps, rec.last_seen, rec.online = peer, session, caps, now, True
         self._by_peer[peer] = rec

@@ -26,7 +26,7 @@ import zmq.asyncio
 from fedbus import jobs, serde
 from fedbus._cores import usable_cores
 from fedbus._memory import tune_malloc
-from fedbus.broker.controller import JobController
+from fedbus.broker.controller import InFlight, JobController
 from fedbus.broker.guard import Guard, own_context
 from fedbus.broker.limits import PeerLimits
 from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, render
@@ -389,7 +389,7 @@ class Broker:
         elif msg.role == "site":
             if not is_safe_name(msg.name):
                 raise FedbusError(f"invalid site name {msg.name[:64]!r}")
-            holds = held_tasks(msg.holds)
+            holds = check_holds(msg.holds)
             _, arrival = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
             log.info("site registered", site=msg.name, arrival=arrival, holds=len(holds))
         else:
@@ -398,7 +398,7 @@ class Broker:
         if msg.role == "site":
             assert self.hub is not None
             jobs = [c for c in self.controllers.values() if msg.name in c.sites] if arrival != "same" else []
-            again = {}
+            again: dict[str, list[InFlight]] = {}
             if arrival == "restarted":
                 # The old process's downloads died with it. Their tasks get new downloads first, with no await in
                 # between, so that the aborted ones' failures are ignored; they go out after the deploy.
@@ -740,7 +740,7 @@ class Broker:
             log.warning("download failed", job=data["job_id"], reason=str(exc))
 
 
-def held_tasks(holds: list) -> frozenset[str]:
+def check_holds(holds: list) -> frozenset[str]:
     """A site's ``hello.holds``, checked: at most ``MAX_HELD`` task ids, each a safe name."""
     if len(holds) > MAX_HELD:
         raise FedbusError(f"hello names {len(holds)} held tasks, more than {MAX_HELD}")

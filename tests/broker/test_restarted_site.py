@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from fedbus.broker.registry import Registry
-from fedbus.broker.server import held_tasks
+from fedbus.broker.server import check_holds
 from fedbus.errors import FedbusError
 from fedbus.protocol.messages import MAX_HELD, Task
-from fedbus.site.uploads import held_tasks as site_held_tasks
+from fedbus.site.uploads import held_tasks
 from fedbus.strategy import FedAvg, FedBuff
 from tests.broker.test_strategy_lane import RecordingBus, _controller, _result
 
@@ -116,13 +116,13 @@ def test_the_registry_tells_a_restarted_process_from_a_reconnect() -> None:
 
 
 def test_held_tasks_in_a_hello_are_checked() -> None:
-    assert held_tasks(["0-a-1.e1", "1-a-2.e1"]) == {"0-a-1.e1", "1-a-2.e1"}
+    assert check_holds(["0-a-1.e1", "1-a-2.e1"]) == {"0-a-1.e1", "1-a-2.e1"}
     with pytest.raises(FedbusError, match="not a task id"):
-        held_tasks(["../../etc/passwd"])
+        check_holds(["../../etc/passwd"])
     with pytest.raises(FedbusError, match="not a task id"):
-        held_tasks([7])
+        check_holds([7])
     with pytest.raises(FedbusError, match="more than"):
-        held_tasks([f"t{i}" for i in range(MAX_HELD + 1)])
+        check_holds([f"t{i}" for i in range(MAX_HELD + 1)])
 
 
 def test_a_site_names_the_uploads_its_jobs_keep_newest_first(tmp_path: Path) -> None:
@@ -132,6 +132,6 @@ def test_a_site_names_the_uploads_its_jobs_keep_newest_first(tmp_path: Path) -> 
         (tmp_path / job / "uploads" / f"{task}.safetensors").write_bytes(b"x")
         os.utime(tmp_path / job / "uploads" / f"{task}.result", (time.time() - age,) * 2)
     (tmp_path / "j1" / "uploads" / "half.result.tmp").write_bytes(b"x")  # never finished: not held
-    assert site_held_tasks(tmp_path, 10) == ["0-s-1.e", "3-s-9.e"]
-    assert site_held_tasks(tmp_path, 1) == ["0-s-1.e"]
-    assert site_held_tasks(tmp_path / "none", 10) == []
+    assert held_tasks(tmp_path, 10) == ["0-s-1.e", "3-s-9.e"]
+    assert held_tasks(tmp_path, 1) == ["0-s-1.e"]
+    assert held_tasks(tmp_path / "none", 10) == []
