@@ -84,17 +84,15 @@ def encode(msg: Message, mid: int = 0) -> bytes:
     if cls is not type(msg):
         raise LocalProtocolError(f"not a registered message: {type(msg).__name__}")
     body = {"v": PROTOCOL_VERSION, "t": msg.TYPE, "id": mid}
-    schema = _SCHEMAS[msg.TYPE]
-    values = {f.name: getattr(msg, f.name) for f in schema}
     try:  # what we send must pass the checks the peer will apply: fail here, naming the field, not there
-        for f in schema:
-            _check_field(msg.TYPE, f, values[f.name])
+        for f in _SCHEMAS[msg.TYPE]:
+            value = getattr(msg, f.name)
+            _check_field(msg.TYPE, f, value)
+            # A field at its default is left out: the peer fills in the same, and one that predates it accepts it.
+            if f.required or type(value) is not type(f.default) or value != f.default:
+                body[f.name] = value
     except RemoteProtocolError as exc:
         raise LocalProtocolError(f"cannot send: {exc}") from None
-    for f in schema:  # left out: the peer fills in the same default, and one that predates the field accepts it
-        value = values[f.name]
-        if f.required or type(value) is not type(f.default) or value != f.default:
-            body[f.name] = value
     try:
         data = msgpack.packb(body, use_bin_type=True)
     except (OverflowError, ValueError) as exc:  # an int beyond 64 bits, a nest too deep for msgpack
