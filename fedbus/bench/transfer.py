@@ -53,6 +53,7 @@ from fedbus.bench.common import (
 from fedbus.errors import ConfigError
 from fedbus.protocol.messages import STREAM_TYPES, Reply
 from fedbus.transport.endpoint import (
+    LANE_STAGGER,
     MAX_LANES,
     DealerEndpoint,
     RouterEndpoint,
@@ -214,9 +215,11 @@ def _raw_send(address: str, total: int, window: int, *, spread: bool = False, la
     window as credit; seconds until every connection heard that all arrived."""
     ctx = zmq.Context(io_threads=lanes)
     socks = [ctx.socket(zmq.DEALER) for _ in range(lanes)]
-    for sock in socks:
+    for lane, sock in enumerate(socks):  # as fedbus's lanes: a thread each, connected apart (LANE_STAGGER)
         _curve(sock, server=False)
+        sock.setsockopt(zmq.AFFINITY, 1 << lane)
         sock.connect(address)
+        time.sleep(LANE_STAGGER if lanes > 1 else 0)
     buf = memoryview(bytearray(os.urandom(1024)) * ((total if spread else RAW_FRAME) // 1024 + 1))
     credit = [max(1, window // RAW_FRAME // lanes)] * lanes
     start = time.perf_counter()

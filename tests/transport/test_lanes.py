@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
+import time
 
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -191,3 +195,60 @@ async def test_a_model_over_lanes_arrives_bit_exact_from_one_peer(address: str, 
         await asyncio.wait_for(router.hub.send(b"peer", ModelSource.from_state_dict(sd)), 30)
         assert_same(await (await dealer.sinks.get()).result, sd)
         assert not router.bad and not dealer.bad
+
+
+def _io_threads(count: int) -> set[str]:
+    """Thread ids of this process's libzmq I/O threads, once there are ``count`` (each names itself once started)."""
+    for _ in range(500):
+        tids = set()
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("ZMQbg/IO"):
+                    tids.add(tid)
+        if len(tids) == count:
+            return tids
+        time.sleep(0.01)
+    raise AssertionError(f"{len(tids)} zmq I/O threads, not {count}")
+
+
+def _cpu(tid: str) -> float:
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+async def test_each_lane_is_copied_by_an_io_thread_of_its_own() -> None:
+    """libzmq gives a new connection the least-loaded I/O thread as counted once taken up, so connections made
+    together landed on one thread, which then copied every lane's bytes (on the 16-core host the sender's two
+    lanes shared one thread in every run). Each lane is now pinned to a thread and connected a little later."""
+    receiver_ctx = zmq.Context()
+    router = receiver_ctx.socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:0")
+    before = _io_threads(1)
+    ctx = zmq.asyncio.Context(io_threads=2)
+    ep = DealerEndpoint.connect(ctx, router.getsockopt_string(zmq.LAST_ENDPOINT), identity=b"s", lanes=2)
+    sender_threads = sorted(_io_threads(3) - before)
+    try:
+        masks = [ep.sock.getsockopt(zmq.AFFINITY), *(lane.sock.getsockopt(zmq.AFFINITY) for lane in ep._lanes)]
+        assert masks == [1, 2]
+        assert ep._lanes[0].sock.getsockopt_string(zmq.LAST_ENDPOINT) == ""  # not connected yet: staggered
+        start = {tid: _cpu(tid) for tid in sender_threads}
+        payload = np.random.default_rng(1).integers(0, 255, 4 << 20, dtype=np.uint8)
+        chunks = 64  # 256 MiB: each I/O thread's copies show in its CPU time
+        received = 0
+        for off in range(chunks):
+            await ep.send(b"", Chunk(1, off, 0), [payload])
+            while router.poll(0):
+                router.recv_multipart(copy=False)
+                received += 1
+        while received < chunks:
+            assert router.poll(5000), "a chunk did not arrive"
+            router.recv_multipart(copy=False)
+            received += 1
+        used = {tid: _cpu(tid) - start[tid] for tid in sender_threads}
+    finally:
+        ep.close()
+        ctx.term()
+        router.close(linger=0)
+        receiver_ctx.term()
+    assert ep._lanes[0].sock.closed
+    assert min(used.values()) >= 0.1 * sum(used.values()), used  # before: 0.0-0.1 % on the second thread
