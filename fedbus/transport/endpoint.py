@@ -102,8 +102,9 @@ counted once that thread has taken the connection up: connections that arrive to
 counts and land on one thread, whose one core then copies every lane (and a lane was meant to add a core).
 So a dealer pins each lane to a thread of its own (``ZMQ_AFFINITY``), and connects them a few ms apart, so
 that the receiving router has counted one before it places the next (zmq's own reconnects are jittered).
-``fedbus bench transfer --size-mb 1024``, 16-core host, CPU seconds of each process's busiest I/O thread
-before: the sender's two lanes on one thread in three runs of three, the receiver's in one of three."""
+``fedbus bench transfer --size-mb 1024``, 16-core host, per-thread CPU: before, the sender's two lanes on one
+thread in three runs of three (0.25 CPU s on it, none on the other), the receiver's in one of three; after,
+0.15-0.17 s on each of two threads on both sides, and the cold ``ratio`` 0.98-1.06 against 0.73-0.80."""
 
 LANE_MARK = b"\x00lane"
 """Between a connection's routing id and a lane number: a lane's routing id is ``id + LANE_MARK + bytes([k])``.
@@ -114,13 +115,13 @@ MAX_LANES = 8
 def stream_lanes() -> int:
     """Connections a site (or the transfer bench) spreads its stream chunks over (``FEDBUS_LANES`` overrides).
 
-    Two on 8 cores or more. 16-core host, raw ZeroMQ from a model's memory, 2 MiB frames: 3.6-3.8 GB/s over one
-    connection, 4.4-5.1 over two, 4.5-4.7 over four. ``fedbus bench transfer --size-mb 1024`` (median ratio of
-    three runs, per pass): two lanes 0.74-0.94 over six passes (fedbus 2.8-3.8 GB/s), one lane 0.65 and 0.73 on
-    the same machines, four lanes 0.75-0.84 (three passes). A broker's round with four sites moves as fast with two
-    lanes per site as with one (``fedbus bench round --size-mb 512 --sites 4``: 1.43-1.49 vs 1.40-1.47 s,
-    interleaved): its I/O threads are busy with the sites in parallel already. On fewer cores there is no spare
-    core for a second I/O thread (2 cores, raw: 2.7-2.9 vs 3.0-3.2 GB/s, within the noise), so one.
+    Two on 8 cores or more. 16-core host, raw ZeroMQ from a model's memory: one connection 3.6-3.9 GB/s, two
+    5.9-6.8 (each on an I/O thread of its own: ``LANE_STAGGER``; 4.4-5.1 while they shared one).
+    ``fedbus bench transfer --size-mb 1024`` (median ratio of three runs, per pass): two lanes 0.98-1.06 over four
+    passes (fedbus 3.5-4.1 GB/s; 0.74-0.94 while they shared a thread), one lane 0.65 and 0.73. Rounds: ``fedbus
+    bench round --size-mb 256 --sites 16`` 2.23-2.25 s with two lanes per site against 2.84 s with one (same
+    machine). On fewer cores there is no spare core for a second I/O thread (2 cores, raw: 2.7-2.9 vs 3.0-3.2
+    GB/s, within the noise), so one.
     """
     default = 2 if usable_cores() >= 8 else 1
     return min(MAX_LANES, thread_count("FEDBUS_LANES", default, minimum=1))
