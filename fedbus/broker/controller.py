@@ -306,7 +306,7 @@ class JobController:
         the old process and get a new download now, so that the old one's failure no longer counts, and are
         sent again under their own ids by ``send_again`` once the job is deployed there: whichever answer
         comes counts once. One on an older version than the model streamed now cannot be sent again: it
-        fails, and the strategy decides."""
+        fails, not the site's fault (no step toward benching it), and the strategy decides."""
         again: list[InFlight] = []
         if self.state != "running":
             return again
@@ -316,7 +316,7 @@ class JobController:
             if sent.action.version == self.source_version:
                 again.append(self._claim(sent.action))
             else:
-                self.task_failed(site, wire, "the site restarted and lost the task")
+                self.task_failed(site, wire, "the site restarted and lost the task", blame=False)
         return again
 
     def send_again(self, again: list[InFlight]) -> None:
@@ -327,8 +327,9 @@ class JobController:
                 self.log.info("task sent again: the site restarted without it", site=claimed.action.site, task=wire)
                 self._send_claimed(claimed)
 
-    def task_failed(self, site: str, task_id: str, reason: str, sid: int | None = None) -> None:
-        """``sid``: the download that failed; a task sent again since then is not failed by it."""
+    def task_failed(self, site: str, task_id: str, reason: str, sid: int | None = None, *, blame: bool = True) -> None:
+        """``sid``: the download that failed; a task sent again since then is not failed by it. ``blame``: see
+        ``Strategy.task_failed``."""
         sent = self.tasks.get(task_id)
         if sent is None or (sid is not None and sent.sid != sid):
             return
@@ -338,7 +339,7 @@ class JobController:
             if self.metrics is not None:
                 self.metrics.refused(self.job_id, reason)
             now = time.monotonic()
-            self._decide(lambda: self.strategy.task_failed(site, self._plain(task_id), reason, now))
+            self._decide(lambda: self.strategy.task_failed(site, self._plain(task_id), reason, now, blame=blame))
 
     def site_crashed(self, site: str, detail: str) -> None:
         """The site's script died: its tasks are lost and it gets no more of this job's work."""

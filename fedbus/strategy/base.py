@@ -277,8 +277,10 @@ class Strategy(abc.ABC):
         """A result arrived for a task this strategy dispatched (or claims to)."""
 
     @abc.abstractmethod
-    def task_failed(self, site: str, task_id: str, reason: str, now: float) -> list[Action]:
-        """A dispatched task will never produce a result (script crashed, upload refused)."""
+    def task_failed(self, site: str, task_id: str, reason: str, now: float, *, blame: bool = True) -> list[Action]:
+        """A dispatched task will never produce a result (script crashed, upload refused). ``blame`` is False
+        when the site is not at fault (its daemon restarted and lost the task): it counts as failed, but not
+        toward benching a site."""
 
     @abc.abstractmethod
     def tick(self, now: float) -> list[Action]:

@@ -171,7 +171,7 @@ class FedAvg(Strategy):
             acts += self._close_if_complete(now)
         return acts
 
-    def task_failed(self, site: str, task_id: str, reason: str, now: float) -> list[Action]:
+    def task_failed(self, site: str, task_id: str, reason: str, now: float, *, blame: bool = True) -> list[Action]:
         acts = self._events_start(now)
         task = self._book.pending_for(site)
         if task is None or task.task_id != task_id:

@@ -20,7 +20,8 @@ Phases: ``new`` -> ``train`` -> (``evaluate``) -> ``done``.
   global model (sgd with momentum, or adam; ``server_opt``), version += 1, :class:`Publish`, and a
   fresh buffer starts. Integer/bool tensors in deltas are skipped: the global keeps their value.
   K = 1, constant staleness and lr = 1 is FedAsync-style immediate application: global += delta.
-* A site whose last ``max_task_failures`` tasks all failed (``task_failed``) gets no more tasks until
+* A site whose last ``max_task_failures`` tasks all failed (``task_failed``, not counting those lost to a
+  restart of its daemon: ``blame=False``) gets no more tasks until
   it leaves and joins again (otherwise a broken script would be re-dispatched in a tight loop); when
   every available site is benched and none is busy, the job Fails, naming the last failure.
 * Stop: after ``num_versions`` versions, or when ``now - start >= time_budget`` (fired by any event;
@@ -189,14 +190,15 @@ class FedBuff(Strategy):
             acts += self._after_slot_freed(now)
         return acts
 
-    def task_failed(self, site: str, task_id: str, reason: str, now: float) -> list[Action]:
+    def task_failed(self, site: str, task_id: str, reason: str, now: float, *, blame: bool = True) -> list[Action]:
         acts = self._events_start(now)
         task = self._book.pending_for(site)
         if task is None or task.task_id != task_id:
             return acts
         self._book.close(task_id, f"task {task_id} had already failed: {reason}")
         self._totals["failed_tasks"] += 1
-        self._fail_streak[site] = (self._fail_streak.get(site, (0, ""))[0] + 1, reason)
+        if blame:
+            self._fail_streak[site] = (self._fail_streak.get(site, (0, ""))[0] + 1, reason)
         return acts + self._after_slot_freed(now)
 
     def on_update(self, update: Update, now: float) -> list[Action]:

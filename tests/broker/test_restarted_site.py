@@ -72,7 +72,8 @@ async def test_a_task_the_restarted_site_holds_is_not_sent_again(tmp_path: Path)
 
 
 async def test_a_task_on_a_version_no_longer_streamed_fails_and_the_strategy_sends_the_new_one(tmp_path: Path) -> None:
-    ctl, bus, store = _controller(tmp_path, FedBuff(concurrency=2, buffer_size=1, num_versions=5))
+    """The failure is not the site's: with ``max_task_failures=1`` one counted failure would bench it."""
+    ctl, bus, store = _controller(tmp_path, FedBuff(concurrency=2, buffer_size=1, num_versions=5, max_task_failures=1))
     ctl.start({"w": torch.zeros(1000)}, ["a", "b"])
     await asyncio.sleep(0)
     [old] = _of(bus, "b")
@@ -89,6 +90,7 @@ async def test_a_task_on_a_version_no_longer_streamed_fails_and_the_strategy_sen
     assert new.version == 1 and new.task_id != old.task_id
     [failed] = [u for u in store.updates("j") if u["task_id"] == old.task_id]
     assert not failed["accepted"] and failed["reason"] == "the site restarted and lost the task"
+    assert ctl.strategy.state()["failed_tasks"] == 1
     await ctl.close()
     store.close()
 

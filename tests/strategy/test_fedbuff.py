@@ -320,6 +320,15 @@ def test_a_site_whose_tasks_keep_failing_is_benched_until_it_rejoins() -> None:
     assert [x.site for x in s.site_joined("a", 5.0)] == ["a"]  # back with a clean slate
 
 
+def test_a_task_lost_to_a_restart_of_the_site_does_not_count_toward_benching_it() -> None:
+    s, d = started(["a"], max_task_failures=1)
+    (again,) = s.task_failed("a", d["a"].task_id, "the site restarted and lost the task", 1.0, blame=False)
+    assert isinstance(again, Dispatch) and again.site == "a" and not s.done
+    assert s.state()["failed_tasks"] == 1
+    acts = s.task_failed("a", again.task_id, "crash", 2.0)  # the next failure is its own: benched, the job fails
+    assert isinstance(acts[0], Failed) and "crash" in acts[0].reason
+
+
 def test_the_job_fails_when_every_site_is_benched() -> None:
     s, d = started(["a"], max_task_failures=1)
     acts = s.task_failed("a", d["a"].task_id, "ImportError: torchvision", 1.0)
