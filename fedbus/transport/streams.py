@@ -41,13 +41,16 @@ from fedbus.transport.endpoint import COPY_BELOW
 from fedbus.transport.finite import FiniteScan
 
 DEFAULT_CHUNK = 2 << 20
-"""Chunk size, from ``fedbus bench transfer --size-mb 1024`` sweeps (docs/benchmarks.md). With placement threads
-(16 cores) 2 MiB chunks and a 64 MiB window moved 3.0-3.7 GB/s cold against 2.4-3.0 for 4 MiB / 32 MiB: a chunk
-is credited back once written, and a smaller chunk is written sooner. On 2 cores the two are equal (1.0-1.1)."""
+"""Chunk size, from sweeps of one cold 1 GiB send (docs/benchmarks.md, twelfth session: chunk 1, 2, 4 MiB x
+window 32, 64, 128 MiB, three interleaved runs each, 16-core host, two lanes). Median cold GB/s: 1 MiB
+2.90-3.13 (per-chunk costs), 2 MiB 4.10 / **4.53** / 4.18, 4 MiB 4.15 / 4.32 / 4.43 (windows 32 / 64 / 128). A
+chunk is credited back once written, and a smaller one is written sooner; below 2 MiB the per-message costs win.
+On 2 cores all are within noise (0.8-1.1 GB/s)."""
 
 DEFAULT_WINDOW = 64 << 20
 """Credit window in bytes (what one stream may have in flight beyond what the receiver verified), from the
-same sweeps; 128 MiB gained nothing over 64."""
+same sweeps: 64 MiB had the best and steadiest cold figure with 2 MiB chunks (4.43-4.77 GB/s; 32 MiB 2.89-4.62,
+128 MiB 3.58-4.88)."""
 
 TRIM_AFTER = 64 << 20
 """Bytes received by streams between two trims of the heap: when the last stream of a burst ends, the memory of
