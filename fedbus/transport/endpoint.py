@@ -443,7 +443,7 @@ class DealerEndpoint(_ZmqEndpoint):
         if lanes > 1 and not identity:
             identity = b"peer:" + secrets.token_hex(8).encode()
 
-        threads = ctx.get(zmq.IO_THREADS)
+        threads = max(1, ctx.get(zmq.IO_THREADS))
 
         def make(routing_id: bytes | None, lane: int = 0) -> zmq.Socket:
             sock = ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
