@@ -253,6 +253,8 @@ async def _fedbus_send(
         return None
 
     hub = StreamHub(ep, on_offer=refuse, chunk_size=chunk, window=window)
+    while not ep.lanes_connected:  # as the raw sender's, before the clock starts
+        await asyncio.sleep(LANE_STAGGER)
     torch_dtype = getattr(torch, dtype)
     folder = tempfile.mkdtemp(prefix="fedbus-bench-")
     hand_over = os.path.join(folder, "model.safetensors")

@@ -339,7 +339,10 @@ class JobController:
             if self.metrics is not None:
                 self.metrics.refused(self.job_id, reason)
             now = time.monotonic()
-            self._decide(lambda: self.strategy.task_failed(site, self._plain(task_id), reason, now, blame=blame))
+            plain = self._plain(task_id)
+            # blame only when false: a strategy written before the keyword still takes every other failure
+            extra = {} if blame else {"blame": False}
+            self._decide(lambda: self.strategy.task_failed(site, plain, reason, now, **extra))
 
     def site_crashed(self, site: str, detail: str) -> None:
         """The site's script died: its tasks are lost and it gets no more of this job's work."""

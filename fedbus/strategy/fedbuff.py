@@ -20,8 +20,9 @@ Phases: ``new`` -> ``train`` -> (``evaluate``) -> ``done``.
   global model (sgd with momentum, or adam; ``server_opt``), version += 1, :class:`Publish`, and a
   fresh buffer starts. Integer/bool tensors in deltas are skipped: the global keeps their value.
   K = 1, constant staleness and lr = 1 is FedAsync-style immediate application: global += delta.
-* A site whose last ``max_task_failures`` tasks all failed (``task_failed``, not counting those lost to a
-  restart of its daemon: ``blame=False``) gets no more tasks until
+* A site whose last ``max_task_failures`` tasks all failed (``task_failed``; not counting a task on an older
+  version lost to a restart of its daemon, ``blame=False``: a daemon crashing in a loop is its supervisor's to
+  stop, and a task sent again after a restart that fails still counts) gets no more tasks until
   it leaves and joins again (otherwise a broken script would be re-dispatched in a tight loop); when
   every available site is benched and none is busy, the job Fails, naming the last failure.
 * Stop: after ``num_versions`` versions, or when ``now - start >= time_budget`` (fired by any event;

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -100,8 +101,10 @@ LANE_STAGGER = 0.005
 """Seconds between two lanes' connects. libzmq gives a connection the I/O thread with the fewest descriptors,
 counted once that thread has taken the connection up: connections that arrive together all see the same
 counts and land on one thread, whose one core then copies every lane (and a lane was meant to add a core).
-So a dealer pins each lane to a thread of its own (``ZMQ_AFFINITY``), and connects them a few ms apart, so
-that the receiving router has counted one before it places the next (zmq's own reconnects are jittered).
+So a dealer pins each lane to a thread of its own (``ZMQ_AFFINITY``; lanes share threads round-robin where the
+context has fewer threads than lanes), and connects them a few ms apart, so that the receiving router has counted
+one before it places the next (zmq's own reconnects are jittered). Chunks go over a lane once it has connected.
+Without a running event loop (or over ``inproc://``, which uses no I/O thread) lanes connect at once.
 ``fedbus bench transfer --size-mb 1024``, 16-core host, per-thread CPU: before, the sender's two lanes on one
 thread in three runs of three (0.25 CPU s on it, none on the other), the receiver's in one of three; after,
 0.15-0.17 s on each of two threads on both sides, and the cold ``ratio`` 0.98-1.06 against 0.73-0.80."""
@@ -398,28 +401,41 @@ class RouterEndpoint(_ZmqEndpoint):
         return self._bound
 
 
-def _connect_later(sock: zmq.Socket, address: str, delay: float) -> None:
-    """Connect ``sock`` after ``delay`` seconds on the running loop (at once without one); a socket closed by
-    then stays closed. The address is the one the caller's first socket connected to, so it is valid."""
+_next_thread: weakref.WeakKeyDictionary[zmq.Context, int] = weakref.WeakKeyDictionary()
+"""Per context, the I/O thread the next dealer with lanes starts on: several in one process (tests, sites
+sharing a context) take turns over the threads instead of all starting on the first."""
 
-    def connect() -> None:
-        if sock.closed:
+
+class _Lane(_ZmqEndpoint):
+    """An extra connection of a ``DealerEndpoint``; chunks go over it only once it has connected, so none waits
+    on a socket that has no connection to send on yet."""
+
+    connected = False
+
+    def connect_later(self, address: str, delay: float) -> None:
+        """Connect after ``delay`` seconds on the running loop (at once for 0 or without a loop); a lane closed
+        by then stays closed. ``address`` is the one the first connection connected to, so it is valid."""
+        if delay > 0:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(delay, self._connect, address)
+                return
+        self._connect(address)
+
+    def _connect(self, address: str) -> None:
+        if self.sock.closed:
             return
         try:
-            sock.connect(address)
-        except zmq.ZMQError as exc:  # the context is ending; the lane's chunks wait, and the stream fails
+            self.sock.connect(address)
+        except zmq.ZMQError as exc:  # the context is ending: this lane is never used, the others carry on
             log.warning("a lane could not connect", address=address, reason=str(exc))
-
-    try:
-        asyncio.get_running_loop().call_later(delay, connect)
-    except RuntimeError:
-        connect()
+            return
+        self.connected = True
 
 
 class DealerEndpoint(_ZmqEndpoint):
     """The connecting side (site, admin, training script): one peer, reconnects by itself with backoff."""
 
-    _lanes: tuple[_ZmqEndpoint, ...] = ()  # the extra connections stream chunks are spread over
+    _lanes: tuple[_Lane, ...] = ()  # the extra connections stream chunks are spread over
     _turn = 0  # the connection the last chunk went over (0: this one, k: lane k)
 
     @classmethod
@@ -444,12 +460,15 @@ class DealerEndpoint(_ZmqEndpoint):
             identity = b"peer:" + secrets.token_hex(8).encode()
 
         threads = max(1, ctx.get(zmq.IO_THREADS))
+        first = _next_thread.get(ctx, 0)
+        if lanes > 1:
+            _next_thread[ctx] = (first + lanes) % threads
 
         def make(routing_id: bytes | None, lane: int = 0) -> zmq.Socket:
             sock = ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
             _configure(sock, max_frame)
-            if lanes > 1:  # each lane's copies on an I/O thread of its own (see LANE_STAGGER)
-                sock.setsockopt(zmq.AFFINITY, 1 << (lane % threads))
+            if lanes > 1:  # each lane's copies on an I/O thread of its own, as far as there are (LANE_STAGGER)
+                sock.setsockopt(zmq.AFFINITY, 1 << ((first + lane) % threads))
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             if routing_id:
@@ -461,8 +480,7 @@ class DealerEndpoint(_ZmqEndpoint):
             if configure is not None:
                 configure(sock)
             if lane:
-                _connect_later(sock, address, lane * LANE_STAGGER)
-                return sock
+                return sock  # connected by its _Lane, a little later
             try:
                 sock.connect(address)
             except zmq.ZMQError as exc:
@@ -473,9 +491,17 @@ class DealerEndpoint(_ZmqEndpoint):
         ep = cls(make(identity), max_envelope=max_envelope)
         if identity:
             lane_ids = [identity + LANE_MARK + bytes([k]) for k in range(1, lanes)]
-            ep._lanes = tuple(_ZmqEndpoint(make(i, k), max_envelope=max_envelope) for k, i in enumerate(lane_ids, 1))
+            ep._lanes = tuple(_Lane(make(i, k), max_envelope=max_envelope) for k, i in enumerate(lane_ids, 1))
+            stagger = 0.0 if address.startswith("inproc://") else LANE_STAGGER  # inproc uses no I/O thread
+            for k, lane in enumerate(ep._lanes, 1):
+                lane.connect_later(address, k * stagger)
         ep._last_lane = {}
         return ep
+
+    @property
+    def lanes_connected(self) -> bool:
+        """Whether every lane has connected (until then chunks go over those that have)."""
+        return all(lane.connected for lane in self._lanes)
 
     _last_lane: dict[int, int]  # stream id -> the connection its last chunk went over
 
@@ -489,9 +515,16 @@ class DealerEndpoint(_ZmqEndpoint):
         await super().send(peer, msg, payload)
 
     def _lane_of(self, msg: Message) -> int:
-        """The connection ``msg`` goes over: chunks in turn, an END after its stream's last chunk, else 0."""
+        """The connection ``msg`` goes over: chunks in turn (over lanes that have connected), an END after its
+        stream's last chunk, else 0."""
         if isinstance(msg, Chunk):
-            self._turn = turn = (self._turn + 1) % (len(self._lanes) + 1)
+            count = len(self._lanes) + 1
+            turn = self._turn
+            for _ in range(count):
+                turn = (turn + 1) % count
+                if not turn or self._lanes[turn - 1].connected:
+                    break
+            self._turn = turn
             last = self._last_lane
             last[msg.sid] = turn
             if len(last) > 1024:  # streams that failed before their END: forget the oldest

@@ -95,6 +95,25 @@ async def test_a_task_on_a_version_no_longer_streamed_fails_and_the_strategy_sen
     store.close()
 
 
+class OldSignatureFedAvg(FedAvg):
+    """A strategy written before ``task_failed`` took ``blame``."""
+
+    def task_failed(self, site: str, task_id: str, reason: str, now: float) -> list:  # type: ignore[override]
+        return super().task_failed(site, task_id, reason, now)
+
+
+async def test_a_strategy_without_the_blame_keyword_still_hears_of_failures(tmp_path: Path) -> None:
+    ctl, bus, store = _controller(tmp_path, OldSignatureFedAvg(min_clients=2, num_rounds=1))
+    ctl.start({"w": torch.zeros(1000)}, ["a", "b"])
+    await asyncio.sleep(0)
+    [task] = _of(bus, "b")
+    ctl.task_failed("b", task.task_id, "upload refused")
+    await asyncio.sleep(0)
+    assert ctl.strategy.state()["failed_tasks"] == 1
+    await ctl.close()
+    store.close()
+
+
 async def test_a_download_not_started_yet_when_the_site_restarted_is_not_sent_twice(tmp_path: Path) -> None:
     ctl, bus, store = _controller(tmp_path, FedAvg(min_clients=2, num_rounds=1))
     ctl.start({"w": torch.zeros(1000)}, ["a", "b"])  # the dispatches' sends have not run yet

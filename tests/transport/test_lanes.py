@@ -18,7 +18,7 @@ from fedbus.errors import TransportError
 from fedbus.protocol.envelope import decode
 from fedbus.protocol.messages import Chunk, End, Heartbeat, Resume
 from fedbus.transport import endpoint as endpoint_mod
-from fedbus.transport.endpoint import LANE_MARK, DealerEndpoint, lane_base, stream_lanes
+from fedbus.transport.endpoint import LANE_MARK, LANE_STAGGER, DealerEndpoint, lane_base, stream_lanes
 from fedbus.transport.streams import ModelSource
 from tests.transport.conftest import linked, memory_linked
 from tests.transport.test_streams import assert_same, mixed_state_dict
@@ -59,6 +59,7 @@ async def test_a_dealer_spreads_chunks_over_its_lanes_and_sends_the_end_after_th
     router.bind("tcp://127.0.0.1:0")
     ep = DealerEndpoint.connect(ctx, router.getsockopt_string(zmq.LAST_ENDPOINT), identity=b"s", lanes=3)
     try:
+        await _lanes_connected(ep)
         for off in range(0, 5 * 8, 8):
             await ep.send(b"", Chunk(1, off, 0), [bytes(8)])
         await ep.send(b"", End(1, "d"))
@@ -79,6 +80,56 @@ async def test_a_dealer_spreads_chunks_over_its_lanes_and_sends_the_end_after_th
     ends = {m.sid: peer for peer, m in seen if isinstance(m, End)}
     assert ends == {1: lane[2], 2: lane[0]}
     assert [peer for peer, m in seen if isinstance(m, Heartbeat)] == [lane[0]]
+
+
+async def _lanes_connected(ep: DealerEndpoint) -> None:
+    for _ in range(200):
+        if ep.lanes_connected:
+            return
+        await asyncio.sleep(LANE_STAGGER)
+    raise AssertionError("the lanes did not connect")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "inproc"])
+async def test_chunks_sent_before_the_lanes_connect_go_over_the_first_connection(transport: str) -> None:
+    """Lanes connect a few ms after the first connection; a chunk must not wait on one that has no connection yet
+    (over inproc such a wait was never woken: the connect signals nothing to the waiting socket)."""
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER, socket_class=zmq.Socket)
+    router.bind("tcp://127.0.0.1:0" if transport == "tcp" else f"inproc://lanes-{os.getpid()}")
+    ep = DealerEndpoint.connect(ctx, router.getsockopt_string(zmq.LAST_ENDPOINT), identity=b"s", lanes=2)
+    try:
+        assert ep.lanes_connected is (transport == "inproc")  # inproc uses no I/O thread: at once
+        await asyncio.wait_for(ep.send(b"", Chunk(1, 0, 0), [bytes(8)]), 5)
+        await _lanes_connected(ep)
+        await asyncio.wait_for(ep.send(b"", Chunk(1, 8, 0), [bytes(8)]), 5)
+        over = {}
+        for _ in range(2):
+            assert router.poll(5000), "a chunk did not arrive"
+            peer, envelope, _ = router.recv_multipart()
+            over[decode(envelope)[0].off] = peer
+    finally:
+        ep.close()
+        router.close(linger=0)
+        ctx.term()
+    lane = b"s" + LANE_MARK + b"\x01"
+    assert over == ({0: b"s", 8: lane} if transport == "tcp" else {0: lane, 8: b"s"})
+
+
+async def test_dealers_sharing_a_context_take_turns_over_its_io_threads() -> None:
+    ctx = zmq.asyncio.Context(io_threads=3)
+    router = ctx.socket(zmq.ROUTER, socket_class=zmq.Socket)
+    router.bind("tcp://127.0.0.1:0")
+    address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    eps = [DealerEndpoint.connect(ctx, address, identity=b"s%d" % i, lanes=2) for i in range(2)]
+    try:
+        masks = [[ep.sock.getsockopt(zmq.AFFINITY), ep._lanes[0].sock.getsockopt(zmq.AFFINITY)] for ep in eps]
+        assert masks == [[1, 2], [4, 1]]  # threads 0, 1, then 2 and 0 again
+    finally:
+        for ep in eps:
+            ep.close()
+        router.close(linger=0)
+        ctx.term()
 
 
 async def test_lanes_need_a_routing_id_and_a_sane_count() -> None:
@@ -235,6 +286,7 @@ async def test_each_lane_is_copied_by_an_io_thread_of_its_own() -> None:
         masks = [ep.sock.getsockopt(zmq.AFFINITY), *(lane.sock.getsockopt(zmq.AFFINITY) for lane in ep._lanes)]
         assert masks == [1, 2]
         assert ep._lanes[0].sock.getsockopt_string(zmq.LAST_ENDPOINT) == ""  # not connected yet: staggered
+        await _lanes_connected(ep)
         start = {tid: _cpu(tid) for tid in sender_threads}
         payload = np.random.default_rng(1).integers(0, 255, 4 << 20, dtype=np.uint8)
         chunks = 64  # 256 MiB: each I/O thread's copies show in its CPU time
