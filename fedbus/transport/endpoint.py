@@ -120,7 +120,7 @@ def stream_lanes() -> int:
 
     Two on 8 cores or more. 16-core host, raw ZeroMQ from a model's memory: one connection 3.6-3.9 GB/s, two
     5.9-6.8 (each on an I/O thread of its own: ``LANE_STAGGER``; 4.4-5.1 while they shared one).
-    ``fedbus bench transfer --size-mb 1024`` (median ratio of three runs, per pass): two lanes 0.98-1.06 over four
+    ``fedbus bench transfer --size-mb 1024`` (median ratio of three runs, per pass): two lanes 0.98-1.06 over five
     passes (fedbus 3.5-4.1 GB/s; 0.74-0.94 while they shared a thread), one lane 0.65 and 0.73. Rounds: ``fedbus
     bench round --size-mb 256 --sites 16`` 2.23-2.25 s with two lanes per site against 2.84 s with one (same
     machine). On fewer cores there is no spare core for a second I/O thread (2 cores, raw: 2.7-2.9 vs 3.0-3.2
