@@ -190,7 +190,7 @@ class Site:
             workspace=str(self.workspace),
             placement_threads=placement_threads(),
             io_threads=io_threads(),
-            lanes=stream_lanes(),
+            lanes=self._lanes(),
         )
         self.started.set()
 
@@ -253,13 +253,18 @@ class Site:
 
     # --- the connection -------------------------------------------------------------------------------
 
+    def _lanes(self) -> int:
+        """``stream_lanes``, except in process (SimEnv's ``inproc://``): messages there are handed over, not
+        copied by I/O threads, so a lane would only make the broker put chunks back in order."""
+        return 1 if self.config.broker.startswith("inproc://") else stream_lanes()
+
     def _connect(self) -> DealerEndpoint:
         identity = f"site:{self.name}"
         if self.keys is not None:  # unguessable, so that no other key can take over this site's route
             identity += f":{self.keys.routing_token()}"
         curve = self.keys.as_tuple() if self.keys is not None else None
         ep = DealerEndpoint.connect(
-            self.ctx, self.config.broker, identity=identity.encode(), curve=curve, lanes=stream_lanes()
+            self.ctx, self.config.broker, identity=identity.encode(), curve=curve, lanes=self._lanes()
         )
         self.uplink.attach(ep)
         self._last_heard = asyncio.get_running_loop().time()

@@ -153,3 +153,20 @@ async def test_sigterm_shuts_the_daemon_down_gracefully(tmp_path: Path, ctx: zmq
             proc.kill()
             proc.wait()
         await broker.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "inproc"])
+async def test_a_site_in_process_uses_no_lanes(
+    tmp_path: Path, ctx: zmq.asyncio.Context, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over inproc:// (SimEnv) messages are handed over, not copied by I/O threads: a lane would only make the
+    broker put chunks back in order."""
+    monkeypatch.setenv("FEDBUS_LANES", "2")
+    broker = FakeBroker(ctx, "tcp://127.0.0.1:0" if transport == "tcp" else f"inproc://lanes-{os.getpid()}")
+    try:
+        async with running_site(tmp_path / "ws", broker.address, ctx=ctx) as site:
+            await broker.wait_hellos(1)
+            assert site.uplink.ep is not None
+            assert len(site.uplink.ep._lanes) == (1 if transport == "tcp" else 0)
+    finally:
+        await broker.close()
