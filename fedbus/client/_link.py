@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import threading
 import time
@@ -65,10 +66,28 @@ class ParentWatch:
         self._stop.set()
 
 
+def _exit_watch(pid: int | None) -> int:
+    """A pidfd of process ``pid`` (readable once it has exited, even before it is reaped, and never confused with
+    a later process given the same PID); -1 if it has already gone, -2 without a PID or where Linux's pidfds are
+    not available (the parent-PID check remains)."""
+    if pid is None:
+        return -2
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1
+    except (AttributeError, OSError):
+        return -2
+
+
 class SiteLink:
     """One DEALER connected to the site's link address; ``recv`` returns the next valid message."""
 
-    def __init__(self, address: str, *, link_timeout: float = 30.0, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self, address: str, *, link_timeout: float = 30.0, ctx: zmq.Context | None = None, site_pid: int | None = None
+    ) -> None:
+        """``site_pid``: the site process that started this script, watched for its exit: a script whose site
+        died before it got here has a new parent already, so the parent-PID check alone cannot tell."""
         self.address = address
         self.link_timeout = link_timeout
         self._own_ctx = ctx is None
@@ -83,6 +102,9 @@ class SiteLink:
         self.ppid = os.getppid()
         self._down_since: float | None = time.monotonic()  # until the first EVENT_CONNECTED
         self._gone: str | None = None
+        self._site_exit = _exit_watch(site_pid)  # readable once the site process has ended
+        if self._site_exit == -1:
+            self._gone = "the site process is gone (it ended before this script connected)"
         self._mid = 0
         self.log = get_logger("client.link")
 
@@ -146,6 +168,8 @@ class SiteLink:
     def _check_alive(self) -> None:
         if self._gone is None and os.getppid() != self.ppid:
             self._gone = "the site process is gone (this script's parent exited)"
+        if self._gone is None and self._site_exit >= 0 and select.select([self._site_exit], [], [], 0)[0]:
+            self._gone = "the site process is gone (it exited)"
         down = self._down_since
         if self._gone is None and down is not None and time.monotonic() - down > self.link_timeout:
             self._gone = f"no connection to the site at {self.address} for {self.link_timeout:g} s"
@@ -161,5 +185,8 @@ class SiteLink:
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close()
+        if self._site_exit >= 0:
+            os.close(self._site_exit)
+            self._site_exit = -2
         if self._own_ctx:
             self.ctx.term()

@@ -77,6 +77,7 @@ class ClientSession:
         workspace: str | os.PathLike[str] = ".",
         link_timeout: float = 30.0,
         watch_parent: bool = False,
+        site_pid: int | None = None,
         speed_factor: float | None = None,
     ) -> None:
         self.link_address = link
@@ -88,6 +89,7 @@ class ClientSession:
         self.workspace = Path(workspace)
         self.link_timeout = link_timeout
         self.watch_parent = watch_parent
+        self.site_pid = site_pid  # watched for its exit with watch_parent (SiteLink)
         self.speed_factor = speed_factor
         self._task_started: float | None = None  # when receive() handed out the current task
         self._logger = get_logger("client", site=site_name, job_id=job_id)
@@ -112,8 +114,9 @@ class ClientSession:
         try:
             index, count = int(env["FEDBUS_SITE_INDEX"]), int(env["FEDBUS_NUM_SITES"])
             speed = float(env[SPEED_FACTOR_VAR]) if env.get(SPEED_FACTOR_VAR) else None
+            site_pid = int(env["FEDBUS_SITE_PID"]) if env.get("FEDBUS_SITE_PID") else None
         except ValueError as exc:
-            raise ConfigError(f"FEDBUS_SITE_INDEX / FEDBUS_NUM_SITES must be integers: {exc}") from exc
+            raise ConfigError(f"FEDBUS_SITE_INDEX, FEDBUS_NUM_SITES, FEDBUS_SITE_PID must be integers: {exc}") from exc
         return cls(
             link=env["FEDBUS_LINK"],
             token=env["FEDBUS_LINK_TOKEN"],
@@ -122,7 +125,7 @@ class ClientSession:
             site_index=index,
             num_sites=count,
             workspace=env["FEDBUS_WORKSPACE"],
-            **{"watch_parent": True, "speed_factor": speed, **kwargs},
+            **{"watch_parent": True, "site_pid": site_pid, "speed_factor": speed, **kwargs},
         )
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -131,7 +134,8 @@ class ClientSession:
         """Connect to the site and say hello; raises JobError if the site refuses or does not answer."""
         if self._link is not None:
             return
-        link = SiteLink(self.link_address, link_timeout=self.link_timeout)
+        site_pid = self.site_pid if self.watch_parent else None
+        link = SiteLink(self.link_address, link_timeout=self.link_timeout, site_pid=site_pid)
         try:
             link.send(Hello(role="client", name=self.site_name, session=self.token, caps={"pid": os.getpid()}))
             while True:

@@ -136,5 +136,6 @@ def script_env(*, link: str, token: str, job_id: str, site: str, index: int, cou
         "FEDBUS_SITE_INDEX": str(index),
         "FEDBUS_NUM_SITES": str(count),
         "FEDBUS_WORKSPACE": str(root),
+        "FEDBUS_SITE_PID": str(os.getpid()),
         "PYTHONUNBUFFERED": "1",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -532,6 +533,36 @@ def test_a_script_whose_site_died_ends_itself(tmp_path: Path) -> None:
         if site.poll() is None:
             site.kill()
             site.wait()
+
+
+@pytest.mark.parametrize("reaped", [True, False])
+def test_a_script_whose_site_died_before_init_knows_at_once(tmp_path: Path, reaped: bool) -> None:
+    """Orphaned while it imported torch, the script has a new parent already, so the parent-PID check cannot
+    tell; the site's PID (``FEDBUS_SITE_PID``) can, reaped or a zombie still. Before, init waited out the link
+    timeout (30 s)."""
+    site = subprocess.Popen([sys.executable, "-c", "pass"])
+    if reaped:
+        site.wait()
+    else:  # exited, not yet reaped by its parent
+        os.waitid(os.P_PID, site.pid, os.WEXITED | os.WNOWAIT)
+    env = {
+        "FEDBUS_LINK": f"ipc://{tmp_path}/link.sock",
+        "FEDBUS_LINK_TOKEN": "t",
+        "FEDBUS_JOB_ID": JOB,
+        "FEDBUS_SITE_NAME": "site-a",
+        "FEDBUS_SITE_INDEX": "0",
+        "FEDBUS_NUM_SITES": "1",
+        "FEDBUS_WORKSPACE": str(tmp_path),
+        "FEDBUS_SITE_PID": str(site.pid),
+    }
+    try:
+        session = ClientSession.from_env(env)
+        with pytest.raises(JobError, match="the site process is gone"):
+            session.init()
+    finally:
+        site.wait()
+    with pytest.raises(ConfigError, match="FEDBUS_SITE_PID"):
+        ClientSession.from_env({**env, "FEDBUS_SITE_PID": "one"})
 
 
 def _running(pid: int) -> bool:
