@@ -266,8 +266,13 @@ def _io_threads(known: set[str] = frozenset(), count: int = 0) -> set[str]:
 
 
 def _cpu(tid: str) -> float:
-    with open(f"/proc/self/task/{tid}/schedstat") as f:
-        return int(f.read().split()[0]) / 1e9
+    """CPU seconds of thread ``tid``: schedstat's nanoseconds, or stat's clock ticks where a kernel keeps none."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/self/task/{tid}/schedstat") as f:
+        if ns := int(f.read().split()[0]):
+            return ns / 1e9
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def test_each_lane_is_copied_by_an_io_thread_of_its_own() -> None:
@@ -307,4 +312,4 @@ async def test_each_lane_is_copied_by_an_io_thread_of_its_own() -> None:
         router.close(linger=0)
         receiver_ctx.term()
     assert ep._lanes[0].sock.closed
-    assert min(used.values()) >= 0.1 * sum(used.values()), used  # before: 0.0-0.1 % on the second thread
+    assert sum(used.values()) > 0 and min(used.values()) >= 0.1 * sum(used.values()), used  # before: 0.0-0.1 % on one
