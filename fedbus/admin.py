@@ -3,6 +3,9 @@
 An ``Admin`` is a DEALER that says hello as ``admin`` and then sends requests; each request waits for
 the reply with the same ``rid``. ``download`` also receives the final model as a stream into a
 ``.safetensors`` file (written in place as chunks arrive).
+
+The streaming layer (and torch, 2 s of imports on a small machine) is loaded by the commands that move a model
+(``submit``, ``download``) only: ``fedbus status`` and ``abort`` answer in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq.asyncio
@@ -22,7 +25,9 @@ from fedbus.errors import JobError, TransportError
 from fedbus.protocol.messages import STREAM_TYPES, Error, Hello, Offer, Reply, Request, Welcome
 from fedbus.security import ClientKeys, client_keys, handshake_refused
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+
+if TYPE_CHECKING:
+    from fedbus.transport.streams import BufferSink, StreamHub
 
 
 class Admin:
@@ -54,7 +59,6 @@ class Admin:
     async def __aenter__(self) -> Admin:
         curve = self.keys.as_tuple() if self.keys is not None else None
         self.endpoint = DealerEndpoint.connect(self.ctx, self.address, curve=curve)
-        self.hub = StreamHub(self.endpoint, on_offer=self._on_offer)
         self._welcome = asyncio.get_running_loop().create_future()
         self._reader = asyncio.ensure_future(self._read())
         if self.keys is not None:  # a refused key fails the handshake: say so now rather than time out
@@ -89,8 +93,17 @@ class Admin:
         if self.endpoint is not None:
             self.endpoint.close()
 
+    def _streams(self) -> StreamHub:
+        """The stream hub, made on first use (the commands that move a model)."""
+        if self.hub is None:
+            from fedbus.transport.streams import StreamHub
+
+            assert self.endpoint is not None
+            self.hub = StreamHub(self.endpoint, on_offer=self._on_offer)
+        return self.hub
+
     async def _read(self) -> None:
-        assert self.endpoint is not None and self.hub is not None
+        assert self.endpoint is not None
         while True:
             try:
                 inc = await self.endpoint.recv()
@@ -105,7 +118,7 @@ class Admin:
                     fut.set_result(_unpack_reply(msg, inc.payload))
             elif isinstance(msg, Error) and self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(TransportError(f"broker refused: {msg.reason}"))
-            elif msg.TYPE in STREAM_TYPES:
+            elif msg.TYPE in STREAM_TYPES and self.hub is not None:  # none before we asked for a stream
                 await self.hub.dispatch(inc.peer, msg, inc.payload)
 
     async def request(self, op: str, args: dict[str, Any] | None = None, payload: list[bytes] | None = None) -> dict:
@@ -127,13 +140,15 @@ class Admin:
     async def submit(self, folder: str | Path) -> str:
         """Validate a job folder locally (errors name the problem before anything is sent), then submit its
         files as one archive and stream its initial model; returns the job id once the model is in."""
-        assert self.hub is not None
+        from fedbus.transport.streams import ModelSource
+
+        hub = self._streams()
         spec = jobs.load_job_folder(folder)
         source = ModelSource.from_file(Path(folder) / spec.model)
         archive = jobs.pack_job(folder, include_model=False)
         data = await self.request("submit", {"model_bytes": source.total}, payload=[archive])
         job_id = str(data["job_id"])
-        await self.hub.send(b"", source, {"job_id": job_id, "kind": "model"})
+        await hub.send(b"", source, {"job_id": job_id, "kind": "model"})
         return job_id
 
     async def status(self, job_id: str | None = None) -> dict:
@@ -147,6 +162,7 @@ class Admin:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         done: asyncio.Future[BufferSink] = asyncio.get_running_loop().create_future()
+        self._streams()  # before the request: the broker's offer follows its reply at once
         self._download = (job_id, dest, done)
         data = await self.request("download", {"job_id": job_id})
         data["model_path"] = None
@@ -167,6 +183,8 @@ class Admin:
             or offer.ctx.get("kind") != "download"
         ):
             return None
+        from fedbus.transport.streams import BufferSink
+
         _, dest, done = self._download
         sink = BufferSink(max_total=offer.total, path=str(dest / "model.safetensors.part"))
         done.set_result(sink)

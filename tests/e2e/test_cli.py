@@ -66,3 +66,15 @@ def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert res.returncode == 1
     assert "no answer from a broker" in res.stderr
+
+
+def test_status_and_abort_load_no_torch() -> None:
+    """An operator's ``fedbus status`` answers in a fraction of a second: torch (2 s of imports on a small
+    machine) is loaded by the commands that move a model only."""
+    code = (
+        "import asyncio, sys\n"
+        "from fedbus import cli\n"
+        "from fedbus.admin import Admin\n"
+        "assert 'torch' not in sys.modules, 'the admin client imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
