@@ -219,7 +219,8 @@ def _raw_send(address: str, total: int, window: int, *, spread: bool = False, la
         _curve(sock, server=False)
         sock.setsockopt(zmq.AFFINITY, 1 << lane)
         sock.connect(address)
-        time.sleep(LANE_STAGGER if lanes > 1 else 0)
+        if lanes > 1:
+            time.sleep(LANE_STAGGER)
     buf = memoryview(bytearray(os.urandom(1024)) * ((total if spread else RAW_FRAME) // 1024 + 1))
     credit = [max(1, window // RAW_FRAME // lanes)] * lanes
     start = time.perf_counter()

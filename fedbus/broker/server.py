@@ -397,16 +397,16 @@ class Broker:
         await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
         if msg.role == "site":
             assert self.hub is not None
-            jobs = [c for c in self.controllers.values() if msg.name in c.sites] if arrival != "same" else []
+            its_jobs = [c for c in self.controllers.values() if msg.name in c.sites] if arrival != "same" else []
             again: dict[str, list[InFlight]] = {}
             if arrival == "restarted":
                 # The old process's downloads died with it. Their tasks get new downloads first, with no await in
                 # between, so that the aborted ones' failures are ignored; they go out after the deploy.
-                again = {c.job_id: c.site_restarted(msg.name, holds) for c in jobs}
+                again = {c.job_id: c.site_restarted(msg.name, holds) for c in its_jobs}
                 self.hub.abort_peer(peer, "the site restarted", incoming=False)
             else:  # a model whose offer found the site reconnecting is offered again
                 await self.hub.reoffer_all(peer)
-            for c in jobs:
+            for c in its_jobs:
                 await self._deploy(c.job_id, [msg.name])
                 c.send_again(again.get(c.job_id, []))
                 c.site_joined(msg.name)
