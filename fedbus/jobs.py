@@ -18,6 +18,17 @@ A job folder holds ``job.toml``, the training script with its files, and the ini
     include = []                       # only these site names (optional)
     [limits]
     task_timeout_s = 600               # optional
+    [client]                           # optional: what the script's client API does (Task.options)
+    exchange = "pytorch"               # "pytorch" (torch tensors) or "numpy" (numpy arrays) in the script
+    transfer_type = "FULL"             # what send() transmits: FULL weights or DIFF (local - received)
+    memory_gc_rounds = 0               # release cached params and collect garbage every N rounds (0: never)
+    external_process = true            # SimEnv: the script in its own process (false: a thread of the site)
+    log_streaming = false              # the script's output reaches the broker, per site (logs/SITE.log)
+    [tracking]                         # optional
+    types = ["tensorboard"]            # where sites' tracking records land: tensorboard, mlflow, wandb
+    key_metric = "accuracy"            # the validation metric that picks the best global model
+    [cross_site_eval]                  # optional: after the strategy finishes, every site scores every model
+    enabled = true
     [extra]                            # optional, free-form: passed to the sites, not read by fedbus
 
 On the wire the folder travels as a zip (:func:`pack_job`). The broker and the sites treat that zip as
@@ -70,6 +81,9 @@ class JobSpec:
     include: tuple[str, ...] = ()
     task_timeout_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    client: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)
+    cross_site_eval: bool = False
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The job.toml layout of this spec (optional keys left out when unset)."""
@@ -87,6 +101,12 @@ class JobSpec:
         }
         if self.task_timeout_s is not None:
             out["limits"] = {"task_timeout_s": self.task_timeout_s}
+        if self.client:
+            out["client"] = dict(self.client)
+        if self.tracking:
+            out["tracking"] = dict(self.tracking)
+        if self.cross_site_eval:
+            out["cross_site_eval"] = {"enabled": True}
         if self.extra:
             out["extra"] = self.extra
         return out
@@ -170,8 +190,14 @@ _TABLES: dict[str, frozenset[str] | None] = {
     "script": frozenset({"path", "args"}),
     "sites": frozenset({"min", "max", "include"}),
     "limits": frozenset({"task_timeout_s"}),
+    "client": frozenset({"exchange", "transfer_type", "memory_gc_rounds", "external_process", "log_streaming"}),
+    "tracking": frozenset({"types", "key_metric"}),
+    "cross_site_eval": frozenset({"enabled"}),
     "extra": None,  # free-form
 }
+EXCHANGE_FORMATS = ("pytorch", "numpy")
+TRANSFER_TYPES = ("FULL", "DIFF")
+TRACKING_TYPES = ("tensorboard", "mlflow", "wandb")
 _TOP_KEYS = frozenset({"name", "model", *_TABLES})
 
 
@@ -255,6 +281,12 @@ def parse_job_toml(text: str, source: str, *, check_strategy: bool = True) -> Jo
             raise ConfigError(f"{source}: [limits] task_timeout_s must be a number > 0, got {timeout!r}")
         timeout = float(timeout)
 
+    client = _client_table(source, doc.get("client", {}))
+    tracking = _tracking_table(source, doc.get("tracking", {}))
+    cross_site_eval = doc.get("cross_site_eval", {}).get("enabled", False)
+    if not isinstance(cross_site_eval, bool):
+        raise ConfigError(f"{source}: [cross_site_eval] enabled must be true or false, got {cross_site_eval!r}")
+
     if check_strategy:
         _check_strategy(source, strategy, strategy_table, max_sites, include)
     return JobSpec(
@@ -269,7 +301,53 @@ def parse_job_toml(text: str, source: str, *, check_strategy: bool = True) -> Jo
         include=tuple(include),
         task_timeout_s=timeout,
         extra=dict(doc.get("extra", {})),
+        client=client,
+        tracking=tracking,
+        cross_site_eval=cross_site_eval,
     )
+
+
+def _choice(source: str, key: str, v: Any, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    return str(v)
+
+
+def _bool(source: str, key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {v!r}")
+    return v
+
+
+def _client_table(source: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """The [client] table checked value by value (every key is optional)."""
+    out: dict[str, Any] = {}
+    if "exchange" in table:
+        out["exchange"] = _choice(source, "[client] exchange", table["exchange"], EXCHANGE_FORMATS)
+    if "transfer_type" in table:
+        out["transfer_type"] = _choice(source, "[client] transfer_type", table["transfer_type"], TRANSFER_TYPES)
+    if "memory_gc_rounds" in table:
+        out["memory_gc_rounds"] = _int(source, "[client] memory_gc_rounds", table["memory_gc_rounds"], 0)
+    for key in ("external_process", "log_streaming"):
+        if key in table:
+            out[key] = _bool(source, f"[client] {key}", table[key])
+    return out
+
+
+def _tracking_table(source: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """The [tracking] table: a list of known tracking types, no repeats, and an optional key metric name."""
+    out: dict[str, Any] = {}
+    if "types" in table:
+        types = table["types"]
+        if not isinstance(types, list) or len(set(map(str, types))) != len(types):
+            raise ConfigError(f"{source}: [tracking] types must be a list without repeats, got {types!r}")
+        out["types"] = [_choice(source, "[tracking] types entry", t, TRACKING_TYPES) for t in types]
+    if "key_metric" in table:
+        metric = table["key_metric"]
+        if not isinstance(metric, str) or not 0 < len(metric) <= 128:
+            raise ConfigError(f"{source}: [tracking] key_metric must be a metric name, got {metric!r}")
+        out["key_metric"] = metric
+    return out
 
 
 def _check_strategy(source: str, name: str, args: dict[str, Any], max_sites: int | None, include: list[str]) -> None:

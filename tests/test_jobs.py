@@ -105,6 +105,26 @@ def test_job_toml_round_trip(tmp_path: Path) -> None:
     assert parse_job_toml((tmp_path / "job.toml").read_text(), "job.toml") == spec
 
 
+def test_client_tracking_and_cross_site_tables_round_trip(tmp_path: Path) -> None:
+    text = JOB_TOML + (
+        '[client]\nexchange = "numpy"\ntransfer_type = "DIFF"\nmemory_gc_rounds = 2\nexternal_process = true\n'
+        'log_streaming = true\n[tracking]\ntypes = ["tensorboard", "mlflow"]\nkey_metric = "accuracy"\n'
+        "[cross_site_eval]\nenabled = true\n"
+    )
+    spec = parse_job_toml(text, "job.toml")
+    assert spec.client == {
+        "exchange": "numpy",
+        "transfer_type": "DIFF",
+        "memory_gc_rounds": 2,
+        "external_process": True,
+        "log_streaming": True,
+    }
+    assert spec.tracking == {"types": ["tensorboard", "mlflow"], "key_metric": "accuracy"}
+    assert spec.cross_site_eval is True
+    write_job_toml(spec, tmp_path / "job.toml")
+    assert parse_job_toml((tmp_path / "job.toml").read_text(), "job.toml") == spec
+
+
 def test_dot_slash_paths_are_normalized() -> None:
     spec = parse_job_toml(JOB_TOML.replace('"client.py"', '"./lib//client.py"'), "job.toml")
     assert spec.script == "lib/client.py"
@@ -140,6 +160,15 @@ def test_dot_slash_paths_are_normalized() -> None:
         ("max = 3", "max = 3\n[limits]\ntask_timeout_s = -1", "task_timeout_s must be a number > 0"),
         ("max = 3", "max = 3\n[limits]\ntask_timeout_s = true", "task_timeout_s must be a number > 0"),
         ("max = 3", "max = 3 =", "invalid TOML"),
+        ("max = 3", 'max = 3\n[client]\nexchange = "jax"', r"\[client\] exchange must be one of 'pytorch', 'numpy'"),
+        ("max = 3", 'max = 3\n[client]\ntransfer_type = "full"', r"\[client\] transfer_type must be one of"),
+        ("max = 3", "max = 3\n[client]\nmemory_gc_rounds = -1", r"memory_gc_rounds must be an integer >= 0"),
+        ("max = 3", "max = 3\n[client]\nexternal_process = 1", r"external_process must be true or false"),
+        ("max = 3", "max = 3\n[client]\nlog_stream = true", r"unknown key in \[client\]: 'log_stream' .did you mean"),
+        ("max = 3", 'max = 3\n[tracking]\ntypes = ["tensorbord"]', r"\[tracking\] types entry must be one of"),
+        ("max = 3", 'max = 3\n[tracking]\ntypes = ["mlflow", "mlflow"]', r"without repeats"),
+        ("max = 3", "max = 3\n[tracking]\nkey_metric = 1", r"key_metric must be a metric name"),
+        ("max = 3", 'max = 3\n[cross_site_eval]\nenabled = "yes"', r"enabled must be true or false"),
     ],
 )
 def test_parse_refusals(old: str, new: str, match: str) -> None:

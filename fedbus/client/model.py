@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbus.client.constants import FLMetaKey
 from fedbus.errors import ConfigError
 
-NUM_STEPS_CURRENT_ROUND = "NUM_STEPS_CURRENT_ROUND"
+NUM_STEPS_CURRENT_ROUND = FLMetaKey.NUM_STEPS_CURRENT_ROUND
 """Meta key: how many optimizer steps the script ran this round; it becomes the update's weight."""
 
 
@@ -30,16 +31,6 @@ class ParamsType(enum.StrEnum):
 
     FULL = "FULL"
     DIFF = "DIFF"
-
-
-class FLMetaKey:
-    """The meta keys FLARE scripts use, as constants (FLARE spells them ``FLMetaKey.X``)."""
-
-    NUM_STEPS_CURRENT_ROUND = NUM_STEPS_CURRENT_ROUND
-    CURRENT_ROUND = "CURRENT_ROUND"
-    TOTAL_ROUNDS = "TOTAL_ROUNDS"
-    JOB_ID = "JOB_ID"
-    SITE_NAME = "SITE_NAME"
 
 
 @dataclass

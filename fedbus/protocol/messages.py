@@ -128,6 +128,9 @@ class Task(Message):
     total_rounds: int
     sid: int | None = None
     meta: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    """What the job asks of the script's client API (exchange format, transfer type, FedProx's mu, SCAFFOLD ...):
+    the strategy's ``client_options()`` merged with the job's ``[client]`` table."""
 
 
 @dataclass(frozen=True, slots=True)

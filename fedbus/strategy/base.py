@@ -26,7 +26,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
 
@@ -254,6 +254,25 @@ class Strategy(abc.ABC):
     restores_updates: ClassVar[bool] = False
     """True when an accepted update may wait for a later aggregate (FedBuff's buffer): the controller then keeps
     it on disk until a checkpoint covers it and, after a restart, hands it back through :meth:`restore`."""
+
+    def client_options(self) -> dict[str, Any]:
+        """Plain values every task of this job carries to the script's client API (``Task.options``): FedProx's
+        ``fedprox_mu``, SCAFFOLD's ``scaffold`` flag. The job's ``[client]`` table is merged over them."""
+        return {}
+
+    def input_spec(self) -> Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None:
+        """The names, dtypes and shapes a training result must carry, when they are not the global model's.
+
+        The aggregator extension point: a strategy whose sites send something other than weights (FedAvgLr's
+        gradient and Hessian) declares it here, and the broker checks every offer against it before it takes a
+        payload byte. None (the default) means "the global model's tensors"."""
+        return None
+
+    def validate_input(self, reference: Params, params: Params) -> str | None:
+        """Why ``params`` of a result cannot be taken, or None. ``reference`` is the global model, or the
+        tensors ``input_spec`` declares (as meta tensors). The default demands exactly the reference's names,
+        dtypes and shapes and finite values (:func:`validate_update`)."""
+        return validate_update(reference, params)
 
     def restore(self, update: Update) -> list[Action]:
         """Fold again an update accepted before a restart, right after ``start`` from the last checkpoint and in
