@@ -395,10 +395,17 @@ def test_mutated_bytes_fail_only_with_header_error(
     _check_parse(bytes(data), None, max_total)
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=6,
+# st.deferred rather than st.recursive: see _toml_values in tests/test_jobs.py.
+JSON: st.SearchStrategy = st.deferred(
+    lambda: (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats()
+        | st.text(max_size=4)
+        | st.lists(JSON, max_size=3)
+        | st.dictionaries(st.text(max_size=4), JSON, max_size=3)
+    )
 )
 FIELDS = st.sampled_from(["dtype", "shape", "data_offsets", "extra"])
 
