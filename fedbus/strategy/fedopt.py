@@ -107,7 +107,7 @@ class FedOpt(FedAvg):
                 counters[name] = m  # FULL results: the elementwise max, as FedAvg
             else:
                 delta[name] = m if self._acc_type == "DIFF" else m.sub_(g)
-        self.optimizer.lr = self.lr_at(self._version)  # type: ignore[attr-defined]
+        self.optimizer.lr = self.lr_at(self._version)
         out = self.optimizer.step(self._global, delta)
         out.update(counters)
         self._acc = {}

@@ -22,6 +22,9 @@ import torch
 class ServerOptimizer(abc.ABC):
     """Applies one aggregated delta to the global model; keeps its own state (momentum, moments)."""
 
+    lr: float
+    """The step size of the next ``step`` (a schedule may change it between steps)."""
+
     @abc.abstractmethod
     def step(self, model: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The next global model; ``model`` and ``delta`` are only read."""
