@@ -177,7 +177,8 @@ def validate_update(reference: Params, params: Params) -> str | None:
             return f"dtype mismatch for {name!r}: expected {ref.dtype}, got {t.dtype}"
         if t.shape != ref.shape:
             return f"shape mismatch for {name!r}: expected {tuple(ref.shape)}, got {tuple(t.shape)}"
-        if t.layout != torch.strided or (t.device != ref.device and not t.is_meta):
+        # A meta reference (an ``input_spec``) describes names, dtypes and shapes only, not a device.
+        if t.layout != torch.strided or (t.device != ref.device and not t.is_meta and not ref.is_meta):
             return f"{name!r} must be a dense tensor on {ref.device}, got {t.layout} on {t.device}"
     scanned = getattr(params, "nonfinite", None)  # the receiving sink checked the bytes as they arrived
     if scanned is not None:
@@ -267,6 +268,14 @@ class Strategy(abc.ABC):
         gradient and Hessian) declares it here, and the broker checks every offer against it before it takes a
         payload byte. None (the default) means "the global model's tensors"."""
         return None
+
+    def input_reference(self) -> Params:
+        """What :meth:`validate_input` checks a result against: the tensors ``input_spec`` declares, as meta tensors
+        (names, dtypes and shapes, no data), or the current global model when it declares none."""
+        spec = self.input_spec()
+        if spec is None:
+            return self.model
+        return {name: torch.empty(shape, dtype=dtype, device="meta") for name, (dtype, shape) in spec.items()}
 
     def validate_input(self, reference: Params, params: Params) -> str | None:
         """Why ``params`` of a result cannot be taken, or None. ``reference`` is the global model, or the

@@ -34,13 +34,17 @@ Phases: ``new`` -> ``waiting`` | ``train`` -> (``evaluate``) -> ``train`` ... ->
   aggregate is dropped, so a round never publishes from fewer results than the barrier asked for. With
   ``evaluate_every`` the version reached is then evaluated (unless it just was) before :class:`Finished`;
   the budget bounds training only, like FedBuff's.
+
+Subclasses (FedProx, SCAFFOLD, FedOpt, FedAvgLr) keep this barrier and change only what a result must
+be (``_check_result``), how it is folded (``_accumulate``) and how the round's aggregate becomes the next
+global model (``_finish_aggregate``, which may raise :class:`StrategyError` to fail the round).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from types import MappingProxyType
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -64,7 +68,6 @@ from fedbus.strategy.base import (
     check_update_fields,
     clean_metrics,
     copy_model,
-    validate_update,
 )
 
 Phase = Literal["new", "waiting", "train", "evaluate", "done"]
@@ -72,6 +75,9 @@ Phase = Literal["new", "waiting", "train", "evaluate", "done"]
 
 class FedAvg(Strategy):
     """Synchronous federated averaging; see the module docstring for the theory of operation."""
+
+    name: ClassVar[str] = "fedavg"
+    """The strategy's name in ``state()`` (its key in ``STRATEGIES``)."""
 
     def __init__(
         self,
@@ -82,12 +88,13 @@ class FedAvg(Strategy):
         evaluate_every: int = 0,
         time_budget: float | None = None,
     ) -> None:
-        self.min_clients = check_int("FedAvg", "min_clients", min_clients, minimum=1)
-        self.num_rounds = check_int("FedAvg", "num_rounds", num_rounds, minimum=1)
-        self.max_clients = check_opt_int("FedAvg", "max_clients", max_clients, minimum=self.min_clients)
-        self.round_timeout = check_opt_float("FedAvg", "round_timeout", round_timeout, gt=0)
-        self.evaluate_every = check_int("FedAvg", "evaluate_every", evaluate_every, minimum=0)
-        self.time_budget = check_opt_float("FedAvg", "time_budget", time_budget, gt=0)
+        owner = type(self).__name__
+        self.min_clients = check_int(owner, "min_clients", min_clients, minimum=1)
+        self.num_rounds = check_int(owner, "num_rounds", num_rounds, minimum=1)
+        self.max_clients = check_opt_int(owner, "max_clients", max_clients, minimum=self.min_clients)
+        self.round_timeout = check_opt_float(owner, "round_timeout", round_timeout, gt=0)
+        self.evaluate_every = check_int(owner, "evaluate_every", evaluate_every, minimum=0)
+        self.time_budget = check_opt_float(owner, "time_budget", time_budget, gt=0)
         self._budget_end: float | None = None
         self._evaluated: int | None = None  # the last version an evaluation was started for
         self._stop_reason = ""
@@ -135,11 +142,11 @@ class FedAvg(Strategy):
 
     def start(self, model: Params, sites: Sequence[str], now: float, *, version: int = 0) -> list[Action]:
         if self._phase != "new":
-            raise StrategyError("FedAvg.start() called twice")
+            raise StrategyError(f"{type(self).__name__}.start() called twice")
         if isinstance(sites, str):
             raise StrategyError("sites must be a sequence of site names, not one string")
         self._global = copy_model(model)
-        self._version = check_int("FedAvg", "version", version, minimum=0)
+        self._version = check_int(type(self).__name__, "version", version, minimum=0)
         self._sites = set(sites)
         self._budget_end = None if self.time_budget is None else now + self.time_budget
         if self._version >= self.num_rounds:
@@ -195,11 +202,7 @@ class FedAvg(Strategy):
             self._totals["evaluated"] += 1
             acts.append(Evaluated(task.version, task.site, clean_metrics(update.metrics)))
             return acts + self._close_if_complete(now)
-        reason = check_update_fields(update, task.version)
-        if reason is None and update.params is None:
-            reason = "a training result must carry params"
-        if reason is None:
-            reason = validate_update(self._global, update.params)  # type: ignore[arg-type]
+        reason = check_update_fields(update, task.version) or self._check_result(update)
         if reason is not None:
             self._round["rejected"] += 1
             acts.append(self._reject(update, reason))
@@ -214,7 +217,7 @@ class FedAvg(Strategy):
     def state(self) -> dict[str, object]:
         """Job-wide totals plus ``round_*`` counters for the round (or evaluation) in progress."""
         return {
-            "strategy": "fedavg",
+            "strategy": self.name,
             "phase": self._phase,
             "version": self._version,
             "round": self._version + 1,
@@ -230,7 +233,7 @@ class FedAvg(Strategy):
     def _events_start(self, now: float) -> list[Action]:
         """Every event first fires a due deadline, so results are judged against the right round."""
         if self._phase == "new":
-            raise StrategyError("FedAvg: call start() before any other event")
+            raise StrategyError(f"{type(self).__name__}: call start() before any other event")
         if self._phase in ("train", "waiting") and self._budget_spent(now):
             return self._stop_training(now)
         if self._deadline is not None and now >= self._deadline:
@@ -294,6 +297,10 @@ class FedAvg(Strategy):
                     f"({c['rejected']} rejected, {c['failed']} failed, {c['left']} sites left)"
                 )
             return self._end(Failed(f"round {r}: {n} of min_clients={self.min_clients} results {why}"))
+        try:
+            new_global = self._finish_aggregate()
+        except StrategyError as exc:
+            return self._end(Failed(f"round {r}: {exc}"))
         acts = self._cancel_pending(f"round {r} closed with {n} results")
         metrics = {
             **self._metrics.result(),
@@ -302,7 +309,7 @@ class FedAvg(Strategy):
             "strategy/rejected": float(self._round["rejected"]),
             "strategy/timed_out": float(timed_out),
         }
-        self._global = self._finish_aggregate()
+        self._global = new_global
         self._version += 1
         acts.append(Publish(self._version, self._global, metrics))
         last = self._version >= self.num_rounds
@@ -348,9 +355,25 @@ class FedAvg(Strategy):
         self._totals["rejected"] += 1
         return Rejected(update.task_id, update.site, reason)
 
+    def _check_result(self, update: Update) -> str | None:
+        """Why a training result's params cannot be taken (its scalar fields are already checked), or None:
+        there must be params, and :meth:`validate_input` must pass them against :meth:`input_reference`."""
+        if update.params is None:
+            return "a training result must carry params"
+        return self.validate_input(self.input_reference(), update.params)
+
     def _fold(self, update: Update) -> None:
-        """Add one validated update to the round's single accumulator (see theory of operation)."""
-        params, w = update.params, float(update.weight)
+        """Count one validated update and fold it into the round's aggregate (``_accumulate``)."""
+        w = float(update.weight)
+        self._accumulate(update, w)
+        self._weight += w
+        self._round["accepted"] += 1
+        self._totals["accepted"] += 1
+        self._metrics.add(clean_metrics(update.metrics), w)
+
+    def _accumulate(self, update: Update, w: float) -> None:
+        """Add ``w * params`` to the round's single accumulator (see theory of operation)."""
+        params = update.params
         assert params is not None
         if self._acc_type is None:
             self._acc_type = update.params_type
@@ -362,13 +385,10 @@ class FedAvg(Strategy):
             weighted_sum_into(self._acc, params, w, integers="skip")
             if self._acc_type == "FULL":
                 weighted_sum_into(self._acc, self._global, w, integers="skip")
-        self._weight += w
-        self._round["accepted"] += 1
-        self._totals["accepted"] += 1
-        self._metrics.add(clean_metrics(update.metrics), w)
 
     @torch.no_grad()
     def _finish_aggregate(self) -> dict[str, torch.Tensor]:
+        """The next global model from the round's accumulator: the weighted mean, in the global's space."""
         mean = finalize_mean(self._acc, self._weight)
         out: dict[str, torch.Tensor] = {}
         for name, g in self._global.items():

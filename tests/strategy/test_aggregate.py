@@ -182,9 +182,11 @@ def test_make_strategy_explains_config_errors(name: str, kwargs: dict[str, objec
 
 def test_public_api_is_pinned() -> None:
     assert set(strategy_pkg.__all__) == {
-        "STALENESS_FUNCTIONS", "STRATEGIES", "Accepted", "Action", "Cancel", "Dispatch", "Evaluated",
-        "Failed", "FedAvg", "FedBuff", "Finished", "MetricMean", "Publish", "Rejected", "ServerAdam",
-        "ServerOptimizer", "ServerSGD", "Strategy", "Update", "constant", "finalize_mean", "hinge",
-        "make_staleness_fn", "make_strategy", "polynomial", "validate_update", "weighted_sum_into",
+        "SCAFFOLD_PREFIX", "STALENESS_FUNCTIONS", "STRATEGIES", "Accepted", "Action", "Cancel", "Cyclic",
+        "Dispatch", "Evaluated", "Failed", "FedAvg", "FedAvgLr", "FedBuff", "FedEval", "FedOpt", "FedProx",
+        "Finished", "MetricMean", "Publish", "Rejected", "Scaffold", "ServerAdagrad", "ServerAdam",
+        "ServerOptimizer", "ServerSGD", "ServerYogi", "Strategy", "Update", "constant", "finalize_mean", "hinge",
+        "make_staleness_fn", "make_strategy", "polynomial", "resolve_strategy_class", "validate_update",
+        "weighted_sum_into",
     }  # fmt: skip
     assert all(hasattr(strategy_pkg, name) for name in strategy_pkg.__all__)
