@@ -38,6 +38,7 @@ from fedbus.strategy.base import (
     Update,
     validate_update,
 )
+from fedbus.strategy.cross_site import CrossSiteEval, StandaloneCrossSiteEval
 from fedbus.strategy.fedavg import FedAvg
 from fedbus.strategy.fedbuff import FedBuff
 from fedbus.strategy.server_opt import ServerAdam, ServerOptimizer, ServerSGD
@@ -48,6 +49,7 @@ __all__ = [
     "Accepted",
     "Action",
     "Cancel",
+    "CrossSiteEval",
     "Dispatch",
     "Evaluated",
     "Failed",
@@ -72,7 +74,11 @@ __all__ = [
     "weighted_sum_into",
 ]
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedbuff": FedBuff}
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedbuff": FedBuff,
+    "cross_site_eval": StandaloneCrossSiteEval,
+}
 
 
 def _suggest(word: str, choices: list[str]) -> str:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 
-from fedbus.errors import StrategyError
+from fedbus.errors import ConfigError, StrategyError
 from fedbus.strategy._config import check_opt_float
 from fedbus.strategy.base import (
     Action,
@@ -377,3 +377,15 @@ class CrossSiteEval(Strategy):
         if update.params_type != "FULL":
             return f"a submitted model must be FULL params, got {update.params_type!r}"
         return validate_update(self.model, update.params)
+
+
+class StandaloneCrossSiteEval(CrossSiteEval):
+    """Cross-site evaluation with no training before it, registered as ``cross_site_eval``: the job's model is
+    evaluated as ``server`` (unless ``evaluate_global`` is false), with every site's local model (unless
+    ``submit_models`` is false) and the server models the job folder carries (the broker loads them)."""
+
+    def __init__(self, evaluate_global: bool = True, submit_models: bool = True, timeout: float | None = None) -> None:
+        for name, value in (("evaluate_global", evaluate_global), ("submit_models", submit_models)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"cross_site_eval: {name} must be true or false, got {value!r}")
+        super().__init__(None, evaluate_global=evaluate_global, submit_models=submit_models, timeout=timeout)
