@@ -610,7 +610,8 @@ class Broker:
     def _with_cross_site(self, job_id: str, spec: dict, strategy: Strategy) -> Strategy:
         """The job's strategy, wrapped in cross-site evaluation when its spec asks (``[cross_site_eval]``), with
         the job folder's server models (``SERVER_MODELS``) given to it; a standalone ``cross_site_eval``
-        strategy gets them too."""
+        strategy gets them too. Read on the loop, as ``_launch`` must not await before the job's controller is
+        registered (a second launch of the same job could start meanwhile): these are small evaluation models."""
         if not spec.get("cross_site_eval") and not isinstance(strategy, CrossSiteEval):
             return strategy
         folder = self.store.job_dir(job_id) / "files" / SERVER_MODELS
