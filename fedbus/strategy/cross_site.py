@@ -104,13 +104,14 @@ class CrossSiteEval(Strategy):
         self.server_models: dict[str, dict[str, torch.Tensor]] = {}
         self.add_server_models(server_models or {})
         if inner is not None:  # what the controller reads of a strategy, as the inner one says it
-            self.params_type = inner.params_type
-            self.restores_updates = inner.restores_updates
+            self.params_type = inner.params_type  # type: ignore[misc]
+            self.restores_updates = inner.restores_updates  # type: ignore[misc]
         self._inner_reason = ""
         self._sites: set[str] = set()
         self._global: Mapping[str, torch.Tensor] = {}
         self._version = 0
         self._deadline: float | None = None
+        self._now = 0.0  # the latest event's time: ``restore`` has none of its own
         self._count = 0
         self._pending: dict[str, _Task] = {}  # task id -> task
         self._by_site: dict[str, str] = {}  # site -> its pending task id
@@ -170,7 +171,7 @@ class CrossSiteEval(Strategy):
     def restore(self, update: Update) -> list[Action]:
         if self.inner is None:
             return super().restore(update)
-        return self._from_inner(self.inner.restore(update), 0.0)
+        return self._from_inner(self.inner.restore(update), self._now)
 
     def state(self) -> dict[str, object]:
         base: dict[str, object] = dict(self.inner.state()) if self.inner is not None else {"strategy": "cross_site"}
@@ -192,6 +193,7 @@ class CrossSiteEval(Strategy):
         if isinstance(sites, str):
             raise StrategyError("sites must be a sequence of site names, not one string")
         self._sites = set(sites)
+        self._now = now
         if self.inner is None:
             self._global = copy_model(model)
             self._version = version
@@ -277,6 +279,7 @@ class CrossSiteEval(Strategy):
     def _events_start(self, now: float) -> list[Action]:
         if self._phase == "new":
             raise StrategyError("CrossSiteEval: call start() before any other event")
+        self._now = now
         if self._phase in ("submit", "evaluate") and self._deadline is not None and now >= self._deadline:
             return self._close_phase(now, timed_out=True)
         return []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedbus.errors import StrategyError
-from fedbus.strategy import Accepted, Cancel, Dispatch, Evaluated, Failed, FedAvg, Finished, Publish, Rejected
+from fedbus.strategy import Accepted, Cancel, Dispatch, Evaluated, Failed, FedAvg, FedBuff, Finished, Publish, Rejected
 from fedbus.strategy.cross_site import CrossSiteEval
 from tests.strategy.helpers import answer, like, make_model, of
 
@@ -185,3 +185,21 @@ def test_bad_construction_is_refused() -> None:
     assert s.done  # no site: nothing to evaluate
     with pytest.raises(StrategyError, match="before start"):
         s.add_server_models({"x": make_model()})
+
+
+def test_an_asynchronous_inner_strategy_keeps_its_wire_contract_and_is_evaluated_after_it_finishes() -> None:
+    inner = FedBuff(concurrency=2, buffer_size=2, num_versions=1)
+    s = CrossSiteEval(inner)
+    assert s.params_type == "DIFF" and s.restores_updates  # the controller asks DIFF and keeps buffered updates
+    model = make_model()
+    acts = s.start(model, ["a", "b"], 0.0)
+    out: list = []
+    for d in of(acts, Dispatch):
+        out += s.on_update(answer(d, like(model, 0.5, counter=0), params_type="DIFF"), 1.0)
+    assert len(of(out, Publish)) == 1 and not of(out, Finished)
+    # a was sent another training task before the buffer filled; it is cancelled when FedBuff finishes.
+    assert [d.kind for d in of(out, Dispatch)] == ["train", "submit_model", "submit_model"]
+    assert [c.site for c in of(out, Cancel)] == ["a"]
+    submits = [d for d in of(out, Dispatch) if d.kind == "submit_model"]
+    log = _evaluate_until_done(s, _submit_all(s, submits, {"a": 1.0, "b": 2.0}), {"a": 0.0, "b": 0.0})
+    assert isinstance(log[-1], Finished) and sorted(s.results) == ["a", "b", "server"]
