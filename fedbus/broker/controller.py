@@ -5,17 +5,24 @@ result arrived, a task failed, a deadline passed) goes to the strategy with the 
 actions it returns are executed in order:
 
 * ``Dispatch``  → a ``task`` message, then the global model streamed to the site (one ``ModelSource``
-                  per version, so N sites share one set of chunk digests);
+                  per version, so N sites share one set of chunk digests), or the dispatch's own model
+                  when it names one (cross-site evaluation: one ``ModelSource`` per model name, shared by
+                  the sites too), or nothing (``submit_model``: the site sends its local model back).
+                  Every task carries ``options`` for the script's client API: the strategy's
+                  ``client_options()`` with the job's ``[client]`` table over them (``task_options``);
 * ``Publish``   → the version becomes the source for the next dispatches, and its checkpoint is written
                   (worker thread, after the previous version's: in order, one at a time) and recorded in
                   SQLite. Each unwritten checkpoint holds its model in memory, so once
                   ``CHECKPOINTS_BEHIND`` are waiting, new tasks wait for the disk;
-* ``Accepted`` / ``Rejected`` / ``Evaluated`` → recorded and logged;
+* ``Accepted`` / ``Rejected`` / ``Evaluated`` → recorded and logged (an evaluation of a named model is a
+                  cell of the job's cross-site matrix, written to ``cross_site_val/`` when the job ends);
 * ``Finished`` / ``Failed`` → the job's sites get ``end_job`` and the job's state is final.
 
 Results with params arrive as streams: the ``result`` message comes first (same connection, so
-ordered), then the offer; ``accept_offer`` checks the offer against the global model's names, shapes
-and dtypes before any payload byte is taken, and spools the upload to a file in the job's folder (page
+ordered), then the offer; ``accept_offer`` checks the offer's names, shapes and dtypes before any payload
+byte is taken: a training result's against the tensors the strategy declares (``input_spec()``: an
+aggregator whose sites send gradients or statistics) or else the global model's, a submitted local model's
+against the global model's, and spools the upload to a file in the job's folder (page
 cache, not broker memory); the strategy then folds it in one tensor at a time. Broker memory is about
 the global model plus the aggregate, whatever the number of sites.
 
@@ -41,7 +48,7 @@ import functools
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -66,7 +73,7 @@ from fedbus.strategy import (
     Strategy,
     Update,
 )
-from fedbus.strategy.base import clean_metrics
+from fedbus.strategy.base import Params, clean_metrics
 from fedbus.transport.spool import SpooledParams, SpoolSink, open_params
 from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
 
@@ -80,6 +87,24 @@ several rounds and the broker grew by a model each (the fourth session traced a 
 
 SMALL_UPLOAD = DEFAULT_CHUNK
 """Uploads of at most one chunk and this many bytes are received into memory instead of a spool file."""
+
+CLIENT_OPTIONS = ("exchange", "transfer_type", "memory_gc_rounds")
+"""The keys of a job's ``[client]`` table that the script's client API reads from ``Task.options``; the others
+(``external_process``, ``log_streaming``) are for the site and the simulator."""
+
+
+def task_options(strategy: Strategy, client: Mapping[str, Any]) -> dict[str, Any]:
+    """What every task of the job carries to the client API: the strategy's ``client_options()``, with the
+    job's ``[client]`` table (the keys the client understands) over them."""
+    options = dict(strategy.client_options())
+    options.update({k: v for k, v in client.items() if k in CLIENT_OPTIONS})
+    return options
+
+
+def input_reference(strategy: Strategy, kind: str = "train") -> Params:
+    """What a result's params must look like: a training result, what the strategy takes in
+    (:meth:`Strategy.input_reference`); a submitted local model, the global model."""
+    return strategy.input_reference() if kind == "train" else strategy.model
 
 
 class Bus(Protocol):
@@ -97,6 +122,7 @@ class PendingResult:
     site: str
     result: Result
     task_sid: int  # the task's download when the result came: a failed upload does not fail a task sent again
+    kind: str = field(default="train")  # the task's kind: what its params are checked against
 
 
 @dataclass(frozen=True)
@@ -141,7 +167,9 @@ class JobController:
             spec.get("strategy_args", {}).get("num_versions") or 0
         )
         self.params_type = getattr(strategy, "params_type", "FULL")
+        self.options = task_options(strategy, spec.get("client") or {})
         self.source: ModelSource | None = None
+        self.named: dict[str, ModelSource] = {}  # the models dispatches name (cross-site evaluation), by name
         self.source_version = -1
         self.pending: dict[tuple[bytes, int], PendingResult] = {}
         self.tasks: dict[str, InFlight] = {}  # by task id as on the wire
@@ -245,7 +273,7 @@ class JobController:
         if result.sid is None:
             self._update(site, result, None)
         else:
-            self.pending[(peer, result.sid)] = PendingResult(site, result, sent.sid)
+            self.pending[(peer, result.sid)] = PendingResult(site, result, sent.sid, sent.action.kind)
 
     async def accept_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
         """An upload's offer: spool it to disk (after an upload slot is free) or refuse it."""
@@ -253,11 +281,12 @@ class JobController:
         if pending is None or self.state != "running":
             return None
         small = offer.total <= min(offer.chunk, SMALL_UPLOAD)
+        expected = input_reference(self.strategy, pending.kind)
         sink: BufferSink
         if small:
             # One chunk, most likely already here inside the offer (the inline fast path): memory, not a
             # file, and no upload slot, which bounds the bytes of big uploads in flight (scale bench).
-            sink = BufferSink(max_total=self.max_model_bytes, expected=self.strategy.model, scan_finite=True)
+            sink = BufferSink(max_total=self.max_model_bytes, expected=expected, scan_finite=True)
         else:
             await self.upload_slots.acquire()
             spool = self.store.job_dir(self.job_id) / "incoming"
@@ -267,7 +296,7 @@ class JobController:
             sink = SpoolSink(
                 path=str(spool / f"{pending.result.task_id}.part"),
                 max_total=self.max_model_bytes,
-                expected=self.strategy.model,
+                expected=expected,
                 pool=self.spool_pool,
                 scan_finite=True,
             )
@@ -306,14 +335,15 @@ class JobController:
         the old process and get a new download now, so that the old one's failure no longer counts, and are
         sent again under their own ids by ``send_again`` once the job is deployed there: whichever answer
         comes counts once. One on an older version than the model streamed now cannot be sent again: it
-        fails, not the site's fault (no step toward benching it), and the strategy decides."""
+        fails, not the site's fault (no step toward benching it), and the strategy decides. One that streams
+        its own model (cross-site evaluation), or none, can always be sent again."""
         again: list[InFlight] = []
         if self.state != "running":
             return again
         for wire, sent in list(self.tasks.items()):
             if sent.action.site != site or wire in holds:
                 continue
-            if sent.action.version == self.source_version:
+            if sent.action.version == self.source_version or self._source_for(sent.action) is not self.source:
                 again.append(self._claim(sent.action))
             else:
                 self.task_failed(site, wire, "the site restarted and lost the task", blame=False)
@@ -454,9 +484,14 @@ class JobController:
             wire = self._wire(action.task_id)
             self.store.record_update(self.job_id, wire, action.site, -1, accepted=False, reason=action.reason)
         elif isinstance(action, Evaluated):
-            self.store.record_event(
-                self.job_id, action.site, "evaluation", {"version": action.version, **action.metrics}
-            )
+            if action.model_name:
+                self.store.record_cross_site(
+                    self.job_id, action.site, action.model_name, action.version, clean_metrics(action.metrics)
+                )
+            else:
+                self.store.record_event(
+                    self.job_id, action.site, "evaluation", {"version": action.version, **action.metrics}
+                )
         elif isinstance(action, Cancel):
             self.tasks.pop(self._wire(action.task_id), None)
         elif isinstance(action, Finished):
@@ -507,6 +542,13 @@ class JobController:
             # Not re-entrant: the strategy hears of the failure after the current action list has run.
             asyncio.get_running_loop().call_soon(self.task_failed, action.site, wire, "site is not connected", sid)
             return
+        source = self._source_for(action)
+        meta: dict[str, Any] = {"params_type": "FULL" if action.kind == "submit_model" else self.params_type}
+        options = self.options
+        if action.model_name:
+            meta["model_name"] = action.model_name
+        if action.kind == "submit_model":
+            options = {**options, "submit_model": True}
         task = Task(
             job_id=self.job_id,
             task_id=wire,
@@ -514,12 +556,24 @@ class JobController:
             version=action.version,
             round=action.version,
             total_rounds=self.total_rounds,
-            sid=sid,
-            meta={"params_type": self.params_type},
+            sid=sid if source is not None else None,  # no model follows: the site hands the task on at once
+            meta=meta,
+            options=options,
         )
-        self._spawn(self._send_task(peer, action, task, self.source))
+        self._spawn(self._send_task(peer, action, task, source, sid))
 
-    async def _send_task(self, peer: bytes, action: Dispatch, task: Task, source: ModelSource) -> None:
+    def _source_for(self, action: Dispatch) -> ModelSource | None:
+        """What the task streams: the global version, the dispatch's own model, or nothing (submit_model)."""
+        if action.kind == "submit_model":
+            return None
+        if action.model is None:
+            return self.source
+        source = self.named.get(action.model_name)
+        if source is None:
+            source = self.named[action.model_name] = ModelSource.from_state_dict(action.model)
+        return source
+
+    async def _send_task(self, peer: bytes, action: Dispatch, task: Task, source: ModelSource | None, sid: int) -> None:
         # The checkpoint of this version may still be being written: the stream comes from memory, so the
         # next round does not wait for the disk unless it is CHECKPOINTS_BEHIND. (After a crash, results for
         # an unsaved version are refused.)
@@ -527,22 +581,22 @@ class JobController:
         while self._unsaved > CHECKPOINTS_BEHIND and self.state == "running":  # the disk is behind: do not
             self._saved.clear()  # outrun the writes
             await self._saved.wait()
-        if not self._current(task):
+        if not self._current(task.task_id, sid):
             return
         try:
             await self.bus.send(peer, task)
-            if not self._current(task):
+            if source is None or not self._current(task.task_id, sid):
                 return
-            await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": task.task_id}, task.sid or 0)
+            await self.bus.stream(peer, source, {"job_id": self.job_id, "task_id": task.task_id}, sid)
         except FedbusError as exc:
-            self.task_failed(action.site, task.task_id, f"model download failed: {exc}", task.sid)
+            self.task_failed(action.site, task.task_id, f"model download failed: {exc}", sid)
             return
         self.log.debug("model sent", site=action.site, task=task.task_id, seconds=round(time.monotonic() - started, 4))
 
-    def _current(self, task: Task) -> bool:
+    def _current(self, task_id: str, sid: int) -> bool:
         """Whether this is still the task's download: not answered, failed, ended or sent again since."""
-        sent = self.tasks.get(task.task_id)
-        return self.state == "running" and sent is not None and sent.sid == task.sid
+        sent = self.tasks.get(task_id)
+        return self.state == "running" and sent is not None and sent.sid == sid
 
     def _publish(self, action: Publish) -> None:
         self.source = ModelSource.from_state_dict(action.model)
@@ -582,6 +636,15 @@ class JobController:
         if self._chain is not None:
             with contextlib.suppress(Exception):
                 await self._chain  # the last checkpoint lands before the job is final
+        self.named.clear()  # the models cross-site evaluation streamed
+        matrix = self.store.cross_site(self.job_id)
+        if matrix:
+            try:
+                written = await asyncio.to_thread(self.store.write_cross_site, self.job_id, matrix)
+            except OSError as exc:
+                self.log.error("cross-site results not written", reason=str(exc))
+            else:
+                self.log.info("cross-site results written", path=str(written), models=len(matrix))
         self.store.set_state(self.job_id, state, reason)
         self.store.release_covered(self.job_id)
         for site in self.sites:

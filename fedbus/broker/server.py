@@ -52,7 +52,8 @@ from fedbus.protocol.messages import (
     Result,
     Welcome,
 )
-from fedbus.strategy import make_strategy
+from fedbus.strategy import Strategy, make_strategy
+from fedbus.strategy.cross_site import CrossSiteEval
 from fedbus.transport.endpoint import BadMessage, RouterEndpoint, io_threads
 from fedbus.transport.spool import SpoolSink, open_params
 from fedbus.transport.streams import BufferSink, ModelSource, StreamHub, placement_threads
@@ -60,6 +61,9 @@ from fedbus.transport.streams import BufferSink, ModelSource, StreamHub, placeme
 MiB = 1 << 20
 REPLY_INLINE_MAX = 64 * 1024
 MAX_END_DIGESTS = 4096
+SERVER_MODELS = "cross_site_models"
+"""The job folder's directory of extra server-side models for cross-site evaluation: ``NAME.safetensors`` is
+evaluated by every site as model ``NAME`` (pre-trained models, as FLARE's NumpyCrossSiteEvalRecipe gives)."""
 log = get_logger("broker")
 
 
@@ -566,7 +570,7 @@ class Broker:
 
     async def _launch(self, job_id: str, spec: dict, sites: list[str]) -> None:
         try:
-            strategy = make_strategy(spec["strategy"], **spec["strategy_args"])
+            strategy = self._with_cross_site(job_id, spec, make_strategy(spec["strategy"], **spec["strategy_args"]))
             latest = self.store.latest_version(job_id)
             if latest is None:
                 version, path = 0, self.store.job_dir(job_id) / "files" / spec["model"]
@@ -602,6 +606,24 @@ class Broker:
         if latest is None:
             path = await asyncio.to_thread(self.store.write_checkpoint, job_id, 0, c.strategy.model)
             self.store.add_version(job_id, 0, path, {})
+
+    def _with_cross_site(self, job_id: str, spec: dict, strategy: Strategy) -> Strategy:
+        """The job's strategy, wrapped in cross-site evaluation when its spec asks (``[cross_site_eval]``), with
+        the job folder's server models (``SERVER_MODELS``) given to it; a standalone ``cross_site_eval``
+        strategy gets them too. Read on the loop, as ``_launch`` must not await before the job's controller is
+        registered (a second launch of the same job could start meanwhile): these are small evaluation models."""
+        if not spec.get("cross_site_eval") and not isinstance(strategy, CrossSiteEval):
+            return strategy
+        folder = self.store.job_dir(job_id) / "files" / SERVER_MODELS
+        models = {}
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+            if not is_safe_name(path.stem):
+                raise ConfigError(f"{SERVER_MODELS}/{path.name}: a server model's name must be a safe name")
+            models[path.stem] = serde.read_file(path, max_total=int(self.config.max_model_mb * MiB))
+        if not isinstance(strategy, CrossSiteEval):
+            strategy = CrossSiteEval(strategy, timeout=getattr(strategy, "round_timeout", None))
+        strategy.add_server_models(models)
+        return strategy
 
     async def _deploy(self, job_id: str, sites: list[str]) -> None:
         spec = self.store.job(job_id)["spec"]  # type: ignore[index]
@@ -689,6 +711,7 @@ class Broker:
                 "version": latest[0] if latest else None,
                 "history": self.store.history(job["id"]),
                 "evaluations": self.store.events(job["id"], "evaluation"),
+                "cross_site": self.store.cross_site(job["id"]),
                 "updates": self.store.updates(job["id"]),
             }
         raise ConfigError(f"unknown request op {req.op[:32]!r}")

@@ -7,6 +7,7 @@ Everything needed to restart lives here. Layout::
     WORKSPACE/jobs/JOB/files/                the same, unpacked (validated at submit)
     WORKSPACE/jobs/JOB/models/vN.safetensors global model version N (written atomically)
     WORKSPACE/jobs/JOB/kept/TASK.safetensors an accepted update whose aggregate is not checkpointed yet
+    WORKSPACE/jobs/JOB/cross_site_val/cross_val_results.json   the cross-site matrix, once that phase ended
 
 SQLite runs in WAL mode with one connection owned by the event loop thread; every statement is small,
 so the loop never waits long. Checkpoints are written by ``serde.write_file`` (no concatenation, fsync,
@@ -52,6 +53,10 @@ CREATE TABLE IF NOT EXISTS events (
 
 _LANDS = "version + COALESCE(staleness, 0) + 1"
 """The global version an accepted update's aggregate becomes: accepted at v with staleness s, it lands in v+s+1."""
+
+CROSS_SITE = "cross_site"
+"""The event kind of one cross-site evaluation (``data``: model_name, version, metrics)."""
+CROSS_SITE_FILE = "cross_val_results.json"
 
 ACTIVE_STATES = ("uploading", "waiting", "running")
 FINAL_STATES = ("finished", "failed", "aborted")
@@ -351,6 +356,29 @@ class JobStore:
             "INSERT INTO events (job_id, site, kind, data, created) VALUES (?, ?, ?, ?, ?)",
             (job_id, site, kind, json.dumps(dict(data), default=str), time.time()),
         )
+
+    def record_cross_site(self, job_id: str, site: str, model_name: str, version: int, metrics: Mapping) -> None:
+        """One cell of the cross-site matrix: ``site`` evaluated the model named ``model_name``."""
+        self.record_event(job_id, site, CROSS_SITE, {"model_name": model_name, "version": version, "metrics": metrics})
+
+    def cross_site(self, job_id: str) -> dict[str, dict[str, dict[str, float]]]:
+        """The cross-site matrix ``{model_name: {site: metrics}}`` (a cell evaluated again keeps the last)."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for event in self.events(job_id, CROSS_SITE):
+            data = event["data"]
+            out.setdefault(data["model_name"], {})[event["site"]] = data["metrics"]
+        return out
+
+    def write_cross_site(self, job_id: str, matrix: Mapping[str, Any]) -> Path:
+        """``matrix`` (from :meth:`cross_site`) as ``cross_site_val/cross_val_results.json`` in the job's folder
+        (FLARE's file name), written whole: a reader never sees half of it. Touches no SQLite (any thread)."""
+        folder = self.job_dir(job_id) / "cross_site_val"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CROSS_SITE_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(matrix, indent=2, sort_keys=True))
+        tmp.replace(path)
+        return path
 
     def events(self, job_id: str, kind: str | None = None) -> list[dict[str, Any]]:
         rows = self.db.execute(

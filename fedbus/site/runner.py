@@ -57,7 +57,9 @@ from fedbus.site.uploads import PendingUploads
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
 from fedbus.transport.streams import BufferSink, ModelSource
 
-KINDS = ("train", "evaluate")
+KINDS = ("train", "evaluate", "submit_model")
+UPLOADS = ("train", "submit_model")
+"""Task kinds whose result carries params: a trained model, or the site's local model (cross-site evaluation)."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,9 @@ class JobRunner:
         if ready.timer is not None:  # the clock restarts at delivery: a script slow to start is not yet late
             ready.timer.cancel()
             ready.timer = asyncio.get_running_loop().call_later(self.task_timeout or 0, self._timed_out, t.task_id)
-        await self._to_script(Task(t.job_id, t.task_id, t.kind, t.version, t.round, t.total_rounds, None, meta))
+        await self._to_script(
+            Task(t.job_id, t.task_id, t.kind, t.version, t.round, t.total_rounds, None, meta, dict(t.options))
+        )
         self.log.info("task handed to the script", task_id=t.task_id, round=t.round, kind=t.kind, version=t.version)
 
     def _params_type(self, task: Task) -> str:
@@ -415,7 +419,7 @@ class JobRunner:
             meta["sim_delay_s"] = timing["sim_delay_s"]
         path = result.meta.get("path")
         source = None
-        if ready.task.kind == "train" and path is not None:
+        if ready.task.kind in UPLOADS and path is not None:
             file = self.folder.result_file(path, result.task_id)
             source = await asyncio.to_thread(self._result_source, file, ready, result.params_type)
         sid = secrets.randbits(62) if source is not None else None

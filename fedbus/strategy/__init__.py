@@ -41,6 +41,7 @@ from fedbus.strategy.base import (
     Update,
     validate_update,
 )
+from fedbus.strategy.cross_site import CrossSiteEval, StandaloneCrossSiteEval
 from fedbus.strategy.cyclic import Cyclic
 from fedbus.strategy.fedavg import FedAvg
 from fedbus.strategy.fedavg_lr import FedAvgLr
@@ -58,6 +59,7 @@ __all__ = [
     "Accepted",
     "Action",
     "Cancel",
+    "CrossSiteEval",
     "Cyclic",
     "Dispatch",
     "Evaluated",
@@ -100,6 +102,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "cyclic": Cyclic,
     "fedeval": FedEval,
     "fedavg_lr": FedAvgLr,
+    "cross_site_eval": StandaloneCrossSiteEval,
 }
 
 

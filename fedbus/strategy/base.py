@@ -33,7 +33,7 @@ import torch
 from fedbus.errors import StrategyError
 
 ParamsType = Literal["FULL", "DIFF"]
-TaskKind = Literal["train", "evaluate"]
+TaskKind = Literal["train", "evaluate", "submit_model"]
 Params: TypeAlias = Mapping[str, torch.Tensor]
 
 
@@ -57,12 +57,19 @@ class Update:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """Send global model ``version`` to ``site`` as task ``task_id`` (train on it, or evaluate it)."""
+    """Send global model ``version`` to ``site`` as task ``task_id`` (train on it, or evaluate it).
+
+    ``model``, when set, is streamed instead of the global version: a model other than the global one to
+    evaluate (cross-site evaluation), cached by the controller under ``model_name`` for every site that gets
+    it. A ``submit_model`` task (the site sends its local model back) carries no model.
+    """
 
     site: str
     task_id: str
     version: int
     kind: TaskKind = "train"
+    model: Params | None = field(default=None, compare=False, repr=False)  # tensors: compared by model_name
+    model_name: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,11 +113,13 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Evaluated:
-    """Site ``site`` evaluated global ``version`` and reported ``metrics`` (finite numbers only)."""
+    """Site ``site`` evaluated global ``version`` and reported ``metrics`` (finite numbers only); ``model_name``
+    names the model evaluated when it was not the global version (cross-site evaluation)."""
 
     version: int
     site: str
     metrics: Mapping[str, float]
+    model_name: str = ""
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,6 @@ from fedbus.strategy.base import (
     check_update_fields,
     clean_metrics,
     copy_model,
-    validate_update,
 )
 from fedbus.strategy.server_opt import ServerAdam, ServerOptimizer, ServerSGD
 
@@ -266,7 +265,7 @@ class FedBuff(Strategy):
             self._buf_dropped += 1
             return [Rejected(update.task_id, update.site, f"stale: s={s} > max_staleness={self.max_staleness}")]
         if reason is None:
-            reason = validate_update(self._global, update.params)  # type: ignore[arg-type]
+            reason = self.validate_input(self.input_reference(), update.params)  # type: ignore[arg-type]
         if reason is not None:
             return [self._reject(update, reason)]
         coef = self._staleness(s)
