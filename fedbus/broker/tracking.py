@@ -8,8 +8,12 @@ What arrives (on the event loop, from ``Broker._job_event`` and the job's contro
   broker's store keeps its record of every ``log`` event either way).
 * ``log_text`` lines, the script's output a site relays when the job says ``[client] log_streaming``: appended
   to ``<job>/logs/<site>.log`` (the folder made when the first line arrives).
-* every published global version and its metrics: with ``[tracking] key_metric``, the version whose metric of
-  that name is the highest so far is written to ``<job>/best_model.safetensors``.
+* every published global version and its metrics: with ``[tracking] key_metric``, the best global model so far
+  (highest metric of that name) is written to ``<job>/best_model.safetensors``. Which version a metric speaks
+  for: sites report the metric of the global model they received, evaluated before training (FLARE's convention,
+  e.g. hello-pt's ``accuracy``), so the metrics published with version v (means over updates trained from
+  version v-1) rate version v-1. The initial model (version 0) is never chosen, as FLARE's model selector
+  skips round 0.
 
 Why a thread per job: file writes (and MLflow/W&B, which write many small files) never hold the event loop.
 Each job's items go through a bounded queue to its thread; a full queue drops the item and counts it (the
@@ -134,12 +138,15 @@ def key_metric_of(spec: Mapping[str, Any] | None) -> str | None:
 
 
 def best_version(history: Iterable[Mapping[str, Any]], key_metric: str) -> tuple[int, float] | None:
-    """The version whose ``key_metric`` is the highest (the earliest of equals), from the store's history."""
+    """The best version by ``key_metric`` and its metric, from the store's history (ordered by version): each
+    version's metric rates the version before it (see the module docstring); the earliest of equals wins."""
     best: tuple[int, float] | None = None
+    before: int | None = None
     for h in history:
         value = (h.get("metrics") or {}).get(key_metric)
-        if _finite(value) and (best is None or value > best[1]):
-            best = (h["version"], float(value))
+        if before and _finite(value) and (best is None or value > best[1]):
+            best = (before, float(value))
+        before = h["version"]
     return best
 
 
@@ -273,6 +280,7 @@ class Tracking:
         self.boards = boards
         self.sinks: dict[str, JobSink] = {}
         self._keys: dict[str, str | None] = {}  # job -> its key metric, read once
+        self._previous: dict[str, tuple[int, Mapping[str, Any]]] = {}  # job -> its latest version, to be rated
 
     def _spec(self, job_id: str) -> Mapping[str, Any]:
         job = self.job_of(job_id)
@@ -305,20 +313,26 @@ class Tracking:
         self._put(job_id, "lines", (site, lines, dropped))
 
     def published(self, job_id: str, version: int, model: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
-        """A new global version: written as the best model when its key metric beats every earlier one."""
+        """A new global version: its metrics rate the version before it, which is written as the best model when
+        its key metric beats every earlier one. The version is kept until the next one rates it."""
         if job_id not in self._keys:
             self._keys[job_id] = key_metric_of(self._spec(job_id))
         key = self._keys[job_id]
-        value = metrics.get(key) if key is not None else None
-        if key is None or not _finite(value):
+        if key is None:
+            return
+        rated = self._previous.get(job_id)
+        self._previous[job_id] = (version, model)
+        value = metrics.get(key)
+        if rated is None or rated[0] == 0 or not _finite(value):
             return
         sink = self._sink(job_id)
         if sink.best is None or value > sink.best:
             sink.best = float(value)
-            self._put(job_id, "best", (version, model, float(value), key))
+            self._put(job_id, "best", (rated[0], rated[1], float(value), key))
 
     def job_ended(self, job_id: str, then: Callable[[], None] | None = None) -> bool:
         """Flush and close the job's stores in its thread, then call ``then`` there; False if it has no sink."""
+        self._previous.pop(job_id, None)  # the last version is rated by nothing: its model is let go
         sink = self.sinks.get(job_id)
         if sink is None or sink._closed:
             return False

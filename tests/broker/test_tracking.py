@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from fedbus import serde
 from fedbus.broker.tracking import BEST_MODEL, best_version, check_record
@@ -24,7 +25,9 @@ from tests.broker.harness import federation, wait_job
 pytestmark = pytest.mark.timeout(90)
 
 HAS = {kind: importlib.util.find_spec(kind) is not None for kind in ("tensorboard", "mlflow", "wandb")}
-ACCURACY = [0.5, 0.9, 0.7]  # per round: version 2 is the best
+# per round, the accuracy each site reports for the global model it received: version r's (FLARE's convention).
+# Version 0 (the initial model) is never chosen; version 2, rated 0.9 (published with version 3), is the best.
+ACCURACY = [0.95, 0.5, 0.9, 0.7]
 
 # Each site logs with flare.log (the {key, value, step} shape) and sends the richer records (kind, writer) the
 # client's tracking writers send, plus two records the broker must refuse (a list, a key over 256 characters).
@@ -99,7 +102,7 @@ def test_sites_records_in_tensorboard_event_files(tracked: dict[str, Any]) -> No
     for site in ("site-1", "site-2"):
         loss = [(e.step, e.value) for e in acc.Scalars(f"{site}/train_loss")]
         assert loss == [(r, pytest.approx(1.0 / (r + 1))) for r in range(len(ACCURACY))]
-        assert [(e.step, e.value) for e in acc.Scalars(f"{site}/losses/b")] == [(r, 2.0 * r) for r in range(3)]
+        assert [(e.step, e.value) for e in acc.Scalars(f"{site}/losses/b")] == [(r, 2.0 * r) for r in range(len(ACCURACY))]
         assert [e.value for e in acc.Scalars(f"{site}/val_acc")] == pytest.approx(ACCURACY)
         assert f"{site}/bad" not in tags  # refused: a scalar must be a number
     assert "accuracy" in tags  # the broker's own curve of each version's metrics, in the same files
@@ -172,6 +175,8 @@ def wandb_records(path: Path) -> list[Any]:
 def test_best_model_by_key_metric(tracked: dict[str, Any]) -> None:
     download = tracked["download"]
     assert download["best_version"] == 2 and download["best_metric"] == pytest.approx(0.9)
+    with safe_open(str(tracked["folder"] / BEST_MODEL), "pt") as f:
+        assert f.metadata()["version"] == "2" and f.metadata()["key_metric"] == "accuracy"
     assert download["best_model_path"] == str(tracked["folder"] / BEST_MODEL)
     best = serde.read_file(tracked["folder"] / BEST_MODEL)
     assert torch.equal(best["w"], torch.full((4,), 2.0))  # each round adds 1: version 2 holds 2s
@@ -234,13 +239,16 @@ def test_check_record_refuses(data: dict[str, Any]) -> None:
         check_record(data)
 
 
-def test_best_version_is_the_highest_finite_and_earliest_of_equals() -> None:
+def test_best_version_is_the_one_each_metric_rates() -> None:
     history = [
-        {"version": 1, "metrics": {"acc": 0.5}},
-        {"version": 2, "metrics": {"acc": float("nan")}},
-        {"version": 3, "metrics": {"acc": 0.8}},
-        {"version": 4, "metrics": {"acc": 0.8}},
-        {"version": 5, "metrics": {}},
+        {"version": 0, "metrics": {}},
+        {"version": 1, "metrics": {"acc": 0.99}},  # rates version 0, the initial model: never chosen
+        {"version": 2, "metrics": {"acc": 0.5}},  # rates version 1
+        {"version": 3, "metrics": {"acc": float("nan")}},
+        {"version": 4, "metrics": {"acc": 0.8}},  # rates version 3
+        {"version": 5, "metrics": {"acc": 0.8}},
+        {"version": 6, "metrics": {}},
     ]
     assert best_version(history, "acc") == (3, 0.8)
     assert best_version(history, "loss") is None
+    assert best_version(history[:2], "acc") is None
