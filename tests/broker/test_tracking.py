@@ -102,7 +102,8 @@ def test_sites_records_in_tensorboard_event_files(tracked: dict[str, Any]) -> No
     for site in ("site-1", "site-2"):
         loss = [(e.step, e.value) for e in acc.Scalars(f"{site}/train_loss")]
         assert loss == [(r, pytest.approx(1.0 / (r + 1))) for r in range(len(ACCURACY))]
-        assert [(e.step, e.value) for e in acc.Scalars(f"{site}/losses/b")] == [(r, 2.0 * r) for r in range(len(ACCURACY))]
+        losses_b = [(e.step, e.value) for e in acc.Scalars(f"{site}/losses/b")]
+        assert losses_b == [(r, 2.0 * r) for r in range(len(ACCURACY))]
         assert [e.value for e in acc.Scalars(f"{site}/val_acc")] == pytest.approx(ACCURACY)
         assert f"{site}/bad" not in tags  # refused: a scalar must be a number
     assert "accuracy" in tags  # the broker's own curve of each version's metrics, in the same files
