@@ -163,7 +163,7 @@ class JobSink:
         self.best: float | None = None
         self.dropped = 0
         self.ended = False
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(QUEUE_MAX)
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()  # bounded by ``put``
         self._lock = threading.Lock()
         self._closed = False
         self._stores: list[Store] | None = None
@@ -172,13 +172,14 @@ class JobSink:
         self.thread.start()
 
     def put(self, kind: str, item: Any) -> bool:
-        """Queue an item; False when this sink's thread has ended (the caller starts a new sink)."""
+        """Queue an item; False when this sink's thread has ended (the caller starts a new sink). Records,
+        lines and models beyond ``QUEUE_MAX`` waiting are dropped and counted; ``end`` and ``stop`` never are."""
         with self._lock:
             if self._closed:
                 return False
-            try:
+            if kind in ("end", "stop") or self._queue.qsize() < QUEUE_MAX:
                 self._queue.put_nowait((kind, item))
-            except queue.Full:
+            else:
                 self.dropped += 1
             return True
 

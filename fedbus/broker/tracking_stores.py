@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -134,10 +135,19 @@ class MlflowStore:
 
 
 class WandbStore:
-    """One W&B offline run per site in ``<job>/wandb``."""
+    """One W&B offline run per site in ``<job>/wandb``.
+
+    W&B writes through a service process it starts with the first run; the last store to close (no job's runs
+    left open in this broker) tears it down, so no process outlives the jobs that needed it."""
+
+    _open = 0
+    _open_lock = threading.Lock()
 
     def __init__(self, job_dir: Path, job_id: str, job_name: str) -> None:
         import wandb
+
+        with WandbStore._open_lock:
+            WandbStore._open += 1
 
         self.wandb = wandb
         self.dir = job_dir
@@ -177,9 +187,15 @@ class WandbStore:
             run.log(_flat(rec), step=max(last, 0))
 
     def close(self) -> None:
-        for run in self.runs.values():
-            run.finish()
-        self.runs.clear()
+        try:
+            for run in self.runs.values():
+                run.finish()
+        finally:
+            self.runs.clear()
+            with WandbStore._open_lock:
+                WandbStore._open -= 1
+                if WandbStore._open == 0:
+                    self.wandb.teardown()
 
 
 def open_store(kind: str, *, job_dir: Path, job_id: str, job_name: str, boards: BoardWriters | None) -> Store | None:

@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from fedbus import serde
+from fedbus.broker import tracking
 from fedbus.broker.tracking import BEST_MODEL, best_version, check_record
 from fedbus.errors import FedbusError
 from tests.broker.harness import federation, wait_job
@@ -253,3 +255,25 @@ def test_best_version_is_the_one_each_metric_rates() -> None:
     assert best_version(history, "acc") == (3, 0.8)
     assert best_version(history, "loss") is None
     assert best_version(history[:2], "acc") is None
+
+
+def test_a_full_queue_drops_and_counts_and_the_rest_lands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "QUEUE_MAX", 3)
+    sink = tracking.JobSink("job-1", tmp_path, {"name": "j"}, None)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # keeps the sink's thread busy while the queue fills
+        held.set()
+        release.wait(10)
+
+    try:
+        assert sink.put("end", hold) and held.wait(10)
+        for i in range(5):
+            assert sink.put("lines", ("site-1", [f"line {i}"], 0))
+        assert sink.dropped == 2
+    finally:
+        release.set()
+        sink.put("stop", None)
+        sink.thread.join(10)
+    assert (tmp_path / "logs" / "site-1.log").read_text().splitlines() == ["line 0", "line 1", "line 2"]
+    assert not sink.put("lines", ("site-1", ["late"], 0))  # its thread ended: the broker starts a new sink
