@@ -14,6 +14,9 @@ task reaches the script (a script still importing torch under load is not yet la
 broker ``result(sid)`` first and then the stream (the broker pairs them by sid), and answers the script
 ``reply(ok)`` once the broker acknowledged the upload. Everything the script says is untrusted too: a
 wrong token, an unknown task or a path outside the outbox is refused and logged.
+
+With ``[client] log_streaming`` the script's output (its ``script.log``) is relayed to the broker as it grows
+(``log_relay.LogRelay``); its last lines go before the broker hears that the script ended.
 """
 
 from __future__ import annotations
