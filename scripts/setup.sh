@@ -8,4 +8,5 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev,examples,lightning]"
+# the experiment-tracking stores too, so their tests run: each installs in under 30 s from a warm index
+"$PY" -m pip install -q -e ".[dev,examples,lightning,tensorboard,mlflow,wandb]"

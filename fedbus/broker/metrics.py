@@ -25,13 +25,16 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedbus.broker.store import ACTIVE_STATES, FINAL_STATES
 from fedbus.log import get_logger
 from fedbus.protocol.messages import Message
 from fedbus.strategy import Accepted, Action, Publish, Rejected
 from fedbus.transport.endpoint import Incoming
+
+if TYPE_CHECKING:
+    from fedbus.broker.tracking import Tracking
 
 log = get_logger("broker.metrics")
 
@@ -90,6 +93,8 @@ class Metrics:
         self.staleness_sum: Counter[str] = Counter()
         self._since_version: dict[str, list[int]] = {}  # job -> [staleness sum, count, max] since its last version
         self.boards = BoardWriters(board_dir) if board_dir is not None else None
+        self.tracking: Tracking | None = None
+        """The broker's per-job tracking sinks (``fedbus.broker.tracking``): told of each version and job end."""
 
     # --- bumped by the broker --------------------------------------------------------------------------------
 
@@ -127,6 +132,8 @@ class Metrics:
             self.refused(job, action.reason)
         elif isinstance(action, Publish):
             self.versions[job] += 1
+            if self.tracking is not None:
+                self.tracking.published(job, action.version, action.model, action.metrics)
             since = self._since_version.pop(job, None)
             if self.boards is not None:
                 self.boards.version(job, action.version, action.metrics)
@@ -143,10 +150,16 @@ class Metrics:
     def job_ended(self, job: str) -> None:
         """The job is final (finished, failed or aborted): its TensorBoard writer is flushed and closed."""
         self._since_version.pop(job, None)  # updates folded into no version: nothing left to plot them at
-        if self.boards is not None:
-            self.boards.close(job)
+        boards = self.boards
+        if boards is None:
+            return
+        # sites' records may still be queued for the job's board: its tracking thread closes it after them
+        if self.tracking is None or not self.tracking.job_ended(job, then=lambda: boards.close(job)):
+            boards.close(job)
 
     def close(self) -> None:
+        if self.tracking is not None:
+            self.tracking.close()
         if self.boards is not None:
             self.boards.close_all()
 
@@ -414,6 +427,7 @@ class BoardWriters:
         self.board_dir = board_dir
         self.enabled = tensorboard_available()
         self._writers: dict[str, Any] = {}
+        self._lock = threading.Lock()  # the event loop (versions) and tracking threads (sites' records) write
         if self.enabled:
             threading.Thread(target=_import_summary_writer, name="fedbus-tensorboard-import", daemon=True).start()
 
@@ -422,13 +436,21 @@ class BoardWriters:
         if w is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            w = self._writers[job] = SummaryWriter(log_dir=str(self.board_dir(job)), flush_secs=5)
+            with self._lock:
+                w = self._writers.get(job)
+                if w is None:
+                    w = self._writers[job] = SummaryWriter(log_dir=str(self.board_dir(job)), flush_secs=5)
         return w
 
     def scalar(self, job: str, tag: str, value: float, step: int) -> None:
         w = self._writer(job)
         if w is not None:
             w.add_scalar(tag, value, step)
+
+    def text(self, job: str, tag: str, text: str, step: int) -> None:
+        w = self._writer(job)
+        if w is not None:
+            w.add_text(tag, text, step)
 
     def version(self, job: str, version: int, metrics: Any) -> None:
         w = self._writer(job)
@@ -439,7 +461,8 @@ class BoardWriters:
                 w.add_scalar(key, value, version)
 
     def close(self, job: str) -> None:
-        w = self._writers.pop(job, None)
+        with self._lock:
+            w = self._writers.pop(job, None)
         if w is not None:
             w.close()
 

@@ -32,6 +32,7 @@ from fedbus.broker.limits import PeerLimits
 from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, render
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
+from fedbus.broker.tracking import BEST_MODEL, Tracking, best_version, check_lines, check_record, key_metric_of
 from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.errors import ConfigError, FedbusError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
@@ -111,6 +112,9 @@ class Broker:
         self.stop = asyncio.Event()
         self.endpoint: RouterEndpoint | CountingEndpoint | None = None
         self.metrics = Metrics(board_dir=lambda job_id: self.store.job_dir(job_id) / "tensorboard")
+        self.tracking = self.metrics.tracking = Tracking(
+            self.store.job_dir, self.store.job, self.store.history, self.metrics.boards
+        )
         self.metrics_server: MetricsServer | None = None
         self.hub: StreamHub | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -445,10 +449,22 @@ class Broker:
             c.site_left(name, why)
 
     def _job_event(self, site: str, msg: JobEvent) -> None:
-        """Script events are recorded for any job the site took part in (they may trail the job's end)."""
+        """Script events are recorded for any job the site took part in (they may trail the job's end).
+
+        ``log`` records are checked (``tracking.check_record``) and, when the job names ``[tracking] types``, go
+        to its tracking stores too; ``log_text`` lines (the script's output) go to ``<job>/logs/<site>.log``
+        only, never into the store."""
         job = self.store.job(msg.job_id)
         if job is None or site not in job["sites"]:
             raise FedbusError(f"site {site!r} has no job {msg.job_id[:80]!r}")
+        if msg.event == "log_text":
+            lines, dropped = check_lines(msg.data)
+            self.tracking.lines(msg.job_id, site, lines, dropped)
+            return
+        if msg.event == "log":
+            rec = check_record(msg.data)
+            if self.tracking.wants_records(job):
+                self.tracking.record(msg.job_id, site, rec)
         data = {"code": msg.code, "detail": msg.detail[:2000], **msg.data}
         self.store.record_event(msg.job_id, site, msg.event, data)
         c = self.controllers.get(msg.job_id)
@@ -713,8 +729,19 @@ class Broker:
                 "evaluations": self.store.events(job["id"], "evaluation"),
                 "cross_site": self.store.cross_site(job["id"]),
                 "updates": self.store.updates(job["id"]),
+                **self._best_model(job),
             }
         raise ConfigError(f"unknown request op {req.op[:32]!r}")
+
+    def _best_model(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The download's ``best_*`` fields, with ``[tracking] key_metric``: the best version and its file."""
+        key = key_metric_of(job["spec"])
+        best = best_version(self.store.history(job["id"]), key) if key else None
+        if best is None:
+            return {}
+        path = self.store.job_dir(job["id"]) / BEST_MODEL
+        where = str(path) if path.exists() else None  # written by the job's tracking thread, just after
+        return {"best_version": best[0], "best_metric": best[1], "best_model_path": where}
 
     def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
         """Accept a job folder (without its model); the submitter streams the model next."""

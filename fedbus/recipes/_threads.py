@@ -13,6 +13,11 @@ races when N scripts run at once. Every site unpacks the same job archive, so th
 serves the imports of all of them; modules of that name imported from elsewhere are dropped from
 ``sys.modules`` first, and everything is put back when the simulator stops.
 
+What a script prints goes to its site: while the simulator runs, ``sys.stdout`` and ``sys.stderr`` are proxies
+(``OutputRouter``) that copy each script thread's writes into its site's ``script.log`` (what a child process's
+output goes to) besides the console, so the site's crash tail and log streaming see it as they would a child's.
+Threads a script starts itself write to the console only.
+
 Each thread gets its own client session (``fedbus.client.api.bind_thread``), built from the variables the
 site would have put in a child's environment. ``num_threads`` caps how many scripts *train* at once: a
 slot is taken when ``receive()`` hands out a task and given back at ``send()``. A thread that raises is a
@@ -31,9 +36,9 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fedbus.client.api import ClientSession, bind_thread
 from fedbus.client.model import FLModel
@@ -75,13 +80,77 @@ class SimSession(ClientSession):
             self.slots.release()
 
 
+class _RoutedStream:
+    """``sys.stdout`` or ``sys.stderr`` while the simulator runs: writes go to the original stream, and a script
+    thread's also to its site's log file."""
+
+    def __init__(self, original: TextIO, routes: dict[int, TextIO]) -> None:
+        self.original = original
+        self.routes = routes
+
+    def write(self, text: str) -> int:
+        f = self.routes.get(threading.get_ident())
+        if f is not None:
+            with contextlib.suppress(OSError, ValueError):  # a full disk must not break the script's print()
+                f.write(text)
+        return self.original.write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self.original.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.original, name)
+
+
+class OutputRouter:
+    """Routes each script thread's stdout/stderr to its site's log file, as a child process's output is."""
+
+    def __init__(self) -> None:
+        self.routes: dict[int, TextIO] = {}  # thread ident -> its site's log file
+        self._saved: tuple[TextIO, TextIO] | None = None
+
+    def install(self) -> None:
+        if self._saved is None:
+            self._saved = (sys.stdout, sys.stderr)
+            sys.stdout = _RoutedStream(sys.stdout, self.routes)  # type: ignore[assignment]
+            sys.stderr = _RoutedStream(sys.stderr, self.routes)  # type: ignore[assignment]
+
+    def restore(self) -> None:
+        """Put the original streams back (unless someone replaced the proxies since) and close every route."""
+        if self._saved is not None:
+            if isinstance(sys.stdout, _RoutedStream) and sys.stdout.routes is self.routes:
+                sys.stdout = self._saved[0]
+            if isinstance(sys.stderr, _RoutedStream) and sys.stderr.routes is self.routes:
+                sys.stderr = self._saved[1]
+            self._saved = None
+        for ident in list(self.routes):
+            self.unbind(ident)
+
+    def bind(self, log_path: Path) -> None:
+        """The calling thread's output goes to ``log_path`` too (appended, line-buffered for log streaming)."""
+        with contextlib.suppress(OSError):
+            self.routes[threading.get_ident()] = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+
+    def unbind(self, ident: int | None = None) -> None:
+        f = self.routes.pop(threading.get_ident() if ident is None else ident, None)
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+
+
 class ScriptImports:
-    """``sys.argv`` and ``sys.path`` for the simulator's script threads, restored by ``restore``."""
+    """``sys.argv``, ``sys.path`` and the output streams for the simulator's script threads, restored by
+    ``restore``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._argv: list[str] | None = None
         self._folders: dict[str, Path] = {}  # job id -> the folder on sys.path for it
+        self.output = OutputRouter()
 
     def prepare(self, job_id: str, script: Path, args: Sequence[str]) -> None:
         with self._lock:
@@ -89,6 +158,7 @@ class ScriptImports:
                 return
             if self._argv is None:
                 self._argv = sys.argv
+                self.output.install()
             sys.argv = [str(script), *args]
             folder = script.parent
             _forget_shadowed(folder)
@@ -106,6 +176,7 @@ class ScriptImports:
             self._folders.clear()
             if self._argv is not None:
                 sys.argv, self._argv = self._argv, None
+            self.output.restore()
 
 
 def _inside(file: str | None, folder: Path) -> bool:
@@ -124,10 +195,11 @@ def _forget_shadowed(folder: Path) -> None:
 class ScriptThread:
     """One script running in a thread, with the interface of a child process (``fedbus.site.child.Script``)."""
 
-    def __init__(self, script: Path, session: SimSession, log_path: Path) -> None:
+    def __init__(self, script: Path, session: SimSession, log_path: Path, output: OutputRouter) -> None:
         self.script = script
         self.session = session
         self.log_path = log_path
+        self.output = output
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[int] = self.loop.create_future()
         self._tail = ""
@@ -144,6 +216,7 @@ class ScriptThread:
     def _main(self) -> None:
         code = 0
         bind_thread(self.session)
+        self.output.bind(self.log_path)
         try:
             source = compile(self.script.read_bytes(), str(self.script), "exec")
             namespace: dict[str, Any] = {
@@ -169,6 +242,7 @@ class ScriptThread:
             with contextlib.suppress(BaseException):
                 self.session.close()
             bind_thread(None)
+            self.output.unbind()
             if self._tail:
                 with contextlib.suppress(OSError), open(self.log_path, "a") as f:
                     f.write(self._tail + "\n")
@@ -234,7 +308,7 @@ class ThreadLauncher:
         assert isinstance(session, SimSession)
         session.slots = self.slots
         self.imports.prepare(session.job_id, script, args)
-        thread = ScriptThread(script, session, log_path).start()
+        thread = ScriptThread(script, session, log_path, self.imports.output).start()
         self.threads.append(thread)
         self.threads = [t for t in self.threads if t.thread.is_alive() or t is thread]
         return thread

@@ -14,6 +14,9 @@ task reaches the script (a script still importing torch under load is not yet la
 broker ``result(sid)`` first and then the stream (the broker pairs them by sid), and answers the script
 ``reply(ok)`` once the broker acknowledged the upload. Everything the script says is untrusted too: a
 wrong token, an unknown task or a path outside the outbox is refused and logged.
+
+With ``[client] log_streaming`` the script's output (its ``script.log``) is relayed to the broker as it grows
+(``log_relay.LogRelay``); its last lines go before the broker hears that the script ended.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from fedbus.protocol.messages import (
 from fedbus.site.child import Launcher, Script, ScriptProcess
 from fedbus.site.filters import Filter, FilterContext, PrivacyFilter, apply_filters, filter_name, job_filters
 from fedbus.site.folder import JobFolder, script_env
+from fedbus.site.log_relay import MAX_BEHIND, LogRelay
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
@@ -129,6 +133,7 @@ class JobRunner:
         self._stopping = False
         self._crash: str | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._log_relay: LogRelay | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -145,10 +150,14 @@ class JobRunner:
             assert self.proc is not None
             self.bus.report(JobEvent(self.job_id, "started", data={"pid": self.proc.pid}))
             self._spawn(self._resume_uploads())
+            if self._log_relay is not None:
+                self._spawn(self._log_relay.run())
             if self._stopping:  # end_job arrived while the script was being started
                 await self.proc.stop(0.0, self.settings.kill_after_s)
             code = await self.proc.wait()
             self.proc.signal_group(signal.SIGKILL)  # whatever the script left behind in its group
+            if self._log_relay is not None:  # the script's last lines, before the broker hears it ended
+                self._log_relay.pump(MAX_BEHIND, final=True)
             self._report_exit(code)
         finally:
             await self._close()
@@ -177,6 +186,8 @@ class JobRunner:
         )
         if self.settings.speed_factor is not None:
             env["FEDBUS_SPEED_FACTOR"] = repr(self.settings.speed_factor)
+        if spec.client.get("log_streaming"):  # [client] log_streaming: the output reaches the broker too
+            self._log_relay = LogRelay(folder.log_path, self.job_id, self.bus.report)
         self.proc = await self.settings.launcher.start(
             self.settings.python, script, self.deploy.args, cwd=folder.files, env=env, log_path=folder.log_path
         )
