@@ -21,14 +21,22 @@ and the module-level functions look for a thread's own session before the proces
 ``receive()`` to ``send()``): the simulator's slow-site model and overhead figures are built on it.
 
 Evaluation tasks: the script answers with ``FLModel(metrics={...})``; any params it sets are ignored and
-only the metrics travel. DIFF: a script may send ``params_type=DIFF`` itself; and when the task says the
-strategy wants deltas (``meta["params_type"] == "DIFF"``, e.g. FedBuff) a FULL model is turned into
-``params - received`` here, so the script needs no change.
+only the metrics travel. ``submit_model`` tasks (cross-site evaluation) carry no model: the script sends its
+local weights, as they are. DIFF: a script may send ``params_type=DIFF`` itself; and when the task says the
+strategy wants deltas (``meta["params_type"] == "DIFF"``, e.g. FedBuff, or the job's ``transfer_type`` option) a
+FULL model is turned into ``params - received`` here, so the script needs no change.
+
+What the job asks of the client API travels in ``Task.options`` (``fedbus.client.options``): numpy exchange
+(``receive()`` hands out numpy arrays sharing the tensors' memory; ``send()`` takes them back, cast to the dtype
+that arrived where numpy arithmetic widened them), ``memory_gc_rounds``, FedProx's ``fedprox_mu`` (read by
+``fedbus.client.fedprox`` and the Lightning patch) and SCAFFOLD (``fedbus.client.scaffold``: the controls are taken
+out of the received params, and their deltas added to the result).
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import re
 import threading
@@ -42,7 +50,19 @@ import torch
 
 from fedbus.client._files import TakenFile, load_params, save_params, take_params
 from fedbus.client._link import ParentWatch, SiteLink
-from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType, diff_params, plain_values, to_cpu_params
+from fedbus.client.constants import ExchangeFormat, FLMetaKey, TransferType
+from fedbus.client.model import (
+    NUM_STEPS_CURRENT_ROUND,
+    FLModel,
+    ParamsType,
+    diff_params,
+    keep_received_dtypes,
+    plain_values,
+    to_cpu_params,
+    to_numpy_params,
+)
+from fedbus.client.options import TaskOptions
+from fedbus.client.scaffold import ScaffoldState, split_controls
 from fedbus.errors import ConfigError, JobError, LocalProtocolError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import EndJob, Error, Hello, JobEvent, Reply, Result, Task, Welcome
@@ -60,6 +80,13 @@ ENV_VARS = (
 SPEED_FACTOR_VAR = "FEDBUS_SPEED_FACTOR"
 """Set by a simulated site only: its slowdown factor, shown in ``system_info()["speed_factor"]``."""
 TRAIN_S_KEY = "fedbus/train_s"
+TRAIN, EVALUATE, SUBMIT_MODEL = "train", "evaluate", "submit_model"
+"""The task names ``get_task_name()`` returns (FLARE's ``is_train``/``is_evaluate``/``is_submit_model``)."""
+
+
+def task_name(task: Task) -> str:
+    """The task's name as the script sees it: its kind, or ``submit_model`` when its options ask for the model."""
+    return SUBMIT_MODEL if task.options.get("submit_model") is True else task.kind
 
 
 class ClientSession:
@@ -100,6 +127,8 @@ class ClientSession:
         self._taken: TakenFile | None = None  # its file, when the site let the script take it
         self._ended = False
         self._watch: ParentWatch | None = None
+        self.scaffold = ScaffoldState()  # the site's SCAFFOLD controls, kept across rounds
+        self._trained = 0  # training results sent: memory_gc_rounds counts them
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> ClientSession:
@@ -194,29 +223,48 @@ class ClientSession:
         if self._ended or (self._current is None and not self._tasks):
             return None
         if self._current is None:
-            self._current, self._received, self._taken = self._tasks.popleft(), None, None
+            self._next_task()
         task = self._current
+        assert task is not None
+        options = TaskOptions.parse(task.options)
         path = task.meta.get("path")
         if self._received is None and isinstance(path, str):
             if task.meta.get("take") is not True:
-                self._received = load_params(path)
+                received = load_params(path)
             else:
                 self._taken = take_params(path)
-                if task.meta.get("params_type") == ParamsType.DIFF:  # the file stays the base; the script trains a copy
-                    self._received = load_params(self._taken.held)
+                if self._wants_diff(task, options):  # the file stays the base; the script trains a copy
+                    received = load_params(self._taken.held)
                 else:  # the file's own pages: trained in place, sent as they are
-                    self._received = dict(self._taken.params)
+                    received = dict(self._taken.params)
+            self._received = self._take_controls(task, options, received)
         if self._task_started is None:
             self._task_started = time.monotonic()
         meta = {k: v for k, v in task.meta.items() if k != "path"}
         meta.update(version=task.version, job_id=task.job_id, task_id=task.task_id, site_name=self.site_name)
+        meta.update({FLMetaKey.CURRENT_ROUND: task.round, FLMetaKey.TOTAL_ROUNDS: task.total_rounds})
+        params: Mapping[str, Any] | None = self._received
+        if params is not None and options.exchange is ExchangeFormat.NUMPY:
+            params = to_numpy_params(params)
         return FLModel(
-            params=self._received,
+            params=params,
             params_type=ParamsType.FULL,
             meta=meta,
             current_round=task.round,
             total_rounds=task.total_rounds,
         )
+
+    def _take_controls(
+        self, task: Task, options: TaskOptions, received: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The received weights without SCAFFOLD's controls; a training task's controls open the session's
+        SCAFFOLD bookkeeping (``fedbus.client.scaffold``)."""
+        weights, controls = split_controls(received)
+        if task_name(task) == TRAIN and options.scaffold and not controls:
+            raise JobError(f"task {task.task_id} is SCAFFOLD's, but its model carries no control variates")
+        if controls and task_name(task) == TRAIN:
+            self.scaffold.begin(weights, controls)
+        return weights
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """Send the current task's result; returns once the site confirms the broker has it.
@@ -232,7 +280,7 @@ class ClientSession:
         if not isinstance(model, FLModel):
             raise ConfigError(f"send() takes an FLModel, got {type(model).__name__}")
         if self._current is None and self._tasks:  # FLARE allows send() without receive()
-            self._current, self._received, self._taken = self._tasks.popleft(), None, None
+            self._next_task()
         task = self._current
         if self._ended:
             return  # the job is over: nobody takes results any more
@@ -256,27 +304,90 @@ class ClientSession:
             self._received = None
             self._taken = None
             self._task_started = None
+        if clear_cache and task_name(task) == TRAIN:
+            self._trained += 1
+            every = TaskOptions.parse(task.options).memory_gc_rounds
+            if every and self._trained % every == 0:
+                self._collect()
 
-    def log(self, key: str, value: Any, step: int | None = None) -> None:
-        """Record a metric (shown by ``fedbus status``): a ``job_event(log)`` relayed by the site."""
+    def _next_task(self) -> None:
+        self._current, self._received, self._taken = self._tasks.popleft(), None, None
+        self.scaffold.end()  # a task left unanswered leaves no SCAFFOLD state behind
+
+    def _collect(self) -> None:
+        """``memory_gc_rounds``: the session holds nothing of past tasks now; collect what the script let go."""
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def log(
+        self, key: str, value: Any, step: int | None = None, *, kind: str | None = None, writer: str | None = None
+    ) -> None:
+        """Record a metric (shown by ``fedbus status``): a ``job_event(log)`` relayed by the site.
+
+        ``kind`` and ``writer`` are set by the tracking writers (``fedbus.client.tracking``): what the record is
+        (``scalar``, ``metrics``, ``param``, ``text`` ...) and which writer made it; the broker's tracking sink
+        writes it to the job's TensorBoard / MLflow / W&B files.
+        """
         link = self._require()
         if not isinstance(key, str):
             raise ConfigError(f"log() key must be str, got {type(key).__name__}")
-        data = {"key": key, "value": plain_values(value, f"log value {key!r}"), "step": plain_values(step, "step")}
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            step = plain_values(step, f"log step of {key!r}")
+            if isinstance(step, float) and step.is_integer():
+                step = int(step)
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ConfigError(f"log step of {key!r} must be an integer, got {step!r}")
+        data: dict[str, Any] = {"key": key, "value": plain_values(value, f"log value {key!r}"), "step": step}
+        if kind is not None:
+            data["kind"] = kind
+        if writer is not None:
+            data["writer"] = writer
         link.send(JobEvent(job_id=self.job_id, event="log", data=data))
 
     def get_task_name(self) -> str:
-        """``"train"`` or ``"evaluate"`` for the current task (``""`` before the first one)."""
+        """``"train"``, ``"evaluate"`` or ``"submit_model"`` for the current task (``""`` before the first one)."""
         task = self._current or (self._tasks[0] if self._tasks else None)
-        return task.kind if task is not None else ""
+        return task_name(task) if task is not None else ""
 
     def is_train(self) -> bool:
-        return self.get_task_name() == "train"
+        return self.get_task_name() == TRAIN
 
     def is_evaluate(self) -> bool:
-        return self.get_task_name() == "evaluate"
+        return self.get_task_name() == EVALUATE
+
+    def is_submit_model(self) -> bool:
+        """True when the task asks for the site's local model (cross-site evaluation): send it as FULL params."""
+        return self.get_task_name() == SUBMIT_MODEL
+
+    @property
+    def options(self) -> TaskOptions | None:
+        """The current (or next queued) task's options; None before the first task."""
+        task = self._current or (self._tasks[0] if self._tasks else None)
+        return TaskOptions.parse(task.options) if task is not None else None
+
+    def get_config(self) -> dict[str, Any]:
+        """The client API's configuration in FLARE's shape (``nvflare.client.get_config()``): the site's identity
+        and, under ``TASK_EXCHANGE``, what the current task asks (defaults before the first task)."""
+        options = self.options or TaskOptions()
+        task = self._current or (self._tasks[0] if self._tasks else None)
+        return {
+            FLMetaKey.JOB_ID: self.job_id,
+            FLMetaKey.SITE_NAME: self.site_name,
+            "TASK_EXCHANGE": {
+                "exchange_format": str(options.exchange),
+                "transfer_type": str(options.transfer_type),
+                "train_task_name": TRAIN,
+                "eval_task_name": EVALUATE,
+                "submit_model_task_name": SUBMIT_MODEL,
+                "memory_gc_rounds": options.memory_gc_rounds,
+            },
+            "options": dict(task.options) if task is not None else {},
+        }
 
     def system_info(self) -> dict[str, Any]:
+        """FLARE's keys (``site_name``, ``job_id``) and fedbus's (``site_index``, ``num_sites``, ``workspace``,
+        ``speed_factor`` for a simulated slow site)."""
         info: dict[str, Any] = {
             "site_name": self.site_name,
             "job_id": self.job_id,
@@ -306,7 +417,12 @@ class ClientSession:
             self._tasks.clear()
         # welcome repeats, stray replies and errors for messages we no longer wait on change nothing
 
+    def _wants_diff(self, task: Task, options: TaskOptions) -> bool:
+        """Whether the task wants deltas back: the strategy's word (FedBuff) or the job's ``transfer_type``."""
+        return task.meta.get("params_type") == ParamsType.DIFF or options.transfer_type is TransferType.DIFF
+
     def _result(self, task: Task, model: FLModel) -> Result:
+        options = TaskOptions.parse(task.options)
         metrics = plain_values(model.metrics or {}, "FLModel.metrics")
         user_meta = plain_values(model.meta or {}, "FLModel.meta")
         weight = user_meta.get(NUM_STEPS_CURRENT_ROUND) or 1.0  # absent (or 0 steps): an unweighted vote
@@ -316,19 +432,30 @@ class ClientSession:
         meta = dict(user_meta)
         if self._task_started is not None:
             meta[TRAIN_S_KEY] = time.monotonic() - self._task_started
-        if task.kind == "train" and model.params is not None:
-            params = to_cpu_params(model.params)
+        kind = task_name(task)
+        if kind == SUBMIT_MODEL and model.params is None:
+            raise ConfigError("a submit_model task asks for the site's local model: send FLModel(params=...)")
+        if kind in (TRAIN, SUBMIT_MODEL) and model.params is not None:
+            given = model.params
+            if options.exchange is ExchangeFormat.NUMPY and self._received is not None and isinstance(given, Mapping):
+                given = keep_received_dtypes(given, self._received)
+            params = to_cpu_params(given)
             if not _SAFE_NAME.fullmatch(task.task_id):
                 raise JobError(f"task id {task.task_id!r} is not a safe file name")
             out = self.workspace / "outbox" / f"{task.task_id}.safetensors"
             taken, written = self._taken, False
-            if task.meta.get("params_type") == ParamsType.DIFF and params_type is ParamsType.FULL:
+            controls: dict[str, torch.Tensor] = {}
+            if kind == TRAIN and self.scaffold.open:  # the result adds the controls: it is written, never the file
+                controls = self.scaffold.finish(params, is_diff=params_type is ParamsType.DIFF)
+            if kind == SUBMIT_MODEL:
+                params_type = ParamsType.FULL  # the local model itself: no received model to take a difference from
+            elif self._wants_diff(task, options) and params_type is ParamsType.FULL:
                 # The base is the task's file, not the tensors handed to the script: a script may train those
                 # in place (add_ on received params), which made every delta zero.
                 params_type = ParamsType.DIFF
                 if taken is not None:
                     self._taken = None  # its tensors become the difference (or are read as the base): once only
-                    if taken.diff_in_place(params):
+                    if not controls and taken.diff_in_place(params):
                         params, written = taken.params, taken.link(out)
                     else:
                         params = diff_params(params, taken.params)
@@ -337,8 +464,10 @@ class ClientSession:
                     if not isinstance(path, str):
                         raise JobError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
                     params = diff_params(params, load_params(path))
-            elif taken is not None:
+            elif taken is not None and not controls:
                 written = taken.link_as(params, out)
+            if controls:
+                params = {**params, **controls}
             if not written:
                 save_params(out, params)
             meta["path"] = str(out)
@@ -402,6 +531,17 @@ def _get() -> ClientSession:
     return _session
 
 
+def current_session() -> ClientSession:
+    """The session the module-level functions act on (this thread's, else the process's); raises before init()."""
+    return _get()
+
+
+def current_options() -> TaskOptions | None:
+    """The current task's options, or None when there is no session or no task yet."""
+    session = _bound() or _session
+    return session.options if session is not None else None
+
+
 def is_running() -> bool:
     """Block until the next task arrives (True) or the job ends (False)."""
     return _get().is_running()
@@ -423,6 +563,16 @@ def is_train() -> bool:
 
 def is_evaluate() -> bool:
     return _get().is_evaluate()
+
+
+def is_submit_model() -> bool:
+    """True when the task asks for the site's local model (cross-site evaluation)."""
+    return _get().is_submit_model()
+
+
+def get_config() -> dict[str, Any]:
+    """The client API's configuration in FLARE's shape: site identity and the current task's exchange settings."""
+    return _get().get_config()
 
 
 def get_task_name() -> str:
