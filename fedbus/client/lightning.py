@@ -63,6 +63,7 @@ from fedbus.client.api import (
 from fedbus.client.fedprox import ProximalGradient
 from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType
 from fedbus.client.scaffold import ScaffoldHelper
+from fedbus.errors import ConfigError
 
 try:
     import lightning.pytorch as pl
@@ -96,21 +97,34 @@ __all__ = [
 ]
 
 
-def patch(trainer: pl.Trainer, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
-    """Make ``trainer`` federated: connect to the site and add one :class:`FLCallback` (idempotent)."""
+FL_META_KEY = "__fl_meta__"
+"""A LightningModule attribute (a dict) whose entries join the meta of every model the patch sends, as in FLARE."""
+
+
+def patch(
+    trainer: pl.Trainer, restore_state: bool = True, load_state_dict_strict: bool = True, update_fit_loop: bool = True
+) -> None:
+    """Make ``trainer`` federated: connect to the site and add one :class:`FLCallback` (idempotent).
+
+    ``update_fit_loop=False`` leaves ``max_epochs``/``max_steps`` alone between rounds (the script manages them).
+    """
     init()
     callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
     if not any(isinstance(cb, FLCallback) for cb in callbacks):
-        callbacks.append(FLCallback(restore_state=restore_state, load_state_dict_strict=load_state_dict_strict))
+        callback = FLCallback(restore_state, load_state_dict_strict, update_fit_loop)
+        callbacks.append(callback)
 
 
 class FLCallback(pl.Callback):
     """Receives the global model into the module, sends the trained one back; see the module docstring."""
 
-    def __init__(self, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
+    def __init__(
+        self, restore_state: bool = True, load_state_dict_strict: bool = True, update_fit_loop: bool = True
+    ) -> None:
         super().__init__()
         self.restore_state = restore_state
         self.strict = load_state_dict_strict
+        self.update_fit_loop = update_fit_loop
         self.model: FLModel | None = None  # the current task's global model, once loaded
         self.metrics: dict[str, float] | None = None  # the global model's validation metrics
         self.epochs_per_round: int | None = None
@@ -169,9 +183,11 @@ class FLCallback(pl.Callback):
             steps = trainer.global_step - self._start_step
             params = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
             self._prox = self._scaffold = None
-            send(FLModel(params=params, metrics=self.metrics or {}, meta={NUM_STEPS_CURRENT_ROUND: steps}))
+            meta = {NUM_STEPS_CURRENT_ROUND: steps, **_fl_meta(pl_module)}
+            send(FLModel(params=params, metrics=self.metrics or {}, meta=meta))
             self._next_task()
-        self._extend(trainer)
+        if self.update_fit_loop:
+            self._extend(trainer)
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -218,6 +234,16 @@ class FLCallback(pl.Callback):
         if self._scheduler_states is not None and len(self._scheduler_states) == len(configs):
             for config, state in zip(configs, self._scheduler_states, strict=True):
                 config.scheduler.load_state_dict(state)
+
+
+def _fl_meta(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The module's ``__fl_meta__`` entries (none when it has no such attribute)."""
+    meta = getattr(pl_module, FL_META_KEY, None)
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{type(pl_module).__name__}.{FL_META_KEY} must be a dict, got {type(meta).__name__}")
+    return dict(meta)
 
 
 def _plain_metrics(metrics: Any) -> dict[str, float]:

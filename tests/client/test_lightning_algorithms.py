@@ -53,6 +53,7 @@ def make_module(package: str) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.lin = torch.nn.Linear(2, 1)
+            self.__fl_meta__ = {"CUSTOM_VAR": "value"}  # FLARE's way to add to the sent model's meta
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return task_loss(self.lin.weight, self.lin.bias)
@@ -169,6 +170,7 @@ async def test_without_options_the_patch_trains_plain_sgd(site: FakeSite) -> Non
     session = await connected(site)
     try:
         [result] = await run_job(site, session, "lightning.pytorch", [(GLOBAL, {}, "FULL")])
+        assert result.meta["CUSTOM_VAR"] == "value" and result.weight == STEPS
         sent = serde.read_file(result.meta["path"])
         w, b = by_hand(GLOBAL["lin.weight"], GLOBAL["lin.bias"], correction=None)
         torch.testing.assert_close(sent["lin.weight"], w)
