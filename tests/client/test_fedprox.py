@@ -78,3 +78,17 @@ def test_mu_from_the_task_and_errors() -> None:
         FedProxLoss(mu=1.0)(net, {"weight": torch.zeros(2, 2), "bias": torch.zeros(1)})
     with pytest.raises(ConfigError, match="> 0"):
         ProximalGradient(0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_proximal_gradient_on_the_gpu() -> None:
+    net = _net().cuda()
+    prox = ProximalGradient(2.0)
+    prox.start(net)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    net.zero_grad()
+    prox.apply(net)  # no gradient yet: it becomes the pull
+    assert net.weight.grad.device.type == "cuda"
+    torch.testing.assert_close(net.weight.grad.cpu(), torch.full((1, 2), 2.0))
+    assert torch.equal(net.bias.grad.cpu(), torch.zeros(1))

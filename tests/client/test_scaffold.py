@@ -117,3 +117,14 @@ def test_optimizer_lr() -> None:
         optimizer_lr(two)
     with pytest.raises(ConfigError, match="number or an optimizer"):
         optimizer_lr("fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_corrections_reach_parameters_on_the_gpu_in_their_dtype() -> None:
+    state = ScaffoldState()
+    state.begin({"w": t(1.0, 2.0)}, {"w": t(0.5, -0.5)})
+    p = torch.nn.Parameter(torch.zeros(2, device="cuda", dtype=torch.bfloat16))
+    p.grad = torch.ones(2, device="cuda", dtype=torch.bfloat16)
+    state.correct([("w", p)], lr=0.1)
+    assert p.grad.device.type == "cuda" and p.grad.dtype == torch.bfloat16
+    assert torch.equal(p.grad.float().cpu(), t(1.5, 0.5))
