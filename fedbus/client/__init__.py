@@ -21,7 +21,6 @@ This package imports no broker, strategy or transport code: a training script pa
 """
 
 from fedbus.client.api import (
-    ClientSession,
     get_config,
     get_job_id,
     get_site_name,
@@ -39,6 +38,7 @@ from fedbus.client.api import (
 )
 from fedbus.client.constants import DataKind, ExchangeFormat, FLMetaKey, NPConstants, TransferType
 from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType
+from fedbus.client.session import ClientSession
 
 __all__ = [
     "NUM_STEPS_CURRENT_ROUND",

@@ -39,7 +39,7 @@ from fedbus.client.constants import SCAFFOLD_PREFIX
 from fedbus.errors import ConfigError, JobError
 
 if TYPE_CHECKING:
-    from fedbus.client.api import ClientSession
+    from fedbus.client.session import ClientSession
 
 __all__ = [
     "SCAFFOLD_PREFIX",

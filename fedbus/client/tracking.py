@@ -32,7 +32,7 @@ from fedbus.client.model import plain_values
 from fedbus.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedbus.client.api import ClientSession
+    from fedbus.client.session import ClientSession
 
 __all__ = ["MLflowWriter", "SummaryWriter", "WandBWriter"]
 
