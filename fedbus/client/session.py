@@ -445,8 +445,9 @@ class ClientSession:
             controls: dict[str, torch.Tensor] = {}
             if kind == TRAIN and self.scaffold.open:  # the result adds the controls: it is written, never the file
                 controls = self.scaffold.finish(params, is_diff=params_type is ParamsType.DIFF)
-            if kind == SUBMIT_MODEL:
-                params_type = ParamsType.FULL  # the local model itself: no received model to take a difference from
+            if kind == SUBMIT_MODEL:  # the local model itself: there is no received model to differ from
+                if params_type is ParamsType.DIFF:
+                    raise ConfigError("a submit_model task takes the local model itself: send FULL params, not a DIFF")
             elif self._wants_diff(task, options) and params_type is ParamsType.FULL:
                 # The base is the task's file, not the tensors handed to the script: a script may train those
                 # in place (add_ on received params), which made every delta zero.

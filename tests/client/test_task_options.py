@@ -149,9 +149,11 @@ async def test_submit_model_task_sends_the_local_model_as_full(site: FakeSite) -
         assert model.params is None and model.current_round == 4
         with pytest.raises(ConfigError, match="submit_model"):
             session.send(FLModel(metrics={"acc": 1.0}))
+        with pytest.raises(ConfigError, match="not a DIFF"):
+            session.send(FLModel(params=sample_params(), params_type="DIFF"))
         local = sample_params()
         result = await send_answered(site, session, FLModel(params=local))
-        assert result.params_type == "FULL"  # the model itself, never a difference
+        assert result.params_type == "FULL"  # the model itself, never a difference, whatever the job's transfer type
         back = serde.read_file(result.meta["path"])
         assert all(torch.equal(back[k], v) for k, v in local.items())
 
