@@ -1,358 +1,59 @@
-"""The training-script API: NVIDIA FLARE's client functions over fedbus's local link.
+"""The training-script API: NVIDIA FLARE's client functions (``import fedbus.client as flare``).
 
-Theory of operation. The site daemon starts the script with ``FEDBUS_*`` variables naming its link (an
-``ipc://`` address), a per-job token and the job's folder. ``init()`` says ``hello`` with the token and
-waits for ``welcome``. From then on the site pushes ``task`` messages whose ``meta["path"]`` is a
-``.safetensors`` file it received from the broker; ``is_running()`` blocks until one is queued (True) or
-``end_job`` arrives (False); ``receive()`` loads the file into CPU tensors; ``send()`` writes the
-script's params to ``outbox/TASK.safetensors``, sends ``result`` and blocks until the site's
-``reply``, which comes only once the broker acknowledged the upload. When the site lets the script take
-the task's file (``meta["take"]``), ``receive()`` maps it instead of reading it, and ``send()`` of those
-very tensors, trained in place, links the file into the outbox instead of writing one; a DIFF is computed
-into the file, which is then the result (``_files``).
-
-One ``ClientSession`` holds all of it; the module-level functions act on one session per process (what
-FLARE scripts expect), and tests create sessions directly. A session is not thread-safe: call it from
-the thread that trains, as FLARE scripts do. The simulator (``fedbus.recipes.SimEnv``) runs several
-sites' scripts as threads of one process: it binds one session to each script thread (``bind_thread``),
-and the module-level functions look for a thread's own session before the process's.
-
-``send()`` also tells the site how long the script worked on the task (``meta["fedbus/train_s"]``, from
-``receive()`` to ``send()``): the simulator's slow-site model and overhead figures are built on it.
-
-Evaluation tasks: the script answers with ``FLModel(metrics={...})``; any params it sets are ignored and
-only the metrics travel. DIFF: a script may send ``params_type=DIFF`` itself; and when the task says the
-strategy wants deltas (``meta["params_type"] == "DIFF"``, e.g. FedBuff) a FULL model is turned into
-``params - received`` here, so the script needs no change.
+Each function acts on one :class:`~fedbus.client.session.ClientSession` per process, built from the ``FEDBUS_*``
+variables the site set when it started the script (what FLARE scripts expect). The simulator
+(``fedbus.recipes.SimEnv``) runs several sites' scripts as threads of one process: it binds one session to each
+script thread (``bind_thread``), and the functions look for a thread's own session before the process's. The
+session, its link and its handling of models live in ``fedbus.client.session``.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
-import re
 import threading
-import time
-from collections import deque
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from fedbus.client._files import TakenFile, load_params, save_params, take_params
-from fedbus.client._link import ParentWatch, SiteLink
-from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType, diff_params, plain_values, to_cpu_params
-from fedbus.errors import ConfigError, JobError, LocalProtocolError
-from fedbus.log import get_logger
-from fedbus.protocol.messages import EndJob, Error, Hello, JobEvent, Reply, Result, Task, Welcome
-
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-ENV_VARS = (
-    "FEDBUS_LINK",
-    "FEDBUS_LINK_TOKEN",
-    "FEDBUS_JOB_ID",
-    "FEDBUS_SITE_NAME",
-    "FEDBUS_SITE_INDEX",
-    "FEDBUS_NUM_SITES",
-    "FEDBUS_WORKSPACE",
+from fedbus.client.model import FLModel
+from fedbus.client.options import TaskOptions
+from fedbus.client.session import (
+    ENV_VARS,
+    EVALUATE,
+    SPEED_FACTOR_VAR,
+    SUBMIT_MODEL,
+    TRAIN,
+    TRAIN_S_KEY,
+    ClientSession,
+    task_name,
 )
-SPEED_FACTOR_VAR = "FEDBUS_SPEED_FACTOR"
-"""Set by a simulated site only: its slowdown factor, shown in ``system_info()["speed_factor"]``."""
-TRAIN_S_KEY = "fedbus/train_s"
+from fedbus.errors import ConfigError, LocalProtocolError
 
-
-class ClientSession:
-    """One training script's conversation with its site: tasks in, results out."""
-
-    def __init__(
-        self,
-        *,
-        link: str,
-        token: str,
-        job_id: str,
-        site_name: str,
-        site_index: int = 0,
-        num_sites: int = 1,
-        workspace: str | os.PathLike[str] = ".",
-        link_timeout: float = 30.0,
-        watch_parent: bool = False,
-        site_pid: int | None = None,
-        speed_factor: float | None = None,
-    ) -> None:
-        self.link_address = link
-        self.token = token
-        self.job_id = job_id
-        self.site_name = site_name
-        self.site_index = site_index
-        self.num_sites = num_sites
-        self.workspace = Path(workspace)
-        self.link_timeout = link_timeout
-        self.watch_parent = watch_parent
-        self.site_pid = site_pid  # watched for its exit with watch_parent (SiteLink)
-        self.speed_factor = speed_factor
-        self._task_started: float | None = None  # when receive() handed out the current task
-        self._logger = get_logger("client", site=site_name, job_id=job_id)
-        self._link: SiteLink | None = None
-        self._tasks: deque[Task] = deque()
-        self._current: Task | None = None
-        self._received: dict[str, torch.Tensor] | None = None  # the current task's model, by reference
-        self._taken: TakenFile | None = None  # its file, when the site let the script take it
-        self._ended = False
-        self._watch: ParentWatch | None = None
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> ClientSession:
-        """A session for the variables the site set when it started this script (watching the site's PID)."""
-        env = os.environ if environ is None else environ
-        missing = [v for v in ENV_VARS if not env.get(v)]
-        if missing:
-            raise ConfigError(
-                f"not started by a fedbus site: {', '.join(missing)} unset "
-                "(run the script through a job, or create a ClientSession by hand)"
-            )
-        try:
-            index, count = int(env["FEDBUS_SITE_INDEX"]), int(env["FEDBUS_NUM_SITES"])
-            speed = float(env[SPEED_FACTOR_VAR]) if env.get(SPEED_FACTOR_VAR) else None
-            site_pid = int(env["FEDBUS_SITE_PID"]) if env.get("FEDBUS_SITE_PID") else None
-        except ValueError as exc:
-            raise ConfigError(f"FEDBUS_SITE_INDEX, FEDBUS_NUM_SITES, FEDBUS_SITE_PID must be integers: {exc}") from exc
-        return cls(
-            link=env["FEDBUS_LINK"],
-            token=env["FEDBUS_LINK_TOKEN"],
-            job_id=env["FEDBUS_JOB_ID"],
-            site_name=env["FEDBUS_SITE_NAME"],
-            site_index=index,
-            num_sites=count,
-            workspace=env["FEDBUS_WORKSPACE"],
-            **{"watch_parent": True, "site_pid": site_pid, "speed_factor": speed, **kwargs},
-        )
-
-    # --- lifecycle -----------------------------------------------------------------------------------
-
-    def init(self) -> None:
-        """Connect to the site and say hello; raises JobError if the site refuses or does not answer."""
-        if self._link is not None:
-            return
-        site_pid = self.site_pid if self.watch_parent else None
-        link = SiteLink(self.link_address, link_timeout=self.link_timeout, site_pid=site_pid)
-        try:
-            link.send(Hello(role="client", name=self.site_name, session=self.token, caps={"pid": os.getpid()}))
-            while True:
-                msg = link.recv(self.link_timeout)
-                if msg is None:
-                    raise JobError(f"the site at {self.link_address} did not answer hello in {self.link_timeout:g} s")
-                if isinstance(msg, Welcome):
-                    break
-                if isinstance(msg, Error):
-                    raise JobError(f"the site refused this script: {msg.code}: {msg.reason}")
-                self._handle(msg)  # a task may be queued before the welcome is read
-        except BaseException:
-            link.close()
-            raise
-        self._link = link
-        if self.watch_parent:
-            self._watch = ParentWatch(link.ppid)
-
-    def close(self) -> None:
-        """Leave the link (saying bye). Idempotent."""
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-        if self._link is not None:
-            self._link.close(bye="" if self._ended else "script finished")
-            self._link = None
-
-    # --- the FLARE surface ---------------------------------------------------------------------------
-
-    def is_running(self) -> bool:
-        """Block until the next task is here (True) or the job has ended (False)."""
-        link = self._require()
-        while (msg := link.recv(0)) is not None:  # what already arrived (an end_job during training)
-            self._handle(msg)
-        while self._current is None and not self._tasks and not self._ended:
-            msg = link.recv(None, until=lambda: self._ended)
-            if msg is not None:
-                self._handle(msg)
-        return not self._ended
-
-    def receive(self, timeout: float | None = None) -> FLModel | None:
-        """The current task's model (CPU tensors); None when the job ended or ``timeout`` passed first.
-
-        Calling it again before ``send`` returns the same task's model again.
-        """
-        link = self._require()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._current is None:
-            while not self._tasks and not self._ended:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                msg = link.recv(left, until=lambda: self._ended)
-                if msg is None and deadline is not None and time.monotonic() >= deadline:
-                    return None
-                if msg is not None:
-                    self._handle(msg)
-        if self._ended or (self._current is None and not self._tasks):
-            return None
-        if self._current is None:
-            self._current, self._received, self._taken = self._tasks.popleft(), None, None
-        task = self._current
-        path = task.meta.get("path")
-        if self._received is None and isinstance(path, str):
-            if task.meta.get("take") is not True:
-                self._received = load_params(path)
-            else:
-                self._taken = take_params(path)
-                if task.meta.get("params_type") == ParamsType.DIFF:  # the file stays the base; the script trains a copy
-                    self._received = load_params(self._taken.held)
-                else:  # the file's own pages: trained in place, sent as they are
-                    self._received = dict(self._taken.params)
-        if self._task_started is None:
-            self._task_started = time.monotonic()
-        meta = {k: v for k, v in task.meta.items() if k != "path"}
-        meta.update(version=task.version, job_id=task.job_id, task_id=task.task_id, site_name=self.site_name)
-        return FLModel(
-            params=self._received,
-            params_type=ParamsType.FULL,
-            meta=meta,
-            current_round=task.round,
-            total_rounds=task.total_rounds,
-        )
-
-    def send(self, model: FLModel, clear_cache: bool = True) -> None:
-        """Send the current task's result; returns once the site confirms the broker has it.
-
-        Raises JobError when the site refuses the result (a params file it cannot read, a privacy filter
-        failing: something to fix). An update *lost* on the way (the broker unreachable, or refusing it
-        because the task or job is over) is logged and ``send`` returns: in federated learning a lost
-        update is routine (stragglers, the last updates of a finished job, a broker restart), and a
-        script that crashed over one would drop its site from the job. With ``clear_cache=False`` the task
-        stays current (FLARE's semantics), so ``receive`` returns the same model again.
-        """
-        link = self._require()
-        if not isinstance(model, FLModel):
-            raise ConfigError(f"send() takes an FLModel, got {type(model).__name__}")
-        if self._current is None and self._tasks:  # FLARE allows send() without receive()
-            self._current, self._received, self._taken = self._tasks.popleft(), None, None
-        task = self._current
-        if self._ended:
-            return  # the job is over: nobody takes results any more
-        if task is None:
-            raise LocalProtocolError("send() without a task: call is_running()/receive() first")
-        result = self._result(task, model)
-        link.send(result)
-        while True:
-            msg = link.recv(None, until=lambda: self._ended)
-            if msg is None:  # the job ended while the upload was in flight: nothing left to confirm
-                break
-            if isinstance(msg, Reply) and msg.rid == 0:
-                if not msg.ok and not msg.data.get("lost"):
-                    raise JobError(f"the site refused the result of task {task.task_id}: {msg.error}")
-                if not msg.ok:
-                    self._logger.warning("update lost on the way to the broker", task_id=task.task_id, reason=msg.error)
-                break
-            self._handle(msg)
-        if clear_cache:
-            self._current = None
-            self._received = None
-            self._taken = None
-            self._task_started = None
-
-    def log(self, key: str, value: Any, step: int | None = None) -> None:
-        """Record a metric (shown by ``fedbus status``): a ``job_event(log)`` relayed by the site."""
-        link = self._require()
-        if not isinstance(key, str):
-            raise ConfigError(f"log() key must be str, got {type(key).__name__}")
-        data = {"key": key, "value": plain_values(value, f"log value {key!r}"), "step": plain_values(step, "step")}
-        link.send(JobEvent(job_id=self.job_id, event="log", data=data))
-
-    def get_task_name(self) -> str:
-        """``"train"`` or ``"evaluate"`` for the current task (``""`` before the first one)."""
-        task = self._current or (self._tasks[0] if self._tasks else None)
-        return task.kind if task is not None else ""
-
-    def is_train(self) -> bool:
-        return self.get_task_name() == "train"
-
-    def is_evaluate(self) -> bool:
-        return self.get_task_name() == "evaluate"
-
-    def system_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "site_name": self.site_name,
-            "job_id": self.job_id,
-            "site_index": self.site_index,
-            "num_sites": self.num_sites,
-            "workspace": str(self.workspace),
-        }
-        if self.speed_factor is not None:
-            info["speed_factor"] = self.speed_factor
-        return info
-
-    # --- internals -----------------------------------------------------------------------------------
-
-    def _require(self) -> SiteLink:
-        if self._link is None:
-            raise LocalProtocolError("fedbus.client: call init() first")
-        return self._link
-
-    def _handle(self, msg: Any) -> None:
-        """Note what the site pushed while we waited for something else."""
-        if isinstance(msg, Task):
-            if msg.job_id != self.job_id:
-                raise JobError(f"the site sent a task of job {msg.job_id!r}; this script runs {self.job_id!r}")
-            self._tasks.append(msg)
-        elif isinstance(msg, EndJob):
-            self._ended = True
-            self._tasks.clear()
-        # welcome repeats, stray replies and errors for messages we no longer wait on change nothing
-
-    def _result(self, task: Task, model: FLModel) -> Result:
-        metrics = plain_values(model.metrics or {}, "FLModel.metrics")
-        user_meta = plain_values(model.meta or {}, "FLModel.meta")
-        weight = user_meta.get(NUM_STEPS_CURRENT_ROUND) or 1.0  # absent (or 0 steps): an unweighted vote
-        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
-            raise ConfigError(f"meta[{NUM_STEPS_CURRENT_ROUND!r}] must be a number >= 0, got {weight!r}")
-        params_type = ParamsType(model.params_type or ParamsType.FULL)
-        meta = dict(user_meta)
-        if self._task_started is not None:
-            meta[TRAIN_S_KEY] = time.monotonic() - self._task_started
-        if task.kind == "train" and model.params is not None:
-            params = to_cpu_params(model.params)
-            if not _SAFE_NAME.fullmatch(task.task_id):
-                raise JobError(f"task id {task.task_id!r} is not a safe file name")
-            out = self.workspace / "outbox" / f"{task.task_id}.safetensors"
-            taken, written = self._taken, False
-            if task.meta.get("params_type") == ParamsType.DIFF and params_type is ParamsType.FULL:
-                # The base is the task's file, not the tensors handed to the script: a script may train those
-                # in place (add_ on received params), which made every delta zero.
-                params_type = ParamsType.DIFF
-                if taken is not None:
-                    self._taken = None  # its tensors become the difference (or are read as the base): once only
-                    if taken.diff_in_place(params):
-                        params, written = taken.params, taken.link(out)
-                    else:
-                        params = diff_params(params, taken.params)
-                else:
-                    path = task.meta.get("path")
-                    if not isinstance(path, str):
-                        raise JobError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
-                    params = diff_params(params, load_params(path))
-            elif taken is not None:
-                written = taken.link_as(params, out)
-            if not written:
-                save_params(out, params)
-            meta["path"] = str(out)
-        return Result(
-            job_id=self.job_id,
-            task_id=task.task_id,
-            version=task.version,
-            params_type=str(params_type),
-            weight=float(weight),
-            metrics=metrics,
-            meta=meta,
-            sid=None,
-        )
-
+__all__ = [
+    "ENV_VARS",
+    "EVALUATE",
+    "SPEED_FACTOR_VAR",
+    "SUBMIT_MODEL",
+    "TRAIN",
+    "TRAIN_S_KEY",
+    "ClientSession",
+    "bind_thread",
+    "current_options",
+    "current_session",
+    "get_config",
+    "get_job_id",
+    "get_site_name",
+    "get_task_name",
+    "init",
+    "is_evaluate",
+    "is_running",
+    "is_submit_model",
+    "is_train",
+    "log",
+    "receive",
+    "send",
+    "shutdown",
+    "system_info",
+    "task_name",
+]
 
 # --- one session per process (or per script thread): the functions FLARE scripts call ------------------
 
@@ -402,6 +103,17 @@ def _get() -> ClientSession:
     return _session
 
 
+def current_session() -> ClientSession:
+    """The session the module-level functions act on (this thread's, else the process's); raises before init()."""
+    return _get()
+
+
+def current_options() -> TaskOptions | None:
+    """The current task's options, or None when there is no session or no task yet."""
+    session = _bound() or _session
+    return session.options if session is not None else None
+
+
 def is_running() -> bool:
     """Block until the next task arrives (True) or the job ends (False)."""
     return _get().is_running()
@@ -423,6 +135,16 @@ def is_train() -> bool:
 
 def is_evaluate() -> bool:
     return _get().is_evaluate()
+
+
+def is_submit_model() -> bool:
+    """True when the task asks for the site's local model (cross-site evaluation)."""
+    return _get().is_submit_model()
+
+
+def get_config() -> dict[str, Any]:
+    """The client API's configuration in FLARE's shape: site identity and the current task's exchange settings."""
+    return _get().get_config()
 
 
 def get_task_name() -> str:

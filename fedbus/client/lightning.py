@@ -24,6 +24,16 @@ return at once. So after each round ``max_epochs`` (and ``max_steps``, when set)
 If ``fit()`` starts while no training task is current (the job ended, or the next task is an
 evaluation), it stops before its first batch and sends nothing; an evaluation task then waits for the
 next ``validate()``.
+
+Algorithms the job asks for (``Task.options``), with the script unchanged: FedProx (``fedprox_mu`` > 0) adds the
+proximal term's gradient ``mu * (w - w_global)`` to every trainable parameter's gradient before each optimizer
+step (``fedbus.client.fedprox.ProximalGradient``), the gradient of ``mu/2 * ||w - w_global||^2`` added to the
+loss; SCAFFOLD adds ``c - c_i`` there too and records each step's learning rate, from which ``send()`` computes
+the control update (``fedbus.client.scaffold``). Both act in ``on_before_optimizer_step``, which Lightning calls
+once per optimizer step, after gradient accumulation and unscaling.
+
+Either Lightning package works: ``lightning.pytorch`` or the standalone ``pytorch_lightning`` (FLARE's examples
+import the latter); the callback only uses hooks both call by name.
 """
 
 from __future__ import annotations
@@ -34,12 +44,15 @@ from typing import Any
 import torch
 
 from fedbus.client.api import (
+    current_options,
+    get_config,
     get_job_id,
     get_site_name,
     get_task_name,
     init,
     is_evaluate,
     is_running,
+    is_submit_model,
     is_train,
     log,
     receive,
@@ -47,23 +60,33 @@ from fedbus.client.api import (
     shutdown,
     system_info,
 )
-from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel
+from fedbus.client.fedprox import ProximalGradient
+from fedbus.client.model import NUM_STEPS_CURRENT_ROUND, FLModel, ParamsType
+from fedbus.client.scaffold import ScaffoldHelper
+from fedbus.errors import ConfigError
 
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.trainer.states import TrainerFn
-except ImportError as exc:  # pragma: no cover - depends on the optional extra
-    raise ImportError("fedbus.client.lightning needs PyTorch Lightning: pip install 'fedbus[lightning]'") from exc
+except ImportError:  # pragma: no cover - depends on which Lightning package is installed
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+        from pytorch_lightning.trainer.states import TrainerFn  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError("fedbus.client.lightning needs PyTorch Lightning: pip install 'fedbus[lightning]'") from exc
 
 __all__ = [
     "FLCallback",
     "FLModel",
+    "ParamsType",
+    "get_config",
     "get_job_id",
     "get_site_name",
     "get_task_name",
     "init",
     "is_evaluate",
     "is_running",
+    "is_submit_model",
     "is_train",
     "log",
     "patch",
@@ -74,21 +97,34 @@ __all__ = [
 ]
 
 
-def patch(trainer: pl.Trainer, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
-    """Make ``trainer`` federated: connect to the site and add one :class:`FLCallback` (idempotent)."""
+FL_META_KEY = "__fl_meta__"
+"""A LightningModule attribute (a dict) whose entries join the meta of every model the patch sends, as in FLARE."""
+
+
+def patch(
+    trainer: pl.Trainer, restore_state: bool = True, load_state_dict_strict: bool = True, update_fit_loop: bool = True
+) -> None:
+    """Make ``trainer`` federated: connect to the site and add one :class:`FLCallback` (idempotent).
+
+    ``update_fit_loop=False`` leaves ``max_epochs``/``max_steps`` alone between rounds (the script manages them).
+    """
     init()
     callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
     if not any(isinstance(cb, FLCallback) for cb in callbacks):
-        callbacks.append(FLCallback(restore_state=restore_state, load_state_dict_strict=load_state_dict_strict))
+        callback = FLCallback(restore_state, load_state_dict_strict, update_fit_loop)
+        callbacks.append(callback)
 
 
 class FLCallback(pl.Callback):
     """Receives the global model into the module, sends the trained one back; see the module docstring."""
 
-    def __init__(self, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
+    def __init__(
+        self, restore_state: bool = True, load_state_dict_strict: bool = True, update_fit_loop: bool = True
+    ) -> None:
         super().__init__()
         self.restore_state = restore_state
         self.strict = load_state_dict_strict
+        self.update_fit_loop = update_fit_loop
         self.model: FLModel | None = None  # the current task's global model, once loaded
         self.metrics: dict[str, float] | None = None  # the global model's validation metrics
         self.epochs_per_round: int | None = None
@@ -97,6 +133,8 @@ class FLCallback(pl.Callback):
         self._start_step = 0
         self._optimizer_states: list[dict[str, Any]] | None = None
         self._scheduler_states: list[dict[str, Any]] | None = None
+        self._prox: ProximalGradient | None = None  # FedProx, for the round being trained
+        self._scaffold: ScaffoldHelper | None = None  # SCAFFOLD, for the round being trained
 
     # --- validate(): the global model on local data -----------------------------------------------
 
@@ -127,6 +165,15 @@ class FLCallback(pl.Callback):
         self._start_step = trainer.global_step
         if self.restore_state:
             self._restore(trainer)
+        self._start_algorithms(pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self.training:
+            return
+        if self._prox is not None:
+            self._prox.apply(pl_module)
+        if self._scaffold is not None:
+            self._scaffold.correct(pl_module, optimizer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.training:
@@ -135,9 +182,12 @@ class FLCallback(pl.Callback):
                 self._save(trainer)
             steps = trainer.global_step - self._start_step
             params = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-            send(FLModel(params=params, metrics=self.metrics or {}, meta={NUM_STEPS_CURRENT_ROUND: steps}))
+            self._prox = self._scaffold = None
+            meta = {NUM_STEPS_CURRENT_ROUND: steps, **_fl_meta(pl_module)}
+            send(FLModel(params=params, metrics=self.metrics or {}, meta=meta))
             self._next_task()
-        self._extend(trainer)
+        if self.update_fit_loop:
+            self._extend(trainer)
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -150,6 +200,16 @@ class FLCallback(pl.Callback):
                 pl_module.load_state_dict(model.params, strict=self.strict)
             self.model = model
         return self.model
+
+    def _start_algorithms(self, pl_module: pl.LightningModule) -> None:
+        """FedProx and SCAFFOLD for this round, as the task's options say (the module holds the global model)."""
+        options = current_options()
+        self._prox = None
+        if options is not None and options.fedprox_mu > 0:
+            self._prox = ProximalGradient(options.fedprox_mu)
+            self._prox.start(pl_module)
+        scaffold = ScaffoldHelper()
+        self._scaffold = scaffold if scaffold.active else None
 
     def _next_task(self) -> None:
         self.model, self.metrics = None, None
@@ -174,6 +234,16 @@ class FLCallback(pl.Callback):
         if self._scheduler_states is not None and len(self._scheduler_states) == len(configs):
             for config, state in zip(configs, self._scheduler_states, strict=True):
                 config.scheduler.load_state_dict(state)
+
+
+def _fl_meta(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The module's ``__fl_meta__`` entries (none when it has no such attribute)."""
+    meta = getattr(pl_module, FL_META_KEY, None)
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{type(pl_module).__name__}.{FL_META_KEY} must be a dict, got {type(meta).__name__}")
+    return dict(meta)
 
 
 def _plain_metrics(metrics: Any) -> dict[str, float]:

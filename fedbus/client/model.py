@@ -33,12 +33,15 @@ class ParamsType(enum.StrEnum):
     DIFF = "DIFF"
 
 
-@dataclass
+@dataclass(repr=False)
 class FLModel:
     """A model (or a delta, or only metrics) travelling between the federation and a training script.
 
-    ``optimizer_params`` and ``start_round`` exist only so FLARE scripts that set them still run; fedbus
-    does not transmit them.
+    ``current_round`` counts from 0 (the first round trains from the start model, version 0), ``total_rounds`` is
+    the job's number of rounds, and ``meta`` carries FLARE's keys (``FLMetaKey``: ``current_round``,
+    ``total_rounds``, ``job_id``, ``site_name``) besides fedbus's own. ``optimizer_params`` and ``start_round``
+    exist only so FLARE scripts that set them still run; fedbus does not transmit them. ``repr()`` is a summary
+    (what each field holds, never the tensors), as FLARE's.
     """
 
     params: Mapping[str, Any] | None = None
@@ -59,6 +62,24 @@ class FLModel:
             raise ConfigError(f"FLModel.params_type must be 'FULL' or 'DIFF', got {self.params_type!r}") from None
         if self.meta is None:
             self.meta = {}
+
+    def summary(self) -> dict[str, Any]:
+        """What the model holds, in a few words: counts for mappings, the rounds, the params type."""
+        out: dict[str, Any] = {}
+        if self.params is not None:
+            out["params"] = f"{len(self.params)} arrays" if isinstance(self.params, Mapping) else type(self.params)
+            out["params_type"] = str(self.params_type)
+        for name in ("metrics", "meta"):
+            value = getattr(self, name)
+            if value:
+                out[name] = sorted(value) if isinstance(value, Mapping) else type(value)
+        for name in ("current_round", "total_rounds"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def __repr__(self) -> str:
+        return f"FLModel({', '.join(f'{k}={v}' for k, v in self.summary().items())})"
 
 
 def to_cpu_params(params: Any) -> dict[str, torch.Tensor]:
@@ -88,6 +109,35 @@ def _to_cpu_tensor(key: str, value: Any) -> torch.Tensor:
         except TypeError as exc:
             raise ConfigError(f"FLModel.params[{key!r}]: numpy dtype {arr.dtype} has no torch equivalent") from exc
     raise ConfigError(f"FLModel.params[{key!r}] must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def to_numpy_params(params: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """CPU tensors as numpy arrays sharing their memory (what a numpy job's script receives), dtype kept."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in params.items():
+        try:
+            out[key] = value.detach().numpy()
+        except TypeError as exc:  # bfloat16 and other types numpy lacks
+            raise ConfigError(f"params[{key!r}]: torch dtype {value.dtype} has no numpy equivalent") from exc
+    return out
+
+
+def keep_received_dtypes(params: Mapping[str, Any], received: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``params`` with each numpy array cast back to the dtype its received tensor had, where numpy arithmetic
+    widened it within the same kind (float32 to float64): the global model's dtypes are what the server takes.
+    An array whose kind changed (an integer model made float) is left as it is, for the server to judge."""
+    out = dict(params)
+    for key, value in params.items():
+        base = received.get(key)
+        if not isinstance(value, np.ndarray) or base is None:
+            continue
+        try:
+            want = torch.empty(0, dtype=base.dtype).numpy().dtype
+        except TypeError:
+            continue
+        if value.dtype != want and np.can_cast(value.dtype, want, casting="same_kind"):
+            out[key] = value.astype(want)
+    return out
 
 
 def diff_params(local: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

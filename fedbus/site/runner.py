@@ -62,8 +62,8 @@ from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
 from fedbus.transport.streams import BufferSink, ModelSource
 
 KINDS = ("train", "evaluate", "submit_model")
-UPLOADS = ("train", "submit_model")
-"""Task kinds whose result carries params: a trained model, or the site's local model (cross-site evaluation)."""
+UPLOAD_KINDS = ("train", "submit_model")
+"""Task kinds whose result carries params: a trained model, or the site's local model for cross-site evaluation."""
 
 
 @dataclass(frozen=True)
@@ -420,7 +420,7 @@ class JobRunner:
         return {"train_s": round(train_s, 6), "sim_delay_s": round(delay, 6), "received_at": time.time()}
 
     async def _upload(self, ready: _Ready, result: Result, timing: Mapping[str, float]) -> int:
-        """Send the result (and its params, for a training task); returns the bytes of params streamed."""
+        """Send the result (and its params, for a train or submit_model task); returns the bytes of params streamed."""
         if result.params_type not in ("FULL", "DIFF"):
             raise RemoteProtocolError(f"params_type must be FULL or DIFF, got {result.params_type[:16]!r}")
         if not math.isfinite(result.weight) or result.weight < 0:
@@ -430,7 +430,7 @@ class JobRunner:
             meta["sim_delay_s"] = timing["sim_delay_s"]
         path = result.meta.get("path")
         source = None
-        if ready.task.kind in UPLOADS and path is not None:
+        if ready.task.kind in UPLOAD_KINDS and path is not None:
             file = self.folder.result_file(path, result.task_id)
             source = await asyncio.to_thread(self._result_source, file, ready, result.params_type)
         sid = secrets.randbits(62) if source is not None else None

@@ -59,11 +59,19 @@ class FakeSite:
         return path
 
     async def push_task(
-        self, task_id: str, params: dict[str, torch.Tensor] | None, *, kind: str = "train", **meta: object
+        self,
+        task_id: str,
+        params: dict[str, torch.Tensor] | None,
+        *,
+        kind: str = "train",
+        options: dict | None = None,
+        **meta: object,
     ) -> Task:
         if params is not None:
             meta["path"] = str(self.model_file(task_id, params))
-        task = Task(JOB, task_id, kind, version=4, round=4, total_rounds=10, sid=None, meta=dict(meta))
+        task = Task(
+            JOB, task_id, kind, version=4, round=4, total_rounds=10, sid=None, meta=dict(meta), options=options or {}
+        )
         await self.send(task)
         return task
 

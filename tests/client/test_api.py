@@ -467,15 +467,21 @@ def test_public_api_is_pinned() -> None:
         [
             "NUM_STEPS_CURRENT_ROUND",
             "ClientSession",
+            "DataKind",
+            "ExchangeFormat",
             "FLMetaKey",
             "FLModel",
+            "NPConstants",
             "ParamsType",
+            "TransferType",
+            "get_config",
             "get_job_id",
             "get_site_name",
             "get_task_name",
             "init",
             "is_evaluate",
             "is_running",
+            "is_submit_model",
             "is_train",
             "log",
             "receive",
@@ -484,9 +490,41 @@ def test_public_api_is_pinned() -> None:
             "system_info",
         ]
     )
+    assert all(hasattr(flare, name) for name in flare.__all__)
     assert FLModel().params_type is ParamsType.FULL and ParamsType.DIFF == "DIFF"
     with pytest.raises(ConfigError):
         FLModel(params_type="HALF")
+    from fedbus.client import config, tracking
+
+    assert config.__all__ == ["ExchangeFormat", "TransferType"]
+    assert sorted(tracking.__all__) == ["MLflowWriter", "SummaryWriter", "WandBWriter"]
+
+
+def test_flares_constants_have_flares_values() -> None:
+    """The values FLARE scripts and jobs compare against, spelled as FLARE spells them."""
+    assert (flare.DataKind.WEIGHTS, flare.DataKind.WEIGHT_DIFF, flare.DataKind.METRICS) == (
+        "WEIGHTS",
+        "WEIGHT_DIFF",
+        "METRICS",
+    )
+    assert (flare.TransferType.FULL, flare.TransferType.DIFF) == ("FULL", "DIFF")
+    assert (flare.ExchangeFormat.NUMPY, flare.ExchangeFormat.PYTORCH, flare.ExchangeFormat.RAW) == (
+        "numpy",
+        "pytorch",
+        "raw",
+    )
+    assert flare.NPConstants.NUMPY_KEY == "numpy_key"
+    key = flare.FLMetaKey
+    assert (key.NUM_STEPS_CURRENT_ROUND, key.CURRENT_ROUND, key.TOTAL_ROUNDS) == (
+        "NUM_STEPS_CURRENT_ROUND",
+        "current_round",
+        "total_rounds",
+    )
+    assert (key.JOB_ID, key.SITE_NAME, key.INITIAL_METRICS) == ("job_id", "site_name", "initial_metrics")
+    assert flare.NUM_STEPS_CURRENT_ROUND == key.NUM_STEPS_CURRENT_ROUND
+    full = FLModel(params={"w": np.zeros(2)}, metrics={"acc": 1.0}, current_round=2, total_rounds=5)
+    assert (full.current_round, full.total_rounds, full.meta, full.metrics) == (2, 5, {}, {"acc": 1.0})
+    assert repr(full) == "FLModel(params=1 arrays, params_type=FULL, metrics=['acc'], current_round=2, total_rounds=5)"
 
 
 def test_import_loads_no_broker_or_strategy_code() -> None:
