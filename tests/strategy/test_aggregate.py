@@ -182,8 +182,8 @@ def test_make_strategy_explains_config_errors(name: str, kwargs: dict[str, objec
 
 def test_public_api_is_pinned() -> None:
     assert set(strategy_pkg.__all__) == {
-        "SCAFFOLD_PREFIX", "STALENESS_FUNCTIONS", "STRATEGIES", "Accepted", "Action", "Cancel", "CrossSiteEval", "Cyclic",
-        "Dispatch", "Evaluated", "Failed", "FedAvg", "FedAvgLr", "FedBuff", "FedEval", "FedOpt", "FedProx",
+        "SCAFFOLD_PREFIX", "STALENESS_FUNCTIONS", "STRATEGIES", "Accepted", "Action", "Cancel", "CrossSiteEval",
+        "Cyclic", "Dispatch", "Evaluated", "Failed", "FedAvg", "FedAvgLr", "FedBuff", "FedEval", "FedOpt", "FedProx",
         "Finished", "MetricMean", "Publish", "Rejected", "Scaffold", "ServerAdagrad", "ServerAdam",
         "ServerOptimizer", "ServerSGD", "ServerYogi", "Strategy", "Update", "constant", "finalize_mean", "hinge",
         "make_staleness_fn", "make_strategy", "polynomial", "resolve_strategy_class", "validate_update",
