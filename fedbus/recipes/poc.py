@@ -73,7 +73,7 @@ class ProdEnv:
 
     ``kit`` is an admin startup kit (a folder with ``admin.toml``, written by ``fedbus provision``): the
     broker's address comes from it (unless ``broker`` is given) and the connection is CurveZMQ with the
-    kit's keys. ``credentials`` is the older name of the same argument.
+    kit's keys. ``credentials`` is the older name of the same argument, ``startup_kit_location`` FLARE's.
     """
 
     poll_s = 1.0
@@ -85,8 +85,13 @@ class ProdEnv:
         credentials: Any = None,
         progress: Any = None,
         kit: str | os.PathLike[str] | None = None,
+        *,
+        startup_kit_location: str | os.PathLike[str] | None = None,
     ) -> None:
-        kit = kit if kit is not None else credentials
+        given = [k for k in (kit, credentials, startup_kit_location) if k is not None]
+        if len(given) > 1:
+            raise ConfigError("give the admin kit once: kit, startup_kit_location or credentials")
+        kit = given[0] if given else None
         self.admin_options: dict[str, Any] = {}
         if kit is not None:
             if not isinstance(kit, str | os.PathLike):
@@ -132,6 +137,9 @@ class _ProdBackend:
         pass
 
     def checkpoint_dir(self, job_id: str) -> Path | None:
+        return None
+
+    def result_dir(self, job_id: str) -> Path | None:
         return None
 
     def watch(self) -> None:
@@ -256,6 +264,9 @@ class _PocBackend:
 
     def checkpoint_dir(self, job_id: str) -> Path | None:
         return self.workspace / "broker" / "jobs" / job_id / "models"
+
+    def result_dir(self, job_id: str) -> Path | None:
+        return self.workspace / "broker" / "jobs" / job_id
 
     def task_records(self, job_id: str) -> list[dict[str, Any]]:
         """The sites' "result delivered" log lines for this job (the same record SimEnv's observer gets)."""
