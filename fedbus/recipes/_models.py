@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import pickle
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -64,8 +65,9 @@ def read_checkpoint(path: str | os.PathLike[str], what: str) -> dict[str, torch.
             state: Any = serde.read_file(p)
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
-    except (FedbusError, OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise ConfigError(f"{what}: cannot read {p}: {exc}") from exc
+    except (FedbusError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{what}: cannot read {p}: {reason}") from exc
     if isinstance(state, Mapping):
         for key in CHECKPOINT_KEYS:
             if isinstance(state.get(key), Mapping):

@@ -75,6 +75,7 @@ class ScaffoldRecipe(FedAvgRecipe):
         min_clients: int = 1,
         num_rounds: int = 2,
         *,
+        server_lr: float | None = None,
         initial_ckpt: PathLike | None = None,
         launch_external_process: bool = False,
         params_transfer_type: TransferType | str = TransferType.FULL,
@@ -97,26 +98,35 @@ class ScaffoldRecipe(FedAvgRecipe):
             params_transfer_type=params_transfer_type,
             key_metric=key_metric,
             client_memory_gc_rounds=client_memory_gc_rounds,
+            _more={"server_lr": server_lr},
         )
 
 
 _TORCH_OPTIMIZERS = {"sgd": "sgd", "adam": "adam", "adagrad": "adagrad", "yogi": "yogi"}
 
 
+def _class_config(config: Any, what: str) -> tuple[str, dict[str, Any]]:
+    """FLARE's ``{"path" | "class_path": "torch.optim.X", "args": {...}}``: the class name and its args."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{what} must be a dict, got {type(config).__name__}")
+    unknown = set(config) - {"path", "class_path", "args", "config_type"}
+    if unknown:
+        raise ConfigError(f"{what}: unknown key(s) {sorted(unknown)} (path, args)")
+    args = config.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"{what}: args must be a dict, got {type(args).__name__}")
+    return str(config.get("path", config.get("class_path", ""))), dict(args)
+
+
 def optimizer_from_args(optimizer_args: Mapping[str, Any]) -> dict[str, Any]:
     """FLARE's ``{"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.6}}`` as the fedopt strategy's
-    arguments (``optimizer``, ``server_lr``, ``server_momentum``, ``betas``, ``tau``)."""
-    if not isinstance(optimizer_args, Mapping):
-        raise ConfigError(f"optimizer_args must be a dict, got {type(optimizer_args).__name__}")
-    unknown = set(optimizer_args) - {"path", "class_path", "args", "config_type"}
-    if unknown:
-        raise ConfigError(f"optimizer_args: unknown key(s) {sorted(unknown)} (path, args)")
-    path = str(optimizer_args.get("path", optimizer_args.get("class_path", "torch.optim.SGD")))
+    arguments (``server_optimizer``, ``server_lr``, ``server_momentum``, ``betas``, ``tau`` from ``eps``)."""
+    path, args = _class_config(optimizer_args, "optimizer_args")
+    path = path or "torch.optim.SGD"
     kind = _TORCH_OPTIMIZERS.get(path.rpartition(".")[2].lower())
     if kind is None:
         raise ConfigError(f"optimizer_args: {path!r} is not one of SGD, Adam, Adagrad, Yogi")
-    args = dict(optimizer_args.get("args") or {})
-    out: dict[str, Any] = {"optimizer": kind, "server_lr": float(args.pop("lr", 1.0))}
+    out: dict[str, Any] = {"server_optimizer": kind, "server_lr": float(args.pop("lr", 1.0))}
     if "momentum" in args:
         if kind != "sgd":
             raise ConfigError(f"optimizer_args: momentum is an SGD argument, not {path}'s")
@@ -130,14 +140,29 @@ def optimizer_from_args(optimizer_args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def schedule_from_args(lr_scheduler_args: Mapping[str, Any], num_rounds: int) -> dict[str, Any]:
+    """FLARE's ``{"path": "torch.optim.lr_scheduler.CosineAnnealingLR", "args": {"T_max": ..., "eta_min": x}}``
+    as the fedopt strategy's cosine schedule over the job's rounds (``T_max`` must be ``num_rounds``)."""
+    path, args = _class_config(lr_scheduler_args, "lr_scheduler_args")
+    if path.rpartition(".")[2] != "CosineAnnealingLR":
+        raise ConfigError(f"lr_scheduler_args: {path!r} is not supported (CosineAnnealingLR is)")
+    t_max = args.pop("T_max", num_rounds)
+    if t_max not in (num_rounds, "{num_rounds}"):
+        raise ConfigError(f"lr_scheduler_args: T_max must be num_rounds ({num_rounds}), got {t_max!r}")
+    out: dict[str, Any] = {"lr_schedule": "cosine", "server_lr_min": float(args.pop("eta_min", 0.0))}
+    if args:
+        raise ConfigError(f"lr_scheduler_args: argument(s) {sorted(args)} not supported (T_max, eta_min)")
+    return out
+
+
 class FedOptRecipe(FedAvgRecipe):
     """FedOpt (Reddi et al.): the averaged update is a pseudo-gradient for a server optimizer: SGD with
     momentum, Adam, Yogi or Adagrad.
 
-    Give the optimizer either as FLARE does, ``optimizer_args={"path": "torch.optim.SGD", "args": {"lr": 1.0,
-    "momentum": 0.6}}`` (``eps`` maps to ``tau``), or directly: ``optimizer``, ``server_lr``,
-    ``server_momentum``, ``betas``, ``tau``. FLARE's ``lr_scheduler_args`` are refused: the server
-    learning rate is constant.
+    Give the optimizer as FLARE does, ``optimizer_args={"path": "torch.optim.SGD", "args": {"lr": 1.0,
+    "momentum": 0.6}}`` (``eps`` is ``tau``) and ``lr_scheduler_args`` (CosineAnnealingLR over the rounds),
+    or directly with the strategy's names: ``server_optimizer``, ``server_lr``, ``server_momentum``,
+    ``betas``, ``tau``, ``lr_schedule``, ``server_lr_min``.
     """
 
     strategy = "fedopt"
@@ -153,11 +178,13 @@ class FedOptRecipe(FedAvgRecipe):
         optimizer_args: Mapping[str, Any] | None = None,
         lr_scheduler_args: Mapping[str, Any] | None = None,
         *,
-        optimizer: str | None = None,
+        server_optimizer: str | None = None,
         server_lr: float | None = None,
         server_momentum: float | None = None,
         betas: Sequence[float] | None = None,
         tau: float | None = None,
+        lr_schedule: str | None = None,
+        server_lr_min: float | None = None,
         initial_ckpt: PathLike | None = None,
         launch_external_process: bool = False,
         key_metric: str | None = "accuracy",
@@ -165,14 +192,25 @@ class FedOptRecipe(FedAvgRecipe):
         evaluate_every: int = 0,
         files: Sequence[PathLike] = (),
     ) -> None:
+        direct = {
+            "server_optimizer": server_optimizer,
+            "server_lr": server_lr,
+            "server_momentum": server_momentum,
+            "betas": list(betas) if betas is not None else None,
+            "tau": tau,
+        }
+        schedule = {"lr_schedule": lr_schedule, "server_lr_min": server_lr_min}
+        more = {k: v for k, v in direct.items() if v is not None}
+        if optimizer_args is not None:
+            if more:
+                raise ConfigError(f"optimizer_args and {', '.join(sorted(more))}: give the optimizer one way")
+            more = optimizer_from_args(optimizer_args)
         if lr_scheduler_args is not None:
-            raise ConfigError("lr_scheduler_args: FedOptRecipe has no server learning-rate schedule")
-        direct = {"optimizer": optimizer, "server_lr": server_lr, "server_momentum": server_momentum, "tau": tau}
-        direct["betas"] = list(betas) if betas is not None else None
-        given = {k: v for k, v in direct.items() if v is not None}
-        if optimizer_args is not None and given:
-            raise ConfigError(f"optimizer_args and {', '.join(sorted(given))}: give the optimizer one way, not both")
-        more = optimizer_from_args(optimizer_args) if optimizer_args is not None else given
+            if any(v is not None for v in schedule.values()):
+                raise ConfigError("lr_scheduler_args and lr_schedule/server_lr_min: give the schedule one way")
+            more.update(schedule_from_args(lr_scheduler_args, num_rounds))
+        else:
+            more.update({k: v for k, v in schedule.items() if v is not None})
         super().__init__(
             name,
             model,
@@ -192,7 +230,7 @@ class FedOptRecipe(FedAvgRecipe):
 
 class CyclicRecipe(Recipe):
     """Cyclic weight transfer: the model visits the sites in turn, each training on the previous site's
-    result; ``num_rounds`` passes over the sites (``order``: the strategy's visiting order)."""
+    result; ``num_rounds`` passes over the sites, in a ``"fixed"`` or ``"random"`` (``seed``) ``order``."""
 
     strategy = "cyclic"
 
@@ -206,6 +244,7 @@ class CyclicRecipe(Recipe):
         min_clients: int = 2,
         *,
         order: str | None = None,
+        seed: int | None = None,
         initial_ckpt: PathLike | None = None,
         launch_external_process: bool = False,
         params_transfer_type: TransferType | str = TransferType.FULL,
@@ -219,7 +258,7 @@ class CyclicRecipe(Recipe):
             train_args,
             files,
             min_clients,
-            {"num_rounds": num_rounds, "order": order},
+            {"num_rounds": num_rounds, "min_clients": min_clients, "order": order, "seed": seed},
             initial_ckpt=initial_ckpt,
             launch_external_process=launch_external_process,
             params_transfer_type=params_transfer_type,
