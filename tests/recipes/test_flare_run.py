@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus.recipes import FedAvgRecipe, SimEnv
+from fedbus.errors import ConfigError
+from fedbus.recipes import FedAvgRecipe, PocEnv, SimEnv
 
 from .helpers import seed_job
 
@@ -86,3 +87,23 @@ def test_run_model_leaves_scaffold_controls_out(tmp_path: Path) -> None:
     assert set(run.model or {}) == {"w"}
     assert run.cross_site == {"server": {"site-1": {"accuracy": 0.5}}}
     assert run.get_result() == str(tmp_path) and run.best_model_path is None
+
+
+@pytest.mark.timeout(120)
+def test_the_same_flare_style_job_runs_in_poc_env_with_named_sites(tmp_path: Path) -> None:
+    recipe = FedAvgRecipe(
+        name="poc-seed",
+        min_clients=2,
+        num_rounds=1,
+        model={"class_path": "net.TinyNet"},
+        train_script=seed_job(tmp_path / "src"),
+        train_args="--batch_size 32 --epochs 1",
+        evaluate_every=1,
+    )
+    run = recipe.execute(PocEnv(clients=["alice", "bob"], workspace=tmp_path / "ws", progress=False))
+    assert run.get_status() == "finished", run.reason
+    assert sorted(run.evaluations[-1].sites) == ["alice", "bob"]
+    assert Path(run.get_result()) == (tmp_path / "ws" / "broker" / "jobs" / run.job_id).resolve()
+    assert all(pid != os.getpid() for pid in (m["pid"] for m in run.evaluations[-1].sites.values()))
+    with pytest.raises(ConfigError, match="broker"):
+        PocEnv(clients=["broker"])
