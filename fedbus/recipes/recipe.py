@@ -26,7 +26,7 @@ import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -95,7 +95,9 @@ class Recipe:
     """What every recipe shares: the script, its files, the model, the strategy's checked arguments, and
     the job's ``[client]`` / ``[tracking]`` / ``[cross_site_eval]`` settings."""
 
-    strategy: ClassVar[str]
+    strategy: str
+    """The strategy's registered name, or ``"module:Class"`` for a Strategy subclass of the user's own (a
+    module beside the training script ships with the job)."""
 
     def __init__(
         self,
@@ -116,6 +118,7 @@ class Recipe:
         exchange: str = "pytorch",
         script_arg: str = "train_script",
         ckpt_arg: str = "initial_ckpt",
+        strategy: str | None = None,
     ) -> None:
         if not is_safe_name(name):
             raise ConfigError(f"name must be 1-64 characters from [A-Za-z0-9_.-], got {name!r}")
@@ -133,10 +136,19 @@ class Recipe:
             raise ConfigError(f"min_sites must be an integer >= 1, got {min_sites!r}")
         self.min_sites = min_sites
         self.strategy_args = {k: v for k, v in strategy_args.items() if v is not None}  # TOML has no null
+        if strategy is not None:
+            if not isinstance(strategy, str) or ":" not in strategy:
+                raise ConfigError(f"strategy must be 'module:StrategyClass', got {strategy!r}")
+            self.strategy = strategy
         try:
-            make_strategy(self.strategy, **self.strategy_args)
+            with _models.script_imports(self.train_script.parent):
+                make_strategy(self.strategy, **self.strategy_args)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{type(self).__name__}: {exc}") from exc
+        if ":" in self.strategy:
+            source = _models.local_source(self.strategy.partition(":")[0], self.train_script.parent)
+            if source is not None and source.name not in {f.name for f in self.files}:
+                self.files = (*self.files, source)
 
         self.client: dict[str, Any] = {}
         if exchange != "pytorch":
@@ -242,7 +254,8 @@ class Recipe:
         serde.write_file(root / MODEL_FILE, serde.layout(self.model, {"recipe": self.name}))
         self._write_more(root)
         jobs.write_job_toml(self.job_spec(), root / jobs.JOB_TOML)
-        jobs.load_job_folder(root)
+        with _models.script_imports(root):  # a strategy of the user's own is imported from the job folder
+            jobs.load_job_folder(root)
         return root
 
     def _write_more(self, root: Path) -> None:
@@ -263,6 +276,10 @@ class FedAvgRecipe(Recipe):
 
     FLARE's ``aggregator_data_kind=DataKind.WEIGHT_DIFF`` (or ``params_transfer_type=TransferType.DIFF``)
     makes sites send ``local - received``; FedAvg averages either form.
+
+    ``strategy="mymodule:MyStrategy"`` replaces FedAvg by a Strategy subclass of your own (FLARE's custom
+    aggregator): it gets the same arguments (``min_clients``, ``num_rounds``, ...), and declares the inputs
+    it accepts with ``input_spec()`` / ``validate_input()``.
     """
 
     strategy = "fedavg"
@@ -288,6 +305,7 @@ class FedAvgRecipe(Recipe):
         params_transfer_type: TransferType | str = TransferType.FULL,
         key_metric: str | None = "accuracy",
         client_memory_gc_rounds: int = 0,
+        strategy: str | None = None,
         _more: Mapping[str, Any] | None = None,
         _exchange: str = "pytorch",
     ) -> None:
@@ -315,6 +333,7 @@ class FedAvgRecipe(Recipe):
             params_transfer_type=params_transfer_type,
             aggregator_data_kind=aggregator_data_kind,
             exchange=_exchange,
+            strategy=strategy,
         )
 
     @property

@@ -370,3 +370,18 @@ def test_prod_env_takes_the_kit_as_startup_kit_location(tmp_path: Path) -> None:
         ProdEnv(startup_kit_location=str(tmp_path / "no-kit"))
     with pytest.raises(ConfigError, match="once"):
         ProdEnv(kit=tmp_path, startup_kit_location=tmp_path)
+
+
+def test_a_strategy_of_ones_own_beside_the_script_ships_with_the_job(tmp_path: Path) -> None:
+    script = tiny_script(tmp_path / "src")
+    (tmp_path / "src" / "myagg.py").write_text(
+        "from fedbus.strategy import FedAvg\n\n\nclass HalfAvg(FedAvg):\n    pass\n\n\nclass NotAStrategy:\n    pass\n"
+    )
+    r = FedAvgRecipe(name="own", model=tiny_model(), train_script=script, min_clients=2, strategy="myagg:HalfAvg")
+    spec = jobs.load_job_folder(r.export(tmp_path / "job"), check_strategy=False)
+    assert spec.strategy == "myagg:HalfAvg" and spec.strategy_args["min_clients"] == 2
+    assert (tmp_path / "job" / "myagg.py").is_file()
+    with pytest.raises(ConfigError, match="NotAStrategy"):
+        FedAvgRecipe(name="own", model=tiny_model(), train_script=script, strategy="myagg:NotAStrategy")
+    with pytest.raises(ConfigError, match="module:StrategyClass"):
+        FedAvgRecipe(name="own", model=tiny_model(), train_script=script, strategy="fedprox")
