@@ -7,8 +7,8 @@ FLARE numpy script (``params[NPConstants.NUMPY_KEY]``) runs unchanged.
 * :class:`NumpyFedAvgRecipe`: FedAvg of one array (``model`` as a list or ndarray, or ``initial_ckpt``,
   a ``.npy`` file).
 * :class:`NumpyCrossSiteEvalRecipe`: evaluation of server models (``model_dir`` / ``model_name`` or
-  ``initial_ckpt``) on every site, plus every site's own model (cross-site evaluation); without
-  ``eval_script`` a built-in evaluator (FLARE's demo ``NPValidator`` metric) runs at the sites.
+  ``initial_ckpt``) on every site (the ``cross_site_eval`` strategy, standalone); without ``eval_script``
+  a built-in evaluator (FLARE's demo ``NPValidator`` metric) runs at the sites.
 * :class:`FedAvgLrRecipe`: logistic regression by a server-side Newton step; sites send their gradient
   and Hessian, the strategy (``fedavg_lr``) declares those inputs.
 """
@@ -25,14 +25,18 @@ import torch
 
 from fedbus import serde
 from fedbus.client.constants import DataKind, TransferType
+from fedbus.config import is_safe_name
 from fedbus.errors import ConfigError
 from fedbus.recipes import _models
 from fedbus.recipes.recipe import FedAvgRecipe, PathLike, Recipe
 
 NUMPY = "numpy"
 VALIDATOR_SCRIPT = Path(__file__).resolve().parent / "_np_validator.py"
-SERVER_MODELS = "server_models"
-"""Folder of the job holding the server models after the first (cross-site evaluation), one file each."""
+SERVER_MODELS = "cross_site_models"
+"""The job folder's directory of server models for cross-site evaluation (``NAME.safetensors`` is evaluated by
+every site as model ``NAME``): the broker gives them to the ``cross_site_eval`` strategy."""
+GLOBAL_NAME = "server"
+"""The name under which cross-site evaluation reports the job's own model."""
 
 
 class NumpyFedAvgRecipe(FedAvgRecipe):
@@ -122,16 +126,18 @@ class FedAvgLrRecipe(FedAvgRecipe):
 
 class NumpyCrossSiteEvalRecipe(Recipe):
     """Cross-site evaluation of pre-trained numpy models, with no training: every site scores every server
-    model and every site's own model (``submit_model`` tasks); the matrix is ``run.cross_site``.
+    model; the matrix ``{model name: {site: metrics}}`` is ``run.cross_site``.
 
     The server models are ``initial_ckpt`` (a ``.npy`` file, named ``server``) or ``model_name``'s files
     (``{name: file.npy}``, default ``{"server": "server.npy"}``) in ``model_dir`` (default ``models``). The
-    first is the job's model; the others travel in the job folder (``server_models/NAME.safetensors``,
-    listed in job.toml's ``[extra] server_models``). ``submit_model_timeout`` is accepted and ignored
-    (a submit is one task like any other, under the job's task timeout).
+    one named ``server`` (else the first) is the job's model; the others travel in the job folder as
+    ``cross_site_models/NAME.safetensors``. With an ``eval_script`` the sites are also asked for their own
+    models (``flare.is_submit_model()`` tasks), as FLARE's cross-site evaluation asks; the built-in
+    evaluator has none. ``submit_model_timeout`` is accepted and ignored (a submit is a task like any other);
+    ``validation_timeout`` (seconds) ends the evaluation with the cells it has.
     """
 
-    strategy = "fedeval"
+    strategy = "cross_site_eval"
 
     def __init__(
         self,
@@ -149,35 +155,35 @@ class NumpyCrossSiteEvalRecipe(Recipe):
         files: Sequence[PathLike] = (),
     ) -> None:
         self.server_models = server_models(initial_ckpt, model_dir, model_name)
-        first = next(iter(self.server_models.values()))
+        own = GLOBAL_NAME if GLOBAL_NAME in self.server_models else next(iter(self.server_models))
+        args = {
+            "evaluate_global": own == GLOBAL_NAME,
+            "submit_models": eval_script is not None,
+            "timeout": validation_timeout,
+        }
         super().__init__(
             name,
-            first,
+            self.server_models[own],
             eval_script if eval_script is not None else VALIDATOR_SCRIPT,
             eval_args,
             files,
             min_clients,
-            {"min_clients": min_clients, "eval_timeout": validation_timeout},
+            args,
             launch_external_process=launch_external_process,
             client_memory_gc_rounds=client_memory_gc_rounds,
             exchange=NUMPY,
             script_arg="eval_script",
         )
-        self.cross_site_eval = True
-        names = list(self.server_models)
-        if len(names) > 1:
-            self.extra["server_models"] = {n: f"{SERVER_MODELS}/{n}.safetensors" for n in names[1:]}
-        self.extra["server_model_name"] = names[0]
+        self.extra_models = {n: m for n, m in self.server_models.items() if n != GLOBAL_NAME}
 
     def _initial_model(self, model: Any, initial_ckpt: PathLike | None) -> dict[str, torch.Tensor]:
         return dict(model)
 
     def _write_more(self, root: Path) -> None:
-        names = list(self.server_models)
-        if len(names) > 1:
+        if self.extra_models:
             (root / SERVER_MODELS).mkdir()
-            for n in names[1:]:
-                serde.write_file(root / SERVER_MODELS / f"{n}.safetensors", serde.layout(self.server_models[n]))
+            for n, model in self.extra_models.items():
+                serde.write_file(root / SERVER_MODELS / f"{n}.safetensors", serde.layout(model))
 
 
 def server_models(
@@ -192,8 +198,8 @@ def server_models(
     folder = Path(model_dir if model_dir is not None else "models")
     out = {}
     for n, file in names.items():
-        if not isinstance(n, str) or not n.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"model_name: {n!r} is not a model name ([A-Za-z0-9_-])")
+        if not is_safe_name(n):
+            raise ConfigError(f"model_name: {n!r} is not a model name ([A-Za-z0-9_.-])")
         if not isinstance(file, str | os.PathLike):
             raise ConfigError(f"model_name: the file of {n!r} must be a path, got {file!r}")
         try:

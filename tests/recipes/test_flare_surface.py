@@ -246,12 +246,16 @@ def test_numpy_cross_site_eval_ships_every_server_model(tmp_path: Path) -> None:
     )
     folder = r.export(tmp_path / "job")
     spec = jobs.load_job_folder(folder)
-    assert spec.strategy == "fedeval" and spec.cross_site_eval and spec.client == {"exchange": "numpy"}
-    assert spec.script == "_np_validator.py"  # no eval_script: the built-in evaluator
-    assert spec.extra["server_model_name"] == "server_model_1"
+    assert spec.strategy == "cross_site_eval" and spec.client == {"exchange": "numpy"}
+    assert spec.strategy_args == {"evaluate_global": False, "submit_models": False}  # no "server": all by name
+    assert spec.script == "_np_validator.py"  # no eval_script: the built-in evaluator, with no model of its own
     assert serde.read_file(folder / "model.safetensors")["numpy_key"].tolist() == [1.0, 1.0, 1.0]
-    second = folder / spec.extra["server_models"]["server_model_2"]
-    assert serde.read_file(second)["numpy_key"].tolist() == [2.0, 2.0, 2.0]
+    for n, value in (("server_model_1", 1.0), ("server_model_2", 2.0)):
+        assert serde.read_file(folder / "cross_site_models" / f"{n}.safetensors")["numpy_key"].tolist() == [value] * 3
+
+    np.save(tmp_path / "one.npy", np.arange(3.0))
+    own = NumpyCrossSiteEvalRecipe(initial_ckpt=str(tmp_path / "one.npy"), eval_script=tiny_script(tmp_path / "s"))
+    assert own.strategy_args == {"evaluate_global": True, "submit_models": True} and not own.extra_models
     with pytest.raises(ConfigError, match="model_name"):
         NumpyCrossSiteEvalRecipe(model_dir=str(models), model_name={"m": "missing.npy"})
 
