@@ -103,7 +103,8 @@ class Run:
         return os.fspath(self.result_dir) if self.result_dir is not None else None
 
     def __repr__(self) -> str:
-        metrics = {k: round(v, 4) for k, v in self.metrics.items() if _is_number(v) and "/" not in k}
+        shown = self.metrics or (self.evaluations[-1].mean if self.evaluations else {})
+        metrics = {k: round(v, 4) for k, v in shown.items() if _is_number(v) and "/" not in k}
         return (
             f"Run(job_id={self.job_id!r}, name={self.name!r}, status={self.status!r}, version={self.version}, "
             f"metrics={metrics}, model_path={os.fspath(self.model_path) if self.model_path else None!r})"
