@@ -3,14 +3,18 @@ and scripts in a process of their own."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedbus import serde
 from fedbus.errors import ConfigError
 from fedbus.recipes import FedAvgRecipe, PocEnv, SimEnv
+from fedbus.recipes._driver import keep_download
+from fedbus.recipes.run import Run
 
 from .helpers import seed_job
 
@@ -73,11 +77,7 @@ def test_site_names_and_scripts_in_threads_or_processes(tmp_path: Path) -> None:
     assert float(os.getpid()) not in processes.values() and len(set(processes.values())) == 2
 
 
-@pytest.mark.timeout(60)
 def test_run_model_leaves_scaffold_controls_out(tmp_path: Path) -> None:
-    from fedbus import serde
-    from fedbus.recipes.run import Run
-
     path = tmp_path / "model.safetensors"
     serde.write_file(path, serde.layout({"w": torch.ones(2), "scaffold.c.w": torch.zeros(2)}))
     run = Run(job_id="j-1", workspace=tmp_path, name="j")
@@ -87,6 +87,20 @@ def test_run_model_leaves_scaffold_controls_out(tmp_path: Path) -> None:
     assert set(run.model or {}) == {"w"}
     assert run.cross_site == {"server": {"site-1": {"accuracy": 0.5}}}
     assert run.get_result() == str(tmp_path) and run.best_model_path is None
+    assert "tensor(" not in repr(run) and "finished" in repr(run)
+
+    serde.write_file(tmp_path / "best_model.safetensors", serde.layout({"w": torch.ones(2)}))
+    run.fill(download, job={"state": "finished"}, checkpoint_dir=None, result_dir=tmp_path)
+    assert run.best_model_path == tmp_path / "best_model.safetensors"
+    run.fill({**download, "best_model_path": str(path)}, job={"state": "finished"}, checkpoint_dir=None)
+    assert run.best_model_path == path and run.get_result() is None
+
+
+def test_a_download_kept_as_the_result_folder_holds_history_and_the_cross_site_matrix(tmp_path: Path) -> None:
+    matrix = {"server": {"site-1": {"accuracy": 0.5}}}
+    keep_download({"history": [{"version": 0, "time": 1.0, "metrics": {}}], "cross_site": matrix}, tmp_path)
+    assert json.loads((tmp_path / "history.json").read_text())[0]["version"] == 0
+    assert json.loads((tmp_path / "cross_site_val" / "cross_val_results.json").read_text()) == matrix
 
 
 @pytest.mark.timeout(120)
