@@ -45,11 +45,7 @@ ModelLike = nn.Module | Mapping[str, Any] | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]
 MODEL_FILE = "model.safetensors"
 _RESERVED = frozenset({jobs.JOB_TOML, MODEL_FILE})
-
-
-def model_state(model: ModelLike) -> dict[str, torch.Tensor]:
-    """The initial global model as a private CPU state_dict (detached copies), or ConfigError."""
-    return _models.torch_model(model, None, Path.cwd())[0]
+_MODEL_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 
 
 def script_args(args: str | Sequence[Any] | None, what: str = "train_args") -> tuple[str, ...]:
@@ -86,9 +82,6 @@ def transfer_type(params_transfer_type: Any, aggregator_data_kind: Any) -> str:
     t = _enum(TransferType, params_transfer_type, "params_transfer_type", list(TransferType))
     kind = _enum(DataKind, aggregator_data_kind or DataKind.WEIGHTS, "aggregator_data_kind", _MODEL_KINDS)
     return "DIFF" if t == TransferType.DIFF or kind == DataKind.WEIGHT_DIFF else "FULL"
-
-
-_MODEL_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 
 
 class Recipe:
