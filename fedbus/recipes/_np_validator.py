@@ -2,8 +2,8 @@
 
 It runs at each site (never imported by fedbus itself): every evaluation task scores the received array
 with FLARE's demo metric, ``accuracy = sum(x / max(x))``, without FLARE's random epsilon (a metric that
-changes from run to run tells nothing); a ``submit_model`` task answers with no params, since this site
-has no model of its own; a training task is a job error.
+changes from run to run tells nothing). The recipe asks no site for a model of its own (this script has
+none), and a training task is a job error.
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ def main() -> None:
             params = model.params or {}
             metrics = {"accuracy": score(np.asarray(params[NPConstants.NUMPY_KEY]))} if params else {}
             flare.send(flare.FLModel(metrics=metrics))
-        elif flare.is_submit_model():
-            flare.send(flare.FLModel(metrics={}))
         else:
-            raise RuntimeError("this job only evaluates: the built-in evaluator cannot train")
+            raise RuntimeError("the built-in evaluator only evaluates: it has no model to train or submit")
 
 
 if __name__ == "__main__":
