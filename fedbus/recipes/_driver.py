@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Coroutine
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = get_logger("recipes")
+CROSS_SITE_FILE = "cross_site_val/cross_val_results.json"
 MAX_STATUS_MISSES = 3
 """Status requests in a row that may go unanswered (each waits the admin timeout) before a run gives up."""
 
@@ -100,6 +102,9 @@ class Backend(Protocol):
     def checkpoint_dir(self, job_id: str) -> Path | None:
         """Where the broker keeps this job's checkpoints, when it is on this machine."""
 
+    def result_dir(self, job_id: str) -> Path | None:
+        """The broker's folder of this job, when it is on this machine (else the download is the result)."""
+
     def task_records(self, job_id: str) -> list[dict[str, Any]]:
         """The sites' own record of each result they relayed, when the sites are ours."""
 
@@ -113,6 +118,15 @@ def next_folder(parent: Path, name: str) -> Path:
     path = parent / f"{name}-{n}"
     path.mkdir()
     return path
+
+
+def keep_download(data: dict[str, Any], dest: Path) -> None:
+    """Where the broker's folder is not ours (ProdEnv), the download folder is the result: it gets the
+    history and, when there was one, the cross-site matrix where the broker keeps it."""
+    (dest / "history.json").write_text(json.dumps(data.get("history", []), indent=1, default=str))
+    if data.get("cross_site"):
+        (dest / CROSS_SITE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (dest / CROSS_SITE_FILE).write_text(json.dumps(data["cross_site"], indent=1, default=str))
 
 
 def execute(backend: Backend, recipe: Recipe, *, wait: bool, progress: Any) -> Run:
@@ -129,7 +143,7 @@ def execute(backend: Backend, recipe: Recipe, *, wait: bool, progress: Any) -> R
             concurrent.futures.wait([starting], timeout=10.0)
         ex.shutdown_now()
         raise
-    run = Run(job_id=job_id, workspace=backend.workspace, _execution=ex)
+    run = Run(job_id=job_id, workspace=backend.workspace, name=recipe.name, _execution=ex)
     ex.begin(run)
     if wait:
         run.wait()
@@ -210,7 +224,11 @@ class Execution:
                 self._wake.clear()
             dest = self.backend.workspace / "results" / self.job_id
             data = await self.admin.download(self.job_id, dest)
-            run.fill(data, job=job, checkpoint_dir=self.backend.checkpoint_dir(self.job_id))
+            result_dir = self.backend.result_dir(self.job_id)
+            if result_dir is None or not result_dir.is_dir():
+                result_dir = dest
+                await asyncio.to_thread(keep_download, data, dest)
+            run.fill(data, job=job, checkpoint_dir=self.backend.checkpoint_dir(self.job_id), result_dir=result_dir)
             self._timing["results_s"] = time.monotonic() - self.started
         finally:
             await self._close()

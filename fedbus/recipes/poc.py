@@ -36,7 +36,7 @@ import zmq.asyncio
 from fedbus.admin import from_kit
 from fedbus.errors import ConfigError, JobError
 from fedbus.recipes._driver import execute
-from fedbus.recipes.sim import _positive_int
+from fedbus.recipes.sim import _site_names
 
 if TYPE_CHECKING:
     from fedbus.recipes.recipe import Recipe
@@ -55,17 +55,27 @@ class PocEnv:
 
     poll_s = 0.2
 
-    def __init__(self, num_clients: int, workspace: str | os.PathLike[str] | None = None, progress: Any = None) -> None:
-        self.num_clients = _positive_int("num_clients", num_clients)
+    def __init__(
+        self,
+        num_clients: int = 2,
+        workspace: str | os.PathLike[str] | None = None,
+        progress: Any = None,
+        *,
+        clients: list[str] | None = None,
+    ) -> None:
+        self.clients = _site_names(0 if clients is not None else num_clients, clients)
+        if "broker" in self.clients:
+            raise ConfigError("clients: 'broker' names the broker's log here; call the site something else")
+        self.num_clients = len(self.clients)
         self.workspace = Path(workspace) if workspace is not None else None
         self.progress = progress
 
     def execute(self, recipe: Recipe, wait: bool = True) -> Run:
         workspace = (self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-poc-"))).resolve()
-        return execute(_PocBackend(self.num_clients, workspace), recipe, wait=wait, progress=self.progress)
+        return execute(_PocBackend(self.clients, workspace), recipe, wait=wait, progress=self.progress)
 
     def __repr__(self) -> str:
-        return f"PocEnv(num_clients={self.num_clients})"
+        return f"PocEnv(clients={self.clients})"
 
 
 class ProdEnv:
@@ -73,7 +83,7 @@ class ProdEnv:
 
     ``kit`` is an admin startup kit (a folder with ``admin.toml``, written by ``fedbus provision``): the
     broker's address comes from it (unless ``broker`` is given) and the connection is CurveZMQ with the
-    kit's keys. ``credentials`` is the older name of the same argument.
+    kit's keys. ``credentials`` is the older name of the same argument, ``startup_kit_location`` FLARE's.
     """
 
     poll_s = 1.0
@@ -85,8 +95,13 @@ class ProdEnv:
         credentials: Any = None,
         progress: Any = None,
         kit: str | os.PathLike[str] | None = None,
+        *,
+        startup_kit_location: str | os.PathLike[str] | None = None,
     ) -> None:
-        kit = kit if kit is not None else credentials
+        given = [k for k in (kit, credentials, startup_kit_location) if k is not None]
+        if len(given) > 1:
+            raise ConfigError("give the admin kit once: kit, startup_kit_location or credentials")
+        kit = given[0] if given else None
         self.admin_options: dict[str, Any] = {}
         if kit is not None:
             if not isinstance(kit, str | os.PathLike):
@@ -134,6 +149,9 @@ class _ProdBackend:
     def checkpoint_dir(self, job_id: str) -> Path | None:
         return None
 
+    def result_dir(self, job_id: str) -> Path | None:
+        return None
+
     def watch(self) -> None:
         pass
 
@@ -144,8 +162,9 @@ class _ProdBackend:
 class _PocBackend:
     """The daemon processes of one execution."""
 
-    def __init__(self, num_clients: int, workspace: Path) -> None:
-        self.num_clients = num_clients
+    def __init__(self, clients: list[str], workspace: Path) -> None:
+        self.clients = clients
+        self.num_clients = num_clients = len(clients)
         self.workspace = workspace
         self.expected_sites: int | None = num_clients
         self.poll_s = PocEnv.poll_s
@@ -173,8 +192,7 @@ class _PocBackend:
             config.write_text(BROKER_TOML.format(address=address, workspace=self.workspace / "broker"))
             offset = log_path.stat().st_size if log_path.exists() else 0
             broker = self._spawn(["broker", "--config", str(config)], "broker", env)
-            for i in range(self.num_clients):
-                name = f"site-{i + 1}"
+            for name in self.clients:
                 args = ["site", "--name", name, "--broker", address, "--workspace", str(self.workspace / name)]
                 self._spawn(args, name, env)
             if self._listening(broker, log_path, offset):
@@ -257,12 +275,15 @@ class _PocBackend:
     def checkpoint_dir(self, job_id: str) -> Path | None:
         return self.workspace / "broker" / "jobs" / job_id / "models"
 
+    def result_dir(self, job_id: str) -> Path | None:
+        return self.workspace / "broker" / "jobs" / job_id
+
     def task_records(self, job_id: str) -> list[dict[str, Any]]:
         """The sites' "result delivered" log lines for this job (the same record SimEnv's observer gets)."""
         keys = ("site", "job_id", "task_id", "kind", "version", "params_bytes", "train_s", "sim_delay_s", "received_at")
         out = []
-        for i in range(self.num_clients):
-            for rec in read_json_lines(self.workspace / f"site-{i + 1}.log"):
+        for name in self.clients:
+            for rec in read_json_lines(self.workspace / f"{name}.log"):
                 if rec.get("event") == "result delivered" and rec.get("job") == job_id:  # daemons log "job"
                     out.append({k: rec.get("job" if k == "job_id" else k) for k in keys})
         return out

@@ -8,114 +8,197 @@ bug in one door is a bug in the other.
 
 Arguments are checked when the recipe is built, not when it runs: the strategy is resolved once with
 :func:`fedbus.strategy.make_strategy` (a typo in an argument is a ConfigError at once, naming it), the
-script and the extra files must exist, and the model must be an ``nn.Module``, a state_dict or a
-``.safetensors`` file. The model is copied when the recipe is built: a recipe is a value, and training
-the module further afterwards does not change what the job starts from.
+script and the extra files must exist, and the model is read in any form ``_models`` takes. The model is
+copied when the recipe is built: a recipe is a value, and training the module further afterwards does not
+change what the job starts from.
+
+The arguments FLARE's recipes share keep FLARE's names and meanings: ``train_args`` as one string (split
+as a shell would) or a list, ``initial_ckpt``, ``launch_external_process`` (SimEnv runs the script in a
+process of its own instead of a thread), ``key_metric``, ``client_memory_gc_rounds``,
+``params_transfer_type`` and ``aggregator_data_kind`` (DIFF: sites send ``local - received``). They land
+in job.toml's ``[client]`` and ``[tracking]`` tables, which the sites' client API and the broker read.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fedbus import jobs, serde
+from fedbus.client.constants import DataKind, TransferType
 from fedbus.config import is_safe_name
-from fedbus.errors import ConfigError, FedbusError
+from fedbus.errors import ConfigError
+from fedbus.recipes import _models
 from fedbus.strategy import make_strategy
 
 if TYPE_CHECKING:
     from fedbus.recipes.run import Run
 
-ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
+ModelLike = nn.Module | Mapping[str, Any] | str | os.PathLike[str]
+PathLike = str | os.PathLike[str]
 MODEL_FILE = "model.safetensors"
 _RESERVED = frozenset({jobs.JOB_TOML, MODEL_FILE})
+_MODEL_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 
 
-def model_state(model: ModelLike) -> dict[str, torch.Tensor]:
-    """The initial global model as a private CPU state_dict (detached copies), or ConfigError."""
-    if isinstance(model, nn.Module):
-        state: Mapping[str, Any] = model.state_dict()
-    elif isinstance(model, Mapping):
-        state = model
-    elif isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if path.suffix != ".safetensors" or not path.is_file():
-            raise ConfigError(f"model: {path} is not a .safetensors file")
-        try:
-            state = serde.read_file(path)
-        except (FedbusError, OSError) as exc:
-            raise ConfigError(f"model: cannot read {path}: {exc}") from exc
-    else:
-        raise ConfigError(
-            f"model must be an nn.Module, a state_dict or a .safetensors path, not {type(model).__name__}"
-        )
-    if not state:
-        raise ConfigError("model: the state_dict is empty")
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise ConfigError(f"model: entry {name!r} must map a name to a tensor")
-        out[name] = t.detach().to("cpu", copy=True).contiguous()
-    return out
-
-
-def _script_args(args: Sequence[Any]) -> tuple[str, ...]:
+def script_args(args: str | Sequence[Any] | None, what: str = "train_args") -> tuple[str, ...]:
+    """A script's arguments: one string split as a shell would (FLARE's form), or a sequence of them."""
+    if args is None:
+        return ()
     if isinstance(args, str):
-        raise ConfigError("train_args must be a sequence of arguments, not one string (split it)")
+        try:
+            return tuple(shlex.split(args))
+        except ValueError as exc:
+            raise ConfigError(f"{what}: cannot split {args!r}: {exc}") from exc
+    if not isinstance(args, Sequence):
+        raise ConfigError(f"{what} must be a string or a list of arguments, not {type(args).__name__}")
     out = []
     for a in args:
         if isinstance(a, bool) or not isinstance(a, str | int | float):
-            raise ConfigError(f"train_args: {a!r} is not a string or a number")
+            raise ConfigError(f"{what}: {a!r} is not a string or a number")
         out.append(str(a))
     return tuple(out)
 
 
-class Recipe:
-    """What every recipe shares: the script, its files, the model, and the strategy's checked arguments."""
+def _enum(cls: type[Any], value: Any, what: str, allowed: Sequence[Any]) -> Any:
+    try:
+        member = cls(value.upper() if isinstance(value, str) else value)
+    except ValueError:
+        member = None
+    if member not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(str(a) for a in allowed)}, got {value!r}")
+    return member
 
-    strategy: ClassVar[str]
+
+def transfer_type(params_transfer_type: Any, aggregator_data_kind: Any) -> str:
+    """What sites send, from FLARE's two arguments: DIFF if either asks for differences, else FULL."""
+    t = _enum(TransferType, params_transfer_type, "params_transfer_type", list(TransferType))
+    kind = _enum(DataKind, aggregator_data_kind or DataKind.WEIGHTS, "aggregator_data_kind", _MODEL_KINDS)
+    return "DIFF" if t == TransferType.DIFF or kind == DataKind.WEIGHT_DIFF else "FULL"
+
+
+class Recipe:
+    """What every recipe shares: the script, its files, the model, the strategy's checked arguments, and
+    the job's ``[client]`` / ``[tracking]`` / ``[cross_site_eval]`` settings."""
+
+    strategy: str
+    """The strategy's registered name, or ``"module:Class"`` for a Strategy subclass of the user's own (a
+    module beside the training script ships with the job)."""
 
     def __init__(
         self,
         name: str,
-        model: ModelLike,
-        train_script: str | os.PathLike[str],
-        train_args: Sequence[Any],
-        files: Sequence[str | os.PathLike[str]],
+        model: ModelLike | None,
+        train_script: PathLike | None,
+        train_args: str | Sequence[Any] | None,
+        files: Sequence[PathLike],
         min_sites: int,
         strategy_args: Mapping[str, Any],
+        *,
+        initial_ckpt: PathLike | None = None,
+        launch_external_process: bool = False,
+        key_metric: str | None = None,
+        client_memory_gc_rounds: int = 0,
+        params_transfer_type: TransferType | str = TransferType.FULL,
+        aggregator_data_kind: DataKind | str | None = DataKind.WEIGHTS,
+        exchange: str = "pytorch",
+        script_arg: str = "train_script",
+        ckpt_arg: str = "initial_ckpt",
+        strategy: str | None = None,
     ) -> None:
         if not is_safe_name(name):
             raise ConfigError(f"name must be 1-64 characters from [A-Za-z0-9_.-], got {name!r}")
         self.name = name
+        if train_script is None:
+            raise ConfigError(f"{script_arg} is required (the script each site runs)")
         self.train_script = Path(train_script).resolve()
         if not self.train_script.is_file():
-            raise ConfigError(f"train_script: {train_script} is not a file")
-        self.train_args = _script_args(train_args)
-        self.files = tuple(Path(f).resolve() for f in files)
-        names = [self.train_script.name]
-        for f in self.files:
-            if not f.exists():
-                raise ConfigError(f"files: {f} does not exist")
-            names.append(f.name)
-        clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & _RESERVED))
-        if clash:
-            raise ConfigError(f"files: the name {clash[0]!r} is used twice (or by job.toml / {MODEL_FILE})")
+            raise ConfigError(f"{script_arg}: {train_script} is not a file")
+        self.train_args = script_args(train_args, "eval_args" if script_arg == "eval_script" else "train_args")
+        self.files: tuple[Path, ...] = ()
+        for f in files:
+            self._add_file(f, "files")
         if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 1:
             raise ConfigError(f"min_sites must be an integer >= 1, got {min_sites!r}")
         self.min_sites = min_sites
         self.strategy_args = {k: v for k, v in strategy_args.items() if v is not None}  # TOML has no null
+        if strategy is not None:
+            if not isinstance(strategy, str) or ":" not in strategy:
+                raise ConfigError(f"strategy must be 'module:StrategyClass', got {strategy!r}")
+            self.strategy = strategy
         try:
-            make_strategy(self.strategy, **self.strategy_args)
+            with _models.script_imports(self.train_script.parent):
+                make_strategy(self.strategy, **self.strategy_args)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{type(self).__name__}: {exc}") from exc
-        self.model = model_state(model)
+        if ":" in self.strategy:
+            source = _models.local_source(self.strategy.partition(":")[0], self.train_script.parent)
+            if source is not None and source.name not in {f.name for f in self.files}:
+                self.files = (*self.files, source)
+
+        self.client: dict[str, Any] = {}
+        if exchange != "pytorch":
+            self.client["exchange"] = exchange
+        if transfer_type(params_transfer_type, aggregator_data_kind) == "DIFF":
+            self.client["transfer_type"] = "DIFF"
+        gc_rounds = client_memory_gc_rounds
+        if isinstance(gc_rounds, bool) or not isinstance(gc_rounds, int) or gc_rounds < 0:
+            raise ConfigError(f"client_memory_gc_rounds must be an integer >= 0, got {gc_rounds!r}")
+        if gc_rounds:
+            self.client["memory_gc_rounds"] = gc_rounds
+        if not isinstance(launch_external_process, bool):
+            raise ConfigError(f"launch_external_process must be True or False, got {launch_external_process!r}")
+        if launch_external_process:
+            self.client["external_process"] = True
+        self.tracking: dict[str, Any] = {}
+        if key_metric is not None:
+            if not isinstance(key_metric, str) or not 0 < len(key_metric) <= 128:
+                raise ConfigError(f"key_metric must be a metric name, got {key_metric!r}")
+            self.tracking["key_metric"] = key_metric
+        self.cross_site_eval = False
+        self.extra: dict[str, Any] = {}
+        self._ckpt_arg = ckpt_arg
+        self.model = self._initial_model(model, initial_ckpt)
+
+    def _initial_model(self, model: Any, initial_ckpt: PathLike | None) -> dict[str, torch.Tensor]:
+        """The torch forms of ``model`` (numpy recipes override this); the module of a model class defined
+        in the script's folder ships with the job, as FLARE ships it."""
+        state, source = _models.torch_model(model, initial_ckpt, self.train_script.parent, ckpt_arg=self._ckpt_arg)
+        taken = {self.train_script.name, *(f.name for f in self.files)}
+        if source is not None and source.name not in taken:  # a file of that name given by the user wins
+            self.files = (*self.files, source)
+        return state
+
+    def _add_file(self, path: PathLike, what: str) -> None:
+        f = Path(path).resolve()
+        if not f.exists():
+            raise ConfigError(f"{what}: {f} does not exist")
+        names = [self.train_script.name, *(g.name for g in self.files), f.name]
+        clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & _RESERVED))
+        if clash:
+            raise ConfigError(f"{what}: the name {clash[0]!r} is used twice (or by job.toml / {MODEL_FILE})")
+        self.files = (*self.files, f)
+
+    # --- FLARE's recipe methods ---------------------------------------------------------------------------
+
+    def add_client_file(self, file_path: PathLike, clients: Sequence[str] | None = None) -> None:
+        """Ship one more file or folder with the job (beside the script, in every site's job folder)."""
+        if clients is not None:
+            raise ConfigError("add_client_file: clients= is not supported: every site gets the same job folder")
+        self._add_file(file_path, "add_client_file")
+
+    def enable_log_streaming(self, *file_names: str) -> None:
+        """Send each site's script output (stdout and stderr) to the broker, into ``logs/<site>.log`` of the
+        job's folder there. FLARE's ``file_names`` (which log files to tail) are accepted and ignored: a
+        fedbus site has one output stream per script, and that is what travels."""
+        self.client["log_streaming"] = True
 
     @property
     def total(self) -> int | None:
@@ -132,11 +215,26 @@ class Recipe:
             script=self.train_script.name,
             script_args=self.train_args,
             min_sites=self.min_sites,
+            extra=dict(self.extra),
+            client=dict(self.client),
+            tracking={k: list(v) if isinstance(v, list) else v for k, v in self.tracking.items()},
+            cross_site_eval=self.cross_site_eval,
         )
 
-    def export(self, folder: str | os.PathLike[str]) -> Path:
-        """Write the job folder (a new or empty directory) and check it as ``fedbus submit`` would."""
-        root = Path(folder)
+    def export(self, folder: PathLike | None = None, *, job_dir: PathLike | None = None) -> Path:
+        """Write the job folder and check it as ``fedbus submit`` would; returns the folder.
+
+        ``folder`` is the job folder itself (a new or empty directory). ``job_dir`` is FLARE's form: the
+        job goes to ``job_dir/<name>``, replacing an earlier export there.
+        """
+        if (folder is None) == (job_dir is None):
+            raise ConfigError("export needs exactly one of folder or job_dir")
+        if job_dir is not None:
+            root = Path(job_dir) / self.name
+            if (root / jobs.JOB_TOML).is_file():
+                shutil.rmtree(root)
+        else:
+            root = Path(folder)  # type: ignore[arg-type]
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise ConfigError(f"{root}: export needs a new or empty directory")
         root.mkdir(parents=True, exist_ok=True)
@@ -147,9 +245,14 @@ class Recipe:
             else:
                 shutil.copy2(f, root / f.name)
         serde.write_file(root / MODEL_FILE, serde.layout(self.model, {"recipe": self.name}))
+        self._write_more(root)
         jobs.write_job_toml(self.job_spec(), root / jobs.JOB_TOML)
-        jobs.load_job_folder(root)
+        with _models.script_imports(root):  # a strategy of the user's own is imported from the job folder
+            jobs.load_job_folder(root)
         return root
+
+    def _write_more(self, root: Path) -> None:
+        """Files a recipe adds to the job folder besides the script, its files and the model."""
 
     def execute(self, env: Any, wait: bool = True) -> Run:
         """Run this job in ``env`` (SimEnv, PocEnv or ProdEnv); with ``wait=False`` returns the handle at once."""
@@ -162,24 +265,42 @@ class Recipe:
 
 
 class FedAvgRecipe(Recipe):
-    """Synchronous FedAvg: ``num_rounds`` rounds of at least ``min_clients`` results each."""
+    """Synchronous FedAvg: ``num_rounds`` rounds of at least ``min_clients`` results each.
+
+    FLARE's ``aggregator_data_kind=DataKind.WEIGHT_DIFF`` (or ``params_transfer_type=TransferType.DIFF``)
+    makes sites send ``local - received``; FedAvg averages either form.
+
+    ``strategy="mymodule:MyStrategy"`` replaces FedAvg by a Strategy subclass of your own (FLARE's custom
+    aggregator): it gets the same arguments (``min_clients``, ``num_rounds``, ...), and declares the inputs
+    it accepts with ``input_spec()`` / ``validate_input()``.
+    """
 
     strategy = "fedavg"
 
     def __init__(
         self,
-        name: str,
-        model: ModelLike,
-        train_script: str | os.PathLike[str],
-        train_args: Sequence[Any] = (),
+        name: str = "fedavg",
+        model: ModelLike | None = None,
+        train_script: PathLike | None = None,
+        train_args: str | Sequence[Any] = (),
         min_clients: int = 1,
-        num_rounds: int = 1,
+        num_rounds: int = 2,
         max_clients: int | None = None,
         round_timeout: float | None = None,
         time_budget: float | None = None,
         evaluate_every: int = 0,
-        files: Sequence[str | os.PathLike[str]] = (),
+        files: Sequence[PathLike] = (),
         min_sites: int | None = None,
+        *,
+        initial_ckpt: PathLike | None = None,
+        aggregator_data_kind: DataKind | str | None = DataKind.WEIGHTS,
+        launch_external_process: bool = False,
+        params_transfer_type: TransferType | str = TransferType.FULL,
+        key_metric: str | None = "accuracy",
+        client_memory_gc_rounds: int = 0,
+        strategy: str | None = None,
+        _more: Mapping[str, Any] | None = None,
+        _exchange: str = "pytorch",
     ) -> None:
         args = {
             "min_clients": min_clients,
@@ -188,8 +309,25 @@ class FedAvgRecipe(Recipe):
             "round_timeout": round_timeout,
             "time_budget": time_budget,
             "evaluate_every": evaluate_every or None,
+            **(_more or {}),
         }
-        super().__init__(name, model, train_script, train_args, files, min_sites or min_clients, args)
+        super().__init__(
+            name,
+            model,
+            train_script,
+            train_args,
+            files,
+            min_sites or min_clients,
+            args,
+            initial_ckpt=initial_ckpt,
+            launch_external_process=launch_external_process,
+            key_metric=key_metric,
+            client_memory_gc_rounds=client_memory_gc_rounds,
+            params_transfer_type=params_transfer_type,
+            aggregator_data_kind=aggregator_data_kind,
+            exchange=_exchange,
+            strategy=strategy,
+        )
 
     @property
     def total(self) -> int | None:
@@ -207,8 +345,8 @@ class FedBuffRecipe(Recipe):
         self,
         name: str,
         model: ModelLike,
-        train_script: str | os.PathLike[str],
-        train_args: Sequence[Any] = (),
+        train_script: PathLike,
+        train_args: str | Sequence[Any] = (),
         concurrency: int = 2,
         buffer_size: int = 2,
         num_versions: int | None = None,
@@ -221,7 +359,12 @@ class FedBuffRecipe(Recipe):
         server_optimizer: str = "sgd",
         min_clients: int = 1,
         evaluate_every: int = 0,
-        files: Sequence[str | os.PathLike[str]] = (),
+        files: Sequence[PathLike] = (),
+        *,
+        initial_ckpt: PathLike | None = None,
+        launch_external_process: bool = False,
+        key_metric: str | None = None,
+        client_memory_gc_rounds: int = 0,
     ) -> None:
         args = {
             "concurrency": concurrency,
@@ -236,7 +379,19 @@ class FedBuffRecipe(Recipe):
             "server_optimizer": server_optimizer,
             "evaluate_every": evaluate_every or None,
         }
-        super().__init__(name, model, train_script, train_args, files, min_clients, args)
+        super().__init__(
+            name,
+            model,
+            train_script,
+            train_args,
+            files,
+            min_clients,
+            args,
+            initial_ckpt=initial_ckpt,
+            launch_external_process=launch_external_process,
+            key_metric=key_metric,
+            client_memory_gc_rounds=client_memory_gc_rounds,
+        )
 
     @property
     def total(self) -> int | None:

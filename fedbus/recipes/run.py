@@ -8,11 +8,16 @@ own record of each task (``tasks``: training time, simulated delay, bytes of par
 
 Times are seconds since the job started (its version 0 was recorded), so runs are comparable however long
 their environments took to start.
+
+FLARE's ``Run`` methods are here too: ``get_status()``, ``get_result()`` (the folder holding the run's
+results: the broker's job folder for SimEnv and PocEnv, the downloaded folder for ProdEnv) and
+``get_job_id()``. ``repr(run)`` is one short line; the model's tensors are never printed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +31,9 @@ if TYPE_CHECKING:
     from fedbus.recipes._driver import Execution
 
 FINAL_STATES = ("finished", "failed", "aborted")
+SCAFFOLD_PREFIX = "scaffold.c."
+"""SCAFFOLD's control variates travel with the global model under this prefix; ``Run.model`` leaves them out."""
+BEST_MODEL_FILE = "best_model.safetensors"
 WEIGHT_KEYS = ("num_samples", "NUM_SAMPLES", "n")
 """Metrics an evaluation may report to weigh its site in the mean; without one, sites weigh the same."""
 
@@ -40,12 +48,13 @@ class Evaluation:
     time: float = 0.0
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """A recipe's execution: ``wait()`` for it, ``abort()`` it, then read what it produced."""
 
     job_id: str
     workspace: Path
+    name: str = ""
     status: str = "running"
     reason: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -56,6 +65,11 @@ class Run:
     model: dict[str, torch.Tensor] | None = None
     model_path: Path | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    cross_site: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Cross-site evaluation: ``{model name: {site: metrics}}`` (``server`` is the final global model)."""
+    best_model_path: Path | None = None
+    """The global model that scored best on the job's key metric, when the broker kept one."""
+    result_dir: Path | None = None
     _execution: Execution | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -72,6 +86,30 @@ class Run:
         """The metrics that came with the last global version."""
         return dict(self.history[-1]["metrics"]) if self.history else {}
 
+    # --- FLARE's Run methods ------------------------------------------------------------------------------
+
+    def get_job_id(self) -> str:
+        return self.job_id
+
+    def get_status(self) -> str:
+        """``running``, ``finished``, ``failed`` or ``aborted`` (``reason`` says why a run did not finish)."""
+        return self.status
+
+    def get_result(self, timeout: float = 0.0, clean_up: bool = True) -> str | None:
+        """Wait for the run's end (``timeout`` seconds, 0: no limit) and return its result folder: the final
+        model, checkpoints (``models/``), cross-site results (``cross_site_val/``), tracking files and
+        streamed logs. ``clean_up`` is accepted for FLARE's signature: fedbus keeps the workspace."""
+        self.wait(timeout or None)
+        return os.fspath(self.result_dir) if self.result_dir is not None else None
+
+    def __repr__(self) -> str:
+        shown = self.metrics or (self.evaluations[-1].mean if self.evaluations else {})
+        metrics = {k: round(v, 4) for k, v in shown.items() if _is_number(v) and "/" not in k}
+        return (
+            f"Run(job_id={self.job_id!r}, name={self.name!r}, status={self.status!r}, version={self.version}, "
+            f"metrics={metrics}, model_path={os.fspath(self.model_path) if self.model_path else None!r})"
+        )
+
     def wait(self, timeout: float | None = None) -> Run:
         """Follow the job to its end (showing progress) and return this run, filled in.
 
@@ -87,7 +125,14 @@ class Run:
         if self._execution is not None and not self.done:
             self._execution.abort()
 
-    def fill(self, download: Mapping[str, Any], *, job: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
+    def fill(
+        self,
+        download: Mapping[str, Any],
+        *,
+        job: Mapping[str, Any],
+        checkpoint_dir: Path | None,
+        result_dir: Path | None = None,
+    ) -> None:
         """Take the broker's download (and the final status entry of the job) into this run."""
         self.status = str(job.get("state", download.get("state", "failed")))
         self.reason = str(job.get("reason", ""))
@@ -101,7 +146,18 @@ class Run:
         path = download.get("model_path")
         self.model_path = Path(path) if path else None
         if self.model_path is not None:
-            self.model = {k: v.clone() for k, v in serde.read_file(self.model_path).items()}
+            self.model = {
+                k: v.clone() for k, v in serde.read_file(self.model_path).items() if not k.startswith(SCAFFOLD_PREFIX)
+            }
+        cross = download.get("cross_site")
+        self.cross_site = {str(m): {str(s): dict(v) for s, v in row.items()} for m, row in (cross or {}).items()}
+        self.result_dir = result_dir
+        best = download.get("best_model_path")
+        if best:
+            self.best_model_path = Path(best)
+        elif result_dir is not None:
+            found = [p for p in (result_dir / BEST_MODEL_FILE, result_dir / "models" / BEST_MODEL_FILE) if p.is_file()]
+            self.best_model_path = found[0] if found else None
         self.checkpoints = []
         for h in self.history:
             if checkpoint_dir is not None:

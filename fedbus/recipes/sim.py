@@ -14,12 +14,20 @@ only SimEnv sets, so the hold-back travels through the same code as a real resul
 Each execution gets its own folder under ``workspace`` (``jobs/NAME-N`` for the exported job, ``broker``
 and ``site-I`` for the daemons, ``results/JOB`` for the download); without a workspace, a new temporary
 folder is made and kept, since the run's checkpoints live there.
+
+FLARE's arguments: ``clients`` names the sites (default ``site-1`` ... ``site-N``), ``workspace_root`` is
+``workspace`` under FLARE's name, ``log_config`` sets the level of fedbus's logs for the run (FLARE's
+``concise`` / ``full`` / ``verbose``, a level name, or a JSON logging config file whose root level is
+taken). A job with ``[client] external_process = true`` has its scripts run as child processes
+(``_launch``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import secrets
 import tempfile
@@ -27,13 +35,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import torch
 import zmq.asyncio
 
+from fedbus import log as fedbus_log
 from fedbus.broker import Broker
-from fedbus.config import BrokerConfig, SiteConfig
+from fedbus.config import BrokerConfig, SiteConfig, is_safe_name
 from fedbus.errors import ConfigError
 from fedbus.recipes._driver import execute
+from fedbus.recipes._launch import SimLauncher
 from fedbus.recipes._threads import ScriptImports, ThreadLauncher
 from fedbus.recipes.speed import SpeedProfile
 from fedbus.site import Site
@@ -49,6 +60,51 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+LOG_MODES = {"concise": "warning", "full": "info", "verbose": "debug"}
+"""FLARE's log_config modes as the level of fedbus's own logs."""
+
+
+def log_level(log_config: str | os.PathLike[str] | None) -> str | None:
+    """The structlog level ``log_config`` stands for (None: leave logging as it is), or ConfigError."""
+    if log_config is None:
+        return None
+    levels = logging.getLevelNamesMapping()
+    text = os.fspath(log_config)
+    if not isinstance(text, str):
+        raise ConfigError(f"log_config must be a string, got {type(log_config).__name__}")
+    if text.lower() in LOG_MODES:
+        return LOG_MODES[text.lower()]
+    if text.upper() in levels and text.upper() not in ("NOTSET", "WARN", "FATAL"):
+        return text.lower()
+    path = Path(text)
+    if not path.is_file():
+        modes = ", ".join([*LOG_MODES, "debug", "info", "warning", "error", "critical"])
+        raise ConfigError(f"log_config: {text!r} is not one of {modes}, nor a logging config file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        level = str(config["root"]["level"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"log_config: {path} is not a JSON logging config with a root level: {exc}") from exc
+    if level.upper() not in levels:
+        raise ConfigError(f"log_config: {path}: unknown root level {level!r}")
+    return level.lower()
+
+
+def _site_names(num_clients: int, clients: Any) -> list[str]:
+    """The simulated sites' names: ``clients``, or site-1 ... site-N."""
+    if clients is None:
+        _positive_int("num_clients", num_clients)
+        return [f"site-{i + 1}" for i in range(num_clients)]
+    if isinstance(clients, str) or not all(is_safe_name(c) for c in clients):
+        raise ConfigError(f"clients must be a list of site names ([A-Za-z0-9_.-]), got {clients!r}")
+    names = list(clients)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"clients must name at least one site, each once, got {names!r}")
+    if num_clients not in (0, None, len(names)):
+        raise ConfigError(f"num_clients={num_clients} but clients names {len(names)} sites")
+    return names
+
+
 class SimEnv:
     """Run a recipe with ``num_clients`` simulated sites in this process (see the module docstring)."""
 
@@ -56,15 +112,24 @@ class SimEnv:
 
     def __init__(
         self,
-        num_clients: int,
+        num_clients: int = 0,
         num_threads: int | None = None,
         workspace: str | os.PathLike[str] | None = None,
         speed: SpeedProfile | None = None,
         progress: Any = None,
+        *,
+        clients: list[str] | None = None,
+        workspace_root: str | os.PathLike[str] | None = None,
+        log_config: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.num_clients = _positive_int("num_clients", num_clients)
+        self.clients = _site_names(num_clients, clients)
+        self.num_clients = len(self.clients)
         self.num_threads = _positive_int("num_threads", num_threads or os.cpu_count() or 1)
+        if workspace is not None and workspace_root is not None:
+            raise ConfigError("give workspace or workspace_root (the same thing), not both")
+        workspace = workspace if workspace is not None else workspace_root
         self.workspace = Path(workspace) if workspace is not None else None
+        self.log_level = log_level(log_config)
         if speed is not None and not isinstance(speed, SpeedProfile):
             raise ConfigError(f"speed must be a SpeedProfile, got {type(speed).__name__}")
         self.speed = speed
@@ -76,7 +141,7 @@ class SimEnv:
         return execute(_SimBackend(self, workspace), recipe, wait=wait, progress=self.progress)
 
     def __repr__(self) -> str:
-        return f"SimEnv(num_clients={self.num_clients}, num_threads={self.num_threads}, speed={self.speed!r})"
+        return f"SimEnv(clients={self.clients}, num_threads={self.num_threads}, speed={self.speed!r})"
 
 
 class _SimBackend:
@@ -93,10 +158,16 @@ class _SimBackend:
         self.sites: list[Site] = []
         self.records: list[dict[str, Any]] = []
         self.imports = ScriptImports()
-        self.launcher = ThreadLauncher(threading.Semaphore(env.num_threads), self.imports)
+        self.threads = ThreadLauncher(threading.Semaphore(env.num_threads), self.imports)
+        omp = max(1, (os.cpu_count() or 1) // min(env.num_threads, env.num_clients))
+        self.launcher = SimLauncher(self.threads, omp)
         self._torch_threads: int | None = None
+        self._log_config: dict[str, Any] | None = None
 
     async def start(self, ctx: zmq.asyncio.Context) -> str:
+        if self.env.log_level is not None:
+            self._log_config = structlog.get_config()
+            fedbus_log.configure(level=self.env.log_level)
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // min(self.env.num_threads, self.env.num_clients)))
         address = f"inproc://fedbus-sim-{secrets.token_hex(6)}"
@@ -106,8 +177,7 @@ class _SimBackend:
         factors: list[float | None] = [None] * self.env.num_clients
         if self.env.factors is not None:
             factors = list(self.env.factors)
-        for i, factor in enumerate(factors):
-            name = f"site-{i + 1}"
+        for name, factor in zip(self.env.clients, factors, strict=True):
             site_cfg = SiteConfig(name=name, broker=address, workspace=str(self.workspace / name), heartbeat_s=1.0)
             site = Site(
                 site_cfg,
@@ -131,16 +201,20 @@ class _SimBackend:
         if self.broker is not None:
             broker, self.broker = self.broker, None
             await broker.__aexit__()
-        await asyncio.to_thread(self.launcher.join, 5.0)
+        await asyncio.to_thread(self.threads.join, 5.0)
         self._restore()
 
     def kill(self) -> None:
+        self.launcher.kill()
         self._restore()
 
     def watch(self) -> None:
         pass
 
     def _restore(self) -> None:
+        if self._log_config is not None:
+            config, self._log_config = self._log_config, None
+            structlog.configure(**config)
         self.imports.restore()
         if self._torch_threads is not None:
             with contextlib.suppress(RuntimeError):
@@ -149,6 +223,9 @@ class _SimBackend:
 
     def checkpoint_dir(self, job_id: str) -> Path | None:
         return self.workspace / "broker" / "jobs" / job_id / "models"
+
+    def result_dir(self, job_id: str) -> Path | None:
+        return self.workspace / "broker" / "jobs" / job_id
 
     def task_records(self, job_id: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("job_id") == job_id]

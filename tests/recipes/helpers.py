@@ -81,3 +81,66 @@ def alive(pids: set[int]) -> set[int]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+SEED = """
+import argparse, os
+import torch
+from torch import nn
+import fedbus.client as flare
+from net import TinyNet
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--batch_size", type=int, required=True)
+parser.add_argument("--epochs", type=int, required=True)
+parser.add_argument("--tag", default="")
+args = parser.parse_args()
+
+torch.manual_seed(0)
+x = torch.randn(64, 3)
+y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+net = TinyNet()
+flare.init()
+while flare.is_running():
+    model = flare.receive()
+    if model is None:
+        break
+    net.load_state_dict(model.params)
+    with torch.no_grad():
+        loss = float(nn.functional.mse_loss(net(x), y))
+    info = {"loss": loss, "pid": float(os.getpid()), "batch_size": float(args.batch_size)}
+    if flare.is_evaluate():
+        flare.send(flare.FLModel(metrics=info))
+        continue
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    steps = 0
+    for _ in range(args.epochs):
+        for i in range(0, len(x), args.batch_size):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x[i : i + args.batch_size]), y[i : i + args.batch_size]).backward()
+            opt.step()
+            steps += 1
+    flare.send(flare.FLModel(params=net.state_dict(), metrics=info, meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+"""
+
+NET = """
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, hidden: int = 0):
+        super().__init__()
+        self.fc = nn.Linear(3, 1) if not hidden else nn.Sequential(nn.Linear(3, hidden), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
+
+def seed_job(folder: Path) -> Path:
+    """A FLARE-style job folder: ``client.py`` (argparse --batch_size --epochs) and ``net.py`` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "net.py").write_text(NET)
+    script = folder / "client.py"
+    script.write_text(SEED)
+    return script

@@ -18,16 +18,30 @@ from .helpers import tiny_model, tiny_script
 
 def test_public_api_is_pinned() -> None:
     assert fedbus.recipes.__all__ == [
+        "CyclicRecipe",
+        "DataKind",
         "Evaluation",
+        "ExchangeFormat",
+        "FedAvgLrRecipe",
         "FedAvgRecipe",
         "FedBuffRecipe",
+        "FedEvalRecipe",
+        "FedOptRecipe",
+        "FedProxRecipe",
+        "NPConstants",
+        "NumpyCrossSiteEvalRecipe",
+        "NumpyFedAvgRecipe",
         "PocEnv",
         "ProdEnv",
         "Progress",
         "Recipe",
         "Run",
+        "ScaffoldRecipe",
         "SimEnv",
         "SpeedProfile",
+        "TransferType",
+        "add_cross_site_evaluation",
+        "add_experiment_tracking",
     ]
 
 
@@ -83,7 +97,8 @@ def test_model_may_be_a_module_a_state_dict_or_a_file(tmp_path: Path) -> None:
         ({"min_clients": 3, "max_clients": 2}, "max_clients"),
         ({"round_timeout": -1}, "round_timeout"),
         ({"time_budget": 0}, "time_budget"),
-        ({"train_args": "--epochs 1"}, "train_args"),
+        ({"train_args": "--epochs 'unclosed"}, "train_args"),
+        ({"train_args": [None]}, "train_args"),
         ({"files": ["/nonexistent/net.py"]}, "does not exist"),
     ],
 )
