@@ -1,8 +1,13 @@
-"""hello-lightning as a recipe: FedAvg over the digits with a LightningModule, in any environment.
+"""hello-lightning as a recipe: FedAvg, FedProx or SCAFFOLD over the digits with a LightningModule.
 
-python examples/hello-lightning/job.py --env sim            # all sites in this process
-python examples/hello-lightning/job.py --env poc            # a broker and site daemons as local processes
-python examples/hello-lightning/job.py --export /tmp/job    # the job folder, for `fedbus submit`
+python examples/hello-lightning/job.py --env sim                        # all sites in this process
+python examples/hello-lightning/job.py --algorithm fedprox              # FedProx (mu = --fedprox_mu)
+python examples/hello-lightning/job.py --algorithm scaffold             # SCAFFOLD's control variates
+python examples/hello-lightning/job.py --env poc                        # a broker and site daemons as processes
+python examples/hello-lightning/job.py --export /tmp/job                # the job folder, for `fedbus submit`
+
+client.py is the same for all three: ``flare.patch(trainer)`` adds FedProx's proximal term or SCAFFOLD's
+gradient correction when the job asks for it.
 """
 
 from __future__ import annotations
@@ -18,22 +23,30 @@ sys.path.insert(0, str(HERE))
 
 from model import LitDigits  # noqa: E402  (the example's own module, also shipped to the sites)
 
-from fedbus.recipes import FedAvgRecipe, PocEnv, SimEnv  # noqa: E402
+from fedbus.recipes import FedAvgRecipe, FedProxRecipe, PocEnv, Recipe, ScaffoldRecipe, SimEnv  # noqa: E402
 
 
-def make_recipe(sites: int = 2, rounds: int = 2, epochs: int = 1) -> FedAvgRecipe:
-    """FedAvg of ``rounds`` rounds over ``sites`` sites, every site evaluating the final model."""
+def make_recipe(
+    sites: int = 2, rounds: int = 2, epochs: int = 1, algorithm: str = "fedavg", mu: float = 0.01
+) -> Recipe:
+    """``rounds`` rounds over ``sites`` sites with ``algorithm``, every site evaluating the final model."""
     torch.manual_seed(0)
-    return FedAvgRecipe(
-        name="hello-lightning",
-        model=LitDigits(),
-        train_script=HERE / "client.py",
-        train_args=["--epochs", str(epochs)],
-        files=[HERE / "model.py"],
-        min_clients=sites,
-        num_rounds=rounds,
-        evaluate_every=rounds,
-    )
+    common = {
+        "min_clients": sites,
+        "num_rounds": rounds,
+        "model": LitDigits(),
+        "train_script": HERE / "client.py",
+        "train_args": f"--epochs {epochs}",
+        "evaluate_every": rounds,
+    }
+    if algorithm == "fedprox":
+        recipe: Recipe = FedProxRecipe(name="hello-lightning-fedprox", fedprox_mu=mu, **common)
+    elif algorithm == "scaffold":
+        recipe = ScaffoldRecipe(name="hello-lightning-scaffold", **common)
+    else:
+        recipe = FedAvgRecipe(name="hello-lightning", **common)
+    recipe.add_client_file(HERE / "model.py")
+    return recipe
 
 
 def main() -> None:
@@ -42,10 +55,12 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--algorithm", choices=("fedavg", "fedprox", "scaffold"), default="fedavg")
+    parser.add_argument("--fedprox_mu", type=float, default=0.01)
     parser.add_argument("--workspace", default=None, help="keep the run's files here (default: a temp folder)")
     parser.add_argument("--export", metavar="FOLDER", help="only write the job folder")
     args = parser.parse_args()
-    recipe = make_recipe(args.sites, args.rounds, args.epochs)
+    recipe = make_recipe(args.sites, args.rounds, args.epochs, args.algorithm, args.fedprox_mu)
     if args.export:
         print(recipe.export(args.export))
         return

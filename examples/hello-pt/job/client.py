@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     site, site_index, num_sites = flare.get_site_name(), info["site_index"], info["num_sites"]
     train_loader, test_loader = load_partition(site_index, num_sites, seed=args.seed)
     model = Net()
+    last_params = None
     while flare.is_running():
         input_model = flare.receive()
+        if flare.is_submit_model():  # cross-site evaluation asks for this site's own model
+            flare.send(flare.FLModel(params=last_params or model.state_dict()))
+            continue
         model.load_state_dict(input_model.params)
         if flare.is_evaluate():
             flare.send(flare.FLModel(metrics={"accuracy": evaluate(model, test_loader)}))
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         acc = evaluate(model, test_loader)
         print(f"{site}: accuracy {acc:.3f} on the local test split after {steps} steps")
         meta = {"NUM_STEPS_CURRENT_ROUND": steps}
+        last_params = {k: v.clone() for k, v in model.state_dict().items()}
         flare.send(flare.FLModel(params=model.cpu().state_dict(), metrics={"accuracy": acc}, meta=meta))
 
 
