@@ -34,7 +34,7 @@ def main():
         model=Net(),
         train_script=str(HELLO_PT / "client.py"),
         train_args="--epochs 1",
-        optimizer=args.optimizer,
+        server_optimizer=args.optimizer,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum if args.optimizer == "sgd" else 0.0,
     )

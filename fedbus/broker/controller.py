@@ -74,6 +74,7 @@ from fedbus.strategy import (
     Update,
 )
 from fedbus.strategy.base import Params, clean_metrics
+from fedbus.strategy.cross_site import CrossSiteEval
 from fedbus.transport.spool import SpooledParams, SpoolSink, open_params
 from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
 
@@ -638,7 +639,7 @@ class JobController:
                 await self._chain  # the last checkpoint lands before the job is final
         self.named.clear()  # the models cross-site evaluation streamed
         matrix = self.store.cross_site(self.job_id)
-        if matrix:
+        if matrix or isinstance(self.strategy, CrossSiteEval):  # an empty matrix is a result too
             try:
                 written = await asyncio.to_thread(self.store.write_cross_site, self.job_id, matrix)
             except OSError as exc:

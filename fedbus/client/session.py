@@ -431,8 +431,6 @@ class ClientSession:
         if self._task_started is not None:
             meta[TRAIN_S_KEY] = time.monotonic() - self._task_started
         kind = task_name(task)
-        if kind == SUBMIT_MODEL and model.params is None:
-            raise ConfigError("a submit_model task asks for the site's local model: send FLModel(params=...)")
         if kind in (TRAIN, SUBMIT_MODEL) and model.params is not None:
             given = model.params
             if options.exchange is ExchangeFormat.NUMPY and self._received is not None and isinstance(given, Mapping):

@@ -180,6 +180,8 @@ class Recipe:
         f = Path(path).resolve()
         if not f.exists():
             raise ConfigError(f"{what}: {f} does not exist")
+        if f in self.files:  # already shipped (the model's own module is, automatically)
+            return
         names = [self.train_script.name, *(g.name for g in self.files), f.name]
         clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & _RESERVED))
         if clash:

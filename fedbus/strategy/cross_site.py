@@ -120,7 +120,7 @@ class CrossSiteEval(Strategy):
         self._submitted: dict[str, dict[str, torch.Tensor]] = {}  # site -> its local model
         self._models: dict[str, Params | None] = {}  # phase 2: model name -> tensors (None: the global version)
         self._results: dict[str, dict[str, dict[str, float]]] = {}
-        self._counts = {"submitted": 0, "refused": 0, "failed": 0, "evaluated": 0}
+        self._counts = {"submitted": 0, "declined": 0, "refused": 0, "failed": 0, "evaluated": 0}
 
     def add_server_models(self, models: Mapping[str, Params]) -> None:
         """More server-side models to evaluate (before ``start``): the broker loads them from the job folder."""
@@ -237,8 +237,10 @@ class CrossSiteEval(Strategy):
             ]
         self._close(update.task_id, f"duplicate result for task {update.task_id} (already answered)")
         if task.kind == "submit_model":
-            reason = self._check_submission(update)
-            if reason is not None:
+            reason = None if update.params is None else self._check_submission(update)
+            if update.params is None:  # the site has no local model to offer (it only evaluates): no row of its own
+                self._counts["declined"] += 1
+            elif reason is not None:
                 self._counts["refused"] += 1
                 acts.append(Rejected(update.task_id, update.site, f"submitted model refused: {reason}"))
             else:
@@ -375,8 +377,6 @@ class CrossSiteEval(Strategy):
         return [*acts, Finished(reason + (" (timed out)" if timed_out else ""))]
 
     def _check_submission(self, update: Update) -> str | None:
-        if update.params is None:
-            return "a submit_model result must carry the site's model"
         if update.params_type != "FULL":
             return f"a submitted model must be FULL params, got {update.params_type!r}"
         return validate_update(self.model, update.params)

@@ -147,8 +147,6 @@ async def test_submit_model_task_sends_the_local_model_as_full(site: FakeSite) -
         assert session.get_task_name() == "submit_model"
         model = await asyncio.to_thread(session.receive)
         assert model.params is None and model.current_round == 4
-        with pytest.raises(ConfigError, match="submit_model"):
-            session.send(FLModel(metrics={"acc": 1.0}))
         with pytest.raises(ConfigError, match="not a DIFF"):
             session.send(FLModel(params=sample_params(), params_type="DIFF"))
         local = sample_params()
@@ -161,6 +159,9 @@ async def test_submit_model_task_sends_the_local_model_as_full(site: FakeSite) -
         await site.push_task("s2", None, options={"submit_model": True})
         assert await asyncio.to_thread(session.is_running)
         assert session.is_submit_model() and not session.is_train()
+        await asyncio.to_thread(session.receive)
+        declined = await send_answered(site, session, FLModel(metrics={}))  # a site with no local model declines
+        assert "path" not in declined.meta
     finally:
         session.close()
 
