@@ -33,7 +33,7 @@ from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, rend
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.config import BrokerConfig, is_safe_name
-from fedbus.errors import ConfigError, FedbusError, PeerUnreachable, TransportError
+from fedbus.errors import ConfigError, FedbusError, PeerError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
     MAX_HELD,
@@ -307,7 +307,7 @@ class Broker:
             return
         if isinstance(msg, Request):
             if peer not in self.registry.admins:
-                raise FedbusError("say hello as an admin before sending requests")
+                raise PeerError(user or peer.hex(), "say hello as an admin before sending requests")
             await self._request(peer, msg, payload, user)
             return
         if msg.TYPE in STREAM_TYPES:
@@ -340,7 +340,7 @@ class Broker:
         elif isinstance(msg, JobEvent):
             self._job_event(site.name, msg)
         else:
-            raise FedbusError(f"unexpected message type {msg.TYPE!r} from a site")
+            raise PeerError(site.name, f"unexpected message type {msg.TYPE!r} from a site")
 
     async def _unauthorized(self, inc: Any, reason: str) -> None:
         """A message the keys do not allow: refused, audited, and a site record it claimed is dropped."""
@@ -375,25 +375,25 @@ class Broker:
     def _controller(self, job_id: str, site: str) -> JobController:
         c = self.controllers.get(job_id)
         if c is None or site not in c.sites:
-            raise FedbusError(f"site {site!r} has no running job {job_id!r}")
+            raise PeerError(site, f"job {job_id!r} is not running on this site")
         return c
 
     async def _hello(self, peer: bytes, msg: Hello, now: float, user: str = "") -> None:
         refusal = self.guard.hello_refusal(user, msg)
         if refusal is not None:
-            raise FedbusError(refusal)
+            raise PeerError(user or msg.name[:64], refusal)
         self.guard.audit.record("hello", by=user or msg.name[:64], key=self.guard.key_of(user), role=msg.role[:16])
         if msg.role == "admin":
             self.registry.admins.add(peer)
             self._admin_names[peer] = user or msg.name[:64]
         elif msg.role == "site":
             if not is_safe_name(msg.name):
-                raise FedbusError(f"invalid site name {msg.name[:64]!r}")
-            holds = check_holds(msg.holds)
+                raise PeerError(user or peer.hex(), f"invalid site name {msg.name[:64]!r}")
+            holds = check_holds(msg.holds, msg.name)
             _, arrival = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
             log.info("site registered", site=msg.name, arrival=arrival, holds=len(holds))
         else:
-            raise FedbusError(f"unknown role {msg.role[:32]!r}")
+            raise PeerError(user or msg.name[:64], f"unknown role {msg.role[:32]!r}")
         await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
         if msg.role == "site":
             assert self.hub is not None
@@ -444,7 +444,7 @@ class Broker:
         """Script events are recorded for any job the site took part in (they may trail the job's end)."""
         job = self.store.job(msg.job_id)
         if job is None or site not in job["sites"]:
-            raise FedbusError(f"site {site!r} has no job {msg.job_id[:80]!r}")
+            raise PeerError(site, f"an event of job {msg.job_id[:80]!r}, which this site never ran")
         data = {"code": msg.code, "detail": msg.detail[:2000], **msg.data}
         self.store.record_event(msg.job_id, site, msg.event, data)
         c = self.controllers.get(msg.job_id)
@@ -662,9 +662,10 @@ class Broker:
             await self._start_waiting_jobs()
 
     async def _admin_op(self, peer: bytes, req: Request, payload: list[memoryview]) -> dict[str, Any]:
+        who = self._admin_names.get(peer, peer.hex())
         if req.op == "submit":
             if len(payload) != 1:
-                raise ConfigError("submit needs exactly one payload frame: the job folder as a zip")
+                raise PeerError(who, "submit needs exactly one payload frame: the job folder as a zip")
             return self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
         if req.op == "status":
             return self._status(req.args.get("job_id"))
@@ -691,13 +692,14 @@ class Broker:
                 "evaluations": self.store.events(job["id"], "evaluation"),
                 "updates": self.store.updates(job["id"]),
             }
-        raise ConfigError(f"unknown request op {req.op[:32]!r}")
+        raise PeerError(who, f"unknown request op {req.op[:32]!r}")
 
     def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
         """Accept a job folder (without its model); the submitter streams the model next."""
         max_model = int(self.config.max_model_mb * MiB)
         if type(model_bytes) is not int or not 0 < model_bytes <= max_model:
-            raise ConfigError(f"submit: model_bytes must be an int in (0, {max_model}], got {model_bytes!r}")
+            who = self._admin_names.get(peer, peer.hex())
+            raise PeerError(who, f"submit: model_bytes must be an int in (0, {max_model}], got {model_bytes!r}")
         job_id = self.store.new_job_id("job")
         folder = self.store.job_dir(job_id)
         spec = jobs.unpack_job(archive, folder / "files", require_model=False)
@@ -740,13 +742,13 @@ class Broker:
             log.warning("download failed", job=data["job_id"], reason=str(exc))
 
 
-def check_holds(holds: list) -> frozenset[str]:
-    """A site's ``hello.holds``, checked: at most ``MAX_HELD`` task ids, each a safe name."""
+def check_holds(holds: list, site: str) -> frozenset[str]:
+    """A site's ``hello.holds``, checked: at most ``MAX_HELD`` task ids, each a safe name (else PeerError)."""
     if len(holds) > MAX_HELD:
-        raise FedbusError(f"hello names {len(holds)} held tasks, more than {MAX_HELD}")
+        raise PeerError(site, f"hello names {len(holds)} held tasks, more than {MAX_HELD}")
     for task_id in holds:
         if not is_safe_name(task_id):
-            raise FedbusError(f"hello names a held task that is not a task id: {str(task_id)[:80]!r}")
+            raise PeerError(site, f"hello names a held task that is not a task id: {str(task_id)[:80]!r}")
     return frozenset(holds)
 
 
