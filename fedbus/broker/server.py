@@ -68,20 +68,16 @@ def default_upload_slots() -> int:
     (where two or more placement threads write the chunks), else 2. Each upload in flight holds up to a window
     of memory (``UPLOAD_WINDOWS`` for all of them).
 
-    16-core host, the same machine, interleaved: S = 64, N = 4 ``round_s`` 0.2325, 0.2309 with 4 slots against
-    0.2513, 0.2525 with 2 (every earlier session's pairs said the same, by 4-8 %), S = 512 1.97 / 1.98;
-    ``broker_rss_x`` at S = 256 2.06 (N = 2) and 2.38 (N = 16), within 2.5. On the 2-core VM the uploads only
-    take turns on the same cores, and 4 x 32 MiB took ``broker_rss_x`` at S = 256, N = 8 to 2.62 (2.34 with 2).
+    With spare cores, uploads received side by side make rounds shorter within the broker's memory target; on
+    a small machine they only take turns on the same cores while each holds a window (docs/benchmarks.md).
     """
     return 4 if usable_cores() >= 8 else 2
 
 
 UPLOAD_WINDOWS = 64 * MiB
 """What the credit windows of the uploads in flight hold together, unless the profile sets ``window_mb``: 32 MiB
-each with two slots, 16 with four. With 32 MiB each at four slots (the eighth session's default) ``broker_rss_x``
-at S = 256, N = 16 was 2.61-2.68 on the ninth to eleventh sessions' 16-core hosts, over #8's 2.5; the eleventh
-session, one machine, interleaved: 16 MiB 2.361 against 32 MiB 2.646 there, S = 64, N = 4 ``round_s`` 0.190,
-0.181, 0.175 against 0.192, 0.182, 0.195, S = 512, N = 4 1.269, 1.267 against 1.188, 1.305 (docs/benchmarks.md)."""
+each with two slots, 16 with four. A fixed total keeps the broker's memory at many sites within its target
+(``broker_rss_x`` <= 2.5) whatever the slots, at no cost in round time (docs/benchmarks.md)."""
 
 
 def default_window(slots: int, chunk: int) -> int:
