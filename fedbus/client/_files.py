@@ -6,7 +6,7 @@ and the file the site streams to the broker is byte for byte the file the script
 does the work: it validates the header of what it reads, and writes tensor by tensor (no concatenated
 copy) into a temporary file that is renamed into place, so the site never sees half a model (no fsync:
 the file lives for seconds, and a crash of the machine loses the task anyway). The temporary file is one the
-site released after an earlier upload, when there is one (``fedbus.recycle``: 5-9x less CPU to write).
+site released after an earlier upload, when there is one (``fedbus.recycle``: a fraction of the CPU to write).
 
 A task's file the site lets go (``meta["take"]``: no privacy filter needs its bytes at upload) is *taken*:
 renamed out of the site's reach (``inbox/.held-*``) and mapped shared (``serde.map_file``). FULL: receiving copies

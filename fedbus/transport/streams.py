@@ -50,7 +50,7 @@ chunks, 64 MiB gave the best and steadiest cold transfer in the same sweep (docs
 
 TRIM_AFTER = 64 << 20
 """Bytes received by streams between two trims of the heap: when the last stream of a burst ends, the memory of
-its frames goes back (``_memory.release_free_memory``, 2-4 ms); a broker that takes small updates by the
+its frames goes back (``_memory.release_free_memory``, a few ms); a broker that takes small updates by the
 thousand does not trim after each."""
 
 PLACEMENT_MIN = 1 << 20
