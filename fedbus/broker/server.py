@@ -413,7 +413,7 @@ class Broker:
 
         Silence is judged only up to the moment the receive loop last had nothing unread: after the loop was
         held up (a long fold, a checkpoint, a busy machine), heartbeats may sit in the socket, and a sweep
-        that ran first expired every site at once (seen with 8 sites importing torch on 2 cores)."""
+        that ran first expired every site at once (as when many sites import torch on a small machine)."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             assert self.endpoint is not None

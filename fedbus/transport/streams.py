@@ -196,7 +196,7 @@ class ChunkSums(Sequence[int]):
 
     def digest(self) -> str:
         """The whole-stream digest (every chunk's sum, computing those not yet sent), computed once: a broker
-        names it in every task's offer and audit record (2.8 % of its loop at 1,000 sites when recomputed)."""
+        names it in every task's offer and audit record, which at many sites would add up."""
         if self._digest is None:
             total, chunk = self._total, self._chunk
             self._digest = digest.stream_digest(
@@ -308,8 +308,8 @@ class BufferSink:
 
     def _adopt(self, offer: Offer, inline: Sequence[memoryview]) -> bool:
         """Take a small model's one inline frame (zmq's received message) as the buffer: no allocation, and
-        ``write`` finds its bytes in place. A broker at 1,000 sites spent 6 % of its loop allocating and
-        filling a fresh buffer for each 100 KB update (``fedbus bench scale``). Tensors keep the frame alive.
+        ``write`` finds its bytes in place: a broker taking small updates from many sites allocates and fills
+        no buffer per update. Tensors keep the frame alive.
 
         Only a frame under ``COPY_BELOW``: every sender copies those into memory of zmq's own. A larger one may
         have been sent zero-copy over ``inproc://`` (SimEnv), and its memory is then the sender's own object."""
@@ -331,7 +331,7 @@ class BufferSink:
         elif self.path is None:
             self.buffer = serde.allocate(offer.total, huge=placement_threads() > 0)
             # Only a buffer of its own mapping has fresh pages to populate; a small one comes from the heap
-            # (a system call per chunk of a 100 KB upload was 1 % of a broker at 1,000 sites, for nothing).
+            # (a system call per chunk of a small upload would cost a broker at many sites for nothing).
             self._populate = offer.total >= PLACEMENT_MIN
         else:
             if not resume:  # no O_TRUNC: a recycled file's pages (fedbus.recycle) are overwritten, not freed
