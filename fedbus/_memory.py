@@ -7,14 +7,8 @@ from the heap and stay resident once freed. A fixed threshold keeps that from gr
 (tensors, mostly) are mappings of their own, returned on free. It sits above a chunk's frame (zmq's receive
 buffer, 2 MiB by default), because a frame that is a mapping of its own is fresh memory: a page fault per
 4 KiB on zmq's I/O thread, for every byte received. The heap's frames are reused warm while streams run,
-and ``release_free_memory`` gives them back once the last stream of a burst ends.
-
-Measured (2 cores): a zmq receiver holding 32 frames of 2 MiB, as a credit window does, took 262,656 page
-faults a GiB at a 1 MiB threshold (the tenth session's daemons) and received 1.3-1.4 GB/s; at 4 MiB 1.5-22 k
-faults and 2.3-3.0 GB/s, and the trim after each GiB (2-4 ms) brought RSS back to where it started.
-``fedbus bench round`` on a 16-core host, 1 MiB against 4 MiB (with ``ARENAS``), interleaved: S = 512, N = 4
-``round_s`` 1.31 -> 1.02-1.18, S = 256, N = 16 2.38-2.57 -> 1.89-2.07 with the broker's CPU a round 10.2-11.5
--> 6.4-7.5 s, S = 64, N = 4 0.195 -> 0.159-0.170 (docs/benchmarks.md).
+and ``release_free_memory`` gives them back once the last stream of a burst ends. The page faults and round
+times behind the threshold are in docs/benchmarks.md ("Why the defaults").
 """
 
 from __future__ import annotations
@@ -56,9 +50,8 @@ _tuned = False
 M_ARENA_MAX = -8
 ARENAS = 2
 """glibc heaps a daemon's threads allocate from: the loop's and one for the rest. Each thread otherwise gets one
-of its own (up to 8 per core), and zmq's I/O threads each kept the high-water mark of the frames they had
-received: ``broker_rss_x`` at S = 256, N = 16 rose from 2.35 (frames as mappings of their own) to 2.63-2.82
-with frames on the heap, and came back to 2.42-2.47 with two heaps (16-core host, interleaved)."""
+of its own (up to 8 per core), and each of zmq's I/O threads would keep the high-water mark of the frames it
+received, which put the broker's memory at many sites over its target (docs/benchmarks.md)."""
 
 
 def tune_malloc(mmap_threshold: int = 4 << 20) -> bool:
@@ -75,7 +68,7 @@ def tune_malloc(mmap_threshold: int = 4 << 20) -> bool:
 
 
 def release_free_memory() -> None:
-    """Give the heap's free pages back to the OS (``malloc_trim``: 2-4 ms with torch loaded), in a process whose
+    """Give the heap's free pages back to the OS (``malloc_trim``, a few ms with torch loaded), in a process whose
     allocator ``tune_malloc`` tuned; elsewhere (a library in someone else's process) nothing."""
     trim = getattr(_libc(), "malloc_trim", None)
     if _tuned and trim is not None:
@@ -86,11 +79,8 @@ def freeze_startup_objects() -> None:
     """Put every object alive now (a daemon after its imports: ~170,000 with torch) out of the garbage
     collector's reach, so its full collections stop walking them.
 
-    Streaming allocates steadily (frames, messages, futures), which runs the collector: receiving 1 GiB took
-    five young and one full collection, and the full one walked every imported object. ``fedbus bench
-    transfer --size-mb 1024`` on 2 cores, receiver frozen after start-up: main-thread CPU 0.92 -> 0.86 s,
-    cold 0.96 -> 1.03 GB/s (three runs each). For daemon processes only: a library must not freeze its
-    host's objects.
+    Streaming allocates steadily (frames, messages, futures), which runs the collector, and a full collection
+    would walk every imported object. For daemon processes only: a library must not freeze its host's objects.
     """
     gc.collect()
     gc.freeze()
@@ -106,11 +96,9 @@ def populate_for_write(address: int, length: int) -> bool:
     """Map the pages of [address, address + length) for writing with one system call, before a copy into them.
 
     A copy into fresh memory otherwise takes a page-fault trap per 4 KiB page; populating the range first does
-    the same page allocation in the kernel without the traps: writing 1 GiB in 2 MiB chunks into a fresh
-    buffer, 0.43-0.45 -> 0.38-0.41 CPU s; ``fedbus bench transfer --size-mb 1024``, receiver loop CPU 0.77-0.80
-    -> 0.74-0.75 s, throughput within noise (2 cores, three runs each). No gain for file-backed mappings
-    (measured: equal), so callers use it for anonymous buffers only. False where the kernel or libc cannot
-    (Linux before 5.14): callers stop asking."""
+    the same page allocation in the kernel without the traps. File-backed mappings gain nothing, so callers use
+    it for anonymous buffers only. False where the kernel or libc cannot (Linux before 5.14): callers stop
+    asking."""
     madvise = getattr(_libc(), "madvise", None)
     if madvise is None or length <= 0:
         return madvise is not None
@@ -127,9 +115,8 @@ def fresh_buffer(size: int, *, huge: bool) -> torch.Tensor:
 
     A fresh buffer costs a page fault per 4 KiB page on its first write. Huge pages make that 512x fewer
     faults, which pays where the faults run on spare cores (the placement threads) and costs where they do
-    not: ``fedbus bench transfer --size-mb 1024`` on a 16-core host, one writer thread, 1.33 -> 2.23 GB/s;
-    on the 2-core development VM 1.0 -> 0.49 GB/s (its huge-page faults are slow). A large buffer is its
-    own anonymous mapping, returned to the OS as soon as the last tensor viewing it is freed.
+    not (a small VM's huge-page faults can be slow: docs/benchmarks.md). A large buffer is its own anonymous
+    mapping, returned to the OS as soon as the last tensor viewing it is freed.
     """
     if not huge or size < HUGE_BUFFER_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(size, dtype=torch.uint8)

@@ -5,8 +5,8 @@ trail is for a compliance officer reconstructing what left each site. Every reco
 with a single ``write`` on an ``O_APPEND`` descriptor (lines never interleave, and the file is only ever
 appended to), mode 0600. A site opens the file per record: its records are few, and a simulation with a
 thousand sites in one process should not hold a thousand descriptors. The broker holds its descriptor
-(``hold``): it writes two records per update, and opening the file for each was 4 % of its loop at 300 updates/s
-(``fedbus bench scale``, py-spy); once a second it checks the path still names that file (moved or deleted by
+(``hold``): it writes two records per update, and opening the file for each would be a measurable share of its
+loop at hundreds of updates a second; once a second it checks the path still names that file (moved or deleted by
 an operator: a new one is opened). A held file's records are written once per turn of the event loop (``flush``).
 
 Fields are flat: ``time`` (UTC, ISO 8601), ``ts`` (epoch seconds), ``actor`` (the daemon writing: ``broker``
@@ -101,8 +101,8 @@ class AuditLog:
 
     def flush(self) -> None:
         """Write the records of this turn of the event loop, in one ``write``. The broker writes two records
-        per update; a system call for each was 3.7 % of its loop at 500 updates/s (``fedbus bench scale``,
-        py-spy). The broker calls this before a reply or an error leaves, so that what a peer is told about
+        per update, and a system call for each would be a measurable share of its loop at hundreds of updates a
+        second. The broker calls this before a reply or an error leaves, so that what a peer is told about
         is in the trail when it hears of it."""
         pending, self._pending = self._pending, None
         if pending and self._fd >= 0:

@@ -198,8 +198,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "broker":
         # Set before torch loads OpenMP: the broker's torch work is a few large folds a round, after each of which
-        # OpenMP's idle threads would spin for a while on cores its I/O and placement threads need. bench round,
-        # 512 MiB x 4 sites, 16-core host: broker thread CPU 2.72-2.91 -> 2.29-2.33 s a round (docs/benchmarks.md).
+        # OpenMP's idle threads would spin for a while on cores its I/O and placement threads need.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from fedbus._memory import freeze_startup_objects
         from fedbus.broker import Broker

@@ -5,15 +5,9 @@ chunk re-sent, not the whole model), and the stream as a whole has a digest, a h
 ``(offset, length, sum)`` triples. Hashing the triples, not the bytes, makes the stream digest cost 24
 bytes per chunk, and binding each sum to its offset catches chunks written at the wrong place.
 
-Why ``sum64`` is the default. Measured on this 2-core machine, one thread, a 256 MiB buffer, best of 7,
-through ``chunk_sum`` itself:
-
-    sum64    16.2 GB/s as one part, 15.1 GB/s in 4 MiB chunks, 13.1 GB/s from parts of odd lengths
-    crc32     3.5 GB/s as one part,  3.4 GB/s in 4 MiB chunks
-    hashlib  adler32 2.4, sha1 1.5, md5 0.57, blake2b 0.59 GB/s (earlier figures: 2.2, 1.4, 0.5, 0.6)
-
-Raw ZeroMQ loopback moves about 4.4 GB/s, i.e. 0.23 ns a byte. sum64 adds 0.07 ns a byte on each side;
-crc32 would add 0.29, more than the transfer itself, and roughly halve throughput. The digest is there
+Why ``sum64`` is the default: it runs several times faster than raw ZeroMQ moves bytes over loopback, so it
+adds little to a transfer, where crc32 is slower than the bus itself and would roughly halve throughput, and
+the hashlib digests slower still (docs/benchmarks.md, "Physical limits", has the figures). The digest is there
 to catch transmission and reassembly faults (a flipped bit, a torn, truncated or duplicated frame, a
 chunk at the wrong offset), not forgery: authenticity comes from CurveZMQ's per-message MAC, which no
 unkeyed digest could give anyway. What sum64 misses: 8-byte words swapped inside one chunk, and errors

@@ -1,10 +1,9 @@
 """Recycled files: a file whose bytes are no longer needed is renamed for the next writer instead of deleted,
 so its page-cache pages are overwritten rather than freed and allocated (and zeroed) again.
 
-Measured on the 2-core machine, CPU seconds to write 256 MiB in 2 MiB pieces: through a shared mapping of a new
-file 0.13-0.37, of a recycled one 0.06; with write(2) into a new file 0.25-0.42, into a recycled one 0.045.
-The broker's upload spools, a site's downloads (written through a mapping) and a training script's result files
-(written by ``serde.write_file``) all go through a pool.
+Writing into a recycled file costs a fraction of the CPU of writing a new one, through a shared mapping or with write(2)
+alike (docs/benchmarks.md). The broker's upload spools, a site's downloads (written through a mapping) and a training
+script's result files (written by ``serde.write_file``) all go through a pool.
 
 A pool is a folder's files named ``.free-*``, found by listing the folder: two processes sharing a folder (a
 site and its training script) share its pool, and taking a file is one atomic rename, so two takers never get

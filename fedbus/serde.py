@@ -405,11 +405,11 @@ def parse_header_cached(
 ) -> tuple[int, list[TensorSpec], dict[str, str]]:
     """``parse_header``, remembered for the last few distinct headers (as bytes).
 
-    Headers repeat: every update of a job, and every download of a version, carries the global model's
-    layout. Validating one is Python work on the receiver's event loop, per stream: 2 cores, 1 tensor 32 us,
-    31 tensors 402 us, 4,200 tensors (an LLM's layout, 300 KB of header) 49 ms; remembered 1.4 us, 1.6 us and
-    2.4 ms (hashing the bytes). Only a header that passed is remembered (a refusal is not cached, so it raises
-    every time), at most 16 of them; the caller gets its own list and dict.
+    Headers repeat: every update of a job, and every download of a version, carries the global model's layout.
+    Validating one is Python work on the receiver's event loop, per stream, and grows with the tensors (tens of ms for
+    an LLM's thousands); remembering costs a hash of the bytes (docs/benchmarks.md). Only a header that passed is
+    remembered (a refusal is not cached, so it raises every time), at most 16 of them; the caller gets its own list and
+    dict.
     """
     if not isinstance(data, bytes):
         return parse_header(data, max_total=max_total, total=total)
@@ -495,8 +495,8 @@ def append_to(fd: int, parts: Sequence[memoryview], *, align: int = 64) -> int:
     """Append ``parts`` (a ``Layout``'s, say) to the open file ``fd`` at the next multiple of ``align`` bytes;
     returns that offset.
 
-    Many small models in one file: creating a file per model cost a broker keeping 300 small updates a
-    second about a tenth of its time (``fedbus bench scale``, py-spy), appending almost nothing.
+    Many small models in one file: creating a file per model is a real share of the time of a broker keeping
+    hundreds of small updates a second; appending costs almost nothing.
     """
     end = os.lseek(fd, 0, os.SEEK_END)
     pad = -end % align
@@ -602,9 +602,7 @@ def read_file(path: str | os.PathLike[str], *, max_total: int | None = None) -> 
     """Tensors of a safetensors file: read once into one buffer, validated, returned as views of it.
 
     A large buffer goes on huge pages: a training script reads one model per round, and once the kernel has
-    free huge pages (after the first read) the fresh buffer's faults cost half: 512 MiB read in 0.15-0.19 s
-    against 0.28-0.31 s (16-core host), 256 MiB in 0.08 against 0.155 s (2-core VM; its very first huge
-    read took 0.50 s), 64 MiB in 0.017 against 0.034 s."""
+    free huge pages (after the first read) the fresh buffer's faults cost about half."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if max_total is not None and size > max_total:
@@ -626,12 +624,11 @@ def map_file(
 ) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
     """Tensors of a safetensors file as views of a shared, writable mapping of it, and the mapping.
 
-    No copy: a write to a tensor is a write to the file's page cache, and the file is whatever the tensors
-    hold. The pages are mapped for writing up front in one system call (``MADV_POPULATE_WRITE``), so neither
-    the first read nor the first write of a page traps. A training script's model, 512 MiB on the 2-core VM:
-    mapped and populated in 0.018 s, trained in place (``add_``) in 0.06 s, where reading it into fresh memory
-    took 0.63-1.0 s; pages mapped but not populated made the in-place update 0.33-0.43 s (a fault per 4 KiB
-    page). The mapping lives as long as the last view of it (``torch.frombuffer`` keeps it alive).
+    No copy: a write to a tensor is a write to the file's page cache, and the file is whatever the tensors hold. The
+    pages are mapped for writing up front in one system call (``MADV_POPULATE_WRITE``), so neither the first read nor
+    the first write of a page traps: a script's model is ready in a small fraction of the time reading it into fresh
+    memory takes (docs/benchmarks.md). The mapping lives as long as the last view of it (``torch.frombuffer`` keeps it
+    alive).
     """
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
     try:

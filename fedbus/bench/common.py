@@ -63,10 +63,11 @@ def peak_rss() -> int:
     return 0
 
 
-def reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs), so a phase's peak is its own."""
+def reset_peak_rss(pid: int | None = None) -> None:
+    """Reset a process's VmHWM (this one's by default) to its current RSS (Linux: write 5 to clear_refs), so a
+    phase's peak is its own. Where the kernel refuses, the peak keeps counting from the process's start."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open(f"/proc/{'self' if pid is None else pid}/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass

@@ -14,10 +14,14 @@ Figures (the last line, JSON):
 * ``bytes_per_round`` = 2 x N x model bytes (down and up); ``gbps`` = that / ``round_s``;
   ``raw_zmq_gbps`` = the bus's ceiling for the same bytes, measured in the same run by
   ``fedbus.bench.transfer.raw_zmq_gbps``; ``efficiency`` = ``gbps / raw_zmq_gbps``.
-* ``broker_rss_x``: the broker's peak RSS (VmHWM) growth over its RSS once listening, in model sizes.
-* ``total_rss_x``: the same for the whole process tree (broker, sites and their training scripts; the sum
-  of each process's peak), over the baselines: the daemons' RSS once started, and for each script the RSS
-  of an idle script process (``import torch, fedbus.client``) measured in the same run.
+* ``broker_rss_x``: the broker's peak RSS growth over its RSS once listening, in model sizes.
+* ``total_rss_x``: the same summed over the whole process tree (broker, sites and their training scripts), each
+  process over its own baseline: a daemon's RSS once the broker listens, a script's once it has imported torch
+  and connected (the script reads both figures itself). Each process's peak (VmHWM) is reset when its baseline
+  is taken, so a peak is the process's own from then on and never below its baseline. A script the job ended
+  before it connected (FedBuff may finish on the sites that were ready first) held no model and adds nothing;
+  an idle script measured in another process is no baseline for the others (their RSS differs by MiBs).
+  ``processes`` counts the daemons and the training scripts.
 * ``omp_threads``: the OpenMP threads each process was given (``OMP_NUM_THREADS``): the sites split the cores,
   the broker, standing for a server with a machine of its own, has half of them.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -41,20 +46,39 @@ from typing import Any
 import psutil
 
 from fedbus import serde
-from fedbus.bench.common import format_report, model_bytes, random_state_dict, thread_cpu
+from fedbus.bench.common import format_report, model_bytes, random_state_dict, reset_peak_rss, thread_cpu
 from fedbus.errors import ConfigError
 
 CLIENT = """
+import json
+import os
+from pathlib import Path
+
 import torch
 import fedbus.client as flare
+from fedbus.bench.common import peak_rss, reset_peak_rss, rss
+
+def report(suffix, figures):
+    path = Path(os.environ["FEDBUS_BENCH_MEMORY"], str(os.getpid()))
+    path.with_suffix(".tmp").write_text(json.dumps(figures))
+    path.with_suffix(".tmp").rename(path.with_suffix(suffix))
+
 
 flare.init()
+reset_peak_rss()  # the growth is this process's own from here: imported, connected, holding no model
+base = rss()
+report(".base", {"base": base})
 while flare.is_running():
     model = flare.receive()
     params = {k: (t.add_(0.001) if t.is_floating_point() else t) for k, t in model.params.items()}
     flare.send(flare.FLModel(params=params, params_type=model.params_type, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+report(".json", {"base": base, "peak": peak_rss()})
 """
 
+
+MEMORY_VAR = "FEDBUS_BENCH_MEMORY"
+"""The folder each training script writes its memory figures to: ``PID.base`` once connected (its baseline RSS),
+``PID.json`` as it ends (its baseline and peak RSS)."""
 
 POLL_S = 0.25
 """How often the bench asks the broker whether its job has ended."""
@@ -88,10 +112,12 @@ def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: 
     return model_bytes(model)
 
 
-def _daemon(args: list[str], log: Path, threads: int, level: str) -> subprocess.Popen:
-    # PocEnv's policy for processes sharing a machine: OpenMP threads split the cores (recipes/poc.py).
-    # Without it, torch's idle OpenMP threads spin: a third of the broker's CPU on 2 cores (perf, 64 MiB x 4).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+def _daemon(
+    args: list[str], log: Path, threads: int, level: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    # PocEnv's policy for processes sharing a machine: OpenMP threads split the cores (recipes/poc.py), since
+    # torch's idle OpenMP threads otherwise spin on cores the other processes need.
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as err:  # the child keeps its own descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "fedbus.cli", *args, "--log-json", "--log-level", level],
@@ -112,9 +138,7 @@ async def _run_job(address: str, folder: Path, timeout: float) -> dict[str, Any]
             if job["state"] in ("finished", "failed", "aborted"):
                 break
             # Figures come from the job's history, not from this poll: a slow poll only ends the run later,
-            # while a fast one is load on the broker being measured (at 20/s, 1.6 % of the broker's samples
-            # in a py-spy profile of the scale bench, whose status replies list 1,000 sites; too small to
-            # show in its updates/s, which vary +-5 % from run to run).
+            # while a fast one is load on the broker being measured.
             await asyncio.sleep(POLL_S)
         else:
             raise TimeoutError(f"job did not finish within {timeout} s")
@@ -143,14 +167,14 @@ def run_round(
     peaks = _Tree()
     try:
         size = _write_job(tmp / "job", size_mb, sites, rounds, strategy)
-        floor = subprocess.Popen([sys.executable, "-c", SCRIPT_FLOOR], stdout=subprocess.PIPE, text=True)
+        reports = tmp / "memory"
+        reports.mkdir()
         sock = tmp / "broker.sock"
         address = f"ipc://{sock}" if os.environ.get("FEDBUS_BENCH_IPC") else _free_tcp()
         cores = os.cpu_count() or 1
         threads = max(1, cores // (sites + 1))
         # The broker stands for a server with a machine of its own: half the cores for its folds, which run when
-        # the sites wait (its idle OpenMP threads sleep: cli.py). S = 512, N = 4, 16 cores, same machine,
-        # interleaved: 8 threads 1.37, 1.44, 1.33 s a round, 3 (the sites' share) 2.06, 1.50 (docs/benchmarks.md).
+        # the sites wait (its idle OpenMP threads sleep: cli.py); docs/benchmarks.md has the figures.
         broker_omp = max(threads, cores // 2)
         level = "debug" if logs else "warning"
         config = ["--config", str(broker_config)] if broker_config else []
@@ -168,17 +192,17 @@ def run_round(
                     tmp / f"s{i}.log",
                     threads,
                     level,
+                    {MEMORY_VAR: str(reports)},  # the sites pass their environment on to the scripts
                 )
             )
         _wait_listening(tmp / "broker.log", broker)
-        script_floor = int((floor.communicate(timeout=120)[0] or "0").strip() or 0)
-        base_rss = _proc_kb(broker.pid, "VmRSS")
         started = time.monotonic()
         peaks.start({p.pid: "broker" if p is broker else "sites" for p in procs})
         result = asyncio.run(_run_job(address, tmp / "job", timeout))
         wall = time.monotonic() - started
         peaks.stop()
-        broker_peak = _proc_kb(broker.pid, "VmHWM")
+        if result["state"] == "finished":
+            peaks.add_reports(_script_reports(reports, timeout=60.0))
     finally:
         peaks.stop()
         stop_all(procs)
@@ -194,8 +218,7 @@ def run_round(
     bytes_per_round = 2 * sites * size
     raw = raw_zmq_gbps(bytes_per_round)
     gbps = bytes_per_round / round_s / 1e9
-    scripts = len(peaks.peak) - len(procs)
-    tree_growth = sum(peaks.peak.values()) - sum(peaks.base.values()) - scripts * script_floor
+    growth = memory_growth(peaks.peak, peaks.base)
     cpu = peaks.cpu_between(times[1], times[-1])
     cpu_all = {k: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items())}
     cpu_per_round = {k: v for k, v in cpu_all.items() if ":" not in k}
@@ -212,9 +235,9 @@ def run_round(
         "gbps": round(gbps, 3),
         "raw_zmq_gbps": round(raw, 3),
         "efficiency": round(gbps / raw, 3),
-        "broker_rss_x": round((broker_peak - base_rss) / size, 3),
-        "total_rss_x": round(tree_growth / size, 3),
-        "processes": len(peaks.peak),
+        "broker_rss_x": round(growth[broker.pid] / size, 3),
+        "total_rss_x": round(sum(growth.values()) / size, 3),
+        "processes": len(procs) + len(peaks.scripts | (peaks.peak.keys() - {p.pid for p in procs})),
         "omp_threads": {"broker": broker_omp, "sites": threads},
         "cpu_s_per_round": cpu_per_round,
         "broker_cpu_s_per_round": broker_threads,
@@ -227,29 +250,61 @@ def run_round(
         ("round", f"median {round_s:.3f} s after the first ({', '.join(f'{x:.3f}' for x in per_round)})"),
         ("throughput", f"{gbps:.2f} GB/s of model traffic; raw zmq {raw:.2f} GB/s; efficiency {gbps / raw:.0%}"),
         ("broker rss", f"peak growth {out['broker_rss_x']:.2f} x model"),
-        ("process tree", f"peak growth {out['total_rss_x']:.2f} x model over {len(peaks.peak)} processes"),
+        ("process tree", f"peak growth {out['total_rss_x']:.2f} x model over {out['processes']} processes"),
         ("cpu per round", ", ".join(f"{k} {v:.2f} s" for k, v in cpu_per_round.items())),
         ("broker threads", ", ".join(f"{k} {v:.2f} s" for k, v in broker_threads.items())),
     ]
     return format_report(rows, out)
 
 
-SCRIPT_FLOOR = "import torch, fedbus.client, psutil; print(psutil.Process().memory_info().rss)"
-"""An idle training script: what every script process costs before it holds a model."""
+def memory_growth(peak: dict[int, int], base: dict[int, int]) -> dict[int, int]:
+    """Each process's peak RSS growth over its own baseline, in bytes, by PID.
+
+    Every process needs a baseline of its own, taken when its peak was reset: a peak below its baseline means
+    the two were not read in that order, and no figure is better than a wrong one (RuntimeError).
+    """
+    if peak.keys() != base.keys():
+        raise RuntimeError(f"processes without both a peak and a baseline: {sorted(peak.keys() ^ base.keys())}")
+    below = {pid: (peak[pid], base[pid]) for pid in peak if peak[pid] < base[pid]}
+    if below:
+        raise RuntimeError(f"peak RSS below its baseline (peak, baseline) by PID: {below}")
+    return {pid: peak[pid] - base[pid] for pid in peak}
+
+
+def _script_reports(folder: Path, timeout: float) -> dict[int, tuple[int, int]]:
+    """The memory reports of the training scripts that connected, by PID: (baseline, peak) RSS in bytes.
+
+    Each script writes its report as it ends, once the job has ended. A script the job ended before it
+    connected (FedBuff can finish on the updates of the sites that were ready first) held no model and
+    has none."""
+    connected = {int(f.stem) for f in folder.glob("*.base")}
+    deadline = time.monotonic() + timeout
+    while (missing := {pid for pid in connected if not (folder / f"{pid}.json").exists()}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    if missing:
+        raise RuntimeError(f"training scripts that connected but did not report their memory: {sorted(missing)}")
+    reports = {pid: json.loads((folder / f"{pid}.json").read_text()) for pid in connected}
+    return {pid: (r["base"], r["peak"]) for pid, r in reports.items()}
 
 
 class _Tree:
-    """Peak RSS (VmHWM) and CPU time of the daemons and every process they start, sampled in a thread.
+    """Peak RSS (VmHWM) of the daemons and CPU time of every process they start, sampled in a thread.
 
-    VmHWM only grows, so reading it every 0.1 s loses at most the last 0.1 s of a process that exits;
-    CPU samples are kept with their wall-clock time, so CPU seconds per round can be cut out between two
-    version timestamps. This runs in the harness, never on the round path.
+    A daemon's peak is reset when its baseline is read, and its VmHWM only grows, so the last sample (taken at
+    ``stop``, while the daemons still run) is its peak since the baseline. The training scripts measure their
+    own memory (``add_reports``): they may end between two samples. CPU samples are kept with their wall-clock
+    time, so CPU seconds per round can be cut out between two version timestamps. This runs in the harness,
+    never on the round path.
     """
 
     def __init__(self) -> None:
         self.peak: dict[int, int] = {}
         self.base: dict[int, int] = {}
         self.kind: dict[int, str] = {}
+        self.scripts: set[int] = set()
+        """The training scripts seen running (a site's children running ``client.py``), connected or not."""
         self.cpu: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -257,6 +312,8 @@ class _Tree:
         self._roots: list[int] = []
 
     def start(self, roots: dict[int, str]) -> None:
+        for pid in roots:  # the peak first, then the baseline: the peak can only be at or above it
+            reset_peak_rss(pid)
         self.base = {pid: _proc_kb(pid, "VmRSS") for pid in roots}
         self.kind = dict(roots)
         self._roots = list(roots)
@@ -278,11 +335,13 @@ class _Tree:
             except psutil.Error:
                 kids = []
             for kid in kids:
-                self.kind.setdefault(kid.pid, "scripts")
+                self.kind.setdefault(kid.pid, "scripts")  # CPU: a script's own children count as the script's
+                if kid.pid not in self.scripts and self.kind[pid] == "sites" and _runs_script(kid, pid):
+                    self.scripts.add(kid.pid)
+            hwm = _proc_kb(pid, "VmHWM")
+            if hwm:
+                self.peak[pid] = max(self.peak.get(pid, 0), hwm)
             for p in (pid, *(k.pid for k in kids)):
-                hwm = _proc_kb(p, "VmHWM")
-                if hwm:
-                    self.peak[p] = max(self.peak.get(p, 0), hwm)
                 try:
                     t = self._procs.setdefault(p, psutil.Process(p)).cpu_times()
                 except psutil.Error:
@@ -301,11 +360,25 @@ class _Tree:
         b = min(self.cpu, key=lambda s: abs(s[0] - t1))[1]
         return {k: b[k] - a.get(k, 0.0) for k in b}
 
+    def add_reports(self, reports: dict[int, tuple[int, int]]) -> None:
+        """Processes that measured their own memory: (baseline, peak) RSS in bytes by PID."""
+        for pid, (base, peak) in reports.items():
+            self.base[pid], self.peak[pid] = base, peak
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def _runs_script(proc: psutil.Process, site: int) -> bool:
+    """Whether ``proc`` is a training script a site started: not a helper process a site or script ran for a
+    moment (a shell, ``ldconfig``), which is no process of the job's."""
+    try:
+        return proc.ppid() == site and any(arg.endswith("client.py") for arg in proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 15.0) -> None:

@@ -18,10 +18,8 @@ Figures (last line, JSON): ``updates_per_s`` (accepted updates over the versions
 ``broker_cpu`` (CPU seconds per second, all threads) and the broker's RSS.
 
 The simulated sites run at a lower scheduling priority (``sim_nice``, default 10): they stand in for sites on
-other machines, and on shared cores the kernel would otherwise give them a third of the broker's core. On the
-2-core VM the broker's event loop was runnable 98 % of the time and ran 80 % (``/proc/PID/task/*/schedstat``:
-0.80 s on a core, 0.18 s waiting for one, per second), preempted ~1,500 times a second by the simulators and
-zmq's I/O threads; at nice 10 it runs ~0.9 and the broker accepts 13 % more (docs/benchmarks.md, scale).
+other machines, and on shared cores the kernel would otherwise preempt the broker's event loop for them many
+times a second, so that the bench measured the simulators' share of the machine rather than the broker.
 ``--sim-nice 0`` measures the broker with equal shares. The probes keep the default priority.
 """
 

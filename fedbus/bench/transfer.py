@@ -365,8 +365,8 @@ def run_transfer(
     chunk, window = int(chunk_mb * MiB), int(window_mb * MiB)
     total = int(size_mb * MiB)
     runs = [_one_run(size_mb, total, chunk, window, transport, device, dtype, lanes) for _ in range(repeat)]
-    # Each run measures the bus and then fedbus back to back; the host drifts by +-20 % between runs (the
-    # 16-core host: raw ZeroMQ 3.4-4.4 GB/s within minutes), so the ratio is the median of the runs' own
+    # Each run measures the bus and then fedbus back to back; a host's raw ZeroMQ drifts by +-20 % within
+    # minutes, so the ratio is the median of the runs' own
     # ratios (the lower middle one of an even count), and the run that gives it supplies the other figures.
     # Memory is the worst run's.
     median = sorted(runs, key=lambda r: r["ratio"])[(len(runs) - 1) // 2]

@@ -30,7 +30,7 @@ Strategy calls run one at a time, in the order their events came. Deciding on a 
 and folding it: a few tenths of a second for 512 MiB) runs on the job's strategy thread, so that meanwhile
 the event loop keeps moving the other sites' bytes; an event that comes while such a call runs waits for it
 and is decided after it, as it would have been on the loop. With no large upload in flight a call runs on
-the loop at once. ``fedbus bench round`` at 512 MiB x 4 sites: see docs/benchmarks.md.
+the loop at once.
 
 Accepted updates outlive the process where the strategy buffers them (``restores_updates``: FedBuff). Each
 one's params are kept under the job's ``kept/`` folder (the spool file is renamed there, a small in-memory
@@ -80,11 +80,9 @@ from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
 
 CHECKPOINTS_BEHIND = 2
 """Published versions whose checkpoint has not landed, at most, while new tasks go out. Each holds its model in
-memory until written: on a disk slower than the rounds (an fsync of the whole model every round), writes lagged
-several rounds and the broker grew by a model each (the fourth session traced a ``broker_rss_x`` of 3.18 at
-256 MiB x 2 sites on 2 cores to it). Two leave the next write room to overlap a round on a disk that keeps up:
-``fedbus bench round --size-mb 256 --sites 2`` on 2 cores, ``broker_rss_x`` 2.06, 2.10 and ``round_s`` 2.64,
-2.89 with it (2.12-2.32 and 2.69-2.89 before)."""
+memory until written: on a disk slower than the rounds (an fsync of the whole model every round) an unbounded
+backlog would grow the broker by a model a round. Two leave the next write room to overlap a round on a disk
+that keeps up (docs/benchmarks.md, "Why the defaults")."""
 
 SMALL_UPLOAD = DEFAULT_CHUNK
 """Uploads of at most one chunk and this many bytes are received into memory instead of a spool file."""
@@ -404,7 +402,7 @@ class JobController:
     def _decide(
         self, call: Callable[[], list[Action]], *, heavy: bool = False, update: Update | None = None
     ) -> asyncio.Future | None:
-        """Make one strategy call after every earlier one and execute its actions (see the module's doc).
+        """Make one strategy call after every one before it and execute its actions (see the module's doc).
 
         Returns None when the call ran at once, else a future done once its actions ran.
         """

@@ -138,8 +138,8 @@ class Metrics:
             if self.boards is not None:
                 self.boards.version(job, action.version, action.metrics)
                 if since is not None:
-                    # Per version, not per update: a point per update cost the broker's TensorBoard writer 9 % of
-                    # its samples at 300 updates/s (``fedbus bench scale``, py-spy), for a curve nobody can read.
+                    # Per version, not per update: a point per update loads the broker's TensorBoard writer at
+                    # hundreds of updates a second, for a curve nobody can read.
                     self.boards.scalar(job, "fedbus/staleness", since[0] / since[1], action.version)
                     self.boards.scalar(job, "fedbus/staleness_max", since[2], action.version)
 
@@ -418,9 +418,8 @@ class BoardWriters:
     in it among them. SummaryWriter writes from its own thread.
 
     Importing ``torch.utils.tensorboard`` takes about a second of CPU. Done where the first version is
-    published, it held the broker's event loop for 0.9 s (py-spy, scale bench, 2 cores: 7.5 % of a 12 s
-    profile); it is started in a thread of its own at construction instead, so the loop only waits for
-    what is left of it.
+    published, it would hold the broker's event loop that long; it is started in a thread of its own at
+    construction instead, so the loop only waits for what is left of it.
     """
 
     def __init__(self, board_dir: Callable[[str], Path]) -> None:

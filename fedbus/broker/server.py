@@ -34,7 +34,7 @@ from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.broker.tracking import BEST_MODEL, Tracking, best_version, check_lines, check_record, key_metric_of
 from fedbus.config import BrokerConfig, is_safe_name
-from fedbus.errors import ConfigError, FedbusError, PeerUnreachable, TransportError
+from fedbus.errors import ConfigError, FedbusError, PeerError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
     MAX_HELD,
@@ -73,20 +73,16 @@ def default_upload_slots() -> int:
     (where two or more placement threads write the chunks), else 2. Each upload in flight holds up to a window
     of memory (``UPLOAD_WINDOWS`` for all of them).
 
-    16-core host, the same machine, interleaved: S = 64, N = 4 ``round_s`` 0.2325, 0.2309 with 4 slots against
-    0.2513, 0.2525 with 2 (every earlier session's pairs said the same, by 4-8 %), S = 512 1.97 / 1.98;
-    ``broker_rss_x`` at S = 256 2.06 (N = 2) and 2.38 (N = 16), within 2.5. On the 2-core VM the uploads only
-    take turns on the same cores, and 4 x 32 MiB took ``broker_rss_x`` at S = 256, N = 8 to 2.62 (2.34 with 2).
+    With spare cores, uploads received side by side make rounds shorter within the broker's memory target; on
+    a small machine they only take turns on the same cores while each holds a window (docs/benchmarks.md).
     """
     return 4 if usable_cores() >= 8 else 2
 
 
 UPLOAD_WINDOWS = 64 * MiB
 """What the credit windows of the uploads in flight hold together, unless the profile sets ``window_mb``: 32 MiB
-each with two slots, 16 with four. With 32 MiB each at four slots (the eighth session's default) ``broker_rss_x``
-at S = 256, N = 16 was 2.61-2.68 on the ninth to eleventh sessions' 16-core hosts, over #8's 2.5; the eleventh
-session, one machine, interleaved: 16 MiB 2.361 against 32 MiB 2.646 there, S = 64, N = 4 ``round_s`` 0.190,
-0.181, 0.175 against 0.192, 0.182, 0.195, S = 512, N = 4 1.269, 1.267 against 1.188, 1.305 (docs/benchmarks.md)."""
+each with two slots, 16 with four. A fixed total keeps the broker's memory at many sites within its target
+(``broker_rss_x`` <= 2.5) whatever the slots, at no cost in round time (docs/benchmarks.md)."""
 
 
 def default_window(slots: int, chunk: int) -> int:
@@ -315,7 +311,7 @@ class Broker:
             return
         if isinstance(msg, Request):
             if peer not in self.registry.admins:
-                raise FedbusError("say hello as an admin before sending requests")
+                raise PeerError(user or peer.hex(), "say hello as an admin before sending requests")
             await self._request(peer, msg, payload, user)
             return
         if msg.TYPE in STREAM_TYPES:
@@ -348,7 +344,7 @@ class Broker:
         elif isinstance(msg, JobEvent):
             self._job_event(site.name, msg)
         else:
-            raise FedbusError(f"unexpected message type {msg.TYPE!r} from a site")
+            raise PeerError(site.name, f"unexpected message type {msg.TYPE!r} from a site")
 
     async def _unauthorized(self, inc: Any, reason: str) -> None:
         """A message the keys do not allow: refused, audited, and a site record it claimed is dropped."""
@@ -383,25 +379,25 @@ class Broker:
     def _controller(self, job_id: str, site: str) -> JobController:
         c = self.controllers.get(job_id)
         if c is None or site not in c.sites:
-            raise FedbusError(f"site {site!r} has no running job {job_id!r}")
+            raise PeerError(site, f"job {job_id!r} is not running on this site")
         return c
 
     async def _hello(self, peer: bytes, msg: Hello, now: float, user: str = "") -> None:
         refusal = self.guard.hello_refusal(user, msg)
         if refusal is not None:
-            raise FedbusError(refusal)
+            raise PeerError(user or msg.name[:64], refusal)
         self.guard.audit.record("hello", by=user or msg.name[:64], key=self.guard.key_of(user), role=msg.role[:16])
         if msg.role == "admin":
             self.registry.admins.add(peer)
             self._admin_names[peer] = user or msg.name[:64]
         elif msg.role == "site":
             if not is_safe_name(msg.name):
-                raise FedbusError(f"invalid site name {msg.name[:64]!r}")
-            holds = check_holds(msg.holds)
+                raise PeerError(user or peer.hex(), f"invalid site name {msg.name[:64]!r}")
+            holds = check_holds(msg.holds, msg.name)
             _, arrival = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
             log.info("site registered", site=msg.name, arrival=arrival, holds=len(holds))
         else:
-            raise FedbusError(f"unknown role {msg.role[:32]!r}")
+            raise PeerError(user or msg.name[:64], f"unknown role {msg.role[:32]!r}")
         await self._send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
         if msg.role == "site":
             assert self.hub is not None
@@ -425,7 +421,7 @@ class Broker:
 
         Silence is judged only up to the moment the receive loop last had nothing unread: after the loop was
         held up (a long fold, a checkpoint, a busy machine), heartbeats may sit in the socket, and a sweep
-        that ran first expired every site at once (seen with 8 sites importing torch on 2 cores)."""
+        that ran first expired every site at once (as when many sites import torch on a small machine)."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             assert self.endpoint is not None
@@ -456,7 +452,7 @@ class Broker:
         only, never into the store."""
         job = self.store.job(msg.job_id)
         if job is None or site not in job["sites"]:
-            raise FedbusError(f"site {site!r} has no job {msg.job_id[:80]!r}")
+            raise PeerError(site, f"an event of job {msg.job_id[:80]!r}, which this site never ran")
         if msg.event == "log_text":
             lines, dropped = check_lines(msg.data)
             self.tracking.lines(msg.job_id, site, lines, dropped)
@@ -700,9 +696,10 @@ class Broker:
             await self._start_waiting_jobs()
 
     async def _admin_op(self, peer: bytes, req: Request, payload: list[memoryview]) -> dict[str, Any]:
+        who = self._admin_names.get(peer, peer.hex())
         if req.op == "submit":
             if len(payload) != 1:
-                raise ConfigError("submit needs exactly one payload frame: the job folder as a zip")
+                raise PeerError(who, "submit needs exactly one payload frame: the job folder as a zip")
             return self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
         if req.op == "status":
             return self._status(req.args.get("job_id"))
@@ -731,7 +728,7 @@ class Broker:
                 "updates": self.store.updates(job["id"]),
                 **self._best_model(job),
             }
-        raise ConfigError(f"unknown request op {req.op[:32]!r}")
+        raise PeerError(who, f"unknown request op {req.op[:32]!r}")
 
     def _best_model(self, job: dict[str, Any]) -> dict[str, Any]:
         """The download's ``best_*`` fields, with ``[tracking] key_metric``: the best version and its file."""
@@ -747,7 +744,8 @@ class Broker:
         """Accept a job folder (without its model); the submitter streams the model next."""
         max_model = int(self.config.max_model_mb * MiB)
         if type(model_bytes) is not int or not 0 < model_bytes <= max_model:
-            raise ConfigError(f"submit: model_bytes must be an int in (0, {max_model}], got {model_bytes!r}")
+            who = self._admin_names.get(peer, peer.hex())
+            raise PeerError(who, f"submit: model_bytes must be an int in (0, {max_model}], got {model_bytes!r}")
         job_id = self.store.new_job_id("job")
         folder = self.store.job_dir(job_id)
         spec = jobs.unpack_job(archive, folder / "files", require_model=False)
@@ -790,13 +788,13 @@ class Broker:
             log.warning("download failed", job=data["job_id"], reason=str(exc))
 
 
-def check_holds(holds: list) -> frozenset[str]:
-    """A site's ``hello.holds``, checked: at most ``MAX_HELD`` task ids, each a safe name."""
+def check_holds(holds: list, site: str) -> frozenset[str]:
+    """A site's ``hello.holds``, checked: at most ``MAX_HELD`` task ids, each a safe name (else PeerError)."""
     if len(holds) > MAX_HELD:
-        raise FedbusError(f"hello names {len(holds)} held tasks, more than {MAX_HELD}")
+        raise PeerError(site, f"hello names {len(holds)} held tasks, more than {MAX_HELD}")
     for task_id in holds:
         if not is_safe_name(task_id):
-            raise FedbusError(f"hello names a held task that is not a task id: {str(task_id)[:80]!r}")
+            raise PeerError(site, f"hello names a held task that is not a task id: {str(task_id)[:80]!r}")
     return frozenset(holds)
 
 

@@ -75,8 +75,8 @@ class JobStore:
         if "kept" not in [r[1] for r in self.db.execute("PRAGMA table_info(updates)")]:  # a workspace from before
             self.db.execute("ALTER TABLE updates ADD COLUMN kept TEXT")
         # Only the updates still kept on disk, released at every checkpoint: the index stays small while the
-        # table grows, where a scan of every update ever recorded cost each checkpoint 2.6 ms at 5,000
-        # updates and 43 ms at 100,000 (the broker's loop waits for it).
+        # table grows, where a scan of every update ever recorded would grow each checkpoint's cost with the
+        # job's age (the broker's loop waits for it).
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
         self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
         self._batch: list[Callable[[], None]] | None = None  # an open transaction: what waits for its commit
@@ -85,8 +85,8 @@ class JobStore:
 
     def _batch_this_turn(self) -> None:
         """Open the transaction that the updates recorded in this turn of the event loop share (committed at
-        the turn's end). A commit per update was 67 us of the broker's loop against 20-27 us batched (2 cores,
-        WAL: each commit appends its own pages and runs the WAL's checkpoints), at 400 updates a second."""
+        the turn's end). A commit per update costs the broker's loop several times as much (WAL: each commit
+        appends its own pages and runs the WAL's checkpoints); docs/benchmarks.md has the figures."""
         if self._batch is not None:
             return
         try:

@@ -6,16 +6,15 @@ and the file the site streams to the broker is byte for byte the file the script
 does the work: it validates the header of what it reads, and writes tensor by tensor (no concatenated
 copy) into a temporary file that is renamed into place, so the site never sees half a model (no fsync:
 the file lives for seconds, and a crash of the machine loses the task anyway). The temporary file is one the
-site released after an earlier upload, when there is one (``fedbus.recycle``: 5-9x less CPU to write).
+site released after an earlier upload, when there is one (``fedbus.recycle``: a fraction of the CPU to write).
 
 A task's file the site lets go (``meta["take"]``: no privacy filter needs its bytes at upload) is *taken*:
 renamed out of the site's reach (``inbox/.held-*``) and mapped shared (``serde.map_file``). FULL: receiving copies
 nothing, and a script that trains the received tensors in place (``load_state_dict(..., assign=True)``, or
 updating them directly) sends a result that is that very file, linked into the outbox: no write at all. DIFF: the
 script trains a copy, and ``local - base`` is computed into the mapped base, which is then the result: the base
-read once instead of twice, and no result written.
-``fedbus bench round --size-mb 512 --sites 4`` spent 0.40-0.48 s of each round in the script's turn on the 16-core
-host, 0.16-0.23 s of it reading the model and 0.19-0.44 s writing the result (docs/benchmarks.md). Once the last
+read once instead of twice, and no result written: reading the model and writing the result were most of a
+script's turn in a round. Once the last
 view of the mapping is gone the file goes back to the inbox's pool (``fedbus.recycle``) for a later download; a
 file still linked elsewhere (an upload kept for resuming) is only unlinked, so a recycled file is never one a
 live tensor or an upload reads.

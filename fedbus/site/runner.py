@@ -264,9 +264,8 @@ class JobRunner:
             return None
         del self._expected[task.task_id]
         path = self.folder.take_inbox_file(task.task_id)
-        # Written through a shared mapping of the file. Positional writes (SpoolSink, pwritev) cost 2.4x less CPU
-        # (64 MiB: 0.017 vs 0.040 s, 2 cores) but stalled a site's loop past its liveness window under writeback
-        # (fedbus bench round --size-mb 512 --sites 4 on 2 cores: a site declared gone in round 3, twice).
+        # Written through a shared mapping of the file. Positional writes (SpoolSink, pwritev) cost less CPU but
+        # can stall a site's loop past its liveness window under writeback (docs/benchmarks.md).
         sink = BufferSink(max_total=self.settings.max_model_bytes, path=str(path))
         self._spawn(self._await_model(task, sink, path))
         return sink

@@ -84,7 +84,7 @@ class Uplink:
 
     async def stream(self, source: ModelSource, ctx: dict, sid: int) -> str:
         await self.hub.send(b"", source, ctx, sid)
-        return source.sums(self.hub.chunk_size, self.hub.alg).digest()  # the sums are cached: no second pass
+        return source.sums(self.hub.chunk_size, self.hub.alg).digest()  # sums are cached: no re-read
 
     async def resume_stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
         await self.hub.send(b"", source, ctx, sid, resumed=True)

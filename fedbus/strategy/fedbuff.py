@@ -337,8 +337,7 @@ class FedBuff(Strategy):
         if free <= 0:
             return []
         # Idle sites are kept as they change (joins, and sites whose task closed), not found by going over every
-        # site: that ran once per update, 5 % of the broker's loop at 1,000 sites as a loop and 2 % as a set
-        # difference (``fedbus bench scale``), and grew with the sites. In training, tasks are issued only
+        # site: that would run once per update and grow with the sites. In training, tasks are issued only
         # here, so a site freed since the last call is idle now; one that left is not taken back.
         self._idle |= self._book.take_freed() & self._sites
         idle = [s for s in self._idle if not self._benched(s)]

@@ -10,7 +10,7 @@ at once without blocking, and only a call that would block waits, on the socket'
 event loop. zmq's descriptor signals changes, not readiness: any operation on the socket may consume the
 signal another direction waits for, so the endpoint reads ``EVENTS`` after every operation while anyone
 waits, and again before it sleeps. pyzmq's asyncio wrapper does the same with a future, a callback and a
-timer per call: 47 -> 9 us per small receive, 11 -> 4 us per send (docs/benchmarks.md, scale).
+timer per call, several times the cost of a small message (docs/benchmarks.md).
 
 Socket options, and why:
 * ``ROUTER_MANDATORY``: a send to an unknown peer raises instead of vanishing silently.
@@ -59,17 +59,17 @@ MAX_FRAME = 80 << 20
 HWM = 10_000
 COPY_BELOW = 256 << 10
 """Frames smaller than this are copied on send. A zero-copy frame is tracked by pyzmq's collector thread until
-libzmq lets go of it; send + receive over tcp loopback, one thread each side (2 cores, CPU us per message,
-copy / zero-copy): 100 KB 94-110 / 127-146, 256 KiB 142-162 / 156-174, 512 KiB 220 / 217, 1 MiB 429 / 329.
-pyzmq's own threshold is 64 KiB; a 100 KB model (the scale bench's) now goes as a copy."""
+libzmq lets go of it, which costs more than copying a frame below about 256 KiB (CPU per message sent and
+received over tcp loopback); pyzmq's own threshold is 64 KiB. Small models, the common case at many sites,
+go as a copy."""
 LINGER_MS = 200
 YIELD_EVERY = 64
 """Receives in a row that find a message waiting before one yields to the event loop anyway."""
 
 # Flags and events as plain ints: pyzmq's are IntFlag members, and every ``&`` or ``|`` on one builds a new
-# enum member (2 us, against 0.08 for ints). For the same reason a message's frames are sent and received one
-# by one here: ``send_multipart`` / ``recv_multipart`` cost 8.1 / 9.6 us for a two-frame message against
-# 3.4 / 4.3 us this way (``RCVMORE`` read from the frame, not asked of the socket).
+# enum member, many times the cost of an int operation. For the same reason a message's frames are sent and
+# received one by one here (``RCVMORE`` read from the frame, not asked of the socket): ``send_multipart`` and
+# ``recv_multipart`` cost about twice as much for a two-frame message (docs/benchmarks.md).
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _POLLIN = int(zmq.POLLIN)
@@ -86,11 +86,8 @@ def io_threads(*, server: bool = False) -> int:
 
     A server on 8 cores or more gets twice as many (up to 8), because libzmq hands a new connection to the
     thread with the fewest sockets, not the least traffic: the listener and an idle admin client count as much
-    as a site.
-    ``fedbus bench round --size-mb 512 --sites 4``, 16-core host: with 4 threads two runs of three put two sites
-    on one thread (6.3-6.4 CPU s on it, 0.3 on another; their uploads took twice as long: rounds 1.42-1.52 s
-    against 1.36 balanced); with 8 threads, four runs of four gave every site a thread of its own (rounds
-    1.34-1.47 s). Threads with no connection cost nothing.
+    as a site, and two sites on one thread take twice as long to upload. Threads with no connection cost nothing
+    (docs/benchmarks.md).
     """
     cores = usable_cores()
     default = 1 if cores < 8 else min(4, cores // 4)
@@ -105,9 +102,7 @@ So a dealer pins each lane to a thread of its own (``ZMQ_AFFINITY``; lanes share
 context has fewer threads than lanes), and connects them a few ms apart, so that the receiving router has counted
 one before it places the next (zmq's own reconnects are jittered). Chunks go over a lane once it has connected.
 Without a running event loop (or over ``inproc://``, which uses no I/O thread) lanes connect at once.
-``fedbus bench transfer --size-mb 1024``, 16-core host, per-thread CPU: before, the sender's two lanes on one
-thread in three runs of three (0.25 CPU s on it, none on the other), the receiver's in one of three; after,
-0.15-0.17 s on each of two threads on both sides, and the cold ``ratio`` 0.98-1.06 against 0.73-0.80."""
+``tests/transport/test_lanes.py`` checks that each lane is copied by an I/O thread of its own."""
 
 LANE_MARK = b"\x00lane"
 """Between a connection's routing id and a lane number: a lane's routing id is ``id + LANE_MARK + bytes([k])``.
@@ -118,13 +113,9 @@ MAX_LANES = 8
 def stream_lanes() -> int:
     """Connections a site (or the transfer bench) spreads its stream chunks over (``FEDBUS_LANES`` overrides).
 
-    Two on 8 cores or more. 16-core host, raw ZeroMQ from a model's memory: one connection 3.6-3.9 GB/s, two
-    5.9-6.8 (each on an I/O thread of its own: ``LANE_STAGGER``; 4.4-5.1 while they shared one).
-    ``fedbus bench transfer --size-mb 1024`` (median ratio of three runs, per pass): two lanes 0.98-1.06 over five
-    passes (fedbus 3.5-4.1 GB/s; 0.74-0.94 while they shared a thread), one lane 0.65 and 0.73. Rounds: ``fedbus
-    bench round --size-mb 256 --sites 16`` 2.23-2.25 s with two lanes per site against 2.84 s with one (same
-    machine). On fewer cores there is no spare core for a second I/O thread (2 cores, raw: 2.7-2.9 vs 3.0-3.2
-    GB/s, within the noise), so one.
+    Two on 8 cores or more: one connection is copied by one I/O thread, whose core bounds it; a second
+    connection on a thread of its own (``LANE_STAGGER``) adds a core's copying. On fewer cores there is no spare
+    core for a second I/O thread, so one. Figures: docs/benchmarks.md.
     """
     default = 2 if usable_cores() >= 8 else 1
     return min(MAX_LANES, thread_count("FEDBUS_LANES", default, minimum=1))

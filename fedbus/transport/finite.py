@@ -1,9 +1,8 @@
 """Finiteness of an incoming model, checked chunk by chunk as its bytes arrive.
 
 Why: a strategy refuses an update with a NaN or Inf anywhere (one would poison the global model for good),
-and checking afterwards is a second pass over the whole update: for a spooled 64 MiB update on a 16-core host,
-mapping the file again and summing it were half of the strategy's time per update (py-spy of
-``fedbus bench round``), and the strategy's decisions are serialized. Checked as each chunk lands, the bytes
+and checking afterwards would read the whole update again (for a spooled update, map the file again and sum it)
+on the strategy's time, and the strategy's decisions are serialized. Checked as each chunk lands, the bytes
 are still in cache, the work is spread over the placement threads, and the strategy reads the answer.
 
 A chunk's frames are checked element by element where whole elements lie inside a frame; an element cut by a

@@ -8,13 +8,13 @@ update sits in the page cache (and, under memory pressure, on disk) until it is 
 
 A spooled tensor is a view of a shared memory map of its own byte range of the file (``MAP_POPULATE``:
 one system call maps every page): no copy and no fresh memory, where reading it back into a new tensor
-paid a first-touch page fault per 4 KiB (1.3 GB/s on the 2-core machine). ``fedbus bench round``, 64 MiB
-x 4 sites: validation + fold of one update went from ~0.7 s to ~0.03 s (docs/benchmarks.md). The
-mapping lives as long as the tensor: a strategy that folds one tensor at a time holds one at a time.
+would pay a first-touch page fault per 4 KiB, which dominated validating and folding an update
+(docs/benchmarks.md). The mapping lives as long as the tensor: a strategy that folds one tensor at a time
+holds one at a time.
 Spool files are recycled (``fedbus.recycle.FilePool``): a released update's file is renamed for the next upload
-instead of deleted, so its page-cache pages are overwritten rather than freed and allocated again (pwritev of
-256 MiB: 0.15 CPU s into a new file, 0.055 s into a reused one, 2 cores). A file is only recycled once no tensor
-mapped from it is alive; otherwise it is deleted as before (its mappings keep their data).
+instead of deleted, so its page-cache pages are overwritten rather than freed and allocated again (about a
+third of the CPU to write). A file is only recycled once no tensor mapped from it is alive; otherwise it is
+deleted (its mappings keep their data).
 Tensors below ``MAP_MIN`` bytes are read with ``preadv`` instead (a mapping per bias vector costs more
 than the copy). Files opened read-only (``open_params``) are read, since a read-only buffer cannot back a
 writable tensor.

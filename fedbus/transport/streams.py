@@ -41,20 +41,16 @@ from fedbus.transport.endpoint import COPY_BELOW
 from fedbus.transport.finite import FiniteScan
 
 DEFAULT_CHUNK = 2 << 20
-"""Chunk size, from sweeps of one cold 1 GiB send (docs/benchmarks.md, twelfth session: chunk 1, 2, 4 MiB x
-window 32, 64, 128 MiB, three interleaved runs each, 16-core host, two lanes). Median cold GB/s: 1 MiB
-2.90-3.13 (per-chunk costs), 2 MiB 4.10 / **4.53** / 4.18, 4 MiB 4.15 / 4.32 / 4.43 (windows 32 / 64 / 128). A
-chunk is credited back once written, and a smaller one is written sooner; below 2 MiB the per-message costs win.
-On 2 cores all are within noise (0.8-1.1 GB/s)."""
+"""Chunk size. A chunk is credited back once written, and a smaller one is written sooner; below 2 MiB the
+per-message costs win. Chosen by a sweep of chunk x window sizes (docs/benchmarks.md, "Why the defaults")."""
 
 DEFAULT_WINDOW = 64 << 20
-"""Credit window in bytes (what one stream may have in flight beyond what the receiver verified), from the
-same sweeps: 64 MiB had the best and steadiest cold figure with 2 MiB chunks (4.43-4.77 GB/s; 32 MiB 2.89-4.62,
-128 MiB 3.58-4.88)."""
+"""Credit window in bytes: what one stream may have in flight beyond what the receiver verified. With 2 MiB
+chunks, 64 MiB gave the best and steadiest cold transfer in the same sweep (docs/benchmarks.md)."""
 
 TRIM_AFTER = 64 << 20
 """Bytes received by streams between two trims of the heap: when the last stream of a burst ends, the memory of
-its frames goes back (``_memory.release_free_memory``, 2-4 ms); a broker that takes small updates by the
+its frames goes back (``_memory.release_free_memory``, a few ms); a broker that takes small updates by the
 thousand does not trim after each."""
 
 PLACEMENT_MIN = 1 << 20
@@ -69,10 +65,10 @@ def placement_threads() -> int:
     """How many threads write received chunks into place (0: the event loop writes them itself).
 
     Writing a chunk (the first touch of fresh buffer pages, the copy out of zmq's frame, the digest of what
-    landed) is most of a receiver's work: one thread doing it for a 1 GiB model is busy the whole transfer
-    (0.70-0.86 CPU s of 0.72-0.88 s on a 16-core host, ``receiver_cpu_s`` of ``fedbus bench transfer``).
-    With spare cores the writes run in parallel, the loop only routing. On two cores there is no spare core:
-    threads would only add hand-offs. ``FEDBUS_PLACEMENT_THREADS`` overrides the choice.
+    landed) is most of a receiver's work: one thread doing it is busy for the whole transfer (``receiver_cpu_s``
+    of ``fedbus bench transfer`` shows it). With spare cores the writes run in parallel, the loop only routing.
+    On two cores there is no spare core: threads would only add hand-offs. ``FEDBUS_PLACEMENT_THREADS``
+    overrides the choice.
     """
     cores = usable_cores()
     return thread_count("FEDBUS_PLACEMENT_THREADS", 0 if cores < 4 else min(4, cores // 4))
@@ -158,14 +154,14 @@ class ModelSource:
 class ChunkSums(Sequence[int]):
     """A model's chunk sums, each computed when its chunk is first sent, so sending starts at once.
 
-    Computing all sums before the offer cost a serial pass over the model (0.09 s per GiB here, a fifth of
-    the raw bus time of that GiB); lazily, each 4 MiB sum is taken just before its chunk leaves, while the
+    Computing all sums before the offer would be a serial pass over the model before its first byte leaves;
+    lazily, each 4 MiB sum is taken just before its chunk leaves, while the
     bytes are hot in cache. A broker broadcasting one global model to N sites still pays for them once.
     """
 
     def __init__(self, source: ModelSource, chunk_size: int, alg: str) -> None:
         # A weak reference: the source holds its sums, and a cycle would keep every old global model alive
-        # until a full garbage collection (+1 model of broker RSS per round, fedbus bench round at 256 MiB).
+        # until a full garbage collection (the broker would hold one more model per round).
         self._ref, self._total = weakref.ref(source), source.total
         self._chunk, self._alg = chunk_size, alg
         self._sums: list[int | None] = [None] * -(-source.total // chunk_size)
@@ -200,7 +196,7 @@ class ChunkSums(Sequence[int]):
 
     def digest(self) -> str:
         """The whole-stream digest (every chunk's sum, computing those not yet sent), computed once: a broker
-        names it in every task's offer and audit record (2.8 % of its loop at 1,000 sites when recomputed)."""
+        names it in every task's offer and audit record, which at many sites would add up."""
         if self._digest is None:
             total, chunk = self._total, self._chunk
             self._digest = digest.stream_digest(
@@ -312,8 +308,8 @@ class BufferSink:
 
     def _adopt(self, offer: Offer, inline: Sequence[memoryview]) -> bool:
         """Take a small model's one inline frame (zmq's received message) as the buffer: no allocation, and
-        ``write`` finds its bytes in place. A broker at 1,000 sites spent 6 % of its loop allocating and
-        filling a fresh buffer for each 100 KB update (``fedbus bench scale``). Tensors keep the frame alive.
+        ``write`` finds its bytes in place: a broker taking small updates from many sites allocates and fills
+        no buffer per update. Tensors keep the frame alive.
 
         Only a frame under ``COPY_BELOW``: every sender copies those into memory of zmq's own. A larger one may
         have been sent zero-copy over ``inproc://`` (SimEnv), and its memory is then the sender's own object."""
@@ -335,7 +331,7 @@ class BufferSink:
         elif self.path is None:
             self.buffer = serde.allocate(offer.total, huge=placement_threads() > 0)
             # Only a buffer of its own mapping has fresh pages to populate; a small one comes from the heap
-            # (a system call per chunk of a 100 KB upload was 1 % of a broker at 1,000 sites, for nothing).
+            # (a system call per chunk of a small upload would cost a broker at many sites for nothing).
             self._populate = offer.total >= PLACEMENT_MIN
         else:
             if not resume:  # no O_TRUNC: a recycled file's pages (fedbus.recycle) are overwritten, not freed
@@ -403,7 +399,7 @@ class _Placements:
     """The chunks of one incoming stream on their way into its sink, written by placement threads.
 
     They are reported to the ``Receiver`` in the order it accepted them. A chunk sent again (after a NACK or a
-    resume) waits until every earlier write has landed and been reported, so two writes never race for the
+    resume) waits until every write before it has landed and been reported, so two writes never race for the
     same bytes and a chunk already verified is never overwritten. A chunk that overtook an earlier one (the
     sender spreads chunks over several connections) waits in ``ahead`` for its turn, and so does an END that
     came before the chunks it follows: both are bounded by the credit window.

@@ -25,7 +25,8 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert out["bytes_per_round"] == 2 * 2 * 524288
     assert out["round_s"] > 0 and out["gbps"] > 0 and out["raw_zmq_gbps"] > 0
     assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02)
-    assert out["broker_rss_x"] > 0 and out["total_rss_x"] > 0 and out["processes"] == 5  # broker, 2 sites, 2 scripts
+    assert out["processes"] == 5  # broker, 2 sites, 2 scripts, each over its own baseline: the tree holds the broker
+    assert out["broker_rss_x"] > 0 and out["total_rss_x"] >= out["broker_rss_x"]
     assert set(out["cpu_s_per_round"]) == {"broker", "sites", "scripts"}
     cores = os.cpu_count() or 1  # OpenMP: the sites split the cores, the broker (a server) has half of them
     assert out["omp_threads"] == {"broker": max(1, cores // 3, cores // 2), "sites": max(1, cores // 3)}

@@ -16,7 +16,7 @@ import torch
 
 from fedbus.broker.registry import Registry
 from fedbus.broker.server import check_holds
-from fedbus.errors import FedbusError
+from fedbus.errors import PeerError
 from fedbus.protocol.messages import MAX_HELD, Task
 from fedbus.site.uploads import held_tasks
 from fedbus.strategy import FedAvg, FedBuff
@@ -137,13 +137,14 @@ def test_the_registry_tells_a_restarted_process_from_a_reconnect() -> None:
 
 
 def test_held_tasks_in_a_hello_are_checked() -> None:
-    assert check_holds(["0-a-1.e1", "1-a-2.e1"]) == {"0-a-1.e1", "1-a-2.e1"}
-    with pytest.raises(FedbusError, match="not a task id"):
-        check_holds(["../../etc/passwd"])
-    with pytest.raises(FedbusError, match="not a task id"):
-        check_holds([7])
-    with pytest.raises(FedbusError, match="more than"):
-        check_holds([f"t{i}" for i in range(MAX_HELD + 1)])
+    assert check_holds(["0-a-1.e1", "1-a-2.e1"], "a") == {"0-a-1.e1", "1-a-2.e1"}
+    with pytest.raises(PeerError, match="^a: .*not a task id") as refused:
+        check_holds(["../../etc/passwd"], "a")
+    assert refused.value.peer == "a"  # the site at fault, named
+    with pytest.raises(PeerError, match="not a task id"):
+        check_holds([7], "a")
+    with pytest.raises(PeerError, match="more than"):
+        check_holds([f"t{i}" for i in range(MAX_HELD + 1)], "a")
 
 
 def test_a_site_names_the_uploads_its_jobs_keep_newest_first(tmp_path: Path) -> None:

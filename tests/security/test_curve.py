@@ -105,7 +105,7 @@ async def test_site_cannot_claim_another_sites_name(tmp_path: Path, ctx: zmq.asy
             await until(lambda: len(audit_of(audit, "refused")) >= 2, what="the daemon's refusal")
         assert "site-1" not in broker.registry.sites and "site-2" not in broker.registry.sites
         reasons = [r["reason"] for r in audit_of(audit, "refused")]
-        assert "the key of site 'site-2' may not register as site 'site-1'" in reasons
+        assert "site-2: the key of site 'site-2' may not register as site 'site-1'" in reasons  # culprit first
         assert any("does not belong to site 'site-2'" in r for r in reasons)
         assert all(r["by"] == "site-2" for r in audit_of(audit, "refused"))
 
@@ -129,8 +129,8 @@ async def test_site_key_cannot_submit_a_job(tmp_path: Path, ctx: zmq.asyncio.Con
             ep.close()
         assert broker.store.jobs() == []
         reasons = [r["reason"] for r in audit_of(tmp_path / "broker" / "audit.jsonl", "refused")]
-        assert "the key of site 'site-1' may not say hello as 'admin'" in reasons
-        assert "say hello as an admin before sending requests" in reasons
+        assert "site-1: the key of site 'site-1' may not say hello as 'admin'" in reasons
+        assert "site-1: say hello as an admin before sending requests" in reasons
 
 
 async def test_revoked_key_is_refused_and_its_connection_closed(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
