@@ -35,7 +35,7 @@ from typing import Any
 from fedbus import serde
 from fedbus.broker.metrics import BoardWriters
 from fedbus.broker.tracking_stores import TYPES, Store, open_store
-from fedbus.errors import RemoteProtocolError
+from fedbus.errors import RemoteProtocolError as BadRecord  # a site's record that breaks the rules
 from fedbus.log import get_logger
 
 log = get_logger("broker.tracking")
@@ -72,50 +72,50 @@ def _finite(value: Any) -> bool:
 
 def _check_key(key: Any, what: str) -> str:
     if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY:
-        raise RemoteProtocolError(f"log record: {what} must be a string of 1 to {MAX_KEY} characters, got {str(key)[:80]!r}")
+        raise BadRecord(f"log record: {what} must be a string of 1 to {MAX_KEY} characters, got {str(key)[:80]!r}")
     return key
 
 
 def _check_param(value: Any, what: str) -> Any:
     if isinstance(value, bool) or _finite(value) or (isinstance(value, str) and len(value) <= MAX_TEXT):
         return value
-    raise RemoteProtocolError(f"log record: {what} must be a finite number, a bool or a short string")
+    raise BadRecord(f"log record: {what} must be a finite number, a bool or a short string")
 
 
 def check_record(data: Mapping[str, Any]) -> Record:
     """A ``log`` event's data checked: ``{key, value, step}`` (``flare.log``) or with ``kind`` and ``writer``.
 
-    Raises RemoteProtocolError (the peer sent it) naming what is wrong. A missing kind is ``scalar`` for a number, ``scalars`` for a dict
+    Raises BadRecord naming what is wrong. A missing kind is ``scalar`` for a number, ``scalars`` for a dict
     and ``text`` for a string.
     """
     key = _check_key(data.get("key"), "key")
     value, step = data.get("value"), data.get("step")
     if step is not None and (type(step) is not int or not 0 <= step < 2**53):
-        raise RemoteProtocolError(f"log record {key!r}: step must be a non-negative int or None, got {str(step)[:40]!r}")
+        raise BadRecord(f"log record {key!r}: step must be a non-negative int or None, got {str(step)[:40]!r}")
     kind = data.get("kind")
     if kind is None:
         kind = "scalars" if isinstance(value, dict) else "text" if isinstance(value, str) else "scalar"
     if kind not in KINDS:
-        raise RemoteProtocolError(f"log record {key!r}: kind must be one of {', '.join(KINDS)}, got {str(kind)[:40]!r}")
+        raise BadRecord(f"log record {key!r}: kind must be one of {', '.join(KINDS)}, got {str(kind)[:40]!r}")
     writer = data.get("writer", "")
     if writer not in ("", *WRITERS):
-        raise RemoteProtocolError(f"log record {key!r}: writer must be one of {', '.join(WRITERS)}, got {str(writer)[:40]!r}")
+        raise BadRecord(f"log record {key!r}: writer must be one of {', '.join(WRITERS)}, got {str(writer)[:40]!r}")
     if kind in ("scalar", "metric"):
         if not _finite(value):
-            raise RemoteProtocolError(f"log record {key!r}: a {kind} must be a finite number, got {str(value)[:40]!r}")
+            raise BadRecord(f"log record {key!r}: a {kind} must be a finite number, got {str(value)[:40]!r}")
     elif kind in ("scalars", "metrics", "params"):
         if not isinstance(value, dict) or not 0 < len(value) <= MAX_ENTRIES:
-            raise RemoteProtocolError(f"log record {key!r}: {kind} must be a dict of 1 to {MAX_ENTRIES} entries")
+            raise BadRecord(f"log record {key!r}: {kind} must be a dict of 1 to {MAX_ENTRIES} entries")
         for name, v in value.items():
             _check_key(name, f"a name in {key!r}")
             if kind == "params":
                 _check_param(v, f"param {name!r}")
             elif not _finite(v):
-                raise RemoteProtocolError(f"log record {key!r}: {name!r} must be a finite number, got {str(v)[:40]!r}")
+                raise BadRecord(f"log record {key!r}: {name!r} must be a finite number, got {str(v)[:40]!r}")
     elif kind == "param":
         _check_param(value, f"param {key!r}")
     elif not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise RemoteProtocolError(f"log record {key!r}: text must be a string of at most {MAX_TEXT} characters")
+        raise BadRecord(f"log record {key!r}: text must be a string of at most {MAX_TEXT} characters")
     return Record(key, value, step, kind, writer)  # type: ignore[arg-type]
 
 
@@ -123,11 +123,11 @@ def check_lines(data: Mapping[str, Any]) -> tuple[list[str], int]:
     """A ``log_text`` event's data checked: ``{"lines": [str, ...], "dropped": int}``; returns both."""
     lines, dropped = data.get("lines"), data.get("dropped", 0)
     if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
-        raise RemoteProtocolError("log_text: lines must be a list of strings")
+        raise BadRecord("log_text: lines must be a list of strings")
     if sum(len(line) for line in lines) > MAX_LOG_BATCH:
-        raise RemoteProtocolError(f"log_text: more than {MAX_LOG_BATCH} characters in one batch")
+        raise BadRecord(f"log_text: more than {MAX_LOG_BATCH} characters in one batch")
     if type(dropped) is not int or dropped < 0:
-        raise RemoteProtocolError(f"log_text: dropped must be a non-negative int, got {str(dropped)[:40]!r}")
+        raise BadRecord(f"log_text: dropped must be a non-negative int, got {str(dropped)[:40]!r}")
     return lines, dropped
 
 
