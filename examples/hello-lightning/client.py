@@ -22,7 +22,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=0.2)
     args = parser.parse_args()
 
     model = LitDigits(lr=args.lr)

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 class LitDigits(pl.LightningModule):
-    """64 -> 32 -> 10 MLP with Adam; logs val_loss, val_acc and num_samples (to weigh sites in evaluations)."""
+    """64 -> 32 -> 10 MLP with plain SGD (what SCAFFOLD's control update assumes); logs val_loss, val_acc and
+    num_samples (to weigh sites in evaluations)."""
 
-    def __init__(self, lr: float = 0.01) -> None:
+    def __init__(self, lr: float = 0.2) -> None:
         super().__init__()
         self.lr = lr
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
@@ -47,7 +48,7 @@ class LitDigits(pl.LightningModule):
         self.log("num_samples", float(self._seen))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class DigitsData(pl.LightningDataModule):

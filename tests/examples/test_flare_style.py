@@ -33,7 +33,10 @@ def run_example(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
         for name in _EXAMPLE_MODULES:  # each example has its own model.py
             monkeypatch.delitem(sys.modules, name, raising=False)
         capsys.readouterr()
-        runpy.run_path(str(where / script), run_name="__main__")
+        try:
+            runpy.run_path(str(where / script), run_name="__main__")
+        except SystemExit as exc:  # a job.py may end with sys.exit(0 if finished else 1)
+            assert exc.code in (0, None), capsys.readouterr().out
         return capsys.readouterr().out
 
     yield run
@@ -167,11 +170,17 @@ def test_hello_dp_stays_within_its_budget(run_example, tmp_path: Path) -> None:
         str(tmp_path),
     )
     assert "Job Status is: finished" in out
-    epsilons = [float(e) for e in re.findall(r"'epsilon': ([0-9.]+)", out)]
+    epsilons = [float(e) for e in re.findall(r"round \d+: .*'epsilon': ([0-9.]+)", out)]
     assert len(epsilons) == 4 and max(epsilons) <= 5.0 + 1e-6
-    assert "'accuracy'" in out
+    recall = float(re.search(r"Last round: .*'recall': ([0-9.]+)", out).group(1))
+    assert recall > 0.5  # the minority class is found despite the noise (predicting the majority gives 0)
 
 
+LIGHTNING_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+"""Lightning's own deprecation notices about the installed torch: not the examples' concern."""
+
+
+@LIGHTNING_WARNINGS
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "scaffold"])
 def test_hello_lightning_algorithms(run_example, tmp_path: Path, algorithm: str) -> None:
     out = run_example(
@@ -190,6 +199,7 @@ def test_hello_lightning_algorithms(run_example, tmp_path: Path, algorithm: str)
     assert mean > 0.5, out  # chance is 0.1
 
 
+@LIGHTNING_WARNINGS
 def test_hello_lightning_eval_scores_a_checkpoint(run_example, tmp_path: Path) -> None:
     checkpoint = tmp_path / "lit_digits.pt"
     run_example("hello-lightning-eval", "generate_pretrain_models.py", "--output", str(checkpoint), "--epochs", "3")
