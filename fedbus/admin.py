@@ -27,7 +27,8 @@ from fedbus.security import ClientKeys, client_keys, handshake_refused
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint
 
 if TYPE_CHECKING:
-    from fedbus.transport.streams import BufferSink, StreamHub
+    from fedbus.modelio.sinks import BufferSink
+    from fedbus.transport.streams import StreamHub
 
 
 class Admin:
@@ -140,7 +141,7 @@ class Admin:
     async def submit(self, folder: str | Path) -> str:
         """Validate a job folder locally (errors name the problem before anything is sent), then submit its
         files as one archive and stream its initial model; returns the job id once the model is in."""
-        from fedbus.transport.streams import ModelSource
+        from fedbus.modelio.sources import ModelSource
 
         hub = self._streams()
         spec = jobs.load_job_folder(folder)
@@ -183,7 +184,7 @@ class Admin:
             or offer.ctx.get("kind") != "download"
         ):
             return None
-        from fedbus.transport.streams import BufferSink
+        from fedbus.modelio.sinks import BufferSink
 
         _, dest, done = self._download
         sink = BufferSink(max_total=offer.total, path=str(dest / "model.safetensors.part"))

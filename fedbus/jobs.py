@@ -388,8 +388,8 @@ def load_job_folder(
     A site unpacks jobs with ``require_model=False, check_strategy=False``: the initial model travels to
     the broker as a stream, never to sites, and resolving the strategy is the broker's business.
     """
-    from fedbus import serde
     from fedbus.errors import HeaderError
+    from fedbus.modelio import serde
 
     root = Path(folder).resolve()
     if not root.is_dir():

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
 from fedbus.recycle import FilePool
 from fedbus.site.folder import JobFolder
-from fedbus.transport.streams import BufferSink
 from tests.transport.sinks import fill
 
 pytestmark = pytest.mark.timeout(30)

@@ -40,9 +40,10 @@ from typing import Any
 import msgpack
 import torch
 
-from fedbus import digest, serde
+from fedbus import digest
 from fedbus.bench.common import format_report, rss
 from fedbus.errors import FedbusError
+from fedbus.modelio import serde
 from fedbus.protocol import messages as m
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.stream import Receiver, ReceiverState

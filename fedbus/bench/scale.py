@@ -46,14 +46,16 @@ from typing import Any
 import psutil
 import zmq.asyncio
 
-from fedbus import serde
 from fedbus.bench.common import format_report, random_state_dict
 from fedbus.bench.round import _daemon, _free_tcp, _proc_kb, _run_job, _wait_listening, stop_all
 from fedbus.errors import FedbusError
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import STREAM_TYPES, Deploy, EndJob, Heartbeat, Hello, Offer, Result, Task, Welcome
 from fedbus.transport.endpoint import DealerEndpoint
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+from fedbus.transport.streams import StreamHub
 
 
 class SimSite:

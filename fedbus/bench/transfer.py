@@ -36,7 +36,6 @@ import torch
 import zmq
 import zmq.asyncio
 
-from fedbus import serde
 from fedbus._memory import freeze_startup_objects
 from fedbus.bench.common import (
     MiB,
@@ -51,6 +50,9 @@ from fedbus.bench.common import (
     thread_cpu,
 )
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import STREAM_TYPES, Reply
 from fedbus.transport.endpoint import (
     LANE_STAGGER,
@@ -61,7 +63,7 @@ from fedbus.transport.endpoint import (
     io_threads,
     stream_lanes,
 )
-from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, ModelSource, StreamHub
+from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, StreamHub
 
 RAW_FRAME = 4 * MiB
 CURVE_ENV = "FEDBUS_BENCH_CURVE"

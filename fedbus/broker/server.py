@@ -23,7 +23,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus._cores import usable_cores
 from fedbus._memory import tune_malloc
 from fedbus.broker.controller import InFlight, JobController
@@ -35,6 +35,10 @@ from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.errors import ConfigError, FedbusError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
+from fedbus.modelio.spool import SpoolSink, open_params
 from fedbus.protocol.messages import (
     MAX_HELD,
     STREAM_TYPES,
@@ -54,8 +58,8 @@ from fedbus.protocol.messages import (
 )
 from fedbus.strategy import make_strategy
 from fedbus.transport.endpoint import BadMessage, RouterEndpoint, io_threads
-from fedbus.transport.spool import SpoolSink, open_params
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub, placement_threads
+from fedbus.transport.placement import placement_threads
+from fedbus.transport.streams import StreamHub
 
 MiB = 1 << 20
 REPLY_INLINE_MAX = 64 * 1024

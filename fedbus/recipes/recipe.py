@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus.config import is_safe_name
 from fedbus.errors import ConfigError, FedbusError
+from fedbus.modelio import serde
 from fedbus.strategy import make_strategy
 
 if TYPE_CHECKING:

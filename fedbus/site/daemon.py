@@ -42,6 +42,7 @@ from fedbus.audit import AuditLog
 from fedbus.config import SiteConfig, is_safe_name
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import (
     MAX_HELD,
@@ -64,7 +65,8 @@ from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
 from fedbus.site.uploads import held_tasks
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming, daemon_context, io_threads, stream_lanes
-from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, placement_threads
+from fedbus.transport.placement import placement_threads
+from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 

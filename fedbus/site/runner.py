@@ -31,10 +31,12 @@ from typing import Any
 
 import zmq.asyncio
 
-from fedbus import serde
 from fedbus.config import is_safe_name
 from fedbus.errors import FedbusError, JobError, RemoteProtocolError, TransportError
 from fedbus.jobs import unpack_job
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import (
     Bye,
     Deploy,
@@ -55,7 +57,6 @@ from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
-from fedbus.transport.streams import BufferSink, ModelSource
 
 KINDS = ("train", "evaluate")
 

@@ -12,10 +12,12 @@ import zmq
 
 from fedbus import digest
 from fedbus.errors import TransportError
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.envelope import MAX_OFFER_ENVELOPE
 from fedbus.protocol.messages import Chunk, Heartbeat
 from fedbus.transport.endpoint import COPY_BELOW
-from fedbus.transport.streams import BufferSink, ModelSource, placement_threads
+from fedbus.transport.placement import placement_threads
 from tests.transport.conftest import linked, memory_linked
 
 

@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedbus import digest, serde
+from fedbus import digest
 from fedbus.errors import RemoteProtocolError, TransportError
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import Offer
 from fedbus.recycle import FilePool
-from fedbus.transport.streams import BufferSink
 
 
 class SpoolSink(BufferSink):
