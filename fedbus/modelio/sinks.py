@@ -31,6 +31,8 @@ class BufferSink:
     ``.safetensors`` file (what a site hands its training script), and its pages live in the page cache.
     With ``journal`` too, every verified chunk is appended to ``path + ".journal"``, so a process killed
     mid-stream can ``reopen`` the file and ask the sender to resume from the last verified chunk.
+    With ``tensors=False`` the result holds no tensor views, only ``raw``: for an owner that wants the file and
+    never reads the tensors in process (a site's inbox, read by its training script).
     """
 
     def __init__(
@@ -43,9 +45,11 @@ class BufferSink:
         journal: bool = False,
         buffer: torch.Tensor | None = None,
         scan_finite: bool = False,
+        tensors: bool = True,
     ) -> None:
         self.max_total = max_total
         self.scan_finite = scan_finite  # check floats for NaN/Inf as chunks land (modelio/finite.py)
+        self.tensors = tensors
         self._scan: FiniteScan | None = None
         self._reuse = buffer  # a uint8 buffer from an earlier stream of the same size: no page faults
         self.path = path
@@ -191,7 +195,7 @@ class BufferSink:
         self.close()
         if self.journal_path is not None:
             os.unlink(self.journal_path)
-        received = Received(serde.tensors_from_buffer(self.buffer, self.specs, self.data_start))
+        received = Received(serde.tensors_from_buffer(self.buffer, self.specs, self.data_start) if self.tensors else {})
         received.raw = self.buffer
         view = self._view
         received.nonfinite = self.nonfinite(lambda at, n: view[at : at + n].tobytes())

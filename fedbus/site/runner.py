@@ -255,14 +255,13 @@ class JobRunner:
         # Written through a shared mapping of the file. Positional writes (SpoolSink, pwritev) cost 2.4x less CPU
         # (64 MiB: 0.017 vs 0.040 s, 2 cores) but stalled a site's loop past its liveness window under writeback
         # (fedbus bench round --size-mb 512 --sites 4 on 2 cores: a site declared gone in round 3, twice).
-        sink = BufferSink(max_total=self.settings.max_model_bytes, path=str(path))
+        sink = BufferSink(max_total=self.settings.max_model_bytes, path=str(path), tensors=False)
         self._spawn(self._await_model(task, sink, path))
         return sink
 
     async def _await_model(self, task: Task, sink: BufferSink, path: Path) -> None:
         try:
-            tensors = await sink.result
-            del tensors  # views of the file's memory map: the script reads the file itself
+            await sink.result  # the file is the model: the script reads it itself
             self._audit("task_received", task=task.task_id, version=task.version, size=sink.offer and sink.offer.total)
         except FedbusError as exc:
             self.log.warning("model stream failed", task_id=task.task_id, reason=str(exc))
