@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import zmq
-import zmq.asyncio
 
 from fedbus import jobs
 from fedbus._cores import usable_cores
@@ -57,6 +55,7 @@ from fedbus.protocol.messages import (
     Welcome,
 )
 from fedbus.strategy import make_strategy
+from fedbus.transport.context import Context
 from fedbus.transport.endpoint import BadMessage, RouterEndpoint, io_threads
 from fedbus.transport.placement import placement_threads
 from fedbus.transport.streams import StreamHub
@@ -96,7 +95,7 @@ def default_window(slots: int, chunk: int) -> int:
 class Broker:
     """The broker daemon; ``async with Broker(cfg) as b`` serves in the background (tests, SimEnv)."""
 
-    def __init__(self, config: BrokerConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, config: BrokerConfig, *, ctx: Context | None = None) -> None:
         self.config = config
         self.guard = Guard(config, Path(config.workspace))
         self.ctx, self._release_ctx = own_context(self.guard, ctx)

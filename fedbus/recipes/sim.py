@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import zmq.asyncio
 
 from fedbus.broker import Broker
 from fedbus.config import BrokerConfig, SiteConfig
@@ -37,6 +36,7 @@ from fedbus.recipes._driver import execute
 from fedbus.recipes._threads import ScriptImports, ThreadLauncher
 from fedbus.recipes.speed import SpeedProfile
 from fedbus.site import Site
+from fedbus.transport.context import Context
 
 if TYPE_CHECKING:
     from fedbus.recipes.recipe import Recipe
@@ -96,7 +96,7 @@ class _SimBackend:
         self.launcher = ThreadLauncher(threading.Semaphore(env.num_threads), self.imports)
         self._torch_threads: int | None = None
 
-    async def start(self, ctx: zmq.asyncio.Context) -> str:
+    async def start(self, ctx: Context) -> str:
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // min(self.env.num_threads, self.env.num_clients)))
         address = f"inproc://fedbus-sim-{secrets.token_hex(6)}"

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq.asyncio
-
 from fedbus.config import is_safe_name
 from fedbus.errors import FedbusError, JobError, RemoteProtocolError, TransportError
 from fedbus.jobs import unpack_job
@@ -56,6 +54,7 @@ from fedbus.site.filters import Filter, FilterContext, PrivacyFilter, apply_filt
 from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
+from fedbus.transport.context import Context
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
 
 KINDS = ("train", "evaluate")
@@ -100,7 +99,7 @@ class JobRunner:
         root: Path,
         settings: RunnerSettings,
         bus: BrokerBus,
-        ctx: zmq.asyncio.Context,
+        ctx: Context,
         filters: Sequence[Filter] = (),
         log: Any,
         audit: Any = None,
