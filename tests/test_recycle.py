@@ -13,7 +13,7 @@ from fedbus.modelio import serde
 from fedbus.modelio.sinks import BufferSink
 from fedbus.recycle import FilePool
 from fedbus.site.folder import JobFolder
-from tests.transport.sinks import fill
+from tests.modelio.sinks import fill
 
 pytestmark = pytest.mark.timeout(30)
 

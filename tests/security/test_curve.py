@@ -19,8 +19,8 @@ from fedbus.admin import Admin, from_kit
 from fedbus.errors import FedbusError, TransportError
 from fedbus.protocol.messages import Error, Hello, Request, Welcome
 from fedbus.security import ClientKeys
-from fedbus.transport.curve import create_keypair, handshake_refused
 from fedbus.site import Site
+from fedbus.transport.curve import create_keypair, handshake_refused
 from fedbus.transport.endpoint import DealerEndpoint
 from tests.security.helpers import audit_of, keys, make_kits, secure_broker, site_config, until
 

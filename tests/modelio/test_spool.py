@@ -9,7 +9,7 @@ import torch
 
 from fedbus.modelio import serde
 from fedbus.modelio.spool import MAP_MIN, SpooledParams, open_params
-from tests.transport.sinks import fill
+from tests.modelio.sinks import fill
 
 
 def _spooled(path: Path, model: dict[str, torch.Tensor]) -> SpooledParams:

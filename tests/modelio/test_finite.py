@@ -1,4 +1,4 @@
-"""The finite scan on arrival (transport/finite.py) says exactly which tensors hold a NaN or Inf, however
+"""The finite scan on arrival (modelio/finite.py) says exactly which tensors hold a NaN or Inf, however
 the stream is cut into chunks and frames (elements split between frames included), and says nothing when
 some bytes were never scanned."""
 
@@ -13,7 +13,7 @@ import torch
 from fedbus.modelio import serde
 from fedbus.modelio.finite import FiniteScan
 from fedbus.strategy.base import validate_update
-from tests.transport.sinks import fill
+from tests.modelio.sinks import fill
 
 pytestmark = pytest.mark.timeout(60)
 
