@@ -46,3 +46,14 @@ def test_the_zmq_contract_names_every_top_level_module_but_transport() -> None:
         if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()
     }
     assert set(contract["source_modules"]) == tops - {"fedbus.transport"}
+
+
+def test_the_context_type_comes_from_transport_which_loads_zmq_only_when_asked() -> None:
+    code = (
+        "import sys, fedbus.transport as t; assert 'zmq' not in sys.modules, 'zmq loaded by import fedbus.transport'; "
+        "from fedbus.transport.endpoint import daemon_context; ctx = daemon_context(); "
+        "assert isinstance(ctx, t.Context); ctx.term(); print('ok')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
