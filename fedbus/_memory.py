@@ -1,6 +1,6 @@
 """Keep a daemon's memory honest and fast: chunk frames reuse warm heap memory while streams run and give it
-back when they stop, large freed buffers go back to the OS at once, and large fresh receive buffers may sit on
-huge pages (``fresh_buffer``).
+back when they stop, large freed buffers go back to the OS at once, and fresh receive buffers are populated
+for writing in one system call (large ones may sit on huge pages: ``fedbus.modelio.buffers.fresh_buffer``).
 
 glibc raises its mmap threshold after the first large free (up to 32 MiB), after which large buffers come
 from the heap and stay resident once freed. A fixed threshold keeps that from growing: buffers above it
@@ -13,15 +13,12 @@ times behind the threshold are in docs/benchmarks.md ("Why the defaults").
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
 import gc
 import mmap
 from typing import Any
-
-import torch
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -105,22 +102,3 @@ def populate_for_write(address: int, length: int) -> bool:
     start = address - address % _PAGE
     end = address + length + (-(address + length)) % _PAGE
     return madvise(start, end - start, MADV_POPULATE_WRITE) == 0
-
-
-HUGE_BUFFER_MIN = 64 << 20  # below this a buffer is plain memory: a mapping of its own costs more than it saves
-
-
-def fresh_buffer(size: int, *, huge: bool) -> torch.Tensor:
-    """An uninitialised uint8 buffer of ``size`` bytes; with ``huge``, on transparent huge pages when large.
-
-    A fresh buffer costs a page fault per 4 KiB page on its first write. Huge pages make that 512x fewer
-    faults, which pays where the faults run on spare cores (the placement threads) and costs where they do
-    not (a small VM's huge-page faults can be slow: docs/benchmarks.md). A large buffer is its own anonymous
-    mapping, returned to the OS as soon as the last tensor viewing it is freed.
-    """
-    if not huge or size < HUGE_BUFFER_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return torch.empty(size, dtype=torch.uint8)
-    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError, AttributeError, ValueError):  # not Linux, or THP compiled out
-        mem.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mem, dtype=torch.uint8)  # the tensor keeps ``mem`` alive as long as any view of it

@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-import zmq.asyncio
 
 from fedbus import jobs
 from fedbus.config import AdminConfig, load_config
 from fedbus.errors import JobError, TransportError
 from fedbus.protocol.messages import STREAM_TYPES, Error, Hello, Offer, Reply, Request, Welcome
-from fedbus.security import ClientKeys, client_keys, handshake_refused
+from fedbus.security import ClientKeys, client_keys
+from fedbus.transport.context import Context, shared_context
+from fedbus.transport.curve import handshake_refused
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint
 
 if TYPE_CHECKING:
-    from fedbus.transport.streams import BufferSink, StreamHub
+    from fedbus.modelio.sinks import BufferSink
+    from fedbus.transport.streams import StreamHub
 
 
 class Admin:
@@ -38,7 +40,7 @@ class Admin:
         address: str,
         *,
         timeout: float = 30.0,
-        ctx: zmq.asyncio.Context | None = None,
+        ctx: Context | None = None,
         keys: ClientKeys | None = None,
         name: str = "admin",
     ) -> None:
@@ -46,7 +48,7 @@ class Admin:
         self.keys = keys
         self.name = name
         self.timeout = timeout
-        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.ctx = ctx or shared_context()
         self.endpoint: DealerEndpoint | None = None
         self.hub: StreamHub | None = None
         self._rid = 0
@@ -140,7 +142,7 @@ class Admin:
     async def submit(self, folder: str | Path) -> str:
         """Validate a job folder locally (errors name the problem before anything is sent), then submit its
         files as one archive and stream its initial model; returns the job id once the model is in."""
-        from fedbus.transport.streams import ModelSource
+        from fedbus.modelio.sources import ModelSource
 
         hub = self._streams()
         spec = jobs.load_job_folder(folder)
@@ -183,7 +185,7 @@ class Admin:
             or offer.ctx.get("kind") != "download"
         ):
             return None
-        from fedbus.transport.streams import BufferSink
+        from fedbus.modelio.sinks import BufferSink
 
         _, dest, done = self._download
         sink = BufferSink(max_total=offer.total, path=str(dest / "model.safetensors.part"))
@@ -191,7 +193,7 @@ class Admin:
         return sink
 
 
-def from_kit(kit: str | os.PathLike[str], *, timeout: float = 30.0, ctx: zmq.asyncio.Context | None = None) -> Admin:
+def from_kit(kit: str | os.PathLike[str], *, timeout: float = 30.0, ctx: Context | None = None) -> Admin:
     """An Admin for an admin startup kit (``KIT/admin.toml``, written by ``fedbus provision``)."""
     path = Path(kit) / "admin.toml"
     cfg = load_config(AdminConfig, path)

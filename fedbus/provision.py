@@ -34,15 +34,9 @@ from typing import Any
 
 from fedbus.config import _address, is_safe_name, read_toml
 from fedbus.errors import ConfigError
-from fedbus.jobs import dumps_toml
-from fedbus.security import (
-    ROLES,
-    Participant,
-    create_keypair,
-    load_public_key,
-    parse_participants,
-    write_participants,
-)
+from fedbus.security import ROLES, Participant, parse_participants, write_participants
+from fedbus.toml_writer import dumps_toml
+from fedbus.transport.curve import create_keypair, load_public_key
 
 DEFAULT_BIND = "tcp://0.0.0.0:7788"
 RESERVED = ("broker",)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import serde
 from fedbus.jobs import load_job_folder
+from fedbus.modelio import serde
 
 JOB = Path(__file__).resolve().parents[1] / "examples" / "hello-pt" / "job"
 

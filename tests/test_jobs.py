@@ -16,7 +16,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedbus import serde
 from fedbus.errors import ConfigError
 from fedbus.jobs import (
     JobSpec,
@@ -27,6 +26,7 @@ from fedbus.jobs import (
     unpack_job,
     write_job_toml,
 )
+from fedbus.modelio import serde
 
 JOB_TOML = """\
 name = "demo"

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
 from fedbus.recycle import FilePool
 from fedbus.site.folder import JobFolder
-from fedbus.transport.streams import BufferSink
-from tests.transport.sinks import fill
+from tests.modelio.sinks import fill
 
 pytestmark = pytest.mark.timeout(30)
 

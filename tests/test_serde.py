@@ -1,4 +1,4 @@
-"""fedbus.serde: bit-exact safetensors layouts without copies, hostile headers, views of one buffer."""
+"""fedbus.modelio.serde: bit-exact safetensors layouts without copies, hostile headers, views of one buffer."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fedbus import digest, serde
+from fedbus import digest
 from fedbus.errors import ConfigError, HeaderError, LocalProtocolError, RemoteProtocolError
+from fedbus.modelio import serde
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 BIG = 1 << 40
@@ -607,7 +608,7 @@ def test_huge_page_receive_buffer_is_its_own_mapping_and_outlives_its_name() -> 
     advised to huge pages; tensors viewing it keep it alive after every name of the buffer is gone."""
     import gc
 
-    from fedbus._memory import HUGE_BUFFER_MIN
+    from fedbus.modelio.buffers import HUGE_BUFFER_MIN
 
     buf = serde.allocate(HUGE_BUFFER_MIN, huge=True)
     assert buf.numel() == HUGE_BUFFER_MIN and buf.dtype is torch.uint8

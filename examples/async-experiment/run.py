@@ -36,9 +36,9 @@ import structlog  # noqa: E402
 from model import evaluate, make_model, warm_up  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from fedbus import serde  # noqa: E402
 from fedbus.log import configure as configure_logging  # noqa: E402
 from fedbus.log import get_logger  # noqa: E402
+from fedbus.modelio import serde  # noqa: E402
 from fedbus.recipes import FedAvgRecipe, FedBuffRecipe, Progress, Run, SimEnv, SpeedProfile  # noqa: E402
 
 STRATEGIES = ("fedavg", "fedbuff")

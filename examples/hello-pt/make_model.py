@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
 
 JOB = Path(__file__).resolve().parent / "job"
 sys.path.insert(0, str(JOB))

@@ -40,9 +40,10 @@ from typing import Any
 import msgpack
 import torch
 
-from fedbus import digest, serde
+from fedbus import digest
 from fedbus.bench.common import format_report, rss
 from fedbus.errors import FedbusError
+from fedbus.modelio import serde
 from fedbus.protocol import messages as m
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.stream import Receiver, ReceiverState
@@ -639,10 +640,10 @@ def broker_inputs(rng: random.Random, seeds: list[bytes], case: StreamCase) -> l
 
 
 async def _drive_broker(n: int, rng: random.Random, bound: float, root: Path, tally: Tally) -> None:
-    import zmq.asyncio
-
     from fedbus.admin import Admin
     from fedbus.protocol.messages import Hello
+    from fedbus.transport.context import Context
+    from fedbus.transport.raw import raw_dealer
 
     cfg = root / "broker.toml"
     cfg.write_text("max_requests_per_s = 1000000.0\nrequest_burst = 1000000\nmax_model_mb = 64\nheartbeat_s = 0.5\n")
@@ -653,18 +654,14 @@ async def _drive_broker(n: int, rng: random.Random, bound: float, root: Path, ta
              str(root / "ws"), "--config", str(cfg), "--log-json"],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
-    ctx = zmq.asyncio.Context()
+    ctx = Context()
     try:
         address = await _broker_address(log_path, proc)
         seeds = [encode(msg, 1) for msg in sample_messages()]
         case = StreamCase(1)
         peers = []
         for i in range(8):
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            sock.setsockopt(zmq.ROUTING_ID, b"fuzz-%d" % i)
-            sock.connect(address)
+            sock = raw_dealer(ctx, address, b"fuzz-%d" % i)
             role = ("site", "admin", None)[i % 3]
             if role is not None:  # some peers are known to the broker, so their garbage reaches the handlers
                 await sock.send(encode(Hello(role, f"fuzz-{i}", "s")))

@@ -45,9 +45,9 @@ from typing import Any
 
 import psutil
 
-from fedbus import serde
 from fedbus.bench.common import format_report, model_bytes, random_state_dict, reset_peak_rss, thread_cpu
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
 
 CLIENT = """
 import json

@@ -42,16 +42,18 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import zmq.asyncio
 
-from fedbus import serde
 from fedbus.bench.common import format_report, random_state_dict
 from fedbus.bench.round import _daemon, _free_tcp, _proc_kb, _run_job, _wait_listening, stop_all
 from fedbus.errors import FedbusError
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import STREAM_TYPES, Deploy, EndJob, Heartbeat, Hello, Offer, Result, Task, Welcome
+from fedbus.transport.context import Context
 from fedbus.transport.endpoint import DealerEndpoint
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+from fedbus.transport.streams import StreamHub
 
 
 class SimSite:
@@ -59,7 +61,7 @@ class SimSite:
 
     Heartbeats follow the site daemon's rule: one only after a period with no message either way."""
 
-    def __init__(self, name: str, address: str, ctx: zmq.asyncio.Context, delta: ModelSource) -> None:
+    def __init__(self, name: str, address: str, ctx: Context, delta: ModelSource) -> None:
         self.name = name
         self.ep = DealerEndpoint.connect(ctx, address, identity=b"site:" + name.encode())
         self.hub = StreamHub(self, on_offer=self._on_offer)
@@ -138,7 +140,7 @@ class SimSite:
 
 
 async def _sim_main(address: str, first: int, count: int, model_path: str) -> dict[str, Any]:
-    ctx = zmq.asyncio.Context()
+    ctx = Context()
     model = serde.read_file(model_path)
     delta = ModelSource.from_state_dict({k: v.mul(0.0).add_(1e-3) for k, v in model.items()})
     prefix = "zz-probe" if first < 0 else "sim"  # probes sort after the job's sites, so the job never takes them

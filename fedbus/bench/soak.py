@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from fedbus import serde
 from fedbus.bench.common import format_report
+from fedbus.modelio import serde
 from fedbus.recipes.poc import read_json_lines
 
 SCRIPT = """

@@ -33,10 +33,7 @@ import time
 from typing import Any
 
 import torch
-import zmq
-import zmq.asyncio
 
-from fedbus import serde
 from fedbus._memory import freeze_startup_objects
 from fedbus.bench.common import (
     MiB,
@@ -51,7 +48,12 @@ from fedbus.bench.common import (
     thread_cpu,
 )
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import STREAM_TYPES, Reply
+from fedbus.transport.context import Context
+from fedbus.transport.curve import curve_keypair
 from fedbus.transport.endpoint import (
     LANE_STAGGER,
     MAX_LANES,
@@ -61,27 +63,8 @@ from fedbus.transport.endpoint import (
     io_threads,
     stream_lanes,
 )
-from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, ModelSource, StreamHub
-
-RAW_FRAME = 4 * MiB
-CURVE_ENV = "FEDBUS_BENCH_CURVE"
-"""``--curve``: "SERVER_PUBLIC,SERVER_SECRET" (z85, which has no comma), inherited by the receiver child."""
-
-
-def _curve(sock: zmq.Socket, *, server: bool) -> None:
-    """Make ``sock`` a CURVE server or client when the benchmark runs with ``--curve`` (no ZAP: any client key)."""
-    keys = os.environ.get(CURVE_ENV)
-    if not keys:
-        return
-    public, secret = (k.encode() for k in keys.split(","))
-    if server:
-        sock.setsockopt(zmq.CURVE_SERVER, 1)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-    else:
-        client_public, client_secret = zmq.curve_keypair()
-        sock.setsockopt(zmq.CURVE_SERVERKEY, public)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, client_public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, client_secret)
+from fedbus.transport.raw import CURVE_ENV, RAW_FRAME, curve_from_env, raw_receiver, raw_send
+from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, StreamHub
 
 
 def _addresses(transport: str) -> tuple[str, str]:
@@ -92,20 +75,6 @@ def _addresses(transport: str) -> tuple[str, str]:
 
 
 # --- receiver (child process) ---------------------------------------------------------------------------
-
-
-def _raw_receive(sock: zmq.Socket, total: int) -> None:
-    """Discard ``total`` bytes of frames, granting one frame of credit back per frame consumed (to the connection
-    that sent it), then tell every connection that it is done."""
-    got = 0
-    peers: set[bytes] = set()
-    while got < total:
-        peer, frame = sock.recv_multipart(copy=False)
-        got += len(frame)
-        peers.add(peer.bytes)
-        sock.send_multipart([peer.bytes, b"c"])
-    for peer_id in peers:
-        sock.send_multipart([peer_id, b"done"])
 
 
 async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
@@ -149,24 +118,21 @@ async def _route(ep: RouterEndpoint, hub: StreamHub) -> None:
             await hub.dispatch(inc.peer, inc.msg, inc.payload)
 
 
+def _announce(address: str) -> None:
+    """Tell the parent process the bound address (the first line of the child's output)."""
+    sys.stdout.write(address + "\n")
+    sys.stdout.flush()
+
+
 def receiver_main(mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1) -> None:
     """Entry point of the child process: ``raw`` discards frames, ``fedbus`` receives a model."""
     if mode == "raw":
-        ctx = zmq.Context(io_threads=lanes)
-        raw = ctx.socket(zmq.ROUTER)
-        _curve(raw, server=True)
-        raw.bind(address)
-        sys.stdout.write(raw.getsockopt_string(zmq.LAST_ENDPOINT) + "\n")
-        sys.stdout.flush()
-        _raw_receive(raw, total)
-        raw.close(linger=500)
-        ctx.term()
+        raw_receiver(address, total, lanes, announce=_announce)
         return
     freeze_startup_objects()  # as the daemons do
     actx = daemon_context(server=True)
-    ep = RouterEndpoint.bind(actx, address, configure=lambda sock: _curve(sock, server=True))
-    sys.stdout.write(ep.address + "\n")
-    sys.stdout.flush()
+    ep = RouterEndpoint.bind(actx, address, configure=lambda sock: curve_from_env(sock, server=True))
+    _announce(ep.address)
     asyncio.run(_fedbus_receive(ep, window, chunk))
     ep.close()
     actx.term()
@@ -202,7 +168,7 @@ def raw_zmq_gbps(
     ``lanes``: over that many connections (and zmq I/O threads on each side), frames in turn."""
     proc, address = _child("raw", _addresses(transport)[0], total, window, RAW_FRAME, lanes)
     try:
-        return total / _raw_send(address, total, window, spread=spread, lanes=lanes) / 1e9
+        return total / raw_send(address, total, window, spread=spread, lanes=lanes) / 1e9
     finally:
         _end(proc)
 
@@ -210,45 +176,11 @@ def raw_zmq_gbps(
 # --- sender (parent process) ----------------------------------------------------------------------------
 
 
-def _raw_send(address: str, total: int, window: int, *, spread: bool = False, lanes: int = 1) -> float:
-    """Send ``total`` bytes over ``lanes`` connections, frames in turn, each connection with its share of the
-    window as credit; seconds until every connection heard that all arrived."""
-    ctx = zmq.Context(io_threads=lanes)
-    socks = [ctx.socket(zmq.DEALER) for _ in range(lanes)]
-    for lane, sock in enumerate(socks):  # as fedbus's lanes: a thread each, connected apart (LANE_STAGGER)
-        _curve(sock, server=False)
-        sock.setsockopt(zmq.AFFINITY, 1 << lane)
-        sock.connect(address)
-        if lanes > 1:
-            time.sleep(LANE_STAGGER)
-    buf = memoryview(bytearray(os.urandom(1024)) * ((total if spread else RAW_FRAME) // 1024 + 1))
-    credit = [max(1, window // RAW_FRAME // lanes)] * lanes
-    start = time.perf_counter()
-    sent = turn = 0
-    while sent < total:
-        turn = (turn + 1) % lanes
-        while credit[turn] == 0:
-            socks[turn].recv()
-            credit[turn] += 1
-        n = min(RAW_FRAME, total - sent)
-        socks[turn].send(buf[sent : sent + n] if spread else buf[:n], copy=False)
-        sent += n
-        credit[turn] -= 1
-    for sock in socks:
-        while sock.recv() != b"done":
-            pass
-    elapsed = time.perf_counter() - start
-    for sock in socks:
-        sock.close(linger=0)
-    ctx.term()
-    return elapsed
-
-
 async def _fedbus_send(
     address: str, size_mb: float, chunk: int, window: int, device: str = "cpu", dtype: str = "float32", lanes: int = 1
 ) -> dict[str, Any]:
-    ctx = zmq.asyncio.Context(io_threads=max(io_threads(), lanes))  # a site's, or one per lane
-    ep = DealerEndpoint.connect(ctx, address, configure=lambda sock: _curve(sock, server=False), lanes=lanes)
+    ctx = Context(io_threads=max(io_threads(), lanes))  # a site's, or one per lane
+    ep = DealerEndpoint.connect(ctx, address, configure=lambda sock: curve_from_env(sock, server=False), lanes=lanes)
 
     async def refuse(peer: bytes, offer: Any) -> None:
         return None
@@ -349,7 +281,7 @@ def run_transfer(
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ConfigError(f"--device {device!r}: only cpu, or cuda[:N] on a machine with a CUDA GPU")
     if curve:
-        os.environ[CURVE_ENV] = ",".join(k.decode() for k in zmq.curve_keypair())
+        os.environ[CURVE_ENV] = ",".join(k.decode() for k in curve_keypair())
         try:
             report = run_transfer(
                 size_mb, chunk_mb, window_mb, transport, device=device, dtype=dtype, repeat=repeat, lanes=lanes

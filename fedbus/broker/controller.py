@@ -53,11 +53,14 @@ from typing import Any, Protocol
 
 import torch
 
-from fedbus import serde
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.store import JobStore
 from fedbus.errors import FedbusError
 from fedbus.log import get_logger
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
+from fedbus.modelio.spool import SpooledParams, SpoolSink, open_params
 from fedbus.protocol.messages import EndJob, Message, Offer, Result, Task
 from fedbus.recycle import FilePool
 from fedbus.strategy import (
@@ -75,8 +78,7 @@ from fedbus.strategy import (
 )
 from fedbus.strategy.base import Params, clean_metrics
 from fedbus.strategy.cross_site import CrossSiteEval
-from fedbus.transport.spool import SpooledParams, SpoolSink, open_params
-from fedbus.transport.streams import DEFAULT_CHUNK, BufferSink, ModelSource
+from fedbus.transport.streams import DEFAULT_CHUNK
 
 CHECKPOINTS_BEHIND = 2
 """Published versions whose checkpoint has not landed, at most, while new tasks go out. Each holds its model in

@@ -3,7 +3,7 @@
 Kept apart from the daemon so that ``server.py`` only asks yes/no questions at a few points. Without keys
 in the profile the gate is open exactly as before (plaintext, names as claimed) and only audits.
 
-Rules with CURVE on (the participant is the ZAP User-Id stamped on the message, see fedbus.security):
+Rules with CURVE on (the participant is the ZAP User-Id stamped on the message, see fedbus.transport.curve):
 * a message from a key that is unknown or revoked now is refused (it was accepted at connect, then revoked);
 * a site's routing id must be ``site:NAME:TOKEN`` of its own name, and its hello must name that site;
 * an admin key may say hello only as an admin, a site key only as a site: so only admin keys can submit,
@@ -16,14 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
 from fedbus.audit import AuditLog
 from fedbus.config import BrokerConfig
 from fedbus.log import get_logger
 from fedbus.protocol.messages import Hello
-from fedbus.security import Authenticator, Participants, load_secret_key
+from fedbus.security import Participants
+from fedbus.transport.context import Context, Socket
+from fedbus.transport.curve import Authenticator, load_secret_key
 from fedbus.transport.endpoint import Incoming, daemon_context
 
 log = get_logger("broker.guard")
@@ -47,13 +46,13 @@ class Guard:
     def secure(self) -> bool:
         return self.participants is not None
 
-    def start(self, ctx: zmq.asyncio.Context) -> None:
+    def start(self, ctx: Context) -> None:
         """Bind the ZAP handler (before the ROUTER binds)."""
         if self.participants is not None:
             self.auth = Authenticator(ctx, self.participants, self._connection_refused)
             self.auth.start()
 
-    def tasks(self, sock: zmq.asyncio.Socket, *, zap: bool = True) -> list[Any]:
+    def tasks(self, sock: Socket, *, zap: bool = True) -> list[Any]:
         """The coroutines to run while serving: the ZAP loop (unless ``zap=False``: it runs already) and the
         handshake watcher of ``sock``."""
         if self.auth is None:
@@ -135,7 +134,7 @@ def _pick(details: dict[str, Any]) -> dict[str, Any]:
     return {k: details[k] for k in ("key", "address", "code") if k in details}
 
 
-def own_context(guard: Guard, ctx: zmq.asyncio.Context | None) -> tuple[zmq.asyncio.Context, Callable[[], None]]:
+def own_context(guard: Guard, ctx: Context | None) -> tuple[Context, Callable[[], None]]:
     """A secure broker gets a zmq context of its own unless given one: ZAP is one handler per context."""
     if ctx is not None:
         return ctx, lambda: None

@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import zmq
-import zmq.asyncio
 
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus._cores import usable_cores
 from fedbus._memory import tune_malloc
 from fedbus.broker.controller import InFlight, JobController
@@ -36,6 +34,10 @@ from fedbus.broker.tracking import BEST_MODEL, Tracking, best_version, check_lin
 from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.errors import ConfigError, FedbusError, PeerError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
+from fedbus.modelio.spool import SpoolSink, open_params
 from fedbus.protocol.messages import (
     MAX_HELD,
     STREAM_TYPES,
@@ -55,9 +57,10 @@ from fedbus.protocol.messages import (
 )
 from fedbus.strategy import Strategy, make_strategy
 from fedbus.strategy.cross_site import CrossSiteEval
+from fedbus.transport.context import Context
 from fedbus.transport.endpoint import BadMessage, RouterEndpoint, io_threads
-from fedbus.transport.spool import SpoolSink, open_params
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub, placement_threads
+from fedbus.transport.placement import placement_threads
+from fedbus.transport.streams import StreamHub
 
 MiB = 1 << 20
 REPLY_INLINE_MAX = 64 * 1024
@@ -93,7 +96,7 @@ def default_window(slots: int, chunk: int) -> int:
 class Broker:
     """The broker daemon; ``async with Broker(cfg) as b`` serves in the background (tests, SimEnv)."""
 
-    def __init__(self, config: BrokerConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, config: BrokerConfig, *, ctx: Context | None = None) -> None:
         self.config = config
         self.guard = Guard(config, Path(config.workspace))
         self.ctx, self._release_ctx = own_context(self.guard, ctx)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedbus import serde
 from fedbus.broker.metrics import BoardWriters
 from fedbus.broker.tracking_stores import TYPES, Store, open_store
 from fedbus.errors import RemoteProtocolError as BadRecord  # a site's record that breaks the rules
 from fedbus.log import get_logger
+from fedbus.modelio import serde
 
 log = get_logger("broker.tracking")
 

@@ -2,7 +2,7 @@
 
 Why files and not frames: a model handed over through the page cache costs one write and no socket
 copies, the training script's memory is never doubled by a serialized copy sitting in a socket buffer,
-and the file the site streams to the broker is byte for byte the file the script wrote. ``fedbus.serde``
+and the file the site streams to the broker is byte for byte the file the script wrote. ``fedbus.modelio.serde``
 does the work: it validates the header of what it reads, and writes tensor by tensor (no concatenated
 copy) into a temporary file that is renamed into place, so the site never sees half a model (no fsync:
 the file lives for seconds, and a crash of the machine loses the task anyway). The temporary file is one the
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from fedbus import serde
 from fedbus.errors import FedbusError, JobError
+from fedbus.modelio import serde
 from fedbus.recycle import HELD_PREFIX, FilePool
 
 

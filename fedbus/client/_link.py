@@ -19,13 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 
-import zmq
-from zmq.utils.monitor import recv_monitor_message
-
-from fedbus.errors import JobError, RemoteProtocolError
+from fedbus.errors import JobError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Bye, Message
+from fedbus.transport.link import LinkSocket, SendTimeout
 
 POLL_S = 0.25
 """How often a blocked wait wakes up to check that the site is still there."""
@@ -83,24 +81,13 @@ def _exit_watch(pid: int | None) -> int:
 class SiteLink:
     """One DEALER connected to the site's link address; ``recv`` returns the next valid message."""
 
-    def __init__(
-        self, address: str, *, link_timeout: float = 30.0, ctx: zmq.Context | None = None, site_pid: int | None = None
-    ) -> None:
+    def __init__(self, address: str, *, link_timeout: float = 30.0, site_pid: int | None = None) -> None:
         """``site_pid``: the site process that started this script, watched for its exit: a script whose site
         died before it got here has a new parent already, so the parent-PID check alone cannot tell."""
         self.address = address
         self.link_timeout = link_timeout
-        self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.SNDTIMEO, int(link_timeout * 1000))
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(address)
+        self.link = LinkSocket(address, send_timeout=link_timeout)
         self.ppid = os.getppid()
-        self._down_since: float | None = time.monotonic()  # until the first EVENT_CONNECTED
         self._gone: str | None = None
         self._site_exit = _exit_watch(site_pid)  # readable once the site process has ended
         if self._site_exit == -1:
@@ -113,10 +100,10 @@ class SiteLink:
         self._check_alive()
         self._mid += 1
         try:
-            self.sock.send(encode(msg, self._mid))
-        except zmq.Again as exc:
+            self.link.send(encode(msg, self._mid))
+        except SendTimeout as exc:
             raise JobError(f"the site at {self.address} took no message for {self.link_timeout:g} s") from exc
-        except zmq.ZMQError as exc:
+        except TransportError as exc:
             raise JobError(f"cannot send to the site at {self.address}: {exc}") from exc
 
     def recv(self, timeout: float | None = None, *, until: Callable[[], bool] | None = None) -> Message | None:
@@ -126,17 +113,11 @@ class SiteLink:
         waiting for a reply once the job has ended). A dead site raises JobError.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
         while True:
             if until is not None and until():
                 return None
             wait = POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()))
-            events = dict(poller.poll(int(wait * 1000)))
-            if self.monitor in events:
-                self._drain_monitor()
-            if self.sock in events:
+            if self.link.poll(wait):
                 msg = self._read()  # what the site said before dying is still read first
                 if msg is not None:
                     return msg
@@ -146,7 +127,7 @@ class SiteLink:
                 return None
 
     def _read(self) -> Message | None:
-        frames = self.sock.recv_multipart()
+        frames = self.link.recv()
         try:
             msg, _mid = decode(frames[0])
         except RemoteProtocolError as exc:
@@ -157,20 +138,12 @@ class SiteLink:
             self._check_alive()
         return msg
 
-    def _drain_monitor(self) -> None:
-        while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
-            if event == zmq.EVENT_CONNECTED:
-                self._down_since = None
-            elif event == zmq.EVENT_DISCONNECTED and self._down_since is None:
-                self._down_since = time.monotonic()
-
     def _check_alive(self) -> None:
         if self._gone is None and os.getppid() != self.ppid:
             self._gone = "the site process is gone (this script's parent exited)"
         if self._gone is None and self._site_exit >= 0 and select.select([self._site_exit], [], [], 0)[0]:
             self._gone = "the site process is gone (it exited)"
-        down = self._down_since
+        down = self.link.down_since
         if self._gone is None and down is not None and time.monotonic() - down > self.link_timeout:
             self._gone = f"no connection to the site at {self.address} for {self.link_timeout:g} s"
         if self._gone is not None:
@@ -180,13 +153,8 @@ class SiteLink:
         """Say ``bye`` (when asked and the site is still there) and close the socket."""
         if bye is not None and self._gone is None:
             self._mid += 1
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.send(encode(Bye(bye), self._mid), zmq.NOBLOCK)
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close()
+            self.link.send_now(encode(Bye(bye), self._mid))
+        self.link.close()
         if self._site_exit >= 0:
             os.close(self._site_exit)
             self._site_exit = -2
-        if self._own_ctx:
-            self.ctx.term()

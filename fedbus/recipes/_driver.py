@@ -29,13 +29,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import zmq.asyncio
-
 from fedbus.admin import Admin
 from fedbus.errors import FedbusError, JobError, TransportError
 from fedbus.log import get_logger
 from fedbus.recipes.progress import Progress, Reporter, make_reporter
 from fedbus.recipes.run import FINAL_STATES, Run, busy_seconds
+from fedbus.transport.context import Context
 
 if TYPE_CHECKING:
     from fedbus.recipes.recipe import Recipe
@@ -87,7 +86,7 @@ class Backend(Protocol):
     expected_sites: int | None
     poll_s: float
 
-    async def start(self, ctx: zmq.asyncio.Context) -> str:
+    async def start(self, ctx: Context) -> str:
         """Start what this environment runs itself; return the broker's address."""
 
     async def stop(self) -> None:
@@ -159,7 +158,7 @@ class Execution:
         self.reporter = reporter
         self.started = started
         self.loop = LoopThread(f"fedbus-{recipe.name}")
-        self.ctx: zmq.asyncio.Context | None = None
+        self.ctx: Context | None = None
         self.admin: Admin | None = None
         self.job_id = ""
         self.future: concurrent.futures.Future[None] | None = None
@@ -175,7 +174,7 @@ class Execution:
 
     async def start(self, folder: Path) -> str:
         self._wake = asyncio.Event()
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = Context()
         address = await self.backend.start(self.ctx)
         self.admin = Admin(address, ctx=self.ctx, **getattr(self.backend, "admin_options", {}))
         await self.admin.__aenter__()

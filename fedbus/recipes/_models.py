@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbus import serde
 from fedbus.client.constants import NPConstants
 from fedbus.errors import ConfigError, FedbusError
+from fedbus.modelio import serde
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 CHECKPOINT_KEYS = ("model", "state_dict")

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedbus import serde
 from fedbus.client.constants import DataKind, TransferType
 from fedbus.config import is_safe_name
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
 from fedbus.recipes import _models
 from fedbus.recipes.recipe import FedAvgRecipe, PathLike, Recipe
 

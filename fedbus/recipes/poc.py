@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-import zmq.asyncio
 
 from fedbus.admin import from_kit
 from fedbus.errors import ConfigError, JobError
 from fedbus.recipes._driver import execute
 from fedbus.recipes.sim import _site_names
+from fedbus.transport.context import Context
 
 if TYPE_CHECKING:
     from fedbus.recipes.recipe import Recipe
@@ -137,7 +137,7 @@ class _ProdBackend:
         self.poll_s = poll_s
         self.admin_options = admin_options  # keys and name from an admin kit, for the Admin connection
 
-    async def start(self, ctx: zmq.asyncio.Context) -> str:
+    async def start(self, ctx: Context) -> str:
         return self.address
 
     async def stop(self) -> None:
@@ -175,7 +175,7 @@ class _PocBackend:
 
     # --- starting ------------------------------------------------------------------------------------
 
-    async def start(self, ctx: zmq.asyncio.Context) -> str:
+    async def start(self, ctx: Context) -> str:
         return await asyncio.to_thread(self._start)
 
     def _start(self) -> str:

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus.client.constants import DataKind, TransferType
 from fedbus.config import is_safe_name
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
 from fedbus.recipes import _models
 from fedbus.strategy import make_strategy
 

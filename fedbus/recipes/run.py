@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
 
 if TYPE_CHECKING:
     from fedbus.recipes._driver import Execution

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
-import zmq.asyncio
 
 from fedbus import log as fedbus_log
 from fedbus.broker import Broker
@@ -48,6 +47,7 @@ from fedbus.recipes._launch import SimLauncher
 from fedbus.recipes._threads import ScriptImports, ThreadLauncher
 from fedbus.recipes.speed import SpeedProfile
 from fedbus.site import Site
+from fedbus.transport.context import Context
 
 if TYPE_CHECKING:
     from fedbus.recipes.recipe import Recipe
@@ -164,7 +164,7 @@ class _SimBackend:
         self._torch_threads: int | None = None
         self._log_config: dict[str, Any] | None = None
 
-    async def start(self, ctx: zmq.asyncio.Context) -> str:
+    async def start(self, ctx: Context) -> str:
         if self.env.log_level is not None:
             self._log_config = structlog.get_config()
             fedbus_log.configure(level=self.env.log_level)

@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import zmq
-import zmq.asyncio
 
 from fedbus._memory import tune_malloc
 from fedbus.audit import AuditLog
 from fedbus.config import SiteConfig, is_safe_name
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import (
     MAX_HELD,
@@ -57,14 +56,17 @@ from fedbus.protocol.messages import (
     Task,
     Welcome,
 )
-from fedbus.security import client_keys, handshake_refused
+from fedbus.security import client_keys
 from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter, make_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
 from fedbus.site.uploads import held_tasks
+from fedbus.transport.context import Context
+from fedbus.transport.curve import handshake_refused
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming, daemon_context, io_threads, stream_lanes
-from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW, BufferSink, placement_threads
+from fedbus.transport.placement import placement_threads
+from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
@@ -81,7 +83,7 @@ class Site:
         config: SiteConfig,
         *,
         filters: Sequence[Filter] = (),
-        ctx: zmq.asyncio.Context | None = None,
+        ctx: Context | None = None,
         end_grace_s: float = 10.0,
         kill_after_s: float = 5.0,
         shutdown_timeout_s: float = 30.0,
@@ -281,7 +283,7 @@ class Site:
         while self.uplink.ep is ep:
             try:
                 reason = await handshake_refused(ep.sock)
-            except (zmq.ZMQError, TransportError):  # the socket was closed: a reconnect starts a new watch
+            except TransportError:  # the socket was closed: a reconnect starts a new watch
                 return
             self.log.error("the broker refused this site's key", reason=reason, broker=self.config.broker)
             self.audit.record("connection_refused", by="broker", reason=reason)

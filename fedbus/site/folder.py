@@ -25,10 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import zmq.asyncio
-
 from fedbus.errors import JobError, RemoteProtocolError
 from fedbus.recycle import HELD_PREFIX, FilePool
+from fedbus.transport.context import Context
 from fedbus.transport.endpoint import RouterEndpoint
 
 MAX_IPC_PATH = 100
@@ -105,7 +104,7 @@ class JobFolder:
             raise JobError(f"script {rel[:200]!r} is not a file inside the job folder")
         return path
 
-    def bind_link(self, ctx: zmq.asyncio.Context) -> RouterEndpoint:
+    def bind_link(self, ctx: Context) -> RouterEndpoint:
         """Bind the local link (ipc, mode 0600) for the script to connect to."""
         path = self.root / "link.sock"
         if len(str(path)) > MAX_IPC_PATH:

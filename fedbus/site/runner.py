@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq.asyncio
-
-from fedbus import serde
 from fedbus.config import is_safe_name
 from fedbus.errors import FedbusError, JobError, RemoteProtocolError, TransportError
 from fedbus.jobs import unpack_job
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import (
     Bye,
     Deploy,
@@ -58,8 +58,8 @@ from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.log_relay import MAX_BEHIND, LogRelay
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
+from fedbus.transport.context import Context
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
-from fedbus.transport.streams import BufferSink, ModelSource
 
 KINDS = ("train", "evaluate", "submit_model")
 UPLOAD_KINDS = ("train", "submit_model")
@@ -105,7 +105,7 @@ class JobRunner:
         root: Path,
         settings: RunnerSettings,
         bus: BrokerBus,
-        ctx: zmq.asyncio.Context,
+        ctx: Context,
         filters: Sequence[Filter] = (),
         log: Any,
         audit: Any = None,
@@ -266,14 +266,13 @@ class JobRunner:
         path = self.folder.take_inbox_file(task.task_id)
         # Written through a shared mapping of the file. Positional writes (SpoolSink, pwritev) cost less CPU but
         # can stall a site's loop past its liveness window under writeback (docs/benchmarks.md).
-        sink = BufferSink(max_total=self.settings.max_model_bytes, path=str(path))
+        sink = BufferSink(max_total=self.settings.max_model_bytes, path=str(path), tensors=False)
         self._spawn(self._await_model(task, sink, path))
         return sink
 
     async def _await_model(self, task: Task, sink: BufferSink, path: Path) -> None:
         try:
-            tensors = await sink.result
-            del tensors  # views of the file's memory map: the script reads the file itself
+            await sink.result  # the file is the model: the script reads it itself
             self._audit("task_received", task=task.task_id, version=task.version, size=sink.offer and sink.offer.total)
         except FedbusError as exc:
             self.log.warning("model stream failed", task_id=task.task_id, reason=str(exc))

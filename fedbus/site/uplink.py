@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from fedbus.errors import TransportError
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Message
 from fedbus.transport.endpoint import DealerEndpoint
-from fedbus.transport.streams import ModelSource, OfferHandler, StreamHub
+from fedbus.transport.streams import OfferHandler, StreamHub
 
 BACKLOG = 1000
 RETRY_S = 0.1

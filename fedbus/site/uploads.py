@@ -20,12 +20,12 @@ import contextlib
 import os
 from pathlib import Path
 
-from fedbus import serde
 from fedbus.config import is_safe_name
 from fedbus.errors import FedbusError
+from fedbus.modelio import serde
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Result
-from fedbus.transport.streams import ModelSource
 
 
 class PendingUploads:

@@ -331,7 +331,7 @@ class RouterEndpoint(_ZmqEndpoint):
         curve_secret: bytes | None = None,
     ) -> RouterEndpoint:
         """With ``curve_secret`` the socket is a CURVE server asking ZAP (domain ``fedbus``) about every
-        connection: bind the authenticator in ``ctx`` first (``fedbus.security.Authenticator``)."""
+        connection: bind the authenticator in ``ctx`` first (``fedbus.transport.curve.Authenticator``)."""
 
         def make() -> zmq.Socket:
             sock = ctx.socket(zmq.ROUTER, socket_class=zmq.Socket)

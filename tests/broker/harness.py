@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from fedbus import serde
 from fedbus.admin import Admin
 from fedbus.broker import Broker
 from fedbus.config import BrokerConfig, SiteConfig
+from fedbus.modelio import serde
 from fedbus.site import Site
 
 SCRIPT = """

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fedbus.client
-from fedbus import serde
+from fedbus.modelio import serde
 from tests.broker.harness import federation, wait_job
 
 pytestmark = pytest.mark.timeout(90)

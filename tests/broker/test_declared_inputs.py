@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
 from fedbus.strategy import STRATEGIES, Accepted, Action, Finished, Publish, Rejected, Strategy, Update
 from fedbus.strategy._tasks import TaskBook
 from fedbus.strategy.base import Params, copy_model

@@ -14,10 +14,10 @@ import torch
 
 from fedbus.broker.controller import JobController, input_reference, task_options
 from fedbus.broker.store import JobStore
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Message, Result, Task
 from fedbus.strategy import FedAvg
 from fedbus.strategy.cross_site import CrossSiteEval
-from fedbus.transport.streams import ModelSource
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -13,9 +13,9 @@ import torch
 
 from fedbus.broker.controller import JobController
 from fedbus.broker.store import JobStore
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Message, Result, Task
 from fedbus.strategy import Action, FedAvg, Strategy, Update
-from fedbus.transport.streams import ModelSource
 
 pytestmark = pytest.mark.timeout(30)
 

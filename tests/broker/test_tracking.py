@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fedbus import serde
 from fedbus.broker import tracking
 from fedbus.broker.tracking import BEST_MODEL, best_version, check_record
 from fedbus.errors import FedbusError
+from fedbus.modelio import serde
 from tests.broker.harness import federation, wait_job
 
 pytestmark = pytest.mark.timeout(90)

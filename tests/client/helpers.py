@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import zmq.asyncio
 
-from fedbus import serde
 from fedbus.client import ClientSession
+from fedbus.modelio import serde
 from fedbus.protocol.messages import Hello, Message, Task, Welcome
 from fedbus.transport.endpoint import Incoming, RouterEndpoint
 

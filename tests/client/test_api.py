@@ -17,9 +17,9 @@ import torch
 import zmq.asyncio
 
 import fedbus.client as flare
-from fedbus import serde
 from fedbus.client import ClientSession, FLModel, ParamsType
 from fedbus.errors import ConfigError, JobError, LocalProtocolError
+from fedbus.modelio import serde
 from fedbus.protocol.messages import Bye, EndJob, Error, Hello, JobEvent, Reply, Result
 from tests.client.helpers import JOB, TOKEN, FakeSite, sample_params
 

@@ -12,7 +12,7 @@ import torch
 import zmq.asyncio
 
 from fedbus.protocol.messages import Deploy, EndJob, Task
-from fedbus.transport.streams import ModelSource
+from fedbus.modelio.sources import ModelSource
 from tests.site.helpers import FakeBroker, job_archive, running_site, sample_model
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import serde
 from fedbus.admin import Admin
+from fedbus.modelio import serde
 from tests.broker.harness import wait_job
 from tests.e2e.procs import start_broker, start_site
 from tests.reliability.jobs import deterministic_job

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import serde
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
 from fedbus.recipes import FedAvgRecipe, PocEnv, SimEnv
 from fedbus.recipes._driver import keep_download
 from fedbus.recipes.run import Run

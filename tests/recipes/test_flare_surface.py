@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
 from fedbus.recipes import (
     CyclicRecipe,
     DataKind,

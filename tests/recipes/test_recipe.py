@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import fedbus.recipes
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus.errors import ConfigError
+from fedbus.modelio import serde
 from fedbus.recipes import FedAvgRecipe, FedBuffRecipe, SpeedProfile
 
 from .helpers import tiny_model, tiny_script

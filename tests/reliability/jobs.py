@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
 
 # The update is a deterministic function of the received model, the round and the site, on a grid of
 # 1/64 so that the weighted sum of a round is exact in float32 whatever order the updates arrive in:

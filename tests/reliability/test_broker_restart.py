@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import serde
 from fedbus.admin import Admin
+from fedbus.modelio import serde
 from fedbus.strategy.aggregate import finalize_mean, weighted_sum_into
 from tests.broker.harness import wait_job
 from tests.e2e.procs import Daemon, start_site
@@ -214,9 +214,9 @@ def test_kept_updates_stay_accepted_while_their_file_exists_and_go_once_covered(
 
 
 def test_small_kept_updates_share_one_log_per_version_they_land_in(tmp_path: Path) -> None:
-    from fedbus import serde
     from fedbus.broker.store import JobStore
-    from fedbus.transport.spool import open_params
+    from fedbus.modelio import serde
+    from fedbus.modelio.spool import open_params
 
     store = JobStore(tmp_path)
     store.create_job("j", "j", {}, state="running")

@@ -12,9 +12,11 @@ import pytest
 import zmq.asyncio
 
 from fedbus.admin import Admin
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import STREAM_TYPES, Hello, Result, Task
 from fedbus.transport.endpoint import DealerEndpoint
-from fedbus.transport.streams import BufferSink, ModelSource, StreamHub
+from fedbus.transport.streams import StreamHub
 from tests.broker.harness import wait_job, write_job
 from tests.e2e.procs import start_broker
 

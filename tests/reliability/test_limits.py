@@ -11,10 +11,11 @@ import pytest
 import structlog
 import torch
 
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus.admin import Admin
 from fedbus.broker import Broker
 from fedbus.config import BrokerConfig
+from fedbus.modelio import serde
 from fedbus.protocol.envelope import MAX_ENVELOPE
 from fedbus.protocol.messages import Abort, Offer, Reply, Request
 from tests.broker.harness import write_job

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import serde
 from fedbus.admin import Admin
+from fedbus.modelio import serde
 from fedbus.transport.streams import DEFAULT_CHUNK
 from tests.broker.harness import wait_job, write_job
 from tests.e2e.procs import Daemon, start_broker, start_site

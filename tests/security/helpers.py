@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from fedbus import serde
 from fedbus.audit import read_audit
 from fedbus.broker import Broker
 from fedbus.config import BrokerConfig, SiteConfig
+from fedbus.modelio import serde
 from fedbus.provision import provision
 from fedbus.security import ClientKeys
 from fedbus.site import Site

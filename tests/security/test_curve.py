@@ -18,8 +18,9 @@ from zmq.utils.monitor import parse_monitor_message
 from fedbus.admin import Admin, from_kit
 from fedbus.errors import FedbusError, TransportError
 from fedbus.protocol.messages import Error, Hello, Request, Welcome
-from fedbus.security import ClientKeys, create_keypair, handshake_refused
+from fedbus.security import ClientKeys
 from fedbus.site import Site
+from fedbus.transport.curve import create_keypair, handshake_refused
 from fedbus.transport.endpoint import DealerEndpoint
 from tests.security.helpers import audit_of, keys, make_kits, secure_broker, site_config, until
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbus import cli, serde
+from fedbus import cli
 from fedbus.admin import from_kit
+from fedbus.modelio import serde
 from fedbus.site import Site
 from tests.broker.harness import wait_job
 from tests.security.helpers import (

@@ -16,7 +16,8 @@ from fedbus import cli
 from fedbus.config import AdminConfig, BrokerConfig, SiteConfig, load_config
 from fedbus.errors import ConfigError
 from fedbus.provision import provision
-from fedbus.security import ClientKeys, Participants, load_public_key
+from fedbus.security import ClientKeys, Participants
+from fedbus.transport.curve import load_public_key
 from tests.security.helpers import PROJECT, make_kits
 
 

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 import zmq.asyncio
 
-from fedbus import serde
 from fedbus.config import SiteConfig
 from fedbus.jobs import pack_job
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import STREAM_TYPES, Error, Heartbeat, Hello, Message, Offer, Result, Welcome
 from fedbus.site import Site
 from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
-from fedbus.transport.streams import BufferSink, StreamHub
+from fedbus.transport.streams import StreamHub
 
 WAIT = 20.0
 HEARTBEAT_S = 0.2

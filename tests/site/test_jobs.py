@@ -14,9 +14,9 @@ import torch
 import zmq.asyncio
 
 from fedbus.errors import TransportError
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Deploy, EndJob, Error, Hello, Result, Task, Welcome
 from fedbus.transport.endpoint import DealerEndpoint
-from fedbus.transport.streams import ModelSource
 from tests.site.helpers import PLUS_ONE, FakeBroker, evil_archive, job_archive, running_site, sample_model
 
 pytestmark = pytest.mark.timeout(60)

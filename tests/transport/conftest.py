@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 import pytest
 import zmq.asyncio
 
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import STREAM_TYPES, Offer
 from fedbus.transport.endpoint import BadMessage, DealerEndpoint, MemoryHub, RouterEndpoint
-from fedbus.transport.streams import BufferSink, StreamHub
+from fedbus.transport.streams import StreamHub
 
 
 @dataclass

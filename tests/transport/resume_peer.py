@@ -15,9 +15,10 @@ import sys
 import torch
 import zmq.asyncio
 
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import STREAM_TYPES, Heartbeat
 from fedbus.transport.endpoint import DealerEndpoint
-from fedbus.transport.streams import BufferSink, StreamHub
+from fedbus.transport.streams import StreamHub
 
 CHUNK, WINDOW = 1 << 20, 4 << 20
 
@@ -60,7 +61,7 @@ async def main(mode: str, path: str, address: str, kill_after: int = 0) -> None:
 
     task = asyncio.ensure_future(pump())
     if mode == "resume":
-        sinks.put_nowait(hub.resume_stream(path))
+        sinks.put_nowait(hub.resume_stream(*BufferSink.reopen(path, max_total=hub.max_total)))
     sink = await asyncio.wait_for(sinks.get(), 30)
     got = await asyncio.wait_for(sink.result, 60)
     want = expected_model()

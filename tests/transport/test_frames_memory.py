@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedbus.modelio.sources import ModelSource
 from fedbus.transport import streams
-from fedbus.transport.streams import ModelSource
 from tests.transport.conftest import memory_linked
 
 pytestmark = pytest.mark.timeout(60)

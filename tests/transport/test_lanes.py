@@ -15,11 +15,11 @@ import zmq
 import zmq.asyncio
 
 from fedbus.errors import TransportError
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.envelope import decode
 from fedbus.protocol.messages import Chunk, End, Heartbeat, Resume
 from fedbus.transport import endpoint as endpoint_mod
 from fedbus.transport.endpoint import LANE_MARK, LANE_STAGGER, DealerEndpoint, lane_base, stream_lanes
-from fedbus.transport.streams import ModelSource
 from tests.transport.conftest import linked, memory_linked
 from tests.transport.test_streams import assert_same, mixed_state_dict
 

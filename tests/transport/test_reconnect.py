@@ -14,9 +14,9 @@ import torch
 import zmq.asyncio
 
 from fedbus.errors import PeerUnreachable, TransportError
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Heartbeat
 from fedbus.transport.endpoint import DealerEndpoint, RouterEndpoint
-from fedbus.transport.streams import ModelSource
 from tests.transport.conftest import Side, cancel_all, make_side, pump
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import zmq.asyncio
 
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Chunk, Heartbeat
 from fedbus.transport.endpoint import RouterEndpoint
-from fedbus.transport.streams import ModelSource, StreamHub
+from fedbus.transport.streams import StreamHub
 from tests.transport.resume_peer import CHUNK, WINDOW, expected_model
 
 PEER = [sys.executable, "-m", "tests.transport.resume_peer"]

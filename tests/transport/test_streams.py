@@ -12,10 +12,12 @@ import zmq
 
 from fedbus import digest
 from fedbus.errors import TransportError
+from fedbus.modelio.sinks import BufferSink
+from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.envelope import MAX_OFFER_ENVELOPE
 from fedbus.protocol.messages import Chunk, Heartbeat
 from fedbus.transport.endpoint import COPY_BELOW
-from fedbus.transport.streams import BufferSink, ModelSource, placement_threads
+from fedbus.transport.placement import placement_threads
 from tests.transport.conftest import linked, memory_linked
 
 
@@ -268,3 +270,24 @@ async def test_only_one_writable_aligned_frame_of_the_whole_stream_is_adopted() 
     assert not BufferSink(max_total=1 << 20, buffer=torch.empty(len(data), dtype=torch.uint8))._adopt(
         offer, [memoryview(data)]
     )  # a buffer handed in for reuse is used instead
+
+
+async def test_a_sink_without_tensors_leaves_the_exact_file_and_builds_no_views(tmp_path) -> None:
+    """``tensors=False`` (a site's inbox): the file is a valid safetensors file of the model and the result
+    holds no tensor views of it, only its raw bytes."""
+    from fedbus.modelio import serde
+
+    model = mixed_state_dict()
+    path = tmp_path / "inbox.safetensors"
+    async with memory_linked(chunk_size=1 << 12, window=1 << 14) as (a, b):
+
+        async def to_file(peer: bytes, offer: object) -> BufferSink:
+            sink = BufferSink(max_total=1 << 30, path=str(path), tensors=False)
+            b.sinks.put_nowait(sink)
+            return sink
+
+        b.hub.on_offer = to_file
+        await asyncio.wait_for(a.hub.send(b"b", ModelSource.from_state_dict(model)), 10)
+        got = await asyncio.wait_for((await b.sinks.get()).result, 10)
+    assert dict(got) == {} and bytes(got.raw.numpy()) == path.read_bytes()
+    assert_same(serde.read_file(path), model)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from fedbus import serde
-from fedbus.transport.spool import MAP_MIN, SpooledParams, open_params
-from tests.transport.sinks import fill
+from fedbus.modelio import serde
+from fedbus.modelio.spool import MAP_MIN, SpooledParams, open_params
+from tests.modelio.sinks import fill
 
 
 def _spooled(path: Path, model: dict[str, torch.Tensor]) -> SpooledParams:
@@ -47,8 +47,8 @@ def test_read_only_files_are_read_not_mapped(tmp_path: Path) -> None:
 
 
 async def test_released_spool_files_are_recycled_unless_a_mapping_is_alive(tmp_path: Path) -> None:
+    from fedbus.modelio.spool import SpoolSink
     from fedbus.recycle import FilePool
-    from fedbus.transport.spool import SpoolSink
 
     pool = FilePool(tmp_path, keep=1)
 

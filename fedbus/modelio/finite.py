@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedbus import serde
+from fedbus.modelio import serde
 
 # dtype -> (how its elements are read, exponent mask for a bit test (None: the sum test), sum accumulator)
 _FLOATS: dict[str, tuple[type, int | None, type | None]] = {

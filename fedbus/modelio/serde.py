@@ -45,8 +45,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from fedbus._memory import fresh_buffer, populate_for_write
+from fedbus._memory import populate_for_write
 from fedbus.errors import ConfigError, HeaderError, LocalProtocolError, RemoteProtocolError
+from fedbus.modelio.buffers import fresh_buffer
 from fedbus.recycle import FilePool
 
 __all__ = [
@@ -370,7 +371,7 @@ def allocate(total: int, *, huge: bool = False) -> torch.Tensor:
     """The one uint8 receive buffer of a stream (uninitialised: every byte is written before use).
 
     A fresh buffer costs a page fault per 4 KiB page on its first write, which dominates a cold receive;
-    ``huge`` puts a large one on transparent huge pages (``_memory.fresh_buffer`` says when that pays).
+    ``huge`` puts a large one on transparent huge pages (``modelio.buffers.fresh_buffer`` says when that pays).
     Callers that receive repeatedly should reuse buffers (the warm path).
     """
     if not _is_int(total) or total < 0:

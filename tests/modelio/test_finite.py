@@ -1,4 +1,4 @@
-"""The finite scan on arrival (transport/finite.py) says exactly which tensors hold a NaN or Inf, however
+"""The finite scan on arrival (modelio/finite.py) says exactly which tensors hold a NaN or Inf, however
 the stream is cut into chunks and frames (elements split between frames included), and says nothing when
 some bytes were never scanned."""
 
@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
-from fedbus import serde
+from fedbus.modelio import serde
+from fedbus.modelio.finite import FiniteScan
 from fedbus.strategy.base import validate_update
-from fedbus.transport.finite import FiniteScan
-from tests.transport.sinks import fill
+from tests.modelio.sinks import fill
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,8 +84,8 @@ def test_a_chunk_written_again_replaces_its_first_copy_and_a_gap_gives_no_answer
 
 
 async def test_a_received_update_carries_the_answer_and_validation_uses_it(tmp_path) -> None:
-    from fedbus.transport.spool import SpoolSink
-    from fedbus.transport.streams import BufferSink
+    from fedbus.modelio.sinks import BufferSink
+    from fedbus.modelio.spool import SpoolSink
 
     model = {"w": torch.randn(100_000), "h": torch.randn(333).half()}
     model["h"][7] = float("inf")

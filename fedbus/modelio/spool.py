@@ -1,7 +1,7 @@
 """Spooled receive: an incoming model goes to a file in the page cache, not to the process's memory.
 
 Why: a broker folding N updates into one aggregate needs the global model and the aggregate in memory,
-but never a whole update. Chunks are written where they belong with ``pwritev`` straight from zmq's
+but never a whole update. Chunks are written where they belong with ``pwritev`` straight from the
 frames (no intermediate buffer); once the stream is verified, ``SpooledParams`` hands the strategy one
 tensor at a time. Broker memory stays about 2x the model whatever the number of sites, and an accepted
 update sits in the page cache (and, under memory pressure, on disk) until it is folded in.
@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedbus import digest, serde
+from fedbus import digest
 from fedbus.errors import RemoteProtocolError, TransportError
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import Offer
 from fedbus.recycle import FilePool
-from fedbus.transport.streams import BufferSink
 
 
 class SpoolSink(BufferSink):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedbus import serde
+from fedbus.modelio import serde
+from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import Offer
-from fedbus.transport.streams import BufferSink
 
 
 def fill(sink: BufferSink, lay: serde.Layout, chunk: int = 1 << 20) -> Any:

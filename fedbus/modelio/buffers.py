@@ -1,0 +1,26 @@
+"""Fresh receive buffers for models: uninitialised uint8 tensors, large ones on transparent huge pages."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+
+import torch
+
+HUGE_BUFFER_MIN = 64 << 20  # below this a buffer is plain memory: a mapping of its own costs more than it saves
+
+
+def fresh_buffer(size: int, *, huge: bool) -> torch.Tensor:
+    """An uninitialised uint8 buffer of ``size`` bytes; with ``huge``, on transparent huge pages when large.
+
+    A fresh buffer costs a page fault per 4 KiB page on its first write. Huge pages make that 512x fewer
+    faults, which pays where the faults run on spare cores (the placement threads) and costs where they do
+    not (a small VM's huge-page faults can be slow: docs/benchmarks.md). A large buffer is its own anonymous
+    mapping, returned to the OS as soon as the last tensor viewing it is freed.
+    """
+    if not huge or size < HUGE_BUFFER_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(size, dtype=torch.uint8)
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError, AttributeError, ValueError):  # not Linux, or THP compiled out
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mem, dtype=torch.uint8)  # the tensor keeps ``mem`` alive as long as any view of it
