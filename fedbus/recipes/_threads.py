@@ -16,7 +16,8 @@ serves the imports of all of them; modules of that name imported from elsewhere 
 What a script prints goes to its site: while the simulator runs, ``sys.stdout`` and ``sys.stderr`` are proxies
 (``OutputRouter``) that copy each script thread's writes into its site's ``script.log`` (what a child process's
 output goes to) besides the console, so the site's crash tail and log streaming see it as they would a child's.
-Threads a script starts itself write to the console only.
+Threads a script starts itself write to the console only. Rich's process-wide console is made one per thread
+likewise (``RichConsoles``), so progress bars of several scripts do not collide.
 
 Each thread gets its own client session (``fedbus.client.api.bind_thread``), built from the variables the
 site would have put in a child's environment. ``num_threads`` caps how many scripts *train* at once: a
@@ -31,6 +32,7 @@ import asyncio
 import builtins
 import contextlib
 import ctypes
+import importlib.util
 import os
 import sys
 import threading
@@ -142,6 +144,60 @@ class OutputRouter:
                 f.close()
 
 
+class _ThreadConsoles:
+    """Rich's global console (``rich.get_console()``) while the simulator runs: one real console per thread.
+
+    Rich keeps one console per process, with a stack of its live displays; two script threads showing progress
+    bars at once (Lightning's ``RichProgressBar``, its default where rich is installed) push and pop on one stack
+    and crash each other. A script run by its own site process has a console of its own: this gives each script
+    thread the same."""
+
+    _local = threading.local()  # per-thread consoles, shared by every instance (there is one at a time)
+
+    def _console(self) -> Any:
+        console = getattr(self._local, "console", None)
+        if console is None:
+            from rich.console import Console
+
+            console = self._local.console = Console()
+        return console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._console(), name)
+
+    def __enter__(self) -> Any:  # dunders bypass __getattr__: Console's own are forwarded by hand
+        return self._console().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._console().__exit__(*exc)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # rich.reconfigure() replaces the global console's __dict__: this thread's console is the one meant.
+        setattr(self._console(), name, value)
+
+
+class RichConsoles:
+    """Installs :class:`_ThreadConsoles` as rich's global console, if rich is installed, and puts back what was."""
+
+    def __init__(self) -> None:
+        self._saved: tuple[Any, Any] | None = None
+
+    def install(self) -> None:
+        if self._saved is not None or importlib.util.find_spec("rich") is None:
+            return
+        import rich
+
+        self._saved = (rich, rich._console)
+        rich._console = _ThreadConsoles()  # type: ignore[assignment]
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            module, console = self._saved
+            if isinstance(module._console, _ThreadConsoles):
+                module._console = console
+            self._saved = None
+
+
 class ScriptImports:
     """``sys.argv``, ``sys.path`` and the output streams for the simulator's script threads, restored by
     ``restore``."""
@@ -151,6 +207,7 @@ class ScriptImports:
         self._argv: list[str] | None = None
         self._folders: dict[str, Path] = {}  # job id -> the folder on sys.path for it
         self.output = OutputRouter()
+        self.consoles = RichConsoles()
 
     def prepare(self, job_id: str, script: Path, args: Sequence[str]) -> None:
         with self._lock:
@@ -159,6 +216,7 @@ class ScriptImports:
             if self._argv is None:
                 self._argv = sys.argv
                 self.output.install()
+                self.consoles.install()
             sys.argv = [str(script), *args]
             folder = script.parent
             _forget_shadowed(folder)
@@ -177,6 +235,7 @@ class ScriptImports:
             if self._argv is not None:
                 sys.argv, self._argv = self._argv, None
             self.output.restore()
+            self.consoles.restore()
 
 
 def _inside(file: str | None, folder: Path) -> bool:
