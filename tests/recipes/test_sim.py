@@ -121,3 +121,43 @@ def test_keyboard_interrupt_in_a_progress_callback_stops_everything(tmp_path: Pa
         recipe.execute(SimEnv(2, workspace=tmp_path / "ws", progress=progress))
     assert not script_threads() and sys.argv == argv
     assert not [t for t in threading.enumerate() if t.name.startswith("fedbus-long")]  # the loop thread too
+
+
+RICH_SCRIPT = """
+import time
+
+from rich.progress import Progress
+from shared import both  # one module for both script threads: their progress bars overlap
+
+import fedbus.client as flare
+
+flare.init()
+while flare.is_running():
+    model = flare.receive()
+    with Progress() as bar:  # rich's live display, as Lightning's RichProgressBar uses it
+        task = bar.add_task("train", total=3)
+        both.wait()
+        for _ in range(3):
+            time.sleep(0.01)
+            bar.advance(task)
+        both.wait()
+    flare.send(flare.FLModel(params={k: v + 1 for k, v in model.params.items()}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_two_scripts_show_rich_progress_bars_at_once(tmp_path: Path) -> None:
+    pytest.importorskip("rich")
+    import rich
+
+    before = rich._console
+    script = tmp_path / "src" / "bars.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(RICH_SCRIPT)
+    shared = script.parent / "shared.py"
+    shared.write_text("import threading\n\nboth = threading.Barrier(2, timeout=10)\n")
+    recipe = FedAvgRecipe("bars", tiny_model(), script, min_clients=2, num_rounds=2, files=[shared])
+    run = recipe.execute(SimEnv(2, num_threads=2, workspace=tmp_path / "ws", progress=False))
+    assert run.status == "finished", run.reason  # one shared console's live stack crashed one of the two
+    assert torch.equal(run.model["w"], torch.full((4,), 2.0))
+    assert rich._console is before  # the simulator put rich's own console back
