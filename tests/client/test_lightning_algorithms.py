@@ -19,9 +19,9 @@ import zmq.asyncio
 pytest.importorskip("lightning")
 
 import fedbus.client.lightning as flare
-from fedbus import serde
 from fedbus.client import ClientSession
 from fedbus.client.api import bind_thread
+from fedbus.modelio import serde
 from fedbus.protocol.messages import EndJob, Reply, Result
 from tests.client.helpers import JOB, FakeSite
 from tests.client.test_api import connected

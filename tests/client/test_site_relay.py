@@ -11,8 +11,8 @@ import pytest
 import torch
 import zmq.asyncio
 
-from fedbus.protocol.messages import Deploy, EndJob, Task
 from fedbus.modelio.sources import ModelSource
+from fedbus.protocol.messages import Deploy, EndJob, Task
 from tests.site.helpers import FakeBroker, job_archive, running_site, sample_model
 
 pytestmark = pytest.mark.timeout(60)

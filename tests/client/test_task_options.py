@@ -14,11 +14,11 @@ import torch
 import zmq.asyncio
 
 import fedbus.client as flare
-from fedbus import serde
 from fedbus.client import FLMetaKey, FLModel, NPConstants
 from fedbus.client.options import TaskOptions
 from fedbus.client.scaffold import ScaffoldHelper
 from fedbus.errors import ConfigError, JobError
+from fedbus.modelio import serde
 from tests.client.helpers import JOB, FakeSite, sample_params
 from tests.client.test_api import connected, send_answered
 
