@@ -121,3 +121,43 @@ def test_the_same_flare_style_job_runs_in_poc_env_with_named_sites(tmp_path: Pat
     assert all(pid != os.getpid() for pid in (m["pid"] for m in run.evaluations[-1].sites.values()))
     with pytest.raises(ConfigError, match="broker"):
         PocEnv(clients=["broker"])
+
+
+NUMPY_SCRIPT = """
+import numpy as np
+
+import fedbus.client as flare
+from fedbus.client import NPConstants
+
+flare.init()
+while flare.is_running():
+    model = flare.receive()
+    weights = model.params[NPConstants.NUMPY_KEY]
+    if type(weights) is not np.ndarray or weights.dtype != np.float32:
+        raise TypeError(f"the script must see a float32 numpy array, got {type(weights)} {weights.dtype}")
+    flare.send(flare.FLModel(params={NPConstants.NUMPY_KEY: weights * 2 + 1}, metrics={"mean": float(weights.mean())}))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("external", [False, True])
+def test_numpy_recipes_are_numpy_end_to_end(tmp_path: Path, external: bool) -> None:
+    from fedbus.recipes import NumpyFedAvgRecipe
+
+    script = tmp_path / "src" / "np_client.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(NUMPY_SCRIPT)
+    recipe = NumpyFedAvgRecipe(
+        name="np",
+        min_clients=2,
+        num_rounds=2,
+        model=[[1, 2], [3, 4]],
+        train_script=str(script),
+        launch_external_process=external,
+    )
+    run = recipe.execute(SimEnv(num_clients=2, workspace_root=tmp_path / "ws"))
+    assert run.get_status() == "finished", run.reason
+    final = run.model["numpy_key"]
+    assert final.dtype == torch.float32  # kept float32 end to end (numpy's float64 promotion cast back)
+    expected = torch.tensor([[1.0, 2.0], [3.0, 4.0]]) * 4 + 3  # (x*2+1)*2+1
+    assert torch.equal(final, expected)
