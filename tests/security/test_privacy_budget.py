@@ -217,3 +217,47 @@ async def test_a_site_refuses_to_send_past_its_budget_even_after_a_restart(tmp_p
         assert cli.main(["audit", str(ws / "audit.jsonl"), "--privacy", "--json", "--job", "j1"]) == 0
     (doc,) = [json.loads(line) for line in out.getvalue().splitlines()]
     assert doc["epsilon"] == pytest.approx(e[1], abs=1e-6) and doc["releases"] == 2 and doc["refused"] == 2
+
+
+async def test_the_job_status_shows_epsilon_and_a_spent_budget_fails_the_task_at_the_broker(tmp_path: Path) -> None:
+    """A real broker and two budgeted sites: a 2-round job fits the budget and its status shows the epsilon
+    the sites report; a 3-round job is refused at the sites in round 3, and the broker hears why."""
+    from fedbus.admin import Admin
+    from fedbus.broker import Broker
+    from fedbus.config import BrokerConfig
+    from tests.broker.harness import wait_job
+    from tests.security.helpers import patterned_model, write_job
+
+    e = [epsilon_of([(2.0, 1.0, n)], 1e-5) for n in (1, 2, 3)]
+    cap = (e[1] + e[2]) / 2
+    cfg = BrokerConfig(bind=f"ipc://{tmp_path}/b.sock", workspace=str(tmp_path / "broker"), heartbeat_s=0.5)
+    async with Broker(cfg) as broker, contextlib.AsyncExitStack() as stack:
+        for name in ("site-1", "site-2"):
+            site_cfg = SiteConfig(
+                name=name,
+                broker=broker.address,
+                workspace=str(tmp_path / name),
+                heartbeat_s=0.2,
+                dp_clip=1.0,
+                dp_sigma=2.0,
+                dp_delta=1e-5,
+                dp_max_epsilon=cap,
+            )
+            await stack.enter_async_context(Site(site_cfg))
+        async with Admin(broker.address) as admin:
+            model = patterned_model(1024)
+            fits = await admin.submit(write_job(tmp_path / "fits", model, rounds=2))
+            state = await wait_job(admin, fits, timeout=60.0)
+            assert state["state"] == "finished", state
+            assert state["last_metrics"]["privacy/epsilon"] == pytest.approx(e[1])  # both sites: 2 releases
+            assert state["last_metrics"]["privacy/delta"] == pytest.approx(1e-5)
+
+            over = await admin.submit(write_job(tmp_path / "over", model, rounds=3))
+            state = await wait_job(admin, over, timeout=60.0)
+            assert state["state"] == "failed", state
+        failed = [u["reason"] for u in broker.store.updates(over) if not u["accepted"]]
+    assert failed and all("privacy budget of site" in r and "exhausted" in r for r in failed), failed
+    for name in ("site-1", "site-2"):
+        records = list(read_audit(tmp_path / name / "audit.jsonl"))
+        assert [r["releases"] for r in records if r["kind"] == "privacy_spent" and r["job"] == over] == [1, 2]
+        assert [r["job"] for r in records if r["kind"] == "privacy_refused"] == [over]
