@@ -51,16 +51,29 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, accoun
         raise ConfigError(f"dp_accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
     if not history:
         return 0.0
+    acc = _accountant_class(accountant)()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    with warnings.catch_warnings():
+        # PRV at sampling rate 1 takes log(0) on the empty side of its domain (numpy warns, the result is exact);
+        # RDP warns when the best order is the largest one tried: the bound is then loose, still an upper bound
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", "Optimal order is the largest alpha", UserWarning)
+        if accountant == "rdp":
+            return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+        return float(acc.get_epsilon(delta=delta))
+
+
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 257)) + [320, 384, 512, 768, 1024, 2048, 4096]
+"""The Rényi orders tried: Opacus's defaults (1.1 to 63) and more, since with sampling rate 1 and a large noise
+multiplier the best order lies far above 63 (e.g. sigma 20, one release: about 96)."""
+
+
+def _accountant_class(accountant: str) -> Any:
     try:
         from opacus.accountants import PRVAccountant, RDPAccountant
     except ImportError as exc:
-        raise ConfigError("the privacy budget needs opacus: pip install 'fedbus[privacy]'") from exc
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    with warnings.catch_warnings():
-        # PRV at sampling rate 1 takes log(0) on the empty side of its domain (numpy warns, the result is exact)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(acc.get_epsilon(delta=delta))
+        raise ConfigError("the privacy budget (dp_delta) needs opacus: pip install 'fedbus[privacy]'") from exc
+    return RDPAccountant if accountant == "rdp" else PRVAccountant
 
 
 def compose(history: History, noise_multiplier: float, sample_rate: float = 1.0) -> History:
@@ -92,6 +105,7 @@ class PrivacyBudget:
             raise ConfigError(f"dp_max_epsilon must be > 0, got {max_epsilon!r}")
         if accountant not in ACCOUNTANTS:
             raise ConfigError(f"dp_accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+        _accountant_class(accountant)  # a site without opacus fails at start, not at its first update
         self.folder = Path(folder)
         self.delta, self.max_epsilon, self.accountant = float(delta), max_epsilon, accountant
         self.site, self.audit = site, audit

@@ -61,7 +61,7 @@ def _exact_gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
     return hi
 
 
-@pytest.mark.parametrize(("sigma", "steps"), [(1.0, 1), (2.0, 10), (4.0, 100)])
+@pytest.mark.parametrize(("sigma", "steps"), [(1.0, 1), (2.0, 10), (4.0, 100), (20.0, 1)])
 def test_site_level_releases_against_the_exact_gaussian_composition(sigma: float, steps: int) -> None:
     """At sampling rate 1 (the site's filter) the exact epsilon is known in closed form: PRV reproduces it
     within its stated error, RDP is an upper bound on it (and not a loose one)."""
