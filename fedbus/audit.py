@@ -16,7 +16,9 @@ acting), ``key`` (its public key, CURVE only), ``version``, ``size``, ``digest``
 Kinds: ``connection_refused``, ``refused`` (a message or request), ``hello``, ``revoked``,
 ``job_submitted``, ``job_aborted``, ``job_downloaded``, ``job_deployed``, ``task_sent`` /
 ``task_received``, ``update_sent`` / ``update_received`` (same ``digest`` on both sides: the stream's
-verified whole-stream digest), ``update_failed``.
+verified whole-stream digest), ``update_failed``, and at a site with a privacy budget ``privacy_spent`` (one
+release of its DP filter: ``epsilon`` spent on the job so far, ``delta``, ``releases``, ``max_epsilon``,
+``accountant``) and ``privacy_refused`` (an update held back: the budget would be exceeded, with ``reason``).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def select(
     return out
 
 
-_COLUMNS = ("job", "task", "site", "by", "version", "size", "digest", "reason")
+_COLUMNS = ("job", "task", "site", "by", "version", "size", "digest", "epsilon", "delta", "reason")
 
 
 def format_table(records: Iterable[dict[str, Any]]) -> str:
@@ -158,4 +160,34 @@ def format_table(records: Iterable[dict[str, Any]]) -> str:
     for rec in records:
         rest = " ".join(f"{k}={rec[k]}" for k in _COLUMNS if k in rec)
         lines.append(f"{rec.get('time', '?'):<29} {rec.get('actor', '?'):<14} {rec.get('kind', '?'):<18} {rest}")
+    return "\n".join(lines)
+
+
+def privacy_spent(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (job, site): the epsilon spent (the last ``privacy_spent`` record's: the ledger's total), for which
+    delta, in how many releases, the budget, and how many updates were refused for it."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("kind") not in ("privacy_spent", "privacy_refused"):
+            continue
+        key = (str(rec.get("job", "?")), str(rec.get("site") or rec.get("actor", "?")))
+        row = rows.setdefault(key, {"job": key[0], "site": key[1], "epsilon": 0.0, "releases": 0, "refused": 0})
+        row["delta"], row["max_epsilon"] = rec.get("delta"), rec.get("max_epsilon")
+        if rec["kind"] == "privacy_spent":
+            row["epsilon"], row["releases"] = rec.get("epsilon", 0.0), rec.get("releases", 0)
+        else:
+            row["refused"] += 1
+    return list(rows.values())
+
+
+def format_privacy(rows: Iterable[dict[str, Any]]) -> str:
+    """The ``privacy_spent`` rows as a table."""
+    lines = [f"{'JOB':<28} {'SITE':<16} {'EPSILON':>10} {'DELTA':>8} {'MAX':>8} {'RELEASES':>8} {'REFUSED':>7}"]
+    for r in rows:
+        cap = "-" if r.get("max_epsilon") is None else f"{r['max_epsilon']:g}"
+        delta = "-" if r.get("delta") is None else f"{r['delta']:g}"
+        lines.append(
+            f"{r['job']:<28} {r['site']:<16} {r['epsilon']:>10.4f} {delta:>8} {cap:>8} {r['releases']:>8} "
+            f"{r['refused']:>7}"
+        )
     return "\n".join(lines)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--site", help="only records involving this site")
     au.add_argument("--kind", help="only records of this kind (e.g. update_sent, refused)")
     au.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    au.add_argument(
+        "--privacy", action="store_true", help="the differential-privacy epsilon spent per job and site (a site's log)"
+    )
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -233,7 +236,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedbus import audit
 
         records = audit.select(audit.read_audit(args.path), job=args.job, site=args.site, kind=args.kind)
-        text = "\n".join(json.dumps(r) for r in records) if args.json else audit.format_table(records)
+        if args.privacy:
+            rows = audit.privacy_spent(records)
+            text = "\n".join(json.dumps(r) for r in rows) if args.json else audit.format_privacy(rows)
+        else:
+            text = "\n".join(json.dumps(r) for r in records) if args.json else audit.format_table(records)
         sys.stdout.write(text + ("\n" if text else ""))
         return 0
     if args.command == "bench":

@@ -114,6 +114,18 @@ def _host(v: Any) -> Any:
     return v
 
 
+def _open_unit(v: Any) -> Any:
+    if not 0 < v < 1:
+        raise ValueError("must be within (0, 1)")
+    return v
+
+
+def _accountant(v: Any) -> Any:
+    if v not in ("rdp", "prv"):
+        raise ValueError("must be rdp or prv")
+    return v
+
+
 def _log_level(v: Any) -> Any:
     if v.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -179,6 +191,12 @@ class SiteConfig:
     broker_key: str | None = None
     dp_clip: float | None = None
     dp_sigma: float | None = None
+    dp_delta: float | None = None
+    """Turns the privacy budget on: the site accounts every DP release and reports epsilon for this delta."""
+    dp_max_epsilon: float | None = None
+    """The budget per job: an update whose release would take the job's epsilon past it is refused."""
+    dp_accountant: str = "rdp"
+    """``rdp`` (Mironov's Rényi DP) or ``prv`` (privacy random variables: tighter, slower), from Opacus."""
     exclude_vars: tuple[str, ...] = ()
     log_json: bool = False
     log_level: str = "info"
@@ -226,6 +244,9 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "participants": _nonempty,
     "dp_clip": _positive,
     "dp_sigma": _at_least(0),
+    "dp_delta": _open_unit,
+    "dp_max_epsilon": _positive,
+    "dp_accountant": _accountant,
     "log_level": _log_level,
 }
 
@@ -303,6 +324,20 @@ def _check_cross(cls_name: str, values: Mapping[str, Any], origin: Mapping[str, 
         raise ConfigError(f"{where}: CURVE needs both {pair[0]} and {pair[1]}; {missing} is missing")
     if cls_name == "SiteConfig" and values.get("dp_sigma") is not None and values.get("dp_clip") is None:
         raise ConfigError(f"{origin.get('dp_sigma', cls_name)}: dp_sigma needs dp_clip (the noise is sigma x clip)")
+    if cls_name == "SiteConfig":
+        _check_budget(values, origin)
+
+
+def _check_budget(values: Mapping[str, Any], origin: Mapping[str, str]) -> None:
+    """The privacy budget's keys: a max needs the delta it is for, and accounting needs noise to account."""
+    if values.get("dp_max_epsilon") is not None and values.get("dp_delta") is None:
+        where = origin.get("dp_max_epsilon", "SiteConfig")
+        raise ConfigError(f"{where}: dp_max_epsilon needs dp_delta (epsilon is spent for a given delta)")
+    if values.get("dp_delta") is not None and not (values.get("dp_clip") and values.get("dp_sigma")):
+        where = origin.get("dp_delta", "SiteConfig")
+        raise ConfigError(
+            f"{where}: dp_delta (the privacy budget) needs dp_clip and dp_sigma > 0: it accounts their noise"
+        )
 
 
 def _validate_instance(cfg: BrokerConfig | SiteConfig | AdminConfig) -> None:

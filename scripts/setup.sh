@@ -8,5 +8,5 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-# the experiment-tracking stores too, so their tests run: each installs in under 30 s from a warm index
-"$PY" -m pip install -q -e ".[dev,examples,lightning,tensorboard,mlflow,wandb]"
+# the experiment-tracking stores and the privacy accountants (opacus) too, so their tests run
+"$PY" -m pip install -q -e ".[dev,examples,lightning,tensorboard,mlflow,wandb,privacy]"

@@ -58,7 +58,7 @@ from fedbus.protocol.messages import (
 )
 from fedbus.security import client_keys
 from fedbus.site.child import Launcher, ScriptProcess
-from fedbus.site.filters import Filter, make_filters
+from fedbus.site.filters import Filter, site_filters
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
 from fedbus.site.uploads import held_tasks
@@ -100,9 +100,8 @@ class Site:
         self.workspace = Path(config.workspace).resolve()
         self.keys = client_keys(config.secret_key, config.broker_key, f"site {config.name}")
         # The site's own filters: every job's updates pass them last; a job can add filters, never remove these.
-        site_imposed = make_filters(dp_clip=config.dp_clip, dp_sigma=config.dp_sigma, exclude=config.exclude_vars)
-        self.filters: list[Filter] = [*filters, *site_imposed]
         self.audit = AuditLog(self.workspace / "audit.jsonl", actor=config.name)
+        self.filters: list[Filter] = [*filters, *site_filters(config, self.workspace, self.audit)]
         self.session = secrets.token_hex(8)
         self.log = get_logger("site", site=config.name)
         self.settings = RunnerSettings(

@@ -18,6 +18,12 @@ DIFF result, params − global model for a FULL one) is scaled to L2 norm at mos
 tensors together, then N(0, (σ·C)²) noise is added to every element; a FULL result is sent as global + Δ'.
 Integer tensors (counters such as ``num_batches_tracked``) are passed unchanged.
 
+Privacy budget: the site's DP filter may carry a :class:`~fedbus.site.privacy_budget.PrivacyBudget` (the site
+config's ``dp_delta``, ``dp_max_epsilon``). Each update it releases is then accounted as one Gaussian mechanism
+with noise multiplier σ and sampling rate 1 (site-level DP of the released updates; see that module), before
+the noise is drawn; an update that would exceed the budget is refused (``PrivacyBudgetSpent``, a JobError) and
+nothing leaves. The epsilon after a release goes into the result's metrics (``filter_metrics``).
+
 Exclude-variables: the named tensors never leave the site. The broker checks every update against the
 global model's names, so an excluded tensor is not dropped but replaced by what the broker already has:
 the global model's own values (FULL) or zeros (DIFF). Names match exactly or as ``fnmatch`` patterns.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import fnmatch
+import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +41,9 @@ from typing import Any
 
 import torch
 
+from fedbus.config import SiteConfig
 from fedbus.errors import ConfigError, JobError
+from fedbus.site.privacy_budget import PrivacyBudget
 
 Params = dict[str, torch.Tensor]
 Filter = Callable[..., Params]
@@ -89,14 +98,28 @@ class ExcludeVars(PrivacyFilter):
 
 
 class GaussianDP(PrivacyFilter):
-    """Clip the update to L2 norm ``clip`` (C), then add Gaussian noise of standard deviation ``sigma`` x C."""
+    """Clip the update to L2 norm ``clip`` (C), then add Gaussian noise of standard deviation ``sigma`` x C.
 
-    def __init__(self, clip: float, sigma: float = 0.0, *, generator: torch.Generator | None = None) -> None:
+    With a ``budget``, every call is one release of the Gaussian mechanism with noise multiplier ``sigma``
+    (the noise's standard deviation over the clip norm) and sampling rate 1, accounted for the context's job
+    before the noise is drawn; past the budget the call raises ``PrivacyBudgetSpent`` instead."""
+
+    def __init__(
+        self,
+        clip: float,
+        sigma: float = 0.0,
+        *,
+        generator: torch.Generator | None = None,
+        budget: PrivacyBudget | None = None,
+    ) -> None:
         if not (isinstance(clip, int | float) and clip > 0):
             raise ConfigError(f"dp_clip must be a number > 0, got {clip!r}")
         if not (isinstance(sigma, int | float) and sigma >= 0):
             raise ConfigError(f"dp_sigma must be a number >= 0, got {sigma!r}")
+        if budget is not None and sigma <= 0:
+            raise ConfigError("a privacy budget (dp_delta) needs dp_sigma > 0: without noise epsilon is infinite")
         self.clip, self.sigma = float(clip), float(sigma)
+        self.budget = budget
         self.name = f"dp(clip={self.clip:g},sigma={self.sigma:g})"
         self.generator = generator
         if generator is None:
@@ -106,6 +129,8 @@ class GaussianDP(PrivacyFilter):
         full = ctx.params_type == "FULL"
         if full and ctx.base is None:
             raise JobError("differential privacy on FULL params needs the task's global model")
+        if self.budget is not None:  # accounted (or refused) before anything is computed from the update
+            self.budget.spend(ctx.job_id, ctx.task_id, self.sigma)
         base = ctx.base or {}
         floats = [n for n, t in params.items() if t.is_floating_point()]
 
@@ -124,16 +149,32 @@ class GaussianDP(PrivacyFilter):
         return out
 
 
-def make_filters(*, dp_clip: float | None, dp_sigma: float | None, exclude: Sequence[str] = ()) -> list[PrivacyFilter]:
-    """The filters a config asks for: exclude first (excluded tensors carry no update), then DP."""
+def make_filters(
+    *,
+    dp_clip: float | None,
+    dp_sigma: float | None,
+    exclude: Sequence[str] = (),
+    budget: PrivacyBudget | None = None,
+) -> list[PrivacyFilter]:
+    """The filters a config asks for: exclude first (excluded tensors carry no update), then DP (accounted
+    against ``budget`` when there is one: the site's own filters only, a job's request is its own business)."""
     out: list[PrivacyFilter] = []
     if exclude:
         out.append(ExcludeVars(exclude))
     if dp_clip is not None:
-        out.append(GaussianDP(dp_clip, dp_sigma or 0.0))
+        out.append(GaussianDP(dp_clip, dp_sigma or 0.0, budget=budget))
     elif dp_sigma is not None:
         raise ConfigError("dp_sigma needs dp_clip (the noise is sigma x clip)")
+    elif budget is not None:
+        raise ConfigError("a privacy budget (dp_delta) needs dp_clip and dp_sigma: it accounts their noise")
     return out
+
+
+def site_filters(config: SiteConfig, workspace: str | os.PathLike[str], audit: Any = None) -> list[PrivacyFilter]:
+    """The filters a site config imposes, its DP filter accounted against the site's privacy budget (if any):
+    ``WORKSPACE/privacy/``, releases and refusals written to ``audit``."""
+    budget = PrivacyBudget.from_config(config, workspace, audit)
+    return make_filters(dp_clip=config.dp_clip, dp_sigma=config.dp_sigma, exclude=config.exclude_vars, budget=budget)
 
 
 def job_filters(extra: Mapping[str, Any]) -> list[PrivacyFilter]:
@@ -148,6 +189,16 @@ def job_filters(extra: Mapping[str, Any]) -> list[PrivacyFilter]:
     if not isinstance(exclude, list | tuple):
         raise ConfigError("job.toml [extra.privacy] exclude must be a list of names")
     return make_filters(dp_clip=privacy.get("dp_clip"), dp_sigma=privacy.get("dp_sigma"), exclude=exclude)
+
+
+def filter_metrics(filters: Sequence[Filter], job_id: str, task_id: str) -> dict[str, float]:
+    """What the filters report about a task's release, for its result's metrics: ``privacy/epsilon`` (the
+    job's epsilon at this site after the release) and ``privacy/delta`` from an accounted DP filter."""
+    out: dict[str, float] = {}
+    for f in filters:
+        if isinstance(f, GaussianDP) and f.budget is not None:
+            out.update(f.budget.report(job_id, task_id))
+    return out
 
 
 def filter_name(f: Filter) -> str:

@@ -53,7 +53,15 @@ from fedbus.protocol.messages import (
     Welcome,
 )
 from fedbus.site.child import Launcher, Script, ScriptProcess
-from fedbus.site.filters import Filter, FilterContext, PrivacyFilter, apply_filters, filter_name, job_filters
+from fedbus.site.filters import (
+    Filter,
+    FilterContext,
+    PrivacyFilter,
+    apply_filters,
+    filter_metrics,
+    filter_name,
+    job_filters,
+)
 from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.log_relay import MAX_BEHIND, LogRelay
 from fedbus.site.uplink import BrokerBus
@@ -433,7 +441,8 @@ class JobRunner:
             source = await asyncio.to_thread(self._result_source, file, ready, result.params_type)
         sid = secrets.randbits(62) if source is not None else None
         t = ready.task
-        out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, result.metrics, meta, sid)
+        metrics = {**result.metrics, **filter_metrics(self.filters, t.job_id, t.task_id)}  # privacy/epsilon
+        out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, metrics, meta, sid)
         if source is not None:  # kept until settled: a site killed mid-upload resumes it (site/uploads.py)
             source = await asyncio.to_thread(self.uploads.keep, out, source)
         await self.bus.send(out)
