@@ -158,7 +158,7 @@ def test_rejects_non_string_keys_and_deep_nesting() -> None:
     reject(envelope(hello, caps={b"k": 1}), "hello: field 'caps' has a non-string key")
     reject(envelope(hello, caps={"a": {b"k": 1}}), "hello: field 'caps' has a non-string key")
     # msgpack itself (strict_map_key) refuses int keys before any field is looked at
-    reject(msgpack.packb({"v": 1, "t": "hello", 1: 2}), "not valid msgpack")
+    reject(msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", 1: 2}), "not valid msgpack")
     deep: Any = 1
     for _ in range(MAX_DEPTH + 2):
         deep = [deep]
