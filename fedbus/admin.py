@@ -181,8 +181,8 @@ class Admin:
     async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
         if (
             self._download is None
-            or offer.ctx.get("job_id") != self._download[0]
-            or offer.ctx.get("kind") != "download"
+            or offer.route.get("job_id") != self._download[0]
+            or offer.route.get("kind") != "download"
         ):
             return None
         from fedbus.modelio.sinks import BufferSink

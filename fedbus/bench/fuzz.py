@@ -161,7 +161,7 @@ def sample_messages() -> list[m.Message]:
         m.Request(1, "status", {"job_id": "j"}),
         m.Reply(1, True, {"jobs": []}),
         m.Deploy("job-1", "client.py", ["a"], {"site_index": 0}),
-        m.Task("job-1", "0-site-1-0", "train", 0, 1, 3, 7, {"params_type": "FULL"}),
+        m.Task("job-1", "0-site-1-0", "train", 0, 1, 3, 7, params_type="FULL"),
         m.Result("job-1", "0-site-1-0", 0, "FULL", 1.0, {"loss": 0.5}, {}, 7),
         m.JobEvent("job-1", "log", 0, "", {"k": 1}),
         m.EndJob("job-1", "done"),

@@ -115,7 +115,7 @@ class Bus(Protocol):
 
     async def send(self, peer: bytes, msg: Message, payload: Any = ()) -> None: ...
 
-    async def stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None: ...
+    async def stream(self, peer: bytes, source: ModelSource, route: dict, sid: int) -> None: ...
 
 
 @dataclass
@@ -544,10 +544,7 @@ class JobController:
             asyncio.get_running_loop().call_soon(self.task_failed, action.site, wire, "site is not connected", sid)
             return
         source = self._source_for(action)
-        meta: dict[str, Any] = {"params_type": "FULL" if action.kind == "submit_model" else self.params_type}
         options = self.options
-        if action.model_name:
-            meta["model_name"] = action.model_name
         if action.kind == "submit_model":
             options = {**options, "submit_model": True}
         task = Task(
@@ -558,8 +555,9 @@ class JobController:
             round=action.version,
             total_rounds=self.total_rounds,
             sid=sid if source is not None else None,  # no model follows: the site hands the task on at once
-            meta=meta,
             options=options,
+            params_type="FULL" if action.kind == "submit_model" else self.params_type,
+            model_name=action.model_name,
         )
         self._spawn(self._send_task(peer, action, task, source, sid))
 

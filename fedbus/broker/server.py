@@ -489,10 +489,10 @@ class Broker:
         return sink
 
     async def _route_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
-        job_id = offer.ctx.get("job_id")
+        job_id = offer.route.get("job_id")
         if not isinstance(job_id, str):
             return None
-        if offer.ctx.get("kind") == "model":
+        if offer.route.get("kind") == "model":
             return self._accept_model(peer, job_id, offer)
         c = self.controllers.get(job_id)
         pending = None if c is None else c.pending.get((peer, offer.sid))
@@ -540,20 +540,20 @@ class Broker:
         log.info("job ready", job=job_id)
         await self._start_waiting_jobs()
 
-    async def _stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
+    async def _stream(self, peer: bytes, source: ModelSource, route: dict, sid: int) -> None:
         assert self.hub is not None
         start, ok = time.monotonic(), False
         try:
-            await self.hub.send(peer, source, ctx, sid)
+            await self.hub.send(peer, source, route, sid)
             ok = True
         finally:
             self.metrics.stream_done("out", source.total, time.monotonic() - start, ok)
-        if "task_id" in ctx:
+        if "task_id" in route:
             rec = self.registry.by_peer(peer)
             self.guard.audit.record(
                 "task_sent",
-                job=ctx.get("job_id"),
-                task=ctx["task_id"],
+                job=route.get("job_id"),
+                task=route["task_id"],
                 site=rec.name if rec is not None else None,
                 size=source.total,
                 digest=source.sums(self.hub.chunk_size, self.hub.alg).digest(),
@@ -565,8 +565,8 @@ class Broker:
     async def send(self, peer: bytes, msg: Message, payload: Any = ()) -> None:
         await self._send(peer, msg, payload)
 
-    async def stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
-        await self._stream(peer, source, ctx, sid)
+    async def stream(self, peer: bytes, source: ModelSource, route: dict, sid: int) -> None:
+        await self._stream(peer, source, route, sid)
 
     # --- jobs ------------------------------------------------------------------------------------------------------
 
@@ -785,8 +785,8 @@ class Broker:
         path = self.store.checkpoint_path(data["job_id"], data["version"])
         try:
             model = await asyncio.to_thread(serde.read_file, path)
-            ctx = {"job_id": data["job_id"], "kind": "download", "version": data["version"]}
-            await self._stream(peer, ModelSource.from_state_dict(model), ctx, int.from_bytes(os.urandom(7), "big"))
+            route = {"job_id": data["job_id"], "kind": "download", "version": data["version"]}
+            await self._stream(peer, ModelSource.from_state_dict(model), route, int.from_bytes(os.urandom(7), "big"))
         except (FedbusError, OSError) as exc:
             log.warning("download failed", job=data["job_id"], reason=str(exc))
 

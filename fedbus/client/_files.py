@@ -8,7 +8,7 @@ copy) into a temporary file that is renamed into place, so the site never sees h
 the file lives for seconds, and a crash of the machine loses the task anyway). The temporary file is one the
 site released after an earlier upload, when there is one (``fedbus.recycle``: a fraction of the CPU to write).
 
-A task's file the site lets go (``meta["take"]``: no privacy filter needs its bytes at upload) is *taken*:
+A task's file the site lets go (``Task.take``: no privacy filter needs its bytes at upload) is *taken*:
 renamed out of the site's reach (``inbox/.held-*``) and mapped shared (``serde.map_file``). FULL: receiving copies
 nothing, and a script that trains the received tensors in place (``load_state_dict(..., assign=True)``, or
 updating them directly) sends a result that is that very file, linked into the outbox: no write at all. DIFF: the

@@ -21,7 +21,6 @@ from fedbus.client.session import (
     SPEED_FACTOR_VAR,
     SUBMIT_MODEL,
     TRAIN,
-    TRAIN_S_KEY,
     ClientSession,
     task_name,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "SPEED_FACTOR_VAR",
     "SUBMIT_MODEL",
     "TRAIN",
-    "TRAIN_S_KEY",
     "ClientSession",
     "bind_thread",
     "current_options",

@@ -2,12 +2,12 @@
 
 Theory of operation. The site daemon starts the script with ``FEDBUS_*`` variables naming its link (an
 ``ipc://`` address), a per-job token and the job's folder. ``init()`` says ``hello`` with the token and
-waits for ``welcome``. From then on the site pushes ``task`` messages whose ``meta["path"]`` is a
+waits for ``welcome``. From then on the site pushes ``task`` messages whose ``path`` is a
 ``.safetensors`` file it received from the broker; ``is_running()`` blocks until one is queued (True) or
 ``end_job`` arrives (False); ``receive()`` loads the file into CPU tensors; ``send()`` writes the
 script's params to ``outbox/TASK.safetensors``, sends ``result`` and blocks until the site's
 ``reply``, which comes only once the broker acknowledged the upload. When the site lets the script take
-the task's file (``meta["take"]``), ``receive()`` maps it instead of reading it, and ``send()`` of those
+the task's file (``Task.take``), ``receive()`` maps it instead of reading it, and ``send()`` of those
 very tensors, trained in place, links the file into the outbox instead of writing one; a DIFF is computed
 into the file, which is then the result (``_files``).
 
@@ -17,13 +17,14 @@ the thread that trains, as FLARE scripts do. The simulator (``fedbus.recipes.Sim
 sites' scripts as threads of one process: it binds one session to each script thread (``bind_thread``),
 and the module-level functions look for a thread's own session before the process's.
 
-``send()`` also tells the site how long the script worked on the task (``meta["fedbus/train_s"]``, from
-``receive()`` to ``send()``): the simulator's slow-site model and overhead figures are built on it.
+``send()`` also tells the site how long the script worked on the task (``Result.train_s``, from ``receive()`` to
+``send()``): the simulator's slow-site model and overhead figures are built on it. What the site and the script
+act on travels in the messages' own fields; ``FLModel.meta`` is the script's alone and reaches the broker untouched.
 
 Evaluation tasks: the script answers with ``FLModel(metrics={...})``; any params it sets are ignored and
 only the metrics travel. ``submit_model`` tasks (cross-site evaluation) carry no model: the script sends its
 local weights, as they are. DIFF: a script may send ``params_type=DIFF`` itself; and when the task says the
-strategy wants deltas (``meta["params_type"] == "DIFF"``, e.g. FedBuff, or the job's ``transfer_type`` option) a
+strategy wants deltas (``Task.params_type == "DIFF"``, e.g. FedBuff, or the job's ``transfer_type`` option) a
 FULL model is turned into ``params - received`` here, so the script needs no change.
 
 What the job asks of the client API travels in ``Task.options`` (``fedbus.client.options``): numpy exchange
@@ -77,7 +78,6 @@ ENV_VARS = (
 )
 SPEED_FACTOR_VAR = "FEDBUS_SPEED_FACTOR"
 """Set by a simulated site only: its slowdown factor, shown in ``system_info()["speed_factor"]``."""
-TRAIN_S_KEY = "fedbus/train_s"
 TRAIN, EVALUATE, SUBMIT_MODEL = "train", "evaluate", "submit_model"
 """The task names ``get_task_name()`` returns (FLARE's ``is_train``/``is_evaluate``/``is_submit_model``)."""
 
@@ -225,9 +225,9 @@ class ClientSession:
         task = self._current
         assert task is not None
         options = TaskOptions.parse(task.options)
-        path = task.meta.get("path")
-        if self._received is None and isinstance(path, str):
-            if task.meta.get("take") is not True:
+        path = task.path
+        if self._received is None and path is not None:
+            if not task.take:
                 received = load_params(path)
             else:
                 self._taken = take_params(path)
@@ -238,7 +238,11 @@ class ClientSession:
             self._received = self._take_controls(task, options, received)
         if self._task_started is None:
             self._task_started = time.monotonic()
-        meta = {k: v for k, v in task.meta.items() if k != "path"}
+        meta = dict(task.meta)
+        if task.params_type is not None:  # what the strategy wants back, and the model's name in cross-site evaluation
+            meta["params_type"] = task.params_type
+        if task.model_name:
+            meta["model_name"] = task.model_name
         meta.update(version=task.version, job_id=task.job_id, task_id=task.task_id, site_name=self.site_name)
         meta.update({FLMetaKey.CURRENT_ROUND: task.round, FLMetaKey.TOTAL_ROUNDS: task.total_rounds})
         params: Mapping[str, Any] | None = self._received
@@ -417,7 +421,7 @@ class ClientSession:
 
     def _wants_diff(self, task: Task, options: TaskOptions) -> bool:
         """Whether the task wants deltas back: the strategy's word (FedBuff) or the job's ``transfer_type``."""
-        return task.meta.get("params_type") == ParamsType.DIFF or options.transfer_type is TransferType.DIFF
+        return task.params_type == ParamsType.DIFF or options.transfer_type is TransferType.DIFF
 
     def _result(self, task: Task, model: FLModel) -> Result:
         options = TaskOptions.parse(task.options)
@@ -427,9 +431,8 @@ class ClientSession:
         if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
             raise ConfigError(f"meta[{NUM_STEPS_CURRENT_ROUND!r}] must be a number >= 0, got {weight!r}")
         params_type = ParamsType(model.params_type or ParamsType.FULL)
-        meta = dict(user_meta)
-        if self._task_started is not None:
-            meta[TRAIN_S_KEY] = time.monotonic() - self._task_started
+        train_s = None if self._task_started is None else time.monotonic() - self._task_started
+        path: str | None = None
         kind = task_name(task)
         if kind in (TRAIN, SUBMIT_MODEL) and model.params is not None:
             given = model.params
@@ -457,17 +460,16 @@ class ClientSession:
                     else:
                         params = diff_params(params, taken.params)
                 else:
-                    path = task.meta.get("path")
-                    if not isinstance(path, str):
+                    if task.path is None:
                         raise JobError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
-                    params = diff_params(params, load_params(path))
+                    params = diff_params(params, load_params(task.path))
             elif taken is not None and not controls:
                 written = taken.link_as(params, out)
             if controls:
                 params = {**params, **controls}
             if not written:
                 save_params(out, params)
-            meta["path"] = str(out)
+            path = str(out)
         return Result(
             job_id=self.job_id,
             task_id=task.task_id,
@@ -475,6 +477,8 @@ class ClientSession:
             params_type=str(params_type),
             weight=float(weight),
             metrics=metrics,
-            meta=meta,
+            meta=user_meta,
             sid=None,
+            path=path,
+            train_s=train_s,
         )

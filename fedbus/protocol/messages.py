@@ -13,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""The envelope's ``v``; a peer speaking another is refused at its first message. One number covers the bus
+(broker, sites, admins) and a site's link to its scripts: all fedbus's own components, released together. It changes
+whenever a field's meaning or place changes, so that mismatched peers fail at once instead of misreading each other
+(a site that looked for ``params_type`` where an older broker no longer put it would send FULL models to FedBuff)."""
 
 MAX_HELD = 256
 """Task ids a site's hello may name in ``holds``: a site answers its tasks one at a time per job."""
@@ -117,7 +121,11 @@ class Deploy(Message):
 
 @dataclass(frozen=True, slots=True)
 class Task(Message):
-    """Broker → site → script: train or evaluate global model ``version``; the model arrives as stream ``sid``."""
+    """Broker → site → script: train or evaluate global model ``version``; the model arrives as stream ``sid``.
+
+    ``meta`` is for the script (it reaches ``FLModel.meta`` as it is); what the components act on has fields of
+    its own, set by the broker (``params_type``, ``model_name``) or by the site for its script (``path``, ``take``).
+    """
 
     TYPE: ClassVar[str] = "task"
     job_id: str
@@ -131,11 +139,23 @@ class Task(Message):
     options: dict = field(default_factory=dict)
     """What the job asks of the script's client API (exchange format, transfer type, FedProx's mu, SCAFFOLD ...):
     the strategy's ``client_options()`` merged with the job's ``[client]`` table."""
+    params_type: str | None = None
+    """What the strategy wants back, ``FULL`` or ``DIFF`` (None: the job's default, from its deploy config)."""
+    model_name: str = ""
+    """The model an evaluation task carries, by name (cross-site evaluation: ``server``, a site's, a server
+    model of the job folder); empty for the global model."""
+    path: str | None = None
+    """Site → script only: the task's model file (``inbox/TASK.safetensors``); None when no model came with it."""
+    take: bool = False
+    """Site → script only: the script may take ``path`` (map it, train or write a DIFF into it, send it back as its
+    result): no privacy filter of the site reads it again at upload."""
 
 
 @dataclass(frozen=True, slots=True)
 class Result(Message):
-    """Script → site → broker: the outcome of a task; params (if any) follow as stream ``sid``."""
+    """Script → site → broker: the outcome of a task; params (if any) follow as stream ``sid``.
+
+    ``meta`` is the script's ``FLModel.meta``, relayed untouched; the site acts on ``path`` and ``train_s`` only."""
 
     TYPE: ClassVar[str] = "result"
     job_id: str
@@ -146,6 +166,12 @@ class Result(Message):
     metrics: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     sid: int | None = None
+    path: str | None = None
+    """Script → site only: the params file (``outbox/TASK.safetensors``); None when no params were sent. The
+    site never passes it on: local paths stay local."""
+    train_s: float | None = None
+    """Script → site only: seconds from ``receive()`` to ``send()``, the script's measure of its work (the site
+    takes it when plausible: the simulator's slow-site model and overhead figures)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +209,8 @@ class Offer(Message):
     alg: str
     digest: str
     header: bytes
-    ctx: dict = field(default_factory=dict)
+    route: dict = field(default_factory=dict)
+    """Where the stream belongs, for the receiver to route it (``job_id``, ``task_id``, ``kind``)."""
 
 
 @dataclass(frozen=True, slots=True)

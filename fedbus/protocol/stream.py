@@ -146,7 +146,7 @@ class Sender:
         chunk_sums: Sequence[int],
         digest: str | Callable[[], str],
         alg: str = "sum64",
-        ctx: dict | None = None,
+        route: dict | None = None,
         now: float,
         stall_timeout: float = 30.0,
         resumed: bool = False,
@@ -180,7 +180,7 @@ class Sender:
         # A lazy digest (a callable) is computed at END from the chunk sums, which may then be a lazy
         # sequence too: the first chunk leaves without a pass over the whole model (the offer names no digest).
         self._offer = Offer(
-            sid, total, chunk_size, alg, "" if callable(digest) else digest, bytes(header), dict(ctx or {})
+            sid, total, chunk_size, alg, "" if callable(digest) else digest, bytes(header), dict(route or {})
         )
         self._total, self._chunk, self._sums = total, chunk_size, chunk_sums
         self._digest_of = digest if callable(digest) else None

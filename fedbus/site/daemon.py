@@ -428,11 +428,11 @@ class Site:
         return runner
 
     async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
-        job_id = offer.ctx.get("job_id")
+        job_id = offer.route.get("job_id")
         runner = self.runners.get(job_id) if isinstance(job_id, str) else None
         sink = runner.accept_offer(offer) if runner is not None else None
         if sink is None:
-            self.log.warning("model stream refused: no such task here", sid=offer.sid, ctx=str(offer.ctx)[:200])
+            self.log.warning("model stream refused: no such task here", sid=offer.sid, route=str(offer.route)[:200])
         return sink
 
     def _spawn(self, coro: Any) -> None:

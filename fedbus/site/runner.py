@@ -7,10 +7,10 @@ present), starts the script and waits for it to end, reporting ``started`` and `
 
 A task is relayed in three steps: the broker's ``task`` is remembered (``on_task``); its model stream is
 accepted into ``inbox/TASK.safetensors`` (``accept_offer``, refused for any task we were not told
-about); when the stream completes the task is *ready*: sent to the script with ``meta["path"]``, or
+about); when the stream completes the task is *ready*: sent to the script with its ``path``, or
 queued until the script has said hello. A task's time limit runs from ready to result, restarted when the
 task reaches the script (a script still importing torch under load is not yet late). The script's
-``result`` names ``outbox/TASK.safetensors``; the site reads it, applies its privacy filters, sends the
+``result`` names ``outbox/TASK.safetensors`` in its ``path``; the site reads it, applies its privacy filters, sends the
 broker ``result(sid)`` first and then the stream (the broker pairs them by sid), and answers the script
 ``reply(ok)`` once the broker acknowledged the upload. Everything the script says is untrusted too: a
 wrong token, an unknown task or a path outside the outbox is refused and logged.
@@ -27,8 +27,8 @@ import math
 import secrets
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +266,7 @@ class JobRunner:
 
     def accept_offer(self, offer: Offer) -> BufferSink | None:
         """A model stream from the broker: accepted into the inbox only for a task announced before it."""
-        task_id = offer.ctx.get("task_id")
+        task_id = offer.route.get("task_id")
         task = self._expected.get(task_id) if isinstance(task_id, str) else None
         if task is None or task.sid != offer.sid or self._stopping:
             return None
@@ -301,25 +301,20 @@ class JobRunner:
 
     async def _deliver(self, ready: _Ready) -> None:
         t = ready.task
-        meta = {k: v for k, v in t.meta.items() if k != "path"}  # only the site names files to the script
-        meta["params_type"] = self._params_type(t)
-        if ready.path is not None:
-            meta["path"] = str(ready.path)
-            # The script may take the file (map it, train it or a DIFF into it, send it back as it is) unless the
-            # site reads it again at upload: the base a privacy filter works on.
-            meta["take"] = not any(isinstance(f, PrivacyFilter) for f in (*self.job_filters, *self.filters))
+        # Only the site names files to the script. The script may take the file (map it, train it or a DIFF into
+        # it, send it back as it is) unless the site reads it again at upload: the base a privacy filter works on.
+        path = str(ready.path) if ready.path is not None else None
+        take = path is not None and not any(isinstance(f, PrivacyFilter) for f in (*self.job_filters, *self.filters))
         ready.delivered_at = time.monotonic()
         if ready.timer is not None:  # the clock restarts at delivery: a script slow to start is not yet late
             ready.timer.cancel()
             ready.timer = asyncio.get_running_loop().call_later(self.task_timeout or 0, self._timed_out, t.task_id)
-        await self._to_script(
-            Task(t.job_id, t.task_id, t.kind, t.version, t.round, t.total_rounds, None, meta, dict(t.options))
-        )
+        await self._to_script(replace(t, sid=None, params_type=self._params_type(t), path=path, take=take))
         self.log.info("task handed to the script", task_id=t.task_id, round=t.round, kind=t.kind, version=t.version)
 
     def _params_type(self, task: Task) -> str:
         """What the strategy wants back: the task's word, else the deploy config's, else FULL."""
-        for value in (task.meta.get("params_type"), self.deploy.config.get("params_type")):
+        for value in (task.params_type, self.deploy.config.get("params_type")):
             if value in ("FULL", "DIFF"):
                 return str(value)
         return "FULL"
@@ -392,7 +387,7 @@ class JobRunner:
             await asyncio.sleep(timing["sim_delay_s"])
         uploaded = 0
         try:
-            uploaded = await self._upload(ready, result, timing)
+            uploaded = await self._upload(ready, result)
         except TransportError as exc:  # the broker is unreachable or refused it: lost, not the script's fault
             log.warning("update lost on the way to the broker", reason=str(exc))
             reply = Reply(rid=0, ok=False, data={"lost": True}, error=str(exc)[:2000])
@@ -418,31 +413,27 @@ class JobRunner:
         the result back (``sim_delay_s``). The script's own measure (``receive()`` to ``send()``) is taken
         when it is plausible: it leaves out model loading and, in SimEnv, the wait for a training slot."""
         elapsed = time.monotonic() - ready.delivered_at
-        claimed = result.meta.get("fedbus/train_s")
-        ok = isinstance(claimed, int | float) and not isinstance(claimed, bool) and 0 <= claimed <= elapsed
-        train_s = float(claimed) if ok else elapsed  # type: ignore[arg-type]
+        claimed = result.train_s
+        train_s = claimed if claimed is not None and 0 <= claimed <= elapsed else elapsed
         factor = self.settings.speed_factor
         delay = max(0.0, (factor - 1.0) * train_s) if factor is not None else 0.0
         return {"train_s": round(train_s, 6), "sim_delay_s": round(delay, 6), "received_at": time.time()}
 
-    async def _upload(self, ready: _Ready, result: Result, timing: Mapping[str, float]) -> int:
+    async def _upload(self, ready: _Ready, result: Result) -> int:
         """Send the result (and its params, for a train or submit_model task); returns the bytes of params streamed."""
         if result.params_type not in ("FULL", "DIFF"):
             raise RemoteProtocolError(f"params_type must be FULL or DIFF, got {result.params_type[:16]!r}")
         if not math.isfinite(result.weight) or result.weight < 0:
             raise RemoteProtocolError(f"weight must be a finite number >= 0, got {result.weight!r}")
-        meta = {k: v for k, v in result.meta.items() if k != "path"}  # local paths stay local
-        if self.settings.speed_factor is not None:
-            meta["sim_delay_s"] = timing["sim_delay_s"]
-        path = result.meta.get("path")
         source = None
-        if ready.task.kind in UPLOAD_KINDS and path is not None:
-            file = self.folder.result_file(path, result.task_id)
+        if ready.task.kind in UPLOAD_KINDS and result.path is not None:
+            file = self.folder.result_file(result.path, result.task_id)
             source = await asyncio.to_thread(self._result_source, file, ready, result.params_type)
         sid = secrets.randbits(62) if source is not None else None
         t = ready.task
+        # The script's meta goes on untouched; local paths and the script's own timing stay here.
         metrics = {**result.metrics, **filter_metrics(self.filters, t.job_id, t.task_id)}  # privacy/epsilon
-        out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, metrics, meta, sid)
+        out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, metrics, result.meta, sid)
         if source is not None:  # kept until settled: a site killed mid-upload resumes it (site/uploads.py)
             source = await asyncio.to_thread(self.uploads.keep, out, source)
         await self.bus.send(out)
@@ -479,8 +470,8 @@ class JobRunner:
             log.info("resuming an interrupted upload", sid=result.sid, params_bytes=source.total)
             try:
                 await self.bus.send(result)
-                ctx = {"job_id": self.job_id, "task_id": result.task_id}
-                await self.bus.resume_stream(source, ctx, result.sid or 0)
+                route = {"job_id": self.job_id, "task_id": result.task_id}
+                await self.bus.resume_stream(source, route, result.sid or 0)
             except FedbusError as exc:
                 log.warning("interrupted upload lost", reason=str(exc))
             else:

@@ -31,13 +31,13 @@ class BrokerBus(Protocol):
     async def send(self, msg: Message) -> None:
         """Send now; raises TransportError while the broker is unreachable."""
 
-    async def resume_stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
+    async def resume_stream(self, source: ModelSource, route: dict, sid: int) -> None:
         """Offer again a stream an earlier site process began; the broker says where to go on from."""
 
     def report(self, msg: Message) -> None:
         """Deliver eventually: queued while disconnected, sent after the next welcome."""
 
-    async def stream(self, source: ModelSource, ctx: dict, sid: int) -> str:
+    async def stream(self, source: ModelSource, route: dict, sid: int) -> str:
         """Stream a model to the broker; returns its stream digest once acknowledged (TransportError if not)."""
 
 
@@ -83,12 +83,12 @@ class Uplink:
         self.backlog.append(msg)
         self._pending.set()
 
-    async def stream(self, source: ModelSource, ctx: dict, sid: int) -> str:
-        await self.hub.send(b"", source, ctx, sid)
+    async def stream(self, source: ModelSource, route: dict, sid: int) -> str:
+        await self.hub.send(b"", source, route, sid)
         return source.sums(self.hub.chunk_size, self.hub.alg).digest()  # sums are cached: no re-read
 
-    async def resume_stream(self, source: ModelSource, ctx: dict, sid: int) -> None:
-        await self.hub.send(b"", source, ctx, sid, resumed=True)
+    async def resume_stream(self, source: ModelSource, route: dict, sid: int) -> None:
+        await self.hub.send(b"", source, route, sid, resumed=True)
 
     async def flush_loop(self) -> None:
         """Send reported messages whenever the broker is reachable, oldest first; runs for the daemon's life."""

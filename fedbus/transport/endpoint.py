@@ -1,4 +1,4 @@
-"""Endpoints: send and receive (envelope, payload frames) over ZeroMQ, or in memory for tests.
+"""Endpoints: send and receive (envelope, payload frames) over ZeroMQ (in memory: ``fedbus.transport.memory``).
 
 This is the only module that touches zmq sockets. A ``RouterEndpoint`` binds (the broker) and addresses
 peers by routing id; a ``DealerEndpoint`` connects (sites, admins, training scripts) and has one peer.
@@ -529,49 +529,3 @@ class DealerEndpoint(_ZmqEndpoint):
         for lane in self._lanes:
             lane.close()
         super().close()
-
-
-class MemoryEndpoint:
-    """An in-process endpoint with the same interface, for testing broker and site logic without zmq.
-
-    Messages still go through the envelope codec, so validation is exercised exactly as on the wire;
-    payload frames are copied once (as a socket would) so a sender may reuse its buffers after send.
-    """
-
-    def __init__(self, name: bytes, hub: MemoryHub) -> None:
-        self.name = name
-        self.hub = hub
-        self.inbox: asyncio.Queue[tuple[bytes, list[bytes]]] = asyncio.Queue()
-        self.default_peer = b""
-
-    async def send(self, peer: bytes, msg: Message, payload: Sequence[Any] = ()) -> None:
-        target = self.hub.endpoints.get(peer or self.default_peer)
-        if target is None:
-            raise PeerUnreachable(f"peer {peer!r} is not connected")
-        frames = [encode(msg), *(bytes(p) for p in payload)]
-        target.inbox.put_nowait((self.name, frames))
-
-    async def recv(self) -> Incoming:
-        peer, frames = await self.inbox.get()
-        try:
-            msg, mid = decode(frames[0])
-        except RemoteProtocolError as exc:
-            raise BadMessage(peer, str(exc)) from exc
-        return Incoming(peer, msg, mid, [memoryview(f) for f in frames[1:]])
-
-    def close(self) -> None:
-        with contextlib.suppress(KeyError):
-            del self.hub.endpoints[self.name]
-
-
-class MemoryHub:
-    """The 'network' joining MemoryEndpoints by name."""
-
-    def __init__(self) -> None:
-        self.endpoints: dict[bytes, MemoryEndpoint] = {}
-
-    def endpoint(self, name: bytes, default_peer: bytes = b"") -> MemoryEndpoint:
-        ep = MemoryEndpoint(name, self)
-        ep.default_peer = default_peer
-        self.endpoints[name] = ep
-        return ep

@@ -36,8 +36,8 @@ class RecordingBus:
         if isinstance(msg, Task):
             self.tasks.append(msg)
 
-    async def stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
-        self.streams[ctx["task_id"]] = source
+    async def stream(self, peer: bytes, source: ModelSource, route: dict, sid: int) -> None:
+        self.streams[route["task_id"]] = source
 
 
 def _site(task: Task) -> str:
@@ -88,13 +88,13 @@ async def test_cross_site_tasks_stream_named_models_once_per_name_and_cells_are_
     submits = list(bus.tasks)
     assert [t.kind for t in submits] == ["submit_model", "submit_model"]
     assert all(t.sid is None and t.options == {"memory_gc_rounds": 2, "submit_model": True} for t in submits)
-    assert all(t.meta["params_type"] == "FULL" for t in submits) and not bus.streams
+    assert all(t.params_type == "FULL" and not t.meta for t in submits) and not bus.streams
 
     for t in submits:  # neither site has a local model: both fail, and the evaluation phase begins
         ctl.task_failed(_site(t), t.task_id, "no local model")
     await _settle()
     evals = bus.tasks[2:]
-    assert [(t.kind, t.meta["model_name"]) for t in evals] == [("evaluate", "server"), ("evaluate", "server")]
+    assert [(t.kind, t.model_name) for t in evals] == [("evaluate", "server"), ("evaluate", "server")]
     assert all(t.options == {"memory_gc_rounds": 2} and t.sid is not None for t in evals)
     assert all(bus.streams[t.task_id] is ctl.source for t in evals)  # the global version, as for any evaluation
 
@@ -105,7 +105,7 @@ async def test_cross_site_tasks_stream_named_models_once_per_name_and_cells_are_
             ctl.on_result(_site(t).encode(), _site(t), result)
         await _settle()
     named = bus.tasks[4:]
-    assert [t.meta["model_name"] for t in named] == ["pretrained", "pretrained"]
+    assert [t.model_name for t in named] == ["pretrained", "pretrained"]
     first, second = (bus.streams[t.task_id] for t in named)
     assert first is second and first is not ctl.source  # one source for the model name, shared by the sites
     assert ctl.state == "finished"

@@ -33,7 +33,7 @@ class RecordingBus:
         if isinstance(msg, Task):
             self.tasks.append(msg)
 
-    async def stream(self, peer: bytes, source: ModelSource, ctx: dict, sid: int) -> None:
+    async def stream(self, peer: bytes, source: ModelSource, route: dict, sid: int) -> None:
         return None
 
 

@@ -65,12 +65,25 @@ class FakeSite:
         *,
         kind: str = "train",
         options: dict | None = None,
+        take: bool = False,
+        params_type: str | None = None,
         **meta: object,
     ) -> Task:
-        if params is not None:
-            meta["path"] = str(self.model_file(task_id, params))
+        """What the site hands its script: ``params`` in an inbox file (``take``: the script may take it); any other
+        keyword goes into the task's ``meta``."""
         task = Task(
-            JOB, task_id, kind, version=4, round=4, total_rounds=10, sid=None, meta=dict(meta), options=options or {}
+            JOB,
+            task_id,
+            kind,
+            version=4,
+            round=4,
+            total_rounds=10,
+            sid=None,
+            meta=dict(meta),
+            options=options or {},
+            params_type=params_type,
+            path=str(self.model_file(task_id, params)) if params is not None else None,
+            take=take,
         )
         await self.send(task)
         return task

@@ -68,7 +68,8 @@ async def test_round_trip_train_then_end(site: FakeSite) -> None:
         assert session.get_task_name() == "train" and session.is_train() and not session.is_evaluate()
         model = await asyncio.to_thread(session.receive)
         assert model is not None and model.current_round == 4 and model.total_rounds == 10
-        assert model.meta["version"] == 4 and model.meta["note"] == "hi" and "path" not in model.meta
+        assert model.meta["version"] == 4 and model.meta["note"] == "hi" and model.meta["params_type"] == "FULL"
+        assert "path" not in model.meta and "take" not in model.meta  # what the site tells the script is not meta
         for k, v in sent.items():
             assert torch.equal(model.params[k], v) and model.params[k].device.type == "cpu"
 
@@ -77,7 +78,8 @@ async def test_round_trip_train_then_end(site: FakeSite) -> None:
         result = await send_answered(site, session, out)
         assert (result.job_id, result.task_id, result.version, result.params_type) == (JOB, "t1", 4, "FULL")
         assert result.weight == 12.0 and result.metrics == {"loss": 0.5} and result.sid is None
-        path = Path(result.meta["path"])
+        assert result.meta == {flare.NUM_STEPS_CURRENT_ROUND: 12} and result.train_s is not None
+        path = Path(result.path)
         assert path == site.folder / "job" / "outbox" / "t1.safetensors"
         back = serde.read_file(path)
         for k, v in sent.items():
@@ -130,7 +132,7 @@ async def test_full_is_converted_to_diff_when_the_strategy_wants_deltas(site: Fa
         local = {k: v * 3 for k, v in model.params.items()}
         result = await send_answered(site, session, FLModel(params=local))
         assert result.params_type == "DIFF"
-        back = serde.read_file(result.meta["path"])
+        back = serde.read_file(result.path)
         for k, v in received.items():
             assert torch.equal(back[k], v * 3 - v)
     finally:
@@ -146,7 +148,7 @@ async def test_diff_is_against_the_received_model_even_if_the_script_trained_it_
         for v in model.params.values():
             v.add_(1)  # training the received tensors themselves
         result = await send_answered(site, session, FLModel(params=model.params))
-        back = serde.read_file(result.meta["path"])
+        back = serde.read_file(result.path)
         for k, v in received.items():
             torch.testing.assert_close(back[k], torch.ones_like(v))  # (x + 1) - x, rounded: not zeros
     finally:
@@ -178,7 +180,7 @@ async def test_a_taken_model_trained_in_place_is_sent_as_the_very_file(site: Fak
                 v.add_(1)
         assert torch.equal(serde.read_file(held)["fc.weight"], received["fc.weight"] + 1)  # the tensors are the file
         result = await send_answered(site, session, FLModel(params=model.params))
-        out = Path(result.meta["path"])
+        out = Path(result.path)
         assert out.stat().st_ino == held.stat().st_ino and out.stat().st_nlink == 2  # linked, not written
         back = serde.read_file(out)
         assert torch.equal(back["fc.bias"], received["fc.bias"] + 1) and int(back["bn.num_batches_tracked"]) == 7
@@ -203,7 +205,7 @@ async def test_a_module_that_trains_the_received_tensors_sends_them_without_a_wr
         net(torch.randn(8, 3)).square().sum().backward()
         opt.step()
         result = await send_answered(site, session, FLModel(params=net.state_dict()))
-        out = Path(result.meta["path"])
+        out = Path(result.path)
         assert out.stat().st_nlink == 2  # the taken file, linked: nothing written
         back = serde.read_file(out)
         assert set(back) == set(net.state_dict())
@@ -222,7 +224,7 @@ async def test_a_taken_model_is_left_alone_when_other_tensors_are_sent(site: Fak
         model = await asyncio.to_thread(session.receive)
         replaced = dict(model.params, **{"fc.weight": model.params["fc.weight"] * 2})  # one tensor is new
         result = await send_answered(site, session, FLModel(params=replaced))
-        out = Path(result.meta["path"])
+        out = Path(result.path)
         assert out.stat().st_nlink == 1  # written
         assert torch.equal(serde.read_file(out)["fc.weight"], received["fc.weight"] * 2)
         [held] = _boxed(site, ".held-")
@@ -263,7 +265,7 @@ async def test_a_diff_is_computed_into_the_taken_file_which_is_then_the_result(s
         local = dict(model.params)
         result = await send_answered(site, session, FLModel(params=local))
         assert result.params_type == "DIFF"
-        out = Path(result.meta["path"])
+        out = Path(result.path)
         assert out.stat().st_ino == inode  # the base became the difference: nothing written
         assert _boxed(site, ".held-") == []  # the base's mapping is gone: only the outbox's link is left
         back = serde.read_file(out)
@@ -305,7 +307,7 @@ async def test_explicit_diff_and_numpy_params_travel_as_given(site: FakeSite) ->
         model = FLModel(params=delta, params_type="DIFF")
         result = await send_answered(site, session, model)
         assert result.params_type == "DIFF" and result.weight == 1.0
-        back = serde.read_file(result.meta["path"])
+        back = serde.read_file(result.path)
         assert torch.equal(back["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
         assert torch.equal(back["n"], torch.tensor([1, 2]))
     finally:
@@ -620,7 +622,7 @@ async def test_cuda_params_travel_through_send_as_cpu_tensors(site: FakeSite) ->
         assert all(t.device.type == "cpu" for t in model.params.values())  # receive() hands out CPU tensors
         on_gpu = {k: (v.cuda() * 2 if v.is_floating_point() else v.cuda()) for k, v in model.params.items()}
         result = await send_answered(site, session, FLModel(params=on_gpu), timeout=10)
-        back = serde.read_file(result.meta["path"])  # FULL CUDA params became a CPU delta file
+        back = serde.read_file(result.path)  # FULL CUDA params became a CPU delta file
         for k, v in received.items():
             want = v * 2 - v if v.is_floating_point() else v - v
             assert back[k].device.type == "cpu" and torch.equal(back[k], want), k

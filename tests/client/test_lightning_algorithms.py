@@ -155,7 +155,7 @@ async def test_fedprox_pulls_every_step_towards_the_global_model(site: FakeSite,
     session = await connected(site)
     try:
         [result] = await run_job(site, session, package, [(GLOBAL, {"fedprox_mu": 0.5}, "FULL")])
-        sent = serde.read_file(result.meta["path"])
+        sent = serde.read_file(result.path)
         w, b = by_hand(GLOBAL["lin.weight"], GLOBAL["lin.bias"], mu=0.5, correction=None)
         torch.testing.assert_close(sent["lin.weight"], w)
         torch.testing.assert_close(sent["lin.bias"], b)
@@ -171,7 +171,7 @@ async def test_without_options_the_patch_trains_plain_sgd(site: FakeSite) -> Non
     try:
         [result] = await run_job(site, session, "lightning.pytorch", [(GLOBAL, {}, "FULL")])
         assert result.meta["CUSTOM_VAR"] == "value" and result.weight == STEPS
-        sent = serde.read_file(result.meta["path"])
+        sent = serde.read_file(result.path)
         w, b = by_hand(GLOBAL["lin.weight"], GLOBAL["lin.bias"], correction=None)
         torch.testing.assert_close(sent["lin.weight"], w)
         torch.testing.assert_close(sent["lin.bias"], b)
@@ -200,7 +200,7 @@ async def test_scaffold_corrects_gradients_and_sends_option_ii_controls_over_two
         )
 
         # round 1: c_i = 0, so every step's gradient gains c
-        sent = serde.read_file(results[0].meta["path"])
+        sent = serde.read_file(results[0].path)
         w, b = by_hand(GLOBAL["lin.weight"], GLOBAL["lin.bias"], correction=c1)
         dw, db = w - GLOBAL["lin.weight"], b - GLOBAL["lin.bias"]
         torch.testing.assert_close(sent["lin.weight"], dw)
@@ -210,7 +210,7 @@ async def test_scaffold_corrects_gradients_and_sends_option_ii_controls_over_two
         torch.testing.assert_close(sent["scaffold.c.lin.bias"], ci_b)
 
         # round 2: the correction is c - c_i with the c_i kept from round 1
-        sent = serde.read_file(results[1].meta["path"])
+        sent = serde.read_file(results[1].path)
         w, b = by_hand(x2["lin.weight"], x2["lin.bias"], correction=(c2[0] - ci_w, c2[1] - ci_b))
         dw, db = w - x2["lin.weight"], b - x2["lin.bias"]
         torch.testing.assert_close(sent["lin.weight"], dw)

@@ -69,14 +69,14 @@ async def test_numpy_exchange_end_to_end(site: FakeSite) -> None:
         new = arr + np.float64(1.5) * np.ones((3, 3))
         assert new.dtype == np.float64
         result = await send_answered(session=session, site=site, model=FLModel(params={NPConstants.NUMPY_KEY: new}))
-        back = serde.read_file(result.meta["path"])[NPConstants.NUMPY_KEY]
+        back = serde.read_file(result.path)[NPConstants.NUMPY_KEY]
         assert back.dtype == torch.float32 and torch.equal(back, start[NPConstants.NUMPY_KEY] + 1.5)
 
         # an integer model made float keeps the float: the server judges it, nothing is truncated here
         await site.push_task("t2", {"n": torch.tensor([1, 2])}, options={"exchange": "numpy"})
         model = await asyncio.to_thread(session.receive)
         result = await send_answered(site, session, FLModel(params={"n": model.params["n"] * 0.5}))
-        assert torch.equal(serde.read_file(result.meta["path"])["n"], torch.tensor([0.5, 1.0], dtype=torch.float64))
+        assert torch.equal(serde.read_file(result.path)["n"], torch.tensor([0.5, 1.0], dtype=torch.float64))
 
         # an evaluation of a numpy model gets numpy too, and answers with metrics only
         await site.push_task("e1", start, kind="evaluate", options={"exchange": "numpy"})
@@ -99,7 +99,7 @@ async def test_diff_transfer_turns_a_full_result_into_local_minus_received(site:
         arr += 1  # trained in place: the base is still what arrived
         result = await send_answered(site, session, FLModel(params={NPConstants.NUMPY_KEY: arr * 2}))
         assert result.params_type == "DIFF"
-        back = serde.read_file(result.meta["path"])[NPConstants.NUMPY_KEY]
+        back = serde.read_file(result.path)[NPConstants.NUMPY_KEY]
         assert torch.equal(back, (received[NPConstants.NUMPY_KEY] + 1) * 2 - received[NPConstants.NUMPY_KEY])
 
         # a script that sends its own DIFF is passed through
@@ -108,7 +108,7 @@ async def test_diff_transfer_turns_a_full_result_into_local_minus_received(site:
         own = np.full((2, 2), 0.25)
         result = await send_answered(site, session, FLModel(params={NPConstants.NUMPY_KEY: own}, params_type="DIFF"))
         assert result.params_type == "DIFF"
-        back = serde.read_file(result.meta["path"])[NPConstants.NUMPY_KEY]
+        back = serde.read_file(result.path)[NPConstants.NUMPY_KEY]
         assert torch.equal(back, torch.full((2, 2), 0.25, dtype=torch.float64))
     finally:
         session.close()
@@ -152,7 +152,7 @@ async def test_submit_model_task_sends_the_local_model_as_full(site: FakeSite) -
         local = sample_params()
         result = await send_answered(site, session, FLModel(params=local))
         assert result.params_type == "FULL"  # the model itself, never a difference, whatever the job's transfer type
-        back = serde.read_file(result.meta["path"])
+        back = serde.read_file(result.path)
         assert all(torch.equal(back[k], v) for k, v in local.items())
 
         # the options' flag names a submit_model task too
@@ -211,7 +211,7 @@ async def test_scaffold_controls_are_stripped_kept_and_their_deltas_sent(site: F
         torch.testing.assert_close(y, torch.tensor([0.25, 1.75]))
         result = await send_answered(site, session, FLModel(params={"w": y, "steps": model.params["steps"]}))
         assert not helper.active
-        back = serde.read_file(result.meta["path"])
+        back = serde.read_file(result.path)
         assert result.params_type == "DIFF" and set(back) == {"w", "steps", "scaffold.c.w"}
         torch.testing.assert_close(back["w"], torch.tensor([-0.75, -0.25]))  # y - x
         # c_i+ = 0 - c + (x - y)/(K lr) = -(0.5, -0.5) + (0.75, 0.25)/0.5 = (1.0, 1.0); delta = c_i+ - 0
@@ -225,7 +225,7 @@ async def test_scaffold_controls_are_stripped_kept_and_their_deltas_sent(site: F
         helper.correct([("w", w)], lr=0.5)
         torch.testing.assert_close(w.grad, torch.tensor([-1.0, -1.0]))  # c - c_i = 0 - 1
         result = await send_answered(site, session, FLModel(params={"w": model.params["w"] + 0.5}))
-        back = serde.read_file(result.meta["path"])
+        back = serde.read_file(result.path)
         # c_i+ = (1, 1) - 0 + (-0.5)/(1 * 0.5) = (0, 0); delta = -(1, 1)
         torch.testing.assert_close(back["scaffold.c.w"], torch.tensor([-1.0, -1.0]))
 

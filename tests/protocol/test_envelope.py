@@ -25,6 +25,8 @@ SAMPLES: dict[str, Any] = {
     "dict": {"lr": 0.01, "tags": ["a", "b"], "nested": {"k": None, "b": b"\x01"}},
     "list": [1, "two", 3.0, [4], {"five": 5}],
     "int|None": 11,
+    "str|None": "inbox/t.safetensors",
+    "float|None": 2.5,
 }
 
 
@@ -112,9 +114,26 @@ def test_rejects_missing_extra_and_mistyped_fields() -> None:
     reject(envelope(reply, ok=1), "reply: field 'ok' must be bool, got int")
     offer = MESSAGE_TYPES["offer"](1, 100, 64, "crc32", "d", b"h")
     reject(envelope(offer, header="h"), "offer: field 'header' must be bytes, got str")
-    reject(envelope(offer, ctx=[1]), "offer: field 'ctx' must be dict, got list")
+    reject(envelope(offer, route=[1]), "offer: field 'route' must be dict, got list")
     welcome = sample(MESSAGE_TYPES["welcome"])
     reject(envelope(welcome, heartbeat_s=float("nan")), "welcome: field 'heartbeat_s' is NaN")
+
+
+def test_control_fields_of_tasks_and_results_are_typed_and_checked() -> None:
+    task = MESSAGE_TYPES["task"](
+        "j", "t", "train", 1, 1, 3, 9, params_type="DIFF", path="inbox/t.safetensors", take=True
+    )
+    assert decode(encode(task))[0] == task
+    reject(envelope(task, take="yes"), "task: field 'take' must be bool, got str")
+    reject(envelope(task, take=1), "task: field 'take' must be bool, got int")
+    reject(envelope(task, path=["inbox"]), "task: field 'path' must be str|None, got list")
+    reject(envelope(task, params_type=2), "task: field 'params_type' must be str|None, got int")
+    reject(envelope(task, model_name=None), "task: field 'model_name' must be str, got None")
+    result = MESSAGE_TYPES["result"]("j", "t", 1, "FULL", 1.0, path="outbox/t.safetensors", train_s=0.25)
+    assert decode(encode(result))[0] == result
+    reject(envelope(result, train_s=float("nan")), "result: field 'train_s' is NaN")
+    reject(envelope(result, train_s="0.25"), "result: field 'train_s' must be float|None, got str")
+    reject(envelope(result, path=b"outbox"), "result: field 'path' must be str|None, got bytes")
 
 
 def test_rejects_oversize_envelopes() -> None:
@@ -139,7 +158,7 @@ def test_rejects_non_string_keys_and_deep_nesting() -> None:
     reject(envelope(hello, caps={b"k": 1}), "hello: field 'caps' has a non-string key")
     reject(envelope(hello, caps={"a": {b"k": 1}}), "hello: field 'caps' has a non-string key")
     # msgpack itself (strict_map_key) refuses int keys before any field is looked at
-    reject(msgpack.packb({"v": 1, "t": "hello", 1: 2}), "not valid msgpack")
+    reject(msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", 1: 2}), "not valid msgpack")
     deep: Any = 1
     for _ in range(MAX_DEPTH + 2):
         deep = [deep]

@@ -62,8 +62,8 @@ async def test_streams_in_flight_per_peer_are_capped(tmp_path: Path) -> None:
                 reply = await greedy.wait_for(lambda m, r=rid: m.TYPE == "reply" and m.rid == r)
                 ids.append(reply.msg.data["job_id"])
             for sid, job_id in enumerate(ids, start=1):  # three model uploads that never send a chunk
-                ctx = {"job_id": job_id, "kind": "model"}
-                offer = Offer(sid, lay.total, 1 << 16, "sum64", "d", lay.header, ctx)
+                route = {"job_id": job_id, "kind": "model"}
+                offer = Offer(sid, lay.total, 1 << 16, "sum64", "d", lay.header, route)
                 await greedy.send(offer)
             refused = await greedy.wait_for(lambda m: m.TYPE == "error" and m.code == "too_many_streams")
             assert "2 streams" in refused.msg.reason

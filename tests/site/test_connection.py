@@ -16,7 +16,7 @@ import pytest
 import zmq.asyncio
 
 from fedbus.errors import TransportError
-from fedbus.protocol.messages import Bye, Error, Heartbeat, Request, Task
+from fedbus.protocol.messages import PROTOCOL_VERSION, Bye, Error, Heartbeat, Request, Task
 from tests.site.helpers import HEARTBEAT_S, FakeBroker, running_site
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,7 +108,7 @@ async def test_garbage_and_unexpected_messages_are_refused_and_serving_goes_on(
     try:
         async with running_site(tmp_path / "ws", broker.address) as site:
             await broker.wait_hellos(1)
-            bogus = msgpack.packb({"v": 1, "t": "bogus", "id": 1})
+            bogus = msgpack.packb({"v": PROTOCOL_VERSION, "t": "bogus", "id": 1})
             await broker.ep.send_raw([broker.peer, bogus])
             error = await broker.expect("error")
             assert isinstance(error, Error) and error.code == "bad_message" and "bogus" in error.reason

@@ -71,7 +71,7 @@ async def test_a_train_task_comes_back_plus_one_and_end_job_stops_the_script(
         # A first update is refused (its task closed at the broker): lost, and the script carries on.
         model, sid = sample_model(), secrets.randbits(62)
         broker.refuse_uploads = True
-        await broker.send(Task("j1", "t-0", "train", 2, 2, 5, sid=sid, meta={"params_type": "FULL"}))
+        await broker.send(Task("j1", "t-0", "train", 2, 2, 5, sid=sid, params_type="FULL"))
         source = ModelSource.from_state_dict(model)
         await asyncio.wait_for(broker.hub.send(broker.peer, source, {"job_id": "j1", "task_id": "t-0"}, sid), 30)
         lost = await broker.expect("result")
@@ -82,7 +82,7 @@ async def test_a_train_task_comes_back_plus_one_and_end_job_stops_the_script(
         broker.refuse_uploads = False
 
         sid = secrets.randbits(62)
-        await broker.send(Task("j1", "t-1", "train", 3, 3, 5, sid=sid, meta={"params_type": "FULL"}))
+        await broker.send(Task("j1", "t-1", "train", 3, 3, 5, sid=sid, params_type="FULL"))
         download = asyncio.create_task(
             broker.hub.send(broker.peer, ModelSource.from_state_dict(model), {"job_id": "j1", "task_id": "t-1"}, sid)
         )
@@ -147,7 +147,7 @@ async def test_a_script_takes_its_models_trains_them_in_place_and_the_files_are_
         job = Path(site.workspace) / "jobs" / "j1"
         for rnd, params_type in ((1, "FULL"), (2, "FULL"), (3, "DIFF")):
             sid = secrets.randbits(62)
-            await broker.send(Task("j1", f"t-{rnd}", "train", rnd, rnd, 5, sid=sid, meta={"params_type": params_type}))
+            await broker.send(Task("j1", f"t-{rnd}", "train", rnd, rnd, 5, sid=sid, params_type=params_type))
             ctx = {"job_id": "j1", "task_id": f"t-{rnd}"}
             download = asyncio.create_task(broker.hub.send(broker.peer, ModelSource.from_state_dict(model), ctx, sid))
             held = await broker.expect("job_event", event="log")

@@ -12,7 +12,8 @@ import zmq.asyncio
 
 from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import STREAM_TYPES, Offer
-from fedbus.transport.endpoint import BadMessage, DealerEndpoint, MemoryHub, RouterEndpoint
+from fedbus.transport.endpoint import BadMessage, DealerEndpoint, RouterEndpoint
+from fedbus.transport.memory import MemoryHub
 from fedbus.transport.streams import StreamHub
 
 
@@ -71,7 +72,8 @@ async def linked(address: str, *, lanes: int = 1, **hub_kwargs) -> AsyncIterator
 
 @contextlib.asynccontextmanager
 async def memory_linked(**hub_kwargs) -> AsyncIterator[tuple[Side, Side]]:
-    """Sides ``a`` and ``b`` joined in memory (``MemoryHub``; ``a`` sends to b'b' by default), both pumping."""
+    """Sides ``a`` and ``b`` joined by the in-memory transport (``fedbus.transport.memory``; ``a`` sends to b'b' by
+    default), both pumping."""
     hub = MemoryHub()
     a = make_side(hub.endpoint(b"a", default_peer=b"b"), **hub_kwargs)
     b = make_side(hub.endpoint(b"b"), **hub_kwargs)
