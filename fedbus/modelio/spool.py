@@ -29,12 +29,12 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedbus import digest
 from fedbus.errors import RemoteProtocolError, TransportError
 from fedbus.modelio import serde
+from fedbus.modelio.buffers import byte_view
 from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import Offer
 from fedbus.recycle import FilePool
@@ -142,9 +142,8 @@ class SpooledParams(Mapping[str, torch.Tensor]):
         if self._writable and spec.nbytes >= MAP_MIN:
             return self._mapped(spec)
         t = torch.empty(spec.shape, dtype=serde.DTYPES[spec.dtype])
-        view = t.view(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, dtype=np.uint8)
         if t.element_size() and t.numel():
-            got = os.preadv(self._fd, [memoryview(view)], self._data_start + spec.start)
+            got = os.preadv(self._fd, [byte_view(t.view(-1).view(torch.uint8))], self._data_start + spec.start)
             if got != spec.nbytes:
                 raise RemoteProtocolError(f"spooled update {self.path} is truncated at {name!r}")
         return t
