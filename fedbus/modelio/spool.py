@@ -22,6 +22,7 @@ writable tensor.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import mmap
 import os
@@ -42,6 +43,9 @@ from fedbus.recycle import FilePool
 
 class SpoolSink(BufferSink):
     """A sink whose bytes go to ``path`` with positional writes; the result is a lazy ``SpooledParams``."""
+
+    # Received into a file, not a buffer: BufferSink's stream handling with another result (see ``finish``).
+    result: asyncio.Future[SpooledParams]  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -84,7 +88,7 @@ class SpoolSink(BufferSink):
             self._scan.scan(off, frames)
         return digest.chunk_sum(frames, self.alg)
 
-    def finish(self) -> SpooledParams:  # type: ignore[override]
+    def finish(self) -> SpooledParams:  # type: ignore[override]  # a lazy mapping of the file, not a dict
         head = os.pread(self._fd, len(self.header), 0)
         if head != self.header:
             self.close()
