@@ -225,7 +225,7 @@ def parse_job_toml(text: str, source: str, *, check_strategy: bool = True) -> Jo
     if check_strategy:
         _check_strategy(source, strategy, strategy_table, max_sites, include)
     return JobSpec(
-        name=name,  # type: ignore[arg-type]
+        name=name,
         model=model,
         strategy=strategy,
         strategy_args=strategy_table,

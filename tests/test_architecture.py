@@ -1,7 +1,9 @@
-"""The layering of fedbus, checked mechanically: the import-linter contracts of pyproject.toml must hold.
+"""The layering and types of fedbus, checked mechanically: the import-linter contracts of pyproject.toml must
+hold, and ``mypy fedbus`` must find no error.
 
 ``lint-imports`` reads ``[tool.importlinter]`` and fails when a module imports what its layer may not (zmq
 outside transport, torch or numpy in transport, IO in protocol or strategy, broker code in the client).
+``mypy`` reads ``[tool.mypy]``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,28 @@ def test_the_import_contracts_hold() -> None:
         [*_lint_imports(), "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, f"lint-imports: a layering contract is broken\n{out.stdout}\n{out.stderr}"
+
+
+# A first run analyses torch, numpy, mlflow and wandb as well as fedbus: about a minute on two busy cores,
+# more on a slow runner. Later runs read .mypy_cache (gitignored) and take seconds.
+MYPY_TIMEOUT_S = 540
+
+
+@pytest.mark.timeout(MYPY_TIMEOUT_S + 60)
+def test_the_package_type_checks() -> None:
+    """Every mypy error fails the suite: ``# type: ignore`` carries its error code (and a reason), and unused
+    ones are errors too (``warn_unused_ignores``)."""
+    pytest.importorskip("mypy", reason="mypy is not installed (pip install -e '.[dev]')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "fedbus"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=MYPY_TIMEOUT_S,
+    )
+    assert out.returncode == 0, f"mypy fedbus: the package does not type-check\n{out.stdout}\n{out.stderr}"
 
 
 def test_the_zmq_contract_names_every_top_level_module_but_transport() -> None:

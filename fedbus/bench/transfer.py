@@ -98,7 +98,7 @@ async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
     sink = await offers.get()
     tensors = await sink.result
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    stats = {"peak_growth": peak_rss() - baseline, "tensors": len(tensors), "model_bytes": nbytes}
+    stats: dict[str, Any] = {"peak_growth": peak_rss() - baseline, "tensors": len(tensors), "model_bytes": nbytes}
     stats["cpu"] = cpu_since(cpu_at_offer)
     assert sink.buffer is not None
     reuse.append(sink.buffer)
@@ -225,7 +225,14 @@ async def _fedbus_send(
     total = source.total
     del source, again
     shutil.rmtree(folder, ignore_errors=True)
-    out = {"elapsed": elapsed, "warm": warm, "size": size, "total": total, "sender_growth": sender_growth, "d2h": d2h}
+    out: dict[str, Any] = {
+        "elapsed": elapsed,
+        "warm": warm,
+        "size": size,
+        "total": total,
+        "sender_growth": sender_growth,
+        "d2h": d2h,
+    }
     out["sender_cpu"] = sender_cpu
     return {**out, **reply}
 

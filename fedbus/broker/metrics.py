@@ -134,14 +134,14 @@ class Metrics:
             self.versions[job] += 1
             if self.tracking is not None:
                 self.tracking.published(job, action.version, action.model, action.metrics)
-            since = self._since_version.pop(job, None)
+            folded = self._since_version.pop(job, None)  # [staleness sum, count, max] of the version's updates
             if self.boards is not None:
                 self.boards.version(job, action.version, action.metrics)
-                if since is not None:
+                if folded is not None:
                     # Per version, not per update: a point per update loads the broker's TensorBoard writer at
                     # hundreds of updates a second, for a curve nobody can read.
-                    self.boards.scalar(job, "fedbus/staleness", since[0] / since[1], action.version)
-                    self.boards.scalar(job, "fedbus/staleness_max", since[2], action.version)
+                    self.boards.scalar(job, "fedbus/staleness", folded[0] / folded[1], action.version)
+                    self.boards.scalar(job, "fedbus/staleness_max", folded[2], action.version)
 
     def refused(self, job: str, reason: str) -> None:
         """An update that did not go into the aggregate (refused by the strategy, or its task failed)."""

@@ -304,6 +304,7 @@ class JobStore:
     def release_covered(self, job_id: str, version: int | None = None) -> int:
         """Delete the kept files of updates folded into checkpoint ``version`` or before (all of the job's when
         None: it ended). Returns how many."""
+        args: tuple[str | int, ...]
         where, args = "job_id = ? AND kept IS NOT NULL", (job_id,)
         if version is not None:
             where, args = f"{where} AND (accepted = 0 OR {_LANDS} <= ?)", (job_id, version)
@@ -316,7 +317,7 @@ class JobStore:
             shutil.rmtree(self.kept_dir(job_id), ignore_errors=True)  # and what a killed broker half wrote
         return n
 
-    def _unlink_kept(self, where: str, args: tuple) -> int:
+    def _unlink_kept(self, where: str, args: Sequence[Any]) -> int:
         self.commit()  # the rows naming these files first
         rows = self.db.execute(f"SELECT kept FROM updates WHERE {where} AND kept IS NOT NULL", args).fetchall()
         for path in {json.loads(kept)["path"] for (kept,) in rows}:  # small updates share one log per version

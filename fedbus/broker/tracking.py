@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from fedbus.broker.metrics import BoardWriters
 from fedbus.broker.tracking_stores import TYPES, Store, open_store
@@ -66,7 +66,8 @@ class Record:
     writer: str
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
+    """A finite int or float (not a bool): a metric that can rate a version."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -70,8 +70,9 @@ try:
     from lightning.pytorch.trainer.states import TrainerFn
 except ImportError:  # pragma: no cover - depends on which Lightning package is installed
     try:
+        # the standalone package: the same API under another name, so its classes are others to a type checker
         import pytorch_lightning as pl  # type: ignore[no-redef]
-        from pytorch_lightning.trainer.states import TrainerFn  # type: ignore[no-redef]
+        from pytorch_lightning.trainer.states import TrainerFn  # type: ignore[assignment]
     except ImportError as exc:
         raise ImportError("fedbus.client.lightning needs PyTorch Lightning: pip install 'fedbus[lightning]'") from exc
 

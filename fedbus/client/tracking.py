@@ -42,7 +42,7 @@ TENSORBOARD, MLFLOW, WANDB = "tensorboard", "mlflow", "wandb"
 def _number(value: Any, where: str) -> float | int:
     """A finite real number (torch and numpy scalars included), or ConfigError naming ``where``."""
     plain = plain_values(value, where) if not isinstance(value, int | float) else value
-    if isinstance(plain, bool) or not isinstance(plain, numbers.Real):
+    if isinstance(plain, bool) or not isinstance(plain, int | float):  # plain_values yields no other reals
         raise ConfigError(f"{where} must be a number, got {type(value).__name__}")
     if not math.isfinite(plain):
         raise ConfigError(f"{where} is {plain} (not finite)")

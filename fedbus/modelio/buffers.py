@@ -1,4 +1,5 @@
-"""Fresh receive buffers for models: uninitialised uint8 tensors, large ones on transparent huge pages."""
+"""Buffers for models: fresh receive buffers (uninitialised uint8 tensors, large ones on transparent huge pages)
+and byte views of a tensor's memory."""
 
 from __future__ import annotations
 
@@ -24,3 +25,10 @@ def fresh_buffer(size: int, *, huge: bool) -> torch.Tensor:
     with contextlib.suppress(OSError, AttributeError, ValueError):  # not Linux, or THP compiled out
         mem.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(mem, dtype=torch.uint8)  # the tensor keeps ``mem`` alive as long as any view of it
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as a writable memoryview (through numpy: a tensor has no buffer
+    protocol of its own). The view keeps the tensor alive."""
+    # numpy declares ndarray's buffer protocol to type checkers for Python >= 3.12 only
+    return memoryview(t.numpy())  # type: ignore[arg-type]

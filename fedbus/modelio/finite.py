@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from fedbus.modelio import serde
 
 # dtype -> (how its elements are read, exponent mask for a bit test (None: the sum test), sum accumulator)
-_FLOATS: dict[str, tuple[type, int | None, type | None]] = {
+_Kind = tuple[type[np.number], int | None, type[np.floating] | None]
+_FLOATS: dict[str, _Kind] = {
     "F16": (np.float16, None, np.float32),  # a float16 sum would overflow for ordinary values
     "F32": (np.float32, None, None),
     "F64": (np.float64, None, None),
@@ -35,14 +37,14 @@ class _Float(NamedTuple):
     end: int
     name: str
     itemsize: int
-    kind: tuple[type, int | None, type | None]
+    kind: _Kind
 
 
-def all_finite(buf: memoryview | bytes, offset: int, count: int, kind: tuple[type, int | None, type | None]) -> bool:
+def all_finite(buf: memoryview | bytes, offset: int, count: int, kind: _Kind) -> bool:
     """No NaN or Inf among ``count`` elements at byte ``offset`` of ``buf``. The sum settles almost every
     case in one pass with no temporary; only a sum that overflowed from finite values needs the exact test."""
     dtype, mask, acc = kind
-    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+    arr: npt.NDArray[Any] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)  # uint16 for a bit test
     if mask is not None:
         return not bool(np.any((arr & mask) == mask))
     with np.errstate(over="ignore", invalid="ignore"):

@@ -47,7 +47,7 @@ import torch
 
 from fedbus._memory import populate_for_write
 from fedbus.errors import ConfigError, HeaderError, LocalProtocolError, RemoteProtocolError
-from fedbus.modelio.buffers import fresh_buffer
+from fedbus.modelio.buffers import byte_view, fresh_buffer
 from fedbus.recycle import FilePool
 
 __all__ = [
@@ -168,8 +168,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)  # a view: t is contiguous
     if flat.dtype is not torch.uint8:
         flat = flat.view(torch.uint8)  # reinterpret, no copy (covers bf16 and bool, unknown to numpy)
-    # The ndarray holds a reference to the tensor, the memoryview to the ndarray.
-    return memoryview(flat.numpy()).toreadonly()
+    return byte_view(flat).toreadonly()
 
 
 def _encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
@@ -609,7 +608,7 @@ def read_file(path: str | os.PathLike[str], *, max_total: int | None = None) -> 
         if max_total is not None and size > max_total:
             raise HeaderError(f"file of {size} bytes exceeds the {max_total}-byte cap")
         buf = allocate(size, huge=True)
-        view = memoryview(buf.numpy())
+        view = byte_view(buf)
         got = 0
         while got < size:
             n = f.readinto(view[got:])
@@ -645,5 +644,5 @@ def map_file(
         os.close(fd)
     buf = torch.frombuffer(mem, dtype=torch.uint8)
     populate_for_write(buf.data_ptr(), buf.numel())
-    data_start, specs, _ = _parse_whole(memoryview(buf.numpy()), max_total)
+    data_start, specs, _ = _parse_whole(byte_view(buf), max_total)
     return tensors_from_buffer(buf, specs, data_start), mem

@@ -66,7 +66,7 @@ class BufferSink:
         self.header = b""
         self.offer: Offer | None = None
         self.peer = b""
-        self.result: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
+        self.result: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
         # An owner that must record what arrived before the sender may forget it (the broker: an update is
         # counted, or refused with a reason, before its site hears it was delivered) sets this future and
         # resolves it once recorded; the hub holds the ACK until then, so a crash never loses an acked stream.

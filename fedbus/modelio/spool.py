@@ -22,6 +22,7 @@ writable tensor.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import mmap
 import os
@@ -29,12 +30,12 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedbus import digest
 from fedbus.errors import RemoteProtocolError, TransportError
 from fedbus.modelio import serde
+from fedbus.modelio.buffers import byte_view
 from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.messages import Offer
 from fedbus.recycle import FilePool
@@ -42,6 +43,9 @@ from fedbus.recycle import FilePool
 
 class SpoolSink(BufferSink):
     """A sink whose bytes go to ``path`` with positional writes; the result is a lazy ``SpooledParams``."""
+
+    # Received into a file, not a buffer: BufferSink's stream handling with another result (see ``finish``).
+    result: asyncio.Future[SpooledParams]  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -84,7 +88,7 @@ class SpoolSink(BufferSink):
             self._scan.scan(off, frames)
         return digest.chunk_sum(frames, self.alg)
 
-    def finish(self) -> SpooledParams:  # type: ignore[override]
+    def finish(self) -> SpooledParams:  # type: ignore[override]  # a lazy mapping of the file, not a dict
         head = os.pread(self._fd, len(self.header), 0)
         if head != self.header:
             self.close()
@@ -142,9 +146,8 @@ class SpooledParams(Mapping[str, torch.Tensor]):
         if self._writable and spec.nbytes >= MAP_MIN:
             return self._mapped(spec)
         t = torch.empty(spec.shape, dtype=serde.DTYPES[spec.dtype])
-        view = t.view(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, dtype=np.uint8)
         if t.element_size() and t.numel():
-            got = os.preadv(self._fd, [memoryview(view)], self._data_start + spec.start)
+            got = os.preadv(self._fd, [byte_view(t.view(-1).view(torch.uint8))], self._data_start + spec.start)
             if got != spec.nbytes:
                 raise RemoteProtocolError(f"spooled update {self.path} is truncated at {name!r}")
         return t

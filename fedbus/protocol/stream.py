@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from fedbus.errors import LocalProtocolError, RemoteProtocolError
 from fedbus.protocol.messages import Abort, Ack, Chunk, Credit, End, Message, Nack, Offer, Resume
@@ -93,7 +93,17 @@ class ReceiverState(enum.Enum):
     FAILED = "failed"
 
 
+class ChunkSumTable(Protocol):
+    """A sender's chunk sums: how many there are, and chunk ``k``'s, asked for as the chunk leaves (so they may
+    be computed lazily). A list of ints is one."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, k: int, /) -> int: ...
+
+
 _S, _R = SenderState, ReceiverState
+_State = TypeVar("_State", SenderState, ReceiverState)
 
 # state -> event -> next state. A missing event is illegal in that state (raised as the peer's fault).
 _SENDER: dict[SenderState, dict[str, SenderState]] = {
@@ -110,7 +120,7 @@ _RECEIVER: dict[ReceiverState, dict[str, ReceiverState]] = {
 }
 
 
-def _fire(table: dict, state: enum.Enum, event: str, sid: int) -> enum.Enum:
+def _fire(table: dict[_State, dict[str, _State]], state: _State, event: str, sid: int) -> _State:
     try:
         return table[state][event]
     except KeyError:
@@ -143,7 +153,7 @@ class Sender:
         header: bytes,
         total: int,
         chunk_size: int,
-        chunk_sums: Sequence[int],
+        chunk_sums: ChunkSumTable,
         digest: str | Callable[[], str],
         alg: str = "sum64",
         route: dict | None = None,

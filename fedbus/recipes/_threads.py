@@ -118,8 +118,8 @@ class OutputRouter:
     def install(self) -> None:
         if self._saved is None:
             self._saved = (sys.stdout, sys.stderr)
-            sys.stdout = _RoutedStream(sys.stdout, self.routes)  # type: ignore[assignment]
-            sys.stderr = _RoutedStream(sys.stderr, self.routes)  # type: ignore[assignment]
+            sys.stdout = _RoutedStream(sys.stdout, self.routes)
+            sys.stderr = _RoutedStream(sys.stderr, self.routes)
 
     def restore(self) -> None:
         """Put the original streams back (unless someone replaced the proxies since) and close every route."""

@@ -123,7 +123,7 @@ class Recipe:
         if not self.train_script.is_file():
             raise ConfigError(f"{script_arg}: {train_script} is not a file")
         self.train_args = script_args(train_args, "eval_args" if script_arg == "eval_script" else "train_args")
-        self.files: tuple[Path, ...] = ()
+        self.files: tuple[Path, ...] = tuple()  # not (): mypy would take it as empty for all of __init__
         for f in files:
             self._add_file(f, "files")
         if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 1:

@@ -149,7 +149,7 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
         key = name.strip()
     else:
         key = name.strip().lower() if isinstance(name, str) else name
-        found = STRATEGIES.get(key)  # type: ignore[arg-type]
+        found = STRATEGIES.get(key)
         if found is None:
             known = sorted(STRATEGIES)
             raise ConfigError(f"unknown strategy {name!r}{_suggest(str(key), known)}; known: {', '.join(known)}")

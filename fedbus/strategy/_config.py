@@ -38,18 +38,18 @@ def check_float(
 ) -> float:
     """``value`` as a finite float within the given bounds, or ConfigError naming the argument."""
     bounds = " and ".join(f"{op} {b:g}" for op, b in ((">", gt), (">=", ge), ("<", lt)) if b is not None)
+    # NaN fails every check below: a bool (True is an int, never a rate) or a non-number is refused.
+    number = math.nan if isinstance(value, bool) or not isinstance(value, numbers.Real) else float(value)
     ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (gt is None or value > gt)
-        and (ge is None or value >= ge)
-        and (lt is None or value < lt)
+        math.isfinite(number)
+        and (gt is None or number > gt)
+        and (ge is None or number >= ge)
+        and (lt is None or number < lt)
     )
     if not ok:
         what = f"a finite number {bounds}" if bounds else "a finite number"
         raise ConfigError(f"{owner}: {name} must be {what}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    return number
 
 
 def check_opt_float(owner: str, name: str, value: object, *, gt: float) -> float | None:

@@ -237,14 +237,12 @@ class CrossSiteEval(Strategy):
             ]
         self._close(update.task_id, f"duplicate result for task {update.task_id} (already answered)")
         if task.kind == "submit_model":
-            reason = None if update.params is None else self._check_submission(update)
             if update.params is None:  # the site has no local model to offer (it only evaluates): no row of its own
                 self._counts["declined"] += 1
-            elif reason is not None:
+            elif (reason := self._check_submission(update.params_type, update.params)) is not None:
                 self._counts["refused"] += 1
                 acts.append(Rejected(update.task_id, update.site, f"submitted model refused: {reason}"))
             else:
-                assert update.params is not None
                 self._submitted[update.site] = copy_model(update.params)
                 self._counts["submitted"] += 1
         else:
@@ -376,10 +374,10 @@ class CrossSiteEval(Strategy):
         reason = f"{self._inner_reason}; {summary}" if self._inner_reason else summary
         return [*acts, Finished(reason + (" (timed out)" if timed_out else ""))]
 
-    def _check_submission(self, update: Update) -> str | None:
-        if update.params_type != "FULL":
-            return f"a submitted model must be FULL params, got {update.params_type!r}"
-        return validate_update(self.model, update.params)
+    def _check_submission(self, params_type: str, params: Params) -> str | None:
+        if params_type != "FULL":
+            return f"a submitted model must be FULL params, got {params_type!r}"
+        return validate_update(self.model, params)
 
 
 class StandaloneCrossSiteEval(CrossSiteEval):

@@ -98,7 +98,10 @@ def decode_z85(text: bytes) -> bytes:
 class AllowList(Protocol):
     """What the ZAP handler asks of the participants file (``fedbus.security.Participants``)."""
 
-    by_key: Mapping[str, Any]  # z85 public key -> a participant with ``name`` and ``revoked``
+    @property
+    def by_key(self) -> Mapping[str, Any]:
+        """z85 public key -> a participant with ``name`` and ``revoked``."""
+        ...
 
     def refresh(self) -> list[str]: ...
 
@@ -171,9 +174,12 @@ class Authenticator:
         self.on_refuse(reason, details)
         return [ZAP_VERSION, rid, b"400", reason.encode()[:200], b"", b""]
 
-    async def watch(self, sock: zmq.asyncio.Socket) -> None:
-        """Report handshakes that fail before or after ZAP (monitor events of the broker's ROUTER)."""
+    async def watch(self, sock: zmq.Socket) -> None:
+        """Report handshakes that fail before or after ZAP (monitor events of the broker's ROUTER, a socket of
+        this authenticator's asyncio context)."""
         events = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        # The monitor is made by the socket's context, so it is an asyncio socket whatever ``sock`` is;
+        # pyzmq types it as a socket of sock's own class.
         monitor = cast(zmq.asyncio.Socket, sock.get_monitor_socket(events))
         try:
             while True:

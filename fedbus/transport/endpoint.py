@@ -40,7 +40,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -165,6 +165,12 @@ class Endpoint(Protocol):
     def close(self) -> None: ...
 
 
+def _plain_socket(ctx: zmq.asyncio.Context, kind: int) -> zmq.Socket:
+    """A plain (not asyncio) socket in ``ctx``: the endpoints wait on its descriptor themselves."""
+    # pyzmq documents socket_class for a plain socket in an asyncio context, but types it as the context's own
+    return ctx.socket(kind, socket_class=zmq.Socket)  # type: ignore[arg-type]
+
+
 def _configure(sock: zmq.Socket, max_frame: int) -> None:
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.SNDHWM, HWM)
@@ -269,7 +275,7 @@ class _ZmqEndpoint:
     async def _wait(self, waiters: list[asyncio.Future[None]]) -> None:
         """Until the socket may be ready in the direction of ``waiters`` (the caller then tries again)."""
         loop = asyncio.get_running_loop()
-        fd = self.sock.getsockopt(zmq.FD)
+        fd = self.sock.fileno()  # zmq.FD, typed as the int it is
         if self._watched != (loop, fd):
             self._unwatch()
             loop.add_reader(fd, self._on_events)
@@ -292,7 +298,7 @@ class _ZmqEndpoint:
         """Wake the waiters of each direction the socket is ready in (a closed socket wakes all: they see why);
         returns the events."""
         try:
-            events = self.sock.getsockopt(_EVENTS)
+            events = cast(int, self.sock.getsockopt(_EVENTS))  # an int option; pyzmq types them all int | bytes
         except zmq.ZMQError:
             events = _POLLIN | _POLLOUT
         for flag, waiters in ((_POLLIN, self._readable), (_POLLOUT, self._writable)):
@@ -334,7 +340,7 @@ class RouterEndpoint(_ZmqEndpoint):
         connection: bind the authenticator in ``ctx`` first (``fedbus.transport.curve.Authenticator``)."""
 
         def make() -> zmq.Socket:
-            sock = ctx.socket(zmq.ROUTER, socket_class=zmq.Socket)
+            sock = _plain_socket(ctx, zmq.ROUTER)
             _configure(sock, max_frame)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -456,7 +462,7 @@ class DealerEndpoint(_ZmqEndpoint):
             _next_thread[ctx] = (first + lanes) % threads
 
         def make(routing_id: bytes | None, lane: int = 0) -> zmq.Socket:
-            sock = ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
+            sock = _plain_socket(ctx, zmq.DEALER)
             _configure(sock, max_frame)
             if lanes > 1:  # each lane's copies on an I/O thread of its own, as far as there are (LANE_STAGGER)
                 sock.setsockopt(zmq.AFFINITY, 1 << ((first + lane) % threads))

@@ -68,7 +68,7 @@ class _Placements:
         receiver: Receiver,
         sink: Sink,
         pool: concurrent.futures.Executor | None,
-        wake: Callable[[], None],
+        wake: Callable[[], object],  # its result is ignored
     ) -> None:
         self.receiver, self.sink, self.pool, self.wake = receiver, sink, pool, wake
         self.pending: deque[tuple[Chunk, int, concurrent.futures.Future[int]]] = deque()
