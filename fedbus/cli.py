@@ -219,12 +219,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedbus.config import SiteConfig, load_config
         from fedbus.site import Site
 
-        cfg = load_config(
+        site_cfg = load_config(
             SiteConfig, args.config, _overrides(args, "name", "broker", "workspace", "log_json", "log_level")
         )
-        log.configure(json=cfg.log_json or None, level=cfg.log_level)
+        log.configure(json=site_cfg.log_json or None, level=site_cfg.log_level)
         freeze_startup_objects()
-        Site(cfg).run()
+        Site(site_cfg).run()
         return 0
     if args.command == "provision":
         from fedbus.provision import provision

@@ -739,8 +739,10 @@ class Broker:
         best = best_version(self.store.history(job["id"]), key) if key else None
         if best is None:
             return {}
-        path = self.store.job_dir(job["id"]) / BEST_MODEL
-        where = str(path) if path.exists() else None  # written by the job's tracking thread, just after
+        # best_model.safetensors is written by the job's tracking thread just after the version is published; until
+        # then (or if it failed), the version's own checkpoint is the same model.
+        candidates = (self.store.job_dir(job["id"]) / BEST_MODEL, self.store.checkpoint_path(job["id"], best[0]))
+        where = next((str(p) for p in candidates if p.exists()), None)
         return {"best_version": best[0], "best_metric": best[1], "best_model_path": where}
 
     def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
