@@ -13,7 +13,8 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fedbus.broker.controller import InFlight, JobController
+from fedbus.broker.controller import JobController
+from fedbus.broker.job_streams import InFlight
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.outbox import Outbox
 from fedbus.broker.registry import Registry

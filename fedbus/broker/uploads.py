@@ -17,7 +17,8 @@ from typing import Any
 
 from fedbus._cores import usable_cores
 from fedbus.audit import AuditLog
-from fedbus.broker.controller import JobController, PendingResult
+from fedbus.broker.controller import JobController
+from fedbus.broker.job_streams import PendingResult
 from fedbus.broker.limits import PeerLimits
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.outbox import Outbox
@@ -122,7 +123,7 @@ class Uploads:
         if offer.ctx.get("kind") == "model":
             return self._accept_model(peer, job_id, offer)
         c = self.controllers.get(job_id)
-        pending = None if c is None else c.pending.get((peer, offer.sid))
+        pending = None if c is None else c.streams.pending.get((peer, offer.sid))
         sink = None if c is None else await c.accept_offer(peer, offer)
         if sink is not None:
             self.metrics.track_incoming(offer.total, sink.result)

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from fedbus import jobs, serde
+from fedbus import jobs
 from fedbus.broker.tracking import MAX_LOG_BATCH, check_lines
 from fedbus.errors import FedbusError
+from fedbus.modelio import serde
 from fedbus.protocol import encode
 from fedbus.protocol.messages import JobEvent
 from fedbus.recipes import FedAvgRecipe, SimEnv
