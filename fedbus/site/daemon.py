@@ -137,11 +137,8 @@ class Site:
         """Blocking entry point for the CLI: serve until SIGINT/SIGTERM."""
         self.lifecycle.run()
 
-    def handle_exit(self) -> None:
-        """First call: shut down gracefully. Second call: kill the scripts now."""
-        self.lifecycle.handle_exit()
-
     def _kill_scripts(self) -> None:
+        """A second signal: the scripts are killed now (``Lifecycle.handle_exit``)."""
         self.log.warning("forced exit: killing the scripts")
         for runner in self.runners.values():
             runner.kill()
