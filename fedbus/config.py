@@ -141,9 +141,9 @@ class BrokerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 5
     chunk_mb: float = 2
-    window_mb: float | None = None  # per upload in flight; None: 64 MiB shared by the upload slots (server.py)
+    window_mb: float | None = None  # per upload in flight; None: 64 MiB shared by the upload slots (broker.uploads)
     max_model_mb: float = 16384
-    upload_slots: int | None = None  # None: by the machine's cores (fedbus.broker.server.default_upload_slots)
+    upload_slots: int | None = None  # None: by the machine's cores (fedbus.broker.uploads.default_upload_slots)
     stall_timeout_s: float = 60.0
     round_timeout_s: float | None = None
     keep_versions: int = 0

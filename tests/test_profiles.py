@@ -96,19 +96,19 @@ def test_metrics_keys_are_validated(tmp_path: Path) -> None:
 
 
 async def test_upload_slots_follow_the_cores_unless_the_profile_says(monkeypatch, tmp_path: Path) -> None:
-    from fedbus.broker import server
+    from fedbus.broker import server, uploads
 
     def slots_of(config: BrokerConfig) -> int:
         broker = server.Broker(config)  # not started: what it would receive uploads with
         try:
-            return broker.upload_slots._value
+            return broker.uploads.slots._value
         finally:
             broker.guard.close()
             broker._release_ctx()
             broker.store.close()
 
     for cores, slots in ((2, 2), (4, 2), (8, 4), (16, 4)):
-        monkeypatch.setattr(server, "usable_cores", lambda cores=cores: cores)
-        assert server.default_upload_slots() == slots
+        monkeypatch.setattr(uploads, "usable_cores", lambda cores=cores: cores)
+        assert uploads.default_upload_slots() == slots
         assert slots_of(BrokerConfig(workspace=str(tmp_path / f"w{cores}"))) == slots
     assert slots_of(BrokerConfig(workspace=str(tmp_path / "w"), upload_slots=3)) == 3  # a profile's value wins

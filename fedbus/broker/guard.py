@@ -1,6 +1,6 @@
 """The broker's gate: who may connect (CURVE + ZAP), who may do what (roles), and the audit trail.
 
-Kept apart from the daemon so that ``server.py`` only asks yes/no questions at a few points. Without keys
+Kept apart from the daemon so that the broker (``server.py``) only asks yes/no questions at a few points. Without keys
 in the profile the gate is open exactly as before (plaintext, names as claimed) and only audits.
 
 Rules with CURVE on (the participant is the ZAP User-Id stamped on the message, see fedbus.transport.curve):
@@ -12,7 +12,6 @@ Rules with CURVE on (the participant is the ZAP User-Id stamped on the message, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from fedbus.protocol.messages import Hello
 from fedbus.security import Participants
 from fedbus.transport.context import Context, Socket
 from fedbus.transport.curve import Authenticator, load_secret_key
-from fedbus.transport.endpoint import Incoming, daemon_context
+from fedbus.transport.endpoint import Incoming
 
 log = get_logger("broker.guard")
 
@@ -132,13 +131,3 @@ def _peer(peer: bytes) -> str | None:
 
 def _pick(details: dict[str, Any]) -> dict[str, Any]:
     return {k: details[k] for k in ("key", "address", "code") if k in details}
-
-
-def own_context(guard: Guard, ctx: Context | None) -> tuple[Context, Callable[[], None]]:
-    """A secure broker gets a zmq context of its own unless given one: ZAP is one handler per context."""
-    if ctx is not None:
-        return ctx, lambda: None
-    if not guard.secure:
-        return daemon_context(shared=True, server=True), lambda: None
-    own = daemon_context(server=True)
-    return own, lambda: own.destroy(linger=0)

@@ -268,7 +268,7 @@ def render(metrics: Metrics, broker: Any) -> str:
         "fedbus_job_tasks_in_flight",
         "gauge",
         "Tasks dispatched and not yet answered, per running job.",
-        [(len(c.tasks), {"job": j}) for j, c in running],
+        [(len(c.streams.tasks), {"job": j}) for j, c in running],
     )
     t.family(
         "fedbus_versions_published_total",

@@ -1,10 +1,10 @@
 """The site daemon: dials out to the broker, stays connected, and runs the jobs it is given.
 
-Theory of operation (the uvicorn shape). ``serve()`` = ``startup()`` / ``main_loop()`` / ``shutdown()``.
-The main loop is a connection loop: connect a DEALER (identity ``site:NAME``, so a reconnect takes over
-the broker's routing entry), say ``hello``, then one receive task reads the socket while another sends
-``heartbeat`` once welcomed, whenever ``heartbeat_s`` passed with no message either way
-(``fedbus.protocol.liveness``). Any message counts as a sign of life; after
+Theory of operation. The life cycle is ``fedbus.daemon.Lifecycle`` (uvicorn's shape: ``serve()`` =
+``startup()`` / ``main_loop()`` / ``shutdown(deadline)``). The main loop is a connection loop: connect a
+DEALER (identity ``site:NAME``, so a reconnect takes over the broker's routing entry), say ``hello``, then one
+receive task reads the socket while another sends ``heartbeat`` once welcomed, whenever ``heartbeat_s`` passed
+with no message either way (``fedbus.protocol.liveness``). Any message counts as a sign of life; after
 ``heartbeat_s x liveness`` of silence (the broker's values from ``welcome``) the socket is closed and a new
 one connects after a backoff of 0.1 s doubling to 5 s, forever. ``error(hello_required)`` (the broker
 restarted and forgot us) is answered with a new hello on the same socket.
@@ -28,16 +28,15 @@ import dataclasses
 import math
 import platform
 import secrets
-import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedbus._memory import tune_malloc
 from fedbus.audit import AuditLog
 from fedbus.config import SiteConfig, is_safe_name
+from fedbus.daemon import Background, Lifecycle, answer_messages, owned_context
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink
@@ -64,7 +63,7 @@ from fedbus.site.uplink import Uplink
 from fedbus.site.uploads import held_tasks
 from fedbus.transport.context import Context
 from fedbus.transport.curve import handshake_refused
-from fedbus.transport.endpoint import BadMessage, DealerEndpoint, Incoming, daemon_context, io_threads, stream_lanes
+from fedbus.transport.endpoint import DealerEndpoint, Incoming, io_threads, stream_lanes
 from fedbus.transport.placement import placement_threads
 from fedbus.transport.streams import DEFAULT_CHUNK, DEFAULT_WINDOW
 
@@ -112,8 +111,7 @@ class Site:
                 self.settings, launcher=launcher or ScriptProcess, speed_factor=speed_factor, observer=observer
             )
         self.shutdown_timeout_s = shutdown_timeout_s
-        self._own_ctx = ctx is None
-        self.ctx = ctx or daemon_context()
+        self.ctx, self._release_ctx = owned_context(ctx, server=False)
         self.uplink = Uplink(
             on_offer=self._on_offer,
             chunk_size=chunk_size,
@@ -123,64 +121,33 @@ class Site:
         )
         self.welcomed = self.uplink.welcomed
         self.runners: dict[str, JobRunner] = {}
-        self.should_exit = asyncio.Event()
-        self.force_exit = False
-        self.started = asyncio.Event()
+        self.lifecycle = Lifecycle(self, shutdown_deadline=shutdown_timeout_s, on_force_exit=self._kill_scripts)
         self.hellos = 0  # how many hellos this daemon sent (tests and status watch reconnects with it)
         self._heartbeat_s = config.heartbeat_s
         self._liveness = config.liveness
         self._last_heard = 0.0
         self._hello_at = -math.inf
-        self._tasks: set[asyncio.Task] = set()
+        self.background = Background()
         self._session_tasks: list[asyncio.Task] = []
-        self._serving: asyncio.Task | None = None
 
     # --- life cycle -----------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM. The process is the daemon's own, so its
-        allocator is tuned for it (not when a daemon runs inside someone else's process: SimEnv, tests)."""
-        tune_malloc()
-        asyncio.run(self.serve(install_signals=True))
+        """Blocking entry point for the CLI: serve until SIGINT/SIGTERM."""
+        self.lifecycle.run()
 
-    async def serve(self, *, install_signals: bool = False) -> None:
-        await self.startup()
-        if install_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.handle_exit)
-        try:
-            await self.main_loop()
-        finally:
-            try:
-                await self.shutdown()
-            finally:
-                if install_signals:
-                    for sig in (signal.SIGINT, signal.SIGTERM):
-                        asyncio.get_running_loop().remove_signal_handler(sig)
-
-    def handle_exit(self) -> None:
-        """First call: shut down gracefully. Second call: kill the scripts now."""
-        if self.should_exit.is_set():
-            self.log.warning("forced exit: killing the scripts")
-            self.force_exit = True
-            for runner in self.runners.values():
-                runner.kill()
-        self.should_exit.set()
+    def _kill_scripts(self) -> None:
+        """A second signal: the scripts are killed now (``Lifecycle.handle_exit``)."""
+        self.log.warning("forced exit: killing the scripts")
+        for runner in self.runners.values():
+            runner.kill()
 
     async def __aenter__(self) -> Site:
-        self._serving = asyncio.create_task(self.serve())
-        started = asyncio.create_task(self.started.wait())
-        await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)
-        started.cancel()
-        if self._serving.done():
-            self._serving.result()  # startup failed: raise its error here
+        await self.lifecycle.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.handle_exit()
-        if self._serving is not None:
-            await self._serving
+        await self.lifecycle.__aexit__(*exc)
 
     async def startup(self) -> None:
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
@@ -193,12 +160,11 @@ class Site:
             io_threads=io_threads(),
             lanes=self._lanes(),
         )
-        self.started.set()
 
     async def main_loop(self) -> None:
         """Connect, serve until the broker goes silent, back off, connect again; until should_exit."""
         delay = BACKOFF_MIN
-        stop = asyncio.create_task(self.should_exit.wait())
+        stop = asyncio.create_task(self.lifecycle.should_exit.wait())
         try:
             while True:
                 ep = self._connect()
@@ -224,15 +190,15 @@ class Site:
         finally:
             stop.cancel()
 
-    async def shutdown(self) -> None:
-        """Stop the scripts (end_job, grace, TERM, KILL), say bye, close; bounded by shutdown_timeout_s."""
+    async def shutdown(self, deadline: float) -> None:
+        """Stop the scripts (end_job, grace, TERM, KILL), say bye, close; bounded by ``deadline`` seconds."""
         self.log.info("site shutting down", jobs=sorted(self.runners))
         runners = list(self.runners.values())
-        if self.force_exit:
+        if self.lifecycle.force_exit:
             for r in runners:
                 r.kill()
         try:
-            async with asyncio.timeout(self.shutdown_timeout_s):
+            async with asyncio.timeout(deadline):
                 await asyncio.gather(*(r.end("the site is shutting down") for r in runners))
                 await asyncio.gather(*(r.done.wait() for r in runners))
                 await self.uplink.drain(1.0)
@@ -243,13 +209,13 @@ class Site:
         if self.uplink.ep is not None:
             with contextlib.suppress(FedbusError, TimeoutError):
                 await asyncio.wait_for(self.uplink.send(Bye("site shutting down")), 1.0)
-        for task in [*self._session_tasks, *self._tasks]:
+        for task in self._session_tasks:
             task.cancel()
-        await asyncio.gather(*self._session_tasks, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._session_tasks, return_exceptions=True)
+        await self.background.cancel()
         await self.uplink.close()
         self.audit.close()
-        if self._own_ctx:
-            self.ctx.destroy(linger=0)
+        self._release_ctx()
         self.log.info("site stopped")
 
     # --- the connection -------------------------------------------------------------------------------
@@ -302,29 +268,20 @@ class Site:
             self.log.warning("cannot send to the broker", type=msg.TYPE, reason=str(exc))
 
     async def _receive_loop(self, ep: DealerEndpoint) -> None:
-        """The one reader of the socket; returns when the broker said bye.
+        """The one reader of the socket (``fedbus.daemon.answer_messages``); returns when the broker said bye.
+        Silence is the heartbeat loop's business (cancelling this task then loses nothing of value)."""
+        with contextlib.suppress(_BrokerLeft):
+            await answer_messages(ep, self._on_broker, self._refuse, answered=(FedbusError, OSError))
 
-        No timeout around the receive: ``wait_for`` can swallow a cancellation that races a message, and
-        silence is the heartbeat loop's business (cancelling this task then loses nothing of value).
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                inc = await ep.recv()
-            except BadMessage as exc:
-                self._last_heard = loop.time()
-                self.log.warning("invalid message from the broker", reason=str(exc))
-                await self._send(Error("bad_message", str(exc)[:500]))
-                continue
-            self._last_heard = loop.time()
-            try:
-                await self._on_broker(inc)
-            except _BrokerLeft:
-                return
-            except (FedbusError, OSError) as exc:
-                self.log.warning("broker message refused", type=inc.msg.TYPE, reason=str(exc))
-                self.audit.record("refused", by="broker", type=inc.msg.TYPE, reason=str(exc))
-                await self._send(Error("refused", str(exc)[:500], inc.msg.TYPE))
+    async def _refuse(self, peer: bytes, inc: Incoming | None, exc: Exception) -> None:
+        if inc is None:
+            self._last_heard = asyncio.get_running_loop().time()  # any message is a sign of life
+            self.log.warning("invalid message from the broker", reason=str(exc))
+            await self._send(Error("bad_message", str(exc)[:500]))
+            return
+        self.log.warning("broker message refused", type=inc.msg.TYPE, reason=str(exc))
+        self.audit.record("refused", by="broker", type=inc.msg.TYPE, reason=str(exc))
+        await self._send(Error("refused", str(exc)[:500], inc.msg.TYPE))
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeat while welcomed, when one is due (``fedbus.protocol.liveness``); return once the broker has
@@ -344,6 +301,7 @@ class Site:
     # --- messages from the broker ---------------------------------------------------------------------
 
     async def _on_broker(self, inc: Incoming) -> None:
+        self._last_heard = asyncio.get_running_loop().time()  # any message is a sign of life
         msg = inc.msg
         if msg.TYPE in STREAM_TYPES:
             await self.uplink.hub.dispatch(b"", msg, inc.payload)
@@ -410,12 +368,10 @@ class Site:
         self.runners[msg.job_id] = runner
         runner.log.info("job deployed", script=msg.script[:200])
         self.audit.record("job_deployed", job=msg.job_id, site=self.name, size=len(payload[0]))
-        task = asyncio.create_task(runner.run(bytes(payload[0])))
-        self._tasks.add(task)
+        task = self.background.spawn(runner.run(bytes(payload[0])))
         task.add_done_callback(lambda t: self._runner_done(msg.job_id, runner, t))
 
     def _runner_done(self, job_id: str, runner: JobRunner, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             runner.log.error("job runner failed", exc_info=task.exception())
         if self.runners.get(job_id) is runner:
@@ -436,6 +392,4 @@ class Site:
         return sink
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.background.spawn(coro)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedbus.broker.controller import CHECKPOINTS_BEHIND
+from fedbus.broker.job_streams import CHECKPOINTS_BEHIND
 from fedbus.strategy import FedAvg
 from tests.broker.test_strategy_lane import _controller, _result
 
@@ -72,7 +72,7 @@ async def test_a_disk_that_falls_behind_holds_tasks_back_and_writes_every_versio
         await asyncio.sleep(0.05)  # a held task would have gone out by now
     assert strategy.version == CHECKPOINTS_BEHIND + 1  # published; the task of the next round is held
     assert len(bus.tasks) == CHECKPOINTS_BEHIND + 1
-    assert ctl._unsaved == CHECKPOINTS_BEHIND + 1 and disk.written == []
+    assert ctl.streams.unsaved == CHECKPOINTS_BEHIND + 1 and disk.written == []
 
     disk.gate.release()  # one write lands: the held task goes out
     await _until(lambda: len(bus.tasks) == CHECKPOINTS_BEHIND + 2)

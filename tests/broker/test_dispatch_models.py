@@ -96,7 +96,7 @@ async def test_cross_site_tasks_stream_named_models_once_per_name_and_cells_are_
     evals = bus.tasks[2:]
     assert [(t.kind, t.model_name) for t in evals] == [("evaluate", "server"), ("evaluate", "server")]
     assert all(t.options == {"memory_gc_rounds": 2} and t.sid is not None for t in evals)
-    assert all(bus.streams[t.task_id] is ctl.source for t in evals)  # the global version, as for any evaluation
+    assert all(bus.streams[t.task_id] is ctl.streams.source for t in evals)  # the global version, as for any evaluation
 
     for round_ in range(2):  # each site answers its current task; the next model follows
         current = bus.tasks[2 + 2 * round_ :]
@@ -107,7 +107,7 @@ async def test_cross_site_tasks_stream_named_models_once_per_name_and_cells_are_
     named = bus.tasks[4:]
     assert [t.model_name for t in named] == ["pretrained", "pretrained"]
     first, second = (bus.streams[t.task_id] for t in named)
-    assert first is second and first is not ctl.source  # one source for the model name, shared by the sites
+    assert first is second and first is not ctl.streams.source  # one source for the model name, shared by the sites
     assert ctl.state == "finished"
     assert store.cross_site("j") == {
         "server": {"a": {"acc": 0.5}, "b": {"acc": 0.5}},

@@ -93,4 +93,4 @@ async def test_a_site_back_before_its_round_closes_takes_its_task_again(tmp_path
 
 def held_by(controller: JobController, site: str) -> set[str]:
     """The ids of the tasks in flight at ``site``."""
-    return {t for t, sent in controller.tasks.items() if sent.action.site == site}
+    return {t for t, sent in controller.streams.tasks.items() if sent.action.site == site}

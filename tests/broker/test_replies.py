@@ -5,13 +5,13 @@ from __future__ import annotations
 import msgpack
 
 from fedbus.admin import _unpack_reply
-from fedbus.broker.server import REPLY_INLINE_MAX, _reply
+from fedbus.broker.admin_requests import REPLY_INLINE_MAX, reply_message
 from fedbus.protocol.envelope import MAX_ENVELOPE, decode, encode
 from fedbus.protocol.messages import Reply
 
 
 def test_small_replies_stay_inline() -> None:
-    msg, payload = _reply(7, {"job_id": "j"})
+    msg, payload = reply_message(7, {"job_id": "j"})
     assert payload == [] and msg.data == {"job_id": "j"}
     assert _unpack_reply(msg, []) is msg
 
@@ -20,7 +20,7 @@ def test_a_history_bigger_than_an_envelope_arrives_whole() -> None:
     history = [{"version": v, "time": v * 0.5, "metrics": {"accuracy": 0.5, "strategy/x": 1.0}} for v in range(5000)]
     data = {"job_id": "j", "history": history}
     assert len(msgpack.packb(data)) > MAX_ENVELOPE > REPLY_INLINE_MAX
-    msg, payload = _reply(3, data)
+    msg, payload = reply_message(3, data)
     wire, _ = decode(encode(msg))  # the envelope itself stays small and valid
     got = _unpack_reply(wire, [memoryview(p) for p in payload])
     assert got.ok and got.rid == 3 and got.data == data

@@ -38,12 +38,12 @@ async def test_a_restarted_site_gets_its_task_again_under_the_same_id(tmp_path: 
     again = ctl.site_restarted("b", frozenset())
     # Between the claim and the send (the broker deploys the job there first) the old download fails: ignored.
     ctl.task_failed("b", first.task_id, "model download failed: the site restarted", first.sid)
-    assert first.task_id in ctl.tasks
+    assert first.task_id in ctl.streams.tasks
     ctl.send_again(again)
     await asyncio.sleep(0)
     [_, resent] = _of(bus, "b")
     assert resent.task_id == first.task_id and resent.version == first.version and resent.kind == first.kind
-    assert resent.sid != first.sid and ctl.tasks[first.task_id].sid == resent.sid  # a new download
+    assert resent.sid != first.sid and ctl.streams.tasks[first.task_id].sid == resent.sid  # a new download
     assert len(_of(bus, "a")) == len(_of(bus, "c")) == 1  # the other sites' tasks are left alone
     for site, value in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
         decided = ctl._update(site, *_result(_of(bus, site)[-1], value))
@@ -64,9 +64,9 @@ async def test_a_task_the_restarted_site_holds_is_not_sent_again(tmp_path: Path)
     [held] = _of(bus, "b")
     assert ctl.site_restarted("b", frozenset({held.task_id})) == []  # its upload resumes from the disk
     await asyncio.sleep(0)
-    assert _of(bus, "b") == [held] and ctl.tasks[held.task_id].sid == held.sid
+    assert _of(bus, "b") == [held] and ctl.streams.tasks[held.task_id].sid == held.sid
     ctl.task_failed("b", held.task_id, "the download failed", held.sid)  # the current sid does fail it
-    assert held.task_id not in ctl.tasks
+    assert held.task_id not in ctl.streams.tasks
     await ctl.close()
     store.close()
 
@@ -82,7 +82,7 @@ async def test_a_task_on_a_version_no_longer_streamed_fails_and_the_strategy_sen
     if decided is not None:
         await decided
     await asyncio.sleep(0)
-    assert ctl.source_version == 1 and old.version == 0
+    assert ctl.streams.source_version == 1 and old.version == 0
 
     assert ctl.site_restarted("b", frozenset()) == []
     await asyncio.sleep(0)
@@ -120,7 +120,7 @@ async def test_a_download_not_started_yet_when_the_site_restarted_is_not_sent_tw
     ctl.send_again(ctl.site_restarted("b", frozenset()))
     await asyncio.sleep(0)
     [only] = _of(bus, "b")  # the first send saw it was replaced and stood down
-    assert ctl.tasks[only.task_id].sid == only.sid
+    assert ctl.streams.tasks[only.task_id].sid == only.sid
     await ctl.close()
     store.close()
 
