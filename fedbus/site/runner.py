@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbus.config import is_safe_name
+from fedbus.daemon import answer_messages
 from fedbus.errors import FedbusError, JobError, RemoteProtocolError, TransportError
 from fedbus.jobs import unpack_job
 from fedbus.modelio import serde
@@ -67,7 +68,7 @@ from fedbus.site.log_relay import MAX_BEHIND, LogRelay
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
 from fedbus.transport.context import Context
-from fedbus.transport.endpoint import BadMessage, Incoming, RouterEndpoint
+from fedbus.transport.endpoint import Incoming, RouterEndpoint
 
 KINDS = ("train", "evaluate", "submit_model")
 UPLOAD_KINDS = ("train", "submit_model")
@@ -330,18 +331,16 @@ class JobRunner:
 
     async def _serve_link(self) -> None:
         assert self.link is not None
-        while True:
-            try:
-                inc = await self.link.recv()
-            except BadMessage as exc:
-                self.log.warning("invalid message from the script", peer=exc.peer.hex(), reason=str(exc))
-                await self._send_to(exc.peer, Error("bad_message", str(exc)[:500]))
-                continue
-            try:
-                await self._on_script(inc)
-            except FedbusError as exc:
-                self.log.warning("script message refused", type=inc.msg.TYPE, reason=str(exc))
-                await self._send_to(inc.peer, Error("refused", str(exc)[:500], inc.msg.TYPE))
+        await answer_messages(self.link, self._on_script, self._refuse)
+
+    async def _refuse(self, peer: bytes, inc: Incoming | None, exc: Exception) -> None:
+        """A message from the script that could not be decoded, or that its handler refused: answered, logged."""
+        if inc is None:
+            self.log.warning("invalid message from the script", peer=peer.hex(), reason=str(exc))
+            await self._send_to(peer, Error("bad_message", str(exc)[:500]))
+        else:
+            self.log.warning("script message refused", type=inc.msg.TYPE, reason=str(exc))
+            await self._send_to(peer, Error("refused", str(exc)[:500], inc.msg.TYPE))
 
     async def _on_script(self, inc: Incoming) -> None:
         msg = inc.msg
