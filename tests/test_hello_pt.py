@@ -81,7 +81,10 @@ def test_client_differs_from_train_only_in_client_api_lines() -> None:
     non_api = [line for line in changed if "flare" not in line]
     assert non_api == [
         'site, site_index, num_sites = f"site-{args.site_index + 1}", args.site_index, args.num_sites',
+        "last_params = None",  # kept for cross-site evaluation's submit_model task
+        "continue",
         "model.load_state_dict(input_model.params)",
         "continue",
         'meta = {"NUM_STEPS_CURRENT_ROUND": steps}',
+        "last_params = {k: v.clone() for k, v in model.state_dict().items()}",
     ]
