@@ -316,7 +316,7 @@ class Tracking:
 
     def published(self, job_id: str, version: int, model: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
         """A new global version: its metrics rate the version before it, which is written as the best model when
-        its key metric beats every earlier one. The version is kept until the next one rates it."""
+        its key metric beats all the versions before it. The version is kept until the next one rates it."""
         if job_id not in self._keys:
             self._keys[job_id] = key_metric_of(self._spec(job_id))
         key = self._keys[job_id]
