@@ -333,7 +333,9 @@ async def _follow(admin: Any, job_id: str) -> int:
     last = None
     while True:
         job = (await admin.status(job_id))["jobs"][0]
-        line = f"{job['state']} version {job['version']} {job.get('last_metrics') or ''}"
+        line = f"{job['state']} version {job['version']} {job.get('last_metrics') or ''}".rstrip()
+        if job.get("waiting_for"):  # printed once, and again only when it changes
+            line = f"waiting: {job['waiting_for']}"
         if line != last:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
@@ -354,6 +356,8 @@ def _status_table(data: dict[str, Any]) -> str:
         lines.append(f"{j['id']:<28} {j['state']:<10} {j['version']:<8} {metrics[:80]}")
         if j["reason"]:
             lines.append(f"    {j['reason']}")
+        if j.get("waiting_for"):
+            lines.append(f"    waiting: {j['waiting_for']}")
         live = j.get("live", {}).get("strategy", {})
         if live:
             keys = ("busy", "buffered", "accepted", "rejected", "dropped_stale")

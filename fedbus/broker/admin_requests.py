@@ -21,6 +21,7 @@ import msgpack
 from fedbus import jobs
 from fedbus.broker.controller import JobController
 from fedbus.broker.guard import Guard
+from fedbus.broker.launcher import waiting_for
 from fedbus.broker.outbox import Outbox
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
@@ -171,6 +172,8 @@ class AdminRequests:
             c = self.controllers.get(job["id"])
             if c is not None:
                 entry["live"] = c.status()
+            elif job["state"] == "waiting":
+                entry["waiting_for"] = waiting_for(job, self.registry.online())
             history = self.store.history(job["id"])
             entry["last_metrics"] = history[-1]["metrics"] if history else {}
             times = [h["time"] for h in history[-6:]]

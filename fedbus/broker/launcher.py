@@ -10,7 +10,7 @@ lets its controller go.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from fedbus.broker.controller import JobController
@@ -33,6 +33,22 @@ SERVER_MODELS = "cross_site_models"
 """The job folder's directory of extra server-side models for cross-site evaluation: ``NAME.safetensors`` is
 evaluated by every site as model ``NAME`` (pre-trained models, as FLARE's NumpyCrossSiteEvalRecipe gives)."""
 log = get_logger("broker")
+
+
+def waiting_for(job: Mapping[str, Any], online: Sequence[str]) -> str | None:
+    """Why a waiting job cannot start with the sites ``online``, in an operator's words, or None when it can:
+    "3 sites needed, 2 connected: hospital-a, hospital-b", or the sites a resumed job must have back."""
+    spec = job["spec"]
+    usable = [s for s in online if not spec["include"] or s in spec["include"]]
+    if job["sites"]:  # a resumed job waits for its own sites
+        missing = [s for s in job["sites"] if s not in usable]
+        return f"its sites must be back: {', '.join(missing)} not connected" if missing else None
+    need = spec["min_sites"]
+    if len(usable) >= need:
+        return None
+    among = f" of {', '.join(spec['include'])}" if spec["include"] else ""
+    connected = f": {', '.join(usable)}" if usable else ""
+    return f"{need} site{'s' if need != 1 else ''}{among} needed, {len(usable)} connected{connected}"
 
 
 class JobLauncher:
@@ -68,16 +84,11 @@ class JobLauncher:
 
     async def start_waiting_jobs(self) -> None:
         for job in self.store.jobs(("waiting",)):
-            if job["id"] in self.controllers:
+            if job["id"] in self.controllers or waiting_for(job, self.registry.online()) is not None:
                 continue
             spec = job["spec"]
             online = [s for s in self.registry.online() if not spec["include"] or s in spec["include"]]
-            if len(online) < spec["min_sites"]:
-                continue
-            sites = job["sites"] or online[: spec["max_sites"] or None]
-            if any(s not in online for s in sites):
-                continue  # a resumed job waits for its own sites
-            await self.launch(job["id"], spec, sites)
+            await self.launch(job["id"], spec, job["sites"] or online[: spec["max_sites"] or None])
 
     async def launch(self, job_id: str, spec: dict, sites: list[str]) -> None:
         max_model = int(self.config.max_model_mb * MiB)
