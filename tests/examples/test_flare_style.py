@@ -172,8 +172,11 @@ def test_hello_dp_stays_within_its_budget(run_example, tmp_path: Path) -> None:
     assert "Job Status is: finished" in out
     epsilons = [float(e) for e in re.findall(r"round \d+: .*'epsilon': ([0-9.]+)", out)]
     assert len(epsilons) == 4 and max(epsilons) <= 5.0 + 1e-6
-    recall = float(re.search(r"Last round: .*'recall': ([0-9.]+)", out).group(1))
-    assert recall > 0.5  # the minority class is found despite the noise (predicting the majority gives 0)
+    last = re.search(r"Last round: .*'accuracy': ([0-9.]+), 'recall': ([0-9.]+)", out)
+    accuracy, recall = float(last.group(1)), float(last.group(2))
+    # it learns despite the noise: better than always "no fraud" (accuracy 0.85, recall 0; runs here: 0.92-0.94 and
+    # 0.50-0.64), and it finds part of the minority class (always "fraud" would give recall 1 at accuracy 0.15)
+    assert accuracy > 0.88 and recall > 0.25
 
 
 LIGHTNING_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
