@@ -83,12 +83,14 @@ class JobLauncher:
         return c
 
     async def start_waiting_jobs(self) -> None:
+        online = self.registry.online()
         for job in self.store.jobs(("waiting",)):
-            if job["id"] in self.controllers or waiting_for(job, self.registry.online()) is not None:
+            if job["id"] in self.controllers or waiting_for(job, online) is not None:
                 continue
             spec = job["spec"]
-            online = [s for s in self.registry.online() if not spec["include"] or s in spec["include"]]
-            await self.launch(job["id"], spec, job["sites"] or online[: spec["max_sites"] or None])
+            usable = [s for s in online if not spec["include"] or s in spec["include"]]
+            await self.launch(job["id"], spec, job["sites"] or usable[: spec["max_sites"] or None])
+            online = self.registry.online()  # a launch awaits: sites may have come or gone meanwhile
 
     async def launch(self, job_id: str, spec: dict, sites: list[str]) -> None:
         max_model = int(self.config.max_model_mb * MiB)
