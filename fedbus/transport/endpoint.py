@@ -16,10 +16,17 @@ Socket options, and why:
 * ``ROUTER_MANDATORY``: a send to an unknown peer raises instead of vanishing silently.
 * ``ROUTER_HANDOVER``: a site that reconnects under the same identity takes over its old routing entry,
   so a stream can resume on the new connection.
-* HWM of 10,000 messages: the credit window, not the HWM, bounds bytes in flight; the HWM only has to be
-  large enough never to block a credited chunk.
+* HWM of 10,000 messages (a broker's ``peer_queue``): the credit window, not the HWM, bounds bytes in flight;
+  the HWM only has to be large enough never to refuse a credited chunk (a window of 64 MiB in chunks of at
+  least 64 KiB is 1,024 messages a stream).
 * ``MAXMSGSIZE``: zmq disconnects a peer that sends a frame over the cap before the frame is allocated.
 * ``LINGER``: explicit and short, so closing never hangs on a dead peer.
+
+No send waits on another peer. A ROUTER never waits for room: a message to a peer whose queue is full is
+dropped (``PeerOverflow``, a ``PeerUnreachable``: lost in transit, as to a peer that is reconnecting), and a
+peer that stays full is cut off for a cool-down (``fedbus.transport.overflow``). A DEALER has one peer, so
+waiting for room holds nobody else; still it waits at most ``send_timeout`` seconds, then raises
+``SendStalled`` (its owner reconnects), so that a peer that never reads cannot hold a task forever.
 
 Lanes. One TCP connection is copied by one zmq I/O thread on each side, and on a host with spare cores that
 thread is the limit of a large stream. A ``DealerEndpoint`` with ``lanes`` > 1 opens that many connections to
@@ -50,6 +57,7 @@ from fedbus.errors import PeerUnreachable, RemoteProtocolError, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.envelope import MAX_ENVELOPE, decode, encode
 from fedbus.protocol.messages import Chunk, End, Message
+from fedbus.transport.overflow import Overflow
 
 log = get_logger("transport.endpoint")
 
@@ -64,6 +72,12 @@ received over tcp loopback); pyzmq's own threshold is 64 KiB. Small models, the 
 go as a copy."""
 LINGER_MS = 200
 YIELD_EVERY = 64
+STUCK_AFTER_S = 10.0
+"""Seconds a ROUTER peer's queue may stay full (every send to it dropped) before the peer is cut off."""
+COOLDOWN_S = 60.0
+"""Seconds a cut-off peer stays cut off: its messages dropped unread, nothing sent to it."""
+SEND_TIMEOUT_S = 60.0
+"""Seconds a DEALER's send waits for room before ``SendStalled``."""
 """Receives in a row that find a message waiting before one yields to the event loop anyway."""
 
 # Flags and events as plain ints: pyzmq's are IntFlag members, and every ``&`` or ``|`` on one builds a new
@@ -145,14 +159,27 @@ class Incoming:
     payload: list[memoryview] = field(default_factory=list)
     user: str = ""
     """The participant name the broker's ZAP handler gave this connection (CURVE only; else empty)."""
+    size: int = 0
+    """Bytes of the message (envelope and payload frames), for its peer's byte budget."""
 
 
 class BadMessage(RemoteProtocolError):
-    """An undecodable or invalid message, with the identity of the peer that sent it."""
+    """An undecodable or invalid message, with the identity of the peer that sent it (and its ZAP User-Id)."""
 
-    def __init__(self, peer: bytes, reason: str) -> None:
+    def __init__(self, peer: bytes, reason: str, user: str = "", size: int = 0) -> None:
         super().__init__(reason)
         self.peer = peer
+        self.user = user
+        self.size = size
+        """The message's bytes, for the peer's byte budget."""
+
+
+class PeerOverflow(PeerUnreachable):
+    """A ROUTER's message was dropped: its peer's queue is full (it does not read), or the peer is cut off."""
+
+
+class SendStalled(TransportError):
+    """A DEALER's peer took no message for the send timeout: its queue stayed full."""
 
 
 class Endpoint(Protocol):
@@ -171,10 +198,10 @@ def _plain_socket(ctx: zmq.asyncio.Context, kind: int) -> zmq.Socket:
     return ctx.socket(kind, socket_class=zmq.Socket)  # type: ignore[arg-type]
 
 
-def _configure(sock: zmq.Socket, max_frame: int) -> None:
+def _configure(sock: zmq.Socket, max_frame: int, hwm: int = HWM) -> None:
     sock.setsockopt(zmq.LINGER, LINGER_MS)
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.copy_threshold = COPY_BELOW
@@ -184,6 +211,9 @@ class _ZmqEndpoint:
     routed: bool = False
     authenticated: bool = False
     """A CURVE server socket: every message carries the ZAP User-Id of its connection."""
+
+    send_timeout: float | None = SEND_TIMEOUT_S
+    """Seconds a send waits for room under the HWM before ``SendStalled`` (None: as long as it takes)."""
 
     def __init__(self, sock: zmq.Socket, *, max_envelope: int) -> None:
         self.sock = sock
@@ -205,13 +235,20 @@ class _ZmqEndpoint:
 
     async def send_raw(self, frames: Sequence[Any]) -> None:
         """Send ``frames`` as they are (a ROUTER's first frame is the peer): ``send`` without the envelope,
-        for tests that play a broken peer. Any other direct use of ``sock`` may starve a waiting receive."""
+        for tests that play a broken peer. Any other direct use of ``sock`` may starve a waiting receive.
+        Waits for room at most ``send_timeout`` seconds (``SendStalled``)."""
+        deadline: float | None = None
         while True:
             try:
                 self._send_frames(frames)
                 break
             except zmq.Again:
-                await self._wait(self._writable)
+                loop = asyncio.get_running_loop()
+                if deadline is None:
+                    deadline = loop.time() + (self.send_timeout if self.send_timeout is not None else float("inf"))
+                if loop.time() >= deadline:
+                    raise SendStalled(f"the peer took no message for {self.send_timeout:g} s") from None
+                await self._wait(self._writable, deadline)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     raise PeerUnreachable(f"peer {bytes(frames[0])!r} is not connected") from exc
@@ -239,32 +276,41 @@ class _ZmqEndpoint:
         if self._streak >= YIELD_EVERY:  # a busy socket must not starve the loop's other tasks
             self._streak = 0
             await asyncio.sleep(0)
+        dropped = 0
         while True:
             sock = self.sock
             try:
                 frames = self._recv_frames()
-                break
             except zmq.Again:
                 self._streak = 0
                 self.drained_at = time.monotonic()
                 await self._wait(self._readable)
+                continue
             except zmq.ZMQError:
                 if sock is self.sock:
                     raise
-                # the socket was replaced under us (RouterEndpoint.rebind): read the new one
+                continue  # the socket was replaced under us (RouterEndpoint.rebind): read the new one
+            peer = lane_base(frames.pop(0).bytes) if self.routed else b""
+            if not self._ignore(peer):
+                break
+            dropped += 1  # from a cut-off peer: not even decoded
+            if dropped % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         if self._writable:
             self._on_events()
-        peer = b""
-        if self.routed:
-            peer = lane_base(frames.pop(0).bytes)
         if not frames:
             raise BadMessage(peer, "empty message")
         user = str(frames[0].get("User-Id") or "") if self.authenticated else ""
         try:
             msg, mid = decode(frames[0].buffer, self.max_envelope)
         except RemoteProtocolError as exc:
-            raise BadMessage(peer, str(exc)) from exc
-        return Incoming(peer, msg, mid, [f.buffer for f in frames[1:]], user)
+            raise BadMessage(peer, str(exc), user, sum(len(f) for f in frames)) from exc
+        payload = [f.buffer for f in frames[1:]]
+        return Incoming(peer, msg, mid, payload, user, len(frames[0]) + sum(p.nbytes for p in payload))
+
+    def _ignore(self, peer: bytes) -> bool:
+        """Whether a message from ``peer`` is dropped unread (a ROUTER's cut-off peers)."""
+        return False
 
     def close(self) -> None:
         self._unwatch()
@@ -272,8 +318,9 @@ class _ZmqEndpoint:
 
     # --- readiness ---------------------------------------------------------------------------------------
 
-    async def _wait(self, waiters: list[asyncio.Future[None]]) -> None:
-        """Until the socket may be ready in the direction of ``waiters`` (the caller then tries again)."""
+    async def _wait(self, waiters: list[asyncio.Future[None]], deadline: float | None = None) -> None:
+        """Until the socket may be ready in the direction of ``waiters`` (the caller then tries again), or the
+        loop's clock passed ``deadline``."""
         loop = asyncio.get_running_loop()
         fd = self.sock.fileno()  # zmq.FD, typed as the int it is
         if self._watched != (loop, fd):
@@ -283,9 +330,14 @@ class _ZmqEndpoint:
         ready = loop.create_future()
         waiters.append(ready)
         self._on_events()  # the signal may have been consumed already, by the operation that just failed
+        timer = None
+        if deadline is not None and deadline != float("inf") and not ready.done():
+            timer = loop.call_at(deadline, _wake, ready)
         try:
             await ready
         finally:
+            if timer is not None:
+                timer.cancel()
             with contextlib.suppress(ValueError):
                 waiters.remove(ready)
 
@@ -320,10 +372,30 @@ class _ZmqEndpoint:
                 ready.set_result(None)
 
 
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
 class RouterEndpoint(_ZmqEndpoint):
-    """The bound side (broker): many peers, each addressed by its routing id."""
+    """The bound side (broker): many peers, each addressed by its routing id.
+
+    A send never waits (see the module's doc): a message that does not fit its peer's queue is dropped with
+    ``PeerOverflow``, and a peer full for ``STUCK_AFTER_S`` is cut off for ``COOLDOWN_S``: ``on_stuck(peer)``
+    is called once, its later messages are dropped before they are decoded, and nothing more is sent to it.
+
+    Why cut off rather than disconnect: libzmq cannot close one connection of a ROUTER (``rebind`` closes them
+    all, which would punish every peer for one). What the cut-off peer holds is its queue, at most ``HWM``
+    messages, and one connection; both go when it disconnects, and with CURVE it cannot connect again during
+    the cool-down (the owner refuses its key in ZAP: ``fedbus.transport.curve.Authenticator.refuse_for``).
+    Its messages still arrive (libzmq reads them), and each costs one routing-id lookup here.
+    """
 
     routed = True
+    send_timeout = None  # never waits: see send_raw
+
+    on_stuck: Any = None
+    """``on_stuck(peer)``: called once when ``peer`` is cut off for staying full."""
 
     @classmethod
     def bind(
@@ -335,13 +407,17 @@ class RouterEndpoint(_ZmqEndpoint):
         max_envelope: int = MAX_ENVELOPE,
         configure: Any = None,
         curve_secret: bytes | None = None,
+        hwm: int = HWM,
+        stuck_after: float = STUCK_AFTER_S,
+        cooldown: float = COOLDOWN_S,
     ) -> RouterEndpoint:
         """With ``curve_secret`` the socket is a CURVE server asking ZAP (domain ``fedbus``) about every
-        connection: bind the authenticator in ``ctx`` first (``fedbus.transport.curve.Authenticator``)."""
+        connection: bind the authenticator in ``ctx`` first (``fedbus.transport.curve.Authenticator``).
+        ``hwm``: messages queued per peer; ``stuck_after``, ``cooldown``: see the class's doc."""
 
         def make() -> zmq.Socket:
             sock = _plain_socket(ctx, zmq.ROUTER)
-            _configure(sock, max_frame)
+            _configure(sock, max_frame, hwm)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             if curve_secret is not None:
@@ -361,9 +437,51 @@ class RouterEndpoint(_ZmqEndpoint):
         ep = cls(sock, max_envelope=max_envelope)
         ep.authenticated = curve_secret is not None
         ep._make = make
+        ep.overflow = Overflow(stuck_after=stuck_after, cooldown=cooldown)
         return ep
 
     _make: Any = None
+    overflow: Overflow
+
+    async def send_raw(self, frames: Sequence[Any]) -> None:
+        """Send now or drop: ``PeerOverflow`` when the peer's queue is full or the peer is cut off,
+        ``PeerUnreachable`` when it has no connection."""
+        peer = bytes(frames[0])
+        now = time.monotonic()
+        overflow = self.overflow
+        if overflow.cut_off(peer, now):
+            overflow.ignored()
+            raise PeerOverflow(f"peer {peer[:80]!r} is cut off (it did not read): message dropped")
+        try:
+            self._send_frames(frames)
+        except zmq.Again:
+            if overflow.full(peer, now):
+                log.warning("peer cut off: its queue stayed full", peer=peer[:80], for_s=overflow.stuck_after)
+                if self.on_stuck is not None:
+                    self.on_stuck(peer)
+            raise PeerOverflow(f"peer {peer[:80]!r} does not read: its queue is full, message dropped") from None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise PeerUnreachable(f"peer {peer[:80]!r} is not connected") from exc
+            raise TransportError(f"send failed: {exc}") from exc
+        overflow.sent(peer)
+        if self._readable:
+            self._on_events()
+
+    def cut_off(self, peer: bytes) -> bool:
+        """Whether ``peer`` is cut off now (its messages are dropped unread)."""
+        return self.overflow.cut_off(peer, time.monotonic())
+
+    def cut(self, peer: bytes) -> None:
+        """Cut ``peer`` off now, for the cool-down (the owner's decision: e.g. the whole key was)."""
+        self.overflow.cut(peer, time.monotonic())
+
+    def _ignore(self, peer: bytes) -> bool:
+        overflow = self.overflow
+        if overflow.any_cut_off() and overflow.cut_off(peer, time.monotonic()):
+            overflow.ignored()
+            return True
+        return False
 
     async def rebind(self, timeout: float = 5.0) -> None:
         """Close every connection: a new socket takes the same address, and peers reconnect (passing the
