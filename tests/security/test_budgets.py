@@ -1,0 +1,59 @@
+"""Per-peer budgets and refusal bursts (``fedbus.broker.limits``): pure logic, the clock passed in."""
+
+from __future__ import annotations
+
+from fedbus.broker.limits import PeerLimits, Refusals
+
+
+def test_every_message_counts_but_open_stream_traffic() -> None:
+    lim = PeerLimits(10.0, 5, 8)
+    assert all(lim.admit(b"p", "credit", 0.0, in_stream=True) for _ in range(1000))  # credit bounds it
+    assert [lim.admit(b"p", "credit", 0.0) for _ in range(6)] == [True] * 5 + [False]  # no such stream: metered
+    assert not lim.admit(b"p", "offer", 0.0, in_stream=True)  # an offer opens a stream: always metered
+    assert lim.admit(b"p", "heartbeat", 0.1)  # a token per 0.1 s
+    assert lim.admit(b"q", "heartbeat", 0.1)  # another peer has its own budget
+    assert (lim.refused, lim.refused_by["messages"], lim.free) == (2, 2, 1000)
+
+
+def test_bytes_are_budgeted_too() -> None:
+    lim = PeerLimits(1000.0, 1000, 8, byte_rate=100.0, byte_burst=1000)
+    assert lim.check(b"p", "job_event", 0.0, 600) is None
+    assert lim.check(b"p", "job_event", 0.0, 600) == "bytes"  # 400 left
+    assert lim.check(b"p", "job_event", 2.0, 600) is None  # 400 + 200 refilled
+    assert lim.refused_by == {"messages": 0, "bytes": 1}
+    # a refusal for bytes spends no message token, and one for messages no bytes
+    lim2 = PeerLimits(1.0, 1, 8, byte_rate=1.0, byte_burst=10)
+    assert lim2.check(b"p", "x", 0.0, 20) is None  # larger than the burst: let through on a full bucket, in debt
+    assert lim2.check(b"p", "x", 1.0, 1) == "bytes"
+    assert lim2.check(b"p", "x", 31.0, 1) is None
+
+
+def test_budgets_of_quiet_peers_are_forgotten_when_too_many() -> None:
+    lim = PeerLimits(10.0, 2, 8, max_peers=3)
+    for i in range(10):
+        lim.admit(f"p{i}".encode(), "heartbeat", float(i))
+    assert len(lim._budgets) <= 3
+
+
+def test_a_flood_of_refusals_is_a_few_records_whose_counts_add_up() -> None:
+    r = Refusals(gap=1.0, report_every=10.0)
+    firsts = [r.refuse(b"p", "unauthorized", i * 0.001, reason="wrong routing id") for i in range(20_000)]
+    assert firsts.count(True) == 1 and firsts[0]
+    assert r.due(5.0) == []  # a 20 s flood at 1,000/s, read at 5 s: not over, nor reported yet
+    long = r.due(25.0)  # quiet since 19.999: the burst ended
+    assert [(b.code, b.unreported, b.count) for b in long] == [("unauthorized", 19_999, 20_000)]
+    assert r.due(30.0) == [] and r.total == {"unauthorized": 20_000} and r.bursts == {"unauthorized": 1}
+    assert r.refuse(b"p", "unauthorized", 40.0)  # a new burst
+
+
+def test_a_long_burst_is_reported_every_so_often_and_kinds_are_apart() -> None:
+    r = Refusals(gap=1.0, report_every=10.0)
+    reported = 1
+    for i in range(3000):  # 30 s at 100/s
+        now = i * 0.01
+        r.refuse(b"p", "rate_limited", now)
+        reported += sum(b.unreported for b in r.due(now))
+    assert r.refuse(b"p", "bad_message", 30.0)  # another kind: its own burst
+    reported += sum(b.unreported for b in r.flush() if b.code == "rate_limited")
+    assert reported == 3000
+    assert r.flush() == []
