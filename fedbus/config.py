@@ -150,6 +150,11 @@ class BrokerConfig:
     max_requests_per_s: float = 200.0
     request_burst: int = 400
     max_streams_per_peer: int = 8
+    max_mb_per_s: float = 64.0  # per peer, every message but a model stream's own traffic (fedbus.broker.limits)
+    mb_burst: float = 256.0
+    peer_queue: int = 10_000  # messages queued to one peer before more are dropped (fedbus.transport.overflow)
+    stuck_peer_s: float = 10.0  # a peer whose queue stays full this long is cut off ...
+    stuck_peer_cooldown_s: float = 60.0  # ... for this long (with CURVE its key is refused meanwhile)
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     secret_key: str | None = None
@@ -237,6 +242,11 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_requests_per_s": _positive,
     "request_burst": _at_least(1),
     "max_streams_per_peer": _at_least(1),
+    "max_mb_per_s": _positive,
+    "mb_burst": _positive,
+    "peer_queue": _at_least(100),
+    "stuck_peer_s": _positive,
+    "stuck_peer_cooldown_s": _positive,
     "metrics_port": _port,
     "metrics_host": _host,
     "secret_key": _nonempty,
@@ -314,6 +324,7 @@ def _check_cross(cls_name: str, values: Mapping[str, Any], origin: Mapping[str, 
         if window is not None and window < chunk:
             where = ", ".join(sorted({origin.get("chunk_mb", "default"), origin.get("window_mb", "default")}))
             raise ConfigError(f"{where}: window_mb ({window:g}) must be >= chunk_mb ({chunk:g})")
+        _check_queue(values, origin)
     pair = {"BrokerConfig": ("secret_key", "participants")}.get(cls_name, ("secret_key", "broker_key"))
     if cls_name not in ("BrokerConfig", "SiteConfig", "AdminConfig"):
         return
@@ -326,6 +337,25 @@ def _check_cross(cls_name: str, values: Mapping[str, Any], origin: Mapping[str, 
         raise ConfigError(f"{origin.get('dp_sigma', cls_name)}: dp_sigma needs dp_clip (the noise is sigma x clip)")
     if cls_name == "SiteConfig":
         _check_budget(values, origin)
+
+
+SITE_WINDOW_MB = 64
+"""The credit window a site grants a download (``fedbus.transport.streams.DEFAULT_WINDOW``, in MiB)."""
+
+
+def _check_queue(values: Mapping[str, Any], origin: Mapping[str, str]) -> None:
+    """``peer_queue`` must hold every download to one site in full windows, so that credited chunks never find
+    a site's queue full (a full queue drops messages and, if it stays full, cuts the peer off)."""
+    chunk, queue = values.get("chunk_mb", 2), values.get("peer_queue", 10_000)
+    streams = values.get("max_streams_per_peer", 8)
+    need = streams * math.ceil(SITE_WINDOW_MB / chunk) + 100
+    if queue < need:
+        keys = ("peer_queue", "chunk_mb", "max_streams_per_peer")
+        where = ", ".join(sorted({origin.get(k, "default") for k in keys}))
+        raise ConfigError(
+            f"{where}: peer_queue ({queue}) must be >= {need}: max_streams_per_peer ({streams}) downloads of "
+            f"{SITE_WINDOW_MB} MiB windows in chunks of chunk_mb ({chunk:g}), and 100 messages more"
+        )
 
 
 def _check_budget(values: Mapping[str, Any], origin: Mapping[str, str]) -> None:

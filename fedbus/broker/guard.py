@@ -119,6 +119,11 @@ class Guard:
             **fields,
         )
 
+    def cool_down(self, user: str, seconds: float) -> None:
+        """Refuse ``user``'s key at connect for ``seconds`` (CURVE; without it there is no key to refuse)."""
+        if self.auth is not None and user:
+            self.auth.refuse_for(user, seconds)
+
     def _connection_refused(self, reason: str, details: dict[str, Any]) -> None:
         self.audit.record("connection_refused", reason=reason, by=details.get("name"), **_pick(details))
 

@@ -167,7 +167,8 @@ class PeerLimits:
 
 @dataclass
 class Burst:
-    """Refusals of one kind (``code``) for one peer, close together: what was logged and audited of them."""
+    """Refusals of one kind (``code``, message ``type``) for one peer, close together: what was logged and audited
+    of them."""
 
     peer: bytes
     user: str
@@ -189,8 +190,8 @@ class Burst:
 
 
 class Refusals:
-    """Refusal bursts by (peer, code): the first refusal of a burst is the caller's to log, audit and answer;
-    ``due`` hands back, once each, bursts with refusals not yet reported: ended ones (no refusal for ``gap``
+    """Refusal bursts by (peer, code, message type): the first refusal of a burst is the caller's to log, audit and
+    answer; ``due`` hands back, once each, bursts with refusals not yet reported: ended ones (no refusal for ``gap``
     seconds) and long ones (every ``report_every`` seconds), so that a flood of N refusals is a handful of
     records whose counts add up to N."""
 
@@ -198,25 +199,28 @@ class Refusals:
         self.gap = gap
         self.report_every = report_every
         self.max_open = max_open
-        self._open: OrderedDict[tuple[bytes, str], Burst] = OrderedDict()
+        self._open: OrderedDict[tuple[bytes, str, str], Burst] = OrderedDict()
         self.total: dict[str, int] = {}
         """Refusals by code, since the start."""
         self.bursts: dict[str, int] = {}
         """Bursts begun, by code."""
 
-    def refuse(self, peer: bytes, code: str, now: float, *, user: str = "", reason: str = "", type: str = "") -> bool:
-        """Count one refusal; True when it begins a burst (the caller logs, audits and answers it)."""
+    def refuse(
+        self, key: bytes, code: str, now: float, *, peer: bytes = b"", user: str = "", reason: str = "", type: str = ""
+    ) -> bool:
+        """Count one refusal of ``key``'s (whose budget: ``peer``, the routing id, is kept for the record) of this
+        ``code`` and message ``type``; True when it begins a burst (the caller logs, audits and answers it)."""
         self.total[code] = self.total.get(code, 0) + 1
-        key = (peer, code)
-        burst = self._open.get(key)
+        bkey = (key, code, type[:32])
+        burst = self._open.get(bkey)
         if burst is not None and now - burst.last < self.gap:
             burst.count += 1
             burst.last = now
-            self._open.move_to_end(key)
+            self._open.move_to_end(bkey)
             return False
         if burst is not None:  # a burst that ended unnoticed by ``due``: its rest is reported with the next one
-            self._open.pop(key)
-        self._open[key] = Burst(peer, user, code, reason[:500], type[:32], now, now, reported_at=now)
+            self._open.pop(bkey)
+        self._open[bkey] = Burst(peer or key, user, code, reason[:500], type[:32], now, now, reported_at=now)
         self.bursts[code] = self.bursts.get(code, 0) + 1
         while len(self._open) > self.max_open:  # made-up routing ids: the oldest burst goes unreported
             self._open.popitem(last=False)

@@ -43,6 +43,9 @@ MAX_REQUEST = 8192
 """Largest request head (request line and headers) the metrics server reads."""
 READ_TIMEOUT_S = 5.0
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32)
+PEER_ROWS = 20
+"""Peers listed by name in per-peer families (the ones with the most): a label per made-up routing id would not
+stay bounded."""
 
 # Update refusal reasons (free text from strategies and the controller) -> a bounded label value.
 # First match wins; the keys are substrings of the reasons those modules write.
@@ -324,7 +327,55 @@ def render(metrics: Metrics, broker: Any) -> str:
         "Mean throughput of completed streams (bytes/seconds).",
         _per_direction(rates, lambda v: round(v, 1)),
     )
+    _hostile_peers(t, broker)
     return "\n".join(t.lines) + "\n"
+
+
+def _hostile_peers(t: _Text, broker: Any) -> None:
+    """What the broker refused and dropped (``fedbus.broker.meter``, ``fedbus.transport.overflow``)."""
+    meter, router = getattr(broker, "meter", None), getattr(broker, "router", None)
+    if meter is None:
+        return
+    refusals = meter.refusals
+    t.family(
+        "fedbus_refused_messages_total",
+        "counter",
+        "Inbound messages refused, by code (rate_limited: over the peer's budget; see docs/security.md).",
+        [(n, {"code": c}) for c, n in sorted(refusals.total.items())],
+    )
+    t.family(
+        "fedbus_refusal_bursts_total",
+        "counter",
+        "Bursts of refusals (each logged and audited once, with its count), by code.",
+        [(n, {"code": c}) for c, n in sorted(refusals.bursts.items())],
+    )
+    lim = meter.limits
+    t.family(
+        "fedbus_over_budget_total",
+        "counter",
+        "Inbound messages dropped over the peer's budget, by the budget that ran out (messages or bytes).",
+        [(n, {"budget": b}) for b, n in sorted(lim.refused_by.items())],
+    )
+    t.family("fedbus_stream_messages_unmetered_total", "counter", "Messages of open streams (credit-bounded).")
+    t.sample("fedbus_stream_messages_unmetered_total", lim.free)
+    if router is None:
+        return
+    o = router.overflow
+    t.family("fedbus_send_dropped_total", "counter", "Messages dropped because the peer's queue was full.")
+    t.sample("fedbus_send_dropped_total", o.dropped_total)
+    top = sorted(o.dropped.items(), key=lambda kv: -kv[1])[:PEER_ROWS]
+    t.family(
+        "fedbus_peer_send_dropped_total",
+        "counter",
+        f"Messages dropped because the peer's queue was full, per peer (the {PEER_ROWS} with most drops).",
+        [(n, {"peer": p.decode("ascii", "replace") if p.isascii() else p.hex()}) for p, n in top],
+    )
+    t.family("fedbus_peers_cut_off_total", "counter", "Peers cut off because their queue stayed full.")
+    t.sample("fedbus_peers_cut_off_total", o.cut_off_total)
+    t.family("fedbus_peers_cut_off", "gauge", "Peers cut off now (cooling down).")
+    t.sample("fedbus_peers_cut_off", o.cut_off_now(time.monotonic()))
+    t.family("fedbus_cut_off_messages_total", "counter", "Messages to or from cut-off peers, dropped unread.")
+    t.sample("fedbus_cut_off_messages_total", o.ignored_total)
 
 
 # --- the HTTP server -----------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ of its concern: ``Outbox`` (what goes out), ``AdminRequests`` (submit, status, a
 (incoming model streams). Life cycle: ``fedbus.daemon.Lifecycle`` (``run()`` → ``serve()`` → ``startup()`` /
 ``main_loop()`` / ``shutdown(deadline)``). Shutdown tells sites and admins nothing (they notice the silence and
 reconnect to the next broker on this workspace), closes the socket, and cancels what is left after a deadline;
-a second signal exits at once. Every message is untrusted: a refusal is logged with the peer's identity and
-answered with ``error``; the loop keeps serving.
+a second signal exits at once. Every message is untrusted: it is metered before any work and a refusal is
+logged with the peer's identity and answered with ``error``, once per burst (``fedbus.broker.meter``); the loop
+keeps serving, and no peer can hold it: a send never waits on a peer (``fedbus.transport.overflow``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fedbus.broker.admin_requests import AdminRequests
 from fedbus.broker.controller import JobController
 from fedbus.broker.guard import Guard
 from fedbus.broker.launcher import JobLauncher
-from fedbus.broker.limits import PeerLimits
+from fedbus.broker.meter import Meter
 from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, render
 from fedbus.broker.outbox import Outbox
 from fedbus.broker.registry import Registry
@@ -67,7 +68,8 @@ class Broker:
         self.session = os.urandom(8).hex()
         self.registry = Registry(config.heartbeat_s, config.liveness)
         self.store = JobStore(config.workspace)
-        self.limits = PeerLimits(config.max_requests_per_s, config.request_burst, config.max_streams_per_peer)
+        self.meter = Meter(config, self.guard, answer=self._answer, holds=self._holds)
+        self.limits = self.meter.limits
         self.metrics = Metrics(board_dir=lambda job_id: self.store.job_dir(job_id) / "tensorboard")
         self.tracking = self.metrics.tracking = Tracking(
             self.store.job_dir, self.store.job, self.store.history, self.metrics.boards
@@ -136,7 +138,15 @@ class Broker:
     async def startup(self) -> None:
         self.guard.start(self.ctx)  # ZAP first: libzmq asks it about every CURVE connection
         try:
-            self.router = RouterEndpoint.bind(self.ctx, self.config.bind, curve_secret=self.guard.secret)
+            self.router = RouterEndpoint.bind(
+                self.ctx,
+                self.config.bind,
+                curve_secret=self.guard.secret,
+                hwm=self.config.peer_queue,
+                stuck_after=self.config.stuck_peer_s,
+                cooldown=self.config.stuck_peer_cooldown_s,
+            )
+            self.router.on_stuck = self._on_stuck
         except TransportError:  # e.g. the port is taken: free what startup took, so a retry can start clean
             self.guard.close()
             self._release_ctx()
@@ -211,6 +221,7 @@ class Broker:
         if self.metrics_server is not None:
             await self.metrics_server.close()
         self.metrics.close()
+        self.meter.report(final=True)
         await self.background.cancel(deadline)
         if self.endpoint is not None:
             self.endpoint.close()
@@ -225,8 +236,8 @@ class Broker:
     # --- the receive loop ---------------------------------------------------------------------------------------
 
     async def _on_message(self, inc: Incoming) -> None:
-        """One message from the socket, past the rate limit and the keys' rules."""
-        if not await self._admit(inc.peer, inc.msg.TYPE):
+        """One message from the socket: metered, then past the keys' rules, then handled."""
+        if not await self.meter.admit(inc.peer, inc.user, inc.msg, inc.size):
             return
         refusal = self.guard.refusal(inc)
         if refusal is not None:
@@ -235,30 +246,38 @@ class Broker:
         await self._handle(inc.peer, inc.msg, inc.payload, inc.user)
 
     async def _refuse(self, peer: bytes, inc: Incoming | None, exc: Exception) -> None:
-        """A message that could not be decoded or handled: the peer hears why; a bug costs one message."""
+        """A message that could not be decoded or handled: the peer hears why (once per burst); a bug costs one
+        message."""
         if inc is None:
-            if await self._admit(peer, "bad_message"):
-                log.warning("bad message refused", peer=peer, reason=str(exc))
-                await self.outbox.send_error(peer, "bad_message", str(exc))
-        elif isinstance(exc, PeerUnreachable):  # our answer found the peer reconnecting: not a refusal
+            user, size = getattr(exc, "user", ""), getattr(exc, "size", 0)
+            if await self.meter.admit(peer, user, None, size):
+                await self.meter.refuse(peer, user, "bad_message", str(exc))
+        elif isinstance(exc, PeerUnreachable):  # our answer found the peer reconnecting or not reading
             log.debug("answer lost: the peer is reconnecting", peer=peer, type=inc.msg.TYPE, reason=str(exc))
         elif isinstance(exc, FedbusError):
-            log.warning("message refused", peer=peer, type=inc.msg.TYPE, reason=str(exc))
-            self.guard.refused(str(exc), peer=peer, user=inc.user, type=inc.msg.TYPE)
-            await self.outbox.send_error(peer, "refused", str(exc), inc.msg.TYPE)
+            await self.meter.refuse(peer, inc.user, "refused", str(exc), inc.msg.TYPE)
         else:
-            log.error("message handler failed", peer=peer, type=inc.msg.TYPE, exc_info=exc)
-            await self.outbox.send_error(peer, "internal", "the broker failed to handle this message", inc.msg.TYPE)
+            reason = "the broker failed to handle this message"
+            if await self.meter.refuse(peer, inc.user, "internal", reason, inc.msg.TYPE, error=repr(exc)[:300]):
+                log.error("message handler failed", peer=peer, type=inc.msg.TYPE, exc_info=exc)
 
-    async def _admit(self, peer: bytes, msg_type: str) -> bool:
-        """The request-rate limit: a peer over it is told so once per burst and its messages are dropped."""
-        if self.limits.admit(peer, msg_type, time.monotonic()):
-            return True
-        if self.limits.first_refusal(peer):
-            rate = self.config.max_requests_per_s
-            log.warning("peer over its request rate: refusing", peer=peer, type=msg_type[:32], limit_per_s=rate)
-            await self.outbox.send_error(peer, "rate_limited", f"over {rate:g} requests/s: slow down", msg_type)
-        return False
+    async def _answer(self, peer: bytes, code: str, reason: str, ref: str) -> None:
+        await self.outbox.send_error(peer, code, reason, ref)
+
+    def _holds(self, peer: bytes, sid: int) -> bool:
+        return self.hub is not None and self.hub.holds(peer, sid)
+
+    def _on_stuck(self, peer: bytes) -> None:
+        """The ROUTER cut ``peer`` off (its queue stayed full): forget it, on the loop, after the send that found it."""
+        asyncio.get_running_loop().call_soon(self._cut_off, peer)
+
+    def _cut_off(self, peer: bytes) -> None:
+        why = f"it did not read: its queue stayed full for {self.config.stuck_peer_s:g} s"
+        self.meter.cut_off(peer, why)
+        self.registry.admins.discard(peer)
+        if self.hub is not None:
+            self.hub.abort_peer(peer, f"cut off: {why}")
+        self._site_gone(peer, f"cut off: {why}")
 
     async def _handle(self, peer: bytes, msg: Message, payload: list[memoryview], user: str = "") -> None:
         now = time.monotonic()
@@ -274,7 +293,7 @@ class Broker:
             assert self.hub is not None
             # A site's stream traffic counts as a sign of life: it skips heartbeats while it sends.
             if self.registry.seen(peer, now) is None and peer not in self.registry.admins:
-                await self.outbox.send_error(peer, "hello_required", "say hello first", msg.TYPE)
+                await self.meter.refuse(peer, user, "hello_required", "say hello first", msg.TYPE)
                 return
             if isinstance(msg, End) and self.registry.by_peer(peer) is not None:  # a site's: the audit's digest
                 self.uploads.note_end(peer, msg)
@@ -282,7 +301,7 @@ class Broker:
             return
         site = self.registry.seen(peer, now)
         if site is None:
-            await self.outbox.send_error(peer, "hello_required", "unknown peer: say hello first", msg.TYPE)
+            await self.meter.refuse(peer, user, "hello_required", "unknown peer: say hello first", msg.TYPE)
             return
         if peer in self._rebound:  # back after a rebind: what was in flight is lost, so resume streams now
             self._rebound.discard(peer)
@@ -301,12 +320,11 @@ class Broker:
             raise PeerError(site.name, f"unexpected message type {msg.TYPE!r} from a site")
 
     async def _unauthorized(self, inc: Incoming, reason: str) -> None:
-        """A message the keys do not allow: refused, audited, and a site record it claimed is dropped."""
-        log.warning("message refused: not authorized", peer=inc.peer, user=inc.user, reason=reason)
-        self.guard.refused(reason, peer=inc.peer, user=inc.user, type=inc.msg.TYPE)
+        """A message the keys do not allow: refused and audited (once per burst), and a site record it claimed is
+        dropped."""
         if self.registry.by_peer(inc.peer) is not None:  # revoked, or its route taken over: gone either way
             self._site_gone(inc.peer, reason)
-        await self.outbox.send_error(inc.peer, "unauthorized", reason, inc.msg.TYPE)
+        await self.meter.refuse(inc.peer, inc.user, "unauthorized", reason, inc.msg.TYPE)
 
     async def _revoke(self, names: list[str]) -> None:
         """Keys just revoked: their sites are gone now, and every connection is closed so that each peer
@@ -359,6 +377,7 @@ class Broker:
             seen_until = self.endpoint.drained_at if backlogged else time.monotonic()
             for rec in self.registry.expire(seen_until):
                 self._site_gone(rec.peer, "heartbeat timeout", rec.name)
+            self.meter.report()
             revoked = self.guard.revoked_now()
             if revoked:
                 await self._revoke(revoked)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -132,6 +133,13 @@ class Authenticator:
         self.participants = participants
         self.on_refuse = on_refuse
         self.sock: zmq.asyncio.Socket | None = None
+        self._cooling: dict[str, float] = {}  # participant name -> refused until (time.monotonic())
+        self._reported: dict[str, float] = {}  # participant name -> the cool-down whose refusal was reported
+
+    def refuse_for(self, name: str, seconds: float) -> None:
+        """Refuse participant ``name``'s key for ``seconds`` (the broker cut one of its connections off: it did
+        not read). The first connection refused in that time is reported; the rest, a reconnect storm, silently."""
+        self._cooling[name] = time.monotonic() + seconds
 
     def start(self) -> None:
         """Bind the ZAP endpoint; must happen before the ROUTER binds (else libzmq has nobody to ask)."""
@@ -167,6 +175,16 @@ class Authenticator:
             return self._refuse(rid, "unknown key", address=addr, key=key)
         if p.revoked:
             return self._refuse(rid, "revoked key", address=addr, key=key, name=p.name)
+        until = self._cooling.get(p.name)
+        if until is not None:
+            if time.monotonic() < until:
+                reason = "cooling down: a connection of this key did not read"
+                if self._reported.get(p.name) != until:  # once per cool-down
+                    self._reported[p.name] = until
+                    return self._refuse(rid, reason, address=addr, key=key, name=p.name)
+                return [ZAP_VERSION, rid, b"400", reason.encode(), b"", b""]
+            del self._cooling[p.name]
+            self._reported.pop(p.name, None)
         return [ZAP_VERSION, rid, b"200", b"OK", p.name.encode(), b""]
 
     def _refuse(self, rid: bytes, reason: str, **details: Any) -> list[bytes]:

@@ -385,6 +385,11 @@ class StreamHub:
         if outbox is not None:
             outbox.put_nowait(msg)
 
+    def holds(self, peer: bytes, sid: int) -> bool:
+        """Whether stream ``sid`` with ``peer`` is open here, either way (its traffic is credit-bounded)."""
+        key = (peer, sid)
+        return key in self._incoming or key in self._outgoing or key in self._accepting
+
     async def reoffer_all(self, peer: bytes | None = None) -> None:
         """After a reconnect: offer every outgoing stream (to ``peer``) again. A receiver that still holds one
         answers with the offset to resume from; one that never heard of it (the offer found no connection)
