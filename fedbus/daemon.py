@@ -6,6 +6,14 @@ Life cycle (uvicorn's shape). ``Lifecycle.run()`` (the CLI: blocks until a signa
 forces the exit (``force_exit`` is set and the daemon's ``on_force_exit`` runs). ``async with lifecycle``
 serves in the background of the caller's loop (tests, SimEnv) and shuts down on leaving.
 
+A signal ends the process under any load. The handler is a Python signal handler (``signal.signal``), which the
+interpreter runs between two bytecodes of the main thread even while the event loop is busy, not a callback
+of the loop (``add_signal_handler``), which a loop that never comes back to its selector never runs. It hands
+the exit to the loop and starts a watchdog thread: a loop that has not taken the signal up within
+``STUCK_S``, or a shutdown that outlasts its deadline by ``STUCK_S``, ends the process (``on_force_exit``,
+then ``os._exit``). The loop is not expected to be stuck (no send waits on a peer: ``fedbus.transport``); the
+watchdog is the bound if it ever is.
+
 Receive loop. ``answer_messages`` is the one reader of an endpoint: every message goes to the handler; an
 undecodable one (``BadMessage``), or one whose handling raised an error the daemon answers, goes to its
 ``refuse`` callback, and the loop goes on: nothing a peer sends ends it.
@@ -15,16 +23,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, Protocol
 
 from fedbus._memory import tune_malloc
 from fedbus.errors import FedbusError
+from fedbus.log import get_logger
 from fedbus.transport.context import Context
 from fedbus.transport.endpoint import BadMessage, Endpoint, Incoming, daemon_context
 
+log = get_logger("daemon")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STUCK_S = 1.0
+"""Seconds a daemon's loop has to take a signal up (and, after its shutdown deadline, to finish) before the
+watchdog ends the process."""
 
 
 class Service(Protocol):
@@ -53,6 +68,9 @@ class Lifecycle:
         self.force_exit = False
         self.started = asyncio.Event()
         self._serving: asyncio.Task[None] | None = None
+        self._acked = threading.Event()  # the loop took a signal up
+        self._stopped = threading.Event()  # shutdown is over
+        self._watchdog: threading.Thread | None = None
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM. The process is the daemon's own, so its allocator is tuned for it (not when
@@ -64,21 +82,42 @@ class Lifecycle:
         await self.service.startup()
         self.started.set()
         loop = asyncio.get_running_loop()
+        previous: dict[int, Any] = {}
         if install_signals:
             for sig in SIGNALS:
-                loop.add_signal_handler(sig, self.handle_exit)
+                previous[sig] = signal.signal(sig, lambda _sig, _frame: self._signalled(loop))
         try:
             await self.service.main_loop()
         finally:
             try:
                 await self.service.shutdown(self.shutdown_deadline)
             finally:
-                if install_signals:
-                    for sig in SIGNALS:
-                        loop.remove_signal_handler(sig)
+                self._stopped.set()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    def _signalled(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A signal, in the main thread between two bytecodes: the loop is asked to exit, and watched."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: the process is ending anyway
+            loop.call_soon_threadsafe(self.handle_exit)
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="fedbus-exit-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        """End the process if the loop does not take the signal up, or its shutdown outlasts the deadline."""
+        if self._acked.wait(STUCK_S) and self._stopped.wait(self.shutdown_deadline + STUCK_S):
+            return
+        log.error("the daemon did not stop in time: exiting now", stuck_s=STUCK_S)
+        try:
+            if self.on_force_exit is not None:
+                self.on_force_exit()
+        finally:
+            os._exit(1)
 
     def handle_exit(self) -> None:
         """A signal: the first asks for a graceful shutdown, a second forces it."""
+        self._acked.set()
         if self.should_exit.is_set():
             self.force_exit = True
             if self.on_force_exit is not None:

@@ -111,6 +111,8 @@ class Meter:
                 peer=peer[:80],
                 user=user,
                 type=msg_type[:32],
+                code=code,
+                count=1,
                 reason=reason[:300],
                 **log_fields,
             )
