@@ -127,3 +127,42 @@ async def test_dealer_send_waits_a_bounded_time_for_a_peer_that_never_reads() ->
         dealer.close()
         sink.close(0)
         ctx.destroy(linger=0)
+
+
+@pytest.mark.asyncio
+async def test_a_script_that_never_reads_cannot_hold_its_site(tmp_path) -> None:
+    """The site's link (a ROUTER on ipc, ``SiteFolder.bind_link``) answering every message of a script that
+    floods it and never reads: the answers that do not fit are dropped, the script is cut off, the loop runs."""
+    from fedbus.daemon import answer_messages
+    from fedbus.protocol.messages import Error
+    from fedbus.transport.link import LinkSocket
+
+    ctx = zmq.asyncio.Context()
+    link = RouterEndpoint.bind(ctx, f"ipc://{tmp_path}/link.sock", hwm=100, stuck_after=0.3)
+    stuck: list[bytes] = []
+    link.on_stuck = stuck.append
+
+    async def answer(inc) -> None:  # what the runner does with a message it refuses: answers it
+        await link.send(inc.peer, Error("refused", "x" * 4000))
+
+    async def refuse(peer, inc, exc) -> None:  # a dropped answer: the runner logs it and reads on
+        assert isinstance(exc, PeerOverflow)
+
+    server = asyncio.ensure_future(answer_messages(link, answer, refuse, answered=(PeerOverflow,)))
+    script = LinkSocket(link.address, send_timeout=5.0)
+    script.sock.setsockopt(zmq.RCVHWM, 1)
+    try:
+        async with asyncio.timeout(30):
+            i = 0
+            while not stuck:
+                i += 1
+                script.send_now(encode(Heartbeat(), i))
+                if i % 100 == 0:
+                    await asyncio.sleep(0.01)  # the loop serves the link meanwhile
+        assert link.overflow.cut_off_total == 1 and not server.done()
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        script.close()
+        link.close()
+        ctx.destroy(linger=0)
