@@ -57,3 +57,19 @@ def test_a_long_burst_is_reported_every_so_often_and_kinds_are_apart() -> None:
     reported += sum(b.unreported for b in r.flush() if b.code == "rate_limited")
     assert reported == 3000
     assert r.flush() == []
+
+
+def test_the_profile_keeps_credited_chunks_under_the_peer_queue() -> None:
+    import pytest
+
+    from fedbus.config import SITE_WINDOW_MB, BrokerConfig
+    from fedbus.errors import ConfigError
+    from fedbus.transport.streams import DEFAULT_WINDOW
+
+    assert SITE_WINDOW_MB << 20 == DEFAULT_WINDOW  # the window a site grants a download
+    assert BrokerConfig(chunk_mb=0.0625).peer_queue == 10_000  # 8 streams x 1,024 chunks + 100 fit the default
+    BrokerConfig(chunk_mb=1, max_streams_per_peer=1, peer_queue=200)
+    with pytest.raises(ConfigError, match=r"peer_queue \(200\) must be >= 612"):
+        BrokerConfig(chunk_mb=1, max_streams_per_peer=8, peer_queue=200)
+    with pytest.raises(ConfigError, match="max_mb_per_s"):
+        BrokerConfig(max_mb_per_s=0)
