@@ -93,8 +93,8 @@ class Lifecycle:
                 await self.service.shutdown(self.shutdown_deadline)
             finally:
                 self._stopped.set()
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
     def _signalled(self, loop: asyncio.AbstractEventLoop) -> None:
         """A signal, in the main thread between two bytecodes: the loop is asked to exit, and watched."""

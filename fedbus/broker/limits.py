@@ -15,8 +15,9 @@ A message larger than the byte burst is let through when the bucket is full, lea
 is refused for its size alone (size caps are the envelope's and the transport's), it only waits longer.
 
 Refusals come in bursts (a flooder's): ``Refusals`` keeps one record per burst of one peer and kind, so that the
-caller logs, audits and answers the first refusal of a burst and, when the burst ends (quiet for ``gap``
-seconds) or has gone on ``report_every`` seconds, writes one record with the count since.
+caller logs and audits the first refusal of a burst and, when the burst ends (quiet for ``gap`` seconds) or has
+gone on ``report_every`` seconds, writes one record with the count since; it answers the first, and then one
+a second.
 
 Memory is bounded too: a peer identity is whatever a peer says it is, so buckets of peers that have been
 quiet long enough to be full again are forgotten once more than ``max_peers`` are known.
@@ -183,6 +184,7 @@ class Burst:
     reported: int = 1
     """Of them, how many a record has covered (the first refusal is reported as it happens)."""
     reported_at: float = 0.0
+    answered_at: float = 0.0
 
     @property
     def unreported(self) -> int:
@@ -195,8 +197,11 @@ class Refusals:
     seconds) and long ones (every ``report_every`` seconds), so that a flood of N refusals is a handful of
     records whose counts add up to N."""
 
-    def __init__(self, *, gap: float = 1.0, report_every: float = 30.0, max_open: int = 10_000) -> None:
+    def __init__(
+        self, *, gap: float = 1.0, report_every: float = 30.0, answer_every: float = 1.0, max_open: int = 10_000
+    ) -> None:
         self.gap = gap
+        self.answer_every = answer_every
         self.report_every = report_every
         self.max_open = max_open
         self._open: OrderedDict[tuple[bytes, str, str], Burst] = OrderedDict()
@@ -207,9 +212,12 @@ class Refusals:
 
     def refuse(
         self, key: bytes, code: str, now: float, *, peer: bytes = b"", user: str = "", reason: str = "", type: str = ""
-    ) -> bool:
+    ) -> tuple[bool, bool]:
         """Count one refusal of ``key``'s (whose budget: ``peer``, the routing id, is kept for the record) of this
-        ``code`` and message ``type``; True when it begins a burst (the caller logs, audits and answers it)."""
+        ``code`` and message ``type``. Returns (first, answer): whether it begins a burst (the caller logs and
+        audits it) and whether to answer it: the first of a burst, then at most one every ``answer_every``
+        seconds, so that a peer whose answer was lost (it was reconnecting) still hears, say, that it must
+        say hello again, and a flooder hears once a second."""
         self.total[code] = self.total.get(code, 0) + 1
         bkey = (key, code, type[:32])
         burst = self._open.get(bkey)
@@ -217,14 +225,19 @@ class Refusals:
             burst.count += 1
             burst.last = now
             self._open.move_to_end(bkey)
-            return False
+            if now - burst.answered_at < self.answer_every:
+                return False, False
+            burst.answered_at = now
+            return False, True
         if burst is not None:  # a burst that ended unnoticed by ``due``: its rest is reported with the next one
             self._open.pop(bkey)
-        self._open[bkey] = Burst(peer or key, user, code, reason[:500], type[:32], now, now, reported_at=now)
+        self._open[bkey] = Burst(
+            peer or key, user, code, reason[:500], type[:32], now, now, reported_at=now, answered_at=now
+        )
         self.bursts[code] = self.bursts.get(code, 0) + 1
         while len(self._open) > self.max_open:  # made-up routing ids: the oldest burst goes unreported
             self._open.popitem(last=False)
-        return True
+        return True, True
 
     def due(self, now: float) -> list[Burst]:
         """Bursts to report now (each returned with ``unreported`` > 0, then marked reported): ended ones are

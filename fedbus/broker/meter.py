@@ -8,8 +8,9 @@ charged one message and the message's bytes, unless the message belongs to a mod
 connections it opens), else its routing id. Messages over budget are dropped.
 
 Refusals (over budget, unauthorized, undecodable, no hello yet, refused by a handler) all go through
-``refuse``: counted by (peer, code) into bursts (``fedbus.broker.limits.Refusals``); the first refusal of a
-burst is logged, audited and answered, later ones only counted, and ``report`` (called at the heartbeat
+``refuse``: counted by (peer, code, type) into bursts (``fedbus.broker.limits.Refusals``); the first refusal of
+a burst is logged, audited and answered, later ones counted and answered once a second (a peer whose answer was
+lost, reconnecting, still hears that it must say hello), and ``report`` (called at the heartbeat
 period) writes one log line and one audit record per burst with the count since, so that N refusals cost a
 handful of lines whose ``count`` fields add up to N. A handler's refusal of an authorized request
 (code ``refused``) is answered every time, since an admin waits for its answer; the peer's budget bounds those.
@@ -101,9 +102,11 @@ class Meter:
         self, peer: bytes, user: str, code: str, reason: str, msg_type: str = "", **log_fields: Any
     ) -> bool:
         """One refusal: the first of a burst is logged, audited (codes in ``AUDITED``) and answered; later ones are
-        counted (and answered only for codes in ``REPLY_EACH``). Returns whether it was the first."""
+        counted, and answered once a second (every time for codes in ``REPLY_EACH``). Returns whether it was the
+        first."""
         key = self.key(peer, user)
-        first = self.refusals.refuse(key, code, time.monotonic(), peer=peer, user=user, reason=reason, type=msg_type)
+        now = time.monotonic()
+        first, answer = self.refusals.refuse(key, code, now, peer=peer, user=user, reason=reason, type=msg_type)
         if first:
             level = log.info if code == "hello_required" else log.warning
             level(
@@ -118,7 +121,7 @@ class Meter:
             )
             if code in AUDITED:
                 self.guard.refused(reason, peer=peer, user=user, type=msg_type, code=code, count=1)
-        if first or code in REPLY_EACH:
+        if answer or code in REPLY_EACH:
             await self.answer(peer, code, reason, msg_type)
         return first
 

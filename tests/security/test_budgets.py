@@ -1,8 +1,17 @@
-"""Per-peer budgets and refusal bursts (``fedbus.broker.limits``): pure logic, the clock passed in."""
+"""Per-peer budgets and refusal bursts (``fedbus.broker.limits``), the profile's checks of them, ZAP's cool-down:
+pure logic, no sockets."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
 from fedbus.broker.limits import PeerLimits, Refusals
+from fedbus.config import SITE_WINDOW_MB, BrokerConfig
+from fedbus.errors import ConfigError
+from fedbus.transport.curve import ZAP_VERSION, Authenticator, curve_keypair, decode_z85
+from fedbus.transport.streams import DEFAULT_WINDOW
 
 
 def test_every_message_counts_but_open_stream_traffic() -> None:
@@ -37,13 +46,14 @@ def test_budgets_of_quiet_peers_are_forgotten_when_too_many() -> None:
 
 def test_a_flood_of_refusals_is_a_few_records_whose_counts_add_up() -> None:
     r = Refusals(gap=1.0, report_every=10.0)
-    firsts = [r.refuse(b"p", "unauthorized", i * 0.001, reason="wrong routing id") for i in range(20_000)]
-    assert firsts.count(True) == 1 and firsts[0]
+    told = [r.refuse(b"p", "unauthorized", i * 0.001, reason="wrong routing id") for i in range(20_000)]
+    assert [first for first, _ in told].count(True) == 1 and told[0] == (True, True)
+    assert sum(answer for _, answer in told) == 20  # the first, then one a second
     assert r.due(5.0) == []  # a 20 s flood at 1,000/s, read at 5 s: not over, nor reported yet
     long = r.due(25.0)  # quiet since 19.999: the burst ended
     assert [(b.code, b.unreported, b.count) for b in long] == [("unauthorized", 19_999, 20_000)]
     assert r.due(30.0) == [] and r.total == {"unauthorized": 20_000} and r.bursts == {"unauthorized": 1}
-    assert r.refuse(b"p", "unauthorized", 40.0)  # a new burst
+    assert r.refuse(b"p", "unauthorized", 40.0) == (True, True)  # a new burst
 
 
 def test_a_long_burst_is_reported_every_so_often_and_kinds_are_apart() -> None:
@@ -53,19 +63,13 @@ def test_a_long_burst_is_reported_every_so_often_and_kinds_are_apart() -> None:
         now = i * 0.01
         r.refuse(b"p", "rate_limited", now)
         reported += sum(b.unreported for b in r.due(now))
-    assert r.refuse(b"p", "bad_message", 30.0)  # another kind: its own burst
+    assert r.refuse(b"p", "bad_message", 30.0)[0]  # another kind: its own burst
     reported += sum(b.unreported for b in r.flush() if b.code == "rate_limited")
     assert reported == 3000
     assert r.flush() == []
 
 
 def test_the_profile_keeps_credited_chunks_under_the_peer_queue() -> None:
-    import pytest
-
-    from fedbus.config import SITE_WINDOW_MB, BrokerConfig
-    from fedbus.errors import ConfigError
-    from fedbus.transport.streams import DEFAULT_WINDOW
-
     assert SITE_WINDOW_MB << 20 == DEFAULT_WINDOW  # the window a site grants a download
     assert BrokerConfig(chunk_mb=0.0625).peer_queue == 10_000  # 8 streams x 1,024 chunks + 100 fit the default
     BrokerConfig(chunk_mb=1, max_streams_per_peer=1, peer_queue=200)
@@ -73,3 +77,18 @@ def test_the_profile_keeps_credited_chunks_under_the_peer_queue() -> None:
         BrokerConfig(chunk_mb=1, max_streams_per_peer=8, peer_queue=200)
     with pytest.raises(ConfigError, match="max_mb_per_s"):
         BrokerConfig(max_mb_per_s=0)
+
+
+def test_zap_refuses_a_cut_off_key_for_its_cool_down_and_reports_it_once() -> None:
+    public, _ = curve_keypair()
+    site = SimpleNamespace(name="site-2", revoked=False)
+    allow = SimpleNamespace(by_key={public.decode(): site}, refresh=lambda: [])
+    refused: list[str] = []
+    auth = Authenticator(None, allow, lambda reason, details: refused.append(reason))  # type: ignore[arg-type]
+    request = [ZAP_VERSION, b"1", b"fedbus", b"127.0.0.1", b"", b"CURVE", decode_z85(public)]
+    assert auth.answer(request)[2:5] == [b"200", b"OK", b"site-2"]
+    auth.refuse_for("site-2", 60.0)
+    assert [auth.answer(request)[2] for _ in range(3)] == [b"400"] * 3  # a reconnect storm: refused, ...
+    assert len(refused) == 1 and "cooling down" in refused[0]  # ... reported once
+    auth.refuse_for("site-2", -1.0)  # the cool-down is over
+    assert auth.answer(request)[2] == b"200"
