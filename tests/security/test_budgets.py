@@ -8,9 +8,12 @@ from types import SimpleNamespace
 import pytest
 
 from fedbus.broker.limits import PeerLimits, Refusals
+from fedbus.broker.meter import Meter
+from fedbus.broker.metrics import _hostile_peers, _Text
 from fedbus.config import SITE_WINDOW_MB, BrokerConfig
 from fedbus.errors import ConfigError
 from fedbus.transport.curve import ZAP_VERSION, Authenticator, curve_keypair, decode_z85
+from fedbus.transport.overflow import Overflow
 from fedbus.transport.streams import DEFAULT_WINDOW
 
 
@@ -92,3 +95,27 @@ def test_zap_refuses_a_cut_off_key_for_its_cool_down_and_reports_it_once() -> No
     assert len(refused) == 1 and "cooling down" in refused[0]  # ... reported once
     auth.refuse_for("site-2", -1.0)  # the cool-down is over
     assert auth.answer(request)[2] == b"200"
+
+
+def test_the_counters_are_in_the_metrics_under_their_names() -> None:
+    meter = Meter(BrokerConfig(max_requests_per_s=1.0, request_burst=1), SimpleNamespace(), answer=None)
+    meter.limits.check(b"p", "heartbeat", 0.0)
+    meter.limits.check(b"p", "heartbeat", 0.0)  # over the message budget
+    meter.refusals.refuse(b"p", "rate_limited", 0.0)
+    overflow = Overflow(stuck_after=0.0, cooldown=1e9)
+    overflow.full(b"site:a", 0.0)
+    text = _Text()
+    _hostile_peers(text, SimpleNamespace(meter=meter, router=SimpleNamespace(overflow=overflow)))
+    page = "\n".join(text.lines)
+    for line in (
+        'fedbus_refused_messages_total{code="rate_limited"} 1',
+        'fedbus_refusal_bursts_total{code="rate_limited"} 1',
+        'fedbus_over_budget_total{budget="messages"} 1',
+        "fedbus_send_dropped_total 1",
+        'fedbus_peer_send_dropped_total{peer="site:a"} 1',
+        "fedbus_peers_cut_off_total 1",
+        "fedbus_peers_cut_off 1",
+        "fedbus_cut_off_messages_total 0",
+        "fedbus_stream_messages_unmetered_total 0",
+    ):
+        assert line in page, line
