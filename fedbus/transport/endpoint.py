@@ -388,7 +388,10 @@ class RouterEndpoint(_ZmqEndpoint):
     all, which would punish every peer for one). What the cut-off peer holds is its queue, at most ``HWM``
     messages, and one connection; both go when it disconnects, and with CURVE it cannot connect again during
     the cool-down (the owner refuses its key in ZAP: ``fedbus.transport.curve.Authenticator.refuse_for``).
-    Its messages still arrive (libzmq reads them), and each costs one routing-id lookup here.
+    Its messages still arrive (libzmq reads them), and each costs one routing-id lookup here. (Considered: a
+    connection of our own under the peer's routing id makes ``ROUTER_HANDOVER`` terminate the peer's pipe, which
+    frees its queue and stops its messages, but its TCP connection stays, a CURVE broker would need a key of its
+    own in ZAP for it, and on plaintext the peer can take its id back the same way.)
     """
 
     routed = True
