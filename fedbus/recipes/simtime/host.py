@@ -277,11 +277,10 @@ class SiteHost:
                 self._ready(rec, msg, None)
             else:
                 self._expected[(rec.identity, msg.sid)] = msg
-        elif isinstance(msg, EndJob):
+        elif isinstance(msg, EndJob):  # every site of the job hears it: each drops its own task
             self.ended.add(msg.job_id)
-            for r in self.sites:
-                if r.task is not None and r.task.task.job_id == msg.job_id:
-                    r.task = None
+            if rec.task is not None and rec.task.task.job_id == msg.job_id:
+                rec.task = None
 
     async def _unpack(self, msg: Deploy, archive: bytes) -> JobCode:
         folder = self.workspace / "jobs" / msg.job_id

@@ -14,8 +14,7 @@ had one task. ``flare.system_info()`` gives the site's index and count, so the s
 the data. The session turns the result into what a site would upload (FULL or DIFF as the strategy asks, the
 weight from ``NUM_STEPS_CURRENT_ROUND``, SCAFFOLD's controls), in memory, without files.
 
-Either way the worker runs under ``torch.use_deterministic_algorithms(True, warn_only=True)`` semantics set by
-the simulator for the run; ``run_task`` never raises: a script's exception is the outcome's ``error``.
+``run_task`` never raises: a script's exception is the outcome's ``error``.
 """
 
 from __future__ import annotations
