@@ -58,6 +58,7 @@ from fedbus.recipes._threads import ScriptImports, ThreadLauncher
 from fedbus.recipes.simtime.availability import Availability
 from fedbus.recipes.simtime.backend import SimTimeBackend
 from fedbus.recipes.simtime.host import SiteRecord
+from fedbus.recipes.simtime.loop import SimClock
 from fedbus.recipes.simtime.pool import WorkerPool
 from fedbus.recipes.speed import SpeedProfile
 from fedbus.site import Site
@@ -167,6 +168,7 @@ class SimEnv:
         self.availability = availability
         self.seed = int(seed)
         self.pool = pool
+        self._clock: SimClock | None = None
         if clock == "real" and (availability is not None or pool is not None or bandwidth is not None):
             raise ConfigError("availability, bandwidth and pool need clock='simulated'")
 
@@ -176,13 +178,17 @@ class SimEnv:
             return execute(self._simulated(workspace), recipe, wait=wait, progress=self.progress)
         return execute(_SimBackend(self, workspace), recipe, wait=wait, progress=self.progress)
 
+    def sim_now(self) -> float:
+        """Simulated seconds of the current (or last) simulated run, 0 before one; safe from any thread."""
+        return self._clock.now if self._clock is not None else 0.0
+
     def _simulated(self, workspace: Path) -> SimTimeBackend:
         factors = self.factors or [1.0] * self.num_clients
         sites = [
             SiteRecord(name, i, speed=factors[i], bandwidth=self.bandwidths[i]) for i, name in enumerate(self.clients)
         ]
         events = self.availability.events(self.clients) if self.availability is not None else []
-        return SimTimeBackend(
+        backend = SimTimeBackend(
             workspace,
             sites,
             pool=self.pool,
@@ -191,6 +197,8 @@ class SimEnv:
             train_s=self.train_s,
             availability=events,
         )
+        self._clock = backend.clock
+        return backend
 
     def __repr__(self) -> str:
         shown = self.clients if len(self.clients) <= 10 else f"{len(self.clients)} sites"

@@ -34,8 +34,10 @@ from fedbus.transport.context import Context
 from fedbus.transport.memory import MemoryHub
 
 HEARTBEAT_S = 3600.0
-POLL_S = 30.0
-"""Simulated seconds between the recipe's status polls (each costs nothing but an admin request)."""
+POLL_S = 600.0
+"""Simulated seconds between the recipe's status polls. A poll costs no simulated time, and waiting for the next
+one after the job ended costs no wall time (the clock jumps), but each costs a status reply that lists every
+site of the job: few, long intervals."""
 
 
 class SimTimeBackend:
