@@ -74,19 +74,50 @@ def test_ten_thousand_registered_sites_cost_records_and_train_a_few_updates(tmp_
 
 @pytest.mark.timeout(60)
 def test_a_site_that_goes_away_loses_its_task_as_in_production(tmp_path: Path) -> None:
-    # site-3 leaves at 5 s, mid-task (tasks take 10 s), and is back at 25 s.
+    # site-3 leaves at 5 s, mid-task (tasks take 10 s), and is back at 25 s, in round 3 (20-30 s).
     trace = Availability.trace([(5.0, "site-3", 0), (25.0, "site-3", 1)])
     recipe = FedAvgRecipe("away", model(), script(tmp_path / "src"), min_clients=2, num_rounds=4)
     run = recipe.execute(_env(tmp_path / "ws", 3, availability=trace, train_s=10.0))
     assert run.status == "finished", run.reason
-    site3 = [u for u in run.updates if u["site"] == "site-3"]
-    lost = [u for u in site3 if not u["accepted"]]
-    assert lost == [] or all("left" in u.get("reason", "") for u in lost)
-    # Round 1 closed without site-3 (it left before answering); it had no task while away; back, it trains again.
-    by_round = {h["version"]: h["metrics"].get("strategy/num_updates") for h in run.history if h["version"] > 0}
-    assert by_round[1] == 2.0
-    assert any(u["accepted"] and u["version"] >= 2 for u in site3)
-    assert not any(5.0 <= t["sim_end"] < 25.0 for t in run.tasks if t["site"] == "site-3")
+    # Round 1 closed at 10 s with the two others: the broker declared site-3 gone and FedAvg dropped its task.
+    rounds = [(h["version"], h["sim_time"], h["metrics"].get("strategy/num_updates")) for h in run.history[1:]]
+    assert rounds == [(1, 10.0, 2.0), (2, 20.0, 2.0), (3, 30.0, 2.0), (4, 40.0, 3.0)]
+    # Back mid-round, it waits for the next round, as a site rejoining a real FedAvg job does.
+    site3 = [(u["version"], u["accepted"]) for u in run.updates if u["site"] == "site-3"]
+    assert site3 == [(3, 1)]
+    assert [(t["sim_start"], t["sim_end"]) for t in run.tasks if t["site"] == "site-3"] == [(30.0, 40.0)]
+
+
+CRASHING = """
+import fedbus.client as flare
+
+def run_task(site, model):
+    if site.name == "site-2":
+        raise RuntimeError("this site's script is broken")
+    return flare.FLModel(params=model.params, meta={"NUM_STEPS_CURRENT_ROUND": 1})
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_crashing_script_fails_its_task_and_drops_its_site(tmp_path: Path) -> None:
+    recipe = FedAvgRecipe("crash", model(), script(tmp_path / "src", CRASHING), min_clients=2, num_rounds=2)
+    run = recipe.execute(_env(tmp_path / "ws", 3, train_s=1.0))
+    assert run.status == "finished", run.reason
+    failed = [u for u in run.updates if u["site"] == "site-2"]
+    assert len(failed) == 1 and not failed[0]["accepted"] and "this site's script is broken" in failed[0]["reason"]
+    assert [h["metrics"].get("strategy/num_updates") for h in run.history[1:]] == [2.0, 2.0]
+
+
+@pytest.mark.timeout(60)
+def test_measured_training_time_scales_by_the_speed_factor(tmp_path: Path) -> None:
+    recipe = FedAvgRecipe("measured", model(), script(tmp_path / "src"), min_clients=2, num_rounds=1)
+    run = recipe.execute(_env(tmp_path / "ws", 2, train_s=None, speed=SpeedProfile.fixed([1.0, 1000.0])))
+    assert run.status == "finished", run.reason
+    by_site = {t["site"]: t for t in run.tasks}
+    slow, fast = by_site["site-2"], by_site["site-1"]
+    assert slow["sim_end"] - slow["sim_start"] == pytest.approx(1000.0 * slow["train_s"], rel=1e-3, abs=1e-5)
+    assert fast["sim_end"] - fast["sim_start"] == pytest.approx(fast["train_s"], rel=1e-3, abs=1e-5)
+    assert run.history[-1]["sim_time"] == pytest.approx(slow["sim_end"])
 
 
 @pytest.mark.timeout(60)

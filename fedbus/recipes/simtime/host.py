@@ -324,13 +324,12 @@ class SiteHost:
         if not rec.online or task.job_id in self.ended:
             return
         model = bytes(received.raw.numpy()) if received is not None else None
-        job = self.jobs[task.job_id].result()
         plain = task.task_id.rsplit(".", 1)[0]
         site_task = SiteTask(
             job_id=task.job_id,
             task_id=task.task_id,
             site=rec.name,
-            index=job_site_index(rec, job),
+            index=rec.index,  # its data partition: the site's place among the simulated sites
             kind=task.kind,
             version=task.version,
             round=task.round,
@@ -412,8 +411,3 @@ class SiteHost:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def job_site_index(rec: SiteRecord, job: JobCode) -> int:
-    """The site's index in the job (its data partition): its index among the simulated sites."""
-    return rec.index

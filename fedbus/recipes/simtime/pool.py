@@ -130,4 +130,8 @@ class ThreadWorkerPool:
         return self._executor.submit(run_task, self.jobs[task.job_id], task)
 
     def close(self) -> None:
+        from fedbus.recipes.simtime.tasks import forget_job
+
         self._executor.shutdown(wait=True, cancel_futures=True)
+        for job_id in self.jobs:
+            forget_job(job_id)

@@ -85,6 +85,13 @@ class _Code:
                 self.module = module
 
     @classmethod
+    def forget(cls, job_id: str) -> None:
+        """Drop a job's loaded script (its pool closed)."""
+        with cls._lock:
+            for key in [k for k in cls._cache if k[0] == job_id]:
+                del cls._cache[key]
+
+    @classmethod
     def of(cls, job: JobCode) -> _Code:
         key = (job.job_id, job.folder)
         with cls._lock:
@@ -92,6 +99,11 @@ class _Code:
             if code is None:
                 code = cls._cache[key] = cls(job)
             return code
+
+
+def forget_job(job_id: str) -> None:
+    """Forget what ``run_task`` loaded for a job (a pool calls it when it closes)."""
+    _Code.forget(job_id)
 
 
 def run_task(job: JobCode, task: SiteTask) -> TaskOutcome:
