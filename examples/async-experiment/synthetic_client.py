@@ -47,7 +47,7 @@ def local_sgd(
             with torch.no_grad():
                 w -= args.lr * gw
                 b -= args.lr * gb
-            losses.append(float(loss))
+            losses.append(loss.item())
             steps += 1
     return {"linear.weight": w.detach(), "linear.bias": b.detach()}, steps, float(np.mean(losses)) if losses else 0.0
 
