@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedbus.errors import FedbusError, PeerUnreachable
+from fedbus.errors import FedbusError, PeerUnreachable, RemoteProtocolError
 from fedbus.jobs import unpack_job
 from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink, Received
@@ -257,6 +257,8 @@ class SiteHost:
                     await self._on_broker(rec, inc.msg, inc.payload)
                 except FedbusError as exc:
                     log.warning("simulated site refused a broker message", site=rec.name, reason=str(exc))
+                except Exception:  # a bug here must not stall every site: say so loudly and go on
+                    log.error("simulated site failed on a broker message", site=rec.name, exc_info=True)
             self._waiter = loop.create_future()
             try:
                 await self._waiter
@@ -270,7 +272,10 @@ class SiteHost:
             if msg.job_id not in self.jobs:
                 self.jobs[msg.job_id] = asyncio.ensure_future(self._unpack(msg, bytes(payload[0])))
         elif isinstance(msg, Task):
-            await self.jobs[msg.job_id]
+            job = self.jobs.get(msg.job_id)
+            if job is None:
+                raise RemoteProtocolError(f"task for job {msg.job_id[:80]!r}, which was not deployed here")
+            await job
             if msg.job_id in self.ended or not rec.online:
                 return
             if msg.sid is None:
