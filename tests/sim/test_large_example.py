@@ -1,4 +1,4 @@
-"""The async experiment's large mode (``run.py --large``), shrunk: both strategies on simulated time, reproducible."""
+"""The async experiment's large mode (``run.py --large``), shrunk: both strategies on simulated time."""
 
 from __future__ import annotations
 
@@ -18,14 +18,10 @@ def test_the_large_mode_compares_both_strategies_on_simulated_hours(tmp_path: Pa
     path = list(sys.path)
     try:
         first = large.main([*argv, "--out", str(tmp_path / "a")])  # type: ignore[attr-defined]
-        second = large.main([*argv, "--out", str(tmp_path / "b")])  # type: ignore[attr-defined]
     finally:
         sys.path[:] = path
     for name in ("fedavg", "fedbuff"):
         assert first[name]["status"] == "finished" and first[name]["updates"] > 0
-        assert {k: v for k, v in first[name].items() if k != "wall_s"} == {
-            k: v for k, v in second[name].items() if k != "wall_s"
-        }
     assert first["fedbuff"]["versions"] > first["fedavg"]["versions"]  # no barrier: many more versions per hour
     rows = list(csv.DictReader((tmp_path / "a" / "metrics-large.csv").read_text().splitlines()))
     assert {r["strategy"] for r in rows} == {"fedavg", "fedbuff"}
