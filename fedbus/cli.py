@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="0-19",
         help="niceness of the simulator processes (they stand in for other machines; 0: equal shares)",
     )
+    sm = bsub.add_parser("sim", help="SimEnv on simulated time: overhead per update, updates/s, RSS at many sites")
+    sm.add_argument("--sites", type=_positive_int, nargs="+", default=[1000, 10000])
+    sm.add_argument("--size-kb", type=_positive_float, default=100)
+    sm.add_argument("--updates", type=_positive_int, default=2000)
+    sm.add_argument("--workers", type=_positive_int, default=2)
     fz = bsub.add_parser("fuzz", help="hostile generated input for every trust boundary, and a real broker socket")
     fz.add_argument("--inputs", type=_positive_int, default=100_000)
     fz.add_argument("--seed", type=int, default=0)
@@ -270,6 +275,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             report = run_scale(
                 args.sites, args.size_kb, args.seconds, args.procs, args.buffer, args.heartbeat_s, args.sim_nice
             )
+        elif args.bench == "sim":
+            from fedbus.bench.sim import run_sim
+
+            report = run_sim(tuple(args.sites), args.size_kb, args.updates, args.workers)
         elif args.bench == "fuzz":
             from fedbus.bench.fuzz import run_fuzz
 

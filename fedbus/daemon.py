@@ -198,3 +198,19 @@ class Background:
             task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), deadline)
+
+
+SIM_TIME_KEY = "sim/time_s"
+"""The metric a global version carries, on a simulated clock, with the simulated time it was published at."""
+
+
+def loop_now() -> float:
+    """The daemons' clock: the running loop's time. On the standard loop that is ``time.monotonic()``; on a
+    simulated loop (``fedbus.recipes.simtime``) it is simulated seconds, so deadlines, liveness and the ``now``
+    a strategy gets all follow the simulated clock without a second implementation."""
+    return asyncio.get_running_loop().time()
+
+
+def loop_is_simulated() -> bool:
+    """Whether the running loop's time is simulated (the loop says so with a ``simulated`` attribute)."""
+    return bool(getattr(asyncio.get_running_loop(), "simulated", False))

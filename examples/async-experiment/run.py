@@ -2,6 +2,7 @@
 
     python examples/async-experiment/run.py --quick          # about 70 s on 2 cores
     python examples/async-experiment/run.py                  # the full run, about 3 minutes
+    python examples/async-experiment/run.py --large          # 1,000 sites on simulated time (large.py)
 
 Both strategies start from the same seeded MLP, run the same ``client.py`` over the same Dirichlet(alpha)
 partition of the digits on ``--sites`` simulated sites, with the same lognormal per-site slowdowns
@@ -303,4 +304,9 @@ def run_both(args: argparse.Namespace) -> dict[str, Curve]:
 
 
 if __name__ == "__main__":
-    main()
+    if "--large" in sys.argv[1:]:
+        import large
+
+        large.main([a for a in sys.argv[1:] if a != "--large"])
+    else:
+        main()

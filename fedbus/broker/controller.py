@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,7 +46,7 @@ from fedbus.broker.job_streams import Bus, InFlight, JobStreams
 from fedbus.broker.kept import keep_update, restore_kept
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.store import JobStore
-from fedbus.daemon import Background
+from fedbus.daemon import SIM_TIME_KEY, Background, loop_is_simulated, loop_now
 from fedbus.errors import FedbusError
 from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink
@@ -147,7 +146,7 @@ class JobController:
     def start(self, model: Mapping[str, torch.Tensor], sites: list[str], version: int = 0) -> None:
         self.sites = list(sites)
         self.log.info("job started", sites=sites, version=version, strategy=type(self.strategy).__name__)
-        actions = self.strategy.start(model, sites, time.monotonic(), version=version)
+        actions = self.strategy.start(model, sites, loop_now(), version=version)
         # Stream the strategy's own copy, so the caller's model can be freed.
         self.streams.serve(self.strategy.model, self.strategy.version)
         self._run(actions)
@@ -169,13 +168,13 @@ class JobController:
 
     def site_joined(self, site: str) -> None:
         if site in self.sites and self.state == "running":
-            now = time.monotonic()  # the event's time, though the call may wait behind a decision
+            now = loop_now()  # the event's time, though the call may wait behind a decision
             self._decide(lambda: self.strategy.site_joined(site, now))
 
     def site_left(self, site: str, why: str) -> None:
         if site in self.sites and self.state == "running":
             self.log.warning("site left", site=site, reason=why)
-            now = time.monotonic()
+            now = loop_now()
             self._decide(lambda: self.strategy.site_left(site, now))
 
     def on_result(self, peer: bytes, site: str, result: Result) -> None:
@@ -222,7 +221,7 @@ class JobController:
             self.store.record_update(self.job_id, task_id, site, -1, accepted=False, reason=reason)
             if self.metrics is not None:
                 self.metrics.refused(self.job_id, reason)
-            now = time.monotonic()
+            now = loop_now()
             plain = self.streams.plain(task_id)
             # blame only when false: a strategy written before the keyword still takes every other failure
             extra = {} if blame else {"blame": False}
@@ -248,7 +247,7 @@ class JobController:
             weight=result.weight,
             metrics=result.metrics,
         )
-        now = time.monotonic()
+        now = loop_now()
         return self._decide(lambda: self.strategy.on_update(update, now), heavy=heavy, update=update)
 
     # --- the strategy lane -----------------------------------------------------------------------------------
@@ -313,6 +312,8 @@ class JobController:
         if isinstance(action, Dispatch):
             self.streams.dispatch(action)
         elif isinstance(action, Publish):
+            if loop_is_simulated():  # the version's simulated time goes into its history beside the wall time
+                action = Publish(action.version, action.model, {**action.metrics, SIM_TIME_KEY: loop_now()})
             self.log.info("new global version", round=action.version, version=action.version, **_short(action.metrics))
             self.streams.publish(action)
         elif isinstance(action, Accepted):
@@ -393,13 +394,14 @@ class JobController:
             self._timer = None
         deadline = self.strategy.next_deadline
         if deadline is not None and self.state == "running":
-            delay = max(0.0, deadline - time.monotonic())
+            delay = max(0.0, deadline - loop_now())
             self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         if self.state == "running":
-            self._decide(lambda: self.strategy.tick(time.monotonic()))
+            now = loop_now()
+            self._decide(lambda: self.strategy.tick(now))
 
     async def close(self) -> None:
         if self._timer is not None:

@@ -83,8 +83,11 @@ class JobLauncher:
         return c
 
     async def start_waiting_jobs(self) -> None:
+        waiting = self.store.jobs(("waiting",))
+        if not waiting:  # every hello calls this: with thousands of sites, listing them is the cost
+            return
         online = self.registry.online()
-        for job in self.store.jobs(("waiting",)):
+        for job in waiting:
             if job["id"] in self.controllers or waiting_for(job, online) is not None:
                 continue
             spec = job["spec"]
@@ -157,13 +160,14 @@ class JobLauncher:
         spec, all_sites = job["spec"], job["sites"]
         archive = (self.store.job_dir(job_id) / "job.zip").read_bytes()
         c = self.controllers.get(job_id)
+        position = {site: i for i, site in enumerate(all_sites)}  # not all_sites.index: thousands of sites
         for name in sites:
             peer = self.registry.peer_of(name)
             if peer is None:
                 continue
             config = {
                 "name": spec["name"],
-                "site_index": all_sites.index(name),
+                "site_index": position[name],
                 "num_sites": len(all_sites),
                 "strategy": spec["strategy"],
                 "params_type": c.params_type if c else "FULL",

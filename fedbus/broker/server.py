@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedbus.broker.admin_requests import AdminRequests
 from fedbus.broker.controller import JobController
@@ -31,7 +32,7 @@ from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.broker.tracking import Tracking, check_lines, check_record
 from fedbus.broker.uploads import Uploads
 from fedbus.config import BrokerConfig, is_safe_name
-from fedbus.daemon import Background, Lifecycle, answer_messages, owned_context
+from fedbus.daemon import Background, Lifecycle, answer_messages, loop_now, owned_context
 from fedbus.errors import FedbusError, PeerError, PeerUnreachable, TransportError
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
@@ -60,8 +61,13 @@ log = get_logger("broker")
 class Broker:
     """The broker daemon; ``run()`` blocks (the CLI); ``async with Broker(cfg) as b`` serves in the background."""
 
-    def __init__(self, config: BrokerConfig, *, ctx: Context | None = None) -> None:
+    def __init__(
+        self, config: BrokerConfig, *, ctx: Context | None = None, endpoint_wrapper: Callable[[Any], Any] | None = None
+    ) -> None:
+        """``endpoint_wrapper``: the simulator's seam, given the bound socket's endpoint and returning the endpoint
+        the broker serves (``fedbus.recipes.simtime``: the socket for admins, an in-process hub for the sites)."""
         self.config = config
+        self.endpoint_wrapper = endpoint_wrapper
         self.guard = Guard(config, Path(config.workspace))
         # A secure broker gets a zmq context of its own unless given one: ZAP is one handler per context.
         self.ctx, self._release_ctx = owned_context(ctx, server=True, shared=not self.guard.secure)
@@ -153,7 +159,8 @@ class Broker:
             raise
         for coro in self.guard.tasks(self.router.sock):
             self.background.spawn(coro)
-        self.endpoint = CountingEndpoint(self.router, self.metrics)
+        inner = self.router if self.endpoint_wrapper is None else self.endpoint_wrapper(self.router)
+        self.endpoint = CountingEndpoint(inner, self.metrics)
         self.hub = StreamHub(
             self.endpoint,
             on_offer=self.uploads.on_offer,
@@ -280,7 +287,7 @@ class Broker:
         self._site_gone(peer, f"cut off: {why}")
 
     async def _handle(self, peer: bytes, msg: Message, payload: list[memoryview], user: str = "") -> None:
-        now = time.monotonic()
+        now = loop_now()
         if isinstance(msg, Hello):
             await self._hello(peer, msg, now, user)
             return
@@ -374,7 +381,7 @@ class Broker:
             await asyncio.sleep(self.config.heartbeat_s)
             assert self.endpoint is not None
             backlogged = self.endpoint.backlogged()  # then silence counts only up to when nothing was unread
-            seen_until = self.endpoint.drained_at if backlogged else time.monotonic()
+            seen_until = self.endpoint.drained_at if backlogged else loop_now()
             for rec in self.registry.expire(seen_until):
                 self._site_gone(rec.peer, "heartbeat timeout", rec.name)
             self.meter.report()

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -49,8 +49,8 @@ MAX_STATUS_MISSES = 3
 class LoopThread:
     """An asyncio event loop running in a daemon thread until ``stop``."""
 
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, name: str, factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop) -> None:
+        self.loop = factory()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -157,7 +157,8 @@ class Execution:
         self.recipe = recipe
         self.reporter = reporter
         self.started = started
-        self.loop = LoopThread(f"fedbus-{recipe.name}")
+        # A backend may run on a loop of its own kind (SimEnv's simulated clock: ``fedbus.recipes.simtime``).
+        self.loop = LoopThread(f"fedbus-{recipe.name}", getattr(backend, "loop_factory", asyncio.new_event_loop))
         self.ctx: Context | None = None
         self.admin: Admin | None = None
         self.job_id = ""

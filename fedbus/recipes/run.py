@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from fedbus.recipes._driver import Execution
 
 FINAL_STATES = ("finished", "failed", "aborted")
+SIM_TIME_KEY = "sim/time_s"
+"""On a simulated clock (``SimEnv(clock="simulated")``) each version's metrics carry its simulated time under this
+key; ``history`` entries then have ``sim_time`` (simulated seconds since the simulation began) beside ``time``."""
 SCAFFOLD_PREFIX = "scaffold.c."
 """SCAFFOLD's control variates travel with the global model under this prefix; ``Run.model`` leaves them out."""
 BEST_MODEL_FILE = "best_model.safetensors"
@@ -141,6 +144,9 @@ class Run:
         self.history = [
             {"version": h["version"], "time": round(h["time"] - t0, 3), "metrics": dict(h["metrics"])} for h in raw
         ]
+        if any(SIM_TIME_KEY in h["metrics"] for h in self.history):  # a simulated clock: its seconds beside the wall's
+            for h in self.history:
+                h["sim_time"] = float(h["metrics"].get(SIM_TIME_KEY, 0.0))
         self.updates = [dict(u) for u in download.get("updates", [])]
         self.evaluations = group_evaluations(download.get("evaluations", []), t0)
         path = download.get("model_path")

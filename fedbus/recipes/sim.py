@@ -15,6 +15,14 @@ Each execution gets its own folder under ``workspace`` (``jobs/NAME-N`` for the 
 and ``site-I`` for the daemons, ``results/JOB`` for the download); without a workspace, a new temporary
 folder is made and kept, since the run's checkpoints live there.
 
+``clock="simulated"`` runs the federation on a simulated clock instead (``fedbus.recipes.simtime``): the real
+broker on an event loop whose time jumps to the next event and never sleeps, the sites as records (10,000 cost
+a record each) trained by a pool of ``num_threads`` workers (or the ``pool`` given), each task taking
+``train_s x`` the site's speed factor of simulated time (``train_s=None``: its measured compute time instead)
+plus its model's transfer both ways over the site's ``bandwidth`` (bytes per simulated second: one number, or
+one per site). ``availability`` (an :class:`Availability`) makes sites come and go. With a modelled
+``train_s``, a run is reproducible: the same recipe and ``seed`` give the same decisions and the same model.
+
 FLARE's arguments: ``clients`` names the sites (default ``site-1`` ... ``site-N``), ``workspace_root`` is
 ``workspace`` under FLARE's name, ``log_config`` sets the level of fedbus's logs for the run (FLARE's
 ``concise`` / ``full`` / ``verbose``, a level name, or a JSON logging config file whose root level is
@@ -28,10 +36,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +55,11 @@ from fedbus.errors import ConfigError
 from fedbus.recipes._driver import execute
 from fedbus.recipes._launch import SimLauncher
 from fedbus.recipes._threads import ScriptImports, ThreadLauncher
+from fedbus.recipes.simtime.availability import Availability
+from fedbus.recipes.simtime.backend import SimTimeBackend
+from fedbus.recipes.simtime.host import SiteRecord
+from fedbus.recipes.simtime.loop import SimClock
+from fedbus.recipes.simtime.pool import WorkerPool
 from fedbus.recipes.speed import SpeedProfile
 from fedbus.site import Site
 from fedbus.transport.context import Context
@@ -121,7 +136,16 @@ class SimEnv:
         clients: list[str] | None = None,
         workspace_root: str | os.PathLike[str] | None = None,
         log_config: str | os.PathLike[str] | None = None,
+        clock: str = "real",
+        train_s: float | None = 1.0,
+        bandwidth: float | Sequence[float] | None = None,
+        availability: Availability | None = None,
+        seed: int = 0,
+        pool: WorkerPool | None = None,
     ) -> None:
+        if clock not in ("real", "simulated"):
+            raise ConfigError(f"clock must be 'real' or 'simulated', got {clock!r}")
+        self.clock = clock
         self.clients = _site_names(num_clients, clients)
         self.num_clients = len(self.clients)
         self.num_threads = _positive_int("num_threads", num_threads or os.cpu_count() or 1)
@@ -135,13 +159,62 @@ class SimEnv:
         self.speed = speed
         self.factors = speed.factors(self.num_clients) if speed is not None else None
         self.progress = progress
+        if train_s is not None and not (isinstance(train_s, int | float) and math.isfinite(train_s) and train_s >= 0):
+            raise ConfigError(f"train_s must be a number of seconds >= 0 or None (measured), got {train_s!r}")
+        self.train_s = train_s
+        self.bandwidths = _bandwidths(bandwidth, self.num_clients)
+        if availability is not None and not isinstance(availability, Availability):
+            raise ConfigError(f"availability must be an Availability, got {type(availability).__name__}")
+        self.availability = availability
+        self.seed = int(seed)
+        self.pool = pool
+        self._clock: SimClock | None = None
+        if clock == "real" and (availability is not None or pool is not None or bandwidth is not None):
+            raise ConfigError("availability, bandwidth and pool need clock='simulated'")
 
     def execute(self, recipe: Recipe, wait: bool = True) -> Run:
         workspace = self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-sim-"))
+        if self.clock == "simulated":
+            return execute(self._simulated(workspace), recipe, wait=wait, progress=self.progress)
         return execute(_SimBackend(self, workspace), recipe, wait=wait, progress=self.progress)
 
+    def sim_now(self) -> float:
+        """Simulated seconds of the current (or last) simulated run, 0 before one; safe from any thread."""
+        return self._clock.now if self._clock is not None else 0.0
+
+    def _simulated(self, workspace: Path) -> SimTimeBackend:
+        factors = self.factors or [1.0] * self.num_clients
+        sites = [
+            SiteRecord(name, i, speed=factors[i], bandwidth=self.bandwidths[i]) for i, name in enumerate(self.clients)
+        ]
+        events = self.availability.events(self.clients) if self.availability is not None else []
+        backend = SimTimeBackend(
+            workspace,
+            sites,
+            pool=self.pool,
+            workers=self.num_threads,
+            seed=self.seed,
+            train_s=self.train_s,
+            availability=events,
+        )
+        self._clock = backend.clock
+        return backend
+
     def __repr__(self) -> str:
-        return f"SimEnv(clients={self.clients}, num_threads={self.num_threads}, speed={self.speed!r})"
+        shown = self.clients if len(self.clients) <= 10 else f"{len(self.clients)} sites"
+        return f"SimEnv(clients={shown}, num_threads={self.num_threads}, speed={self.speed!r}, clock={self.clock!r})"
+
+
+def _bandwidths(bandwidth: Any, n: int) -> list[float | None]:
+    """Per-site bandwidth in bytes per simulated second (None: transfers take no time)."""
+    if bandwidth is None:
+        return [None] * n
+    values = [bandwidth] * n if isinstance(bandwidth, int | float) else list(bandwidth)
+    if len(values) != n or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+    ):
+        raise ConfigError(f"bandwidth must be a number > 0 or one per site ({n}), got {bandwidth!r}")
+    return [float(v) for v in values]
 
 
 class _SimBackend:

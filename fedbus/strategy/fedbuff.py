@@ -35,6 +35,7 @@ Phases: ``new`` -> ``train`` -> (``evaluate``) -> ``done``.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import ClassVar, Literal
@@ -116,6 +117,7 @@ class FedBuff(Strategy):
         self._book = TaskBook()
         self._sites: set[str] = set()
         self._idle: set[str] = set()  # the sites of _sites with no task, as of the last _fill
+        self._queue: list[tuple[bool, int, str]] = []  # idle sites by _fill's order (stale entries skipped)
         self._last_dispatch: dict[str, int] = {}
         self._eval_due: set[str] = set()
         self._fail_streak: dict[str, tuple[int, str]] = {}  # site -> (consecutive failures, last reason)
@@ -166,6 +168,7 @@ class FedBuff(Strategy):
         self._version = check_int(_OWNER, "version", version, minimum=0)
         self._sites = set(sites)
         self._idle = set(self._sites)
+        self._requeue()
         self._phase = "train"
         self._budget_end = None if self.time_budget is None else now + self.time_budget
         if self.num_versions is not None and self._version >= self.num_versions:
@@ -177,6 +180,7 @@ class FedBuff(Strategy):
         if self._phase == "train" and site not in self._sites:
             self._sites.add(site)
             self._idle.add(site)
+            heapq.heappush(self._queue, self._order(site))
             acts += self._fill()
         return acts
 
@@ -299,6 +303,7 @@ class FedBuff(Strategy):
         self._reset_buffer()
         if self.evaluate_every and self._version % self.evaluate_every == 0:
             self._eval_due = set(self._sites)
+            self._requeue()
         return [Publish(self._version, self._global, metrics)]
 
     def _reject(self, update: Update, reason: str) -> Rejected:
@@ -339,17 +344,41 @@ class FedBuff(Strategy):
         # Idle sites are kept as they change (joins, and sites whose task closed), not found by going over every
         # site: that would run once per update and grow with the sites. In training, tasks are issued only
         # here, so a site freed since the last call is idle now; one that left is not taken back.
-        self._idle |= self._book.take_freed() & self._sites
-        idle = [s for s in self._idle if not self._benched(s)]
-        idle.sort(key=lambda s: (s not in self._eval_due, self._last_dispatch.get(s, -1), s))
+        # They wait in a heap by (not due an evaluation, last dispatch, name), so a dispatch costs log(sites), not a
+        # sort of every idle site; an entry whose site is no longer idle, or whose order changed, is dropped.
+        freed = (self._book.take_freed() & self._sites) - self._idle
+        self._idle |= freed
+        for site in sorted(freed):
+            heapq.heappush(self._queue, self._order(site))
+        chosen: list[str] = []
+        benched: list[tuple[bool, int, str]] = []
+        while self._queue and len(chosen) < free:
+            entry = heapq.heappop(self._queue)
+            site = entry[2]
+            if site not in self._idle or site in chosen or entry != self._order(site):
+                continue
+            if self._benched(site):
+                benched.append(entry)
+            else:
+                chosen.append(site)
+        for entry in benched:
+            heapq.heappush(self._queue, entry)
         acts: list[Action] = []
-        for site in idle[:free]:
+        for site in chosen:
             kind: Literal["train", "evaluate"] = "evaluate" if site in self._eval_due else "train"
             self._eval_due.discard(site)
             self._last_dispatch[site] = self._book.issued
             self._idle.discard(site)
             acts.append(self._book.issue(site, self._version, kind))
         return acts
+
+    def _order(self, site: str) -> tuple[bool, int, str]:
+        """Where an idle site stands in line for a task: evaluations due first, then least recently dispatched."""
+        return (site not in self._eval_due, self._last_dispatch.get(site, -1), site)
+
+    def _requeue(self) -> None:
+        self._queue = [self._order(s) for s in self._idle]
+        heapq.heapify(self._queue)
 
     def _benched(self, site: str) -> bool:
         return self._fail_streak.get(site, (0, ""))[0] >= self.max_task_failures
