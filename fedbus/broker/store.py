@@ -17,6 +17,8 @@ atomic rename) in a worker thread, since tensors of a published version are immu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import secrets
@@ -29,7 +31,16 @@ from typing import Any
 
 import torch
 
+from fedbus.broker.faults import STORE, Backoff, Faults
+from fedbus.log import get_logger
 from fedbus.modelio import serde
+
+log = get_logger("broker.store")
+
+SYNCHRONOUS = "FULL"
+"""SQLite's ``synchronous`` setting: FULL syncs the WAL at every commit, so a commit is on stable storage when it
+returns (NORMAL would sync only at the WAL's checkpoints: a power cut could take the last commits back). Commits
+are batched per loop turn, so that is one sync per turn that wrote (docs/daemons.md, "Durability")."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -68,9 +79,10 @@ class JobStore:
     def __init__(self, workspace: str | Path) -> None:
         self.root = Path(workspace)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "fedbus.db", isolation_level=None)
+        self.db_path = self.root / "fedbus.db"
+        self.db = sqlite3.connect(self.db_path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
         self.db.executescript(SCHEMA)
         if "kept" not in [r[1] for r in self.db.execute("PRAGMA table_info(updates)")]:  # a workspace from before
             self.db.execute("ALTER TABLE updates ADD COLUMN kept TEXT")
@@ -79,50 +91,175 @@ class JobStore:
         # job's age (the broker's loop waits for it).
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
         self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
-        self._batch: list[Callable[[], None]] | None = None  # an open transaction: what waits for its commit
+        self.faults = Faults()  # what cannot be written now and is being retried (fedbus.broker.faults)
+        self._pending: list[tuple[str, Sequence[Any]]] = []  # writes since the last commit that succeeded
+        self._waiting: list[Callable[[], None]] = []  # what waits for their commit (acknowledgements)
+        self._commit_soon = False  # a commit is scheduled at this turn's end
+        self._backoff = Backoff()
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._recovered: list[Callable[[], None]] = []
 
-    # --- batched commits --------------------------------------------------------------------------------------
+    # --- batched, durable commits --------------------------------------------------------------------------
 
-    def _batch_this_turn(self) -> None:
-        """Open the transaction that the updates recorded in this turn of the event loop share (committed at
-        the turn's end). A commit per update costs the broker's loop several times as much (WAL: each commit
-        appends its own pages and runs the WAL's checkpoints); docs/benchmarks.md has the figures."""
-        if self._batch is not None:
-            return
+    def _exec(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """Run one write in the transaction this turn of the event loop shares (committed at the turn's end,
+        or sooner by ``commit``). A commit per update costs the broker's loop several times as much (each
+        commit syncs the WAL); docs/benchmarks.md has the figures.
+
+        The statement is also kept until its commit succeeded: a commit that fails (a full disk, an I/O error, a
+        read-only file system) loses the transaction, and the store runs the kept statements again once the
+        disk takes writes (``_retry``). While it cannot write, writes are only kept. Outside an event loop
+        (tools, tests) every write commits at once and a failure raises."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # no loop (tools, tests): autocommit
-        if not self.db.in_transaction:  # (one left open by a failed COMMIT goes on)
-            self.db.execute("BEGIN")
-        self._batch = []
-        loop.call_soon(self.commit)
+            self.db.execute(sql, args)
+            return
+        self._pending.append((sql, args))
+        if self.faults.get(STORE) is not None:
+            return  # the retry runs it
+        try:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN")
+            self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return
+        if not self._commit_soon:
+            self._commit_soon = True
+            loop.call_soon(self.commit)
 
     def when_recorded(self, then: Callable[[], None]) -> None:
-        """Call ``then`` once every update recorded so far is committed (at once if none waits): an update's
-        site hears it was delivered only after that."""
-        if self._batch is None:
+        """Call ``then`` once every write made so far is committed, on stable storage (at once if none waits):
+        an update's site hears it was delivered only after that. While the store cannot write, ``then`` waits
+        for the retry that succeeds."""
+        if not self._pending and self.faults.get(STORE) is None:
             then()
         else:
-            self._batch.append(then)
+            self._waiting.append(then)
 
-    def commit(self) -> None:
-        """Commit the open batch, if any, and run what waited for it."""
-        if self._batch is None:
-            return
-        waiting, self._batch = self._batch, None
-        self.db.execute("COMMIT")
+    async def recorded(self) -> None:
+        """Wait until every write made so far is committed (see ``when_recorded``)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.when_recorded(lambda: done.done() or done.set_result(None))
+        await done
+
+    def commit(self) -> bool:
+        """Commit the open transaction, if any, and run what waited for it. False while the store cannot write:
+        the writes are kept for the retry, and what waits for them goes on waiting."""
+        self._commit_soon = False
+        if self.faults.get(STORE) is not None:
+            return False
+        if self.db.in_transaction:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._failed(exc)
+                return False
+        self._pending.clear()
+        waiting, self._waiting = self._waiting, []
         for then in waiting:
             then()
+        return True
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        """A write or commit failed: the transaction is rolled back (SQLite may have done so already), its
+        statements stay kept, and a retry is scheduled after the backoff's next delay."""
+        with contextlib.suppress(sqlite3.Error):
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        fault = self.faults.failed(STORE, "the job store", str(self.db_path), exc, None, time.time())
+        delay = self._backoff.next()
+        fields = {
+            "path": fault.path,
+            "errno": fault.errno_name,
+            "error": fault.error,
+            "kept_writes": len(self._pending),
+        }
+        if fault.attempts == 1:
+            log.error("job store write failed: keeping the writes, retrying; every job pauses", **fields)
+        else:
+            log.debug("job store write failed again", attempts=fault.attempts, retry_in=delay, **fields)
+        if self._retry_timer is None:
+            with contextlib.suppress(RuntimeError):  # no loop (closing): nothing retries
+                self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        """Run every kept write again in one transaction; on success the store is healthy and what waited runs."""
+        self._retry_timer = None
+        try:
+            self.db.execute("BEGIN")
+            for sql, args in self._pending:
+                self.db.execute(sql, args)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return
+        fault = self.faults.cleared(STORE)
+        self._backoff.reset()
+        if fault is not None:
+            log.warning(
+                "job store writable again: kept writes committed, jobs resume",
+                path=fault.path,
+                writes=len(self._pending),
+                seconds=round(time.time() - fault.since, 3),
+                attempts=fault.attempts,
+            )
+        self._pending.clear()
+        waiting, self._waiting = self._waiting, []
+        for then in waiting:
+            then()
+        for listener in list(self._recovered):
+            listener()
+
+    def on_recovered(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` whenever the store recovers from a fault; returns what stops that."""
+        self._recovered.append(listener)
+        return lambda: self._recovered.remove(listener) if listener in self._recovered else None
 
     def _write(self, sql: str, args: Sequence[Any] = ()) -> None:
-        """Every write but an update's record: after the batch (it may delete files the batch's rows name, so
-        the rows must be durable first), and committed at once."""
+        """Every write but an update's record: committed at once, with the turn's batch before it (it may
+        delete files the batch's rows name, so the rows must be durable first)."""
+        self._exec(sql, args)
         self.commit()
-        self.db.execute(sql, args)
+
+    def _write_now(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """A write whose caller answers on it (a submit's reply): committed now, or raises ``OSError`` with the
+        reason and is not kept (the caller refuses what it was asked)."""
+        fault = self.faults.get(STORE)
+        if fault is None:
+            at = len(self._pending)
+            self._exec(sql, args)
+            if self.commit():
+                return
+            del self._pending[at]
+            fault = self.faults.get(STORE)
+        assert fault is not None
+        raise OSError(fault.errno or errno.EIO, fault.describe(time.time()))
+
+    def sync_files(self, folder: Path) -> None:
+        """fsync every file under ``folder``, then each folder up to the workspace (its entry in its parent):
+        what a submit's reply promises is on stable storage (blocking: call it in a worker thread)."""
+        for path in sorted(folder.rglob("*"), reverse=True):
+            if path.is_file() and not path.is_symlink():
+                fsync_path(path)
+            elif path.is_dir():
+                fsync_path(path, directory=True)
+        here = folder
+        while True:
+            fsync_path(here, directory=True)
+            if here == self.root or self.root not in here.parents:
+                break
+            here = here.parent
 
     def close(self) -> None:
-        self.commit()
+        if not self.commit() and self._pending:
+            log.error(
+                "job store closed with writes it could not commit", writes=len(self._pending), path=str(self.db_path)
+            )
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         for _, fd in self._kept_logs.values():
             os.close(fd)
         self._kept_logs.clear()
@@ -137,8 +274,10 @@ class JobStore:
         return f"{name}-{secrets.token_hex(4)}"
 
     def create_job(self, job_id: str, name: str, spec: dict[str, Any], state: str = "waiting") -> None:
+        """A new job's row, committed now (its submitter is answered on it); ``OSError`` when the store
+        cannot write."""
         now = time.time()
-        self._write(
+        self._write_now(
             "INSERT INTO jobs (id, name, state, spec, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
             (job_id, name, state, json.dumps(spec), now, now),
         )
@@ -215,9 +354,8 @@ class JobStore:
 
     def prune(self, job_id: str, keep: int) -> None:
         """Delete all but the newest ``keep`` checkpoint files (the rows stay, for the history)."""
-        if keep <= 0:
+        if keep <= 0 or not self.commit():  # (a store that cannot write keeps the files its rows may need)
             return
-        self.commit()
         rows = self.db.execute(
             "SELECT version, path FROM versions WHERE job_id = ? ORDER BY version DESC", (job_id,)
         ).fetchall()
@@ -244,8 +382,7 @@ class JobStore:
 
         Inside a running event loop the row joins the turn's batch (``when_recorded``); outside one it is
         committed at once."""
-        self._batch_this_turn()
-        self.db.execute(
+        self._exec(
             "INSERT INTO updates (job_id, task_id, site, version, accepted, staleness, weight, reason, created, kept) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -297,7 +434,8 @@ class JobStore:
         self._write("UPDATE updates SET staleness = ?, weight = ? WHERE rowid = ?", (staleness, weight, rowid))
 
     def drop_update(self, rowid: int, reason: str) -> None:
-        """A kept update that could not be folded again: dropped, with the reason; its file goes."""
+        """A kept update that could not be folded again: dropped, with the reason; its file goes (once the
+        store can write)."""
         self._unlink_kept("rowid = ?", (rowid,))
         self._write("UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid))
 
@@ -312,13 +450,17 @@ class JobStore:
         if current is not None and (version is None or current[0] <= version):
             os.close(self._kept_logs.pop(job_id)[1])  # its file is about to go
         n = self._unlink_kept(where, args)
+        if n < 0:
+            return 0  # the store cannot write: a later checkpoint (or the job's end) releases them
         self._write(f"UPDATE updates SET kept = NULL WHERE {where}", args)
         if version is None:
             shutil.rmtree(self.kept_dir(job_id), ignore_errors=True)  # and what a killed broker half wrote
         return n
 
     def _unlink_kept(self, where: str, args: Sequence[Any]) -> int:
-        self.commit()  # the rows naming these files first
+        """Delete the kept files the rows ``where`` name; -1 (nothing deleted) while the store cannot write."""
+        if not self.commit():  # the rows naming these files are durable first
+            return -1
         rows = self.db.execute(f"SELECT kept FROM updates WHERE {where} AND kept IS NOT NULL", args).fetchall()
         for path in {json.loads(kept)["path"] for (kept,) in rows}:  # small updates share one log per version
             Path(path).unlink(missing_ok=True)
@@ -338,10 +480,9 @@ class JobStore:
             ).fetchall()
             if kept is None or not Path(json.loads(kept)["path"]).is_file()
         ]
+        for rowid in lost:
+            self._exec("UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid))
         self.commit()
-        self.db.executemany(
-            "UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", [(reason, r) for r in lost]
-        )
         return len(lost)
 
     def updates(self, job_id: str) -> list[dict[str, Any]]:
@@ -386,3 +527,12 @@ class JobStore:
             "SELECT site, kind, data, created FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)
         ).fetchall()
         return [{"site": s, "kind": k, "data": json.loads(d), "time": c} for s, k, d, c in rows if kind in (None, k)]
+
+
+def fsync_path(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """fsync a file, or a folder (its entries: files created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
