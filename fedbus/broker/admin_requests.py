@@ -103,7 +103,7 @@ class AdminRequests:
         if req.op == "submit":
             if len(payload) != 1:
                 raise PeerError(who, "submit needs exactly one payload frame: the job folder as a zip")
-            return self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
+            return await self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
         if req.op == "status":
             return self._status(req.args.get("job_id"))
         if req.op == "sites":
@@ -145,7 +145,7 @@ class AdminRequests:
         where = next((str(p) for p in candidates if p.exists()), None)
         return {"best_version": best[0], "best_metric": best[1], "best_model_path": where}
 
-    def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
+    async def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
         """Accept a job folder (without its model); the submitter streams the model next."""
         max_model = int(self.config.max_model_mb * MiB)
         if type(model_bytes) is not int or not 0 < model_bytes <= max_model:
@@ -158,6 +158,7 @@ class AdminRequests:
         folder.rename(self.store.job_dir(job_id_final))
         job_id = job_id_final
         (self.store.job_dir(job_id) / "job.zip").write_bytes(archive)
+        await asyncio.to_thread(self.store.sync_files, self.store.job_dir(job_id))  # durable before the reply
         self.store.create_job(job_id, spec.name, dataclasses.asdict(spec), state="uploading")
         self.uploads.expect_model(job_id, peer, model_bytes)
         log.info("job submitted", job=job_id, name=spec.name, strategy=spec.strategy)
@@ -172,6 +173,8 @@ class AdminRequests:
             c = self.controllers.get(job["id"])
             if c is not None:
                 entry["live"] = c.status()
+                if entry["live"]["state"] == "paused":  # a storage fault holds it up (fedbus.broker.faults)
+                    entry["state"], entry["reason"] = "paused", entry["live"]["reason"]
             elif job["state"] == "waiting":
                 entry["waiting_for"] = waiting_for(job, self.registry.online())
             history = self.store.history(job["id"])

@@ -98,6 +98,9 @@ class JobStore:
         self._backoff = Backoff()
         self._retry_timer: asyncio.TimerHandle | None = None
         self._recovered: list[Callable[[], None]] = []
+        self._to_sync: set[str] = set()  # files to fsync at this turn's end (``sync_soon``)
+        self._sync_turn: asyncio.Future[None] | None = None  # done once this turn's files are synced
+        self._syncs: set[asyncio.Future[None]] = set()  # syncs running in worker threads
 
     # --- batched, durable commits --------------------------------------------------------------------------
 
@@ -129,10 +132,44 @@ class JobStore:
             self._commit_soon = True
             loop.call_soon(self.commit)
 
+    def sync_soon(self, path: str | os.PathLike[str]) -> None:
+        """fsync ``path`` and its folder in a worker thread at this turn's end (every file named in a turn in one
+        thread call): ``when_recorded`` waits for it. For a kept update's file, whose fsync (a whole model, maybe)
+        would stall the loop. Outside an event loop it is synced at once."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            _sync_all([os.fspath(path)])
+            return
+        if self._sync_turn is None:
+            self._sync_turn = loop.create_future()
+            loop.call_soon(self._start_syncs)
+        self._to_sync.add(os.fspath(path))
+
+    def _start_syncs(self) -> None:
+        paths, self._to_sync = sorted(self._to_sync), set()
+        done, self._sync_turn = self._sync_turn, None
+        assert done is not None
+        self._syncs.add(done)
+
+        def finished(task: asyncio.Future[None]) -> None:
+            self._syncs.discard(done)
+            error = None if task.cancelled() else task.exception()
+            if error is not None:  # the data is in memory and in the next checkpoint; the kept copy may not be
+                log.error("kept update not synced to disk", paths=paths, error=str(error))
+            if not done.done():
+                done.set_result(None)
+
+        asyncio.ensure_future(asyncio.to_thread(_sync_all, paths)).add_done_callback(finished)
+
     def when_recorded(self, then: Callable[[], None]) -> None:
         """Call ``then`` once every write made so far is committed, on stable storage (at once if none waits):
         an update's site hears it was delivered only after that. While the store cannot write, ``then`` waits
-        for the retry that succeeds."""
+        for the retry that succeeds. Files given to ``sync_soon`` are synced first."""
+        syncing = [f for f in (*self._syncs, self._sync_turn) if f is not None and not f.done()]
+        if syncing:
+            asyncio.gather(*syncing).add_done_callback(lambda _: self.when_recorded(then))
+            return
         if not self._pending and self.faults.get(STORE) is None:
             then()
         else:
@@ -404,7 +441,7 @@ class JobStore:
 
     def keep_small(self, job_id: str, lands: int, parts: Sequence[memoryview]) -> dict[str, Any]:
         """Keep a small accepted update that lands in version ``lands``: appended to that version's log file
-        of the job (no fsync: it must survive the process being killed, and the page cache outlives that).
+        of the job, synced before its site hears it was delivered (``sync_soon``).
         Every update in one log lands in the same version, so one checkpoint releases the whole file.
         ``parts`` are the bytes of a safetensors file. Returns where it is (the ``kept`` entry's path, offset
         and length)."""
@@ -416,6 +453,7 @@ class JobStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             current = self._kept_logs[job_id] = (lands, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         offset = serde.append_to(current[1], parts)
+        self.sync_soon(path)
         return {"path": str(path), "offset": offset, "length": sum(memoryview(p).nbytes for p in parts)}
 
     def kept_updates(self, job_id: str, version: int) -> list[dict[str, Any]]:
@@ -536,3 +574,11 @@ def fsync_path(path: str | os.PathLike[str], *, directory: bool = False) -> None
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_all(paths: Sequence[str]) -> None:
+    """fsync each file, then each of their folders once."""
+    for path in paths:
+        fsync_path(path)
+    for folder in sorted({os.path.dirname(p) for p in paths}):
+        fsync_path(folder, directory=True)
