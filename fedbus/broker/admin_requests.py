@@ -92,6 +92,7 @@ class AdminRequests:
         if kind is not None:
             self.guard.audit.record(kind, job=data.get("job_id"), by=by, key=self.guard.key_of(user))
         self.guard.audit.flush()  # what the admin is told about (a revocation, a job) is in the trail first
+        await self.store.synced()  # and what it is told from the store (a new job, a version) is on disk
         await self.outbox.send(peer, *reply_message(req.rid, data))
         if req.op == "download":
             self.spawn(self._send_download(peer, data))

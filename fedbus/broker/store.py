@@ -37,10 +37,12 @@ from fedbus.modelio import serde
 
 log = get_logger("broker.store")
 
-SYNCHRONOUS = "FULL"
-"""SQLite's ``synchronous`` setting: FULL syncs the WAL at every commit, so a commit is on stable storage when it
-returns (NORMAL would sync only at the WAL's checkpoints: a power cut could take the last commits back). Commits
-are batched per loop turn, so that is one sync per turn that wrote (docs/daemons.md, "Durability")."""
+SYNCHRONOUS = "NORMAL"
+"""SQLite's ``synchronous`` setting. With NORMAL a commit does not sync the WAL (only its checkpoints sync): the
+store syncs it itself, in a worker thread, and runs what waits for a commit (acknowledgements) once that sync
+covers it. FULL would sync inside every commit, on the event loop's thread: several milliseconds a commit on a
+real disk, during which no byte moves (docs/benchmarks.md, "Durability"). Commits are batched per loop turn,
+and one sync covers every commit made while the previous one ran."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -92,22 +94,28 @@ class JobStore:
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
         self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
         self.faults = Faults()  # what cannot be written now and is being retried (fedbus.broker.faults)
-        self._pending: list[tuple[str, Sequence[Any]]] = []  # writes since the last commit that succeeded
+        self._pending: list[tuple[str, Sequence[Any], str | None]] = []  # writes since the last commit that succeeded
         self._waiting: list[Callable[[], None]] = []  # what waits for their commit (acknowledgements)
         self._commit_soon = False  # a commit is scheduled at this turn's end
         self._backoff = Backoff()
         self._retry_timer: asyncio.TimerHandle | None = None
         self._recovered: list[Callable[[], None]] = []
+        self._commits = 0  # commits that wrote, since the store opened
+        self._synced = 0  # of those, the ones a finished WAL sync covers
+        self._syncing = False  # a WAL sync runs in a worker thread
+        self._unsynced: list[tuple[int, Callable[[], None]]] = []  # (the commit it needs synced, what then)
+        self._wal_fd = -1
         self._to_sync: set[str] = set()  # files to fsync at this turn's end (``sync_soon``)
         self._sync_turn: asyncio.Future[None] | None = None  # done once this turn's files are synced
         self._syncs: set[asyncio.Future[None]] = set()  # syncs running in worker threads
 
     # --- batched, durable commits --------------------------------------------------------------------------
 
-    def _exec(self, sql: str, args: Sequence[Any] = ()) -> None:
+    def _exec(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
         """Run one write in the transaction this turn of the event loop shares (committed at the turn's end,
-        or sooner by ``commit``). A commit per update costs the broker's loop several times as much (each
-        commit syncs the WAL); docs/benchmarks.md has the figures.
+        or sooner by ``commit``); ``job``: the job it is about, named in the log if it fails. A commit per
+        update costs the broker's loop several times as much (each commit syncs the WAL); docs/benchmarks.md has
+        the figures.
 
         The statement is also kept until its commit succeeded: a commit that fails (a full disk, an I/O error, a
         read-only file system) loses the transaction, and the store runs the kept statements again once the
@@ -117,8 +125,11 @@ class JobStore:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.db.execute(sql, args)
+            if not self.db.in_transaction:
+                self._commits += 1
+                self._sync()
             return
-        self._pending.append((sql, args))
+        self._pending.append((sql, args, job))
         if self.faults.get(STORE) is not None:
             return  # the retry runs it
         try:
@@ -163,27 +174,35 @@ class JobStore:
         asyncio.ensure_future(asyncio.to_thread(_sync_all, paths)).add_done_callback(finished)
 
     def when_recorded(self, then: Callable[[], None]) -> None:
-        """Call ``then`` once every write made so far is committed, on stable storage (at once if none waits):
+        """Call ``then`` once every write made so far is committed and on stable storage (at once if none waits):
         an update's site hears it was delivered only after that. While the store cannot write, ``then`` waits
         for the retry that succeeds. Files given to ``sync_soon`` are synced first."""
         syncing = [f for f in (*self._syncs, self._sync_turn) if f is not None and not f.done()]
         if syncing:
             asyncio.gather(*syncing).add_done_callback(lambda _: self.when_recorded(then))
-            return
-        if not self._pending and self.faults.get(STORE) is None:
-            then()
+        elif self._pending or self.faults.get(STORE) is not None:
+            self._waiting.append(then)  # the next commit that succeeds, then its sync
         else:
-            self._waiting.append(then)
+            self._after_sync(then)
 
     async def recorded(self) -> None:
-        """Wait until every write made so far is committed (see ``when_recorded``)."""
+        """Wait until every write made so far is committed and synced (see ``when_recorded``)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.when_recorded(lambda: done.done() or done.set_result(None))
         await done
 
+    async def synced(self) -> None:
+        """Wait until what is committed now is on stable storage (not for writes still kept by a fault): what a
+        reply tells from the store (a version in ``status``) is durable when the reply goes."""
+        if self._synced < self._commits:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._after_sync(lambda: done.done() or done.set_result(None))
+            await done
+
     def commit(self) -> bool:
-        """Commit the open transaction, if any, and run what waited for it. False while the store cannot write:
-        the writes are kept for the retry, and what waits for them goes on waiting."""
+        """Commit the open transaction, if any; what waited for it runs once the WAL is synced (``_sync``).
+        False while the store cannot write: the writes are kept for the retry, and what waits for them goes on
+        waiting."""
         self._commit_soon = False
         if self.faults.get(STORE) is not None:
             return False
@@ -193,14 +212,69 @@ class JobStore:
             except sqlite3.Error as exc:
                 self._failed(exc)
                 return False
+            self._commits += 1
         self._pending.clear()
         waiting, self._waiting = self._waiting, []
         for then in waiting:
-            then()
+            self._after_sync(then)
+        self._sync()
         return True
 
-    def _failed(self, exc: sqlite3.Error) -> None:
-        """A write or commit failed: the transaction is rolled back (SQLite may have done so already), its
+    def _after_sync(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once every commit made so far is synced."""
+        if self._synced >= self._commits:
+            then()
+        else:
+            self._unsynced.append((self._commits, then))
+
+    def _sync(self) -> None:
+        """fsync the WAL in a worker thread, for every commit not synced yet; the commits made meanwhile wait
+        for the next one (one fsync covers them all: a group commit). Outside an event loop: at once."""
+        if self._syncing or self._synced >= self._commits:
+            return
+        target = self._commits
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._fsync_wal()
+            self._synced_to(target)
+            return
+        self._syncing = True
+
+        def done(task: asyncio.Future[None]) -> None:
+            self._syncing = False
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                self._failed(error)  # the retry makes the log durable another way (a checkpoint)
+                return
+            self._synced_to(target)
+            self._sync()
+
+        loop.run_in_executor(None, self._fsync_wal).add_done_callback(done)
+
+    def _synced_to(self, commits: int) -> None:
+        self._synced = max(self._synced, commits)
+        ready = [then for at, then in self._unsynced if at <= self._synced]
+        self._unsynced = [(at, then) for at, then in self._unsynced if at > self._synced]
+        for then in ready:
+            then()
+
+    def _fsync_wal(self) -> None:
+        """fsync the WAL file (reopened if SQLite replaced it); without one, the database file (blocking: a
+        worker thread calls it). Everything committed before the call is then on stable storage: in the WAL, or
+        copied to the database by a checkpoint, which with ``synchronous=NORMAL`` syncs both."""
+        wal = f"{self.db_path}-wal"
+        try:
+            if self._wal_fd < 0 or os.stat(wal).st_ino != os.fstat(self._wal_fd).st_ino:
+                fd, self._wal_fd = self._wal_fd, os.open(wal, os.O_RDONLY)
+                if fd >= 0:
+                    os.close(fd)
+            os.fsync(self._wal_fd)
+        except FileNotFoundError:
+            fsync_path(self.db_path)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A write, commit or sync failed: the transaction is rolled back (SQLite may have done so already), its
         statements stay kept, and a retry is scheduled after the backoff's next delay."""
         with contextlib.suppress(sqlite3.Error):
             if self.db.in_transaction:
@@ -212,6 +286,7 @@ class JobStore:
             "errno": fault.errno_name,
             "error": fault.error,
             "kept_writes": len(self._pending),
+            "jobs": sorted({job for _, _, job in self._pending if job is not None}),
         }
         if fault.attempts == 1:
             log.error("job store write failed: keeping the writes, retrying; every job pauses", **fields)
@@ -222,14 +297,24 @@ class JobStore:
                 self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
 
     def _retry(self) -> None:
-        """Run every kept write again in one transaction; on success the store is healthy and what waited runs."""
+        """Run every kept write again in one transaction, then make everything committed durable by a full
+        checkpoint (after a failed fsync, a second fsync may report success for pages the kernel dropped; the
+        checkpoint writes them again from the WAL); on success the store is healthy and what waited runs."""
         self._retry_timer = None
         try:
-            self.db.execute("BEGIN")
-            for sql, args in self._pending:
-                self.db.execute(sql, args)
-            self.db.execute("COMMIT")
-        except sqlite3.Error as exc:
+            if self._pending:
+                self.db.execute("BEGIN")
+                for sql, args, _ in self._pending:
+                    self.db.execute(sql, args)
+                self.db.execute("COMMIT")
+                self._commits += 1
+                self._pending.clear()  # committed: a failed checkpoint below must not run them twice
+                waiting, self._waiting = self._waiting, []
+                self._unsynced += [(self._commits, then) for then in waiting]
+            busy = self.db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0]
+            if busy:  # a reader held the checkpoint back: sync the WAL itself
+                self._fsync_wal()
+        except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
             return
         fault = self.faults.cleared(STORE)
@@ -238,14 +323,10 @@ class JobStore:
             log.warning(
                 "job store writable again: kept writes committed, jobs resume",
                 path=fault.path,
-                writes=len(self._pending),
                 seconds=round(time.time() - fault.since, 3),
                 attempts=fault.attempts,
             )
-        self._pending.clear()
-        waiting, self._waiting = self._waiting, []
-        for then in waiting:
-            then()
+        self._synced_to(self._commits)
         for listener in list(self._recovered):
             listener()
 
@@ -254,19 +335,19 @@ class JobStore:
         self._recovered.append(listener)
         return lambda: self._recovered.remove(listener) if listener in self._recovered else None
 
-    def _write(self, sql: str, args: Sequence[Any] = ()) -> None:
+    def _write(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
         """Every write but an update's record: committed at once, with the turn's batch before it (it may
         delete files the batch's rows name, so the rows must be durable first)."""
-        self._exec(sql, args)
+        self._exec(sql, args, job)
         self.commit()
 
-    def _write_now(self, sql: str, args: Sequence[Any] = ()) -> None:
+    def _write_now(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
         """A write whose caller answers on it (a submit's reply): committed now, or raises ``OSError`` with the
         reason and is not kept (the caller refuses what it was asked)."""
         fault = self.faults.get(STORE)
         if fault is None:
             at = len(self._pending)
-            self._exec(sql, args)
+            self._exec(sql, args, job)
             if self.commit():
                 return
             del self._pending[at]
@@ -300,7 +381,10 @@ class JobStore:
         for _, fd in self._kept_logs.values():
             os.close(fd)
         self._kept_logs.clear()
-        self.db.close()
+        self.db.close()  # the last connection: SQLite checkpoints the WAL into the database and syncs it
+        if self._wal_fd >= 0 and not self._syncing:  # (a sync still running in its thread keeps its descriptor)
+            os.close(self._wal_fd)
+            self._wal_fd = -1
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id
@@ -317,15 +401,18 @@ class JobStore:
         self._write_now(
             "INSERT INTO jobs (id, name, state, spec, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
             (job_id, name, state, json.dumps(spec), now, now),
+            job_id,
         )
 
     def set_state(self, job_id: str, state: str, reason: str = "") -> None:
         self._write(
-            "UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?", (state, reason, time.time(), job_id)
+            "UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?",
+            (state, reason, time.time(), job_id),
+            job_id,
         )
 
     def set_sites(self, job_id: str, sites: list[str]) -> None:
-        self._write("UPDATE jobs SET sites = ? WHERE id = ?", (json.dumps(sites), job_id))
+        self._write("UPDATE jobs SET sites = ? WHERE id = ?", (json.dumps(sites), job_id), job_id)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         row = self.db.execute(
@@ -374,8 +461,9 @@ class JobStore:
         self._write(
             "INSERT OR REPLACE INTO versions (job_id, version, path, metrics, created) VALUES (?, ?, ?, ?, ?)",
             (job_id, version, str(path), json.dumps(dict(metrics)), now if published is None else published),
+            job_id,
         )
-        self._write("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id))
+        self._write("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id), job_id)
 
     def latest_version(self, job_id: str) -> tuple[int, Path] | None:
         row = self.db.execute(
@@ -434,6 +522,7 @@ class JobStore:
                 time.time(),
                 None if kept is None else json.dumps(dict(kept)),
             ),
+            job_id,
         )
 
     def kept_dir(self, job_id: str) -> Path:
@@ -490,7 +579,7 @@ class JobStore:
         n = self._unlink_kept(where, args)
         if n < 0:
             return 0  # the store cannot write: a later checkpoint (or the job's end) releases them
-        self._write(f"UPDATE updates SET kept = NULL WHERE {where}", args)
+        self._write(f"UPDATE updates SET kept = NULL WHERE {where}", args, job_id)
         if version is None:
             shutil.rmtree(self.kept_dir(job_id), ignore_errors=True)  # and what a killed broker half wrote
         return n
@@ -519,7 +608,9 @@ class JobStore:
             if kept is None or not Path(json.loads(kept)["path"]).is_file()
         ]
         for rowid in lost:
-            self._exec("UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid))
+            self._exec(
+                "UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid), job_id
+            )
         self.commit()
         return len(lost)
 
@@ -535,6 +626,7 @@ class JobStore:
         self._write(
             "INSERT INTO events (job_id, site, kind, data, created) VALUES (?, ?, ?, ?, ?)",
             (job_id, site, kind, json.dumps(dict(data), default=str), time.time()),
+            job_id,
         )
 
     def record_cross_site(self, job_id: str, site: str, model_name: str, version: int, metrics: Mapping) -> None:
