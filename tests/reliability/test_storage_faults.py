@@ -111,6 +111,42 @@ async def test_a_commit_the_full_disk_refuses_keeps_its_writes_and_acknowledges_
             assert other.execute("SELECT COUNT(*) FROM updates").fetchone()[0] == 401
 
 
+async def test_a_failed_wal_sync_is_not_trusted_again_the_store_checkpoints_before_acknowledging(
+    tmp_path: Path,
+) -> None:
+    # After a failed fsync the kernel may have dropped the pages and report the next fsync clean: the store makes
+    # its log durable by a full checkpoint instead, and only then acknowledges.
+    from fedbus.broker.store import JobStore
+
+    store = JobStore(tmp_path)
+    store.create_job("j", "j", {}, state="running")
+    await store.synced()
+    real, calls = store._fsync_wal, []
+
+    def failing() -> None:
+        calls.append("fsync")
+        raise OSError(errno.EIO, "Input/output error")
+
+    store._fsync_wal = failing  # type: ignore[method-assign]
+    heard: list[str] = []
+    store.record_update("j", "a", "s", 1, accepted=True, staleness=0, weight=1.0)
+    store.when_recorded(lambda: heard.append("a"))
+    async with asyncio.timeout(10):
+        while store.faults.get(STORE) is None:
+            await asyncio.sleep(0.01)
+    fault = store.faults.get(STORE)
+    assert fault is not None and fault.errno == errno.EIO and heard == []
+    async with asyncio.timeout(10):
+        while store.faults.get(STORE) is not None:
+            await asyncio.sleep(0.01)
+    assert heard == ["a"] and calls == ["fsync"]  # the retry checkpointed; it did not call fsync again
+    store._fsync_wal = real  # type: ignore[method-assign]
+    store.record_update("j", "b", "s", 1, accepted=True, staleness=0, weight=1.0)
+    await store.recorded()
+    assert [u["task_id"] for u in store.updates("j")] == ["a", "b"]
+    store.close()
+
+
 # --- a whole federation on a full tmpfs --------------------------------------------------------------------------
 
 ROUNDS = 6
