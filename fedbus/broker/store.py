@@ -178,9 +178,13 @@ class JobStore:
         an update's site hears it was delivered only after that. While the store cannot write, ``then`` waits
         for the retry that succeeds. Files given to ``sync_soon`` are synced first."""
         syncing = [f for f in (*self._syncs, self._sync_turn) if f is not None and not f.done()]
-        if syncing:
-            asyncio.gather(*syncing).add_done_callback(lambda _: self.when_recorded(then))
-        elif self._pending or self.faults.get(STORE) is not None:
+        if syncing:  # only those: files named later are not this caller's (under steady traffic, some always are)
+            asyncio.gather(*syncing).add_done_callback(lambda _: self._when_committed(then))
+        else:
+            self._when_committed(then)
+
+    def _when_committed(self, then: Callable[[], None]) -> None:
+        if self._pending or self.faults.get(STORE) is not None:
             self._waiting.append(then)  # the next commit that succeeds, then its sync
         else:
             self._after_sync(then)

@@ -33,17 +33,24 @@ def _unmount(point: Path) -> None:
 
 
 @contextlib.contextmanager
-def small_tmpfs(point: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` (mount's syntax: "16m") at ``point``."""
-    _need_root("a small tmpfs")
+def _mounted(point: Path, what: str, *args: str) -> Iterator[Path]:
+    """``mount ARGS POINT``, unmounted at the end; skipped with mount's reason when it fails."""
     point.mkdir(parents=True, exist_ok=True)
-    done = _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(point))
+    done = _run("mount", *args, str(point))
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount {what} here: {done.stderr.strip()}")
     try:
         yield point
     finally:
         _unmount(point)
+
+
+@contextlib.contextmanager
+def small_tmpfs(point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's syntax: "16m") at ``point``."""
+    _need_root("a small tmpfs")
+    with _mounted(point, "a tmpfs", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs") as mounted:
+        yield mounted
 
 
 @contextlib.contextmanager
@@ -58,14 +65,8 @@ def loop_ext4(image: Path, point: Path, size_mb: int) -> Iterator[Path]:
     made = _run("mkfs.ext4", "-q", "-F", str(image))
     if made.returncode != 0:
         pytest.skip(f"mkfs.ext4 failed: {made.stderr.strip()}")
-    point.mkdir(parents=True, exist_ok=True)
-    mounted = _run("mount", "-o", "loop,errors=remount-ro", str(image), str(point))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot loop-mount an ext4 image here: {mounted.stderr.strip()}")
-    try:
-        yield point
-    finally:
-        _unmount(point)
+    with _mounted(point, "an ext4 image by loop", "-o", "loop,errors=remount-ro", str(image)) as mounted:
+        yield mounted
 
 
 def fill(path: Path) -> int:
