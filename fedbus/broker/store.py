@@ -10,15 +10,14 @@ Everything needed to restart lives here. Layout::
     WORKSPACE/jobs/JOB/cross_site_val/cross_val_results.json   the cross-site matrix, once that phase ended
 
 SQLite runs in WAL mode with one connection owned by the event loop thread; every statement is small,
-so the loop never waits long. Checkpoints are written by ``serde.write_file`` (no concatenation, fsync,
-atomic rename) in a worker thread, since tensors of a published version are immutable.
+so the loop never waits long. Writes are batched per loop turn, made durable off the loop, and kept and retried
+when the disk refuses them (``fedbus.broker.commits``); what a reply or an acknowledgement tells waits for that.
+Checkpoints are written by ``serde.write_file`` (no concatenation, fsync, atomic rename) in a worker thread, since
+tensors of a published version are immutable.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import errno
 import json
 import os
 import secrets
@@ -31,18 +30,9 @@ from typing import Any
 
 import torch
 
-from fedbus.broker.faults import STORE, Backoff, Faults
-from fedbus.log import get_logger
+from fedbus.broker.commits import SYNCHRONOUS, Commits, fsync_path
+from fedbus.broker.faults import Faults
 from fedbus.modelio import serde
-
-log = get_logger("broker.store")
-
-SYNCHRONOUS = "NORMAL"
-"""SQLite's ``synchronous`` setting. With NORMAL a commit does not sync the WAL (only its checkpoints sync): the
-store syncs it itself, in a worker thread, and runs what waits for a commit (acknowledgements) once that sync
-covers it. FULL would sync inside every commit, on the event loop's thread: several milliseconds a commit on a
-real disk, during which no byte moves (docs/benchmarks.md, "Durability"). Commits are batched per loop turn,
-and one sync covers every commit made while the previous one ran."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -94,250 +84,33 @@ class JobStore:
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
         self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
         self.faults = Faults()  # what cannot be written now and is being retried (fedbus.broker.faults)
-        self._pending: list[tuple[str, Sequence[Any], str | None]] = []  # writes since the last commit that succeeded
-        self._waiting: list[Callable[[], None]] = []  # what waits for their commit (acknowledgements)
-        self._commit_soon = False  # a commit is scheduled at this turn's end
-        self._backoff = Backoff()
-        self._retry_timer: asyncio.TimerHandle | None = None
-        self._recovered: list[Callable[[], None]] = []
-        self._commits = 0  # commits that wrote, since the store opened
-        self._synced = 0  # of those, the ones a finished WAL sync covers
-        self._syncing = False  # a WAL sync runs in a worker thread
-        self._unsynced: list[tuple[int, Callable[[], None]]] = []  # (the commit it needs synced, what then)
-        self._wal_fd = -1
-        self._to_sync: set[str] = set()  # files to fsync at this turn's end (``sync_soon``)
-        self._sync_turn: asyncio.Future[None] | None = None  # done once this turn's files are synced
-        self._syncs: set[asyncio.Future[None]] = set()  # syncs running in worker threads
+        self.commits = Commits(self.db, self.db_path, self.faults)
 
-    # --- batched, durable commits --------------------------------------------------------------------------
+    # --- writes: batched, durable, kept and retried when the disk refuses them (fedbus.broker.commits) ------
 
     def _exec(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
-        """Run one write in the transaction this turn of the event loop shares (committed at the turn's end,
-        or sooner by ``commit``); ``job``: the job it is about, named in the log if it fails. A commit per
-        update costs the broker's loop several times as much (each commit syncs the WAL); docs/benchmarks.md has
-        the figures.
-
-        The statement is also kept until its commit succeeded: a commit that fails (a full disk, an I/O error, a
-        read-only file system) loses the transaction, and the store runs the kept statements again once the
-        disk takes writes (``_retry``). While it cannot write, writes are only kept. Outside an event loop
-        (tools, tests) every write commits at once and a failure raises."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.db.execute(sql, args)
-            if not self.db.in_transaction:
-                self._commits += 1
-                self._sync()
-            return
-        self._pending.append((sql, args, job))
-        if self.faults.get(STORE) is not None:
-            return  # the retry runs it
-        try:
-            if not self.db.in_transaction:
-                self.db.execute("BEGIN")
-            self.db.execute(sql, args)
-        except sqlite3.Error as exc:
-            self._failed(exc)
-            return
-        if not self._commit_soon:
-            self._commit_soon = True
-            loop.call_soon(self.commit)
-
-    def sync_soon(self, path: str | os.PathLike[str]) -> None:
-        """fsync ``path`` and its folder in a worker thread at this turn's end (every file named in a turn in one
-        thread call): ``when_recorded`` waits for it. For a kept update's file, whose fsync (a whole model, maybe)
-        would stall the loop. Outside an event loop it is synced at once."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            _sync_all([os.fspath(path)])
-            return
-        if self._sync_turn is None:
-            self._sync_turn = loop.create_future()
-            loop.call_soon(self._start_syncs)
-        self._to_sync.add(os.fspath(path))
-
-    def _start_syncs(self) -> None:
-        paths, self._to_sync = sorted(self._to_sync), set()
-        done, self._sync_turn = self._sync_turn, None
-        assert done is not None
-        self._syncs.add(done)
-
-        def finished(task: asyncio.Future[None]) -> None:
-            self._syncs.discard(done)
-            error = None if task.cancelled() else task.exception()
-            if error is not None:  # the data is in memory and in the next checkpoint; the kept copy may not be
-                log.error("kept update not synced to disk", paths=paths, error=str(error))
-            if not done.done():
-                done.set_result(None)
-
-        asyncio.ensure_future(asyncio.to_thread(_sync_all, paths)).add_done_callback(finished)
-
-    def when_recorded(self, then: Callable[[], None]) -> None:
-        """Call ``then`` once every write made so far is committed and on stable storage (at once if none waits):
-        an update's site hears it was delivered only after that. While the store cannot write, ``then`` waits
-        for the retry that succeeds. Files given to ``sync_soon`` are synced first."""
-        syncing = [f for f in (*self._syncs, self._sync_turn) if f is not None and not f.done()]
-        if syncing:  # only those: files named later are not this caller's (under steady traffic, some always are)
-            asyncio.gather(*syncing).add_done_callback(lambda _: self._when_committed(then))
-        else:
-            self._when_committed(then)
-
-    def _when_committed(self, then: Callable[[], None]) -> None:
-        if self._pending or self.faults.get(STORE) is not None:
-            self._waiting.append(then)  # the next commit that succeeds, then its sync
-        else:
-            self._after_sync(then)
-
-    async def recorded(self) -> None:
-        """Wait until every write made so far is committed and synced (see ``when_recorded``)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.when_recorded(lambda: done.done() or done.set_result(None))
-        await done
-
-    async def synced(self) -> None:
-        """Wait until what is committed now is on stable storage (not for writes still kept by a fault): what a
-        reply tells from the store (a version in ``status``) is durable when the reply goes."""
-        if self._synced < self._commits:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._after_sync(lambda: done.done() or done.set_result(None))
-            await done
+        self.commits.execute(sql, args, job)
 
     def commit(self) -> bool:
-        """Commit the open transaction, if any; what waited for it runs once the WAL is synced (``_sync``).
-        False while the store cannot write: the writes are kept for the retry, and what waits for them goes on
-        waiting."""
-        self._commit_soon = False
-        if self.faults.get(STORE) is not None:
-            return False
-        if self.db.in_transaction:
-            try:
-                self.db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._failed(exc)
-                return False
-            self._commits += 1
-        self._pending.clear()
-        waiting, self._waiting = self._waiting, []
-        for then in waiting:
-            self._after_sync(then)
-        self._sync()
-        return True
+        """Commit what this turn wrote; False while the disk refuses it (see ``Commits.commit``)."""
+        return self.commits.commit()
 
-    def _after_sync(self, then: Callable[[], None]) -> None:
-        """Run ``then`` once every commit made so far is synced."""
-        if self._synced >= self._commits:
-            then()
-        else:
-            self._unsynced.append((self._commits, then))
+    def when_recorded(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once every write made so far is committed and on stable storage: an update's site hears
+        it was delivered only after that (``Commits.when_recorded``)."""
+        self.commits.when_recorded(then)
 
-    def _sync(self) -> None:
-        """fsync the WAL in a worker thread, for every commit not synced yet; the commits made meanwhile wait
-        for the next one (one fsync covers them all: a group commit). Outside an event loop: at once."""
-        if self._syncing or self._synced >= self._commits:
-            return
-        target = self._commits
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._fsync_wal()
-            self._synced_to(target)
-            return
-        self._syncing = True
+    async def recorded(self) -> None:
+        await self.commits.recorded()
 
-        def done(task: asyncio.Future[None]) -> None:
-            self._syncing = False
-            error = None if task.cancelled() else task.exception()
-            if error is not None:
-                self._failed(error)  # the retry makes the log durable another way (a checkpoint)
-                return
-            self._synced_to(target)
-            self._sync()
+    async def synced(self) -> None:
+        await self.commits.synced()
 
-        loop.run_in_executor(None, self._fsync_wal).add_done_callback(done)
-
-    def _synced_to(self, commits: int) -> None:
-        self._synced = max(self._synced, commits)
-        ready = [then for at, then in self._unsynced if at <= self._synced]
-        self._unsynced = [(at, then) for at, then in self._unsynced if at > self._synced]
-        for then in ready:
-            then()
-
-    def _fsync_wal(self) -> None:
-        """fsync the WAL file (reopened if SQLite replaced it); without one, the database file (blocking: a
-        worker thread calls it). Everything committed before the call is then on stable storage: in the WAL, or
-        copied to the database by a checkpoint, which with ``synchronous=NORMAL`` syncs both."""
-        wal = f"{self.db_path}-wal"
-        try:
-            if self._wal_fd < 0 or os.stat(wal).st_ino != os.fstat(self._wal_fd).st_ino:
-                fd, self._wal_fd = self._wal_fd, os.open(wal, os.O_RDONLY)
-                if fd >= 0:
-                    os.close(fd)
-            os.fsync(self._wal_fd)
-        except FileNotFoundError:
-            fsync_path(self.db_path)
-
-    def _failed(self, exc: BaseException) -> None:
-        """A write, commit or sync failed: the transaction is rolled back (SQLite may have done so already), its
-        statements stay kept, and a retry is scheduled after the backoff's next delay."""
-        with contextlib.suppress(sqlite3.Error):
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-        fault = self.faults.failed(STORE, "the job store", str(self.db_path), exc, None, time.time())
-        delay = self._backoff.next()
-        fields = {
-            "path": fault.path,
-            "errno": fault.errno_name,
-            "error": fault.error,
-            "kept_writes": len(self._pending),
-            "jobs": sorted({job for _, _, job in self._pending if job is not None}),
-        }
-        if fault.attempts == 1:
-            log.error("job store write failed: keeping the writes, retrying; every job pauses", **fields)
-        else:
-            log.debug("job store write failed again", attempts=fault.attempts, retry_in=delay, **fields)
-        if self._retry_timer is None:
-            with contextlib.suppress(RuntimeError):  # no loop (closing): nothing retries
-                self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
-
-    def _retry(self) -> None:
-        """Run every kept write again in one transaction, then make everything committed durable by a full
-        checkpoint (after a failed fsync, a second fsync may report success for pages the kernel dropped; the
-        checkpoint writes them again from the WAL); on success the store is healthy and what waited runs."""
-        self._retry_timer = None
-        try:
-            if self._pending:
-                self.db.execute("BEGIN")
-                for sql, args, _ in self._pending:
-                    self.db.execute(sql, args)
-                self.db.execute("COMMIT")
-                self._commits += 1
-                self._pending.clear()  # committed: a failed checkpoint below must not run them twice
-                waiting, self._waiting = self._waiting, []
-                self._unsynced += [(self._commits, then) for then in waiting]
-            busy = self.db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0]
-            if busy:  # a reader held the checkpoint back: sync the WAL itself
-                self._fsync_wal()
-        except (sqlite3.Error, OSError) as exc:
-            self._failed(exc)
-            return
-        fault = self.faults.cleared(STORE)
-        self._backoff.reset()
-        if fault is not None:
-            log.warning(
-                "job store writable again: kept writes committed, jobs resume",
-                path=fault.path,
-                seconds=round(time.time() - fault.since, 3),
-                attempts=fault.attempts,
-            )
-        self._synced_to(self._commits)
-        for listener in list(self._recovered):
-            listener()
+    def sync_soon(self, path: str | os.PathLike[str]) -> None:
+        self.commits.sync_soon(path)
 
     def on_recovered(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener`` whenever the store recovers from a fault; returns what stops that."""
-        self._recovered.append(listener)
-        return lambda: self._recovered.remove(listener) if listener in self._recovered else None
+        return self.commits.on_recovered(listener)
 
     def _write(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
         """Every write but an update's record: committed at once, with the turn's batch before it (it may
@@ -346,18 +119,7 @@ class JobStore:
         self.commit()
 
     def _write_now(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
-        """A write whose caller answers on it (a submit's reply): committed now, or raises ``OSError`` with the
-        reason and is not kept (the caller refuses what it was asked)."""
-        fault = self.faults.get(STORE)
-        if fault is None:
-            at = len(self._pending)
-            self._exec(sql, args, job)
-            if self.commit():
-                return
-            del self._pending[at]
-            fault = self.faults.get(STORE)
-        assert fault is not None
-        raise OSError(fault.errno or errno.EIO, fault.describe(time.time()))
+        self.commits.write_now(sql, args, job)
 
     def sync_files(self, folder: Path) -> None:
         """fsync every file under ``folder``, then each folder up to the workspace (its entry in its parent):
@@ -375,20 +137,12 @@ class JobStore:
             here = here.parent
 
     def close(self) -> None:
-        if not self.commit() and self._pending:
-            log.error(
-                "job store closed with writes it could not commit", writes=len(self._pending), path=str(self.db_path)
-            )
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
+        self.commits.close()
         for _, fd in self._kept_logs.values():
             os.close(fd)
         self._kept_logs.clear()
         self.db.close()  # the last connection: SQLite checkpoints the WAL into the database and syncs it
-        if self._wal_fd >= 0 and not self._syncing:  # (a sync still running in its thread keeps its descriptor)
-            os.close(self._wal_fd)
-            self._wal_fd = -1
+        self.commits.closed()
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id
@@ -661,20 +415,3 @@ class JobStore:
             "SELECT site, kind, data, created FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)
         ).fetchall()
         return [{"site": s, "kind": k, "data": json.loads(d), "time": c} for s, k, d, c in rows if kind in (None, k)]
-
-
-def fsync_path(path: str | os.PathLike[str], *, directory: bool = False) -> None:
-    """fsync a file, or a folder (its entries: files created or renamed in it)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_all(paths: Sequence[str]) -> None:
-    """fsync each file, then each of their folders once."""
-    for path in paths:
-        fsync_path(path)
-    for folder in sorted({os.path.dirname(p) for p in paths}):
-        fsync_path(folder, directory=True)
