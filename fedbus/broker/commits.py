@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 import time
@@ -145,7 +146,7 @@ class Commits:
     async def recorded(self) -> None:
         """Wait until every write made so far is committed and synced (see ``when_recorded``)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.when_recorded(lambda: done.done() or done.set_result(None))
+        self.when_recorded(functools.partial(_resolve, done))
         await done
 
     async def synced(self) -> None:
@@ -154,7 +155,7 @@ class Commits:
         status then says the jobs are paused, and why), where waiting would hold it until the disk recovers."""
         if self._synced < self._committed and self.faults.get(STORE) is None:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._after_sync(lambda: done.done() or done.set_result(None))
+            self._after_sync(functools.partial(_resolve, done))
             self._replies.append(done)  # (released by a fault that begins meanwhile too)
             await done
 
@@ -343,3 +344,8 @@ def _sync_all(paths: Sequence[str]) -> None:
         fsync_path(path)
     for folder in sorted({os.path.dirname(p) for p in paths}):
         fsync_path(folder, directory=True)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
