@@ -305,14 +305,14 @@ class JobStreams:
                     )
                 await asyncio.sleep(delay)
                 continue
-            fault = self.store.faults.cleared(key)
-            if fault is not None:
+            over = self.store.faults.cleared(key)
+            if over is not None:
                 self.log.warning(
                     "checkpoint written once the workspace took writes again: the job resumes",
                     version=action.version,
                     path=str(path),
-                    seconds=round(time.time() - fault.since, 3),
-                    attempts=fault.attempts,
+                    seconds=round(time.time() - over.since, 3),
+                    attempts=over.attempts,
                 )
                 self._saved.set()
             return path
