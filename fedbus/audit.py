@@ -46,6 +46,7 @@ class AuditLog:
         self.closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._pending: list[bytes] | None = None  # a held file's records of this turn of the event loop
+        self._unwritten = b""  # records a failed write left (a full disk), written before the next ones
         self._fd = self._open()  # the file exists from the start
         self._checked = time.monotonic()
         if not hold:
@@ -107,8 +108,12 @@ class AuditLog:
         second. The broker calls this before a reply or an error leaves, so that what a peer is told about
         is in the trail when it hears of it."""
         pending, self._pending = self._pending, None
-        if pending and self._fd >= 0:
-            os.write(self._held(), b"".join(pending))
+        if (pending or self._unwritten) and self._fd >= 0:
+            data = self._unwritten + b"".join(pending or ())
+            try:  # a full or failing disk: what was not written waits for the next flush, in order
+                self._unwritten = data[os.write(self._held(), data) :]
+            except OSError:
+                self._unwritten = data
 
     def close(self) -> None:
         """Later records are dropped (the daemon has stopped)."""

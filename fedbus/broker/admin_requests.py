@@ -92,6 +92,7 @@ class AdminRequests:
         if kind is not None:
             self.guard.audit.record(kind, job=data.get("job_id"), by=by, key=self.guard.key_of(user))
         self.guard.audit.flush()  # what the admin is told about (a revocation, a job) is in the trail first
+        await self.store.synced()  # and what it is told from the store (a new job, a version) is on disk
         await self.outbox.send(peer, *reply_message(req.rid, data))
         if req.op == "download":
             self.spawn(self._send_download(peer, data))
@@ -103,7 +104,7 @@ class AdminRequests:
         if req.op == "submit":
             if len(payload) != 1:
                 raise PeerError(who, "submit needs exactly one payload frame: the job folder as a zip")
-            return self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
+            return await self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
         if req.op == "status":
             return self._status(req.args.get("job_id"))
         if req.op == "sites":
@@ -145,7 +146,7 @@ class AdminRequests:
         where = next((str(p) for p in candidates if p.exists()), None)
         return {"best_version": best[0], "best_metric": best[1], "best_model_path": where}
 
-    def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
+    async def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
         """Accept a job folder (without its model); the submitter streams the model next."""
         max_model = int(self.config.max_model_mb * MiB)
         if type(model_bytes) is not int or not 0 < model_bytes <= max_model:
@@ -158,6 +159,7 @@ class AdminRequests:
         folder.rename(self.store.job_dir(job_id_final))
         job_id = job_id_final
         (self.store.job_dir(job_id) / "job.zip").write_bytes(archive)
+        await asyncio.to_thread(self.store.sync_files, self.store.job_dir(job_id))  # durable before the reply
         self.store.create_job(job_id, spec.name, dataclasses.asdict(spec), state="uploading")
         self.uploads.expect_model(job_id, peer, model_bytes)
         log.info("job submitted", job=job_id, name=spec.name, strategy=spec.strategy)
@@ -172,6 +174,8 @@ class AdminRequests:
             c = self.controllers.get(job["id"])
             if c is not None:
                 entry["live"] = c.status()
+                if entry["live"]["state"] == "paused":  # a storage fault holds it up (fedbus.broker.faults)
+                    entry["state"], entry["reason"] = "paused", entry["live"]["reason"]
             elif job["state"] == "waiting":
                 entry["waiting_for"] = waiting_for(job, self.registry.online())
             history = self.store.history(job["id"])

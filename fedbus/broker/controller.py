@@ -10,7 +10,8 @@ actions it returns are executed in order:
                   the strategy's ``client_options()`` with the job's ``[client]`` table over them
                   (``task_options``);
 * ``Publish``   → the version becomes the source for the next dispatches, and its checkpoint is written
-                  and recorded (in order, at most ``CHECKPOINTS_BEHIND`` behind);
+                  and recorded (in order, at most ``CHECKPOINTS_BEHIND`` behind; a write the disk refuses
+                  is retried, the job paused meanwhile: ``fedbus.broker.faults``);
 * ``Accepted`` / ``Rejected`` / ``Evaluated`` → recorded and logged (an evaluation of a named model is a
                   cell of the job's cross-site matrix, written to ``cross_site_val/`` when the job ends);
 * ``Finished`` / ``Failed`` → the job's sites get ``end_job`` and the job's state is final.
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -378,6 +380,7 @@ class JobController:
             else:
                 self.log.info("cross-site results written", path=str(written), models=len(matrix))
         self.store.set_state(self.job_id, state, reason)
+        await self.store.recorded()  # final on stable storage (after a storage fault: once it cleared)
         self.store.release_covered(self.job_id)
         for site in self.sites:
             peer = self.bus.peer_of(site)
@@ -414,9 +417,15 @@ class JobController:
         self.streams.close()
 
     def status(self) -> dict[str, Any]:
+        """What runs now. ``state`` is ``paused`` while a storage fault holds the job up (its checkpoint cannot
+        be written, or the store cannot commit), with the fault as the ``reason``: it resumes by itself."""
+        state, reason = self.state, self.reason
+        fault = self.streams.paused() if state == "running" else None
+        if fault is not None:
+            state, reason = "paused", fault.describe(time.time())
         return {
-            "state": self.state,
-            "reason": self.reason,
+            "state": state,
+            "reason": reason,
             "version": self.strategy.version,
             "sites": self.sites,
             "tasks_in_flight": len(self.streams.tasks),

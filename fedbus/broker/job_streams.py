@@ -15,7 +15,10 @@ and remembers what is in flight:
   controller to decide; once that decision is in the store, the stream's ``ACK`` may go (``sink.settled``).
 * **The checkpoint chain**: each published version's checkpoint is written on a worker thread after the
   previous one's (in order, one at a time) and recorded in SQLite. Each unwritten checkpoint holds its model in
-  memory, so once ``CHECKPOINTS_BEHIND`` are waiting, new tasks wait for the disk.
+  memory, so once ``CHECKPOINTS_BEHIND`` are waiting, new tasks wait for the disk. A write that fails (a full
+  disk, an I/O error, a read-only file system) is tried again with backoff, the model still in memory, until it
+  lands: no version is skipped. Meanwhile the job is paused (``paused``: no new task goes out), as it is while
+  the store cannot write (``fedbus.broker.faults``); it resumes by itself once the write succeeds.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from fedbus.broker.faults import Backoff, Fault, checkpoint_key
 from fedbus.broker.store import JobStore
 from fedbus.errors import FedbusError
 from fedbus.log import get_logger
@@ -129,7 +134,8 @@ class JobStreams:
         self.spool_pool: FilePool | None = None
         self.chain: asyncio.Future | None = None  # the newest checkpoint; each waits for the one before
         self.unsaved = 0  # published versions whose checkpoint has not landed
-        self._saved = asyncio.Event()  # set whenever one lands
+        self._saved = asyncio.Event()  # set whenever one lands, or the store recovers
+        self._unlisten = store.on_recovered(self._saved.set)
 
     def wire(self, task_id: str) -> str:
         return f"{task_id}.{self.epoch}"
@@ -202,8 +208,8 @@ class JobStreams:
         # next round does not wait for the disk unless it is CHECKPOINTS_BEHIND. (After a crash, results for
         # an unsaved version are refused.)
         started = time.monotonic()
-        while self.unsaved > CHECKPOINTS_BEHIND and self.running():  # the disk is behind: do not
-            self._saved.clear()  # outrun the writes
+        while (self.unsaved > CHECKPOINTS_BEHIND or self.paused() is not None) and self.running():
+            self._saved.clear()  # the disk is behind, or failing: do not outrun the writes
             await self._saved.wait()
         if not self.current(task.task_id, sid):
             return
@@ -257,12 +263,16 @@ class JobStreams:
         self.unsaved += 1
         self.chain = asyncio.ensure_future(self._checkpoint(action, time.time(), self.chain))
 
+    def paused(self) -> Fault | None:
+        """The storage fault that holds this job up (its checkpoint's, or the store's), if any."""
+        return self.store.faults.holding(self.job_id)
+
     async def _checkpoint(self, action: Publish, published: float, before: asyncio.Future | None) -> None:
         try:
             if before is not None:
                 with contextlib.suppress(Exception):  # its failure was logged by its own call
                     await before
-            path = await asyncio.to_thread(self.store.write_checkpoint, self.job_id, action.version, action.model)
+            path = await self._write_checkpoint(action)
             self.store.add_version(self.job_id, action.version, path, action.metrics, published)
             self.store.prune(self.job_id, self.keep_versions)
             self.store.release_covered(self.job_id, action.version)  # their kept params are in this checkpoint now
@@ -272,6 +282,40 @@ class JobStreams:
         finally:
             self.unsaved -= 1
             self._saved.set()
+
+    async def _write_checkpoint(self, action: Publish) -> Path:
+        """Write the version's checkpoint file, trying again with backoff while the disk fails (see the module's
+        doc); the model stays in memory until it lands."""
+        backoff, key = Backoff(), checkpoint_key(self.job_id)
+        while True:
+            try:
+                path = await asyncio.to_thread(self.store.write_checkpoint, self.job_id, action.version, action.model)
+            except OSError as exc:
+                where = str(self.store.checkpoint_path(self.job_id, action.version))
+                what = f"checkpoint of version {action.version}"
+                fault = self.store.faults.failed(key, what, where, exc, self.job_id, time.time())
+                delay = backoff.next()
+                if fault.attempts == 1:
+                    self.log.error(
+                        "checkpoint write failed: the job pauses, the version is kept in memory and written again",
+                        version=action.version,
+                        path=where,
+                        errno=fault.errno_name,
+                        error=fault.error,
+                    )
+                await asyncio.sleep(delay)
+                continue
+            over = self.store.faults.cleared(key)
+            if over is not None:
+                self.log.warning(
+                    "checkpoint written once the workspace took writes again: the job resumes",
+                    version=action.version,
+                    path=str(path),
+                    seconds=round(time.time() - over.since, 3),
+                    attempts=over.attempts,
+                )
+                self._saved.set()
+            return path
 
     async def flush(self) -> None:
         """Wait for the last checkpoint to land (its failure was logged)."""
@@ -316,7 +360,10 @@ class JobStreams:
         try:
             params = await sink.result
         except FedbusError as exc:
-            self.task_failed(pending.site, pending.result.task_id, f"upload failed: {exc}", pending.task_sid)
+            # the broker's own disk refusing the spool (fedbus.modelio.spool) is not the site's fault
+            blame = not isinstance(exc.__cause__, OSError)
+            reason = f"upload failed: {exc}"
+            self.task_failed(pending.site, pending.result.task_id, reason, pending.task_sid, blame=blame)
             return
         finally:
             if slot:
@@ -337,6 +384,10 @@ class JobStreams:
                 self.store.when_recorded(functools.partial(_settle, sink.settled))
 
     def close(self) -> None:
+        self._unlisten()
+        if self.chain is not None and self.store.faults.get(checkpoint_key(self.job_id)) is not None:
+            self.chain.cancel()  # retrying a write the disk refuses: the broker stops without it
+            self.store.faults.cleared(checkpoint_key(self.job_id))
         if self.spool_pool is not None:
             self.spool_pool.clear()
 

@@ -13,28 +13,39 @@ from typing import Any
 
 from fedbus.broker.store import JobStore
 from fedbus.errors import FedbusError
+from fedbus.log import get_logger
 from fedbus.modelio import serde
 from fedbus.modelio.spool import SpooledParams, open_params
 from fedbus.strategy import Accepted, Action, Rejected, Strategy, Update
 from fedbus.strategy.base import clean_metrics
 
+log = get_logger("broker.kept")
+
 
 def keep_update(store: JobStore, job_id: str, wire: str, update: Update, action: Accepted) -> dict[str, Any] | None:
-    """Put an accepted update's params where a restarted broker finds them; what its store row records."""
+    """Put an accepted update's params where a restarted broker finds them, synced before its site hears it was
+    delivered (``JobStore.sync_soon``); what its store row records. None when there is nothing to keep, or the
+    disk refused it: the update is folded all the same (it is in memory, and in the next checkpoint once that is
+    written), but a broker killed before that checkpoint records it lost."""
     if update.params is None:
         return None
     params = update.params
     where: dict[str, Any] | None = None
-    if isinstance(params, SpooledParams):  # a large upload: its spool file is renamed into kept/
-        folder = store.kept_dir(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{wire}.safetensors"
-        if params.keep_as(path):
-            where = {"path": str(path)}
-    if where is None:  # a small upload, received into memory: appended to the log of the version it lands in
-        raw = getattr(params, "raw", None)  # the bytes as received: no laying out again
-        parts = [memoryview(raw.numpy())] if raw is not None else serde.layout(params).parts
-        where = store.keep_small(job_id, action.version + action.staleness + 1, parts)
+    folder = store.kept_dir(job_id)
+    try:
+        if isinstance(params, SpooledParams):  # a large upload: its spool file is renamed into kept/
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{wire}.safetensors"
+            if params.keep_as(path):
+                store.sync_soon(path)
+                where = {"path": str(path)}
+        if where is None:  # a small upload, received into memory: appended to the log of the version it lands in
+            raw = getattr(params, "raw", None)  # the bytes as received: no laying out again
+            parts = [memoryview(raw.numpy())] if raw is not None else serde.layout(params).parts
+            where = store.keep_small(job_id, action.version + action.staleness + 1, parts)
+    except OSError as exc:
+        log.error("accepted update not kept on disk", job=job_id, task=wire, path=str(folder), error=str(exc))
+        return None
     return {
         **where,
         "params_type": update.params_type,

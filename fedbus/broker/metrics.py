@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedbus.broker.faults import Faults
 from fedbus.broker.store import ACTIVE_STATES, FINAL_STATES
 from fedbus.log import get_logger
 from fedbus.protocol.messages import Message
@@ -257,6 +258,26 @@ def render(metrics: Metrics, broker: Any) -> str:
         "Sites seen since the broker started, online or not.",
         [(len(broker.registry.sites), {})],
     )
+    faults: Faults = broker.store.faults
+    now = time.time()
+    t.family(
+        "fedbus_workspace_writable",
+        "gauge",
+        "1 while every write to the workspace succeeds; 0 while one is failing and being retried.",
+        [(0 if faults else 1, {})],
+    )
+    t.family(
+        "fedbus_workspace_faults",
+        "gauge",
+        "Writes to the workspace failing now, by what and errno; the value is seconds since the first failure.",
+        [(round(now - f.since, 3), {"what": f.what.split(" of ")[0], "errno": f.errno_name}) for f in faults.active()],
+    )
+    t.family(
+        "fedbus_workspace_write_failures_total",
+        "counter",
+        "Failed attempts to write the workspace (each retry that fails counts).",
+        [(faults.failures, {})],
+    )
     counts = broker.store.count_by_state()
     states = [(counts.get(s, 0), {"state": s}) for s in (*ACTIVE_STATES, *FINAL_STATES)]
     t.family("fedbus_jobs", "gauge", "Jobs in the store, by state.", states)
@@ -380,14 +401,33 @@ def _hostile_peers(t: _Text, broker: Any) -> None:
 
 # --- the HTTP server -----------------------------------------------------------------------------------------
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Too Large",
+    503: "Service Unavailable",
+}
+
+
+def health(faults: Faults, now: float) -> tuple[bool, str]:
+    """``/healthz``: healthy unless a write to the workspace is failing (``fedbus.broker.faults``); the body
+    names each failing write (what, where, the errno, since when)."""
+    active = faults.active()
+    if not active:
+        return True, "ok\n"
+    return False, "".join(f"{f.describe(now)}\n" for f in active)
 
 
 class MetricsServer:
     """``GET /metrics`` (Prometheus text format) and ``GET /healthz``, one request per connection."""
 
-    def __init__(self, page: Callable[[], str], host: str, port: int) -> None:
+    def __init__(
+        self, page: Callable[[], str], host: str, port: int, health: Callable[[], tuple[bool, str]] | None = None
+    ) -> None:
         self.page = page
+        self.health = health  # (healthy, body) for /healthz; None: always healthy
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -441,7 +481,8 @@ class MetricsServer:
         if path == "/metrics":
             return 200, self.page().encode("utf-8")
         if path == "/healthz":
-            return 200, b"ok\n"
+            healthy, body = (True, "ok\n") if self.health is None else self.health()
+            return (200 if healthy else 503), body.encode("utf-8")
         return self._refuse(404, peer, f"no page {path[:80]!r}")
 
     @staticmethod

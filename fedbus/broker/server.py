@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from fedbus.broker.controller import JobController
 from fedbus.broker.guard import Guard
 from fedbus.broker.launcher import JobLauncher
 from fedbus.broker.meter import Meter
-from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, render
+from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, health, render
 from fedbus.broker.outbox import Outbox
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import ACTIVE_STATES, JobStore
@@ -173,7 +174,10 @@ class Broker:
         self._resume_jobs()
         if self.config.metrics_port:
             self.metrics_server = MetricsServer(
-                lambda: render(self.metrics, self), self.config.metrics_host, self.config.metrics_port
+                lambda: render(self.metrics, self),
+                self.config.metrics_host,
+                self.config.metrics_port,
+                health=lambda: health(self.store.faults, time.time()),
             )
             try:
                 await self.metrics_server.start()

@@ -10,13 +10,14 @@ Everything needed to restart lives here. Layout::
     WORKSPACE/jobs/JOB/cross_site_val/cross_val_results.json   the cross-site matrix, once that phase ended
 
 SQLite runs in WAL mode with one connection owned by the event loop thread; every statement is small,
-so the loop never waits long. Checkpoints are written by ``serde.write_file`` (no concatenation, fsync,
-atomic rename) in a worker thread, since tensors of a published version are immutable.
+so the loop never waits long. Writes are batched per loop turn, made durable off the loop, and kept and retried
+when the disk refuses them (``fedbus.broker.commits``); what a reply or an acknowledgement tells waits for that.
+Checkpoints are written by ``serde.write_file`` (no concatenation, fsync, atomic rename) in a worker thread, since
+tensors of a published version are immutable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 
+from fedbus.broker.commits import SYNCHRONOUS, Commits, fsync_path
+from fedbus.broker.faults import Faults
 from fedbus.modelio import serde
 
 SCHEMA = """
@@ -68,9 +71,10 @@ class JobStore:
     def __init__(self, workspace: str | Path) -> None:
         self.root = Path(workspace)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "fedbus.db", isolation_level=None)
+        self.db_path = self.root / "fedbus.db"
+        self.db = sqlite3.connect(self.db_path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
         self.db.executescript(SCHEMA)
         if "kept" not in [r[1] for r in self.db.execute("PRAGMA table_info(updates)")]:  # a workspace from before
             self.db.execute("ALTER TABLE updates ADD COLUMN kept TEXT")
@@ -79,54 +83,66 @@ class JobStore:
         # job's age (the broker's loop waits for it).
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
         self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
-        self._batch: list[Callable[[], None]] | None = None  # an open transaction: what waits for its commit
+        self.faults = Faults()  # what cannot be written now and is being retried (fedbus.broker.faults)
+        self.commits = Commits(self.db, self.db_path, self.faults)
 
-    # --- batched commits --------------------------------------------------------------------------------------
+    # --- writes: batched, durable, kept and retried when the disk refuses them (fedbus.broker.commits) ------
 
-    def _batch_this_turn(self) -> None:
-        """Open the transaction that the updates recorded in this turn of the event loop share (committed at
-        the turn's end). A commit per update costs the broker's loop several times as much (WAL: each commit
-        appends its own pages and runs the WAL's checkpoints); docs/benchmarks.md has the figures."""
-        if self._batch is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (tools, tests): autocommit
-        if not self.db.in_transaction:  # (one left open by a failed COMMIT goes on)
-            self.db.execute("BEGIN")
-        self._batch = []
-        loop.call_soon(self.commit)
+    def _exec(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
+        self.commits.execute(sql, args, job)
+
+    def commit(self) -> bool:
+        """Commit what this turn wrote; False while the disk refuses it (see ``Commits.commit``)."""
+        return self.commits.commit()
 
     def when_recorded(self, then: Callable[[], None]) -> None:
-        """Call ``then`` once every update recorded so far is committed (at once if none waits): an update's
-        site hears it was delivered only after that."""
-        if self._batch is None:
-            then()
-        else:
-            self._batch.append(then)
+        """Call ``then`` once every write made so far is committed and on stable storage: an update's site hears
+        it was delivered only after that (``Commits.when_recorded``)."""
+        self.commits.when_recorded(then)
 
-    def commit(self) -> None:
-        """Commit the open batch, if any, and run what waited for it."""
-        if self._batch is None:
-            return
-        waiting, self._batch = self._batch, None
-        self.db.execute("COMMIT")
-        for then in waiting:
-            then()
+    async def recorded(self) -> None:
+        await self.commits.recorded()
 
-    def _write(self, sql: str, args: Sequence[Any] = ()) -> None:
-        """Every write but an update's record: after the batch (it may delete files the batch's rows name, so
-        the rows must be durable first), and committed at once."""
+    async def synced(self) -> None:
+        await self.commits.synced()
+
+    def sync_soon(self, path: str | os.PathLike[str]) -> None:
+        self.commits.sync_soon(path)
+
+    def on_recovered(self, listener: Callable[[], None]) -> Callable[[], None]:
+        return self.commits.on_recovered(listener)
+
+    def _write(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
+        """Every write but an update's record: committed at once, with the turn's batch before it (it may
+        delete files the batch's rows name, so the rows must be durable first)."""
+        self._exec(sql, args, job)
         self.commit()
-        self.db.execute(sql, args)
+
+    def _write_now(self, sql: str, args: Sequence[Any] = (), job: str | None = None) -> None:
+        self.commits.write_now(sql, args, job)
+
+    def sync_files(self, folder: Path) -> None:
+        """fsync every file under ``folder``, then each folder up to the workspace (its entry in its parent):
+        what a submit's reply promises is on stable storage (blocking: call it in a worker thread)."""
+        for path in sorted(folder.rglob("*"), reverse=True):
+            if path.is_file() and not path.is_symlink():
+                fsync_path(path)
+            elif path.is_dir():
+                fsync_path(path, directory=True)
+        here = folder
+        while True:
+            fsync_path(here, directory=True)
+            if here == self.root or self.root not in here.parents:
+                break
+            here = here.parent
 
     def close(self) -> None:
-        self.commit()
+        self.commits.close()
         for _, fd in self._kept_logs.values():
             os.close(fd)
         self._kept_logs.clear()
-        self.db.close()
+        self.db.close()  # the last connection: SQLite checkpoints the WAL into the database and syncs it
+        self.commits.closed()
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id
@@ -137,19 +153,24 @@ class JobStore:
         return f"{name}-{secrets.token_hex(4)}"
 
     def create_job(self, job_id: str, name: str, spec: dict[str, Any], state: str = "waiting") -> None:
+        """A new job's row, committed now (its submitter is answered on it); ``OSError`` when the store
+        cannot write."""
         now = time.time()
-        self._write(
+        self._write_now(
             "INSERT INTO jobs (id, name, state, spec, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
             (job_id, name, state, json.dumps(spec), now, now),
+            job_id,
         )
 
     def set_state(self, job_id: str, state: str, reason: str = "") -> None:
         self._write(
-            "UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?", (state, reason, time.time(), job_id)
+            "UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?",
+            (state, reason, time.time(), job_id),
+            job_id,
         )
 
     def set_sites(self, job_id: str, sites: list[str]) -> None:
-        self._write("UPDATE jobs SET sites = ? WHERE id = ?", (json.dumps(sites), job_id))
+        self._write("UPDATE jobs SET sites = ? WHERE id = ?", (json.dumps(sites), job_id), job_id)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         row = self.db.execute(
@@ -198,8 +219,9 @@ class JobStore:
         self._write(
             "INSERT OR REPLACE INTO versions (job_id, version, path, metrics, created) VALUES (?, ?, ?, ?, ?)",
             (job_id, version, str(path), json.dumps(dict(metrics)), now if published is None else published),
+            job_id,
         )
-        self._write("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id))
+        self._write("UPDATE jobs SET version = ?, updated = ? WHERE id = ?", (version, now, job_id), job_id)
 
     def latest_version(self, job_id: str) -> tuple[int, Path] | None:
         row = self.db.execute(
@@ -215,9 +237,8 @@ class JobStore:
 
     def prune(self, job_id: str, keep: int) -> None:
         """Delete all but the newest ``keep`` checkpoint files (the rows stay, for the history)."""
-        if keep <= 0:
+        if keep <= 0 or not self.commit():  # (a store that cannot write keeps the files its rows may need)
             return
-        self.commit()
         rows = self.db.execute(
             "SELECT version, path FROM versions WHERE job_id = ? ORDER BY version DESC", (job_id,)
         ).fetchall()
@@ -244,8 +265,7 @@ class JobStore:
 
         Inside a running event loop the row joins the turn's batch (``when_recorded``); outside one it is
         committed at once."""
-        self._batch_this_turn()
-        self.db.execute(
+        self._exec(
             "INSERT INTO updates (job_id, task_id, site, version, accepted, staleness, weight, reason, created, kept) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -260,6 +280,7 @@ class JobStore:
                 time.time(),
                 None if kept is None else json.dumps(dict(kept)),
             ),
+            job_id,
         )
 
     def kept_dir(self, job_id: str) -> Path:
@@ -267,7 +288,7 @@ class JobStore:
 
     def keep_small(self, job_id: str, lands: int, parts: Sequence[memoryview]) -> dict[str, Any]:
         """Keep a small accepted update that lands in version ``lands``: appended to that version's log file
-        of the job (no fsync: it must survive the process being killed, and the page cache outlives that).
+        of the job, synced before its site hears it was delivered (``sync_soon``).
         Every update in one log lands in the same version, so one checkpoint releases the whole file.
         ``parts`` are the bytes of a safetensors file. Returns where it is (the ``kept`` entry's path, offset
         and length)."""
@@ -279,6 +300,7 @@ class JobStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             current = self._kept_logs[job_id] = (lands, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         offset = serde.append_to(current[1], parts)
+        self.sync_soon(path)
         return {"path": str(path), "offset": offset, "length": sum(memoryview(p).nbytes for p in parts)}
 
     def kept_updates(self, job_id: str, version: int) -> list[dict[str, Any]]:
@@ -297,7 +319,8 @@ class JobStore:
         self._write("UPDATE updates SET staleness = ?, weight = ? WHERE rowid = ?", (staleness, weight, rowid))
 
     def drop_update(self, rowid: int, reason: str) -> None:
-        """A kept update that could not be folded again: dropped, with the reason; its file goes."""
+        """A kept update that could not be folded again: dropped, with the reason; its file goes (once the
+        store can write)."""
         self._unlink_kept("rowid = ?", (rowid,))
         self._write("UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid))
 
@@ -312,13 +335,17 @@ class JobStore:
         if current is not None and (version is None or current[0] <= version):
             os.close(self._kept_logs.pop(job_id)[1])  # its file is about to go
         n = self._unlink_kept(where, args)
-        self._write(f"UPDATE updates SET kept = NULL WHERE {where}", args)
+        if n < 0:
+            return 0  # the store cannot write: a later checkpoint (or the job's end) releases them
+        self._write(f"UPDATE updates SET kept = NULL WHERE {where}", args, job_id)
         if version is None:
             shutil.rmtree(self.kept_dir(job_id), ignore_errors=True)  # and what a killed broker half wrote
         return n
 
     def _unlink_kept(self, where: str, args: Sequence[Any]) -> int:
-        self.commit()  # the rows naming these files first
+        """Delete the kept files the rows ``where`` name; -1 (nothing deleted) while the store cannot write."""
+        if not self.commit():  # the rows naming these files are durable first
+            return -1
         rows = self.db.execute(f"SELECT kept FROM updates WHERE {where} AND kept IS NOT NULL", args).fetchall()
         for path in {json.loads(kept)["path"] for (kept,) in rows}:  # small updates share one log per version
             Path(path).unlink(missing_ok=True)
@@ -338,10 +365,11 @@ class JobStore:
             ).fetchall()
             if kept is None or not Path(json.loads(kept)["path"]).is_file()
         ]
+        for rowid in lost:
+            self._exec(
+                "UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", (reason, rowid), job_id
+            )
         self.commit()
-        self.db.executemany(
-            "UPDATE updates SET accepted = 0, reason = ?, kept = NULL WHERE rowid = ?", [(reason, r) for r in lost]
-        )
         return len(lost)
 
     def updates(self, job_id: str) -> list[dict[str, Any]]:
@@ -356,6 +384,7 @@ class JobStore:
         self._write(
             "INSERT INTO events (job_id, site, kind, data, created) VALUES (?, ?, ?, ?, ?)",
             (job_id, site, kind, json.dumps(dict(data), default=str), time.time()),
+            job_id,
         )
 
     def record_cross_site(self, job_id: str, site: str, model_name: str, version: int, metrics: Mapping) -> None:

@@ -152,6 +152,7 @@ class Uploads:
         assert job is not None
         path: Path = self.store.job_dir(job_id) / "files" / job["spec"]["model"]
         sink = SpoolSink(path=str(path), max_total=upload[1], keep=True)
+        sink.settled = asyncio.get_running_loop().create_future()  # acknowledged once on stable storage
         self.metrics.track_incoming(offer.total, sink.result)
         self.spawn(self._model_uploaded(job_id, sink))
         return sink
@@ -164,6 +165,17 @@ class Uploads:
             self.store.set_state(job_id, "failed", f"the initial model upload failed: {exc}")
             return
         params.release()
+        try:
+            await asyncio.to_thread(self.store.sync_files, Path(params.path).parent)
+        except OSError as exc:
+            log.error("initial model not synced to disk", job=job_id, path=params.path, error=str(exc))
+            self.store.set_state(job_id, "failed", f"the initial model could not be written to disk: {exc}")
+            assert sink.settled is not None
+            sink.settled.set_exception(exc)
+            return
         self.store.set_state(job_id, "waiting")
+        await self.store.recorded()
+        if sink.settled is not None and not sink.settled.done():
+            sink.settled.set_result(None)
         log.info("job ready", job=job_id)
         await self.on_job_ready()

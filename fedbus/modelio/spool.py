@@ -67,8 +67,11 @@ class SpoolSink(BufferSink):
         if self.pool is not None:
             self.pool.take(self.path)  # no O_TRUNC: a recycled file's pages are overwritten, not freed
         trunc = 0 if self.pool is not None else os.O_TRUNC
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | trunc, 0o600)
-        os.ftruncate(self._fd, offer.total)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | trunc, 0o600)
+            os.ftruncate(self._fd, offer.total)
+        except OSError as exc:  # the receiver's disk (read-only, full): the stream is refused with the reason
+            raise TransportError(f"cannot write {self.path}: {exc}") from exc
 
     def write(self, off: int, frames: Sequence[memoryview]) -> int:
         pos = off

@@ -283,8 +283,9 @@ def test_a_version_is_dated_when_published_not_when_its_checkpoint_landed(tmp_pa
 
 
 async def test_updates_recorded_in_one_loop_turn_commit_together_before_their_sites_hear(tmp_path: Path) -> None:
-    # One commit per loop turn, not per update; an update's ack waits for its commit, and any other write
-    # (which may delete files the batch's rows name) commits the batch first.
+    # One commit per loop turn, not per update; an update's ack waits for its commit and the sync of the WAL
+    # that makes it durable, and any other write (which may delete files the batch's rows name) commits the
+    # batch first.
     from fedbus.broker.store import JobStore
 
     store = JobStore(tmp_path)
@@ -296,13 +297,17 @@ async def test_updates_recorded_in_one_loop_turn_commit_together_before_their_si
         store.record_update("j", task, "s", 1, accepted=True, staleness=0, weight=1.0)
         store.when_recorded(lambda task=task: heard.append(task))
     assert committed() == 0 and heard == [] and len(store.updates("j")) == 2  # visible to the broker itself
-    await asyncio.sleep(0)  # the turn ends
-    assert committed() == 2 and heard == ["a", "b"]
-    store.when_recorded(lambda: heard.append("nothing waits"))  # nothing open: at once
+    await asyncio.sleep(0)  # the turn ends: committed, and its sync under way in a worker thread
+    assert committed() == 2
+    await store.synced()
+    assert heard == ["a", "b"]
+    store.when_recorded(lambda: heard.append("nothing waits"))  # nothing open or unsynced: at once
     store.record_update("j", "c", "s", 1, accepted=False, reason="late")
     store.when_recorded(lambda: heard.append("c"))
     store.set_state("j", "finished")  # another write: the batch is committed first
-    assert committed() == 3 and heard == ["a", "b", "nothing waits", "c"]
+    assert committed() == 3 and heard == ["a", "b", "nothing waits"]
+    await store.synced()
+    assert heard == ["a", "b", "nothing waits", "c"]
     other.close()
     store.close()
 
