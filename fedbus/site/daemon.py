@@ -368,6 +368,9 @@ class Site:
             )
             return
         runner = self.runners.get(job_id)
+        if runner is None and not (self.workspace / "jobs" / job_id / "uploads").exists():
+            self.log.info("end_job for a job not held here", job=job_id, cause=msg.cause)  # dropped already
+            return
         self.log.warning(
             "the broker does not run this job here: dropping it",
             job=job_id,
@@ -381,9 +384,11 @@ class Site:
     async def _forget(self, job_id: str, runner: JobRunner | None, msg: EndJob) -> None:
         """Stop the job's script (when it runs) and remove the uploads the site kept of it."""
         if runner is not None:
-            await runner.end(msg.reason, report=msg.cause != "unknown")  # a broker that never knew it takes no events
+            # A broker that never knew the job takes nothing of it: no grace for a last result, no events.
+            unknown = msg.cause == "unknown"
+            await runner.end(msg.reason, report=not unknown, grace=0.0 if unknown else None)
             await runner.done.wait()
-        if self.runners.get(job_id) is None:  # not deployed again meanwhile
+        if self.runners.get(job_id) in (None, runner):  # not deployed again meanwhile
             await asyncio.to_thread(PendingUploads(self.workspace / "jobs" / job_id, max_total=0).clear)
             self.log.info("job dropped", job=job_id, cause=msg.cause)
 

@@ -216,9 +216,10 @@ class JobRunner:
         if self._report:
             self.bus.report(JobEvent(self.job_id, event, code=code, detail=detail[-4000:]))
 
-    async def end(self, reason: str, *, report: bool = True) -> None:
-        """The broker ended the job: tell the script, give it ``end_grace_s``, then SIGTERM, then SIGKILL.
-        ``report=False``: the script's end is not reported (a broker that never knew the job takes no events)."""
+    async def end(self, reason: str, *, report: bool = True, grace: float | None = None) -> None:
+        """The broker ended the job: tell the script, give it ``grace`` (default ``end_grace_s``), then SIGTERM,
+        then SIGKILL. ``report=False``: the script's end is not reported (a broker that never knew the job takes
+        no events)."""
         if self._stopping:
             return
         self._stopping = True
@@ -227,12 +228,12 @@ class JobRunner:
         for r in self._ready.values():
             if r.timer is not None:
                 r.timer.cancel()
-        grace = 0.0
+        wait = 0.0
         if self._script is not None:
             await self._to_script(EndJob(self.job_id, reason))
-            grace = self.settings.end_grace_s
+            wait = self.settings.end_grace_s if grace is None else grace
         if self.proc is not None:
-            await self.proc.stop(grace, self.settings.kill_after_s)
+            await self.proc.stop(wait, self.settings.kill_after_s)
 
     def kill(self) -> None:
         """Stop now, without grace (a forced shutdown)."""

@@ -1,0 +1,114 @@
+"""Sites and broker agree on what runs: a broker started again without the job its sites run (its workspace
+replaced) tells them to end it, and they stop the script, say so in their log and audit, and forget the uploads
+they kept of it. Real daemons; the verdict itself (known and ended vs never known) is checked without IO."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fedbus.admin import Admin
+from fedbus.broker.registry import held_job_verdict
+from tests.e2e.procs import Daemon, start_site
+from tests.reliability.jobs import deterministic_job
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _broker(tmp: Path, workspace: str, n: int) -> Daemon:
+    cfg = tmp / "broker.toml"
+    cfg.write_text("heartbeat_s = 0.5\nliveness = 6\n")
+    args = ["broker", "--bind", f"ipc://{tmp}/broker.sock", "--workspace", str(tmp / workspace), "--config", str(cfg)]
+    d = Daemon(args, tmp / f"broker-{n}.log")
+    d.wait_for("broker listening")
+    return d
+
+
+def _line(d: Daemon, event: str, timeout: float = 30.0, **fields: object) -> dict:
+    """The first log line of ``event`` whose fields hold ``fields``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in list(d.lines):
+            if rec.get("event") == event and all(rec.get(k) == v for k, v in fields.items()):
+                return rec
+        time.sleep(0.05)
+    raise AssertionError(f"no {event!r} {fields} in {d.log_path}: {d.log_path.read_text()[-2000:]}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _audit(site_dir: Path) -> list[dict]:
+    path = site_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def test_a_broker_without_the_job_its_sites_run_makes_them_end_it(tmp_path: Path) -> None:
+    job = deterministic_job(tmp_path / "job", sites=1, rounds=2, pause=120.0)  # the script sits in training
+    address = f"ipc://{tmp_path}/broker.sock"
+    # The site also keeps an upload of a job no broker ever ran (a killed site's leftover): dropped at its hello.
+    leftover = tmp_path / "site-1" / "jobs" / "old-0badc0de" / "uploads"
+    leftover.mkdir(parents=True)
+    (leftover / "t1.result").write_bytes(b"x")
+    (leftover / "t1.safetensors").write_bytes(b"x")
+    brokers = [_broker(tmp_path, "broker-a", 0)]
+    sites = [start_site(tmp_path, "site-1", address)]
+    try:
+        for s in sites:
+            s.wait_for("welcomed by the broker")
+        assert brokers[0].wait_for("a site holds a job the broker does not run there: ending it")["cause"] == "unknown"
+        _line(sites[0], "job dropped", job="old-0badc0de")
+        assert not leftover.exists()
+
+        async def submit() -> str:
+            async with Admin(address, timeout=30) as admin:
+                return await admin.submit(job)
+
+        job_id = asyncio.run(submit())
+        pids = [s.wait_for("script started", timeout=40)["pid"] for s in sites]
+        for s in sites:
+            s.wait_for("task handed to the script", timeout=40)
+        brokers[0].proc.send_signal(signal.SIGKILL)
+        brokers[0].proc.wait(10)
+        brokers.append(_broker(tmp_path, "broker-b", 1))  # the same address, a workspace without the job
+
+        for s in sites:
+            rec = _line(s, "the broker does not run this job here: dropping it", job=job_id)
+            assert rec["cause"] == "unknown" and rec["script_running"], rec
+            _line(s, "job dropped", job=job_id)
+        deadline = time.monotonic() + 20
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_gone(p) for p in pids), "the script of the dropped job still runs"
+        dropped = {r["job"]: r for r in _audit(tmp_path / "site-1") if r.get("kind") == "job_dropped"}
+        assert dropped[job_id]["cause"] == dropped["old-0badc0de"]["cause"] == "unknown", dropped
+        assert not (tmp_path / "site-1" / "jobs" / job_id / "uploads").exists()
+        # The dropped job's end is not reported to a broker that never knew it: nothing refused there.
+        assert not [r for r in brokers[1].lines if r.get("event") == "message refused"], brokers[1].lines[-5:]
+    finally:
+        for d in [*sites, *brokers]:
+            d.stop()
+
+
+def test_the_broker_ends_only_what_its_store_says_does_not_run_at_the_site() -> None:
+    assert held_job_verdict("j", None, "a") == ("unknown", "the broker has no record of job j")
+    finished = {"state": "finished", "reason": "3 rounds done", "sites": ["a"]}
+    assert held_job_verdict("j", finished, "a") == ("ended", "the job finished: 3 rounds done")
+    running = {"state": "running", "reason": "", "sites": ["a", "b"]}
+    assert held_job_verdict("j", running, "a") is None
+    cause, reason = held_job_verdict("j", running, "c") or ("", "")
+    assert cause == "unknown" and "does not run at site c" in reason
+    # Waiting to start again after a restart (no controller yet): the broker will run it, the site keeps it.
+    assert held_job_verdict("j", {"state": "waiting", "reason": "", "sites": ["a"]}, "a") is None
+    assert held_job_verdict("j", {"state": "waiting", "reason": "", "sites": []}, "a") is None
