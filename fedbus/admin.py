@@ -149,7 +149,9 @@ class Admin:
                 continue
             changed = asyncio.ensure_future(self._changed.wait())
             try:
-                await asyncio.wait({fut, changed}, timeout=min(deadline, probe_at) - now)
+                await asyncio.wait(
+                    {fut, changed}, timeout=min(deadline, probe_at) - now, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 changed.cancel()
         return True
