@@ -302,6 +302,7 @@ class Strategy(abc.ABC):
         broker recorded (``updates``: the store's update records, ``task_id site version accepted staleness
         reason``; ``evaluations``: evaluation results recorded), so that ``state()`` counts across restarts. Only
         where ``restores_updates``; the default keeps counting from zero."""
+        del updates, evaluations  # nothing to go on from: this strategy's counters start with each process
 
     @abc.abstractmethod
     def start(self, model: Params, sites: Sequence[str], now: float, *, version: int = 0) -> list[Action]:
