@@ -59,6 +59,7 @@ from fedbus.protocol.messages import (
 from fedbus.security import client_keys
 from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter, site_filters
+from fedbus.site.folder import remove_leftover_links
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
 from fedbus.site.uploads import PendingUploads, held_jobs, held_tasks
@@ -153,6 +154,8 @@ class Site:
 
     async def startup(self) -> None:
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftover_links(self.workspace):  # a killed process of this site left them
+            self.log.info("removed a link folder a killed process of this site left", path=str(leftover))
         self._spawn(self.uplink.flush_loop())
         self.log.info(
             "site starting",
