@@ -374,6 +374,9 @@ class Site:
         if runner is None and not (self.workspace / "jobs" / job_id / "uploads").exists():
             self.log.info("end_job for a job not held here", job=job_id, cause=msg.cause)  # dropped already
             return
+        if runner is not None and runner.stopping and msg.cause == "ended":  # a result that trailed its end_job
+            self.log.info("end_job for a job ending here already", job=job_id, cause=msg.cause)
+            return
         self.log.warning(
             "the broker does not run this job here: dropping it",
             job=job_id,

@@ -235,6 +235,11 @@ class JobRunner:
         if self.proc is not None:
             await self.proc.stop(wait, self.settings.kill_after_s)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the job is ending here (``end`` or ``kill`` was called)."""
+        return self._stopping
+
     def kill(self) -> None:
         """Stop now, without grace (a forced shutdown)."""
         self._stopping = True
