@@ -275,7 +275,8 @@ class Admin:
                         if await self._wait_reply(result, deadline):
                             result.result()
                             break
-                        result.cancel()
+                        # the stream of a broker that went away: whatever becomes of it is of no interest now
+                        result.add_done_callback(lambda f: f.cancelled() or f.exception())
                 except TimeoutError:
                     raise TransportError(f"the model of {job_id} did not arrive within {self.timeout:.0f} s") from None
                 done = loop.create_future()

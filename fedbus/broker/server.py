@@ -298,8 +298,11 @@ class Broker:
             if not await self._end_if_not_here(peer, site.name, msg.job_id):
                 self.launcher.controller(msg.job_id, site.name).on_result(peer, site.name, msg)
         elif isinstance(msg, JobEvent):
-            if msg.event not in ("exited", "crashed") and await self._end_if_not_here(peer, site.name, msg.job_id):
-                return  # a script still running for a job the broker does not run there: told to end it
+            # Events trail a job's end and are recorded then; only a job unknown here is ended by one.
+            if msg.event not in ("exited", "crashed") and await self._end_if_not_here(
+                peer, site.name, msg.job_id, causes=("unknown",)
+            ):
+                return
             self._job_event(site.name, msg)
         else:
             raise PeerError(site.name, f"unexpected message type {msg.TYPE!r} from a site")
@@ -353,14 +356,17 @@ class Broker:
                 await self._end_if_not_here(peer, msg.name, job_id)
             await self.launcher.site_arrived(peer, msg.name, arrival, holds)
 
-    async def _end_if_not_here(self, peer: bytes, site: str, job_id: str) -> bool:
-        """A site named ``job_id``: when the store says it does not run there (``registry.held_job_verdict``), the
-        site is told to end it (``end_job`` with the cause and this session) and True is returned."""
+    async def _end_if_not_here(
+        self, peer: bytes, site: str, job_id: str, causes: tuple[str, ...] = ("unknown", "ended")
+    ) -> bool:
+        """A site named ``job_id``: when the store says it does not run there (``registry.held_job_verdict``, for
+        one of ``causes``), the site is told to end it (``end_job`` with the cause and this session): True."""
         verdict = held_job_verdict(job_id, self.store.job(job_id), site)
-        if verdict is None:
+        if verdict is None or verdict[0] not in causes:
             return False
         cause, reason = verdict
-        log.warning("a site holds a job the broker does not run there: ending it", site=site, job=job_id, cause=cause)
+        say = log.warning if cause == "unknown" else log.info  # results trailing a job's end are routine
+        say("a site holds a job the broker does not run there: ending it", site=site, job=job_id, cause=cause)
         await self.outbox.send(peer, EndJob(job_id, reason, cause=cause, session=self.session))
         return True
 

@@ -371,7 +371,7 @@ class Site:
             )
             return
         runner = self.runners.get(job_id)
-        if runner is None and not (self.workspace / "jobs" / job_id / "uploads").exists():
+        if runner is None and not any((self.workspace / "jobs" / job_id / "uploads").glob("*.result")):
             self.log.info("end_job for a job not held here", job=job_id, cause=msg.cause)  # dropped already
             return
         if runner is not None and runner.stopping and msg.cause == "ended":  # a result that trailed its end_job
