@@ -1,33 +1,26 @@
 """Sites and broker agree on what runs: a broker started again without the job its sites run (its workspace
 replaced) tells them to end it, and they stop the script, say so in their log and audit, and forget the uploads
-they kept of it. Real daemons; the verdict itself (known and ended vs never known) is checked without IO."""
+they kept of it. A real site daemon and script; the verdict itself (known and ended vs never known) is checked
+without IO."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from fedbus.admin import Admin
+from fedbus.broker import Broker
 from fedbus.broker.registry import held_job_verdict
+from fedbus.config import BrokerConfig
 from tests.e2e.procs import Daemon, start_site
 from tests.reliability.jobs import deterministic_job
 
 pytestmark = pytest.mark.timeout(150)  # generous: process starts on a loaded machine
-
-
-def _broker(tmp: Path, workspace: str, n: int) -> Daemon:
-    cfg = tmp / "broker.toml"
-    cfg.write_text("heartbeat_s = 0.5\nliveness = 6\n")
-    args = ["broker", "--bind", f"ipc://{tmp}/broker.sock", "--workspace", str(tmp / workspace), "--config", str(cfg)]
-    d = Daemon(args, tmp / f"broker-{n}.log")
-    d.wait_for("broker listening", timeout=60)
-    return d
 
 
 def _line(d: Daemon, event: str, timeout: float = 30.0, **fields: object) -> dict:
@@ -54,7 +47,9 @@ def _audit(site_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def test_a_broker_without_the_job_its_sites_run_makes_them_end_it(tmp_path: Path) -> None:
+async def test_a_broker_without_the_job_its_site_runs_makes_it_end_it(tmp_path: Path) -> None:
+    """The brokers run in this process (one after the other on one address: the second with a workspace of its
+    own, as a replaced workspace is); the site and its script are real processes."""
     job = deterministic_job(tmp_path / "job", sites=1, rounds=2, pause=120.0)  # the script sits in training
     address = f"ipc://{tmp_path}/broker.sock"
     # The site also keeps an upload of a job no broker ever ran (a killed site's leftover): dropped at its hello.
@@ -62,41 +57,34 @@ def test_a_broker_without_the_job_its_sites_run_makes_them_end_it(tmp_path: Path
     leftover.mkdir(parents=True)
     (leftover / "t1.result").write_bytes(b"x")
     (leftover / "t1.safetensors").write_bytes(b"x")
-    brokers = [_broker(tmp_path, "broker-a", 0)]
-    sites = [start_site(tmp_path, "site-1", address)]
+
+    def config(workspace: str) -> BrokerConfig:
+        return BrokerConfig(bind=address, workspace=str(tmp_path / workspace), heartbeat_s=0.5, liveness=6)
+
+    site = start_site(tmp_path, "site-1", address)
     try:
-        for s in sites:
-            s.wait_for("welcomed by the broker", timeout=60)
-        assert brokers[0].wait_for("a site holds a job the broker does not run there: ending it")["cause"] == "unknown"
-        _line(sites[0], "job dropped", job="old-0badc0de")
-        assert not leftover.exists()
-
-        async def submit() -> str:
+        async with Broker(config("broker-a")) as first:
+            await asyncio.to_thread(_line, site, "job dropped", 60, job="old-0badc0de")
+            assert not leftover.exists()
             async with Admin(address, timeout=30) as admin:
-                return await admin.submit(job)
-
-        job_id = asyncio.run(submit())
-        pids = [s.wait_for("script started", timeout=60)["pid"] for s in sites]
-        brokers[0].proc.send_signal(signal.SIGKILL)
-        brokers[0].proc.wait(10)
-        brokers.append(_broker(tmp_path, "broker-b", 1))  # the same address, a workspace without the job
-
-        for s in sites:
-            rec = _line(s, "the broker does not run this job here: dropping it", job=job_id)
+                job_id = await admin.submit(job)
+            pid = (await asyncio.to_thread(_line, site, "script started", 60, job=job_id))["pid"]
+            assert first.store.job(job_id) is not None
+        async with Broker(config("broker-b")) as second:  # the same address, a workspace without the job
+            rec = await asyncio.to_thread(_line, site, "the broker does not run this job here: dropping it", job=job_id)
             assert rec["cause"] == "unknown" and rec["script_running"], rec
-            _line(s, "job dropped", job=job_id)
-        deadline = time.monotonic() + 20
-        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert all(_gone(p) for p in pids), "the script of the dropped job still runs"
-        dropped = {r["job"]: r for r in _audit(tmp_path / "site-1") if r.get("kind") == "job_dropped"}
-        assert dropped[job_id]["cause"] == dropped["old-0badc0de"]["cause"] == "unknown", dropped
-        assert not (tmp_path / "site-1" / "jobs" / job_id / "uploads").exists()
-        # The dropped job's end is not reported to a broker that never knew it: nothing refused there.
-        assert not [r for r in brokers[1].lines if r.get("event") == "message refused"], brokers[1].lines[-5:]
+            await asyncio.to_thread(_line, site, "job dropped", job=job_id)
+            async with asyncio.timeout(20):
+                while not _gone(pid):
+                    await asyncio.sleep(0.05)
+            dropped = {r["job"]: r for r in _audit(tmp_path / "site-1") if r.get("kind") == "job_dropped"}
+            assert dropped[job_id]["cause"] == dropped["old-0badc0de"]["cause"] == "unknown", dropped
+            assert not (tmp_path / "site-1" / "jobs" / job_id / "uploads").exists()
+            second.guard.audit.flush()
+        # The dropped job's end is not reported to a broker that never knew it: nothing was refused there.
+        assert not [r for r in _audit(tmp_path / "broker-b") if r.get("kind") == "refused"]
     finally:
-        for d in [*sites, *brokers]:
-            d.stop()
+        site.stop()
 
 
 def test_the_broker_ends_only_what_its_store_says_does_not_run_at_the_site() -> None:
