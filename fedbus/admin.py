@@ -104,13 +104,32 @@ class Admin:
             raise TransportError(f"no answer from a broker at {self.address} within {timeout:.0f} s")
 
     async def _hello_again(self, timeout: float) -> None:
-        """Say hello again (one at a time: concurrent requests share it) and wait up to ``timeout`` for the
-        welcome; a broker whose session is new, or that had forgotten us, starts a new generation."""
+        """Say hello again (concurrent requests share the wait) and wait up to ``timeout`` for the welcome, saying it
+        again every ``PROBE_S`` (a hello the dying broker read is lost); a broker whose session is new, or that
+        had forgotten us, starts a new generation (``_on_welcome``)."""
         assert self.endpoint is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._welcome is None or self._welcome.done():
-            self._welcome = asyncio.get_running_loop().create_future()
+            self._welcome = loop.create_future()
+        welcome = self._welcome
+        while True:
             await self.endpoint.send(b"", Hello(role="admin", name=self.name, session=self._session_id))
-        await self._await_welcome(timeout)
+            left = deadline - loop.time()
+            try:
+                await self._await_welcome(min(PROBE_S, left))
+                return
+            except TransportError:
+                if welcome.done() or (self._refused is not None and self._refused.done()):
+                    raise  # refused: the broker's or the handshake's reason
+                if loop.time() >= deadline:
+                    raise TransportError(f"no answer from a broker at {self.address} within {timeout:.0f} s") from None
+
+    async def _broker_changed(self) -> bool:
+        """Whether the broker restarted since the last welcome (a hello again tells; waits up to ``timeout``)."""
+        generation = self._generation
+        await self._hello_again(self.timeout)
+        return self._generation != generation
 
     def _new_generation(self) -> None:
         self._generation += 1
@@ -243,6 +262,9 @@ class Admin:
                 if await self._wait_reply(sending, math.inf):
                     sending.result()
                     return job_id
+            except TransportError:  # the upload failed: sent again only to a broker that restarted meanwhile
+                if not await self._broker_changed():
+                    raise
             finally:
                 sending.cancel()
             # The broker restarted before it had the model: the same submit again (the job of this key).

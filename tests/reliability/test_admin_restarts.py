@@ -89,3 +89,37 @@ async def test_a_request_to_a_broker_that_stays_away_fails_within_its_timeout(tm
             await admin.status()
     finally:
         await admin.__aexit__()
+
+
+async def test_a_submit_whose_model_upload_a_restart_cut_off_is_one_job(tmp_path: Path) -> None:
+    """The broker goes away while the submitted job's model is on its way (here: it refuses the stream, then stops);
+    the admin finds a new broker, sends the same submit again and the model with it: one job, its model in."""
+    cfg = BrokerConfig(bind=f"ipc://{tmp_path}/broker.sock", workspace=str(tmp_path / "broker"), heartbeat_s=0.5)
+    folder = write_job(tmp_path / "job")
+    first = Broker(cfg)
+    await first.__aenter__()
+
+    began = asyncio.Event()
+
+    def cut_off(peer: bytes, job_id: str, offer: object) -> None:
+        began.set()
+        first.lifecycle.should_exit.set()  # gone right after the stream began, as a killed broker is
+        return None
+
+    first.uploads._accept_model = cut_off  # type: ignore[method-assign]
+    try:
+        async with Admin(first.address, timeout=20) as admin:
+            submitting = asyncio.ensure_future(admin.submit(folder))
+            await asyncio.wait_for(began.wait(), 10)
+            await first.__aexit__(None, None, None)
+            assert not submitting.done()
+            async with Broker(cfg) as second:
+                assert second.store.jobs()[0]["state"] == "failed"  # the upload did not complete: until sent again
+                job_id = await submitting
+                async with asyncio.timeout(10):
+                    while (job := second.store.job(job_id)) is None or job["state"] != "waiting":
+                        await asyncio.sleep(0.02)
+                assert [j["id"] for j in second.store.jobs()] == [job_id]
+                assert (second.store.job_dir(job_id) / "files" / "model.safetensors").stat().st_size > 0
+    finally:
+        await first.__aexit__(None, None, None)
