@@ -157,8 +157,8 @@ class Admin:
             if self._generation != generation:
                 return False
             if self._forgotten or now >= probe_at:
-                try:
-                    await self._hello_again(deadline - now)
+                try:  # no answer to a hello within the admin's timeout: the broker is gone (TransportError)
+                    await self._hello_again(min(deadline - now, self.timeout))
                 except TransportError:
                     if loop.time() >= deadline:
                         raise TimeoutError from None
