@@ -14,7 +14,8 @@ or the site's name), ``kind``, then what applies of ``job``, ``task``, ``site``,
 acting), ``key`` (its public key, CURVE only), ``version``, ``size``, ``digest`` and ``reason``.
 
 Kinds: ``connection_refused``, ``refused`` (a message or request), ``hello``, ``revoked``,
-``job_submitted``, ``job_aborted``, ``job_downloaded``, ``job_deployed``, ``task_sent`` /
+``job_submitted``, ``job_aborted``, ``job_downloaded``, ``job_deployed``, ``job_dropped`` (a site ended a job
+the broker told it does not run there: ``cause`` ``unknown`` or ``ended``, and ``reason``), ``task_sent`` /
 ``task_received``, ``update_sent`` / ``update_received`` (same ``digest`` on both sides: the stream's
 verified whole-stream digest), ``update_failed``, and at a site with a privacy budget ``privacy_spent`` (one
 release of its DP filter: ``epsilon`` spent on the job so far, ``delta``, ``releases``, ``max_epsilon``,

@@ -13,7 +13,10 @@ import asyncio
 import dataclasses
 import itertools
 import os
+import re
+import shutil
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -36,6 +39,7 @@ from fedbus.protocol.messages import Reply, Request
 
 MiB = 1 << 20
 REPLY_INLINE_MAX = 64 * 1024
+SUBMIT_KEY = re.compile(r"[0-9a-f]{8}")
 log = get_logger("broker")
 
 
@@ -104,7 +108,7 @@ class AdminRequests:
         if req.op == "submit":
             if len(payload) != 1:
                 raise PeerError(who, "submit needs exactly one payload frame: the job folder as a zip")
-            return await self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"))
+            return await self._submit(peer, bytes(payload[0]), req.args.get("model_bytes"), req.args.get("submit_key"))
         if req.op == "status":
             return self._status(req.args.get("job_id"))
         if req.op == "sites":
@@ -146,16 +150,23 @@ class AdminRequests:
         where = next((str(p) for p in candidates if p.exists()), None)
         return {"best_version": best[0], "best_metric": best[1], "best_model_path": where}
 
-    async def _submit(self, peer: bytes, archive: bytes, model_bytes: Any) -> dict[str, Any]:
-        """Accept a job folder (without its model); the submitter streams the model next."""
+    async def _submit(self, peer: bytes, archive: bytes, model_bytes: Any, key: Any = None) -> dict[str, Any]:
+        """Accept a job folder (without its model); the submitter streams the model next. ``key``: the submit's
+        ``submit_key``, which names the job, so that the same submit sent again gets the same job (``resubmit``)."""
         max_model = int(self.config.max_model_mb * MiB)
+        who = self.names.get(peer, peer.hex())
         if type(model_bytes) is not int or not 0 < model_bytes <= max_model:
-            who = self.names.get(peer, peer.hex())
             raise PeerError(who, f"submit: model_bytes must be an int in (0, {max_model}], got {model_bytes!r}")
+        if key is not None and not (isinstance(key, str) and SUBMIT_KEY.fullmatch(key)):
+            raise PeerError(who, f"submit: submit_key must be 8 lowercase hex digits, got {str(key)[:40]!r}")
         job_id = self.store.new_job_id("job")
         folder = self.store.job_dir(job_id)
         spec = jobs.unpack_job(archive, folder / "files", require_model=False)
-        job_id_final = f"{spec.name}-{job_id.removeprefix('job-')}"
+        job_id_final = f"{spec.name}-{key or job_id.removeprefix('job-')}"
+        if key is not None:
+            again = resubmit(self.store, self.uploads, peer, folder, job_id_final, archive, model_bytes)
+            if again is not None:
+                return again
         folder.rename(self.store.job_dir(job_id_final))
         job_id = job_id_final
         (self.store.job_dir(job_id) / "job.zip").write_bytes(archive)
@@ -198,6 +209,31 @@ class AdminRequests:
             await self.outbox.stream(peer, ModelSource.from_state_dict(model), route, sid)
         except (FedbusError, OSError) as exc:
             log.warning("download failed", job=data["job_id"], reason=str(exc))
+
+
+def resubmit(
+    store: JobStore, uploads: Uploads, peer: bytes, unpacked: Path, job_id: str, archive: bytes, model_bytes: int
+) -> dict[str, Any] | None:
+    """A submit whose key names a job this workspace has (the admin sent it again: the broker restarted, or the
+    reply was lost): that job, never a second one. Its model comes again when the first upload did not complete;
+    ``model: received`` tells the admin it is in. None when the key's job is new (a leftover folder of a submit
+    cut off before it was recorded is removed). The ``unpacked`` folder of this submit is removed when not used."""
+    job = store.job(job_id)
+    if job is None:
+        shutil.rmtree(store.job_dir(job_id), ignore_errors=True)
+        return None
+    shutil.rmtree(unpacked, ignore_errors=True)
+    if (store.job_dir(job_id) / "job.zip").read_bytes() != archive:
+        raise ConfigError(f"submit_key of job {job_id} sent again with another job folder")
+    lost_upload = job["state"] == "failed" and job["reason"].startswith("the initial model upload")
+    if job["state"] != "uploading" and not lost_upload:
+        log.info("submit repeated: the job is there", job=job_id, state=job["state"])
+        return {"job_id": job_id, "model": "received"}
+    if lost_upload:
+        store.set_state(job_id, "uploading", "")
+    uploads.expect_model(job_id, peer, model_bytes)
+    log.info("submit repeated: its model comes again", job=job_id)
+    return {"job_id": job_id}
 
 
 def reply_message(rid: int, data: dict[str, Any]) -> tuple[Reply, list[bytes]]:

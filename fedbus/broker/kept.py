@@ -60,6 +60,7 @@ def restore_kept(
     """Fold again into ``strategy`` the updates kept after its version; other actions go to ``execute``.
     Returns how many were folded again and how many dropped (unreadable, or refused now)."""
     restored = dropped = 0
+    strategy.recount(store.updates(job_id), len(store.events(job_id, "evaluation")))  # counters go on, not anew
     for row in store.kept_updates(job_id, strategy.version):
         kept = row["kept"]
         try:

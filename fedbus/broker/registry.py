@@ -7,8 +7,11 @@ gone, or with a new session (restarted process), needs its jobs deployed again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from fedbus.broker.store import FINAL_STATES
 
 Arrival = Literal["new", "same", "back", "restarted"]
 """How a hello arrived: a site never seen; the session already online (a reconnect of the same process);
@@ -92,3 +95,20 @@ class Registry:
 
     def online(self) -> list[str]:
         return sorted(r.name for r in self.sites.values() if r.online)
+
+
+def held_job_verdict(job_id: str, job: Mapping[str, Any] | None, site: str) -> tuple[str, str] | None:
+    """Whether a site that names ``job_id`` (in its hello, or in a result or event) must end it, given the store's
+    record ``job`` of it: ``(cause, reason)`` for ``EndJob`` (``messages.END_CAUSES``), or None to let it run.
+
+    Only the store decides, never the running controllers: a job the broker knows and will run again (waiting for
+    its sites after a restart) is kept, however it looks now. A job that ended is ``ended``; one the store has no
+    record of, or that runs on other sites only, is ``unknown`` (the site's kept uploads of it are of no use)."""
+    if job is None:
+        return "unknown", f"the broker has no record of job {job_id}"
+    if job["state"] in FINAL_STATES:
+        why = f": {job['reason']}" if job.get("reason") else ""
+        return "ended", f"the job {job['state']}{why}"
+    if job["sites"] and site not in job["sites"]:
+        return "unknown", f"job {job_id} does not run at site {site}"
+    return None

@@ -28,7 +28,7 @@ from fedbus.broker.launcher import JobLauncher
 from fedbus.broker.meter import Meter
 from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, health, render
 from fedbus.broker.outbox import Outbox
-from fedbus.broker.registry import Registry
+from fedbus.broker.registry import Registry, held_job_verdict
 from fedbus.broker.store import ACTIVE_STATES, JobStore
 from fedbus.broker.tracking import Tracking, check_lines, check_record
 from fedbus.broker.uploads import Uploads
@@ -41,6 +41,7 @@ from fedbus.protocol.messages import (
     STREAM_TYPES,
     Bye,
     End,
+    EndJob,
     Heartbeat,
     Hello,
     JobEvent,
@@ -324,8 +325,14 @@ class Broker:
         elif isinstance(msg, Bye):
             self._site_gone(peer, msg.reason or "said bye")
         elif isinstance(msg, Result):
-            self.launcher.controller(msg.job_id, site.name).on_result(peer, site.name, msg)
+            if not await self._end_if_not_here(peer, site.name, msg.job_id):
+                self.launcher.controller(msg.job_id, site.name).on_result(peer, site.name, msg)
         elif isinstance(msg, JobEvent):
+            # Events trail a job's end and are recorded then; only a job unknown here is ended by one.
+            if msg.event not in ("exited", "crashed") and await self._end_if_not_here(
+                peer, site.name, msg.job_id, causes=("unknown",)
+            ):
+                return
             self._job_event(site.name, msg)
         else:
             raise PeerError(site.name, f"unexpected message type {msg.TYPE!r} from a site")
@@ -367,13 +374,30 @@ class Broker:
             if not is_safe_name(msg.name):
                 raise PeerError(user or peer.hex(), f"invalid site name {msg.name[:64]!r}")
             holds = check_holds(msg.holds, msg.name)
+            held_jobs = check_holds(msg.jobs, msg.name, "job")
             _, arrival = self.registry.hello(peer, msg.name, msg.session, msg.caps, now)
-            log.info("site registered", site=msg.name, arrival=arrival, holds=len(holds))
+            log.info("site registered", site=msg.name, arrival=arrival, holds=len(holds), jobs=len(held_jobs))
         else:
             raise PeerError(user or msg.name[:64], f"unknown role {msg.role[:32]!r}")
         await self.outbox.send(peer, Welcome(self.session, self.config.heartbeat_s, self.config.liveness))
         if msg.role == "site":
+            for job_id in sorted(held_jobs):
+                await self._end_if_not_here(peer, msg.name, job_id)
             await self.launcher.site_arrived(peer, msg.name, arrival, holds)
+
+    async def _end_if_not_here(
+        self, peer: bytes, site: str, job_id: str, causes: tuple[str, ...] = ("unknown", "ended")
+    ) -> bool:
+        """A site named ``job_id``: when the store says it does not run there (``registry.held_job_verdict``, for
+        one of ``causes``), the site is told to end it (``end_job`` with the cause and this session): True."""
+        verdict = held_job_verdict(job_id, self.store.job(job_id), site)
+        if verdict is None or verdict[0] not in causes:
+            return False
+        cause, reason = verdict
+        say = log.warning if cause == "unknown" else log.info  # results trailing a job's end are routine
+        say("a site holds a job the broker does not run there: ending it", site=site, job=job_id, cause=cause)
+        await self.outbox.send(peer, EndJob(job_id, reason, cause=cause, session=self.session))
+        return True
 
     async def _liveness_loop(self) -> None:
         """Declare silent sites gone; runs at the heartbeat period (the liveness clock, not a data poll).
@@ -428,11 +452,12 @@ class Broker:
             c.site_crashed(site, f"{msg.event} with code {msg.code}: {msg.detail[-300:]}")
 
 
-def check_holds(holds: list, site: str) -> frozenset[str]:
-    """A site's ``hello.holds``, checked: at most ``MAX_HELD`` task ids, each a safe name (else PeerError)."""
+def check_holds(holds: list, site: str, what: str = "task") -> frozenset[str]:
+    """A site's ``hello.holds`` (or ``hello.jobs``, ``what="job"``), checked: at most ``MAX_HELD`` ids, each a safe
+    name (else PeerError)."""
     if len(holds) > MAX_HELD:
-        raise PeerError(site, f"hello names {len(holds)} held tasks, more than {MAX_HELD}")
-    for task_id in holds:
-        if not is_safe_name(task_id):
-            raise PeerError(site, f"hello names a held task that is not a task id: {str(task_id)[:80]!r}")
+        raise PeerError(site, f"hello names {len(holds)} held {what}s, more than {MAX_HELD}")
+    for item in holds:
+        if not is_safe_name(item):
+            raise PeerError(site, f"hello names a held {what} that is not a {what} id: {str(item)[:80]!r}")
     return frozenset(holds)

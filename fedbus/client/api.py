@@ -122,9 +122,10 @@ def receive(timeout: float | None = None) -> FLModel | None:
     return _get().receive(timeout)
 
 
-def send(model: FLModel, clear_cache: bool = True) -> None:
-    """Send the task's result; returns when the update is safe at the broker."""
-    _get().send(model, clear_cache)
+def send(model: FLModel, clear_cache: bool = True) -> bool:
+    """Send the task's result: True once the broker has it, False when it was lost on the way (the broker
+    unreachable or refusing it, the job ended meanwhile); raises JobError when the site refuses it."""
+    return _get().send(model, clear_cache)
 
 
 def is_train() -> bool:

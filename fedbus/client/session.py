@@ -268,15 +268,20 @@ class ClientSession:
             self.scaffold.begin(weights, controls)
         return weights
 
-    def send(self, model: FLModel, clear_cache: bool = True) -> None:
-        """Send the current task's result; returns once the site confirms the broker has it.
+    def send(self, model: FLModel, clear_cache: bool = True) -> bool:
+        """Send the current task's result; True once the site confirms the broker has it, False when it was lost.
 
         Raises JobError when the site refuses the result (a params file it cannot read, a privacy filter
         failing: something to fix). An update *lost* on the way (the broker unreachable, or refusing it
-        because the task or job is over) is logged and ``send`` returns: in federated learning a lost
-        update is routine (stragglers, the last updates of a finished job, a broker restart), and a
-        script that crashed over one would drop its site from the job. With ``clear_cache=False`` the task
-        stays current (FLARE's semantics), so ``receive`` returns the same model again.
+        because the task or job is over, or the job ending while it was on its way) is logged and ``send``
+        returns False: in federated learning a lost update is routine (stragglers, the last updates of a
+        finished job, a broker restart), and a script that crashed over one would drop its site from the job;
+        a script that cares (it keeps state per delivered update) reads the result. With ``clear_cache=False``
+        the task stays current (FLARE's semantics), so ``receive`` returns the same model again.
+
+        "The broker has it": a result with params is confirmed once the broker acknowledged its upload (after
+        recording it); a result of metrics only (an evaluation) once the site handed it to a live connection to
+        the broker, which sends no receipt for it.
         """
         link = self._require()
         if not isinstance(model, FLModel):
@@ -285,20 +290,23 @@ class ClientSession:
             self._next_task()
         task = self._current
         if self._ended:
-            return  # the job is over: nobody takes results any more
+            return False  # the job is over: nobody takes results any more
         if task is None:
             raise LocalProtocolError("send() without a task: call is_running()/receive() first")
         result = self._result(task, model)
         link.send(result)
+        delivered = False
         while True:
             msg = link.recv(None, until=lambda: self._ended)
             if msg is None:  # the job ended while the upload was in flight: nothing left to confirm
+                self._logger.warning("the job ended before the broker confirmed the update", task_id=task.task_id)
                 break
             if isinstance(msg, Reply) and msg.rid == 0:
                 if not msg.ok and not msg.data.get("lost"):
                     raise JobError(f"the site refused the result of task {task.task_id}: {msg.error}")
                 if not msg.ok:
                     self._logger.warning("update lost on the way to the broker", task_id=task.task_id, reason=msg.error)
+                delivered = msg.ok
                 break
             self._handle(msg)
         if clear_cache:
@@ -311,6 +319,7 @@ class ClientSession:
             every = TaskOptions.parse(task.options).memory_gc_rounds
             if every and self._trained % every == 0:
                 self._collect()
+        return delivered
 
     def _next_task(self) -> None:
         self._current, self._received, self._taken = self._tasks.popleft(), None, None

@@ -38,7 +38,10 @@ class Hello(Message):
     """A peer introduces itself: a site (data owner), an admin (operator) or a client (training script).
 
     ``holds``: a site's task ids whose answer it still has to deliver (an upload an earlier process began,
-    kept on disk); the broker sends a restarted site again the tasks it does not hold."""
+    kept on disk); the broker sends a restarted site again the tasks it does not hold.
+
+    ``jobs``: a site's job ids, those whose script runs there and those whose upload it holds (at most
+    ``MAX_HELD``); the broker answers ``end_job`` with a ``cause`` for each one it does not run at that site."""
 
     TYPE: ClassVar[str] = "hello"
     role: str
@@ -46,6 +49,7 @@ class Hello(Message):
     session: str
     caps: dict = field(default_factory=dict)
     holds: list = field(default_factory=list)
+    jobs: list = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,13 +190,25 @@ class JobEvent(Message):
     data: dict = field(default_factory=dict)
 
 
+END_CAUSES = ("", "ended", "unknown")
+"""``EndJob.cause``: ``""`` the job just ended; ``ended`` the broker knows it ended before (told again to a site
+that still holds it); ``unknown`` the broker has no record of the job at that site (a workspace replaced, a job
+lost): the site drops it and forgets its kept uploads, as nothing will ever take them."""
+
+
 @dataclass(frozen=True, slots=True)
 class EndJob(Message):
-    """Broker → site → script: the job is over (finished, failed or aborted); stop its script."""
+    """Broker → site → script: the job is over (finished, failed or aborted); stop its script.
+
+    With a ``cause`` (``END_CAUSES``) it answers a site that named a job the broker does not run there (in its
+    hello, or in a message); ``session`` is then the broker session that decided, and a site acts on it only when
+    that is the session that welcomed it (not a verdict of a broker it no longer talks to)."""
 
     TYPE: ClassVar[str] = "end_job"
     job_id: str
     reason: str = ""
+    cause: str = ""
+    session: str = ""
 
 
 # --- model streams (see protocol.stream) ----------------------------------------------------------------

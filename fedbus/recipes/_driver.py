@@ -43,7 +43,8 @@ T = TypeVar("T")
 log = get_logger("recipes")
 CROSS_SITE_FILE = "cross_site_val/cross_val_results.json"
 MAX_STATUS_MISSES = 3
-"""Status requests in a row that may go unanswered (each waits the admin timeout) before a run gives up."""
+"""Status requests in a row that may go unanswered before a run gives up; each waits the admin timeout, sent again
+meanwhile to a broker that restarted (``fedbus.admin``), so a restart within that timeout costs no miss."""
 
 
 class LoopThread:

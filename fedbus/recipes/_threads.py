@@ -68,9 +68,9 @@ class SimSession(ClientSession):
             self._task_started = time.monotonic()  # training time starts once a slot is ours
         return model
 
-    def send(self, model: FLModel, clear_cache: bool = True) -> None:
+    def send(self, model: FLModel, clear_cache: bool = True) -> bool:
         self._release()
-        super().send(model, clear_cache)
+        return super().send(model, clear_cache)
 
     def close(self) -> None:
         self._release()

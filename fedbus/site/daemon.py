@@ -42,6 +42,7 @@ from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import (
+    END_CAUSES,
     MAX_HELD,
     STREAM_TYPES,
     Bye,
@@ -58,9 +59,10 @@ from fedbus.protocol.messages import (
 from fedbus.security import client_keys
 from fedbus.site.child import Launcher, ScriptProcess
 from fedbus.site.filters import Filter, site_filters
+from fedbus.site.folder import remove_leftover_links
 from fedbus.site.runner import JobRunner, RunnerSettings
 from fedbus.site.uplink import Uplink
-from fedbus.site.uploads import held_tasks
+from fedbus.site.uploads import PendingUploads, held_jobs, held_tasks
 from fedbus.transport.context import Context
 from fedbus.transport.curve import handshake_refused
 from fedbus.transport.endpoint import DealerEndpoint, Incoming, io_threads, stream_lanes
@@ -127,6 +129,7 @@ class Site:
         self._liveness = config.liveness
         self._last_heard = 0.0
         self._hello_at = -math.inf
+        self._broker_session: str | None = None  # the session of the broker that welcomed the current hello
         self.background = Background()
         self._session_tasks: list[asyncio.Task] = []
 
@@ -151,6 +154,8 @@ class Site:
 
     async def startup(self) -> None:
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftover_links(self.workspace):  # a killed process of this site left them
+            self.log.info("removed a link folder a killed process of this site left", path=str(leftover))
         self._spawn(self.uplink.flush_loop())
         self.log.info(
             "site starting",
@@ -259,7 +264,9 @@ class Site:
         self.hellos += 1
         caps = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
         holds = held_tasks(self.workspace / "jobs", MAX_HELD)
-        await self._send(Hello(role="site", name=self.name, session=self.session, caps=caps, holds=holds))
+        jobs = sorted({*self.runners, *held_jobs(self.workspace / "jobs")})[:MAX_HELD]
+        self._broker_session = None  # until the welcome: a verdict of no session is not acted on
+        await self._send(Hello(role="site", name=self.name, session=self.session, caps=caps, holds=holds, jobs=jobs))
 
     async def _send(self, msg: Message) -> None:
         try:
@@ -322,6 +329,9 @@ class Site:
             if why is not None:
                 raise RemoteProtocolError(f"task {msg.task_id[:80]!r}: {why}")
         elif isinstance(msg, EndJob):
+            if msg.cause:
+                self._drop(msg)
+                return
             ending = self.runners.get(msg.job_id)
             if ending is None:  # its script already ended here: nothing left to stop
                 self.log.info("end_job for a job not running here", job=msg.job_id[:80])
@@ -334,6 +344,7 @@ class Site:
     async def _welcome(self, msg: Welcome) -> None:
         if 0 < msg.heartbeat_s <= 3600 and 1 <= msg.liveness <= 1000:
             self._heartbeat_s, self._liveness = msg.heartbeat_s, msg.liveness
+        self._broker_session = msg.session
         self.welcomed.set()
         self.log.info("welcomed by the broker", broker_session=msg.session[:64], heartbeat_s=self._heartbeat_s)
         await self.uplink.hub.resume_all()
@@ -345,6 +356,47 @@ class Site:
         since = asyncio.get_running_loop().time() - self._hello_at
         if msg.code == "hello_required" and since >= min(1.0, self._heartbeat_s):
             await self._hello()
+
+    def _drop(self, msg: EndJob) -> None:
+        """The broker does not run this job here (``EndJob.cause``): its script is stopped and what the site kept of
+        it (uploads it would resume) is removed, as nothing will take them; said in the log and the audit. Acted
+        on only when it comes from the broker session that welcomed this site: a verdict of another broker
+        process, or one that raced a new hello, is ignored (the next hello asks again)."""
+        job_id = msg.job_id
+        if msg.cause not in END_CAUSES or not is_safe_name(job_id):
+            raise RemoteProtocolError(f"end_job: cause {msg.cause[:32]!r} for job {job_id[:80]!r} is not valid")
+        if self._broker_session is None or msg.session != self._broker_session:
+            self.log.warning(
+                "end_job from another broker session ignored", job=job_id, cause=msg.cause, session=msg.session[:64]
+            )
+            return
+        runner = self.runners.get(job_id)
+        if runner is None and not any((self.workspace / "jobs" / job_id / "uploads").glob("*.result")):
+            self.log.info("end_job for a job not held here", job=job_id, cause=msg.cause)  # dropped already
+            return
+        if runner is not None and runner.stopping and msg.cause == "ended":  # a result that trailed its end_job
+            self.log.info("end_job for a job ending here already", job=job_id, cause=msg.cause)
+            return
+        self.log.warning(
+            "the broker does not run this job here: dropping it",
+            job=job_id,
+            cause=msg.cause,
+            reason=msg.reason[:300],
+            script_running=runner is not None,
+        )
+        self.audit.record("job_dropped", job=job_id, site=self.name, cause=msg.cause, reason=msg.reason[:300])
+        self._spawn(self._forget(job_id, runner, msg))
+
+    async def _forget(self, job_id: str, runner: JobRunner | None, msg: EndJob) -> None:
+        """Stop the job's script (when it runs) and remove the uploads the site kept of it."""
+        if runner is not None:
+            # A broker that never knew the job takes nothing of it: no grace for a last result, no events.
+            unknown = msg.cause == "unknown"
+            await runner.end(msg.reason, report=not unknown, grace=0.0 if unknown else None)
+            await runner.done.wait()
+        if self.runners.get(job_id) in (None, runner):  # not deployed again meanwhile
+            await asyncio.to_thread(PendingUploads(self.workspace / "jobs" / job_id, max_total=0).clear)
+            self.log.info("job dropped", job=job_id, cause=msg.cause)
 
     def _deploy(self, msg: Deploy, payload: list[memoryview]) -> None:
         if not is_safe_name(msg.job_id):

@@ -18,6 +18,7 @@ upload any file the site's user can read (keys, other jobs' data) under the site
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import stat
@@ -105,10 +106,12 @@ class JobFolder:
         return path
 
     def bind_link(self, ctx: Context) -> RouterEndpoint:
-        """Bind the local link (ipc, mode 0600) for the script to connect to."""
+        """Bind the local link (ipc, mode 0600) for the script to connect to; in a private temp folder named for
+        this site (``link_prefix``) when the job folder's path is too long for a socket."""
         path = self.root / "link.sock"
         if len(str(path)) > MAX_IPC_PATH:
-            self._link_dir = Path(tempfile.mkdtemp(prefix="fedbus-link-"))
+            workspace = self.root.parent.parent
+            self._link_dir = Path(tempfile.mkdtemp(prefix=f"{link_prefix(workspace)}{os.getpid()}-"))
             path = self._link_dir / "link.sock"
         path.unlink(missing_ok=True)  # a socket file left by a killed site
         link = RouterEndpoint.bind(ctx, f"ipc://{path}")
@@ -122,6 +125,42 @@ class JobFolder:
                 self._link_path.unlink()
         if self._link_dir is not None:
             shutil.rmtree(self._link_dir, ignore_errors=True)
+
+
+LINK_DIR = "fedbus-link-"
+
+
+def link_prefix(workspace: Path) -> str:
+    """The start of the names of a site's link folders in the temp folder: ``fedbus-link-TAG-``, TAG naming the
+    site's workspace; the site's PID follows, so that a leftover is known for whose it is."""
+    tag = hashlib.sha256(str(workspace.resolve()).encode()).hexdigest()[:12]
+    return f"{LINK_DIR}{tag}-"
+
+
+def remove_leftover_links(workspace: Path) -> list[Path]:
+    """Remove the link folders a killed process of this site (this workspace) left in the temp folder; a folder of
+    a process still alive (another site on this workspace, or this one) is left alone. Returns those removed."""
+    prefix = link_prefix(workspace)
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        pid_text = path.name.removeprefix(prefix).split("-", 1)[0]
+        if not path.is_dir() or path.is_symlink() or not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to judge
+        return True
+    return True
 
 
 def script_env(*, link: str, token: str, job_id: str, site: str, index: int, count: int, root: Path) -> dict[str, str]:

@@ -140,6 +140,7 @@ class JobRunner:
         self._ready: dict[str, _Ready] = {}
         self._queue: list[str] = []  # ready task ids waiting for the script's hello
         self._stopping = False
+        self._report = True  # whether the script's end is reported to the broker
         self._crash: str | None = None
         self._tasks: set[asyncio.Task] = set()
         self._log_relay: LogRelay | None = None
@@ -212,23 +213,32 @@ class JobRunner:
             event, detail = "crashed", self.proc.tail()
         self.log.info("script ended", outcome=event, code=code)
         self.folder.drop_held()  # files the script took and still held: no mapping of them is left
-        self.bus.report(JobEvent(self.job_id, event, code=code, detail=detail[-4000:]))
+        if self._report:
+            self.bus.report(JobEvent(self.job_id, event, code=code, detail=detail[-4000:]))
 
-    async def end(self, reason: str) -> None:
-        """The broker ended the job: tell the script, give it ``end_grace_s``, then SIGTERM, then SIGKILL."""
+    async def end(self, reason: str, *, report: bool = True, grace: float | None = None) -> None:
+        """The broker ended the job: tell the script, give it ``grace`` (default ``end_grace_s``), then SIGTERM,
+        then SIGKILL. ``report=False``: the script's end is not reported (a broker that never knew the job takes
+        no events)."""
         if self._stopping:
             return
         self._stopping = True
+        self._report = report
         self._expected.clear()
         for r in self._ready.values():
             if r.timer is not None:
                 r.timer.cancel()
-        grace = 0.0
+        wait = 0.0
         if self._script is not None:
             await self._to_script(EndJob(self.job_id, reason))
-            grace = self.settings.end_grace_s
+            wait = self.settings.end_grace_s if grace is None else grace
         if self.proc is not None:
-            await self.proc.stop(grace, self.settings.kill_after_s)
+            await self.proc.stop(wait, self.settings.kill_after_s)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the job is ending here (``end`` or ``kill`` was called)."""
+        return self._stopping
 
     def kill(self) -> None:
         """Stop now, without grace (a forced shutdown)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from fedbus.config import is_safe_name
@@ -56,6 +57,10 @@ class PendingUploads:
         for suffix in (".result", ".safetensors", ".result.tmp"):
             (self.dir / f"{task_id}{suffix}").unlink(missing_ok=True)
 
+    def clear(self) -> None:
+        """Remove every kept upload of this job (the broker will never take them: it dropped the job)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def pending(self, job_id: str) -> list[tuple[Result, ModelSource]]:
         """Uploads a killed process left (unreadable or foreign records are dropped)."""
         out = []
@@ -84,3 +89,9 @@ def held_tasks(jobs_root: Path, limit: int) -> list[str]:
             if is_safe_name(name):
                 found.append((record.stat().st_mtime, name))
     return [name for _, name in sorted(found, reverse=True)[:limit]]
+
+
+def held_jobs(jobs_root: Path) -> set[str]:
+    """The jobs under ``WORKSPACE/jobs`` with an upload an earlier process of this site left (named in its hello's
+    ``jobs``, so that a broker that does not run them any more says so, and the site forgets them)."""
+    return {p.parent.parent.name for p in jobs_root.glob("*/uploads/*.result") if is_safe_name(p.parent.parent.name)}

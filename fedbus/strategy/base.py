@@ -297,6 +297,13 @@ class Strategy(abc.ABC):
         the order the updates were first accepted; it has no task to claim. Only where ``restores_updates``."""
         raise StrategyError(f"{type(self).__name__} does not restore updates: a restart redoes its aggregate")
 
+    def recount(self, updates: Sequence[Mapping[str, Any]], evaluations: int) -> None:
+        """After ``start`` from a checkpoint and before any ``restore``: the job's counters go on from what the
+        broker recorded (``updates``: the store's update records, ``task_id site version accepted staleness
+        reason``; ``evaluations``: evaluation results recorded), so that ``state()`` counts across restarts. Only
+        where ``restores_updates``; the default keeps counting from zero."""
+        del updates, evaluations  # nothing to go on from: this strategy's counters start with each process
+
     @abc.abstractmethod
     def start(self, model: Params, sites: Sequence[str], now: float, *, version: int = 0) -> list[Action]:
         """Begin from ``model`` as global ``version`` (non-zero when resuming from a checkpoint)."""

@@ -173,6 +173,10 @@ class CrossSiteEval(Strategy):
             return super().restore(update)
         return self._from_inner(self.inner.restore(update), self._now)
 
+    def recount(self, updates: Sequence[Mapping[str, Any]], evaluations: int) -> None:
+        if self.inner is not None:
+            self.inner.recount(updates, evaluations)
+
     def state(self) -> dict[str, object]:
         base: dict[str, object] = dict(self.inner.state()) if self.inner is not None else {"strategy": "cross_site"}
         cells = sum(len(row) for row in self._results.values())

@@ -36,9 +36,10 @@ Phases: ``new`` -> ``train`` -> (``evaluate``) -> ``done``.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -236,6 +237,28 @@ class FedBuff(Strategy):
         if update.base_version > self._version:
             return [self._reject(update, f"trained from version {update.base_version}, which the broker lost")]
         return self._train_result(update, update.base_version)
+
+    def recount(self, updates: Sequence[Mapping[str, Any]], evaluations: int) -> None:
+        """The counters of a job resumed from a checkpoint (see ``Strategy.recount``): ``accepted``,
+        ``staleness_hist`` and ``updates_per_version`` count the accepted updates the checkpoint holds (those that
+        landed in it or before: an update accepted at base b with staleness s lands in version b + s + 1; the ones
+        after it come back through ``restore`` and count themselves); ``dropped_stale`` the updates refused as
+        stale; ``evaluated`` the recorded evaluations. ``rejected`` and ``failed_tasks`` count from the restart
+        (the records do not tell a refused update from a failed task)."""
+        if self._phase == "new":
+            raise StrategyError("FedBuff: call start() before recount()")
+        landed = [
+            u
+            for u in updates
+            if u.get("accepted") and isinstance(u.get("version"), int) and isinstance(u.get("staleness"), int)
+        ]
+        landed = [u for u in landed if u["version"] + u["staleness"] + 1 <= self._version]
+        self._totals["accepted"] = len(landed)
+        self._staleness_hist = dict(Counter(u["staleness"] for u in landed))
+        self._updates_per_version = dict(Counter(u["version"] for u in landed))
+        stale = [u for u in updates if not u.get("accepted") and str(u.get("reason", "")).startswith("stale:")]
+        self._totals["dropped_stale"] = len(stale)
+        self._totals["evaluated"] = evaluations
 
     def tick(self, now: float) -> list[Action]:
         return self._events_start(now)

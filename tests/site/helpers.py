@@ -65,6 +65,7 @@ class FakeBroker:
         self.uploads: asyncio.Queue[tuple[Result, BufferSink]] = asyncio.Queue()
         self.results: dict[tuple[bytes, int], Result] = {}
         self.hellos = 0
+        self.last_hello: Hello | None = None
         self.heartbeats: list[float] = []  # the loop's clock at each heartbeat received
         self.peer = b""
         self._reader = asyncio.create_task(self._read())
@@ -79,6 +80,7 @@ class FakeBroker:
                 await self.hub.dispatch(inc.peer, inc.msg, inc.payload)
             elif isinstance(inc.msg, Hello):
                 self.hellos += 1
+                self.last_hello = inc.msg
                 self.peer = inc.peer
                 if self.welcome:
                     self.known.add(inc.peer)
