@@ -150,6 +150,14 @@ class BrokerConfig:
     max_requests_per_s: float = 200.0
     request_burst: int = 400
     max_streams_per_peer: int = 8
+    event_record_kb: float = 128
+    """Largest job event (a metrics record, a batch of output lines) a site may have the broker store."""
+    events_mb_per_site: float = 64
+    """Bytes of job events (rows, metrics records) one site may add to one job's store (fedbus.broker.budgets)."""
+    events_mb_per_job: float = 256
+    logs_mb_per_site: float = 256
+    """Bytes of script output one site may add to ``<job>/logs/<site>.log``."""
+    logs_mb_per_job: float = 1024
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     secret_key: str | None = None
@@ -237,6 +245,11 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_requests_per_s": _positive,
     "request_burst": _at_least(1),
     "max_streams_per_peer": _at_least(1),
+    "event_record_kb": _positive,
+    "events_mb_per_site": _positive,
+    "events_mb_per_job": _positive,
+    "logs_mb_per_site": _positive,
+    "logs_mb_per_job": _positive,
     "metrics_port": _port,
     "metrics_host": _host,
     "secret_key": _nonempty,

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import itertools
 import os
+import shutil
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
@@ -153,12 +154,15 @@ class AdminRequests:
             raise PeerError(who, f"submit: model_bytes must be an int in (0, {max_model}], got {model_bytes!r}")
         job_id = self.store.new_job_id("job")
         folder = self.store.job_dir(job_id)
-        spec = jobs.unpack_job(archive, folder / "files", require_model=False)
-        job_id_final = f"{spec.name}-{job_id.removeprefix('job-')}"
-        folder.rename(self.store.job_dir(job_id_final))
-        job_id = job_id_final
-        (self.store.job_dir(job_id) / "job.zip").write_bytes(archive)
-        self.store.create_job(job_id, spec.name, dataclasses.asdict(spec), state="uploading")
+        try:  # a refused job leaves no folder behind, and no row: the row is written last
+            spec = jobs.unpack_job(archive, folder / "files", require_model=False)
+            job_id = f"{spec.name}-{job_id.removeprefix('job-')}"
+            folder = folder.rename(self.store.job_dir(job_id))
+            (folder / "job.zip").write_bytes(archive)
+            self.store.create_job(job_id, spec.name, dataclasses.asdict(spec), state="uploading")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         self.uploads.expect_model(job_id, peer, model_bytes)
         log.info("job submitted", job=job_id, name=spec.name, strategy=spec.strategy)
         return {"job_id": job_id}
