@@ -1,0 +1,589 @@
+"""``fedbus bench abuse``: a broker serving good sites in a FedBuff job while hostile peers attack it.
+
+A real broker process, with CURVE (keys provisioned for every participant, as a production kit) or in
+plaintext. ``sites`` good sites (``fedbus.bench.scale.SimSite``: the real protocol, an instant DIFF answer to
+every task, no script) train in one process; the attackers run in another, ``attackers`` peers per attack:
+
+* ``refused``: messages the broker must refuse, as fast as it takes them: with CURVE, valid heartbeats from a
+  routing id that is not the key's own; in plaintext, garbage frames before any hello. These peers read.
+* ``bytes``: sites of the job that send the largest job events they may (``log`` text records, ``log_text``
+  batches, events over the record cap) as fast as the broker reads.
+* ``slowloris``: sites of the job whose uploads take credit and never send a chunk.
+* ``reconnect``: connect, hello, disconnect, in a loop.
+* ``nonreading``: stream-type messages (``credit``) before hello, as fast as the socket takes them, never reading.
+
+Each attack has three phases on one running job: ``quiet`` (the baseline), ``attack`` (the attackers at
+work), ``recover`` (they have left: closed their sockets without a word, as a hostile peer would). The
+attackers of the job's own sites (``bytes``, ``slowloris``) are in the job from its start and behave until
+their phase. Figures per attack: the good sites' accepted updates per second in the attack against the quiet
+phase just before it (``ratio``); the seconds from the attackers' leaving until the good sites' rate is back to
+``RECOVERED`` of quiet (``recover_s``, measured over a sliding window); the broker's CPU (CPU s/s) and RSS, and
+the disk growth of its workspace during the attack, against the byte budgets of the profile
+(``events_mb_per_job + logs_mb_per_job``); whether the broker still answers an admin at the end. A broker that
+does not answer within ``PROBE_S`` is reported ``unresponsive`` and replaced (the next attack starts on a new
+broker and job); every wait is bounded, so a hung broker never hangs the bench.
+
+Goals (``ok``): ``ratio >= 0.8``, ``recover_s <= 2``, the broker responsive, and its disk growth within the
+budgets. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import zmq
+
+from fedbus.bench.common import format_report, random_state_dict
+from fedbus.bench.round import _daemon, _free_tcp, _wait_listening
+from fedbus.bench.scale import SimSite
+from fedbus.modelio import serde
+from fedbus.modelio.sources import ModelSource
+from fedbus.protocol.envelope import encode
+from fedbus.protocol.messages import Chunk, Credit, Heartbeat, Hello, JobEvent, Task
+from fedbus.provision import provision
+from fedbus.security import ClientKeys
+from fedbus.transport.context import Context
+
+ATTACKS = ("refused", "bytes", "slowloris", "reconnect", "nonreading")
+INSIDERS = ("bytes", "slowloris")  # attackers that are sites of the job
+RECOVERED = 0.8
+GOAL_RECOVER_S = 2.0
+PROBE_S = 5.0
+"""Seconds an admin waits for the broker's answer before the broker is declared unresponsive."""
+CHUNK = 64 * 1024
+"""The chunk of every stream in the bench (broker profile and sites): a model of several chunks takes an upload
+slot, as every real-sized model does."""
+PROFILE = """heartbeat_s = 0.5
+liveness = 4
+chunk_mb = {chunk_mb}
+keep_versions = 2
+event_record_kb = 128
+events_mb_per_site = 4
+events_mb_per_job = 16
+logs_mb_per_site = 4
+logs_mb_per_job = 16
+"""
+BUDGET_MB = 32  # events_mb_per_job + logs_mb_per_job above
+
+
+# --- the sites (good ones and the job's own attackers) ---------------------------------------------------------
+
+
+class TimedSite(SimSite):
+    """A simulated site that notes when each of its updates was acknowledged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.times: list[float] = []
+
+    async def _answer(self, task: Task) -> None:
+        before = self.updates
+        await super()._answer(task)
+        if self.updates > before:
+            self.times.append(time.time())
+
+
+class Insider(TimedSite):
+    """A site of the job that behaves until its attack starts: then floods job events (``bytes``) or takes upload
+    credit and sends no chunk (``slowloris``); it leaves without a word when the attack ends."""
+
+    def __init__(self, kind: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+        self.attacking = False
+        self.sent = 0
+        self.job_id = ""
+
+    async def send(self, peer: bytes, msg: Any, payload: Any = ()) -> None:
+        if self.attacking and self.kind == "slowloris" and isinstance(msg, Chunk):
+            return  # credit taken, nothing sent
+        await super().send(peer, msg, payload)
+
+    async def _on(self, msg: Any, payload: list[memoryview]) -> None:
+        if isinstance(msg, Task):
+            self.job_id = msg.job_id
+        await super()._on(msg, payload)
+
+    async def flood(self) -> None:
+        text = "x" * (64 * 1024 - 64)
+        lines = [text[:8000]] * 8
+        events = [
+            JobEvent(self.job_id, "log", data={"key": "blob", "value": text, "kind": "text"}),
+            JobEvent(self.job_id, "log_text", data={"lines": lines, "dropped": 0}),
+            JobEvent(self.job_id, "custom", data={"blob": "y" * 200_000}),  # over the record cap
+        ]
+        while self.attacking:
+            await self.send(b"", events[self.sent % len(events)])
+            self.sent += 1
+            if self.sent % 8 == 0:
+                await asyncio.sleep(0)  # its own replies are read: a flooder that reads
+
+
+# --- the attackers from outside the job ---------------------------------------------------------------------
+
+
+def _socket(ctx: zmq.Context, address: str, identity: bytes | None, keys: ClientKeys | None) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if keys is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    sock.connect(address)
+    return sock
+
+
+def _drain(sock: zmq.Socket) -> int:
+    n = 0
+    with contextlib.suppress(zmq.Again):
+        while True:
+            sock.recv_multipart(zmq.NOBLOCK)
+            n += 1
+    return n
+
+
+async def _outsider(kind: str, address: str, name: str, keys: ClientKeys | None, until: float) -> int:
+    """One attacker from outside the job until ``until``; returns the messages (or cycles) it sent."""
+    ctx = zmq.Context.instance()
+    token = keys.routing_token() if keys else secrets.token_hex(6)
+    sent = 0
+    if kind == "reconnect":
+        while time.time() < until:
+            sock = _socket(ctx, address, f"site:{name}:{token}".encode(), keys)
+            with contextlib.suppress(zmq.Again):
+                sock.send(encode(Hello(role="site", name=name, session=secrets.token_hex(8))), zmq.NOBLOCK)
+                sent += 1
+            await asyncio.sleep(0.02)
+            sock.close(0)
+        return sent
+    if kind == "refused":  # with keys: not the key's own routing id; without: garbage
+        sock = _socket(ctx, address, f"site:not-{name}:{token}".encode(), keys)
+        frame = encode(Heartbeat()) if keys else b"\xc1garbage" + os.urandom(32)
+    else:  # nonreading: stream messages before any hello, never reading
+        sock = _socket(ctx, address, None, keys)
+        frame = encode(Credit(sid=1, until=0))
+    while time.time() < until:
+        try:
+            for _ in range(64):
+                sock.send(frame, zmq.NOBLOCK)
+                sent += 1
+        except zmq.Again:
+            await asyncio.sleep(0.001)
+        if kind == "refused":
+            _drain(sock)
+        await asyncio.sleep(0)
+    sock.close(0)
+    return sent
+
+
+# --- the two worker processes --------------------------------------------------------------------------------
+
+
+def _keys(kits: str | None, name: str) -> ClientKeys | None:
+    if kits is None:
+        return None
+    return ClientKeys.load(Path(kits) / name / f"{name}.key_secret", Path(kits) / name / "broker.key")
+
+
+async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """The good sites (``spec["role"] == "good"``) or the attackers: ready, then the phases told on stdin
+    (``go KIND START END`` in wall-clock seconds), until ``stop`` or SIGTERM."""
+    ctx = Context()
+    model = serde.read_file(spec["model"])
+    delta = ModelSource.from_state_dict({k: torch.full_like(v, 1e-3) for k, v in model.items()})
+    address, kits = spec["address"], spec["kits"]
+    sites: list[TimedSite] = []
+    if spec["role"] == "good":
+        names = [f"good-{i}" for i in range(spec["count"])]
+        sites = [TimedSite(n, address, ctx, delta, keys=_keys(kits, n), chunk=CHUNK) for n in names]
+    else:
+        for kind in spec["insiders"]:
+            for i in range(spec["count"]):
+                name = f"{kind}-{i}"
+                sites.append(Insider(kind, name, address, ctx, delta, keys=_keys(kits, name), chunk=CHUNK))
+    runs = {s.name: asyncio.ensure_future(s.run()) for s in sites}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sent: dict[str, int] = {}
+    attacks: list[asyncio.Future] = []
+
+    async def commands() -> None:
+        while True:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line or line.strip() == "stop":
+                stop.set()
+                return
+            _, kind, start, end = line.split()
+            attacks.append(asyncio.ensure_future(_attack(kind, float(start), float(end))))
+
+    async def _attack(kind: str, start: float, end: float) -> None:
+        await asyncio.sleep(max(0.0, start - time.time()))
+        if kind in INSIDERS:
+            mine = [s for s in sites if isinstance(s, Insider) and s.kind == kind]
+            floods = []
+            for s in mine:
+                s.attacking = True
+                if kind == "bytes":
+                    floods.append(asyncio.ensure_future(s.flood()))
+            await asyncio.sleep(max(0.0, end - time.time()))
+            for s in mine:  # they leave without a word
+                s.attacking = False
+                runs[s.name].cancel()
+                s.ep.close()
+            await asyncio.gather(*floods, return_exceptions=True)
+            sent[kind] = sum(s.sent for s in mine)
+            return
+        names = [f"{kind}-{i}" for i in range(spec["count"])]
+        counts = await asyncio.gather(*(_outsider(kind, address, n, _keys(kits, n), end) for n in names))
+        sent[kind] = sum(counts)
+
+    reader = asyncio.ensure_future(commands())
+    await stop.wait()
+    reader.cancel()
+    for task in [*attacks, *runs.values()]:
+        task.cancel()
+    await asyncio.gather(*attacks, *runs.values(), return_exceptions=True)
+    for s in sites:
+        s.ep.close()
+    ctx.term()
+    return {"times": sorted(t for s in sites if s.name.startswith("good-") for t in s.times), "sent": sent}
+
+
+def worker_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = asyncio.run(_worker(spec))
+    Path(spec["out"]).write_text(json.dumps(result))
+
+
+# --- one federation: broker, good sites, insiders, a job ------------------------------------------------------
+
+
+@dataclass
+class Federation:
+    tmp: Path
+    address: str
+    kits: Path | None
+    broker: subprocess.Popen
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    outs: list[Path] = field(default_factory=list)
+    job_id: str = ""
+
+    def tell(self, line: str) -> None:
+        for w in self.workers:
+            if w.poll() is None and w.stdin is not None:
+                with contextlib.suppress(OSError):
+                    w.stdin.write(line + "\n")
+                    w.stdin.flush()
+
+
+def _project(tmp: Path, sites: int, attackers: int) -> Path:
+    names = [f"good-{i}" for i in range(sites)]
+    names += [f"{kind}-{i}" for kind in ATTACKS for i in range(attackers)]
+    parts = "".join(f'[[participant]]\nname = "{n}"\nrole = "site"\n\n' for n in names)
+    project = tmp / "project.toml"
+    project.write_text(
+        f'name = "abuse"\nbroker = "tcp://127.0.0.1:7788"\n\n{parts}[[participant]]\nname = "ops"\nrole = "admin"\n'
+    )
+    provision(project, tmp / "kits")
+    return tmp / "kits"
+
+
+def _spawn_worker(fed: Federation, spec: dict[str, Any], name: str) -> None:
+    out = fed.tmp / f"{name}.json"
+    spec = {**spec, "address": fed.address, "kits": str(fed.kits) if fed.kits else None, "out": str(out)}
+    path = fed.tmp / f"{name}.spec.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedbus.bench.abuse", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    fed.workers.append(proc)
+    fed.outs.append(out)
+
+
+def _admin(fed: Federation) -> Any:
+    from fedbus.admin import Admin
+
+    keys = _keys(str(fed.kits), "ops") if fed.kits else None
+    return Admin(fed.address, keys=keys, name="ops", timeout=PROBE_S)
+
+
+async def _start(
+    tmp: Path, sites: int, attackers: int, insiders: list[str], kits: Path | None, size_kb: float
+) -> Federation:
+    tmp.mkdir(parents=True)
+    model = tmp / "job" / "model.safetensors"
+    model.parent.mkdir()
+    serde.write_file(model, serde.layout(random_state_dict(size_kb / 1024, seed=0)))
+    members = sites + attackers * len(insiders)
+    (tmp / "job" / "client.py").write_text("# simulated sites run no script\n")
+    (tmp / "job" / "job.toml").write_text(
+        f'name = "abuse"\nmodel = "model.safetensors"\n\n[strategy]\nname = "fedbuff"\nconcurrency = {members}\n'
+        f"buffer_size = {max(2, sites // 2)}\ntime_budget = 36000\n\n"
+        f'[script]\npath = "client.py"\nargs = []\n\n[sites]\nmin = {members}\nmax = {members}\n'
+    )
+    cfg = tmp / "broker.toml"
+    profile = PROFILE.format(chunk_mb=CHUNK / (1 << 20))
+    if kits is not None:
+        profile += f'secret_key = "{kits}/broker/broker.key_secret"\nparticipants = "{kits}/broker/participants.toml"\n'
+    cfg.write_text(profile)
+    address = _free_tcp()
+    args = ["broker", "--bind", address, "--workspace", str(tmp / "broker"), "--config", str(cfg)]
+    broker = _daemon(args, tmp / "broker.log", 1, "info")
+    fed = Federation(tmp, address, kits, broker)
+    await asyncio.to_thread(_wait_listening, tmp / "broker.log", broker)
+    common = {"model": str(model), "count": sites}
+    _spawn_worker(fed, {**common, "role": "good"}, "good")
+    _spawn_worker(fed, {**common, "role": "attack", "count": attackers, "insiders": insiders}, "attack")
+    for w in fed.workers:
+        assert w.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(w.stdout.readline), 60)
+        if line.strip() != "ready":
+            raise RuntimeError(f"a bench worker did not start (logs in {tmp})")
+    async with _admin(fed) as admin:
+        fed.job_id = await admin.submit(tmp / "job")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = (await admin.status(fed.job_id))["jobs"][0]
+            if job["version"] >= 1:
+                break
+            if job["state"] in ("finished", "failed", "aborted"):
+                raise RuntimeError(f"the bench job {job['state']}: {job['reason']} (logs in {tmp})")
+            await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError(f"the bench job published nothing in 60 s (logs in {tmp})")
+    return fed
+
+
+def _stop(fed: Federation) -> dict[str, Any]:
+    """Stop the workers (their figures) and the broker: how long it took to exit on SIGTERM."""
+    fed.tell("stop")
+    term = time.monotonic()
+    if fed.broker.poll() is None:
+        fed.broker.send_signal(signal.SIGTERM)
+    try:
+        fed.broker.wait(10)
+        sigterm_s: float | None = round(time.monotonic() - term, 2)
+    except subprocess.TimeoutExpired:
+        fed.broker.kill()
+        fed.broker.wait()
+        sigterm_s = None
+    results = {"times": [], "sent": {}}
+    for w, out in zip(fed.workers, fed.outs, strict=True):
+        try:
+            w.wait(15)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+        if out.exists():
+            got = json.loads(out.read_text())
+            results["times"] += got["times"]
+            results["sent"].update(got["sent"])
+        for pipe in (w.stdin, w.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+    results["times"].sort()
+    return {**results, "sigterm_s": sigterm_s}
+
+
+# --- phases and figures --------------------------------------------------------------------------------------
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+    return total
+
+
+async def _responsive(fed: Federation) -> bool:
+    try:
+        async with asyncio.timeout(PROBE_S * 2):
+            async with _admin(fed) as admin:
+                await admin.status(fed.job_id)
+        return True
+    except Exception:  # any failure to answer in time is the finding
+        return False
+
+
+async def _phases(fed: Federation, kind: str, seconds: float, recover_s: float) -> dict[str, Any]:
+    proc = psutil.Process(fed.broker.pid)
+    q0 = time.time() + 0.5
+    a0, a1 = q0 + seconds, q0 + 2 * seconds
+    end = a1 + recover_s
+    fed.tell(f"go {kind} {a0} {a1}")
+    marks: dict[str, Any] = {}
+    rss_peak = 0
+    while (now := time.time()) < end:
+        try:
+            t = proc.cpu_times()
+            rss = proc.memory_info().rss
+        except psutil.Error:
+            break
+        for name, at in (("q0", q0), ("a0", a0), ("a1", a1)):
+            if name not in marks and now >= at:
+                marks[name] = (t.user + t.system, rss, _du(fed.tmp / "broker"), now)
+        if "a0" in marks and "a1" not in marks:
+            rss_peak = max(rss_peak, rss)
+        await asyncio.sleep(0.1)
+    return {"q0": q0, "a0": a0, "a1": a1, "end": end, "marks": marks, "rss_peak": rss_peak}
+
+
+def _rate(times: list[float], start: float, end: float) -> float:
+    return sum(1 for t in times if start <= t < end) / max(end - start, 1e-9)
+
+
+def _figures(kind: str, times: list[float], ph: dict[str, Any], responsive: bool) -> dict[str, Any]:
+    q0, a0, a1, end, marks = ph["q0"], ph["a0"], ph["a1"], ph["end"], ph["marks"]
+    quiet, attack = _rate(times, q0, a0), _rate(times, a0, a1)
+    window = max(1.0, 10 / quiet) if quiet > 0 else 1.0
+    recover = None
+    t = a1
+    while t + window <= end:
+        if quiet > 0 and _rate(times, t, t + window) >= RECOVERED * quiet:
+            recover = round(t - a1, 2)
+            break
+        t += 0.05
+    out: dict[str, Any] = {
+        "attack": kind,
+        "quiet_ups": round(quiet, 1),
+        "attack_ups": round(attack, 1),
+        "ratio": round(attack / quiet, 2) if quiet > 0 else None,
+        "recover_s": recover,
+        "responsive": responsive,
+    }
+    if "a0" in marks and "a1" in marks:
+        (c0, r0, d0, t0), (c1, _, d1, t1) = marks["a0"], marks["a1"]
+        out["broker_cpu"] = round((c1 - c0) / (t1 - t0), 2)
+        out["rss_mb"] = round(r0 / 2**20, 1)
+        out["rss_growth_mb"] = round((ph["rss_peak"] - r0) / 2**20, 1)
+        out["disk_growth_mb"] = round((d1 - d0) / 2**20, 1)
+        if "q0" in marks:
+            cq, _, dq, tq = marks["q0"]
+            out["quiet_cpu"] = round((c0 - cq) / (t0 - tq), 2)
+            out["quiet_disk_growth_mb"] = round((d0 - dq) / 2**20, 1)
+    else:
+        out["broker_cpu"] = None  # the broker died during the attack
+    out["ok"] = bool(
+        responsive
+        and out["ratio"] is not None
+        and out["ratio"] >= RECOVERED
+        and recover is not None
+        and recover <= GOAL_RECOVER_S
+        and out.get("disk_growth_mb", BUDGET_MB + 1) <= BUDGET_MB + 2 * out.get("quiet_disk_growth_mb", 0) + 1
+    )
+    return out
+
+
+async def _mode(
+    mode: str,
+    attacks: list[str],
+    sites: int,
+    attackers: int,
+    seconds: float,
+    recover_s: float,
+    size_kb: float,
+    tmp: Path,
+) -> list[dict[str, Any]]:
+    kits = _project(tmp, sites, attackers) if mode == "curve" else None
+    rows: list[dict[str, Any]] = []
+    left = list(attacks)
+    n = 0
+    while left:
+        n += 1
+        fed = await _start(tmp / f"{mode}-{n}", sites, attackers, [k for k in left if k in INSIDERS], kits, size_kb)
+        phases: list[tuple[str, dict[str, Any], bool]] = []
+        try:
+            while left:
+                kind = left.pop(0)
+                ph = await _phases(fed, kind, seconds, recover_s)
+                alive = await _responsive(fed)
+                phases.append((kind, ph, alive))
+                if not alive:
+                    break  # the next attack gets a new broker
+        finally:
+            stopped = await asyncio.to_thread(_stop, fed)
+        for kind, ph, alive in phases:
+            row = _figures(kind, stopped["times"], ph, alive)
+            row.update(mode=mode, sent=stopped["sent"].get(kind, 0))
+            rows.append(row)
+        rows[-1]["sigterm_s"] = stopped["sigterm_s"]
+    return rows
+
+
+def run_abuse(
+    *,
+    sites: int = 4,
+    attackers: int = 4,
+    attacks: list[str] | None = None,
+    seconds: float = 5.0,
+    recover_s: float = 4.0,
+    modes: tuple[str, ...] = ("plain", "curve"),
+    size_kb: float = 256,
+) -> tuple[str, dict[str, Any]]:
+    """Run the bench; returns the report (a table, then one JSON line) and its figures."""
+    attacks = list(attacks or ATTACKS)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attacks {unknown}: choose from {', '.join(ATTACKS)}")
+    tmp = Path(tempfile.mkdtemp(prefix="fedbus-bench-abuse-"))
+    rows: list[dict[str, Any]] = []
+    try:
+        for mode in modes:
+            rows += asyncio.run(_mode(mode, attacks, sites, attackers, seconds, recover_s, size_kb, tmp / mode))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures = {
+        "sites": sites,
+        "attackers": attackers,
+        "seconds": seconds,
+        "size_kb": size_kb,
+        "budget_mb": BUDGET_MB,
+        "results": rows,
+        "passed": [f"{r['mode']}:{r['attack']}" for r in rows if r["ok"]],
+        "failed": [f"{r['mode']}:{r['attack']}" for r in rows if not r["ok"]],
+    }
+    table = [
+        ("setup", f"{sites} good sites, {attackers} attackers per kind, {seconds:g} s phases, {size_kb:g} KB model"),
+        *(
+            (
+                f"{r['mode']} {r['attack']}",
+                f"{r['attack_ups']}/{r['quiet_ups']} updates/s (x{r['ratio']}), recover {r['recover_s']} s, "
+                f"cpu {r.get('broker_cpu')}, rss {r.get('rss_mb')} MB (+{r.get('rss_growth_mb')}), "
+                f"disk +{r.get('disk_growth_mb')} MB, "
+                f"{'ok' if r['ok'] else 'FAIL' if r['responsive'] else 'FAIL: broker unresponsive'}",
+            )
+            for r in rows
+        ),
+    ]
+    return format_report(table, figures), figures
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])
