@@ -254,8 +254,8 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             sent[kind] = sum(s.sent for s in mine)
             return
         names = [f"{kind}-{i}" for i in range(spec["count"])]
-        counts = await asyncio.gather(*(_outsider(kind, address, n, _keys(kits, n), end) for n in names))
-        sent[kind] = sum(counts)
+        peers = [asyncio.ensure_future(_outsider(kind, address, n, _keys(kits, n), end)) for n in names]
+        sent[kind] = sum(await asyncio.gather(*peers))
 
     reader = asyncio.ensure_future(commands())
     await stop.wait()
@@ -354,10 +354,10 @@ async def _start(
     args = ["broker", "--bind", address, "--workspace", str(tmp / "broker"), "--config", str(cfg)]
     broker = _daemon(args, tmp / "broker.log", 1, "info")
     fed = Federation(tmp, address, kits, broker)
-    await asyncio.to_thread(_wait_listening, tmp / "broker.log", broker)
-    common = {"model": str(model), "count": sites}
+    common = {"model": str(model), "count": sites}  # the workers start with the broker: their sites dial until it binds
     _spawn_worker(fed, {**common, "role": "good"}, "good")
     _spawn_worker(fed, {**common, "role": "attack", "count": attackers, "insiders": insiders}, "attack")
+    await asyncio.to_thread(_wait_listening, tmp / "broker.log", broker)
     for w in fed.workers:
         assert w.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(w.stdout.readline), 60)
@@ -511,6 +511,7 @@ async def _mode(
     size_kb: float,
     tmp: Path,
 ) -> list[dict[str, Any]]:
+    tmp.mkdir(parents=True, exist_ok=True)
     kits = _project(tmp, sites, attackers) if mode == "curve" else None
     rows: list[dict[str, Any]] = []
     left = list(attacks)
