@@ -147,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     abm = ab.add_mutually_exclusive_group()
     abm.add_argument("--curve", dest="modes", action="store_const", const=("curve",), help="only with CurveZMQ")
     abm.add_argument("--plain", dest="modes", action="store_const", const=("plain",), help="only in plaintext")
+    ab.add_argument(
+        "--shared", action="store_true", help="one broker takes every attack in turn (default: a broker per attack)"
+    )
+    ab.add_argument(
+        "--attacker-nice",
+        type=int,
+        choices=range(20),
+        default=10,
+        metavar="0-19",
+        help="niceness of the attackers' process (they stand in for other machines; 0: equal shares)",
+    )
     ab.add_argument("--json", action="store_true", help="print only the JSON figures")
     sk = bsub.add_parser("soak", help="a FedBuff job on site processes under random SIGKILLs of sites and the broker")
     sk.add_argument("--sites", type=_positive_int, default=20)
@@ -302,6 +313,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 recover_s=args.recover_s,
                 modes=args.modes or ("plain", "curve"),
                 size_kb=args.size_kb,
+                fresh=not args.shared,
+                attacker_nice=args.attacker_nice,
             )
             sys.stdout.write((json.dumps(figures) if args.json else report) + "\n")
             return 1 if figures["failed"] else 0

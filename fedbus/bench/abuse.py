@@ -161,7 +161,7 @@ def _drain(sock: zmq.Socket) -> int:
 
 async def _outsider(kind: str, address: str, name: str, keys: ClientKeys | None, until: float) -> int:
     """One attacker from outside the job until ``until``; returns the messages (or cycles) it sent."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     token = keys.routing_token() if keys else secrets.token_hex(6)
     sent = 0
     if kind == "reconnect":
@@ -271,6 +271,8 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("nice"):
+        os.nice(spec["nice"])
     result = asyncio.run(_worker(spec))
     Path(spec["out"]).write_text(json.dumps(result))
 
@@ -313,13 +315,15 @@ def _spawn_worker(fed: Federation, spec: dict[str, Any], name: str) -> None:
     spec = {**spec, "address": fed.address, "kits": str(fed.kits) if fed.kits else None, "out": str(out)}
     path = fed.tmp / f"{name}.spec.json"
     path.write_text(json.dumps(spec))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedbus.bench.abuse", str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    with open(fed.tmp / f"{name}.log", "w") as err:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedbus.bench.abuse", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     fed.workers.append(proc)
     fed.outs.append(out)
 
@@ -332,7 +336,7 @@ def _admin(fed: Federation) -> Any:
 
 
 async def _start(
-    tmp: Path, sites: int, attackers: int, insiders: list[str], kits: Path | None, size_kb: float
+    tmp: Path, sites: int, attackers: int, insiders: list[str], kits: Path | None, size_kb: float, nice: int
 ) -> Federation:
     tmp.mkdir(parents=True)
     model = tmp / "job" / "model.safetensors"
@@ -356,7 +360,7 @@ async def _start(
     fed = Federation(tmp, address, kits, broker)
     common = {"model": str(model), "count": sites}  # the workers start with the broker: their sites dial until it binds
     _spawn_worker(fed, {**common, "role": "good"}, "good")
-    _spawn_worker(fed, {**common, "role": "attack", "count": attackers, "insiders": insiders}, "attack")
+    _spawn_worker(fed, {**common, "role": "attack", "count": attackers, "insiders": insiders, "nice": nice}, "attack")
     await asyncio.to_thread(_wait_listening, tmp / "broker.log", broker)
     for w in fed.workers:
         assert w.stdout is not None
@@ -391,7 +395,8 @@ def _stop(fed: Federation) -> dict[str, Any]:
         fed.broker.kill()
         fed.broker.wait()
         sigterm_s = None
-    results = {"times": [], "sent": {}}
+    times: list[float] = []
+    sent: dict[str, int] = {}
     for w, out in zip(fed.workers, fed.outs, strict=True):
         try:
             w.wait(15)
@@ -400,14 +405,13 @@ def _stop(fed: Federation) -> dict[str, Any]:
             w.wait()
         if out.exists():
             got = json.loads(out.read_text())
-            results["times"] += got["times"]
-            results["sent"].update(got["sent"])
+            times += got["times"]
+            sent.update(got["sent"])
         for pipe in (w.stdin, w.stdout):
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
-    results["times"].sort()
-    return {**results, "sigterm_s": sigterm_s}
+    return {"times": sorted(times), "sent": sent, "sigterm_s": sigterm_s}
 
 
 # --- phases and figures --------------------------------------------------------------------------------------
@@ -501,29 +505,26 @@ def _figures(kind: str, times: list[float], ph: dict[str, Any], responsive: bool
     return out
 
 
-async def _mode(
-    mode: str,
-    attacks: list[str],
-    sites: int,
-    attackers: int,
-    seconds: float,
-    recover_s: float,
-    size_kb: float,
-    tmp: Path,
-) -> list[dict[str, Any]]:
+async def _mode(mode: str, attacks: list[str], opts: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
+    """Every attack in ``mode``: on one broker and job (a new one after a broker stopped answering), or each on
+    its own (``fresh``)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    kits = _project(tmp, sites, attackers) if mode == "curve" else None
+    kits = _project(tmp, opts["sites"], opts["attackers"]) if mode == "curve" else None
     rows: list[dict[str, Any]] = []
     left = list(attacks)
     n = 0
     while left:
         n += 1
-        fed = await _start(tmp / f"{mode}-{n}", sites, attackers, [k for k in left if k in INSIDERS], kits, size_kb)
+        batch = left[:1] if opts["fresh"] else left
+        insiders = [k for k in batch if k in INSIDERS]
+        fed = await _start(
+            tmp / f"{mode}-{n}", opts["sites"], opts["attackers"], insiders, kits, opts["size_kb"], opts["nice"]
+        )
         phases: list[tuple[str, dict[str, Any], bool]] = []
         try:
-            while left:
-                kind = left.pop(0)
-                ph = await _phases(fed, kind, seconds, recover_s)
+            for kind in list(batch):
+                left.remove(kind)
+                ph = await _phases(fed, kind, opts["seconds"], opts["recover_s"])
                 alive = await _responsive(fed)
                 phases.append((kind, ph, alive))
                 if not alive:
@@ -547,17 +548,33 @@ def run_abuse(
     recover_s: float = 4.0,
     modes: tuple[str, ...] = ("plain", "curve"),
     size_kb: float = 256,
+    fresh: bool = True,
+    attacker_nice: int = 10,
 ) -> tuple[str, dict[str, Any]]:
-    """Run the bench; returns the report (a table, then one JSON line) and its figures."""
+    """Run the bench; returns the report (a table, then one JSON line) and its figures. ``fresh``: each attack on
+    a broker and job of its own (else one broker takes them in turn: quicker, each quiet phase then follows the
+    previous attack's recovery). ``attacker_nice``: the attackers' process niceness (0-19): they stand in for
+    peers on other machines, which a broker sharing cores with them would otherwise lose CPU to."""
+    if not 0 <= attacker_nice <= 19:
+        raise ValueError(f"attacker_nice must be in [0, 19], got {attacker_nice}")
     attacks = list(attacks or ATTACKS)
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attacks {unknown}: choose from {', '.join(ATTACKS)}")
+    opts = {
+        "sites": sites,
+        "attackers": attackers,
+        "seconds": seconds,
+        "recover_s": recover_s,
+        "size_kb": size_kb,
+        "fresh": fresh,
+        "nice": attacker_nice,
+    }
     tmp = Path(tempfile.mkdtemp(prefix="fedbus-bench-abuse-"))
     rows: list[dict[str, Any]] = []
     try:
         for mode in modes:
-            rows += asyncio.run(_mode(mode, attacks, sites, attackers, seconds, recover_s, size_kb, tmp / mode))
+            rows += asyncio.run(_mode(mode, attacks, opts, tmp / mode))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figures = {
@@ -566,6 +583,8 @@ def run_abuse(
         "seconds": seconds,
         "size_kb": size_kb,
         "budget_mb": BUDGET_MB,
+        "fresh": fresh,
+        "attacker_nice": attacker_nice,
         "results": rows,
         "passed": [f"{r['mode']}:{r['attack']}" for r in rows if r["ok"]],
         "failed": [f"{r['mode']}:{r['attack']}" for r in rows if not r["ok"]],

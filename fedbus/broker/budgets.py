@@ -92,16 +92,24 @@ class ByteBudgets:
 
     # --- charging -------------------------------------------------------------------------------------------
 
+    def fits(self, job: str, site: str, kind: str, size: int) -> bool:
+        """Whether a record of ``size`` bytes would be charged (a caller with a cheap lower bound of a record's
+        size learns from it that an exact sizing is not needed: the record is refused either way)."""
+        return self._over(job, site, kind, size) is None
+
+    def _over(self, job: str, site: str, kind: str, size: int) -> str | None:
+        limits = self.limits[kind]
+        if size > self.max_record:
+            return f"a {kind} record of {size} bytes or more is over the broker's cap of {self.max_record} bytes"
+        if self.used(job, kind, site) + size > limits.per_site:
+            return f"site {site!r} is over its {kind} budget of {limits.per_site} bytes in job {job!r}"
+        if self.used(job, kind) + size > limits.per_job:
+            return f"job {job!r} is over its {kind} budget of {limits.per_job} bytes (all its sites)"
+        return None
+
     def charge(self, job: str, site: str, kind: str, size: int, now: float) -> Refusal | None:
         """Charge a record of ``size`` bytes, or refuse it (None: charged, store it)."""
-        limits = self.limits[kind]
-        reason = None
-        if size > self.max_record:
-            reason = f"a {kind} record of {size} bytes is over the broker's cap of {self.max_record} bytes"
-        elif self.used(job, kind, site) + size > limits.per_site:
-            reason = f"site {site!r} is over its {kind} budget of {limits.per_site} bytes in job {job!r}"
-        elif self.used(job, kind) + size > limits.per_job:
-            reason = f"job {job!r} is over its {kind} budget of {limits.per_job} bytes (all its sites)"
+        reason = self._over(job, site, kind, size)
         if reason is None:
             self._add(job, site, kind, size)
             return None

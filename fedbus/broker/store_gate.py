@@ -64,6 +64,19 @@ def stored_size(msg: JobEvent) -> tuple[str, int]:
     return EVENTS, len(row)
 
 
+def size_floor(msg: JobEvent) -> tuple[str, int]:
+    """A cheap lower bound of ``stored_size``: the lengths of the event's strings at the top of its data (and
+    one level down). A record this bound already refuses is never serialized to be measured."""
+    if msg.event == "log_text":
+        return stored_size(msg)  # as cheap as a bound
+    floor = min(len(msg.detail), 2000)
+    for key, value in msg.data.items():
+        floor += len(key) if isinstance(key, str) else 0
+        values = value.values() if isinstance(value, dict) else (value,)
+        floor += sum(len(v) for v in values if isinstance(v, str | bytes))
+    return EVENTS, floor
+
+
 class StoreGate:
     """Charges each site's ``job_event`` to the byte budgets before the broker stores it."""
 
@@ -86,12 +99,14 @@ class StoreGate:
 
     def admit(self, job_id: str, site: str, msg: JobEvent) -> bool:
         """Whether the event may be stored (charged if so); a refusal is told, logged and audited sparingly."""
-        try:
-            kind, size = stored_size(msg)
-        except ValueError as exc:
-            raise PeerError(site, str(exc)) from exc
         if not self.budgets.seeded(job_id):
             self._seed(job_id)
+        kind, size = size_floor(msg)
+        if self.budgets.fits(job_id, site, kind, size):  # then measured exactly (a flood over budget is not)
+            try:
+                kind, size = stored_size(msg)
+            except ValueError as exc:
+                raise PeerError(site, str(exc)) from exc
         refusal = self.budgets.charge(job_id, site, kind, size, self.clock())
         if refusal is None:
             return True

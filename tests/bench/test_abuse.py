@@ -24,7 +24,7 @@ def _check(figures: dict, modes: list[str], attacks: list[str]) -> None:
 
 def test_every_attack_reports_its_figures() -> None:
     """One broker with CURVE (the production setting) for every attack kind: a phase of half a second each."""
-    report, figures = run_abuse(sites=2, attackers=1, seconds=0.5, recover_s=1.0, modes=("curve",))
+    report, figures = run_abuse(sites=2, attackers=1, seconds=0.5, recover_s=1.0, modes=("curve",), fresh=False)
     _check(figures, ["curve"], list(ATTACKS))
     assert report.splitlines()[0].startswith("setup")
     assert figures["results"][-1]["sigterm_s"] is None or figures["results"][-1]["sigterm_s"] > 0

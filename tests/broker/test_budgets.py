@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedbus.broker.budgets import EVENTS, LOGS, ByteBudgets, Limits
-from fedbus.broker.store_gate import budgets_of, stored_size
+from fedbus.broker.store_gate import budgets_of, size_floor, stored_size
 from fedbus.config import BrokerConfig
 from fedbus.protocol.messages import JobEvent
 
@@ -103,3 +103,16 @@ def test_the_profile_sets_the_budgets() -> None:
     assert b.max_record == 2048
     assert b.limits[EVENTS] == Limits(1 << 20, 3 << 20)
     assert b.limits[LOGS].per_site == 1 << 19
+
+
+def test_the_size_floor_is_a_lower_bound_that_spares_measuring_a_refused_record() -> None:
+    for msg in (
+        JobEvent("j", "log", data={"key": "blob", "value": "x" * 5000, "kind": "text"}),
+        JobEvent("j", "custom", detail="d" * 3000, data={"a": {"b": "y" * 100, "c": 1}, "z": [1, 2]}),
+        JobEvent("j", "log_text", data={"lines": ["ab", "c"], "dropped": 0}),
+    ):
+        kind, floor = size_floor(msg)
+        assert (kind, 0) < (kind, floor) <= stored_size(msg)
+    b = budgets()
+    assert not b.fits("j", "a", EVENTS, 41)  # over the cap: refused before any exact sizing
+    assert b.fits("j", "a", EVENTS, 40) and b.used("j", EVENTS) == 0  # asking charges nothing
