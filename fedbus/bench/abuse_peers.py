@@ -4,8 +4,8 @@
   task) that notes when each of its updates was acknowledged.
 * ``Insider``: an attacker that is a site of the job: it behaves until its attack starts, then floods job events
   (``bytes``) or takes upload credit and sends no chunk (``slowloris``), and leaves without a word at the end.
-* ``_outsider``: an attacker from outside the job (``refused``, ``reconnect``, ``nonreading``) on a raw
-  DEALER socket, so that it reads, or not, exactly as it means to.
+* ``_outsider``: an attacker from outside the job (``refused``, ``reconnect``, ``nonreading``) on a DEALER
+  endpoint of its own that it reads, or not, exactly as it means to.
 
 A worker (``python -m fedbus.bench.abuse_peers SPEC.json``) starts its peers, says ``ready`` on stdout, then
 takes ``go KIND START END`` lines (wall-clock seconds) on stdin until ``stop`` or SIGTERM, and writes its
@@ -26,15 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import zmq
 
 from fedbus.bench.scale import SimSite
+from fedbus.errors import FedbusError
 from fedbus.modelio import serde
 from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.envelope import encode
 from fedbus.protocol.messages import Chunk, Credit, Heartbeat, Hello, JobEvent, Task
 from fedbus.security import ClientKeys
 from fedbus.transport.context import Context
+from fedbus.transport.endpoint import DealerEndpoint
 
 INSIDERS = ("bytes", "slowloris")  # attackers that are sites of the job
 CHUNK = 64 * 1024
@@ -97,59 +98,59 @@ class Insider(TimedSite):
 # --- the attackers from outside the job ---------------------------------------------------------------------
 
 
-def _socket(ctx: zmq.Context, address: str, identity: bytes | None, keys: ClientKeys | None) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if identity:
-        sock.setsockopt(zmq.ROUTING_ID, identity)
-    if keys is not None:
-        sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
-    sock.connect(address)
-    return sock
-
-
-def _drain(sock: zmq.Socket) -> int:
-    n = 0
-    with contextlib.suppress(zmq.Again):
-        while True:
-            sock.recv_multipart(zmq.NOBLOCK)
-            n += 1
-    return n
-
-
-async def _outsider(kind: str, address: str, name: str, keys: ClientKeys | None, until: float) -> int:
-    """One attacker from outside the job until ``until``; returns the messages (or cycles) it sent."""
-    ctx: zmq.Context = zmq.Context.instance()
-    token = keys.routing_token() if keys else secrets.token_hex(6)
+async def _blast(ep: DealerEndpoint, frames: list[bytes], until: float, *, read: bool) -> int:
+    """Send ``frames`` over and over until ``until`` (a full queue waits, bounded by ``until``); ``read``: take
+    what the broker answers, else leave it unread. Returns how many messages went."""
     sent = 0
-    if kind == "reconnect":
+    reader = asyncio.ensure_future(_drain(ep)) if read else None
+    try:
+        async with asyncio.timeout(max(0.0, until - time.time())):  # one deadline: cheaper than one per send
+            while True:
+                try:
+                    await ep.send_raw(frames)
+                except FedbusError:
+                    await asyncio.sleep(0.001)
+                    continue
+                sent += 1
+                if sent % 256 == 0:
+                    await asyncio.sleep(0)  # the worker's other peers get their turn
+    except TimeoutError:
+        pass
+    finally:
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    return sent
+
+
+async def _drain(ep: DealerEndpoint) -> None:
+    while True:
+        with contextlib.suppress(FedbusError):
+            await ep.recv()
+
+
+async def _outsider(kind: str, address: str, name: str, keys: ClientKeys | None, ctx: Context, until: float) -> int:
+    """One attacker from outside the job until ``until``; returns the messages (or cycles) it sent."""
+    token = keys.routing_token() if keys else secrets.token_hex(6)
+    curve = keys.as_tuple() if keys else None
+    if kind == "reconnect":  # connect, hello, disconnect
+        cycles = 0
         while time.time() < until:
-            sock = _socket(ctx, address, f"site:{name}:{token}".encode(), keys)
-            with contextlib.suppress(zmq.Again):
-                sock.send(encode(Hello(role="site", name=name, session=secrets.token_hex(8))), zmq.NOBLOCK)
-                sent += 1
+            ep = DealerEndpoint.connect(ctx, address, identity=f"site:{name}:{token}".encode(), curve=curve)
+            with contextlib.suppress(TimeoutError, FedbusError):
+                await asyncio.wait_for(ep.send(b"", Hello(role="site", name=name, session=secrets.token_hex(8))), 1)
+                cycles += 1
             await asyncio.sleep(0.02)
-            sock.close(0)
-        return sent
-    if kind == "refused":  # with keys: not the key's own routing id; without: garbage
-        sock = _socket(ctx, address, f"site:not-{name}:{token}".encode(), keys)
+            ep.close()
+        return cycles
+    if kind == "refused":  # with keys: not the key's own routing id; without: garbage before hello
+        ep = DealerEndpoint.connect(ctx, address, identity=f"site:not-{name}:{token}".encode(), curve=curve)
         frame = encode(Heartbeat()) if keys else b"\xc1garbage" + os.urandom(32)
+        sent = await _blast(ep, [frame], until, read=True)
     else:  # nonreading: stream messages before any hello, never reading
-        sock = _socket(ctx, address, None, keys)
-        frame = encode(Credit(sid=1, until=0))
-    while time.time() < until:
-        try:
-            for _ in range(64):
-                sock.send(frame, zmq.NOBLOCK)
-                sent += 1
-        except zmq.Again:
-            await asyncio.sleep(0.001)
-        if kind == "refused":
-            _drain(sock)
-        await asyncio.sleep(0)
-    sock.close(0)
+        ep = DealerEndpoint.connect(ctx, address, curve=curve)
+        sent = await _blast(ep, [encode(Credit(sid=1, until=0))], until, read=False)
+    ep.close()
     return sent
 
 
@@ -215,7 +216,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             sent[kind] = sum(s.sent for s in mine)
             return
         names = [f"{kind}-{i}" for i in range(spec["count"])]
-        peers = [asyncio.ensure_future(_outsider(kind, address, n, keys_of(kits, n), end)) for n in names]
+        peers = [asyncio.ensure_future(_outsider(kind, address, n, keys_of(kits, n), ctx, end)) for n in names]
         sent[kind] = sum(await asyncio.gather(*peers))
 
     reader = asyncio.ensure_future(commands())
