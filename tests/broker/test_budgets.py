@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from fedbus.audit import read_audit
 from fedbus.broker.budgets import EVENTS, LOGS, ByteBudgets, Limits
-from fedbus.broker.store_gate import budgets_of, size_floor, stored_size
+from fedbus.broker.guard import Guard
+from fedbus.broker.metrics import Metrics
+from fedbus.broker.outbox import Outbox
+from fedbus.broker.registry import Registry
+from fedbus.broker.store import JobStore
+from fedbus.broker.store_gate import StoreGate, budgets_of, size_floor, stored_size
 from fedbus.config import BrokerConfig
 from fedbus.protocol.messages import JobEvent
 
@@ -116,3 +124,31 @@ def test_the_size_floor_is_a_lower_bound_that_spares_measuring_a_refused_record(
     b = budgets()
     assert not b.fits("j", "a", EVENTS, 41)  # over the cap: refused before any exact sizing
     assert b.fits("j", "a", EVENTS, 40) and b.used("j", EVENTS) == 0  # asking charges nothing
+
+
+def test_a_restarted_broker_starts_a_jobs_budgets_from_what_its_store_holds(tmp_path: Path) -> None:
+    """No sockets: the gate over a real workspace (SQLite and a log file), as a broker restarted on it sees it."""
+    config = BrokerConfig(workspace=str(tmp_path), events_mb_per_site=0.01, logs_mb_per_site=0.01)
+    store = JobStore(tmp_path)
+    guard = Guard(config, tmp_path)
+    try:
+        store.create_job("j", "tiny", {})
+        store.record_event("j", "a", "log", {"key": "t", "value": "x" * 9000})
+        store.record_cross_site("j", "a", "m", 1, {"x": 1.0})  # the broker's own record: not the site's bytes
+        (store.job_dir("j") / "logs").mkdir(parents=True)
+        (store.job_dir("j") / "logs" / "a.log").write_text("y" * 10_000)
+        told: list[object] = []
+        outbox = Outbox(Registry(1.0, 5), guard, Metrics())
+        gate = StoreGate(config, store, outbox=outbox, guard=guard, spawn=told.append, clock=lambda: 0.0)
+        small = JobEvent("j", "log", data={"key": "t", "value": "x" * 2000})
+        assert not gate.admit("j", "a", small)  # 9 KB stored + 2 KB > 10,485 bytes
+        assert gate.admit("j", "b", small)  # another site has its own budget
+        assert not gate.admit("j", "a", JobEvent("j", "log_text", data={"lines": ["z" * 500], "dropped": 0}))
+        assert gate.admit("j", "a", JobEvent("j", "log_text", data={"lines": ["z" * 200], "dropped": 0}))
+        assert told == []  # site a is not connected: nobody to tell
+        guard.audit.flush()
+        refusals = [r for r in read_audit(tmp_path / "audit.jsonl") if r["kind"] == "refused"]
+        assert [r["by"] for r in refusals] == ["a", "a"] and all("budget" in r["reason"] for r in refusals)
+    finally:
+        guard.close()
+        store.close()
