@@ -138,6 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
     fz.add_argument(
         "--target", choices=("envelope", "chunk", "header", "job", "config", "cli", "broker", "all"), default="all"
     )
+    ab = bsub.add_parser("abuse", help="hostile peers of every kind against a broker serving good sites' FedBuff job")
+    ab.add_argument("--sites", type=_positive_int, default=4, help="good sites")
+    ab.add_argument("--attackers", type=_positive_int, default=4, help="hostile peers of each kind")
+    ab.add_argument(
+        "--attacks",
+        default="refused,bytes,slowloris,reconnect,nonreading",
+        help="comma-separated: refused, bytes, slowloris, reconnect, nonreading",
+    )
+    ab.add_argument("--seconds", type=_positive_float, default=5.0, help="each of the quiet and attack phases")
+    ab.add_argument("--recover-s", type=_positive_float, default=4.0, help="the phase after the attackers left")
+    ab.add_argument("--size-kb", type=_positive_float, default=256, help="the job's model")
+    abm = ab.add_mutually_exclusive_group()
+    abm.add_argument("--curve", dest="modes", action="store_const", const=("curve",), help="only with CurveZMQ")
+    abm.add_argument("--plain", dest="modes", action="store_const", const=("plain",), help="only in plaintext")
+    ab.add_argument(
+        "--shared", action="store_true", help="one broker takes every attack in turn (default: a broker per attack)"
+    )
+    ab.add_argument(
+        "--attacker-nice",
+        type=int,
+        choices=range(20),
+        default=10,
+        metavar="0-19",
+        help="niceness of the attackers' process (they stand in for other machines; 0: equal shares)",
+    )
+    ab.add_argument("--json", action="store_true", help="print only the JSON figures")
     sk = bsub.add_parser("soak", help="a FedBuff job on site processes under random SIGKILLs of sites and the broker")
     sk.add_argument("--sites", type=_positive_int, default=20)
     sk.add_argument("--minutes", type=_positive_float, default=10.0)
@@ -285,6 +311,22 @@ def _dispatch(args: argparse.Namespace) -> int:
             report, figures = run_fuzz(args.inputs, args.seed, args.target)
             sys.stdout.write(report + "\n")
             return 1 if figures["findings"] else 0
+        elif args.bench == "abuse":
+            from fedbus.bench.abuse import run_abuse
+
+            report, figures = run_abuse(
+                sites=args.sites,
+                attackers=args.attackers,
+                attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
+                seconds=args.seconds,
+                recover_s=args.recover_s,
+                modes=args.modes or ("plain", "curve"),
+                size_kb=args.size_kb,
+                fresh=not args.shared,
+                attacker_nice=args.attacker_nice,
+            )
+            sys.stdout.write((json.dumps(figures) if args.json else report) + "\n")
+            return 1 if figures["failed"] else 0
         else:
             from fedbus.bench.soak import run_soak
 

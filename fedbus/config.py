@@ -155,6 +155,14 @@ class BrokerConfig:
     peer_queue: int = 10_000  # messages queued to one peer before more are dropped (fedbus.transport.overflow)
     stuck_peer_s: float = 10.0  # a peer whose queue stays full this long is cut off ...
     stuck_peer_cooldown_s: float = 60.0  # ... for this long (with CURVE its key is refused meanwhile)
+    event_record_kb: float = 128
+    """Largest job event (a metrics record, a batch of output lines) a site may have the broker store."""
+    events_mb_per_site: float = 64
+    """Bytes of job events (rows, metrics records) one site may add to one job's store (fedbus.broker.budgets)."""
+    events_mb_per_job: float = 256
+    logs_mb_per_site: float = 256
+    """Bytes of script output one site may add to ``<job>/logs/<site>.log``."""
+    logs_mb_per_job: float = 1024
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     secret_key: str | None = None
@@ -247,6 +255,11 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "peer_queue": _at_least(100),
     "stuck_peer_s": _positive,
     "stuck_peer_cooldown_s": _positive,
+    "event_record_kb": _positive,
+    "events_mb_per_site": _positive,
+    "events_mb_per_job": _positive,
+    "logs_mb_per_site": _positive,
+    "logs_mb_per_job": _positive,
     "metrics_port": _port,
     "metrics_host": _host,
     "secret_key": _nonempty,

@@ -51,9 +51,10 @@ from fedbus.modelio.sinks import BufferSink
 from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import STREAM_TYPES, Deploy, EndJob, Heartbeat, Hello, Offer, Result, Task, Welcome
+from fedbus.security import ClientKeys
 from fedbus.transport.context import Context
 from fedbus.transport.endpoint import DealerEndpoint
-from fedbus.transport.streams import StreamHub
+from fedbus.transport.streams import DEFAULT_CHUNK, StreamHub
 
 
 class SimSite:
@@ -61,10 +62,22 @@ class SimSite:
 
     Heartbeats follow the site daemon's rule: one only after a period with no message either way."""
 
-    def __init__(self, name: str, address: str, ctx: Context, delta: ModelSource) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        ctx: Context,
+        delta: ModelSource,
+        *,
+        keys: ClientKeys | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        """``keys``: a CURVE site's (its routing id then carries its key's token); ``chunk``: its uploads' chunk."""
         self.name = name
-        self.ep = DealerEndpoint.connect(ctx, address, identity=b"site:" + name.encode())
-        self.hub = StreamHub(self, on_offer=self._on_offer)
+        identity = b"site:" + name.encode() + (b":" + keys.routing_token().encode() if keys else b"")
+        curve = keys.as_tuple() if keys else None
+        self.ep = DealerEndpoint.connect(ctx, address, identity=identity, curve=curve)
+        self.hub = StreamHub(self, on_offer=self._on_offer, chunk_size=chunk)
         self.delta = delta
         self.tasks: dict[int, Task] = {}
         self.rtts: list[tuple[float, float]] = []  # (wall time, round trip s)

@@ -161,17 +161,21 @@ class AdminRequests:
             raise PeerError(who, f"submit: submit_key must be 8 lowercase hex digits, got {str(key)[:40]!r}")
         job_id = self.store.new_job_id("job")
         folder = self.store.job_dir(job_id)
-        spec = jobs.unpack_job(archive, folder / "files", require_model=False)
-        job_id_final = f"{spec.name}-{key or job_id.removeprefix('job-')}"
-        if key is not None:
-            again = resubmit(self.store, self.uploads, peer, folder, job_id_final, archive, model_bytes)
-            if again is not None:
-                return again
-        folder.rename(self.store.job_dir(job_id_final))
-        job_id = job_id_final
-        (self.store.job_dir(job_id) / "job.zip").write_bytes(archive)
-        await asyncio.to_thread(self.store.sync_files, self.store.job_dir(job_id))  # durable before the reply
-        self.store.create_job(job_id, spec.name, dataclasses.asdict(spec), state="uploading")
+        try:  # a refused job leaves no folder behind, and no row: the row is written last
+            spec = jobs.unpack_job(archive, folder / "files", require_model=False)
+            job_id_final = f"{spec.name}-{key or job_id.removeprefix('job-')}"
+            if key is not None:
+                again = resubmit(self.store, self.uploads, peer, folder, job_id_final, archive, model_bytes)
+                if again is not None:
+                    return again
+            folder = folder.rename(self.store.job_dir(job_id_final))
+            job_id = job_id_final
+            (folder / "job.zip").write_bytes(archive)
+            await asyncio.to_thread(self.store.sync_files, folder)  # durable before the reply
+            self.store.create_job(job_id, spec.name, dataclasses.asdict(spec), state="uploading")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         self.uploads.expect_model(job_id, peer, model_bytes)
         log.info("job submitted", job=job_id, name=spec.name, strategy=spec.strategy)
         return {"job_id": job_id}

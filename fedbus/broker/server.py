@@ -30,6 +30,7 @@ from fedbus.broker.metrics import CountingEndpoint, Metrics, MetricsServer, heal
 from fedbus.broker.outbox import Outbox
 from fedbus.broker.registry import Registry, held_job_verdict
 from fedbus.broker.store import ACTIVE_STATES, JobStore
+from fedbus.broker.store_gate import StoreGate
 from fedbus.broker.tracking import Tracking, check_lines, check_record
 from fedbus.broker.uploads import Uploads
 from fedbus.config import BrokerConfig, is_safe_name
@@ -117,6 +118,9 @@ class Broker:
             uploads=self.uploads,
             spawn=self.background.spawn,
             on_submitted=self._start_waiting_jobs,
+        )
+        self.store_gate = StoreGate(
+            config, self.store, outbox=self.outbox, guard=self.guard, spawn=self.background.spawn
         )
         self.lifecycle = Lifecycle(self, shutdown_deadline=SHUTDOWN_DEADLINE_S, on_force_exit=lambda: os._exit(1))
         self.endpoint: CountingEndpoint | None = None
@@ -436,16 +440,19 @@ class Broker:
         job = self.store.job(msg.job_id)
         if job is None or site not in job["sites"]:
             raise PeerError(site, f"an event of job {msg.job_id[:80]!r}, which this site never ran")
+        keep = self.store_gate.admit(msg.job_id, site, msg)  # False: over its byte budgets (the site was told)
         if msg.event == "log_text":
             lines, dropped = check_lines(msg.data)
-            self.tracking.lines(msg.job_id, site, lines, dropped)
+            if keep:
+                self.tracking.lines(msg.job_id, site, lines, dropped)
             return
         if msg.event == "log":
             rec = check_record(msg.data)
-            if self.tracking.wants_records(job):
+            if keep and self.tracking.wants_records(job):
                 self.tracking.record(msg.job_id, site, rec)
         data = {"code": msg.code, "detail": msg.detail[:2000], **msg.data}
-        self.store.record_event(msg.job_id, site, msg.event, data)
+        if keep:
+            self.store.record_event(msg.job_id, site, msg.event, data)
         c = self.controllers.get(msg.job_id)
         if c is not None and msg.event in ("crashed", "exited") and c.state == "running":
             log.warning("script ended", job=msg.job_id, site=site, outcome=msg.event, code=msg.code)

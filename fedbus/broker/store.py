@@ -387,6 +387,14 @@ class JobStore:
             job_id,
         )
 
+    def event_bytes(self, job_id: str) -> dict[str, int]:
+        """Bytes of the job's event rows by site, as their sites sent them (cross-site cells are the broker's)."""
+        rows = self.db.execute(
+            "SELECT site, SUM(LENGTH(data)) FROM events WHERE job_id = ? AND kind != ? GROUP BY site",
+            (job_id, CROSS_SITE),
+        ).fetchall()
+        return {site: int(size or 0) for site, size in rows}
+
     def record_cross_site(self, job_id: str, site: str, model_name: str, version: int, metrics: Mapping) -> None:
         """One cell of the cross-site matrix: ``site`` evaluated the model named ``model_name``."""
         self.record_event(job_id, site, CROSS_SITE, {"model_name": model_name, "version": version, "metrics": metrics})

@@ -145,9 +145,10 @@ class Uploads:
 
     def _accept_model(self, peer: bytes, job_id: str, offer: Offer) -> BufferSink | None:
         """A submitted job's initial model, streamed by its submitter into the job's folder."""
-        upload = self._models.pop(job_id, None)
-        if upload is None or upload[0] != peer:
+        upload = self._models.get(job_id)
+        if upload is None or upload[0] != peer:  # a stranger's offer leaves the submitter's upload pending
             return None
+        del self._models[job_id]
         job = self.store.job(job_id)
         assert job is not None
         path: Path = self.store.job_dir(job_id) / "files" / job["spec"]["model"]
