@@ -133,7 +133,7 @@ def parse(t: torch.Tensor) -> Blob:
         raise BlobError("blob sizes must be a list of integers >= 1")
     want = count(math.prod(shape), slots)
     if len(sizes) != want:
-        raise BlobError(f"{len(sizes)} ciphertexts for {math.prod(shape)} values at {slots} slots each, expected {want}")
+        raise BlobError(f"{len(sizes)} ciphertexts for {math.prod(shape)} values at {slots} slots, expected {want}")
     if start + sum(sizes) != len(raw):
         raise BlobError(f"blob of {len(raw)} bytes, but its header accounts for {start + sum(sizes)}")
     return Blob(dtype, tuple(shape), slots, float(factor), raw[start:], tuple(sizes))
