@@ -57,15 +57,3 @@ def he_options(extra: Mapping[str, Any], where: str = "job.toml") -> HEOptions |
             raise ConfigError(f"{where}: [extra.privacy] he_plaintext needs he = true")
         return None
     return HEOptions(tuple(plaintext))
-
-
-def check_job(strategy: str, extra: Mapping[str, Any], where: str = "job.toml") -> None:
-    """Refuse, at submission, an HE request the job's strategy cannot honour (the strategy's own arguments are
-    checked by the encrypted strategy's constructor)."""
-    if he_options(extra, where) is None:
-        return
-    if strategy.strip().lower() not in STRATEGIES:
-        raise ConfigError(
-            f"{where}: [extra.privacy] he = true needs a strategy that averages with public weights "
-            f"({', '.join(STRATEGIES)}), not {strategy!r}"
-        )

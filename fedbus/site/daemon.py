@@ -104,7 +104,13 @@ class Site:
         self.session = secrets.token_hex(8)
         self.log = get_logger("site", site=config.name)
         self.settings = RunnerSettings(
-            config.name, config.python, config.task_timeout_s, end_grace_s, kill_after_s, max_model_bytes
+            config.name,
+            config.python,
+            config.task_timeout_s,
+            end_grace_s,
+            kill_after_s,
+            max_model_bytes,
+            he_context=config.he_context,
         )
         if launcher is not None or speed_factor is not None or observer is not None:  # the simulator's seams
             self.settings = dataclasses.replace(
