@@ -61,9 +61,9 @@ while flare.is_running():
     r = model.current_round
     torch.save(model.params, f"received-{r}.pt")  # what the script was handed: plaintext
     g = torch.Generator().manual_seed(1000 * index + r)
-    params = {"w": torch.randn(%(n)d, generator=g), "bn.mean": model.params["bn.mean"] + index}
+    params = {"w": torch.randn(model.params["w"].numel(), generator=g), "bn.mean": model.params["bn.mean"] + index}
     flare.send(flare.FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": index}))
-""" % {"n": N}
+"""
 
 
 def sent(index: int, r: int) -> torch.Tensor:
