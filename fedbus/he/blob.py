@@ -105,7 +105,7 @@ def parse(t: torch.Tensor) -> Blob:
     """The blob in ``t`` (untrusted bytes), every field checked; BlobError says what is wrong."""
     if t.dtype != torch.uint8 or t.dim() != 1:
         raise BlobError(f"an encrypted tensor must be a 1-D uint8 tensor, got {t.dtype} of shape {list(t.shape)}")
-    raw = memoryview(t.detach().contiguous().numpy()).cast("B")
+    raw = memoryview(t.detach().contiguous().numpy().data).cast("B")
     fixed = len(MAGIC) + _HEAD.size
     if len(raw) < fixed or bytes(raw[: len(MAGIC)]) != MAGIC:
         raise BlobError("not an encrypted tensor (no CKKS blob header)")

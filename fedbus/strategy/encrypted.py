@@ -182,7 +182,10 @@ class EncryptedFedBuff(FedBuff):
             self._he.fold.clear()  # a partly filled buffer (training ended) is dropped
 
 
-ENCRYPTED: dict[str, type[Strategy]] = {"fedavg": EncryptedFedAvg, "fedbuff": EncryptedFedBuff}
+ENCRYPTED: dict[str, type[EncryptedFedAvg] | type[EncryptedFedBuff]] = {
+    "fedavg": EncryptedFedAvg,
+    "fedbuff": EncryptedFedBuff,
+}
 
 
 def make_encrypted(name: str, args: Mapping[str, Any], *, context: Any, options: HEOptions) -> Strategy:
