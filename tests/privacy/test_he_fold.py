@@ -3,6 +3,8 @@ FedAvg and FedBuff, each checked against the plaintext strategy on the same upda
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -190,3 +192,34 @@ def test_the_job_option_is_checked() -> None:
             he_options({"privacy": bad})
     with pytest.raises(ConfigError, match="averages with public weights"):
         make_encrypted("scaffold", {}, context=None, options=OPTS)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedbuff"])
+def test_a_job_resumes_from_an_encrypted_checkpoint(name: str, tmp_path: Path) -> None:
+    """A restarted broker starts the strategy from its last checkpoint: blobs, read back from a safetensors file."""
+    args = (
+        {"min_clients": 2, "num_rounds": 3}
+        if name == "fedavg"
+        else {"concurrency": 2, "buffer_size": 2, "num_versions": 3, "staleness": "constant"}
+    )
+    params_type = "FULL" if name == "fedavg" else "DIFF"
+    m = model()
+    first = make_encrypted(name, args, context=PUB, options=OPTS)
+    acts = first.start(m, ["a", "b"], 0.0)
+    for n, d in enumerate(a for a in acts if isinstance(a, Dispatch)):
+        first.on_update(Update(d.site, d.task_id, 0, encrypt_params(CTX, update(n, m), OPTS), params_type), 1.0)
+    assert first.version == 1
+    serde.write_file(tmp_path / "v1.safetensors", serde.layout(dict(first.model)), durable=False)
+    restored = serde.read_file(tmp_path / "v1.safetensors")  # the checkpoint, as the launcher reads it back
+    assert restored["w"].dtype == torch.uint8
+    second = make_encrypted(name, args, context=PUB, options=OPTS)
+    acts = second.start(restored, ["a", "b"], 0.0, version=1)
+    for n, d in enumerate(a for a in acts if isinstance(a, Dispatch)):
+        second.on_update(Update(d.site, d.task_id, 1, encrypt_params(CTX, update(10 + n, m), OPTS), params_type), 1.0)
+    assert second.version == 2
+    got = decrypt_params(CTX, second.model)
+    if name == "fedavg":
+        want = (update(10, m)["w"] + update(11, m)["w"]) / 2
+    else:
+        want = m["w"] + sum(update(i, m)["w"] for i in (0, 1, 10, 11)) / 2
+    torch.testing.assert_close(got["w"], want, atol=ATOL, rtol=0)
