@@ -11,8 +11,9 @@ site multiplies the decrypted values by it: FedAvg's 1 / total weight, which a c
 by), plus ``base`` when given (FedBuff: global + step; the base is a blob of factor 1, or plaintext at first).
 Every ciphertext stays at CKKS depth 1: one scalar product per update, additions otherwise.
 
-The fold is pure: no IO, no clock. Loading a ciphertext that TenSEAL refuses raises :class:`BlobError`;
-:meth:`CipherFold.check` runs every such load before :meth:`add`, so an update is folded whole or not at all.
+The fold is pure: no IO, no clock. A blob's header is checked first (:meth:`CipherFold.check`); its ciphertexts
+are loaded only once, while folding, and one that TenSEAL refuses makes :meth:`CipherFold.add` take back what
+it added of that update and raise :class:`BlobError`: an update is folded whole or not at all.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ class CipherFold:
         self.encrypted = encrypted
         self.slots = slots(ctx)
         self.count = 0
-        self._acc: dict[str, list[Any]] = {}
+        self._acc: dict[str, list[Any]] = {}  # per encrypted name, its running ciphertexts in order
 
     def check(self, name: str, t: torch.Tensor) -> str | None:
         """Why ``t`` cannot be folded as the encrypted tensor ``name``, or None: a blob of the spec's dtype and
-        shape at this context's slots, each ciphertext one TenSEAL loads, holding the values it must."""
+        shape at this context's slots. The ciphertexts themselves are loaded (and refused) by :meth:`add`."""
         try:
             b = blob.parse(t)
         except BlobError as exc:
@@ -64,26 +65,41 @@ class CipherFold:
             return f"{name!r} encrypts {b.dtype} {list(b.shape)}, expected {dtype} {list(shape)}"
         if b.slots != self.slots or b.factor != 1.0:
             return f"{name!r}: an update's blob must have {self.slots} slots and factor 1"
-        try:
-            for i, v in enumerate(self._vectors(b)):
-                n = min(self.slots, b.numel - i * self.slots)
-                if v.size() != n:
-                    return f"{name!r}: ciphertext {i} holds {v.size()} values, expected {n}"
-        except BlobError as exc:
-            return f"{name!r}: {exc}"
         return None
 
     def add(self, params: Mapping[str, torch.Tensor], coef: float) -> None:
-        """Fold ``coef * params`` for the encrypted names (checked before, by :meth:`check`)."""
-        for name in self.encrypted:
-            b = blob.parse(params[name])
-            acc = self._acc.get(name)
-            if acc is None:
-                self._acc[name] = [v * coef for v in self._vectors(b)]
-            else:
-                for i, v in enumerate(self._vectors(b)):
-                    acc[i] += v * coef
+        """Fold ``coef * params`` for the encrypted names (blobs :meth:`check` passed), or nothing: a ciphertext
+        that TenSEAL refuses, or that holds the wrong number of values, raises BlobError after the terms already
+        added are subtracted again (exactly: the same product of the same ciphertext, in modular arithmetic)."""
+        done: list[tuple[str, int]] = []
+        try:
+            for name in sorted(self.encrypted):
+                b = blob.parse(params[name])
+                acc = self._acc.setdefault(name, [None] * len(b.sizes))
+                for i, v in enumerate(self._vectors(b, name)):
+                    want = min(self.slots, b.numel - i * self.slots)
+                    if v.size() != want:
+                        raise BlobError(f"{name!r}: ciphertext {i} holds {v.size()} values, expected {want}")
+                    term = v * coef
+                    acc[i] = term if acc[i] is None else acc[i] + term
+                    done.append((name, i))
+        except BlobError:
+            self._undo(params, coef, done)
+            raise
         self.count += 1
+
+    def _undo(self, params: Mapping[str, torch.Tensor], coef: float, done: list[tuple[str, int]]) -> None:
+        """Take back the terms ``add`` folded before it failed (the sum is empty again if it was)."""
+        if self.count == 0:
+            self._acc.clear()
+            return
+        folded = set(done)
+        for name in dict.fromkeys(n for n, _ in done):
+            acc = self._acc[name]
+            for i, v in enumerate(self._vectors(blob.parse(params[name]), name)):
+                if (name, i) not in folded:
+                    break
+                acc[i] = acc[i] - v * coef
 
     def result(self, factor: float, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The next global model's blobs: each holds the sum, plus ``base`` when given (FedBuff), and ``factor``
@@ -114,18 +130,18 @@ class CipherFold:
             b = blob.parse(t)
             if b.factor != 1.0 or len(b.sizes) != len(acc):
                 raise BlobError(f"{name!r}: the base model's blob does not match the fold")
-            for i, v in enumerate(self._vectors(b)):
+            for i, v in enumerate(self._vectors(b, name)):
                 acc[i] += v
             return
         flat = t.detach().reshape(-1).to(torch.float64).numpy()
         for i in range(len(acc)):
             acc[i] += flat[i * self.slots : (i + 1) * self.slots].tolist()
 
-    def _vectors(self, b: blob.Blob) -> Iterator[Any]:
+    def _vectors(self, b: blob.Blob, name: str) -> Iterator[Any]:
         """The ciphertexts of ``b``, loaded one at a time (each is dropped once the caller moves on)."""
         ts = tenseal()
         for i, ct in enumerate(b.ciphertexts()):
             try:
                 yield ts.ckks_vector_from(self.ctx, bytes(ct))
             except Exception as exc:  # TenSEAL's parser raises ValueError or RuntimeError
-                raise BlobError(f"ciphertext {i} is not one of this context's: {exc}") from None
+                raise BlobError(f"{name!r}: ciphertext {i} is not one of this context's: {exc}") from None

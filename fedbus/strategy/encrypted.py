@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 
 from fedbus.errors import ConfigError
-from fedbus.he.blob import is_blob
+from fedbus.he.blob import BlobError, is_blob
 from fedbus.he.fold import CipherFold, plain_spec
 from fedbus.he.options import STRATEGIES, HEOptions
 from fedbus.modelio.serde import ANY_LENGTH, TensorSpec
@@ -119,14 +119,18 @@ class EncryptedFedAvg(FedAvg):
         if getattr(self, "_he", None) is not None and self._he.fold is not None:
             self._he.fold.clear()  # a partial aggregate (a round that timed out) is dropped
 
-    def _accumulate(self, update: Update, w: float) -> None:
+    def _accumulate(self, update: Update, w: float) -> str | None:
         params = update.params
         assert params is not None and self._he.fold is not None
+        first = self._w_first if self._w_first is not None else w
+        try:
+            self._he.fold.add(params, w / first)
+        except BlobError as exc:
+            return str(exc)
+        self._w_first = first
         self._acc_type = "FULL"
         weighted_sum_into(self._acc, self._he.plain(params), w, integers="max")
-        if self._w_first is None:
-            self._w_first = w
-        self._he.fold.add(params, w / self._w_first)
+        return None
 
     def _finish_aggregate(self) -> dict[str, torch.Tensor]:
         assert self._he.fold is not None and self._w_first is not None
@@ -165,10 +169,13 @@ class EncryptedFedBuff(FedBuff):
     def validate_input(self, reference: Params, params: Params) -> str | None:
         return self._he.check(params)
 
-    def _fold_update(self, params: Params, coef: float) -> None:
+    def _fold_update(self, params: Params, coef: float) -> str | None:
         assert self._he.fold is not None
-        super()._fold_update(self._he.plain(params), coef)
-        self._he.fold.add(params, coef * self._step)
+        try:
+            self._he.fold.add(params, coef * self._step)
+        except BlobError as exc:
+            return str(exc)
+        return super()._fold_update(self._he.plain(params), coef)
 
     def _next_global(self) -> dict[str, torch.Tensor]:
         assert self._he.fold is not None

@@ -271,7 +271,9 @@ class FedBuff(Strategy):
         coef = self._staleness(s)
         if self.weight_by_samples:
             coef *= float(update.weight)
-        self._fold_update(update.params, coef)  # type: ignore[arg-type]
+        reason = self._fold_update(update.params, coef)  # type: ignore[arg-type]
+        if reason is not None:
+            return [self._reject(update, reason)]
         self._buf_count += 1
         self._buf_weight += float(update.weight)
         self._buf_staleness.append(s)
@@ -284,9 +286,11 @@ class FedBuff(Strategy):
             acts += self._apply_buffer()
         return acts
 
-    def _fold_update(self, params: Params, coef: float) -> None:
-        """Add ``coef * params`` (a checked delta) to the buffer (the fold an encrypted job replaces)."""
+    def _fold_update(self, params: Params, coef: float) -> str | None:
+        """Add ``coef * params`` (a checked delta) to the buffer (the fold an encrypted job replaces); the reason it
+        could not be folded after all (nothing of it was: ciphertexts are loaded only while folding), or None."""
         weighted_sum_into(self._buffer, params, coef, integers="skip")
+        return None
 
     def _next_global(self) -> dict[str, torch.Tensor]:
         """The global model after applying the full buffer: its mean delta through the server optimizer."""

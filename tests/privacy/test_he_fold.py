@@ -98,9 +98,16 @@ def test_the_fold_refuses_an_update_that_does_not_match() -> None:
     assert "expected torch.float32 [5000]" in (fold.check("w", other) or "")
     foreign = encrypt_params(site_context(), {"w": m["w"]}, HEOptions())["w"]  # same parameters, another key:
     assert fold.check("w", foreign) is None  # the broker cannot tell (nor can it read either)
-    bad = encrypt_params(CTX, {"w": m["w"]}, HEOptions())["w"].clone()
-    bad[-50:] = 7  # the last ciphertext's bytes damaged
-    assert "ciphertext" in (fold.check("w", bad) or "")
+    good = encrypt_params(CTX, {"w": m["w"]}, HEOptions())
+    bad = {"w": good["w"].clone()}
+    bad["w"][-50:] = 7  # the last ciphertext's bytes damaged: the header passes, TenSEAL refuses the ciphertext
+    assert fold.check("w", bad["w"]) is None
+    for fresh in (True, False):  # into an empty sum, and into one holding an update: nothing of it stays
+        with pytest.raises(blob.BlobError, match="'w': ciphertext 1"):
+            fold.add(bad, 3.0)
+        assert fold.count == (0 if fresh else 1)
+        fold.add(good, 1.0) if fresh else None
+    torch.testing.assert_close(decrypt_params(CTX, fold.result(1.0))["w"], m["w"], atol=ATOL, rtol=0)
 
 
 def run(strategy, updates_for, params_type: str, versions: int):  # type: ignore[no-untyped-def]
@@ -149,6 +156,34 @@ def test_the_decrypted_global_model_equals_the_plaintext_strategys(name: str, ar
         dec = decrypt_params(CTX, c.model)
         for k, v in p.model.items():
             torch.testing.assert_close(dec[k], v, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "params_type"), [("fedavg", "FULL"), ("fedbuff", "DIFF")])
+def test_an_update_with_a_damaged_ciphertext_is_rejected_and_leaves_the_aggregate_alone(
+    name: str, params_type: str
+) -> None:
+    args = (
+        {"min_clients": 1, "num_rounds": 1}
+        if name == "fedavg"
+        else {"concurrency": 3, "buffer_size": 2, "num_versions": 1, "staleness": "constant"}
+    )
+    s = make_encrypted(name, args, context=PUB, options=OPTS)
+    m = model()
+    sites = ["a", "b"] if name == "fedavg" else ["a", "b", "c"]
+    d1, d2, *rest = [a for a in s.start(m, sites, 0.0) if isinstance(a, Dispatch)]
+    bad = encrypt_params(CTX, update(0, m), OPTS)
+    bad["b"] = bad["b"].clone()
+    bad["b"][-30:] = 1
+    acts = s.on_update(Update(d1.site, d1.task_id, 0, bad, params_type), 1.0)
+    assert any(isinstance(a, Rejected) and "ciphertext" in a.reason for a in acts)
+    acts = s.on_update(Update(d2.site, d2.task_id, 0, encrypt_params(CTX, update(1, m), OPTS), params_type), 1.0)
+    if name == "fedbuff":  # the rejected one freed its slot: another site fills the buffer
+        d3 = rest[0] if rest else next(a for a in acts if isinstance(a, Dispatch))
+        acts += s.on_update(Update(d3.site, d3.task_id, 0, encrypt_params(CTX, update(2, m), OPTS), params_type), 1.0)
+    assert any(isinstance(a, Publish) for a in acts)
+    got = decrypt_params(CTX, s.model)["b"]
+    want = update(1, m)["b"] if name == "fedavg" else m["b"] + (update(1, m)["b"] + update(2, m)["b"]) / 2
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
 def test_an_encrypted_fedavg_refuses_diff_results() -> None:
