@@ -29,7 +29,9 @@ A job folder holds ``job.toml``, the training script with its files, and the ini
     key_metric = "accuracy"            # the validation metric that picks the best global model
     [cross_site_eval]                  # optional: after the strategy finishes, every site scores every model
     enabled = true
-    [extra]                            # optional, free-form: passed to the sites, not read by fedbus
+    [extra]                            # optional, free-form: passed to the sites, not read by fedbus, except:
+    [extra.privacy]                    # dp_clip, dp_sigma, exclude (site filters); he = true, he_plaintext = [...]
+                                       # (homomorphic encryption: fedbus.he, docs/security.md)
 
 On the wire the folder travels as a zip (:func:`pack_job`). The broker and the sites treat that zip as
 untrusted (:func:`unpack_job`): names, entry types, counts and sizes are checked against the central
