@@ -38,6 +38,7 @@ from fedbus.audit import AuditLog
 from fedbus.config import SiteConfig, is_safe_name
 from fedbus.daemon import Background, Lifecycle, answer_messages, owned_context
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
+from fedbus.he.context import load_site_context
 from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.liveness import heartbeat_due_in
@@ -98,6 +99,8 @@ class Site:
         self.name = config.name
         self.workspace = Path(config.workspace).resolve()
         self.keys = client_keys(config.secret_key, config.broker_key, f"site {config.name}")
+        if config.he_context is not None:  # checked at start, as the CURVE keys: private, holding the secret key
+            load_site_context(config.he_context)
         # The site's own filters: every job's updates pass them last; a job can add filters, never remove these.
         self.audit = AuditLog(self.workspace / "audit.jsonl", actor=config.name)
         self.filters: list[Filter] = [*filters, *site_filters(config, self.workspace, self.audit)]

@@ -148,3 +148,18 @@ def test_submit_refuses_an_he_job_its_strategy_cannot_run(strategy: str, more: s
         parse_job_toml(JOB.format(strategy=strategy, more=more), "job.toml")
     ok = JOB.format(strategy='name = "fedavg"\nmin_clients = 1\nnum_rounds = 1', more="")
     assert parse_job_toml(ok, "job.toml").extra["privacy"]["he"] is True
+
+
+def test_the_daemons_check_their_he_context_at_start(tmp_path: Path) -> None:
+    from fedbus.broker import Broker
+    from fedbus.site import Site
+
+    kits = make(tmp_path)
+    secret = kits / "a" / "he_context.secret"
+    shutil.copy(secret, kits / "broker" / "he_context.secret")
+    cfg = BrokerConfig(workspace=str(tmp_path / "ws"), he_context=str(kits / "broker" / "he_context.public"))
+    with pytest.raises(ConfigError, match="secret HE context"):
+        Broker(cfg)
+    os.chmod(secret, 0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        Site(SiteConfig(name="a", workspace=str(tmp_path / "a"), he_context=str(secret)))
