@@ -37,6 +37,7 @@ from fedbus.strategy.aggregate import finalize_mean, weighted_sum_into
 from fedbus.strategy.base import Action, Params, Strategy, Update, validate_update
 from fedbus.strategy.fedavg import FedAvg
 from fedbus.strategy.fedbuff import FedBuff
+from fedbus.strategy.server_opt import ServerSGD
 
 
 class _Cipher:
@@ -146,10 +147,11 @@ class EncryptedFedBuff(FedBuff):
     def __init__(self, *args: Any, he_context: Any = None, he_options: HEOptions | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._he = _Cipher(he_context, he_options or HEOptions())
+        sgd = self._opt if isinstance(self._opt, ServerSGD) else None
         refused = {
-            "server_optimizer": kw.get("server_optimizer", "sgd") != "sgd",
-            "server_momentum": bool(kw.get("server_momentum", 0.0)),
-            "weight_by_samples": bool(self.weight_by_samples),
+            "server_optimizer": sgd is None,
+            "server_momentum": sgd is not None and sgd.momentum != 0,
+            "weight_by_samples": self.weight_by_samples,
         }
         bad = [k for k, v in refused.items() if v]
         if bad:
@@ -157,7 +159,8 @@ class EncryptedFedBuff(FedBuff):
                 f"FedBuff: an encrypted job (he = true) supports plain SGD on the server (server_lr only); "
                 f"{', '.join(bad)} would need the ciphertexts multiplied again or divided"
             )
-        self._step = float(kw.get("server_lr", 1.0)) / self.buffer_size
+        assert sgd is not None
+        self._step = sgd.lr / self.buffer_size  # server_lr / K, folded into each update's one scalar
 
     def start(self, model: Params, sites: Sequence[str], now: float, *, version: int = 0) -> list[Action]:
         self._he.begin(model)
