@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
     rd.add_argument("--logs", type=Path, help="copy the daemons' logs (JSON lines, debug level) into this folder")
     rd.add_argument("--broker-config", type=Path, help="the broker's profile (TOML), e.g. brokers/local.toml")
+    rd.add_argument("--he", action="store_true", help="run it again with homomorphic encryption (CKKS) and compare")
+    ck = bsub.add_parser("ckks", help="CKKS parameter candidates for encrypted jobs: speed against precision")
+    ck.add_argument("--values", type=_positive_int, default=262144, help="values a model holds (a quarter million)")
+    ck.add_argument("--sites", type=_positive_int, default=4, help="updates folded")
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -293,8 +297,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             from fedbus.bench.round import run_round
 
             report = run_round(
-                args.size_mb, args.sites, args.rounds, args.strategy, logs=args.logs, broker_config=args.broker_config
+                args.size_mb,
+                args.sites,
+                args.rounds,
+                args.strategy,
+                logs=args.logs,
+                broker_config=args.broker_config,
+                he=args.he,
             )
+        elif args.bench == "ckks":
+            from fedbus.bench.ckks import run_ckks
+
+            report = run_ckks(args.values, args.sites)
         elif args.bench == "scale":
             from fedbus.bench.scale import run_scale
 

@@ -49,7 +49,7 @@ ENV_OVERRIDES: dict[str, dict[str, str]] = {
 }
 ENV_OVERRIDES["BrokerConfig"].update({"FEDBUS_SECRET_KEY": "secret_key", "FEDBUS_PARTICIPANTS": "participants"})
 
-PATH_KEYS = ("secret_key", "broker_key", "participants")
+PATH_KEYS = ("secret_key", "broker_key", "participants", "he_context")
 """Keys naming files: relative paths in a config file resolve against that file's folder (kits relocate)."""
 
 
@@ -167,6 +167,9 @@ class BrokerConfig:
     metrics_host: str = "127.0.0.1"
     secret_key: str | None = None
     participants: str | None = None
+    he_context: str | None = None
+    """The project's CKKS parameters without any key (``he_context.public`` from ``fedbus provision``): needed to
+    run jobs with homomorphic encryption; a context holding a secret key is refused."""
     log_json: bool = False
     log_level: str = "info"
 
@@ -211,6 +214,9 @@ class SiteConfig:
     dp_accountant: str = "rdp"
     """``rdp`` (Mironov's Rényi DP) or ``prv`` (privacy random variables: tighter, slower), from Opacus."""
     exclude_vars: tuple[str, ...] = ()
+    he_context: str | None = None
+    """The project's CKKS context with its secret key (``he_context.secret``, mode 0600, from ``fedbus provision``):
+    needed to take jobs with homomorphic encryption."""
     log_json: bool = False
     log_level: str = "info"
 
@@ -263,6 +269,7 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "metrics_port": _port,
     "metrics_host": _host,
     "secret_key": _nonempty,
+    "he_context": _nonempty,
     "broker_key": _nonempty,
     "participants": _nonempty,
     "dp_clip": _positive,

@@ -29,7 +29,9 @@ A job folder holds ``job.toml``, the training script with its files, and the ini
     key_metric = "accuracy"            # the validation metric that picks the best global model
     [cross_site_eval]                  # optional: after the strategy finishes, every site scores every model
     enabled = true
-    [extra]                            # optional, free-form: passed to the sites, not read by fedbus
+    [extra]                            # optional, free-form: passed to the sites, not read by fedbus, except:
+    [extra.privacy]                    # dp_clip, dp_sigma, exclude (site filters); he = true, he_plaintext = [...]
+                                       # (homomorphic encryption: fedbus.he, docs/security.md)
 
 On the wire the folder travels as a zip (:func:`pack_job`). The broker and the sites treat that zip as
 untrusted (:func:`unpack_job`): names, entry types, counts and sizes are checked against the central
@@ -224,6 +226,7 @@ def parse_job_toml(text: str, source: str, *, check_strategy: bool = True) -> Jo
 
     if check_strategy:
         _check_strategy(source, strategy, strategy_table, max_sites, include)
+        _check_he(source, strategy, strategy_table, doc.get("extra", {}), cross_site_eval)
     return JobSpec(
         name=name,
         model=model,
@@ -299,6 +302,22 @@ def _check_strategy(source: str, name: str, args: dict[str, Any], max_sites: int
             raise ConfigError(f"{source}: [sites] max = {max_sites} is below [strategy] min_clients = {need}")
         if include and len(include) < need:
             raise ConfigError(f"{source}: [sites] include names {len(include)} sites, below min_clients = {need}")
+
+
+def _check_he(source: str, name: str, args: dict[str, Any], extra: Any, cross_site_eval: bool) -> None:
+    """A request for homomorphic encryption (``[extra.privacy] he``) the job's strategy can honour, or ConfigError."""
+    from fedbus.he.options import he_options
+    from fedbus.strategy.encrypted import make_encrypted
+
+    options = he_options(extra if isinstance(extra, Mapping) else {}, source)
+    if options is None:
+        return
+    if cross_site_eval:
+        raise ConfigError(f"{source}: [cross_site_eval] cannot run with he = true (sites would score ciphertexts)")
+    try:
+        make_encrypted(name, args, context=None, options=options)
+    except (FedbusError, TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: [extra.privacy] he = true: {e}") from e
 
 
 # --- the folder --------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ from fedbus.bench.common import format_report, model_bytes, random_state_dict, r
 from fedbus.errors import ConfigError
 from fedbus.modelio import serde
 
+MiB = 1 << 20
+
 CLIENT = """
 import json
 import os
@@ -96,7 +98,7 @@ def _proc_kb(pid: int, key: str) -> int:
     return 0
 
 
-def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: str) -> int:
+def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: str, he: bool = False) -> int:
     folder.mkdir(parents=True)
     (folder / "client.py").write_text(CLIENT)
     model = random_state_dict(size_mb, seed=0)
@@ -108,8 +110,42 @@ def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: 
     (folder / "job.toml").write_text(
         f'name = "bench"\nmodel = "model.safetensors"\n\n[strategy]\n{strat}\n'
         f'[script]\npath = "client.py"\nargs = []\n\n[sites]\nmin = {sites}\nmax = {sites}\n'
+        + ("\n[extra.privacy]\nhe = true\n" if he else "")
     )
     return model_bytes(model)
+
+
+def _he_configs(tmp: Path, broker_config: Path | None) -> tuple[Path, Path]:
+    """A fresh CKKS context (fedbus.he defaults) for an encrypted run: the broker's profile with its keyless part
+    (``broker_config``'s keys kept) and a site config with the secret one. (broker TOML, site TOML)"""
+    from fedbus.config import read_toml
+    from fedbus.he.context import BROKER_FILE, SITE_FILE, broker_bytes, new_site_context, site_bytes, write_private
+    from fedbus.toml_writer import dumps_toml
+
+    ctx = new_site_context()
+    (tmp / "he-broker").mkdir()
+    (tmp / "he-site").mkdir()
+    (tmp / "he-broker" / BROKER_FILE).write_bytes(broker_bytes(ctx))
+    write_private(tmp / "he-site" / SITE_FILE, site_bytes(ctx))
+    profile = dict(read_toml(broker_config)) if broker_config is not None else {}
+    profile["he_context"] = str(tmp / "he-broker" / BROKER_FILE)
+    (tmp / "broker.toml").write_text(dumps_toml(profile))
+    (tmp / "site.toml").write_text(dumps_toml({"he_context": str(tmp / "he-site" / SITE_FILE)}))
+    return tmp / "broker.toml", tmp / "site.toml"
+
+
+def _wire_bytes(workspace: Path, sites: int, accepted: int, versions: int) -> tuple[int, int]:
+    """Bytes a version moves: (up, down). Up: the updates the broker received (its audit log's sizes), per version;
+    down: the newest checkpoint (what each site downloads) once per site."""
+    sizes = [
+        r["size"]
+        for r in map(json.loads, (workspace / "audit.jsonl").read_text().splitlines())
+        if r.get("kind") == "update_received"
+    ]
+    up = sum(sizes) * min(1.0, accepted / max(len(sizes), 1)) / max(versions, 1)
+    checkpoints = [p for p in workspace.rglob("*.safetensors") if "files" not in p.parts]
+    down = max(checkpoints, key=lambda p: p.stat().st_mtime).stat().st_size * sites if checkpoints else 0
+    return int(up), int(down)
 
 
 def _daemon(
@@ -154,10 +190,39 @@ def run_round(
     timeout: float = 600.0,
     logs: Path | None = None,
     broker_config: Path | None = None,
+    he: bool = False,
 ) -> str:
     """Run the benchmark and return the report (a table, then one JSON line). ``logs``: a folder to copy
     the daemons' logs into (debug level: a timeline of every stream and decision); ``broker_config``: the
-    broker's profile (TOML)."""
+    broker's profile (TOML); ``he``: the same job run again with homomorphic encryption, both reported."""
+    if not he:
+        return format_report(*measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config))
+    plain_rows, plain = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config)
+    he_rows, enc = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config, he=True)
+    ratios = {
+        "round_x": round(enc["round_s"] / plain["round_s"], 2),
+        "wire_x": round(enc["wire_bytes_per_round"] / plain["wire_bytes_per_round"], 2),
+        "broker_rss_x": round(enc["broker_rss_x"] / max(plain["broker_rss_x"], 1e-9), 2),
+    }
+    rows = [
+        *[(f"plaintext {k}", v) for k, v in plain_rows],
+        *[(f"he {k}", v) for k, v in he_rows],
+        ("he / plaintext", ", ".join(f"{k} {v:g}" for k, v in ratios.items())),
+    ]
+    return format_report(rows, {"plaintext": plain, "he": enc, "he_over_plaintext": ratios})
+
+
+def measure_round(
+    size_mb: float,
+    sites: int,
+    rounds: int,
+    strategy: str,
+    timeout: float,
+    logs: Path | None,
+    broker_config: Path | None,
+    he: bool = False,
+) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """One run of the benchmark (``he``: the job encrypted): its report rows and figures."""
     from fedbus.bench.transfer import raw_zmq_gbps
 
     if rounds < 2:
@@ -166,7 +231,11 @@ def run_round(
     procs: list[subprocess.Popen] = []
     peaks = _Tree()
     try:
-        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy)
+        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, he)
+        site_config: list[str] = []
+        if he:
+            broker_config, site_toml = _he_configs(tmp, broker_config)
+            site_config = ["--config", str(site_toml)]
         reports = tmp / "memory"
         reports.mkdir()
         sock = tmp / "broker.sock"
@@ -188,7 +257,7 @@ def run_round(
         for i in range(sites):
             procs.append(
                 _daemon(
-                    ["site", "--name", f"s{i}", "--broker", address, "--workspace", str(tmp / f"s{i}")],
+                    ["site", "--name", f"s{i}", "--broker", address, "--workspace", str(tmp / f"s{i}"), *site_config],
                     tmp / f"s{i}.log",
                     threads,
                     level,
@@ -203,6 +272,8 @@ def run_round(
         peaks.stop()
         if result["state"] == "finished":
             peaks.add_reports(_script_reports(reports, timeout=60.0))
+            accepted = sum(1 for u in result["updates"] if u["accepted"])
+            up, down = _wire_bytes(tmp / "broker", sites, accepted, len(result["history"]) - 1)
     finally:
         peaks.stop()
         stop_all(procs)
@@ -242,7 +313,11 @@ def run_round(
         "cpu_s_per_round": cpu_per_round,
         "broker_cpu_s_per_round": broker_threads,
         "wall_s": round(wall, 2),
-        "accepted": sum(1 for u in result["updates"] if u["accepted"]),
+        "accepted": accepted,
+        "he": he,
+        "up_bytes_per_round": up,
+        "down_bytes_per_round": down,
+        "wire_bytes_per_round": up + down,
     }
     shutil.rmtree(tmp, ignore_errors=True)
     rows = [
@@ -253,8 +328,9 @@ def run_round(
         ("process tree", f"peak growth {out['total_rss_x']:.2f} x model over {out['processes']} processes"),
         ("cpu per round", ", ".join(f"{k} {v:.2f} s" for k, v in cpu_per_round.items())),
         ("broker threads", ", ".join(f"{k} {v:.2f} s" for k, v in broker_threads.items())),
+        ("wire", f"{(up + down) / MiB:.1f} MiB a version: {up / MiB:.1f} up, {down / MiB:.1f} down"),
     ]
-    return format_report(rows, out)
+    return rows, out
 
 
 def memory_growth(peak: dict[int, int], base: dict[int, int]) -> dict[int, int]:

@@ -21,12 +21,15 @@ from fedbus.broker.registry import Registry
 from fedbus.broker.store import JobStore
 from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.errors import ConfigError, FedbusError, PeerError, TransportError
+from fedbus.he.context import load_broker_context
+from fedbus.he.options import he_options
 from fedbus.log import get_logger
 from fedbus.modelio import serde
 from fedbus.modelio.spool import open_params
 from fedbus.protocol.messages import Deploy
 from fedbus.strategy import Strategy, make_strategy
 from fedbus.strategy.cross_site import CrossSiteEval
+from fedbus.strategy.encrypted import make_encrypted
 
 MiB = 1 << 20
 SERVER_MODELS = "cross_site_models"
@@ -98,7 +101,7 @@ class JobLauncher:
     async def launch(self, job_id: str, spec: dict, sites: list[str]) -> None:
         max_model = int(self.config.max_model_mb * MiB)
         try:
-            strategy = self._with_cross_site(job_id, spec, make_strategy(spec["strategy"], **spec["strategy_args"]))
+            strategy = self._with_cross_site(job_id, spec, self._strategy(spec))
             latest = self.store.latest_version(job_id)
             if latest is None:
                 version, path = 0, self.store.job_dir(job_id) / "files" / spec["model"]
@@ -134,6 +137,17 @@ class JobLauncher:
         if latest is None:
             path = await asyncio.to_thread(self.store.write_checkpoint, job_id, 0, c.strategy.model)
             self.store.add_version(job_id, 0, path, {})
+
+    def _strategy(self, spec: dict) -> Strategy:
+        """The job's strategy; for a job with homomorphic encryption its encrypted variant, given the broker's
+        keyless context (``he_context``; ConfigError when missing, or when a secret key is in reach)."""
+        he = he_options(spec.get("extra") or {})
+        if he is None:
+            return make_strategy(spec["strategy"], **spec["strategy_args"])
+        if self.config.he_context is None:
+            raise ConfigError("the job asks for homomorphic encryption but this broker has no he_context")
+        context = load_broker_context(self.config.he_context)
+        return make_encrypted(spec["strategy"], spec["strategy_args"], context=context, options=he)
 
     def _with_cross_site(self, job_id: str, spec: dict, strategy: Strategy) -> Strategy:
         """The job's strategy, wrapped in cross-site evaluation when its spec asks (``[cross_site_eval]``), with

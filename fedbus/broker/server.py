@@ -36,6 +36,7 @@ from fedbus.broker.uploads import Uploads
 from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.daemon import Background, Lifecycle, answer_messages, loop_now, owned_context
 from fedbus.errors import FedbusError, PeerError, PeerUnreachable, TransportError
+from fedbus.he.context import load_broker_context
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
     MAX_HELD,
@@ -72,6 +73,8 @@ class Broker:
         self.config = config
         self.endpoint_wrapper = endpoint_wrapper
         self.guard = Guard(config, Path(config.workspace))
+        if config.he_context is not None:  # checked at start, as the CURVE keys: keyless, no secret beside it
+            load_broker_context(config.he_context)
         # A secure broker gets a zmq context of its own unless given one: ZAP is one handler per context.
         self.ctx, self._release_ctx = owned_context(ctx, server=True, shared=not self.guard.secure)
         self.session = os.urandom(8).hex()

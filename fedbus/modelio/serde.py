@@ -425,10 +425,15 @@ def _parse_header_bytes(
     return data_start, tuple(specs), tuple(metadata.items())
 
 
+ANY_LENGTH = (-1,)
+"""A reference ``TensorSpec``'s shape that takes a 1-D tensor of any length (an encrypted tensor's bytes)."""
+
+
 def check_compatible(reference: Any, specs: Any) -> None:
     """Raise ``HeaderError`` unless ``specs`` has exactly the names, shapes and dtypes of ``reference``.
 
-    Each side may be a state_dict, a ``Layout`` or an iterable of ``TensorSpec``.
+    Each side may be a state_dict, a ``Layout`` or an iterable of ``TensorSpec``; a reference spec of shape
+    ``ANY_LENGTH`` takes any 1-D shape.
     """
     want, got = _signature(reference), _signature(specs)
     problems: list[str] = []
@@ -444,7 +449,7 @@ def check_compatible(reference: Any, specs: Any) -> None:
         ref_dtype, ref_shape = want[name]
         if dtype != ref_dtype:
             problems.append(f"{_q(name)} has dtype {dtype}, expected {ref_dtype}")
-        if shape != ref_shape:
+        if shape != ref_shape and not (ref_shape == ANY_LENGTH and len(shape) == 1):
             problems.append(f"{_q(name)} has shape {list(shape)}, expected {list(ref_shape)}")
     if problems:
         shown = problems[:8] + ([f"and {len(problems) - 8} more"] if len(problems) > 8 else [])

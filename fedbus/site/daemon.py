@@ -38,6 +38,7 @@ from fedbus.audit import AuditLog
 from fedbus.config import SiteConfig, is_safe_name
 from fedbus.daemon import Background, Lifecycle, answer_messages, owned_context
 from fedbus.errors import FedbusError, RemoteProtocolError, TransportError
+from fedbus.he.context import load_site_context
 from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.liveness import heartbeat_due_in
@@ -100,13 +101,21 @@ class Site:
         self.name = config.name
         self.workspace = Path(config.workspace).resolve()
         self.keys = client_keys(config.secret_key, config.broker_key, f"site {config.name}")
+        if config.he_context is not None:  # checked at start, as the CURVE keys: private, holding the secret key
+            load_site_context(config.he_context)
         # The site's own filters: every job's updates pass them last; a job can add filters, never remove these.
         self.audit = AuditLog(self.workspace / "audit.jsonl", actor=config.name)
         self.filters: list[Filter] = [*filters, *site_filters(config, self.workspace, self.audit)]
         self.session = secrets.token_hex(8)
         self.log = get_logger("site", site=config.name)
         self.settings = RunnerSettings(
-            config.name, config.python, config.task_timeout_s, end_grace_s, kill_after_s, max_model_bytes
+            config.name,
+            config.python,
+            config.task_timeout_s,
+            end_grace_s,
+            kill_after_s,
+            max_model_bytes,
+            he_context=config.he_context,
         )
         if launcher is not None or speed_factor is not None or observer is not None:  # the simulator's seams
             self.settings = dataclasses.replace(

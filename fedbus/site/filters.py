@@ -43,6 +43,8 @@ import torch
 
 from fedbus.config import SiteConfig
 from fedbus.errors import ConfigError, JobError
+from fedbus.he.options import KEYS as HE_KEYS
+from fedbus.he.options import HEOptions, he_options
 from fedbus.site.privacy_budget import PrivacyBudget
 
 Params = dict[str, torch.Tensor]
@@ -182,9 +184,10 @@ def job_filters(extra: Mapping[str, Any]) -> list[PrivacyFilter]:
     privacy = extra.get("privacy", {})
     if not isinstance(privacy, Mapping):
         raise ConfigError("job.toml [extra.privacy] must be a table")
-    unknown = set(privacy) - {"dp_clip", "dp_sigma", "exclude"}
+    known = ("dp_clip", "dp_sigma", "exclude", *HE_KEYS)  # he, he_plaintext: ``he_filter``
+    unknown = set(privacy) - set(known)
     if unknown:
-        raise ConfigError(f"job.toml [extra.privacy]: unknown keys {sorted(unknown)} (dp_clip, dp_sigma, exclude)")
+        raise ConfigError(f"job.toml [extra.privacy]: unknown keys {sorted(unknown)} ({', '.join(known)})")
     exclude = privacy.get("exclude", ())
     if not isinstance(exclude, list | tuple):
         raise ConfigError("job.toml [extra.privacy] exclude must be a list of names")
@@ -216,3 +219,43 @@ def apply_filters(filters: Sequence[Filter], params: Params, ctx: FilterContext 
             raise JobError(f"privacy filter {filter_name(f)} must return a dict of name -> tensor")
         params = dict(out)
     return params
+
+
+class HEEncrypt(PrivacyFilter):
+    """Homomorphic encryption (CKKS) of every floating tensor the job does not list in ``he_plaintext``: the
+    broker can fold the update with public weights but not read it. It runs after every other filter (the
+    runner puts it last): DP noise is added to the plaintext, then the result is encrypted. The same context
+    decrypts the global models the broker sends (``decrypt_file``), before the script sees them."""
+
+    name = "he(ckks)"
+
+    def __init__(self, context: Any, options: HEOptions) -> None:
+        self.context = context
+        self.options = options
+
+    def __call__(self, params: Params, ctx: FilterContext) -> Params:
+        from fedbus.he.codec import encrypt_params
+
+        return encrypt_params(self.context, params, self.options)
+
+    def decrypt_file(self, path: str | os.PathLike[str], max_total: int) -> bool:
+        """Decrypt a received model file in place; False when it held no ciphertext (a plaintext version)."""
+        from fedbus.he.codec import decrypt_file
+
+        return decrypt_file(self.context, path, max_total=max_total)
+
+
+def he_filter(extra: Mapping[str, Any], context_path: str | None) -> HEEncrypt | None:
+    """The job's encryption filter when it asks for one (``[extra.privacy] he = true``), with the site's secret
+    context (``he_context`` in the site config); JobError when the site has none: it cannot take the job."""
+    options = he_options(extra)
+    if options is None:
+        return None
+    if context_path is None:
+        raise JobError(
+            "the job asks for homomorphic encryption ([extra.privacy] he = true) but this site has no he_context: "
+            "provision the project with he = true and set he_context in the site's config"
+        )
+    from fedbus.he.context import load_site_context
+
+    return HEEncrypt(load_site_context(context_path), options)

@@ -57,10 +57,12 @@ from fedbus.site.child import Launcher, Script, ScriptProcess
 from fedbus.site.filters import (
     Filter,
     FilterContext,
+    HEEncrypt,
     PrivacyFilter,
     apply_filters,
     filter_metrics,
     filter_name,
+    he_filter,
     job_filters,
 )
 from fedbus.site.folder import JobFolder, script_env
@@ -91,6 +93,8 @@ class RunnerSettings:
     """Simulation only: hold each result back so the task takes ``factor x`` the script's training time."""
     observer: Callable[[dict[str, Any]], None] | None = None
     """Simulation only: called with each relayed result's timing record (what the "result delivered" log says)."""
+    he_context: str | None = None
+    """The site's secret CKKS context file: jobs with homomorphic encryption need it (``filters.he_filter``)."""
 
 
 @dataclass
@@ -128,6 +132,7 @@ class JobRunner:
         self.ctx = ctx
         self.filters = list(filters)  # the site's own: they always run, after the job's (job_filters)
         self.job_filters: list[Filter] = []
+        self.he: HEEncrypt | None = None  # the job's encryption: the last filter, and the decryption of its models
         self.audit = audit
         self.log = log.bind(job=deploy.job_id)
         self.token = secrets.token_urlsafe(24)
@@ -178,6 +183,7 @@ class JobRunner:
         spec = await asyncio.to_thread(unpack_job, archive, folder.files, require_model=False, check_strategy=False)
         self.task_timeout = _min_positive(self.task_timeout, spec.task_timeout_s)
         self.job_filters = list(job_filters(spec.extra))
+        self.he = he_filter(spec.extra, self.settings.he_context)
         script = folder.script(self.deploy.script)
         if not all(isinstance(a, str) for a in self.deploy.args):
             raise JobError("deploy args must be strings")
@@ -293,6 +299,8 @@ class JobRunner:
         try:
             await sink.result  # the file is the model: the script reads it itself
             self._audit("task_received", task=task.task_id, version=task.version, size=sink.offer and sink.offer.total)
+            if self.he is not None:  # an encrypted global model: the script gets it decrypted
+                await asyncio.to_thread(self.he.decrypt_file, path, self.settings.max_model_bytes)
         except FedbusError as exc:
             self.log.warning("model stream failed", task_id=task.task_id, reason=str(exc))
             path.unlink(missing_ok=True)
@@ -448,7 +456,7 @@ class JobRunner:
         await self.bus.send(out)
         if source is not None and sid is not None:
             digest = await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
-            filters = [filter_name(f) for f in (*self.job_filters, *self.filters)]
+            filters = [filter_name(f) for f in self._upload_filters()]
             self._audit(
                 "update_sent", task=t.task_id, version=t.version, size=source.total, digest=digest, filters=filters
             )
@@ -457,15 +465,19 @@ class JobRunner:
     def _result_source(self, file: Path, ready: _Ready, params_type: str) -> ModelSource:
         """The script's result as a stream source: straight from the file's page cache when no filter has
         to see the tensors (zero copy), else read, filtered (the job's filters, then the site's), laid out again."""
-        filters = [*self.job_filters, *self.filters]
+        filters = self._upload_filters()
         if not filters:
             return ModelSource.from_file(file, max_total=self.settings.max_model_bytes)
         params = serde.read_file(file, max_total=self.settings.max_model_bytes)
         base = None  # the global model this update was trained from: DP and exclusion work on the difference
-        if ready.path is not None and any(isinstance(f, PrivacyFilter) for f in filters):
+        if ready.path is not None and any(isinstance(f, PrivacyFilter) for f in (*self.job_filters, *self.filters)):
             base = serde.read_file(ready.path, max_total=self.settings.max_model_bytes)
         ctx = FilterContext(self.job_id, ready.task.task_id, params_type, base)
         return ModelSource.from_state_dict(apply_filters(filters, params, ctx))
+
+    def _upload_filters(self) -> list[Filter]:
+        """What an update passes before it leaves: the job's filters, the site's, then the job's encryption."""
+        return [*self.job_filters, *self.filters, *([self.he] if self.he is not None else [])]
 
     def _audit(self, kind: str, **fields: Any) -> None:
         if self.audit is not None:

@@ -202,12 +202,11 @@ class FedAvg(Strategy):
             self._totals["evaluated"] += 1
             acts.append(Evaluated(task.version, task.site, clean_metrics(update.metrics)))
             return acts + self._close_if_complete(now)
-        reason = check_update_fields(update, task.version) or self._check_result(update)
+        reason = check_update_fields(update, task.version) or self._check_result(update) or self._fold(update)
         if reason is not None:
             self._round["rejected"] += 1
             acts.append(self._reject(update, reason))
         else:
-            self._fold(update)
             acts.append(Accepted(task.task_id, task.site, task.version, 0, float(update.weight)))
         return acts + self._close_if_complete(now)
 
@@ -362,17 +361,23 @@ class FedAvg(Strategy):
             return "a training result must carry params"
         return self.validate_input(self.input_reference(), update.params)
 
-    def _fold(self, update: Update) -> None:
-        """Count one validated update and fold it into the round's aggregate (``_accumulate``)."""
+    def _fold(self, update: Update) -> str | None:
+        """Count one validated update and fold it into the round's aggregate (``_accumulate``); the reason it could
+        not be folded after all (nothing of it was), or None."""
         w = float(update.weight)
-        self._accumulate(update, w)
+        reason = self._accumulate(update, w)
+        if reason is not None:
+            return reason
         self._weight += w
         self._round["accepted"] += 1
         self._totals["accepted"] += 1
         self._metrics.add(clean_metrics(update.metrics), w)
+        return None
 
-    def _accumulate(self, update: Update, w: float) -> None:
-        """Add ``w * params`` to the round's single accumulator (see theory of operation)."""
+    def _accumulate(self, update: Update, w: float) -> str | None:
+        """Add ``w * params`` to the round's single accumulator (see theory of operation). A fold that may find an
+        update unusable only while folding it (ciphertexts: ``fedbus.strategy.encrypted``) returns why, having
+        folded nothing of it; this one always folds."""
         params = update.params
         assert params is not None
         if self._acc_type is None:
@@ -385,6 +390,7 @@ class FedAvg(Strategy):
             weighted_sum_into(self._acc, params, w, integers="skip")
             if self._acc_type == "FULL":
                 weighted_sum_into(self._acc, self._global, w, integers="skip")
+        return None
 
     @torch.no_grad()
     def _finish_aggregate(self) -> dict[str, torch.Tensor]:

@@ -298,7 +298,9 @@ class FedBuff(Strategy):
         coef = self._staleness(s)
         if self.weight_by_samples:
             coef *= float(update.weight)
-        weighted_sum_into(self._buffer, update.params, coef, integers="skip")  # type: ignore[arg-type]
+        reason = self._fold_update(update.params, coef)  # type: ignore[arg-type]
+        if reason is not None:
+            return [self._reject(update, reason)]
         self._buf_count += 1
         self._buf_weight += float(update.weight)
         self._buf_staleness.append(s)
@@ -311,9 +313,20 @@ class FedBuff(Strategy):
             acts += self._apply_buffer()
         return acts
 
+    def _fold_update(self, params: Params, coef: float) -> str | None:
+        """Add ``coef * params`` (a checked delta) to the buffer (the fold an encrypted job replaces); the reason it
+        could not be folded after all (nothing of it was: ciphertexts are loaded only while folding), or None."""
+        weighted_sum_into(self._buffer, params, coef, integers="skip")
+        return None
+
+    def _next_global(self) -> dict[str, torch.Tensor]:
+        """The global model after applying the full buffer: its mean delta through the server optimizer."""
+        delta = finalize_mean(self._buffer, self._buf_weight if self.weight_by_samples else float(self._buf_count))
+        return self._opt.step(self._global, delta)
+
     def _apply_buffer(self) -> list[Action]:
         k = self._buf_count
-        delta = finalize_mean(self._buffer, self._buf_weight if self.weight_by_samples else float(k))
+        new_global = self._next_global()
         metrics = {
             **self._buf_metrics.result(),
             "strategy/num_updates": float(k),
@@ -321,7 +334,7 @@ class FedBuff(Strategy):
             "strategy/max_staleness": float(max(self._buf_staleness)),
             "strategy/dropped_stale": float(self._buf_dropped),
         }
-        self._global = self._opt.step(self._global, delta)
+        self._global = new_global
         self._version += 1
         self._reset_buffer()
         if self.evaluate_every and self._version % self.evaluate_every == 0:
