@@ -35,6 +35,7 @@ from fedbus.errors import FedbusError, PeerError, PeerUnreachable, TransportErro
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
     MAX_HELD,
+    SECAGG_TO_BROKER,
     STREAM_TYPES,
     Bye,
     End,
@@ -297,6 +298,8 @@ class Broker:
             self.launcher.controller(msg.job_id, site.name).on_result(peer, site.name, msg)
         elif isinstance(msg, JobEvent):
             self._job_event(site.name, msg)
+        elif isinstance(msg, SECAGG_TO_BROKER):  # secure aggregation: for the job's strategy
+            self.launcher.controller(msg.job_id, site.name).on_message(site.name, msg)
         else:
             raise PeerError(site.name, f"unexpected message type {msg.TYPE!r} from a site")
 

@@ -57,9 +57,7 @@ def _is_float(t: object) -> bool:
     )
 
 
-def encode(
-    arrays: Sequence[np.ndarray], ratio: float, *, bits: int, clip: float, scale: float
-) -> np.ndarray:
+def encode(arrays: Sequence[np.ndarray], ratio: float, *, bits: int, clip: float, scale: float) -> np.ndarray:
     """The vector of ``arrays`` (flattened, in order) times ``ratio``, then ``ratio``, in the ring."""
     dtype = ring_dtype(bits)
     total = sum(a.size for a in arrays) + 1
@@ -75,7 +73,7 @@ def encode(
             np.rint(part, out=part)
             out[off + i : off + i + part.size] = part.astype(np.int64).astype(dtype)  # two's complement mod 2^bits
         off += flat.size
-    out[off] = dtype(int(round(ratio * scale)))
+    out[off] = dtype(round(ratio * scale))
     return out
 
 

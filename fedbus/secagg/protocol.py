@@ -207,7 +207,9 @@ class SecAggClient:
                 raise RemoteProtocolError(f"secagg shares: the ciphertext from {sender!r} has the wrong size")
             key = _kdf(_agree(self._c, roster.keys[sender][0]), b"fedbus-secagg share " + context)
             try:
-                plain = AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], _aad(context, sender, self.me))
+                plain = AESGCM(key).decrypt(
+                    sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], _aad(context, sender, self.me)
+                )
             except InvalidTag as exc:
                 raise RemoteProtocolError(f"secagg shares: the ciphertext from {sender!r} does not decrypt") from exc
             self._held[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])

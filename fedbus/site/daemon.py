@@ -43,6 +43,7 @@ from fedbus.modelio.sinks import BufferSink
 from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import (
     MAX_HELD,
+    SECAGG_TO_SITE,
     STREAM_TYPES,
     Bye,
     Deploy,
@@ -321,6 +322,8 @@ class Site:
             why = await runner.on_task(msg)
             if why is not None:
                 raise RemoteProtocolError(f"task {msg.task_id[:80]!r}: {why}")
+        elif isinstance(msg, SECAGG_TO_SITE):  # secure aggregation: the job's round at this site
+            await self._runner(msg.job_id, msg.TYPE).on_secagg(msg)
         elif isinstance(msg, EndJob):
             ending = self.runners.get(msg.job_id)
             if ending is None:  # its script already ended here: nothing left to stop

@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("cryptography", reason="secure aggregation needs the secagg extra (cryptography)")
 
-from fedbus.errors import ConfigError, RemoteProtocolError  # noqa: E402
-from fedbus.protocol.messages import SecAggRoster, SecAggShares, SecAggUnmask  # noqa: E402
-from fedbus.secagg import encoding, prg, shamir  # noqa: E402
-from fedbus.secagg.config import SecAggConfig  # noqa: E402
-from fedbus.secagg.protocol import Outcome, SecAggClient, SecAggServer  # noqa: E402
+from fedbus.errors import ConfigError, RemoteProtocolError
+from fedbus.protocol.messages import SecAggRoster, SecAggShares, SecAggUnmask
+from fedbus.secagg import encoding, prg, shamir
+from fedbus.secagg.config import SecAggConfig
+from fedbus.secagg.protocol import Outcome, SecAggClient, SecAggServer
 
 SITES = ["a", "b", "c", "d", "e"]
 
@@ -119,7 +119,7 @@ def test_weights_travel_masked_and_give_the_weighted_mean() -> None:
     names = ["a", "b", "c"]
     inputs = inputs_for(names, seed=5)
     weights = {"a": 10.0, "b": 30.0, "c": 500.0}  # c capped at 100
-    server, out = run_round(inputs, config, weights=weights)
+    server, _out = run_round(inputs, config, weights=weights)
     assert server.result is not None
     total, wsum = server.result
     w = {"a": 0.1, "b": 0.3, "c": 1.0}
@@ -147,7 +147,7 @@ def test_refused_below_the_threshold_no_sum_revealed(late: int) -> None:
 
 def test_refused_when_too_few_advertise() -> None:
     config = SecAggConfig(threshold=4)
-    server, out = run_round(inputs_for(SITES), config, drop_before_shares={"a", "b"})
+    _server, out = run_round(inputs_for(SITES), config, drop_before_shares={"a", "b"})
     assert out.failed is not None and "3 sites advertised keys, threshold 4" in out.failed
 
 
