@@ -253,7 +253,7 @@ class JobController:
 
         async def send() -> None:
             try:
-                await self.bus.send(peer, replace(action.message, job_id=self.job_id))  # type: ignore[type-var]
+                await self.bus.send(peer, replace(action.message, job_id=self.job_id))  # type: ignore[call-arg]
             except FedbusError as exc:
                 self.log.warning("protocol message lost", site=action.site, type=action.message.TYPE, reason=str(exc))
 

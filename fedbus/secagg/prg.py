@@ -40,11 +40,16 @@ def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
     for off in range(0, acc.size, scratch.size):
         part = acc[off : off + scratch.size]
         mask = scratch[: part.size]
-        enc.update_into(_ZEROS[: mask.nbytes], mask.view(np.uint8))
+        enc.update_into(_ZEROS[: mask.nbytes], _bytes(mask))
         if sign > 0:
             np.add(part, mask, out=part)
         else:
             np.subtract(part, mask, out=part)
+
+
+def _bytes(words: np.ndarray) -> memoryview:
+    """A writable byte view of ``words`` (for the cipher to write into)."""
+    return memoryview(words.view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: ndarray is a buffer
 
 
 def candidates() -> dict[str, Callable[[bytes, int], np.ndarray]]:
@@ -61,7 +66,7 @@ def candidates() -> dict[str, Callable[[bytes, int], np.ndarray]]:
     def aes256_ctr(seed: bytes, n: int) -> np.ndarray:
         out = np.empty(n, np.uint32)
         enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-        enc.update_into(bytes(out.nbytes), out.view(np.uint8))
+        enc.update_into(bytes(out.nbytes), _bytes(out))
         return out
 
     return {

@@ -440,7 +440,8 @@ class JobRunner:
         if not math.isfinite(result.weight) or result.weight < 0:
             raise RemoteProtocolError(f"weight must be a finite number >= 0, got {result.weight!r}")
         source = None
-        weight, mask = result.weight, None
+        weight = result.weight
+        mask: SecAggMask | None = None
         if self.secagg.wanted(ready.task):  # masked once the round's shares are in; the weight travels masked
             if result.path is None:
                 raise JobError("secure aggregation: a training result must carry params")
@@ -458,7 +459,8 @@ class JobRunner:
         await self.bus.send(out)
         if source is not None and sid is not None:
             digest = await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
-            filters = [filter_name(f) for f in (*self.job_filters, *self.filters, *([mask] if mask else []))]
+            masks: list[Filter] = [mask] if mask is not None else []
+            filters = [filter_name(f) for f in (*self.job_filters, *self.filters, *masks)]
             self._audit(
                 "update_sent", task=t.task_id, version=t.version, size=source.total, digest=digest, filters=filters
             )

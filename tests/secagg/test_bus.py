@@ -129,9 +129,8 @@ def test_the_recipe_option_gives_the_plaintext_fedavg_model_in_simenv(tmp_path: 
     script.parent.mkdir()
     script.write_text(SIM_SCRIPT)
     options = {"threshold": 2, "clip": 4.0, "max_weight": 3} if secure else None
-    recipe = FedAvgRecipe(
-        "sim", {"w": torch.zeros(5), "b": torch.ones(2)}, script, min_clients=3, num_rounds=2, secure_aggregation=options
-    )
+    model = {"w": torch.zeros(5), "b": torch.ones(2)}
+    recipe = FedAvgRecipe("sim", model, script, min_clients=3, num_rounds=2, secure_aggregation=options)
     run = recipe.execute(SimEnv(3, workspace=tmp_path / "ws", progress=False))
     assert run.status == "finished", run.reason
     assert run.model is not None
