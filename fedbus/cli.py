@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
     rd.add_argument("--logs", type=Path, help="copy the daemons' logs (JSON lines, debug level) into this folder")
     rd.add_argument("--broker-config", type=Path, help="the broker's profile (TOML), e.g. brokers/local.toml")
+    rd.add_argument("--secagg", action="store_true", help="plain FedAvg, then with secure aggregation: both, compared")
+    pg = bsub.add_parser("prg", help="secure aggregation's mask generators: seconds and GB/s on this machine")
+    pg.add_argument("--size-mb", type=_positive_float, default=100)
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -258,6 +261,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 repeat=args.repeat,
             )
+        elif args.bench == "round" and args.secagg:
+            from fedbus.bench.secagg import run_secagg_round
+
+            report = run_secagg_round(args.size_mb, args.sites, args.rounds)
+        elif args.bench == "prg":
+            from fedbus.bench.secagg import run_prg
+
+            report = run_prg(args.size_mb)
         elif args.bench == "round":
             from fedbus.bench.round import run_round
 

@@ -96,7 +96,7 @@ def _proc_kb(pid: int, key: str) -> int:
     return 0
 
 
-def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: str) -> int:
+def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: str, strategy_extra: str = "") -> int:
     folder.mkdir(parents=True)
     (folder / "client.py").write_text(CLIENT)
     model = random_state_dict(size_mb, seed=0)
@@ -105,6 +105,7 @@ def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: 
         strat = f'name = "fedavg"\nmin_clients = {sites}\nnum_rounds = {rounds}\n'
     else:
         strat = f'name = "fedbuff"\nconcurrency = {sites}\nbuffer_size = {sites}\nnum_versions = {rounds}\n'
+    strat += strategy_extra
     (folder / "job.toml").write_text(
         f'name = "bench"\nmodel = "model.safetensors"\n\n[strategy]\n{strat}\n'
         f'[script]\npath = "client.py"\nargs = []\n\n[sites]\nmin = {sites}\nmax = {sites}\n'
@@ -154,10 +155,12 @@ def run_round(
     timeout: float = 600.0,
     logs: Path | None = None,
     broker_config: Path | None = None,
+    strategy_extra: str = "",
 ) -> str:
     """Run the benchmark and return the report (a table, then one JSON line). ``logs``: a folder to copy
     the daemons' logs into (debug level: a timeline of every stream and decision); ``broker_config``: the
-    broker's profile (TOML)."""
+    broker's profile (TOML); ``strategy_extra``: more lines of the job's ``[strategy]`` table (secure
+    aggregation: ``fedbus.bench.secagg``)."""
     from fedbus.bench.transfer import raw_zmq_gbps
 
     if rounds < 2:
@@ -166,7 +169,7 @@ def run_round(
     procs: list[subprocess.Popen] = []
     peaks = _Tree()
     try:
-        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy)
+        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, strategy_extra)
         reports = tmp / "memory"
         reports.mkdir()
         sock = tmp / "broker.sock"
