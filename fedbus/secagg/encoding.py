@@ -58,22 +58,29 @@ def _is_float(t: object) -> bool:
 
 
 def encode(arrays: Sequence[np.ndarray], ratio: float, *, bits: int, clip: float, scale: float) -> np.ndarray:
-    """The vector of ``arrays`` (flattened, in order) times ``ratio``, then ``ratio``, in the ring."""
+    """The vector of ``arrays`` (flattened, in order) times ``ratio``, then ``ratio``, in the ring.
+
+    Four passes over each block of ``_CHUNK`` values, in float64: scale (``ratio x scale`` at once), clip to
+    ``clip x scale``, round, and store as signed words of the ring's width (two's complement: mod 2^bits)."""
     dtype = ring_dtype(bits)
+    signed = np.int32 if bits == 32 else np.int64
     total = sum(a.size for a in arrays) + 1
     out = np.empty(total, dtype=dtype)
+    words = out.view(signed)
+    factor, limit = ratio * scale, clip * scale
+    work = np.empty(min(_CHUNK, total), dtype=np.float64)
     off = 0
     for a in arrays:
         flat = a.reshape(-1)
         for i in range(0, flat.size, _CHUNK):
-            part = flat[i : i + _CHUNK].astype(np.float64)
-            np.multiply(part, ratio, out=part)
-            np.clip(part, -clip, clip, out=part)
-            np.multiply(part, scale, out=part)
-            np.rint(part, out=part)
-            out[off + i : off + i + part.size] = part.astype(np.int64).astype(dtype)  # two's complement mod 2^bits
+            part = flat[i : i + _CHUNK]
+            y = work[: part.size]
+            np.multiply(part, factor, out=y, dtype=np.float64)
+            np.clip(y, -limit, limit, out=y)
+            np.rint(y, out=y)
+            np.copyto(words[off + i : off + i + part.size], y, casting="unsafe")  # |y| < 2^(bits-1): exact
         off += flat.size
-    out[off] = dtype(round(ratio * scale))
+    words[off] = round(ratio * scale)
     return out
 
 

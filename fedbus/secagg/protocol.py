@@ -277,6 +277,29 @@ class Outcome:
     failed: str | None = None
 
 
+@dataclass(frozen=True)
+class RevealedSum:
+    """A round's unmasked sum, kept in ring words (the memory of one masked input) and decoded a slice at a
+    time: ``values`` are the sums of ``r_i x_i`` per element, ``weight`` the sum of ``r_i``."""
+
+    ring: np.ndarray
+    scale: float
+
+    @property
+    def size(self) -> int:
+        """The elements of the vector, the weight not counted."""
+        return self.ring.size - 1
+
+    @property
+    def weight(self) -> float:
+        return float(encoding.decode(self.ring[-1:], scale=self.scale)[0])
+
+    def values(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The decoded sums of elements ``start`` ... ``stop`` (default: to the last before the weight)."""
+        stop = self.size if stop is None else min(stop, self.size)
+        return encoding.decode(self.ring[start:stop], scale=self.scale)
+
+
 class SecAggServer:
     """The broker's side of one round; see the module docstring. ``result`` is set when the sum is revealed."""
 
@@ -292,7 +315,7 @@ class SecAggServer:
         self._sum: np.ndarray | None = None
         self._reveals: dict[str, SecAggReveal] = {}
         self._dropped: set[str] = set()
-        self.result: tuple[np.ndarray, float] | None = None  # (sum of r_i x_i, sum of r_i), decoded
+        self.result: RevealedSum | None = None
 
     @property
     def size(self) -> int:
@@ -446,8 +469,7 @@ class SecAggServer:
                 return self._fail(f"the shares revealed for {u!r} do not rebuild its key (a share is corrupt)")
             for v in self.survivors:  # v added pair_sign(v, u) * PRG(s_vu): take it out
                 prg.add_mask(total, pair_seed(s_sk, roster.keys[v][1], context), -pair_sign(v, u))
-        values = encoding.decode(total, scale=self.scale)
         self._sum = None
         self.phase = "done"
-        self.result = (values[:-1], float(values[-1]))
+        self.result = RevealedSum(total, self.scale)
         return Outcome()

@@ -55,8 +55,9 @@ class SiteSecAgg:
 
         config = SecAggConfig.parse(task.options[OPTION], "task option secure_aggregation")
         r = self.round_of(task)
-        if r in self._rounds:
-            raise RemoteProtocolError(f"secure aggregation round {r} was already opened at this site")
+        if r in self._rounds:  # the round's task again (a restarted broker, a site back): fresh keys, old ones gone
+            self.log.info("secure aggregation round opened again: new keys", round=r)
+            del self._rounds[r]
         client = SecAggClient(self.site, config, r, self.job_id)
         self._rounds[r] = (client, asyncio.Event())
         for old in sorted(self._rounds)[:-KEPT_ROUNDS]:

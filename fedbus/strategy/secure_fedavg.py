@@ -199,15 +199,15 @@ class SecureFedAvg(FedAvg):
     @torch.no_grad()
     def _finish_aggregate(self) -> dict[str, torch.Tensor]:
         assert self._server is not None and self._server.result is not None
-        total, wsum = self._server.result
+        revealed = self._server.result
+        wsum = revealed.weight
         if not wsum > 0:
             raise StrategyError("secure aggregation: the masked weights sum to 0 (every site sent weight 0)")
-        mean = total / wsum
         floats: dict[str, torch.Tensor] = {}
         off = 0
-        for name in float_names(self._global):
+        for name in float_names(self._global):  # one tensor at a time: memory stays the ring sum and the model
             g = self._global[name]
-            part = torch.from_numpy(mean[off : off + g.numel()].reshape(g.shape))
+            part = torch.from_numpy(revealed.values(off, off + g.numel()).reshape(g.shape)).div_(wsum)
             off += g.numel()
             floats[name] = (part if self._acc_type == "FULL" else part + g.to(torch.float64)).to(g.dtype)
         self._server = None

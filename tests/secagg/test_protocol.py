@@ -92,7 +92,7 @@ def test_sum_is_exact_within_the_precision_with_dropouts(bits: int, dropped: int
     late = set(SITES[:dropped])  # masked, shared, but their inputs never arrive
     server, out = run_round(inputs, config, drop_after_input=late)
     assert out.failed is None and server.result is not None
-    total, wsum = server.result
+    total, wsum = server.result.values(), server.result.weight
     survivors = [s for s in SITES if s not in late]
     assert sorted(server.survivors) == survivors
     # the stated precision of a sum: half a step per input, and float64's rounding (what limits 64 bits)
@@ -110,7 +110,7 @@ def test_sites_dropping_at_every_step_leave_the_sum_of_the_rest() -> None:
     )
     assert out.failed is None and server.result is not None
     assert sorted(server.survivors) == ["s2", "s3", "s5"]
-    total, wsum = server.result
+    total, wsum = server.result.values(), server.result.weight
     assert np.allclose(total / wsum, plain_mean(inputs, ["s2", "s3", "s5"]), atol=1e-6)
 
 
@@ -121,7 +121,7 @@ def test_weights_travel_masked_and_give_the_weighted_mean() -> None:
     weights = {"a": 10.0, "b": 30.0, "c": 500.0}  # c capped at 100
     server, _out = run_round(inputs, config, weights=weights)
     assert server.result is not None
-    total, wsum = server.result
+    total, wsum = server.result.values(), server.result.weight
     w = {"a": 0.1, "b": 0.3, "c": 1.0}
     flat = {s: np.concatenate([a.reshape(-1).astype(np.float64) for a in inputs[s]]) for s in names}
     expected = sum(w[s] * flat[s] for s in names) / sum(w.values())
@@ -134,7 +134,7 @@ def test_values_beyond_the_clip_are_clipped() -> None:
     inputs = {"a": [np.array([5.0, -5.0, 0.25], np.float32)], "b": [np.array([0.5, 0.5, 0.25], np.float32)]}
     server, _ = run_round(inputs, config)
     assert server.result is not None
-    assert np.allclose(server.result[0], [1.5, -0.5, 0.5], atol=1e-6)
+    assert np.allclose(server.result.values(), [1.5, -0.5, 0.5], atol=1e-6)
 
 
 @pytest.mark.parametrize("late", [3, 4])
