@@ -137,3 +137,23 @@ def test_only_fedavg_takes_the_option() -> None:
         make_strategy("fedbuff", buffer_size=2, num_versions=1, secure_aggregation={"threshold": 2})
     with pytest.raises(ConfigError, match="threshold must be an integer"):
         make_strategy("fedavg", min_clients=2, num_rounds=1, secure_aggregation={"threshold": "3"})
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("{threshold = 1}", "threshold must be an integer >= 2"),
+        ("{threshold = 3, clipp = 2.0}", "unknown keys \\['clipp'\\]"),
+        ("{threshold = 5}", "max = 4 is below \\[strategy\\] secure_aggregation threshold = 5"),
+        ('"yes"', "must be a table"),
+    ],
+)
+def test_job_toml_errors_name_the_option(option: str, message: str) -> None:
+    from fedbus.jobs import parse_job_toml
+
+    text = (
+        'name = "j"\nmodel = "m.safetensors"\n[strategy]\nname = "fedavg"\nmin_clients = 2\nnum_rounds = 1\n'
+        f'secure_aggregation = {option}\n[script]\npath = "c.py"\n[sites]\nmin = 2\nmax = 4\n'
+    )
+    with pytest.raises(ConfigError, match=message):
+        parse_job_toml(text, "job.toml")
