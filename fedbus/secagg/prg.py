@@ -1,13 +1,14 @@
 """The pseudo-random generator that expands a 32-byte seed into a mask of n ring elements.
 
-Masks are the ChaCha20 key stream (the ``cryptography`` package: OpenSSL), read as little-endian unsigned words
-of the ring's width. ChaCha20 is a stream cipher: its key stream is a PRG under the standard assumption about
-ChaCha, which is what the masks' secrecy rests on, and it is fast without AES hardware (on machines with AES-NI,
-AES-256-CTR is as good a choice). Each seed is used for one mask of one round (seeds are fresh per round), so the
-nonce is fixed and the block counter starts at zero. A mask is made and added a block of ``_BLOCK`` words at a
-time, so its memory beside the vector it is added to stays small.
+Masks are the AES-256 key stream in counter mode (the ``cryptography`` package: OpenSSL, with AES-NI where the
+CPU has it), read as little-endian unsigned words of the ring's width. AES-CTR is a PRG under the standard
+assumption that AES is a pseudo-random permutation, which is what the masks' secrecy rests on. Each seed is used
+for one mask of one round (seeds are fresh per round), so the counter starts at block zero. A mask is made and
+added a block of ``_BLOCK`` words at a time, so its memory beside the vector it is added to stays small.
+ChaCha20 is as good a PRG and the choice on CPUs without AES instructions; with them AES-CTR was about twice
+as fast here (docs/benchmarks.md).
 
-``fedbus bench prg`` measures the candidates on the machine at hand (ChaCha20, AES-256-CTR, and numpy's Philox
+``fedbus bench prg`` measures the candidates on the machine at hand (AES-256-CTR, ChaCha20, and numpy's Philox
 and PCG64); the non-cryptographic generators are listed for speed only: their outputs can be predicted from a
 sample, so a mask drawn from them would not hide an update.
 """
@@ -25,7 +26,7 @@ _ZEROS = memoryview(bytes(_BLOCK * 8))  # what the cipher encrypts: shared, read
 
 
 def expand(seed: bytes, n: int, dtype: type[np.unsignedinteger] = np.uint32) -> np.ndarray:
-    """``n`` pseudo-random words of ``dtype`` (uint32 or uint64) from ``seed`` (the ChaCha20 key stream)."""
+    """``n`` pseudo-random words of ``dtype`` (uint32 or uint64) from ``seed`` (the AES-256-CTR key stream)."""
     out = np.zeros(n, dtype=dtype)
     add_mask(out, seed)
     return out
@@ -36,7 +37,7 @@ def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
     scratch = np.empty(min(_BLOCK, acc.size), dtype=acc.dtype)
-    enc = Cipher(algorithms.ChaCha20(seed, bytes(16)), None).encryptor()  # OpenSSL's IV: counter 0, nonce 0
+    enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()  # counter block 0: one seed, one mask
     for off in range(0, acc.size, scratch.size):
         part = acc[off : off + scratch.size]
         mask = scratch[: part.size]
@@ -52,26 +53,42 @@ def _bytes(words: np.ndarray) -> memoryview:
     return memoryview(words.view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: ndarray is a buffer
 
 
-def candidates() -> dict[str, Callable[[bytes, int], np.ndarray]]:
-    """Generators of ``n`` uint32 words from a 32-byte seed, by name: what ``fedbus bench prg`` times."""
+def candidates() -> dict[str, Callable[[bytes, np.ndarray], None]]:
+    """Each mask generator as it is used: the mask of a 32-byte seed added into a uint32 array, a block of
+    ``_BLOCK`` words at a time; what ``fedbus bench prg`` times. fedbus's own is AES-256-CTR (``add_mask``)."""
 
-    def philox(seed: bytes, n: int) -> np.ndarray:
+    def with_blocks(fill: Callable[[np.ndarray], object]) -> Callable[[np.ndarray], None]:
+        def add(out: np.ndarray) -> None:
+            scratch = np.empty(min(_BLOCK, out.size), np.uint32)
+            for off in range(0, out.size, _BLOCK):
+                part = out[off : off + _BLOCK]
+                fill(scratch[: part.size])
+                np.add(part, scratch[: part.size], out=part)
+
+        return add
+
+    def aes256_ctr(seed: bytes, out: np.ndarray) -> None:
+        add_mask(out, seed)
+
+    def chacha20(seed: bytes, out: np.ndarray) -> None:
+        enc = Cipher(algorithms.ChaCha20(seed, bytes(16)), None).encryptor()
+        with_blocks(lambda block: enc.update_into(_ZEROS[: block.nbytes], _bytes(block)))(out)
+
+    def philox(seed: bytes, out: np.ndarray) -> None:
         bg = np.random.Philox(key=np.frombuffer(seed[:16], np.uint64))
-        return bg.random_raw((n + 1) // 2).view(np.uint32)[:n]
+        with_blocks(lambda block: np.copyto(block, bg.random_raw((block.size + 1) // 2).view(np.uint32)[: block.size]))(
+            out
+        )
 
-    def pcg64(seed: bytes, n: int) -> np.ndarray:
+    def pcg64(seed: bytes, out: np.ndarray) -> None:
         bg = np.random.PCG64(int.from_bytes(seed, "little"))
-        return bg.random_raw((n + 1) // 2).view(np.uint32)[:n]
-
-    def aes256_ctr(seed: bytes, n: int) -> np.ndarray:
-        out = np.empty(n, np.uint32)
-        enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-        enc.update_into(bytes(out.nbytes), _bytes(out))
-        return out
+        with_blocks(lambda block: np.copyto(block, bg.random_raw((block.size + 1) // 2).view(np.uint32)[: block.size]))(
+            out
+        )
 
     return {
-        "chacha20 (fedbus)": expand,
-        "aes256-ctr": aes256_ctr,
+        "aes256-ctr (fedbus)": aes256_ctr,
+        "chacha20": chacha20,
         "philox (not a CSPRNG)": philox,
         "pcg64 (not a CSPRNG)": pcg64,
     }
