@@ -473,7 +473,10 @@ class JobRunner:
         filters = [*self.job_filters, *self.filters, *([mask] if mask is not None else [])]
         if not filters:
             return ModelSource.from_file(file, max_total=self.settings.max_model_bytes)
-        params = serde.read_file(file, max_total=self.settings.max_model_bytes)
+        if filters == [mask]:  # secure aggregation alone reads the tensors, never writes them: no copy
+            params, _ = serde.map_file(file, max_total=self.settings.max_model_bytes)
+        else:
+            params = serde.read_file(file, max_total=self.settings.max_model_bytes)
         base = None  # the global model this update was trained from: DP and exclusion work on the difference
         if ready.path is not None and any(
             isinstance(f, PrivacyFilter) and not isinstance(f, SecAggMask) for f in filters
