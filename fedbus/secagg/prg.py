@@ -15,13 +15,13 @@ sample, so a mask drawn from them would not hide an update.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SEED_BYTES = 32
-_BLOCK = 1 << 20  # words per block: bounds the memory a mask takes beside its target
+_BLOCK = 1 << 18  # words per block: bounds the memory a mask takes beside its target, and stays in cache
 _ZEROS = memoryview(bytes(_BLOCK * 8))  # what the cipher encrypts: shared, read-only
 
 
@@ -34,18 +34,28 @@ def expand(seed: bytes, n: int, dtype: type[np.unsignedinteger] = np.uint32) -> 
 
 def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
     """``acc += sign * expand(seed)`` in the ring of ``acc``'s width (wrapping), in place, a block at a time."""
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+    add_masks(acc, [(seed, sign)])
+
+
+def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
+    """Add (sign +1) or subtract (-1) the mask of every seed of ``masks`` into ``acc``, in place. Block by block,
+    every mask's next block in turn: a block of ``acc`` is read and written while it is in cache, once per mask."""
+    for seed, _ in masks:
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+    if not masks or acc.size == 0:
+        return
     scratch = np.empty(min(_BLOCK, acc.size), dtype=acc.dtype)
-    enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()  # counter block 0: one seed, one mask
-    for off in range(0, acc.size, scratch.size):
+    ciphers = [(Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor(), sign) for seed, sign in masks]
+    for off in range(0, acc.size, scratch.size):  # counter block 0 for every seed: one seed, one mask
         part = acc[off : off + scratch.size]
         mask = scratch[: part.size]
-        enc.update_into(_ZEROS[: mask.nbytes], _bytes(mask))
-        if sign > 0:
-            np.add(part, mask, out=part)
-        else:
-            np.subtract(part, mask, out=part)
+        for enc, sign in ciphers:
+            enc.update_into(_ZEROS[: mask.nbytes], _bytes(mask))
+            if sign > 0:
+                np.add(part, mask, out=part)
+            else:
+                np.subtract(part, mask, out=part)
 
 
 def _bytes(words: np.ndarray) -> memoryview:

@@ -235,12 +235,13 @@ class SecAggClient:
         if vector.dtype != encoding.ring_dtype(self.config.bits):
             raise LocalProtocolError(f"secagg: the vector must be {encoding.ring_dtype(self.config.bits).__name__}")
         self._masked = True
-        prg.add_mask(vector, self._b)
         context = self.roster.context
-        for other in self.holders:
-            if other != self.me:
-                seed = pair_seed(self._s, self.roster.keys[other][1], context)
-                prg.add_mask(vector, seed, pair_sign(self.me, other))
+        masks = [(self._b, 1)] + [
+            (pair_seed(self._s, self.roster.keys[other][1], context), pair_sign(self.me, other))
+            for other in self.holders
+            if other != self.me
+        ]
+        prg.add_masks(vector, masks)
         return vector
 
     def on_unmask(self, msg: SecAggUnmask) -> SecAggReveal:
@@ -458,9 +459,10 @@ class SecAggServer:
         assert self.roster is not None and self._sum is not None
         t, roster = self.config.threshold, self.roster
         total = self._sum
+        masks: list[tuple[bytes, int]] = []  # what to take out of the sum
         for v in self.survivors:
             seed = shamir.combine({roster.position(r): m.seeds[v] for r, m in self._reveals.items()}, t)
-            prg.add_mask(total, seed, -1)
+            masks.append((seed, -1))
         context = roster.context
         for u in sorted(set(self.holders) - set(self.survivors)):
             raw = shamir.combine({roster.position(r): m.keys[u] for r, m in self._reveals.items()}, t)
@@ -468,7 +470,8 @@ class SecAggServer:
             if _public(s_sk) != roster.keys[u][1]:
                 return self._fail(f"the shares revealed for {u!r} do not rebuild its key (a share is corrupt)")
             for v in self.survivors:  # v added pair_sign(v, u) * PRG(s_vu): take it out
-                prg.add_mask(total, pair_seed(s_sk, roster.keys[v][1], context), -pair_sign(v, u))
+                masks.append((pair_seed(s_sk, roster.keys[v][1], context), -pair_sign(v, u)))
+        prg.add_masks(total, masks)
         self._sum = None
         self.phase = "done"
         self.result = RevealedSum(total, self.scale)
