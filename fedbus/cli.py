@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck = bsub.add_parser("ckks", help="CKKS parameter candidates for encrypted jobs: speed against precision")
     ck.add_argument("--values", type=_positive_int, default=262144, help="values a model holds (a quarter million)")
     ck.add_argument("--sites", type=_positive_int, default=4, help="updates folded")
+    rd.add_argument("--secagg", action="store_true", help="plain FedAvg, then with secure aggregation: both, compared")
+    pg = bsub.add_parser("prg", help="secure aggregation's mask generators: seconds and GB/s on this machine")
+    pg.add_argument("--size-mb", type=_positive_float, default=100)
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -293,6 +296,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 repeat=args.repeat,
             )
+        elif args.bench == "round" and args.secagg:
+            from fedbus.bench.secagg import run_secagg_round
+
+            report = run_secagg_round(args.size_mb, args.sites, args.rounds)
+        elif args.bench == "prg":
+            from fedbus.bench.secagg import run_prg
+
+            report = run_prg(args.size_mb)
         elif args.bench == "round":
             from fedbus.bench.round import run_round
 

@@ -296,6 +296,13 @@ def _check_strategy(source: str, name: str, args: dict[str, Any], max_sites: int
         make_strategy(name, **args)
     except (FedbusError, TypeError, ValueError) as e:
         raise ConfigError(f"{source}: [strategy]: {e}") from e
+    secagg = args.get("secure_aggregation")
+    t = secagg.get("threshold") if isinstance(secagg, Mapping) else None
+    if isinstance(t, int) and max_sites is not None and max_sites < t:
+        raise ConfigError(
+            f"{source}: [sites] max = {max_sites} is below [strategy] secure_aggregation threshold = {t}: "
+            "no round could reveal its sum"
+        )
     need = args.get("min_clients")
     if isinstance(need, int) and not isinstance(need, bool):
         if max_sites is not None and max_sites < need:

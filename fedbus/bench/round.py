@@ -98,7 +98,9 @@ def _proc_kb(pid: int, key: str) -> int:
     return 0
 
 
-def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: str, he: bool = False) -> int:
+def _write_job(
+    folder: Path, size_mb: float, sites: int, rounds: int, strategy: str, he: bool = False, strategy_extra: str = ""
+) -> int:
     folder.mkdir(parents=True)
     (folder / "client.py").write_text(CLIENT)
     model = random_state_dict(size_mb, seed=0)
@@ -107,6 +109,7 @@ def _write_job(folder: Path, size_mb: float, sites: int, rounds: int, strategy: 
         strat = f'name = "fedavg"\nmin_clients = {sites}\nnum_rounds = {rounds}\n'
     else:
         strat = f'name = "fedbuff"\nconcurrency = {sites}\nbuffer_size = {sites}\nnum_versions = {rounds}\n'
+    strat += strategy_extra
     (folder / "job.toml").write_text(
         f'name = "bench"\nmodel = "model.safetensors"\n\n[strategy]\n{strat}\n'
         f'[script]\npath = "client.py"\nargs = []\n\n[sites]\nmin = {sites}\nmax = {sites}\n'
@@ -191,12 +194,15 @@ def run_round(
     logs: Path | None = None,
     broker_config: Path | None = None,
     he: bool = False,
+    strategy_extra: str = "",
 ) -> str:
     """Run the benchmark and return the report (a table, then one JSON line). ``logs``: a folder to copy
     the daemons' logs into (debug level: a timeline of every stream and decision); ``broker_config``: the
-    broker's profile (TOML); ``he``: the same job run again with homomorphic encryption, both reported."""
+    broker's profile (TOML); ``he``: the same job run again with homomorphic encryption, both reported;
+    ``strategy_extra``: more lines of the job's ``[strategy]`` table (secure aggregation: ``fedbus.bench.secagg``)."""
     if not he:
-        return format_report(*measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config))
+        figures = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config, False, strategy_extra)
+        return format_report(*figures)
     plain_rows, plain = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config)
     he_rows, enc = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config, he=True)
     ratios = {
@@ -221,8 +227,10 @@ def measure_round(
     logs: Path | None,
     broker_config: Path | None,
     he: bool = False,
+    strategy_extra: str = "",
 ) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    """One run of the benchmark (``he``: the job encrypted): its report rows and figures."""
+    """One run of the benchmark (``he``: the job encrypted; ``strategy_extra``: lines of its ``[strategy]``):
+    its report rows and figures."""
     from fedbus.bench.transfer import raw_zmq_gbps
 
     if rounds < 2:
@@ -231,7 +239,7 @@ def measure_round(
     procs: list[subprocess.Popen] = []
     peaks = _Tree()
     try:
-        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, he)
+        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, he, strategy_extra)
         site_config: list[str] = []
         if he:
             broker_config, site_toml = _he_configs(tmp, broker_config)

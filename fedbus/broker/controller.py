@@ -40,6 +40,7 @@ import concurrent.futures
 import contextlib
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,10 +50,10 @@ from fedbus.broker.kept import keep_update, restore_kept
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.store import JobStore
 from fedbus.daemon import SIM_TIME_KEY, Background, loop_is_simulated, loop_now
-from fedbus.errors import FedbusError
+from fedbus.errors import FedbusError, PeerError
 from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink
-from fedbus.protocol.messages import EndJob, Offer, Result
+from fedbus.protocol.messages import EndJob, Message, Offer, Result
 from fedbus.strategy import (
     Accepted,
     Action,
@@ -66,7 +67,7 @@ from fedbus.strategy import (
     Strategy,
     Update,
 )
-from fedbus.strategy.base import Params, clean_metrics
+from fedbus.strategy.base import Params, Relay, clean_metrics
 from fedbus.strategy.cross_site import CrossSiteEval
 
 CLIENT_OPTIONS = ("exchange", "transfer_type", "memory_gc_rounds")
@@ -235,6 +236,30 @@ class JobController:
             self.task_failed(site, task_id, f"script crashed: {detail}")
         self.site_left(site, "script exited")
 
+    def on_message(self, site: str, msg: Message) -> None:
+        """A message of a protocol the strategy runs with its sites (secure aggregation: ``on_message``)."""
+        handler = getattr(self.strategy, "on_message", None)
+        if handler is None:
+            raise PeerError(site, f"job {self.job_id!r} does not take {msg.TYPE!r} messages")
+        if self.state == "running":
+            now = time.monotonic()
+            self._decide(lambda: handler(site, msg, now))
+
+    def _relay(self, action: Relay) -> None:
+        """Send a strategy's protocol message to its site, with this job's id (lost if the site is gone)."""
+        peer = self.bus.peer_of(action.site)
+        if peer is None:
+            self.log.warning("protocol message for a site not connected", site=action.site, type=action.message.TYPE)
+            return
+
+        async def send() -> None:
+            try:
+                await self.bus.send(peer, replace(action.message, job_id=self.job_id))  # type: ignore[call-arg]
+            except FedbusError as exc:
+                self.log.warning("protocol message lost", site=action.site, type=action.message.TYPE, reason=str(exc))
+
+        self.background.spawn(send())
+
     def _update(
         self, site: str, result: Result, params: Mapping[str, torch.Tensor] | None, *, heavy: bool = False
     ) -> asyncio.Future | None:
@@ -345,6 +370,8 @@ class JobController:
                 )
         elif isinstance(action, Cancel):
             self.streams.tasks.pop(self.streams.wire(action.task_id), None)
+        elif isinstance(action, Relay):
+            self._relay(action)
         elif isinstance(action, Finished):
             self._end("finished", action.reason)
         elif isinstance(action, Failed):

@@ -40,6 +40,7 @@ from fedbus.he.context import load_broker_context
 from fedbus.log import get_logger
 from fedbus.protocol.messages import (
     MAX_HELD,
+    SECAGG_TO_BROKER,
     STREAM_TYPES,
     Bye,
     End,
@@ -341,6 +342,8 @@ class Broker:
             ):
                 return
             self._job_event(site.name, msg)
+        elif isinstance(msg, SECAGG_TO_BROKER):  # secure aggregation: for the job's strategy
+            self.launcher.controller(msg.job_id, site.name).on_message(site.name, msg)
         else:
             raise PeerError(site.name, f"unexpected message type {msg.TYPE!r} from a site")
 

@@ -294,6 +294,70 @@ class Abort(Message):
     reason: str
 
 
+# --- secure aggregation (fedbus.secagg): relayed by the broker, which cannot read the shares ------------
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggAdvert(Message):
+    """Site → broker: its two X25519 public keys for secure-aggregation round ``round`` of a job: ``c_pk``
+    encrypts the shares sent to it, ``s_pk`` agrees its pairwise masks."""
+
+    TYPE: ClassVar[str] = "secagg_advert"
+    job_id: str
+    round: int
+    c_pk: bytes
+    s_pk: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggRoster(Message):
+    """Broker → site: every advertised key of the round, ``keys`` site -> [c_pk, s_pk]."""
+
+    TYPE: ClassVar[str] = "secagg_roster"
+    job_id: str
+    round: int
+    keys: dict
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggShares(Message):
+    """Encrypted Shamir shares. Site → broker: ``shares`` recipient -> ciphertext; broker → site: sender ->
+    ciphertext, from every site that shared (the round's share holders)."""
+
+    TYPE: ClassVar[str] = "secagg_shares"
+    job_id: str
+    round: int
+    shares: dict
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggUnmask(Message):
+    """Broker → site: the sites whose masked inputs are in the sum (``survivors``) and the share holders whose
+    are not (``dropped``); the site answers once per round."""
+
+    TYPE: ClassVar[str] = "secagg_unmask"
+    job_id: str
+    round: int
+    survivors: list
+    dropped: list
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggReveal(Message):
+    """Site → broker: its shares of each survivor's self-mask seed (``seeds``) and of each dropped site's
+    mask key (``keys``), by site."""
+
+    TYPE: ClassVar[str] = "secagg_reveal"
+    job_id: str
+    round: int
+    seeds: dict
+    keys: dict
+
+
+SECAGG_TO_SITE = (SecAggRoster, SecAggShares, SecAggUnmask)
+SECAGG_TO_BROKER = (SecAggAdvert, SecAggShares, SecAggReveal)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -317,6 +381,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Nack,
         Resume,
         Abort,
+        SecAggAdvert,
+        SecAggRoster,
+        SecAggShares,
+        SecAggUnmask,
+        SecAggReveal,
     )
 }
 

@@ -276,6 +276,9 @@ class FedAvgRecipe(Recipe):
     ``strategy="mymodule:MyStrategy"`` replaces FedAvg by a Strategy subclass of your own (FLARE's custom
     aggregator): it gets the same arguments (``min_clients``, ``num_rounds``, ...), and declares the inputs
     it accepts with ``input_spec()`` / ``validate_input()``.
+
+    ``secure_aggregation={"threshold": 3, "clip": 8.0}`` sums the sites' updates under secure aggregation: the
+    broker learns only the round's mean (``fedbus.strategy.secure_fedavg``, docs/security.md).
     """
 
     strategy = "fedavg"
@@ -302,10 +305,12 @@ class FedAvgRecipe(Recipe):
         key_metric: str | None = "accuracy",
         client_memory_gc_rounds: int = 0,
         strategy: str | None = None,
+        secure_aggregation: Mapping[str, Any] | None = None,
         _more: Mapping[str, Any] | None = None,
         _exchange: str = "pytorch",
     ) -> None:
         args = {
+            "secure_aggregation": dict(secure_aggregation) if secure_aggregation is not None else None,
             "min_clients": min_clients,
             "num_rounds": num_rounds,
             "max_clients": max_clients,

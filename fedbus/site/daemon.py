@@ -45,6 +45,7 @@ from fedbus.protocol.liveness import heartbeat_due_in
 from fedbus.protocol.messages import (
     END_CAUSES,
     MAX_HELD,
+    SECAGG_TO_SITE,
     STREAM_TYPES,
     Bye,
     Deploy,
@@ -337,6 +338,8 @@ class Site:
             why = await runner.on_task(msg)
             if why is not None:
                 raise RemoteProtocolError(f"task {msg.task_id[:80]!r}: {why}")
+        elif isinstance(msg, SECAGG_TO_SITE):  # secure aggregation: the job's round at this site
+            await self._runner(msg.job_id, msg.TYPE).on_secagg(msg)
         elif isinstance(msg, EndJob):
             if msg.cause:
                 self._drop(msg)

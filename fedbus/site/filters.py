@@ -151,6 +151,35 @@ class GaussianDP(PrivacyFilter):
         return out
 
 
+class SecAggMask(PrivacyFilter):
+    """Secure aggregation's masking step, always the last: the update (its floating tensors, in sorted-name
+    order) becomes one vector ``secagg`` of ring words, fixed-point encoded with the weight and masked for the
+    round (``fedbus.secagg``). What leaves the site is indistinguishable from random words; only the sum of the
+    round's vectors, unmasked with the survivors' help, means anything. Integer tensors stay at the site."""
+
+    name = "secagg"
+
+    def __init__(self, client: Any, weight: float) -> None:
+        self.client = client  # the round's fedbus.secagg.protocol.SecAggClient, its shares in
+        self.weight = float(weight)
+
+    def __call__(self, params: Params, ctx: FilterContext) -> Params:
+        import numpy as np
+
+        from fedbus.secagg.encoding import float_names
+
+        names = float_names(params)
+        if not names:
+            raise JobError("secure aggregation: the update has no floating tensor to send")
+        arrays = [
+            params[n].detach().cpu().to(torch.float64 if params[n].dtype == torch.float64 else torch.float32).numpy()
+            for n in names
+        ]
+        words = self.client.mask(self.client.encode(arrays, self.weight))
+        signed = words.view(np.int32 if words.dtype == np.uint32 else np.int64)
+        return {"secagg": torch.from_numpy(signed)}
+
+
 def make_filters(
     *,
     dp_clip: float | None,

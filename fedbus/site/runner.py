@@ -50,6 +50,9 @@ from fedbus.protocol.messages import (
     Offer,
     Reply,
     Result,
+    SecAggRoster,
+    SecAggShares,
+    SecAggUnmask,
     Task,
     Welcome,
 )
@@ -59,6 +62,7 @@ from fedbus.site.filters import (
     FilterContext,
     HEEncrypt,
     PrivacyFilter,
+    SecAggMask,
     apply_filters,
     filter_metrics,
     filter_name,
@@ -67,6 +71,7 @@ from fedbus.site.filters import (
 )
 from fedbus.site.folder import JobFolder, script_env
 from fedbus.site.log_relay import MAX_BEHIND, LogRelay
+from fedbus.site.secagg import SiteSecAgg
 from fedbus.site.uplink import BrokerBus
 from fedbus.site.uploads import PendingUploads
 from fedbus.transport.context import Context
@@ -149,6 +154,7 @@ class JobRunner:
         self._crash: str | None = None
         self._tasks: set[asyncio.Task] = set()
         self._log_relay: LogRelay | None = None
+        self.secagg = SiteSecAgg(settings.site_name, deploy.job_id, bus.send, self.log)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -275,11 +281,20 @@ class JobRunner:
             return f"unknown task kind {task.kind[:32]!r}"
         if task.task_id in self._expected or task.task_id in self._ready:
             return f"task {task.task_id} is already here"
+        if self.secagg.wanted(task):  # keys advertised now: the round's setup runs while the script trains
+            try:
+                await self.secagg.on_task(task)
+            except (FedbusError, OSError) as exc:
+                return f"secure aggregation: {exc}"
         if task.sid is None:
             await self._make_ready(task, None)
         else:
             self._expected[task.task_id] = task
         return None
+
+    async def on_secagg(self, msg: SecAggRoster | SecAggShares | SecAggUnmask) -> None:
+        """A secure-aggregation step from the broker (``fedbus.site.secagg``)."""
+        await self.secagg.on_message(msg)
 
     def accept_offer(self, offer: Offer) -> BufferSink | None:
         """A model stream from the broker: accepted into the inbox only for a task announced before it."""
@@ -443,41 +458,52 @@ class JobRunner:
         if not math.isfinite(result.weight) or result.weight < 0:
             raise RemoteProtocolError(f"weight must be a finite number >= 0, got {result.weight!r}")
         source = None
+        weight = result.weight
+        mask: SecAggMask | None = None
+        if self.secagg.wanted(ready.task):  # masked once the round's shares are in; the weight travels masked
+            if result.path is None:
+                raise JobError("secure aggregation: a training result must carry params")
+            mask, weight = SecAggMask(await self.secagg.ready(ready.task), result.weight), 1.0
         if ready.task.kind in UPLOAD_KINDS and result.path is not None:
             file = self.folder.result_file(result.path, result.task_id)
-            source = await asyncio.to_thread(self._result_source, file, ready, result.params_type)
+            source = await asyncio.to_thread(self._result_source, file, ready, result.params_type, mask)
         sid = secrets.randbits(62) if source is not None else None
         t = ready.task
         # The script's meta goes on untouched; local paths and the script's own timing stay here.
         metrics = {**result.metrics, **filter_metrics(self.filters, t.job_id, t.task_id)}  # privacy/epsilon
-        out = Result(t.job_id, t.task_id, t.version, result.params_type, result.weight, metrics, result.meta, sid)
+        out = Result(t.job_id, t.task_id, t.version, result.params_type, weight, metrics, result.meta, sid)
         if source is not None:  # kept until settled: a site killed mid-upload resumes it (site/uploads.py)
             source = await asyncio.to_thread(self.uploads.keep, out, source)
         await self.bus.send(out)
         if source is not None and sid is not None:
             digest = await self.bus.stream(source, {"job_id": t.job_id, "task_id": t.task_id}, sid)
-            filters = [filter_name(f) for f in self._upload_filters()]
+            filters = [filter_name(f) for f in self._upload_filters(mask)]
             self._audit(
                 "update_sent", task=t.task_id, version=t.version, size=source.total, digest=digest, filters=filters
             )
         return source.total if source is not None else 0
 
-    def _result_source(self, file: Path, ready: _Ready, params_type: str) -> ModelSource:
+    def _result_source(self, file: Path, ready: _Ready, params_type: str, mask: Filter | None = None) -> ModelSource:
         """The script's result as a stream source: straight from the file's page cache when no filter has
-        to see the tensors (zero copy), else read, filtered (the job's filters, then the site's), laid out again."""
-        filters = self._upload_filters()
+        to see the tensors (zero copy), else read, filtered (the job's filters, then the site's, then the job's
+        encryption or secure aggregation's ``mask``), laid out again."""
+        filters = self._upload_filters(mask)
         if not filters:
             return ModelSource.from_file(file, max_total=self.settings.max_model_bytes)
-        params = serde.read_file(file, max_total=self.settings.max_model_bytes)
+        if filters == [mask]:  # secure aggregation alone reads the tensors, never writes them: no copy
+            params, _ = serde.map_file(file, max_total=self.settings.max_model_bytes)
+        else:
+            params = serde.read_file(file, max_total=self.settings.max_model_bytes)
         base = None  # the global model this update was trained from: DP and exclusion work on the difference
         if ready.path is not None and any(isinstance(f, PrivacyFilter) for f in (*self.job_filters, *self.filters)):
             base = serde.read_file(ready.path, max_total=self.settings.max_model_bytes)
         ctx = FilterContext(self.job_id, ready.task.task_id, params_type, base)
         return ModelSource.from_state_dict(apply_filters(filters, params, ctx))
 
-    def _upload_filters(self) -> list[Filter]:
-        """What an update passes before it leaves: the job's filters, the site's, then the job's encryption."""
-        return [*self.job_filters, *self.filters, *([self.he] if self.he is not None else [])]
+    def _upload_filters(self, mask: Filter | None = None) -> list[Filter]:
+        """What an update passes before it leaves: the job's filters, the site's, then the job's encryption or
+        secure aggregation's ``mask`` (each last: the noise of a privacy filter is added before either)."""
+        return [*self.job_filters, *self.filters, *(f for f in (self.he, mask) if f is not None)]
 
     def _audit(self, kind: str, **fields: Any) -> None:
         if self.audit is not None:

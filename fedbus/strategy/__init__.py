@@ -154,6 +154,10 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
             known = sorted(STRATEGIES)
             raise ConfigError(f"unknown strategy {name!r}{_suggest(str(key), known)}; known: {', '.join(known)}")
         cls = found
+    if "secure_aggregation" in kwargs:  # FedAvg with secure aggregation (imported here: it needs cryptography)
+        from fedbus.strategy.secure_fedavg import secure
+
+        cls, kwargs = secure(cls, kwargs)
     params = inspect.signature(cls).parameters
     accepted = list(params)
     for arg in kwargs:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import torch
 
 from fedbus.errors import StrategyError
+from fedbus.protocol.messages import Message
 
 ParamsType = Literal["FULL", "DIFF"]
 TaskKind = Literal["train", "evaluate", "submit_model"]
@@ -148,7 +149,16 @@ class Failed:
     reason: str
 
 
-Action: TypeAlias = Dispatch | Publish | Accepted | Rejected | Evaluated | Cancel | Finished | Failed
+@dataclass(frozen=True)
+class Relay:
+    """Send ``message`` to ``site`` as it is: a step of a protocol the strategy runs with its sites (secure
+    aggregation's keys, shares and unmasking). The controller fills in the job's id (``message.job_id``)."""
+
+    site: str
+    message: Message
+
+
+Action: TypeAlias = Dispatch | Publish | Accepted | Rejected | Evaluated | Cancel | Finished | Failed | Relay
 
 _MAX_NAMES = 5
 

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 
 from fedbus.errors import ConfigError, StrategyError
+from fedbus.protocol.messages import Message
 from fedbus.strategy._config import check_opt_float
 from fedbus.strategy.base import (
     Action,
@@ -204,6 +205,14 @@ class CrossSiteEval(Strategy):
             return self._begin_submit(now)
         self._phase = "inner"
         return self._from_inner(self.inner.start(model, sites, now, version=version), now)
+
+    def on_message(self, site: str, msg: Message, now: float) -> list[Action]:
+        """A protocol message for the inner strategy (secure aggregation); none is taken after it finished."""
+        acts = self._events_start(now)
+        handler = getattr(self.inner, "on_message", None)
+        if self._phase != "inner" or handler is None:
+            return acts
+        return acts + self._from_inner(handler(site, msg, now), now)
 
     def site_joined(self, site: str, now: float) -> list[Action]:
         acts = self._events_start(now)

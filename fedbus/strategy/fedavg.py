@@ -296,6 +296,12 @@ class FedAvg(Strategy):
                     f"({c['rejected']} rejected, {c['failed']} failed, {c['left']} sites left)"
                 )
             return self._end(Failed(f"round {r}: {n} of min_clients={self.min_clients} results {why}"))
+        return self._publish_round(now, timed_out)
+
+    def _publish_round(self, now: float, timed_out: bool) -> list[Action]:
+        """The round has its results: the next global version is published, then the next round or evaluation
+        starts (secure aggregation first unmasks the sum: ``fedbus.strategy.secure_fedavg``)."""
+        r, n = self._version + 1, self._round["accepted"]
         try:
             new_global = self._finish_aggregate()
         except StrategyError as exc:
