@@ -228,7 +228,9 @@ class OneTaskSession(ClientSession):
             total_rounds=self.sim_task.total_rounds,
         )
 
-    def send(self, model: FLModel, clear_cache: bool = True) -> None:
+    def send(self, model: FLModel, clear_cache: bool = True) -> bool:
+        """Take the task's result; True: in a simulation the result is delivered (at its simulated time) unless
+        its site leaves first, which the strategy sees as production would, after the script has returned."""
         if not isinstance(model, FLModel):
             raise ConfigError(f"send() takes an FLModel, got {type(model).__name__}")
         if self.outcome is not None:
@@ -237,6 +239,7 @@ class OneTaskSession(ClientSession):
         self.outcome = outcome_of(self.sim_task, model, base, self.scaffold)
         if not self.scaffold.c_local:  # no SCAFFOLD: the site's record keeps nothing for it
             self.sim_state.pop("scaffold", None)
+        return True
 
     def log(self, *args: Any, **kwargs: Any) -> None:
         """Metrics a script logs in a simulation are dropped (the broker's history has the aggregate's)."""
