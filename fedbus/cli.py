@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedavg")
     rd.add_argument("--logs", type=Path, help="copy the daemons' logs (JSON lines, debug level) into this folder")
     rd.add_argument("--broker-config", type=Path, help="the broker's profile (TOML), e.g. brokers/local.toml")
+    rd.add_argument("--layout", choices=("blocks", "llama-7b"), default="blocks", help="llama-7b ignores --size-mb")
+    rd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -262,7 +264,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             from fedbus.bench.round import run_round
 
             report = run_round(
-                args.size_mb, args.sites, args.rounds, args.strategy, logs=args.logs, broker_config=args.broker_config
+                args.size_mb,
+                args.sites,
+                args.rounds,
+                args.strategy,
+                logs=args.logs,
+                broker_config=args.broker_config,
+                layout=args.layout,
+                dtype=args.dtype,
             )
         elif args.bench == "scale":
             from fedbus.bench.scale import run_scale

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,8 @@ from fedbus.bench.common import (
     memcpy_gbps,
     model_bytes,
     peak_rss,
+    per_gib,
+    process_cpu_s,
     random_state_dict,
     reset_peak_rss,
     rss,
@@ -127,7 +130,9 @@ def _announce(address: str) -> None:
 def receiver_main(mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1) -> None:
     """Entry point of the child process: ``raw`` discards frames, ``fedbus`` receives a model."""
     if mode == "raw":
+        before = process_cpu_s()
         raw_receiver(address, total, lanes, announce=_announce)
+        _announce(f"{process_cpu_s() - before:.6f}")  # the second line: the receive's CPU seconds, every thread
         return
     freeze_startup_objects()  # as the daemons do
     actx = daemon_context(server=True)
@@ -158,19 +163,42 @@ def _end(proc: subprocess.Popen) -> None:
             proc.stdout.close()
 
 
-def raw_zmq_gbps(
+@dataclass(frozen=True)
+class RawRun:
+    """One raw ZeroMQ transfer: its rate, and the CPU seconds each side's process spent on it (every thread,
+    libzmq's I/O threads included)."""
+
+    gbps: float
+    send_cpu_s: float
+    recv_cpu_s: float
+
+
+def raw_zmq_run(
     total: int, window: int = 32 * MiB, transport: str = "tcp", *, spread: bool = False, lanes: int = 1
-) -> float:
+) -> RawRun:
     """The bus's ceiling: ``total`` bytes as 4 MiB frames, copy=False, credit window, receiver discarding.
 
     The frames are one reused 4 MiB buffer, hot in the sender's cache. ``spread``: consecutive slices of a
-    ``total``-byte buffer instead, each byte sent once from memory, as a model is (a second, fairer ceiling).
-    ``lanes``: over that many connections (and zmq I/O threads on each side), frames in turn."""
+    ``total``-byte buffer instead, each byte sent once from memory, as a model is (a second, fairer ceiling;
+    its sender CPU then includes filling that buffer). ``lanes``: over that many connections (and zmq I/O
+    threads on each side), frames in turn."""
     proc, address = _child("raw", _addresses(transport)[0], total, window, RAW_FRAME, lanes)
     try:
-        return total / raw_send(address, total, window, spread=spread, lanes=lanes) / 1e9
+        before = process_cpu_s()
+        seconds = raw_send(address, total, window, spread=spread, lanes=lanes)
+        send_cpu = process_cpu_s() - before
+        assert proc.stdout is not None
+        recv_cpu = float(proc.stdout.readline().strip() or "nan")
+        return RawRun(total / seconds / 1e9, send_cpu, recv_cpu)
     finally:
         _end(proc)
+
+
+def raw_zmq_gbps(
+    total: int, window: int = 32 * MiB, transport: str = "tcp", *, spread: bool = False, lanes: int = 1
+) -> float:
+    """``raw_zmq_run``'s rate alone."""
+    return raw_zmq_run(total, window, transport, spread=spread, lanes=lanes).gbps
 
 
 # --- sender (parent process) ----------------------------------------------------------------------------
@@ -251,7 +279,8 @@ def _one_run(
     size_mb: float, total: int, chunk: int, window: int, transport: str, device: str, dtype: str, lanes: int
 ) -> dict[str, Any]:
     """The bus's ceilings, then fedbus, back to back (one repetition of the benchmark)."""
-    raw_gbps = raw_zmq_gbps(total, window, transport)
+    raw = raw_zmq_run(total, window, transport)
+    raw_gbps = raw.gbps
     raw_spread_gbps = raw_zmq_gbps(total, window, transport, spread=True)
     raw_lanes_gbps = raw_zmq_gbps(total, window, transport, spread=True, lanes=lanes) if lanes > 1 else None
     proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk)
@@ -264,6 +293,7 @@ def _one_run(
         _end(proc)
     fedbus_gbps = fb["size"] / fb["elapsed"] / 1e9
     out = {"fb": fb, "raw_gbps": raw_gbps, "raw_spread_gbps": raw_spread_gbps, "fedbus_gbps": fedbus_gbps}
+    out["raw_cpu"] = {"sender": raw.send_cpu_s, "receiver": raw.recv_cpu_s}
     out["raw_lanes_gbps"] = raw_lanes_gbps
     return out | {"ratio": fedbus_gbps / raw_gbps}
 
@@ -333,6 +363,7 @@ def run_transfer(
         "receiver_rss_x": round(max(r["fb"]["peak_growth"] for r in runs) / fb["size"], 3),
         "sender_cpu_s": fb["sender_cpu"],
         "receiver_cpu_s": fb["cpu"],
+        "cpu_s_per_gib": _cpu_per_gib(fb, median["raw_cpu"]),
         "tensors": fb["tensors"],
         "device": device,
         "dtype": dtype,
@@ -366,10 +397,29 @@ def run_transfer(
             (f"{side} cpu (cold)", ", ".join(f"{k} {v:.2f} s" for k, v in fb[key].items()))
             for side, key in (("sender", "sender_cpu"), ("receiver", "cpu"))
         ),
+        (
+            "cpu s / GiB",
+            "fedbus {fedbus[total]:.2f} (sender {fedbus[sender]:.2f}, receiver {fedbus[receiver]:.2f}); raw zmq "
+            "{raw_zmq[total]:.2f} (sender {raw_zmq[sender]:.2f}, receiver {raw_zmq[receiver]:.2f})".format(
+                **result["cpu_s_per_gib"]
+            ),
+        ),
         ("sender rss", f"{result['sender_rss_x']:.2f} x model"),
         ("receiver rss", f"{result['receiver_rss_x']:.2f} x model"),
     ]
     return format_report(rows, result)
+
+
+def _cpu_per_gib(fb: dict[str, Any], raw_cpu: dict[str, float]) -> dict[str, Any]:
+    """CPU seconds per GiB moved, fedbus's (cold send) beside raw ZeroMQ's (the cache-hot ceiling run): each side,
+    both together, and fedbus's by thread kind (``main`` the event loop, ``zmq_io``, ``other`` placement and
+    digest threads). A device model's sender figure includes the copy into the hand-over file."""
+    sender, receiver = fb["sender_cpu"], fb["cpu"]
+    fedbus = {"sender": sum(sender.values()), "receiver": sum(receiver.values())}
+    fedbus["total"] = fedbus["sender"] + fedbus["receiver"]
+    raw = {**raw_cpu, "total": raw_cpu["sender"] + raw_cpu["receiver"]}
+    threads = {"sender": sender, "receiver": receiver}
+    return per_gib({"fedbus": fedbus, "raw_zmq": raw, "fedbus_threads": threads}, fb["size"])
 
 
 if __name__ == "__main__":

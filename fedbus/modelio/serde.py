@@ -37,7 +37,7 @@ import os
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -596,6 +596,47 @@ def write_file(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_generated(
+    path: str | os.PathLike[str],
+    shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    fill: Callable[[str, torch.Tensor], object],
+) -> int:
+    """Create a safetensors file of tensors named and shaped by ``shapes`` and let ``fill(name, tensor)`` write each
+    one where it lies in the file's mapping: a model generated straight into its file, never held in memory beside
+    it (a benchmark's 13 GB model, say). Not atomic and not durable: for files nothing reads until this returns.
+    Returns the file's size."""
+    entries: list[tuple[str, str, torch.dtype, tuple[int, ...]]] = []
+    for name, (dtype, shape) in shapes.items():
+        if dtype not in DTYPE_NAMES:
+            raise ConfigError(f"tensor {_q(name)} has dtype {dtype}; supported: {', '.join(DTYPES)}")
+        entries.append((name, DTYPE_NAMES[dtype], dtype, tuple(shape)))
+    entries.sort(key=lambda e: (-_RANK[e[1]], e[0]))  # as _plan: safetensors' order
+    specs: list[TensorSpec] = []
+    offset = 0
+    for name, dname, _, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dname]
+        specs.append(TensorSpec(name, dname, shape, offset, offset + nbytes))
+        offset += nbytes
+    header = _encode_header(specs, None)
+    total = len(header) + offset
+    with open(path, "wb+") as f:
+        f.write(header)
+        f.truncate(total)
+        if not offset:
+            return total
+        mem = mmap.mmap(f.fileno(), total)
+    try:
+        buf = torch.frombuffer(mem, dtype=torch.uint8)
+        for (name, _, dtype, shape), spec in zip(entries, specs, strict=True):
+            view = buf[len(header) + spec.start : len(header) + spec.end].view(dtype).view(shape)
+            fill(name, view)
+            del view
+        del buf
+    finally:
+        mem.close()
+    return total
 
 
 def read_file(path: str | os.PathLike[str], *, max_total: int | None = None) -> dict[str, torch.Tensor]:
