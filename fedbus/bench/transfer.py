@@ -80,7 +80,7 @@ def _addresses(transport: str) -> tuple[str, str]:
 # --- receiver (child process) ---------------------------------------------------------------------------
 
 
-async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
+async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int, device: str = "cpu") -> None:
     """Receive the model twice: cold (a fresh buffer, as any first receive) and warm (the first buffer reused,
     as a broker or site receiving the same shapes round after round)."""
     baseline = rss()
@@ -105,9 +105,19 @@ async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
     stats["cpu"] = cpu_since(cpu_at_offer)
     assert sink.buffer is not None
     reuse.append(sink.buffer)
-    del tensors
     warm = await offers.get()
-    await warm.result
+    await warm.result  # the same model into the same buffer: ``tensors`` hold it again
+    if device != "cpu":  # onto the GPU, as a script would (after the warm send, not to delay it)
+        from fedbus.modelio import staging
+
+        start = time.perf_counter()
+        on_device = staging.to_device(tensors, device)
+        torch.cuda.synchronize()
+        stats["h2d"] = time.perf_counter() - start
+        exact = all(torch.equal(on_device[k].view(torch.uint8).cpu(), t.view(torch.uint8)) for k, t in tensors.items())
+        stats["h2d_exact"] = exact
+        del on_device
+    del tensors
     await ep.send(sink.peer, Reply(rid=0, ok=True, data=stats))
     await asyncio.sleep(0.2)  # let the reply leave before the socket closes
     pump.cancel()
@@ -127,26 +137,33 @@ def _announce(address: str) -> None:
     sys.stdout.flush()
 
 
-def receiver_main(mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1) -> None:
+def receiver_main(
+    mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1, device: str = "cpu"
+) -> None:
     """Entry point of the child process: ``raw`` discards frames, ``fedbus`` receives a model."""
     if mode == "raw":
         before = process_cpu_s()
         raw_receiver(address, total, lanes, announce=_announce)
         _announce(f"{process_cpu_s() - before:.6f}")  # the second line: the receive's CPU seconds, every thread
         return
+    if device != "cpu":  # a script's CUDA context and staging buffers exist before its first model arrives
+        from fedbus.modelio import staging
+
+        torch.empty(1, device=device)
+        staging.prepare()
     freeze_startup_objects()  # as the daemons do
     actx = daemon_context(server=True)
     ep = RouterEndpoint.bind(actx, address, configure=lambda sock: curve_from_env(sock, server=True))
     _announce(ep.address)
-    asyncio.run(_fedbus_receive(ep, window, chunk))
+    asyncio.run(_fedbus_receive(ep, window, chunk, device))
     ep.close()
     actx.term()
 
 
 def _child(
-    mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1
+    mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1, device: str = "cpu"
 ) -> tuple[subprocess.Popen, str]:
-    args = [mode, address, str(total), str(window), str(chunk), str(lanes)]
+    args = [mode, address, str(total), str(window), str(chunk), str(lanes), device]
     proc = subprocess.Popen([sys.executable, "-m", "fedbus.bench.transfer", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
@@ -221,6 +238,9 @@ async def _fedbus_send(
     hand_over = os.path.join(folder, "model.safetensors")
     on_device = device != "cpu"
     if on_device:  # the model exists (on the GPU) before the baseline: what counts is the host memory it costs
+        from fedbus.modelio import staging
+
+        staging.prepare()  # as in a script's second round on: the pinned buffers are there
         model = {k: v.to(device) for k, v in random_state_dict(size_mb, seed=1, dtype=torch_dtype).items()}
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -283,7 +303,7 @@ def _one_run(
     raw_gbps = raw.gbps
     raw_spread_gbps = raw_zmq_gbps(total, window, transport, spread=True)
     raw_lanes_gbps = raw_zmq_gbps(total, window, transport, spread=True, lanes=lanes) if lanes > 1 else None
-    proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk)
+    proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk, device=device)
     try:
         fb = asyncio.run(_fedbus_send(address, size_mb, chunk, window, device, dtype, lanes))
     except BaseException:
@@ -375,6 +395,8 @@ def run_transfer(
         }
     if device != "cpu":
         result |= {"d2h_s": round(fb["d2h"], 4), "d2h_gbps": round(fb["size"] / fb["d2h"] / 1e9, 3)}
+        result |= {"h2d_s": round(fb["h2d"], 4), "h2d_gbps": round(fb["size"] / fb["h2d"] / 1e9, 3)}
+        result["h2d_exact"] = fb["h2d_exact"]
     rows = [
         ("model", f"{size_mb} MiB in {fb['tensors']} tensors, {fb['total']} bytes on the wire"),
         ("chunk / window", f"{chunk_mb} MiB / {window_mb} MiB over {transport}, {lanes} connection(s)"),
@@ -392,6 +414,7 @@ def run_transfer(
             f"{result['fedbus_warm_gbps']:.2f} GB/s into a reused receive buffer, {result['warm_ratio']:.0%} of raw",
         ),
         *([("device to file", f"{result['d2h_gbps']:.2f} GB/s ({fb['d2h']:.3f} s of fedbus_s)")] if fb["d2h"] else []),
+        *([("received to device", f"{result['h2d_gbps']:.2f} GB/s ({fb['h2d']:.3f} s)")] if "h2d" in fb else []),
         ("memcpy", f"{mem:.2f} GB/s"),
         *(
             (f"{side} cpu (cold)", ", ".join(f"{k} {v:.2f} s" for k, v in fb[key].items()))
@@ -423,4 +446,6 @@ def _cpu_per_gib(fb: dict[str, Any], raw_cpu: dict[str, float]) -> dict[str, Any
 
 
 if __name__ == "__main__":
-    receiver_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    receiver_main(
+        sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+    )

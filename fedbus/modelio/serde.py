@@ -525,11 +525,15 @@ def _write_all(fd: int, parts: Iterable[memoryview]) -> None:
 
 def _copy_into_file(fd: int, plan: _Plan) -> None:
     """Fill an empty file with a state_dict whose tensors live on a device or are strided: each is copied
-    once, straight into the file's pages (no host staging copy of the model, no second copy by write())."""
+    once, straight into the file's pages (no host staging copy of the model, no second copy by write()).
+    CUDA tensors go through ``staging``'s pinned buffers, several segments in flight."""
     os.ftruncate(fd, plan.total)
     start = len(plan.header)
     if plan.total == start:
         os.pwrite(fd, plan.header, 0)
+        return
+    if any(t.device.type == "cuda" for t in plan.tensors):
+        _stage_into_file(fd, plan)
         return
     mem = mmap.mmap(fd, plan.total)
     try:
@@ -541,6 +545,27 @@ def _copy_into_file(fd: int, plan: _Plan) -> None:
         del buf
     finally:
         mem.close()
+
+
+def _stage_into_file(fd: int, plan: _Plan) -> None:
+    """``_copy_into_file`` for a state_dict with CUDA tensors: those through the pinned staging buffers (one device
+    at a time), host tensors by ``pwrite``; the header first."""
+    from fedbus.modelio import staging
+
+    start = len(plan.header)
+    os.pwrite(fd, plan.header, 0)
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+    for t, spec in zip(plan.tensors, plan.specs, strict=True):
+        if spec.end == spec.start:
+            continue
+        if t.device.type == "cuda":
+            tensors, offsets = by_device.setdefault(t.device, ([], []))
+            tensors.append(t if t.is_contiguous() else t.contiguous())
+            offsets.append(start + spec.start)
+        else:
+            staging.pwrite_all(fd, _tensor_bytes(t).cast("B"), start + spec.start)
+    for tensors, offsets in by_device.values():
+        staging.device_to_file(fd, tensors, offsets)
 
 
 def write_file(
