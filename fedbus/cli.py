@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--broker-config", type=Path, help="the broker's profile (TOML), e.g. brokers/local.toml")
     rd.add_argument("--layout", choices=("blocks", "llama-7b"), default="blocks", help="llama-7b ignores --size-mb")
     rd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    rd.add_argument("--layers", type=_positive_int, default=32, help="transformer layers of --layout llama-7b")
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -272,6 +273,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 broker_config=args.broker_config,
                 layout=args.layout,
                 dtype=args.dtype,
+                layers=args.layers,
             )
         elif args.bench == "scale":
             from fedbus.bench.scale import run_scale

@@ -120,13 +120,20 @@ RAW_CAP = 8 * GiB
 
 
 def _write_job(
-    folder: Path, size_mb: float, sites: int, rounds: int, strategy: str, layout: str = "blocks", dtype: str = "float32"
+    folder: Path,
+    size_mb: float,
+    sites: int,
+    rounds: int,
+    strategy: str,
+    layout: str = "blocks",
+    dtype: str = "float32",
+    layers: int = 32,
 ) -> int:
     folder.mkdir(parents=True)
     (folder / "client.py").write_text(CLIENT)
     torch_dtype = getattr(torch, dtype)
     if layout == "llama-7b":  # generated into the file: no 13 GB copy in this process
-        shapes = llama_shapes(dtype=torch_dtype)
+        shapes = llama_shapes(layers=layers, dtype=torch_dtype)
         write_model_file(folder / "model.safetensors", shapes)
         size = sum(math.prod(shape) * torch_dtype.itemsize for _, shape in shapes.values())
     elif layout == "blocks":
@@ -191,11 +198,12 @@ def run_round(
     broker_config: Path | None = None,
     layout: str = "blocks",
     dtype: str = "float32",
+    layers: int = 32,
 ) -> str:
     """Run the benchmark and return the report (a table, then one JSON line). ``logs``: a folder to copy
     the daemons' logs into (debug level: a timeline of every stream and decision); ``broker_config``: the
-    broker's profile (TOML). ``layout``: the model's tensors (``LAYOUTS``; ``llama-7b`` ignores ``size_mb``),
-    ``dtype`` theirs."""
+    broker's profile (TOML). ``layout``: the model's tensors (``LAYOUTS``; ``llama-7b`` ignores ``size_mb``;
+    ``layers`` of it: 32 for 7B, fewer where the disk cannot hold the round's files), ``dtype`` theirs."""
     from fedbus.bench.transfer import raw_zmq_run
 
     if rounds < 2:
@@ -204,7 +212,7 @@ def run_round(
     procs: list[subprocess.Popen] = []
     peaks = _Tree()
     try:
-        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, layout, dtype)
+        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, layout, dtype, layers)
         reports = tmp / "memory"
         reports.mkdir()
         sock = tmp / "broker.sock"

@@ -504,6 +504,15 @@ def append_to(fd: int, parts: Sequence[memoryview], *, align: int = 64) -> int:
     return end + pad
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (``pwrite`` may write less than asked)."""
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError(f"pwrite returned {n}")
+        data, offset = data[n:], offset + n
+
+
 def _write_all(fd: int, parts: Iterable[memoryview]) -> None:
     """Write every part, in order, with as few system calls as the kernel allows; no concatenation."""
     pending = collections.deque(v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes)
@@ -563,7 +572,7 @@ def _stage_into_file(fd: int, plan: _Plan) -> None:
             tensors.append(t if t.is_contiguous() else t.contiguous())
             offsets.append(start + spec.start)
         else:
-            staging.pwrite_all(fd, _tensor_bytes(t).cast("B"), start + spec.start)
+            _pwrite_all(fd, _tensor_bytes(t).cast("B"), start + spec.start)
     for tensors, offsets in by_device.values():
         staging.device_to_file(fd, tensors, offsets)
 
@@ -628,10 +637,11 @@ def write_generated(
     shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
     fill: Callable[[str, torch.Tensor], object],
 ) -> int:
-    """Create a safetensors file of tensors named and shaped by ``shapes`` and let ``fill(name, tensor)`` write each
-    one where it lies in the file's mapping: a model generated straight into its file, never held in memory beside
-    it (a benchmark's 13 GB model, say). Not atomic and not durable: for files nothing reads until this returns.
-    Returns the file's size."""
+    """Create a safetensors file of tensors named and shaped by ``shapes``, ``fill(name, tensor)`` writing each one's
+    values: a model generated straight into its file, one tensor at a time, never held in memory beside it (a
+    benchmark's 13 GB model, say). Each tensor is filled in one reused buffer the size of the largest and written
+    with ``pwrite`` (a mapping of a fresh file faults a page at a time: many times slower). Not atomic and not
+    durable: for files nothing reads until this returns. Returns the file's size."""
     entries: list[tuple[str, str, torch.dtype, tuple[int, ...]]] = []
     for name, (dtype, shape) in shapes.items():
         if dtype not in DTYPE_NAMES:
@@ -646,21 +656,19 @@ def write_generated(
         offset += nbytes
     header = _encode_header(specs, None)
     total = len(header) + offset
-    with open(path, "wb+") as f:
-        f.write(header)
-        f.truncate(total)
-        if not offset:
-            return total
-        mem = mmap.mmap(f.fileno(), total)
+    largest = max((s.nbytes for s in specs), default=0)
+    scratch = torch.empty(largest, dtype=torch.uint8)  # one tensor at a time; written by pwrite (no mapping faults)
+    view = byte_view(scratch)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
-        buf = torch.frombuffer(mem, dtype=torch.uint8)
+        os.pwrite(fd, header, 0)
+        os.ftruncate(fd, total)
         for (name, _, dtype, shape), spec in zip(entries, specs, strict=True):
-            view = buf[len(header) + spec.start : len(header) + spec.end].view(dtype).view(shape)
-            fill(name, view)
-            del view
-        del buf
+            if spec.nbytes:
+                fill(name, scratch[: spec.nbytes].view(dtype).view(shape))
+                _pwrite_all(fd, view[: spec.nbytes], len(header) + spec.start)
     finally:
-        mem.close()
+        os.close(fd)
     return total
 
 

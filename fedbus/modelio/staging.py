@@ -14,7 +14,6 @@ a model of thousands of small tensors costs a few hundred copies, not thousands 
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from fedbus.modelio import serde
 from fedbus.modelio.buffers import byte_view
 
 STAGE = 32 << 20
@@ -135,22 +135,13 @@ def device_to_file(fd: int, tensors: Sequence[torch.Tensor], offsets: Sequence[i
                     runs.append((where, p.at, p.nbytes))
             view = byte_view(buf)
             for where, at, n in runs:
-                pwrite_all(fd, view[at : at + n], where)
+                serde._pwrite_all(fd, view[at : at + n], where)
         finally:
             stager.free.put(buf)
 
     futures = [stager.pool.submit(run, seg) for seg in segments([f.numel() for f in flats])]
     for f in futures:
         f.result()
-
-
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` of ``fd`` (``pwrite`` may write less than asked)."""
-    while data.nbytes:
-        n = os.pwrite(fd, data, offset)
-        if n <= 0:
-            raise OSError(f"pwrite returned {n}")
-        data, offset = data[n:], offset + n
 
 
 def host_to_device(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
