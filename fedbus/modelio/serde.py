@@ -638,10 +638,10 @@ def write_generated(
     fill: Callable[[str, torch.Tensor], object],
 ) -> int:
     """Create a safetensors file of tensors named and shaped by ``shapes``, ``fill(name, tensor)`` writing each one's
-    values: a model generated straight into its file, one tensor at a time, never held in memory beside it (a
-    benchmark's 13 GB model, say). Each tensor is filled in one reused buffer the size of the largest and written
-    with ``pwrite`` (a mapping of a fresh file faults a page at a time: many times slower). Not atomic and not
-    durable: for files nothing reads until this returns. Returns the file's size."""
+    values where it lies in the file's mapping: a model generated straight into its file, never held in memory
+    beside it (a benchmark's 13 GB model, say). Filling the mapping cost less CPU than filling a reused buffer and
+    writing it (docs/benchmarks.md). Not atomic and not durable: for files nothing reads until this returns.
+    Returns the file's size."""
     entries: list[tuple[str, str, torch.dtype, tuple[int, ...]]] = []
     for name, (dtype, shape) in shapes.items():
         if dtype not in DTYPE_NAMES:
@@ -656,19 +656,22 @@ def write_generated(
         offset += nbytes
     header = _encode_header(specs, None)
     total = len(header) + offset
-    largest = max((s.nbytes for s in specs), default=0)
-    scratch = torch.empty(largest, dtype=torch.uint8)  # one tensor at a time; written by pwrite (no mapping faults)
-    view = byte_view(scratch)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with open(path, "wb+") as f:
+        f.write(header)
+        f.truncate(total)
+        if not offset:
+            return total
+        mem = mmap.mmap(f.fileno(), total)
     try:
-        os.pwrite(fd, header, 0)
-        os.ftruncate(fd, total)
+        buf = torch.frombuffer(mem, dtype=torch.uint8)
         for (name, _, dtype, shape), spec in zip(entries, specs, strict=True):
             if spec.nbytes:
-                fill(name, scratch[: spec.nbytes].view(dtype).view(shape))
-                _pwrite_all(fd, view[: spec.nbytes], len(header) + spec.start)
+                view = buf[len(header) + spec.start : len(header) + spec.end].view(dtype).view(shape)
+                fill(name, view)
+                del view
+        del buf
     finally:
-        os.close(fd)
+        mem.close()
     return total
 
 
