@@ -33,6 +33,10 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     threads = out["broker_cpu_s_per_round"]  # the broker's CPU by thread: its event loop, zmq's I/O, workers
     assert set(threads) == {"main", "zmq_io", "other"} and min(threads.values()) >= 0
     assert sum(threads.values()) == pytest.approx(out["cpu_s_per_round"]["broker"], abs=0.05)  # the same CPU, split
+    per_gib = out["cpu_s_per_gib"]  # the same CPU over the GiB moved, each kind split by thread, and raw ZeroMQ's
+    assert set(out["cpu_s_per_round_threads"]) == set(per_gib["threads"]) == {"broker", "sites", "scripts"}
+    assert per_gib["total"] > 0 and per_gib["raw_zmq"] > 0 and out["layout"] == "blocks"
+    assert per_gib["total"] == pytest.approx(sum(per_gib[k] for k in ("broker", "sites", "scripts")), abs=0.01)
 
 
 def test_bench_round_keeps_a_timeline_and_takes_a_broker_profile(tmp_path: Path) -> None:
