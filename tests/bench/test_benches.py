@@ -24,7 +24,8 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert out["strategy"] == strategy and out["accepted"] == 4
     assert out["bytes_per_round"] == 2 * 2 * 524288
     assert out["round_s"] > 0 and out["gbps"] > 0 and out["raw_zmq_gbps"] > 0
-    assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02)
+    # gbps is rounded to 3 decimals: on a loaded machine (0.02 GB/s) that alone moves the quotient by 2.5 %
+    assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02, abs=0.002)
     assert out["processes"] == 5  # broker, 2 sites, 2 scripts, each over its own baseline: the tree holds the broker
     assert out["broker_rss_x"] > 0 and out["total_rss_x"] >= out["broker_rss_x"]
     assert set(out["cpu_s_per_round"]) == {"broker", "sites", "scripts"}
