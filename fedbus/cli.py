@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--secagg", action="store_true", help="plain FedAvg, then with secure aggregation: both, compared")
     pg = bsub.add_parser("prg", help="secure aggregation's mask generators: seconds and GB/s on this machine")
     pg.add_argument("--size-mb", type=_positive_float, default=100)
+    rd.add_argument("--layout", choices=("blocks", "llama-7b"), default="blocks", help="llama-7b ignores --size-mb")
+    rd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    rd.add_argument("--layers", type=_positive_int, default=32, help="transformer layers of --layout llama-7b")
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -315,6 +318,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                 logs=args.logs,
                 broker_config=args.broker_config,
                 he=args.he,
+                layout=args.layout,
+                dtype=args.dtype,
+                layers=args.layers,
             )
         elif args.bench == "ckks":
             from fedbus.bench.ckks import run_ckks

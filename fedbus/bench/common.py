@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from typing import Any
 
@@ -42,6 +43,60 @@ def random_state_dict(size_mb: float, *, seed: int = 0, dtype: torch.dtype = tor
             remaining -= width
         i += 1
     return out
+
+
+LAYOUTS = ("blocks", "llama-7b")
+"""``blocks``: ``random_state_dict``'s 4 MiB matrices with biases; ``llama-7b``: a 7B transformer's tensors."""
+
+
+def llama_shapes(
+    layers: int = 32, width: int = 4096, ffn: int = 11008, vocab: int = 32000, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Names and shapes of a LLaMA-7B-style state_dict (6.74 G parameters: 13.5 GB in bfloat16): embeddings and
+    head of ``vocab x width``; per layer q/k/v/o ``width x width``, gate/up/down ``ffn x width`` (down transposed)
+    and two norms; a final norm."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        "model.embed_tokens.weight": (dtype, (vocab, width)),
+        "model.norm.weight": (dtype, (width,)),
+        "lm_head.weight": (dtype, (vocab, width)),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{p}self_attn.{proj}.weight"] = (dtype, (width, width))
+        out[f"{p}mlp.gate_proj.weight"] = (dtype, (ffn, width))
+        out[f"{p}mlp.up_proj.weight"] = (dtype, (ffn, width))
+        out[f"{p}mlp.down_proj.weight"] = (dtype, (width, ffn))
+        out[f"{p}input_layernorm.weight"] = (dtype, (width,))
+        out[f"{p}post_attention_layernorm.weight"] = (dtype, (width,))
+    return out
+
+
+def write_model_file(path: str | os.PathLike[str], shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    """Write a model of ``shapes`` with random weights straight into a safetensors file (``serde.write_generated``):
+    no copy of the model is held beside the file's pages. The weights are slices of one 16 MiB pool of normal
+    samples (scaled by 0.02, as an initialised transformer's), each tensor from a random offset: random numbers at
+    memcpy's speed, where drawing 13 GB of normal samples would take minutes. Returns the file's size."""
+    from fedbus.modelio import serde
+
+    gen = torch.Generator().manual_seed(0)
+    pools: dict[torch.dtype, torch.Tensor] = {}
+
+    def fill(name: str, view: torch.Tensor) -> None:
+        pool = pools.get(view.dtype)
+        if pool is None:
+            pool = pools[view.dtype] = (torch.randn(16 * MiB // view.element_size(), generator=gen) * 0.02).to(
+                view.dtype
+            )
+        flat = view.view(-1)
+        pos = 0
+        while pos < flat.numel():
+            start = int(torch.randint(0, pool.numel() // 2, (1,), generator=gen))
+            n = min(flat.numel() - pos, pool.numel() - start)
+            flat[pos : pos + n].copy_(pool[start : start + n])
+            pos += n
+
+    return serde.write_generated(path, shapes, fill)
 
 
 def model_bytes(state_dict: dict[str, torch.Tensor]) -> int:
@@ -109,6 +164,22 @@ def thread_cpu(pid: int | None = None) -> dict[str, float]:
 def cpu_since(before: dict[str, float]) -> dict[str, float]:
     """``thread_cpu()`` now minus ``before``, rounded for a report."""
     return {k: round(v - before.get(k, 0.0), 3) for k, v in thread_cpu().items()}
+
+
+GiB = 1 << 30
+
+
+def process_cpu_s() -> float:
+    """CPU seconds this process has used so far, every thread counted, ended ones too (``getrusage``): what a
+    phase whose threads come and go (a raw ZeroMQ context's I/O threads) cost, as a difference of two readings."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def per_gib(cpu: dict[str, Any], moved: int) -> dict[str, Any]:
+    """CPU seconds per GiB moved: every number of ``cpu`` (nested dicts too) over ``moved`` bytes, in GiB."""
+    gib = moved / GiB
+    return {k: per_gib(v, moved) if isinstance(v, dict) else round(v / gib, 3) for k, v in cpu.items()}
 
 
 def memcpy_gbps(size: int = 256 * MiB, repeats: int = 3) -> float:

@@ -22,6 +22,12 @@ Figures (the last line, JSON):
   before it connected (FedBuff may finish on the sites that were ready first) held no model and adds nothing;
   an idle script measured in another process is no baseline for the others (their RSS differs by MiBs).
   ``processes`` counts the daemons and the training scripts.
+* ``cpu_s_per_round``: CPU seconds per version of the broker, the sites and the scripts (every process of a kind
+  together); ``cpu_s_per_round_threads`` splits each kind by thread (``main`` the event loop, ``zmq_io`` libzmq's
+  I/O threads, ``other`` placement, fold and OpenMP threads); ``broker_cpu_s_per_round`` is the broker's split.
+* ``cpu_s_per_gib``: the same over the GiB of model moved per version (``bytes_per_round``): ``total`` for the whole
+  tree, each kind, ``threads`` by kind and thread, and ``raw_zmq``: raw ZeroMQ's sender and receiver CPU per GiB in
+  the ceiling run, the cost of a byte's trip through the kernel and libzmq alone.
 * ``omp_threads``: the OpenMP threads each process was given (``OMP_NUM_THREADS``): the sites split the cores,
   the broker, standing for a server with a machine of its own, has half of them.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -44,8 +51,20 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 
-from fedbus.bench.common import format_report, model_bytes, random_state_dict, reset_peak_rss, thread_cpu
+from fedbus.bench.common import (
+    LAYOUTS,
+    GiB,
+    format_report,
+    llama_shapes,
+    model_bytes,
+    per_gib,
+    random_state_dict,
+    reset_peak_rss,
+    thread_cpu,
+    write_model_file,
+)
 from fedbus.errors import ConfigError
 from fedbus.modelio import serde
 
@@ -98,13 +117,36 @@ def _proc_kb(pid: int, key: str) -> int:
     return 0
 
 
+RAW_CAP = 8 * GiB
+"""Raw ZeroMQ's ceiling is measured on at most this many bytes (a rate: a 7B round's 100 GB would only take longer)."""
+
+
 def _write_job(
-    folder: Path, size_mb: float, sites: int, rounds: int, strategy: str, he: bool = False, strategy_extra: str = ""
+    folder: Path,
+    size_mb: float,
+    sites: int,
+    rounds: int,
+    strategy: str,
+    layout: str = "blocks",
+    dtype: str = "float32",
+    layers: int = 32,
+    he: bool = False,
+    strategy_extra: str = "",
 ) -> int:
     folder.mkdir(parents=True)
     (folder / "client.py").write_text(CLIENT)
-    model = random_state_dict(size_mb, seed=0)
-    serde.write_file(folder / "model.safetensors", serde.layout(model))
+    torch_dtype = getattr(torch, dtype)
+    if layout == "llama-7b":  # generated into the file: no 13 GB copy in this process
+        shapes = llama_shapes(layers=layers, dtype=torch_dtype)
+        write_model_file(folder / "model.safetensors", shapes)
+        size = sum(math.prod(shape) * torch_dtype.itemsize for _, shape in shapes.values())
+    elif layout == "blocks":
+        model = random_state_dict(size_mb, seed=0, dtype=torch_dtype)
+        serde.write_file(folder / "model.safetensors", serde.layout(model))
+        size = model_bytes(model)
+        del model
+    else:
+        raise ConfigError(f"--layout {layout!r}: one of {', '.join(LAYOUTS)}")
     if strategy == "fedavg":
         strat = f'name = "fedavg"\nmin_clients = {sites}\nnum_rounds = {rounds}\n'
     else:
@@ -115,7 +157,7 @@ def _write_job(
         f'[script]\npath = "client.py"\nargs = []\n\n[sites]\nmin = {sites}\nmax = {sites}\n'
         + ("\n[extra.privacy]\nhe = true\n" if he else "")
     )
-    return model_bytes(model)
+    return size
 
 
 def _he_configs(tmp: Path, broker_config: Path | None) -> tuple[Path, Path]:
@@ -195,16 +237,22 @@ def run_round(
     broker_config: Path | None = None,
     he: bool = False,
     strategy_extra: str = "",
+    layout: str = "blocks",
+    dtype: str = "float32",
+    layers: int = 32,
 ) -> str:
     """Run the benchmark and return the report (a table, then one JSON line). ``logs``: a folder to copy
     the daemons' logs into (debug level: a timeline of every stream and decision); ``broker_config``: the
     broker's profile (TOML); ``he``: the same job run again with homomorphic encryption, both reported;
-    ``strategy_extra``: more lines of the job's ``[strategy]`` table (secure aggregation: ``fedbus.bench.secagg``)."""
+    ``strategy_extra``: more lines of the job's ``[strategy]`` table (secure aggregation: ``fedbus.bench.secagg``);
+    ``layout``: the model's tensors (``LAYOUTS``; ``llama-7b`` ignores ``size_mb``; ``layers`` of it: 32 for 7B,
+    fewer where the disk cannot hold the round's files), ``dtype`` theirs."""
+    shape: dict[str, Any] = {"layout": layout, "dtype": dtype, "layers": layers}
+    args = (size_mb, sites, rounds, strategy, timeout, logs, broker_config)
     if not he:
-        figures = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config, False, strategy_extra)
-        return format_report(*figures)
-    plain_rows, plain = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config)
-    he_rows, enc = measure_round(size_mb, sites, rounds, strategy, timeout, logs, broker_config, he=True)
+        return format_report(*measure_round(*args, strategy_extra=strategy_extra, **shape))
+    plain_rows, plain = measure_round(*args, **shape)
+    he_rows, enc = measure_round(*args, he=True, **shape)
     ratios = {
         "round_x": round(enc["round_s"] / plain["round_s"], 2),
         "wire_x": round(enc["wire_bytes_per_round"] / plain["wire_bytes_per_round"], 2),
@@ -228,10 +276,13 @@ def measure_round(
     broker_config: Path | None,
     he: bool = False,
     strategy_extra: str = "",
+    layout: str = "blocks",
+    dtype: str = "float32",
+    layers: int = 32,
 ) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    """One run of the benchmark (``he``: the job encrypted; ``strategy_extra``: lines of its ``[strategy]``):
-    its report rows and figures."""
-    from fedbus.bench.transfer import raw_zmq_gbps
+    """One run of the benchmark (``he``: the job encrypted; ``strategy_extra``: lines of its ``[strategy]``;
+    ``layout``, ``dtype``, ``layers``: the model, as ``run_round``'s): its report rows and figures."""
+    from fedbus.bench.transfer import raw_zmq_run
 
     if rounds < 2:
         raise ConfigError("--rounds must be >= 2: the first round also pays the scripts' start")
@@ -239,7 +290,7 @@ def measure_round(
     procs: list[subprocess.Popen] = []
     peaks = _Tree()
     try:
-        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, he, strategy_extra)
+        size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, layout, dtype, layers, he, strategy_extra)
         site_config: list[str] = []
         if he:
             broker_config, site_toml = _he_configs(tmp, broker_config)
@@ -295,15 +346,21 @@ def measure_round(
     per_round = [b - a for a, b in itertools.pairwise(times)]
     round_s = statistics.median(per_round[1:])
     bytes_per_round = 2 * sites * size
-    raw = raw_zmq_gbps(bytes_per_round)
+    raw_run = raw_zmq_run(min(bytes_per_round, RAW_CAP))
+    raw = raw_run.gbps
     gbps = bytes_per_round / round_s / 1e9
     growth = memory_growth(peaks.peak, peaks.base)
     cpu = peaks.cpu_between(times[1], times[-1])
     cpu_all = {k: round(v / (len(times) - 2), 3) for k, v in sorted(cpu.items())}
     cpu_per_round = {k: v for k, v in cpu_all.items() if ":" not in k}
     broker_threads = {k.removeprefix("broker:"): v for k, v in cpu_all.items() if k.startswith("broker:")}
+    by_thread = {
+        kind: {k.split(":")[1]: v for k, v in cpu_all.items() if k.startswith(kind + ":")} for kind in cpu_per_round
+    }
     out = {
-        "size_mb": size_mb,
+        "size_mb": round(size / (1 << 20), 1),
+        "layout": layout,
+        "dtype": dtype,
         "sites": sites,
         "rounds": rounds,
         "strategy": strategy,
@@ -320,6 +377,8 @@ def measure_round(
         "omp_threads": {"broker": broker_omp, "sites": threads},
         "cpu_s_per_round": cpu_per_round,
         "broker_cpu_s_per_round": broker_threads,
+        "cpu_s_per_round_threads": by_thread,
+        "cpu_s_per_gib": _cpu_per_gib(cpu_per_round, by_thread, bytes_per_round, raw_run),
         "wall_s": round(wall, 2),
         "accepted": accepted,
         "he": he,
@@ -329,7 +388,7 @@ def measure_round(
     }
     shutil.rmtree(tmp, ignore_errors=True)
     rows = [
-        ("model / sites", f"{size_mb} MiB x {sites} sites, {rounds} versions of {strategy}"),
+        ("model / sites", f"{out['size_mb']} MiB ({layout}, {dtype}) x {sites} sites, {rounds} versions of {strategy}"),
         ("round", f"median {round_s:.3f} s after the first ({', '.join(f'{x:.3f}' for x in per_round)})"),
         ("throughput", f"{gbps:.2f} GB/s of model traffic; raw zmq {raw:.2f} GB/s; efficiency {gbps / raw:.0%}"),
         ("broker rss", f"peak growth {out['broker_rss_x']:.2f} x model"),
@@ -337,8 +396,24 @@ def measure_round(
         ("cpu per round", ", ".join(f"{k} {v:.2f} s" for k, v in cpu_per_round.items())),
         ("broker threads", ", ".join(f"{k} {v:.2f} s" for k, v in broker_threads.items())),
         ("wire", f"{(up + down) / MiB:.1f} MiB a version: {up / MiB:.1f} up, {down / MiB:.1f} down"),
+        ("cpu s / GiB moved", _gib_row(out["cpu_s_per_gib"])),
     ]
     return rows, out
+
+
+def _cpu_per_gib(kinds: dict[str, float], threads: dict[str, dict[str, float]], moved: int, raw: Any) -> dict[str, Any]:
+    """CPU seconds per GiB of model moved (down and up): the whole tree's, each process kind's, each kind's by thread
+    (``main`` the event loop, ``zmq_io`` libzmq's I/O threads, ``other`` placement, fold and OpenMP threads), and raw
+    ZeroMQ's, sender and receiver together, in the same run: the floor a byte's trip through the kernel costs."""
+    out = per_gib({"total": sum(kinds.values()), **kinds, "threads": threads}, moved)
+    raw_gib = raw.send_cpu_s + raw.recv_cpu_s
+    out["raw_zmq"] = round(raw_gib / (min(moved, RAW_CAP) / GiB), 3)
+    return out
+
+
+def _gib_row(figures: dict[str, Any]) -> str:
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k not in ("total", "threads", "raw_zmq"))
+    return f"{figures['total']:.2f} ({kinds}); raw zmq {figures['raw_zmq']:.2f}"
 
 
 def memory_growth(peak: dict[int, int], base: dict[int, int]) -> dict[int, int]:
@@ -430,10 +505,10 @@ class _Tree:
                     t = self._procs.setdefault(p, psutil.Process(p)).cpu_times()
                 except psutil.Error:
                     continue
-                totals[self.kind[p]] = totals.get(self.kind[p], 0.0) + t.user + t.system
-                if self.kind[p] == "broker":  # which of its threads: the loop, zmq's I/O, or the workers
-                    for part, seconds in thread_cpu(p).items():
-                        totals[f"broker:{part}"] = seconds
+                kind = self.kind[p]
+                totals[kind] = totals.get(kind, 0.0) + t.user + t.system
+                for part, seconds in thread_cpu(p).items():  # which threads: the loop, zmq's I/O, or the others
+                    totals[f"{kind}:{part}"] = totals.get(f"{kind}:{part}", 0.0) + seconds
         self.cpu.append((time.time(), totals))
 
     def cpu_between(self, t0: float, t1: float) -> dict[str, float]:

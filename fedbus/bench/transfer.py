@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,8 @@ from fedbus.bench.common import (
     memcpy_gbps,
     model_bytes,
     peak_rss,
+    per_gib,
+    process_cpu_s,
     random_state_dict,
     reset_peak_rss,
     rss,
@@ -77,7 +80,7 @@ def _addresses(transport: str) -> tuple[str, str]:
 # --- receiver (child process) ---------------------------------------------------------------------------
 
 
-async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
+async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int, device: str = "cpu") -> None:
     """Receive the model twice: cold (a fresh buffer, as any first receive) and warm (the first buffer reused,
     as a broker or site receiving the same shapes round after round)."""
     baseline = rss()
@@ -102,9 +105,19 @@ async def _fedbus_receive(ep: RouterEndpoint, window: int, chunk: int) -> None:
     stats["cpu"] = cpu_since(cpu_at_offer)
     assert sink.buffer is not None
     reuse.append(sink.buffer)
-    del tensors
     warm = await offers.get()
-    await warm.result
+    await warm.result  # the same model into the same buffer: ``tensors`` hold it again
+    if device != "cpu":  # onto the GPU, as a script would (after the warm send, not to delay it)
+        from fedbus.modelio import staging
+
+        start = time.perf_counter()
+        on_device = staging.to_device(tensors, device)
+        torch.cuda.synchronize()
+        stats["h2d"] = time.perf_counter() - start
+        exact = all(torch.equal(on_device[k].view(torch.uint8).cpu(), t.view(torch.uint8)) for k, t in tensors.items())
+        stats["h2d_exact"] = exact
+        del on_device
+    del tensors
     await ep.send(sink.peer, Reply(rid=0, ok=True, data=stats))
     await asyncio.sleep(0.2)  # let the reply leave before the socket closes
     pump.cancel()
@@ -124,24 +137,33 @@ def _announce(address: str) -> None:
     sys.stdout.flush()
 
 
-def receiver_main(mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1) -> None:
+def receiver_main(
+    mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1, device: str = "cpu"
+) -> None:
     """Entry point of the child process: ``raw`` discards frames, ``fedbus`` receives a model."""
     if mode == "raw":
+        before = process_cpu_s()
         raw_receiver(address, total, lanes, announce=_announce)
+        _announce(f"{process_cpu_s() - before:.6f}")  # the second line: the receive's CPU seconds, every thread
         return
+    if device != "cpu":  # a script's CUDA context and staging buffers exist before its first model arrives
+        from fedbus.modelio import staging
+
+        torch.empty(1, device=device)
+        staging.prepare()
     freeze_startup_objects()  # as the daemons do
     actx = daemon_context(server=True)
     ep = RouterEndpoint.bind(actx, address, configure=lambda sock: curve_from_env(sock, server=True))
     _announce(ep.address)
-    asyncio.run(_fedbus_receive(ep, window, chunk))
+    asyncio.run(_fedbus_receive(ep, window, chunk, device))
     ep.close()
     actx.term()
 
 
 def _child(
-    mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1
+    mode: str, address: str, total: int, window: int, chunk: int, lanes: int = 1, device: str = "cpu"
 ) -> tuple[subprocess.Popen, str]:
-    args = [mode, address, str(total), str(window), str(chunk), str(lanes)]
+    args = [mode, address, str(total), str(window), str(chunk), str(lanes), device]
     proc = subprocess.Popen([sys.executable, "-m", "fedbus.bench.transfer", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
@@ -158,19 +180,42 @@ def _end(proc: subprocess.Popen) -> None:
             proc.stdout.close()
 
 
-def raw_zmq_gbps(
+@dataclass(frozen=True)
+class RawRun:
+    """One raw ZeroMQ transfer: its rate, and the CPU seconds each side's process spent on it (every thread,
+    libzmq's I/O threads included)."""
+
+    gbps: float
+    send_cpu_s: float
+    recv_cpu_s: float
+
+
+def raw_zmq_run(
     total: int, window: int = 32 * MiB, transport: str = "tcp", *, spread: bool = False, lanes: int = 1
-) -> float:
+) -> RawRun:
     """The bus's ceiling: ``total`` bytes as 4 MiB frames, copy=False, credit window, receiver discarding.
 
     The frames are one reused 4 MiB buffer, hot in the sender's cache. ``spread``: consecutive slices of a
-    ``total``-byte buffer instead, each byte sent once from memory, as a model is (a second, fairer ceiling).
-    ``lanes``: over that many connections (and zmq I/O threads on each side), frames in turn."""
+    ``total``-byte buffer instead, each byte sent once from memory, as a model is (a second, fairer ceiling;
+    its sender CPU then includes filling that buffer). ``lanes``: over that many connections (and zmq I/O
+    threads on each side), frames in turn."""
     proc, address = _child("raw", _addresses(transport)[0], total, window, RAW_FRAME, lanes)
     try:
-        return total / raw_send(address, total, window, spread=spread, lanes=lanes) / 1e9
+        before = process_cpu_s()
+        seconds = raw_send(address, total, window, spread=spread, lanes=lanes)
+        send_cpu = process_cpu_s() - before
+        assert proc.stdout is not None
+        recv_cpu = float(proc.stdout.readline().strip() or "nan")
+        return RawRun(total / seconds / 1e9, send_cpu, recv_cpu)
     finally:
         _end(proc)
+
+
+def raw_zmq_gbps(
+    total: int, window: int = 32 * MiB, transport: str = "tcp", *, spread: bool = False, lanes: int = 1
+) -> float:
+    """``raw_zmq_run``'s rate alone."""
+    return raw_zmq_run(total, window, transport, spread=spread, lanes=lanes).gbps
 
 
 # --- sender (parent process) ----------------------------------------------------------------------------
@@ -193,6 +238,9 @@ async def _fedbus_send(
     hand_over = os.path.join(folder, "model.safetensors")
     on_device = device != "cpu"
     if on_device:  # the model exists (on the GPU) before the baseline: what counts is the host memory it costs
+        from fedbus.modelio import staging
+
+        staging.prepare()  # as in a script's second round on: the pinned buffers are there
         model = {k: v.to(device) for k, v in random_state_dict(size_mb, seed=1, dtype=torch_dtype).items()}
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -251,10 +299,11 @@ def _one_run(
     size_mb: float, total: int, chunk: int, window: int, transport: str, device: str, dtype: str, lanes: int
 ) -> dict[str, Any]:
     """The bus's ceilings, then fedbus, back to back (one repetition of the benchmark)."""
-    raw_gbps = raw_zmq_gbps(total, window, transport)
+    raw = raw_zmq_run(total, window, transport)
+    raw_gbps = raw.gbps
     raw_spread_gbps = raw_zmq_gbps(total, window, transport, spread=True)
     raw_lanes_gbps = raw_zmq_gbps(total, window, transport, spread=True, lanes=lanes) if lanes > 1 else None
-    proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk)
+    proc, address = _child("fedbus", _addresses(transport)[1], total, window, chunk, device=device)
     try:
         fb = asyncio.run(_fedbus_send(address, size_mb, chunk, window, device, dtype, lanes))
     except BaseException:
@@ -264,6 +313,7 @@ def _one_run(
         _end(proc)
     fedbus_gbps = fb["size"] / fb["elapsed"] / 1e9
     out = {"fb": fb, "raw_gbps": raw_gbps, "raw_spread_gbps": raw_spread_gbps, "fedbus_gbps": fedbus_gbps}
+    out["raw_cpu"] = {"sender": raw.send_cpu_s, "receiver": raw.recv_cpu_s}
     out["raw_lanes_gbps"] = raw_lanes_gbps
     return out | {"ratio": fedbus_gbps / raw_gbps}
 
@@ -333,6 +383,7 @@ def run_transfer(
         "receiver_rss_x": round(max(r["fb"]["peak_growth"] for r in runs) / fb["size"], 3),
         "sender_cpu_s": fb["sender_cpu"],
         "receiver_cpu_s": fb["cpu"],
+        "cpu_s_per_gib": _cpu_per_gib(fb, median["raw_cpu"]),
         "tensors": fb["tensors"],
         "device": device,
         "dtype": dtype,
@@ -344,6 +395,8 @@ def run_transfer(
         }
     if device != "cpu":
         result |= {"d2h_s": round(fb["d2h"], 4), "d2h_gbps": round(fb["size"] / fb["d2h"] / 1e9, 3)}
+        result |= {"h2d_s": round(fb["h2d"], 4), "h2d_gbps": round(fb["size"] / fb["h2d"] / 1e9, 3)}
+        result["h2d_exact"] = fb["h2d_exact"]
     rows = [
         ("model", f"{size_mb} MiB in {fb['tensors']} tensors, {fb['total']} bytes on the wire"),
         ("chunk / window", f"{chunk_mb} MiB / {window_mb} MiB over {transport}, {lanes} connection(s)"),
@@ -361,10 +414,18 @@ def run_transfer(
             f"{result['fedbus_warm_gbps']:.2f} GB/s into a reused receive buffer, {result['warm_ratio']:.0%} of raw",
         ),
         *([("device to file", f"{result['d2h_gbps']:.2f} GB/s ({fb['d2h']:.3f} s of fedbus_s)")] if fb["d2h"] else []),
+        *([("received to device", f"{result['h2d_gbps']:.2f} GB/s ({fb['h2d']:.3f} s)")] if "h2d" in fb else []),
         ("memcpy", f"{mem:.2f} GB/s"),
         *(
             (f"{side} cpu (cold)", ", ".join(f"{k} {v:.2f} s" for k, v in fb[key].items()))
             for side, key in (("sender", "sender_cpu"), ("receiver", "cpu"))
+        ),
+        (
+            "cpu s / GiB",
+            "fedbus {fedbus[total]:.2f} (sender {fedbus[sender]:.2f}, receiver {fedbus[receiver]:.2f}); raw zmq "
+            "{raw_zmq[total]:.2f} (sender {raw_zmq[sender]:.2f}, receiver {raw_zmq[receiver]:.2f})".format(
+                **result["cpu_s_per_gib"]
+            ),
         ),
         ("sender rss", f"{result['sender_rss_x']:.2f} x model"),
         ("receiver rss", f"{result['receiver_rss_x']:.2f} x model"),
@@ -372,5 +433,19 @@ def run_transfer(
     return format_report(rows, result)
 
 
+def _cpu_per_gib(fb: dict[str, Any], raw_cpu: dict[str, float]) -> dict[str, Any]:
+    """CPU seconds per GiB moved, fedbus's (cold send) beside raw ZeroMQ's (the cache-hot ceiling run): each side,
+    both together, and fedbus's by thread kind (``main`` the event loop, ``zmq_io``, ``other`` placement and
+    digest threads). A device model's sender figure includes the copy into the hand-over file."""
+    sender, receiver = fb["sender_cpu"], fb["cpu"]
+    fedbus = {"sender": sum(sender.values()), "receiver": sum(receiver.values())}
+    fedbus["total"] = fedbus["sender"] + fedbus["receiver"]
+    raw = {**raw_cpu, "total": raw_cpu["sender"] + raw_cpu["receiver"]}
+    threads = {"sender": sender, "receiver": receiver}
+    return per_gib({"fedbus": fedbus, "raw_zmq": raw, "fedbus_threads": threads}, fb["size"])
+
+
 if __name__ == "__main__":
-    receiver_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    receiver_main(
+        sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+    )

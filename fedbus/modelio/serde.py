@@ -37,7 +37,7 @@ import os
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -509,6 +509,15 @@ def append_to(fd: int, parts: Sequence[memoryview], *, align: int = 64) -> int:
     return end + pad
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (``pwrite`` may write less than asked)."""
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError(f"pwrite returned {n}")
+        data, offset = data[n:], offset + n
+
+
 def _write_all(fd: int, parts: Iterable[memoryview]) -> None:
     """Write every part, in order, with as few system calls as the kernel allows; no concatenation."""
     pending = collections.deque(v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes)
@@ -530,11 +539,15 @@ def _write_all(fd: int, parts: Iterable[memoryview]) -> None:
 
 def _copy_into_file(fd: int, plan: _Plan) -> None:
     """Fill an empty file with a state_dict whose tensors live on a device or are strided: each is copied
-    once, straight into the file's pages (no host staging copy of the model, no second copy by write())."""
+    once, straight into the file's pages (no host staging copy of the model, no second copy by write()).
+    CUDA tensors go through ``staging``'s pinned buffers, several segments in flight."""
     os.ftruncate(fd, plan.total)
     start = len(plan.header)
     if plan.total == start:
         os.pwrite(fd, plan.header, 0)
+        return
+    if any(t.device.type == "cuda" for t in plan.tensors):
+        _stage_into_file(fd, plan)
         return
     mem = mmap.mmap(fd, plan.total)
     try:
@@ -546,6 +559,27 @@ def _copy_into_file(fd: int, plan: _Plan) -> None:
         del buf
     finally:
         mem.close()
+
+
+def _stage_into_file(fd: int, plan: _Plan) -> None:
+    """``_copy_into_file`` for a state_dict with CUDA tensors: those through the pinned staging buffers (one device
+    at a time), host tensors by ``pwrite``; the header first."""
+    from fedbus.modelio import staging
+
+    start = len(plan.header)
+    os.pwrite(fd, plan.header, 0)
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+    for t, spec in zip(plan.tensors, plan.specs, strict=True):
+        if spec.end == spec.start:
+            continue
+        if t.device.type == "cuda":
+            tensors, offsets = by_device.setdefault(t.device, ([], []))
+            tensors.append(t if t.is_contiguous() else t.contiguous())
+            offsets.append(start + spec.start)
+        else:
+            _pwrite_all(fd, _tensor_bytes(t).cast("B"), start + spec.start)
+    for tensors, offsets in by_device.values():
+        staging.device_to_file(fd, tensors, offsets)
 
 
 def write_file(
@@ -601,6 +635,49 @@ def write_file(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_generated(
+    path: str | os.PathLike[str],
+    shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    fill: Callable[[str, torch.Tensor], object],
+) -> int:
+    """Create a safetensors file of tensors named and shaped by ``shapes``, ``fill(name, tensor)`` writing each one's
+    values where it lies in the file's mapping: a model generated straight into its file, never held in memory
+    beside it (a benchmark's 13 GB model, say). Filling the mapping cost less CPU than filling a reused buffer and
+    writing it (docs/benchmarks.md). Not atomic and not durable: for files nothing reads until this returns.
+    Returns the file's size."""
+    entries: list[tuple[str, str, torch.dtype, tuple[int, ...]]] = []
+    for name, (dtype, shape) in shapes.items():
+        if dtype not in DTYPE_NAMES:
+            raise ConfigError(f"tensor {_q(name)} has dtype {dtype}; supported: {', '.join(DTYPES)}")
+        entries.append((name, DTYPE_NAMES[dtype], dtype, tuple(shape)))
+    entries.sort(key=lambda e: (-_RANK[e[1]], e[0]))  # as _plan: safetensors' order
+    specs: list[TensorSpec] = []
+    offset = 0
+    for name, dname, _, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dname]
+        specs.append(TensorSpec(name, dname, shape, offset, offset + nbytes))
+        offset += nbytes
+    header = _encode_header(specs, None)
+    total = len(header) + offset
+    with open(path, "wb+") as f:
+        f.write(header)
+        f.truncate(total)
+        if not offset:
+            return total
+        mem = mmap.mmap(f.fileno(), total)
+    try:
+        buf = torch.frombuffer(mem, dtype=torch.uint8)
+        for (name, _, dtype, shape), spec in zip(entries, specs, strict=True):
+            if spec.nbytes:
+                view = buf[len(header) + spec.start : len(header) + spec.end].view(dtype).view(shape)
+                fill(name, view)
+                del view
+        del buf
+    finally:
+        mem.close()
+    return total
 
 
 def read_file(path: str | os.PathLike[str], *, max_total: int | None = None) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert out["strategy"] == strategy and out["accepted"] == 4
     assert out["bytes_per_round"] == 2 * 2 * 524288
     assert out["round_s"] > 0 and out["gbps"] > 0 and out["raw_zmq_gbps"] > 0
-    assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02)
+    # gbps is rounded to 3 decimals: on a loaded machine (0.02 GB/s) that alone moves the quotient by 2.5 %
+    assert out["efficiency"] == pytest.approx(out["gbps"] / out["raw_zmq_gbps"], rel=0.02, abs=0.002)
     assert out["processes"] == 5  # broker, 2 sites, 2 scripts, each over its own baseline: the tree holds the broker
     assert out["broker_rss_x"] > 0 and out["total_rss_x"] >= out["broker_rss_x"]
     assert set(out["cpu_s_per_round"]) == {"broker", "sites", "scripts"}
@@ -33,6 +34,10 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     threads = out["broker_cpu_s_per_round"]  # the broker's CPU by thread: its event loop, zmq's I/O, workers
     assert set(threads) == {"main", "zmq_io", "other"} and min(threads.values()) >= 0
     assert sum(threads.values()) == pytest.approx(out["cpu_s_per_round"]["broker"], abs=0.05)  # the same CPU, split
+    per_gib = out["cpu_s_per_gib"]  # the same CPU over the GiB moved, each kind split by thread, and raw ZeroMQ's
+    assert set(out["cpu_s_per_round_threads"]) == set(per_gib["threads"]) == {"broker", "sites", "scripts"}
+    assert per_gib["total"] > 0 and per_gib["raw_zmq"] > 0 and out["layout"] == "blocks"
+    assert per_gib["total"] == pytest.approx(sum(per_gib[k] for k in ("broker", "sites", "scripts")), abs=0.01)
 
 
 def test_bench_round_keeps_a_timeline_and_takes_a_broker_profile(tmp_path: Path) -> None:
