@@ -119,6 +119,13 @@ def _proc_kb(pid: int, key: str) -> int:
 
 RAW_CAP = 8 * GiB
 """Raw ZeroMQ's ceiling is measured on at most this many bytes (a rate: a 7B round's 100 GB would only take longer)."""
+RAW_FLOOR = 256 * MiB
+"""... and on at least this many: the process CPU clock ticks in 10 ms, and a few MiB cost less than a tick."""
+
+
+def _raw_bytes(moved: int) -> int:
+    """The bytes raw ZeroMQ's run moves for a round that moves ``moved``."""
+    return min(max(moved, RAW_FLOOR), RAW_CAP)
 
 
 def _write_job(
@@ -346,7 +353,7 @@ def measure_round(
     per_round = [b - a for a, b in itertools.pairwise(times)]
     round_s = statistics.median(per_round[1:])
     bytes_per_round = 2 * sites * size
-    raw_run = raw_zmq_run(min(bytes_per_round, RAW_CAP))
+    raw_run = raw_zmq_run(_raw_bytes(bytes_per_round))
     raw = raw_run.gbps
     gbps = bytes_per_round / round_s / 1e9
     growth = memory_growth(peaks.peak, peaks.base)
@@ -407,7 +414,7 @@ def _cpu_per_gib(kinds: dict[str, float], threads: dict[str, dict[str, float]], 
     ZeroMQ's, sender and receiver together, in the same run: the floor a byte's trip through the kernel costs."""
     out = per_gib({"total": sum(kinds.values()), **kinds, "threads": threads}, moved)
     raw_gib = raw.send_cpu_s + raw.recv_cpu_s
-    out["raw_zmq"] = round(raw_gib / (min(moved, RAW_CAP) / GiB), 3)
+    out["raw_zmq"] = round(raw_gib / (_raw_bytes(moved) / GiB), 3)
     return out
 
 
