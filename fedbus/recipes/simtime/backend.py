@@ -51,6 +51,7 @@ class SimTimeBackend:
         sites: Sequence[SiteRecord],
         *,
         pool: WorkerPool | None = None,
+        own_pool: bool = True,
         workers: int = 1,
         seed: int = 0,
         train_s: float | None = 1.0,
@@ -62,6 +63,7 @@ class SimTimeBackend:
         self.poll_s = POLL_S
         self.clock = SimClock()
         self.pool = pool if pool is not None else ThreadWorkerPool(workers)
+        self.own_pool = own_pool or pool is None  # a pool the caller made is the caller's to close (and reuse)
         self.seed = seed
         self.train_s = train_s
         self.availability = list(availability)
@@ -115,7 +117,8 @@ class SimTimeBackend:
         if self.broker is not None:
             broker, self.broker = self.broker, None
             await broker.__aexit__()
-        await asyncio.to_thread(self.pool.close)
+        if self.own_pool:
+            await asyncio.to_thread(self.pool.close)
         self._restore()
 
     def kill(self) -> None:
