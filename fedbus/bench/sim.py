@@ -2,7 +2,9 @@
 
 For each number of sites a FedBuff job (``buffer`` K, ``concurrency`` tasks in flight) runs ``updates`` updates of
 a random model of ``size_kb`` on the real broker, the sites being records on the site host and the training a
-cheap function-form step (the model plus a constant) on ``workers`` worker threads.
+cheap function-form step (the model plus a constant) on ``workers`` worker threads, or (``pool``) on ``workers``
+Ray actors of a local Ray instance started for the bench: ``ray`` passes each version's model to the actors through
+Ray's object store (put once, read in place), ``ray-inline`` as every task's argument (serialised per task).
 
 Figures (the last line, JSON), per number of sites:
 * ``overhead_ms_per_update``: (wall seconds of the job, from its submission to its end, minus the workers'
@@ -23,6 +25,8 @@ from typing import Any
 
 from fedbus.bench.common import format_report, model_bytes, peak_rss, random_state_dict, reset_peak_rss, rss
 
+POOLS = ("threads", "ray", "ray-inline")
+
 SCRIPT = """
 import fedbus.client as flare
 
@@ -38,11 +42,14 @@ def run_sim(
     workers: int = 2,
     buffer: int = 10,
     concurrency: int = 100,
+    pool: str = "threads",
 ) -> str:
     from fedbus.recipes import FedBuffRecipe, SimEnv, SpeedProfile
 
     rows: list[tuple[str, Any]] = []
-    result: dict[str, Any] = {"size_kb": size_kb, "updates": updates, "workers": workers}
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    result: dict[str, Any] = {"size_kb": size_kb, "updates": updates, "workers": workers, "pool": pool}
     model = random_state_dict(size_kb / 1024)
     mb = model_bytes(model) / (1 << 20)
     with tempfile.TemporaryDirectory(prefix="fedbus-bench-sim-") as tmp:
@@ -60,8 +67,10 @@ def run_sim(
                 concurrency=concurrency,
                 num_versions=max(1, updates // buffer),
             )
+            workers_pool = _pool(pool, workers)
             env = SimEnv(
                 n,
+                pool=workers_pool,
                 num_threads=workers,
                 clock="simulated",
                 workspace=Path(tmp) / f"ws{n}",
@@ -71,7 +80,11 @@ def run_sim(
                 log_config="warning",
             )
             started, cpu = time.monotonic(), time.process_time()
-            run = recipe.execute(env)
+            try:
+                run = recipe.execute(env)
+            finally:
+                if workers_pool is not None:
+                    workers_pool.close()
             cpu = time.process_time() - cpu
             wall = time.monotonic() - started - run.timing.get("startup_s", 0.0)
             done = sum(1 for u in run.updates if u.get("accepted"))
@@ -89,3 +102,14 @@ def run_sim(
             result[str(n)] = figures
             rows += [(f"{n} sites: {k}", v) for k, v in figures.items()]
     return format_report(rows, result)
+
+
+def _pool(pool: str, workers: int) -> Any:
+    """The bench's worker pool: None (SimEnv's threads), or Ray actors on a local instance, started and ready."""
+    if pool == "threads":
+        return None
+    from fedbus.recipes.simtime.ray_pool import RayPool
+
+    ray_pool = RayPool(None, workers, num_cpus=1, models="inline" if pool == "ray-inline" else "object_store")
+    ray_pool.wait_ready()
+    return ray_pool

@@ -151,6 +151,10 @@ class RayPool:
         self._models: OrderedDict[tuple[str, int, int], tuple[bytes, Any]] = OrderedDict()
         self.jobs: set[str] = set()
 
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait until every actor has started (a worker process each; its first task would wait otherwise)."""
+        self.ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=timeout)
+
     def open(self, job: JobCode) -> None:
         archive = self.ray.put(np.frombuffer(job.archive, dtype=np.uint8))
         # Calls from this process to one actor run in the order made: each actor unpacks before its first task.
