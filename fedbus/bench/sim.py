@@ -113,3 +113,43 @@ def _pool(pool: str, workers: int) -> Any:
     ray_pool = RayPool(None, workers, num_cpus=1, models="inline" if pool == "ray-inline" else "object_store")
     ray_pool.wait_ready()
     return ray_pool
+
+
+def gpu_transfer(size_mb: float = 256, tensors: int = 64, repeat: int = 5) -> str:
+    """A model's trip from the bus (safetensors bytes) to a GPU worker and back, two ways, best of ``repeat``:
+    ``simtime.gpu`` (one copy into a page-locked staging buffer, one asynchronous transfer of the whole file,
+    tensors as views; back: one page-locked buffer, a copy per tensor, one synchronisation) against the plain way
+    (``serde.load_bytes`` then ``.to(device)`` per tensor; back: ``.cpu()`` per tensor). Needs CUDA."""
+    import torch
+
+    from fedbus.modelio import serde
+    from fedbus.recipes.simtime.gpu import Staging, load_model, to_host
+
+    device = torch.device("cuda", 0)
+    per = int(size_mb * (1 << 20) / 4 / tensors)
+    data = serde.save_bytes({f"t{i}": torch.randn(per) for i in range(tensors)})
+    staging = Staging()
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    on_gpu = load_model(data, device, staging)
+    figures = {
+        "model_mb": round(len(data) / (1 << 20), 1),
+        "down_pinned_s": best(lambda: load_model(data, device, staging)),
+        "down_plain_s": best(lambda: {k: v.to(device) for k, v in serde.load_bytes(data).items()}),
+        "up_pinned_s": best(lambda: to_host(on_gpu)),
+        "up_plain_s": best(lambda: {k: v.cpu() for k, v in on_gpu.items()}),
+        "device": torch.cuda.get_device_name(device),
+    }
+    for key in [k for k in figures if k.endswith("_s")]:
+        figures[key] = round(float(figures[key]), 4)
+        figures[key.replace("_s", "_gb_per_s")] = round(len(data) / float(figures[key]) / 1e9, 2)
+    return format_report(list(figures.items()), figures)

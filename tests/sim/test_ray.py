@@ -32,8 +32,9 @@ def local_ray() -> Iterator[None]:
 
 def _run(tmp: Path, name: str, recipe: Any, pool: Any) -> Any:
     speed = SpeedProfile.lognormal(1.0, seed=2)
-    env = SimEnv(6, clock="simulated", workspace=tmp / name, progress=False, seed=11, train_s=5.0, speed=speed)
-    env.pool = pool
+    env = SimEnv(
+        6, clock="simulated", workspace=tmp / name, progress=False, seed=11, train_s=5.0, speed=speed, pool=pool
+    )
     run = recipe.execute(env)
     assert run.status == "finished", run.reason
     return run
