@@ -18,8 +18,10 @@ Figures (the last line, JSON), per number of sites:
 
 from __future__ import annotations
 
+import io
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +143,7 @@ def gpu_transfer(size_mb: float = 256, tensors: int = 64, repeat: int = 5) -> st
         return min(times)
 
     on_gpu = load_model(data, device, staging)
-    figures = {
+    figures: dict[str, Any] = {
         "model_mb": round(len(data) / (1 << 20), 1),
         "down_pinned_s": best(lambda: load_model(data, device, staging)),
         "down_plain_s": best(lambda: {k: v.to(device) for k, v in serde.load_bytes(data).items()}),
@@ -153,3 +155,83 @@ def gpu_transfer(size_mb: float = 256, tensors: int = 64, repeat: int = 5) -> st
         figures[key] = round(float(figures[key]), 4)
         figures[key.replace("_s", "_gb_per_s")] = round(len(data) / float(figures[key]) / 1e9, 2)
     return format_report(list(figures.items()), figures)
+
+
+EVALUATE = """
+import fedbus.client as flare
+
+def run_task(site, model):
+    return flare.FLModel(metrics={"n": float(sum(v.numel() for v in model.params.values()))})
+"""
+
+
+JOB_TOML = """
+name = "transfer"
+model = "model.safetensors"
+[strategy]
+name = "fedavg"
+min_clients = 1
+num_rounds = 1
+[script]
+path = "eval.py"
+"""
+
+
+def ray_transfer(size_mb: float = 32, tasks: int = 64, workers: int = 2, versions: int = 4) -> str:
+    """How a model best reaches Ray actors: ``tasks`` evaluation tasks (the model down, a metric back) of a random
+    model of ``size_mb``, over ``versions`` distinct models, on ``workers`` actors of a local Ray instance, with the
+    model in the object store once per version (``object_store``) or as every task's argument (``inline``).
+    Figures per mode: wall ms per task, and this process's CPU ms per task (the site host's share, the figure to
+    read on a loaded machine). Needs Ray."""
+    from fedbus.modelio import serde
+    from fedbus.recipes.simtime.pool import JobCode, SiteTask
+    from fedbus.recipes.simtime.ray_pool import RayPool
+
+    rows: list[tuple[str, Any]] = []
+    result: dict[str, Any] = {"size_mb": size_mb, "tasks": tasks, "workers": workers, "versions": versions}
+    models = [serde.save_bytes(random_state_dict(size_mb)) for _ in range(versions)]
+    with tempfile.TemporaryDirectory(prefix="fedbus-bench-ray-") as tmp:
+        folder = Path(tmp)
+        (folder / "eval.py").write_text(EVALUATE)
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("eval.py", EVALUATE)
+            z.writestr("job.toml", JOB_TOML)
+        job = JobCode("transfer", folder, "eval.py", (), workers, archive.getvalue())
+        for mode in ("object_store", "inline"):
+            pool = RayPool(None, workers, num_cpus=1, models=mode)
+            try:
+                pool.wait_ready()
+                pool.open(job)
+                started, cpu = time.monotonic(), time.process_time()
+                futures = [
+                    pool.submit(
+                        SiteTask(
+                            "transfer",
+                            f"t{i}",
+                            f"s{i}",
+                            i,
+                            "evaluate",
+                            i % versions,
+                            0,
+                            1,
+                            models[i % versions],
+                            None,
+                            {},
+                            seed=i,
+                        )
+                    )
+                    for i in range(tasks)
+                ]
+                errors = [f.result().error for f in futures]
+                wall, cpu = time.monotonic() - started, time.process_time() - cpu
+            finally:
+                pool.close()
+            figures = {
+                "errors": sum(e is not None for e in errors),
+                "wall_ms_per_task": round(1000 * wall / tasks, 2),
+                "cpu_ms_per_task": round(1000 * cpu / tasks, 2),
+            }
+            result[mode] = figures
+            rows += [(f"{mode}: {k}", v) for k, v in figures.items()]
+    return format_report(rows, result)

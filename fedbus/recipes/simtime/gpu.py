@@ -69,7 +69,10 @@ def cuda_devices(gpus: int | Sequence[int] | str) -> list[torch.device]:
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if checked == "all" and available == 0:
         raise ConfigError("gpus='all': no CUDA device is visible to torch")
-    indices = range(available) if checked == "all" else range(checked) if isinstance(checked, int) else checked
+    if isinstance(checked, str):
+        indices = list(range(available))
+    else:
+        indices = list(range(checked)) if isinstance(checked, int) else checked
     missing = [i for i in indices if i >= available]
     if missing:
         raise ConfigError(f"gpus={gpus!r}: CUDA device(s) {missing} not visible ({available} visible)")

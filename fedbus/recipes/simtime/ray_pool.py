@@ -144,7 +144,7 @@ class RayPool:
             ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
             self._connected = True
         actor = ray.remote(SiteWorker).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_concurrency=1)
-        self.actors = [actor.remote(torch_threads, self.num_gpus > 0) for _ in range(workers)]
+        self.actors: list[Any] = [actor.remote(torch_threads, self.num_gpus > 0) for _ in range(workers)]
         self.devices: list[str] = []
         self._lock = threading.Lock()
         self._inflight = [0] * workers
