@@ -24,7 +24,8 @@ host and the simulated clock stay in this process, fedbus's own, and every model
   no model stays on the device between tasks (a site's state comes back with its outcome).
 * Reproducibility: an actor runs torch on ``torch_threads`` intra-op threads (1, as the simulated-time backend
   does in this process), so a task gives the same update on an actor as on a thread worker: the same recipe and
-  seed give a bit-identical model whichever pool trains it.
+  seed give a bit-identical model whichever pool trains it. An actor also seeds torch's global generator from the
+  task's seed before each task, so a script that draws from it is reproducible on any number of actors.
 * Failure: an actor that dies (its node lost, out of memory) fails its task as the site's crash: the strategy
   sees the update lost, as in production.
 """
@@ -97,6 +98,9 @@ class SiteWorker:
             return TaskOutcome(error=f"job {task.job_id} was not opened on this Ray worker")
         if model is not None:
             task = replace(task, model=memoryview(model).cast("B"))  # type: ignore[arg-type]  # read in place
+        import torch
+
+        torch.manual_seed(task.seed)  # a script drawing from the global generator: the task's, on any actor
         return run_on_device(job, task, self.device, self.stream, self.staging, self.release_memory)
 
     def close(self) -> None:
