@@ -72,6 +72,7 @@ class SimTimeBackend:
         self.broker: Broker | None = None
         self.host: SiteHost | None = None
         self._torch: int | None = None
+        self._rng: torch.Tensor | None = None
         self.admin_options = {"timeout": 1e6}  # simulated seconds: a request never times out in a jump
 
     def loop_factory(self) -> asyncio.AbstractEventLoop:
@@ -82,6 +83,7 @@ class SimTimeBackend:
         # are deterministic for a given thread count), and small models train best that way.
         self._torch = torch.get_num_threads()
         torch.set_num_threads(1)
+        self._rng = torch.get_rng_state()  # a one-thread pool seeds the global generator per task: given back at stop
         hub = MemoryHub()
         address = f"inproc://fedbus-simtime-{secrets.token_hex(6)}"
         cfg = BrokerConfig(
@@ -126,6 +128,9 @@ class SimTimeBackend:
 
     def _restore(self) -> None:
         self.imports.restore()
+        if self._rng is not None:
+            state, self._rng = self._rng, None
+            torch.set_rng_state(state)
         if self._torch is not None:
             threads, self._torch = self._torch, None
             with contextlib.suppress(RuntimeError):

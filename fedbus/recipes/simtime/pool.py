@@ -32,7 +32,8 @@ executed once per task with a client-API session that ends after its one ``send`
 
 ``ThreadWorkerPool(n)`` runs tasks on ``n`` threads of this process. torch's global random generator is one
 per process, so a script that draws from it (rather than from ``site.generator``, or a generator seeded from
-the task's ``seed``) is reproducible with one worker only; everything else is reproducible whatever ``n``.
+the task's ``seed``) is reproducible with one worker only (which seeds it from the task's seed before each task,
+as the process and Ray pools do in each of theirs); everything else is reproducible whatever ``n``.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class ThreadWorkerPool:
     def submit(self, task: SiteTask) -> concurrent.futures.Future[TaskOutcome]:
         from fedbus.recipes.simtime.tasks import run_task
 
+        if self.workers == 1:
+            return self._executor.submit(_seeded, self.jobs[task.job_id], task)
         return self._executor.submit(run_task, self.jobs[task.job_id], task)
 
     def close(self) -> None:
@@ -135,3 +138,11 @@ class ThreadWorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
         for job_id in self.jobs:
             forget_job(job_id)
+
+
+def _seeded(job: JobCode, task: SiteTask) -> TaskOutcome:
+    """``run_task`` with torch's global generator seeded from the task's seed (the only worker of its process)."""
+    from fedbus.recipes.simtime.tasks import run_task
+
+    torch.manual_seed(task.seed)
+    return run_task(job, task)
