@@ -3,6 +3,7 @@ module: the same seeded simulation gives the same bit-identical model on Ray act
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,20 @@ def test_ray_actors_give_the_thread_pools_bit_identical_model(local_ray: None, t
 
 
 DYING = "import os\n\ndef run_task(site, model):\n    os._exit(3)\n"
+
+
+@pytest.mark.timeout(60)
+def test_simenv_pointed_at_ray_trains_on_actors_it_makes_and_stops(local_ray: None, tmp_path: Path) -> None:
+    recipe = FedAvgRecipe("auto", model(), script(tmp_path / "src"), min_clients=3, num_rounds=2)
+    env = SimEnv(3, clock="simulated", ray="auto", num_threads=1, workspace=tmp_path / "ws", progress=False, seed=11)
+    run = recipe.execute(env)
+    assert run.status == "finished", run.reason
+    assert run.model is not None and run.model["w"].abs().sum() > 0
+    assert ray.is_initialized()  # the connection was this module's: the pool left it open
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # a killed actor gives its CPU back asynchronously
+    assert ray.available_resources().get("CPU", 0) == 2  # SimEnv's own pool was closed with the run
 
 
 def test_ray_pool_options_are_checked(local_ray: None) -> None:
