@@ -10,7 +10,8 @@ cluster: an implementation needs three methods.
     sites. A remote pool ships the folder (or its archive, ``job.archive``) to its workers here.
 ``submit(task) -> concurrent.futures.Future[TaskOutcome]``
     Train (or evaluate) one site's task. ``task`` (``SiteTask``) carries the site's record (name, index),
-    the global model as safetensors bytes (``task.model``: what travels to a Ray actor or a GPU as it is), the
+    the global model as safetensors bytes (``task.model``: the received stream's buffer itself, read-only, which
+travels to a Ray actor or a GPU as it is; a pool that pickles tasks makes its own ``bytes``), the
     task's kind, version and options, and ``task.seed``, derived from (run seed, site, task) so that a task
     trains the same way whichever worker runs it. The future resolves to a ``TaskOutcome``: the update's
     params (a state dict on the CPU, or None), its type, weight and metrics, ``compute_s`` (the seconds the
@@ -72,7 +73,7 @@ class SiteTask:
     version: int
     round: int
     total_rounds: int
-    model: bytes | None
+    model: bytes | memoryview | None
     params_type: str | None
     options: Mapping[str, Any]
     seed: int

@@ -67,7 +67,8 @@ class ProcessWorkerPool:
     def submit(self, task: SiteTask) -> concurrent.futures.Future[TaskOutcome]:
         out: concurrent.futures.Future[TaskOutcome] = concurrent.futures.Future()
         try:
-            done = self._executor.submit(_run_in_worker, self.jobs[task.job_id], task)
+            model = bytes(task.model) if task.model is not None else None  # pickled: a buffer of its own
+            done = self._executor.submit(_run_in_worker, self.jobs[task.job_id], replace(task, model=model))
         except Exception:
             out.set_result(TaskOutcome(error=traceback.format_exc()))
             return out

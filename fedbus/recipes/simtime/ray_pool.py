@@ -59,6 +59,11 @@ def _number(name: str, value: Any, low: float) -> float:
     return float(value)
 
 
+def _same(a: bytes | memoryview, b: bytes | memoryview) -> bool:
+    """Whether two models are the same bytes (a vectorised comparison: a memoryview's own compares per item)."""
+    return len(a) == len(b) and np.array_equal(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
+
+
 class SiteWorker:
     """A Ray actor's body: trains tasks for the jobs it was given (see the module docstring)."""
 
@@ -97,7 +102,7 @@ class SiteWorker:
         if job is None:
             return TaskOutcome(error=f"job {task.job_id} was not opened on this Ray worker")
         if model is not None:
-            task = replace(task, model=memoryview(model).cast("B"))  # type: ignore[arg-type]  # read in place
+            task = replace(task, model=memoryview(model).cast("B"))  # read in place
         import torch
 
         torch.manual_seed(task.seed)  # a script drawing from the global generator: the task's, on any actor
@@ -152,7 +157,7 @@ class RayPool:
         self.devices: list[str] = []
         self._lock = threading.Lock()
         self._inflight = [0] * workers
-        self._models: OrderedDict[tuple[str, int, int], tuple[bytes, Any]] = OrderedDict()
+        self._models: OrderedDict[tuple[str, int, int], tuple[bytes | memoryview, Any]] = OrderedDict()
         self.jobs: set[str] = set()
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -197,10 +202,10 @@ class RayPool:
 
     def _model_arg(self, task: SiteTask) -> Any:
         if task.model is None or self.models == "inline":
-            return task.model
+            return None if task.model is None else bytes(task.model)
         key = (task.job_id, task.version, len(task.model))
         cached = self._models.get(key)
-        if cached is not None and cached[0] == task.model:
+        if cached is not None and _same(cached[0], task.model):
             self._models.move_to_end(key)
             return cached[1]
         ref = self.ray.put(np.frombuffer(task.model, dtype=np.uint8))
