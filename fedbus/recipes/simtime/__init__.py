@@ -8,12 +8,16 @@ interface and the thread pool), ``gpu`` (workers on CUDA devices), ``process_poo
 """
 
 from fedbus.recipes.simtime.availability import Availability
+from fedbus.recipes.simtime.gpu import GpuWorkerPool
 from fedbus.recipes.simtime.pool import JobCode, SiteTask, TaskOutcome, ThreadWorkerPool, WorkerPool, task_seed
+from fedbus.recipes.simtime.process_pool import ProcessWorkerPool
 from fedbus.recipes.simtime.tasks import SiteContext
 
 __all__ = [
     "Availability",
+    "GpuWorkerPool",
     "JobCode",
+    "ProcessWorkerPool",
     "SiteContext",
     "SiteTask",
     "TaskOutcome",
