@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--size-kb", type=_positive_float, default=100)
     sm.add_argument("--updates", type=_positive_int, default=2000)
     sm.add_argument("--workers", type=_positive_int, default=2)
+    sm.add_argument("--pool", choices=("threads", "ray", "ray-inline"), default="threads", help="who trains (threads)")
     fz = bsub.add_parser("fuzz", help="hostile generated input for every trust boundary, and a real broker socket")
     fz.add_argument("--inputs", type=_positive_int, default=100_000)
     fz.add_argument("--seed", type=int, default=0)
@@ -335,7 +336,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.bench == "sim":
             from fedbus.bench.sim import run_sim
 
-            report = run_sim(tuple(args.sites), args.size_kb, args.updates, args.workers)
+            report = run_sim(tuple(args.sites), args.size_kb, args.updates, args.workers, pool=args.pool)
         elif args.bench == "fuzz":
             from fedbus.bench.fuzz import run_fuzz
 

@@ -9,4 +9,4 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
 # the experiment-tracking stores and the privacy accountants (opacus) too, so their tests run
-"$PY" -m pip install -q -e ".[dev,examples,lightning,tensorboard,mlflow,wandb,privacy,he,secagg]"
+"$PY" -m pip install -q -e ".[dev,examples,lightning,tensorboard,mlflow,wandb,privacy,he,secagg,ray]"

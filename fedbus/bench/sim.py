@@ -2,7 +2,9 @@
 
 For each number of sites a FedBuff job (``buffer`` K, ``concurrency`` tasks in flight) runs ``updates`` updates of
 a random model of ``size_kb`` on the real broker, the sites being records on the site host and the training a
-cheap function-form step (the model plus a constant) on ``workers`` worker threads.
+cheap function-form step (the model plus a constant) on ``workers`` worker threads, or (``pool``) on ``workers``
+Ray actors of a local Ray instance started for the bench: ``ray`` passes each version's model to the actors through
+Ray's object store (put once, read in place), ``ray-inline`` as every task's argument (serialised per task).
 
 Figures (the last line, JSON), per number of sites:
 * ``overhead_ms_per_update``: (wall seconds of the job, from its submission to its end, minus the workers'
@@ -16,12 +18,16 @@ Figures (the last line, JSON), per number of sites:
 
 from __future__ import annotations
 
+import io
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from fedbus.bench.common import format_report, model_bytes, peak_rss, random_state_dict, reset_peak_rss, rss
+
+POOLS = ("threads", "ray", "ray-inline")
 
 SCRIPT = """
 import fedbus.client as flare
@@ -38,11 +44,14 @@ def run_sim(
     workers: int = 2,
     buffer: int = 10,
     concurrency: int = 100,
+    pool: str = "threads",
 ) -> str:
     from fedbus.recipes import FedBuffRecipe, SimEnv, SpeedProfile
 
     rows: list[tuple[str, Any]] = []
-    result: dict[str, Any] = {"size_kb": size_kb, "updates": updates, "workers": workers}
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    result: dict[str, Any] = {"size_kb": size_kb, "updates": updates, "workers": workers, "pool": pool}
     model = random_state_dict(size_kb / 1024)
     mb = model_bytes(model) / (1 << 20)
     with tempfile.TemporaryDirectory(prefix="fedbus-bench-sim-") as tmp:
@@ -60,8 +69,10 @@ def run_sim(
                 concurrency=concurrency,
                 num_versions=max(1, updates // buffer),
             )
+            workers_pool = _pool(pool, workers)
             env = SimEnv(
                 n,
+                pool=workers_pool,
                 num_threads=workers,
                 clock="simulated",
                 workspace=Path(tmp) / f"ws{n}",
@@ -71,7 +82,11 @@ def run_sim(
                 log_config="warning",
             )
             started, cpu = time.monotonic(), time.process_time()
-            run = recipe.execute(env)
+            try:
+                run = recipe.execute(env)
+            finally:
+                if workers_pool is not None:
+                    workers_pool.close()
             cpu = time.process_time() - cpu
             wall = time.monotonic() - started - run.timing.get("startup_s", 0.0)
             done = sum(1 for u in run.updates if u.get("accepted"))
@@ -88,4 +103,135 @@ def run_sim(
             }
             result[str(n)] = figures
             rows += [(f"{n} sites: {k}", v) for k, v in figures.items()]
+    return format_report(rows, result)
+
+
+def _pool(pool: str, workers: int) -> Any:
+    """The bench's worker pool: None (SimEnv's threads), or Ray actors on a local instance, started and ready."""
+    if pool == "threads":
+        return None
+    from fedbus.recipes.simtime.ray_pool import RayPool
+
+    ray_pool = RayPool(None, workers, num_cpus=1, models="inline" if pool == "ray-inline" else "object_store")
+    ray_pool.wait_ready()
+    return ray_pool
+
+
+def gpu_transfer(size_mb: float = 256, tensors: int = 64, repeat: int = 5) -> str:
+    """A model's trip from the bus (safetensors bytes) to a GPU worker and back, two ways, best of ``repeat``:
+    ``simtime.gpu`` (one copy into a page-locked staging buffer, one asynchronous transfer of the whole file,
+    tensors as views; back: one page-locked buffer, a copy per tensor, one synchronisation) against the plain way
+    (``serde.load_bytes`` then ``.to(device)`` per tensor; back: ``.cpu()`` per tensor). Needs CUDA."""
+    import torch
+
+    from fedbus.modelio import serde
+    from fedbus.recipes.simtime.gpu import Staging, load_model, to_host
+
+    device = torch.device("cuda", 0)
+    per = int(size_mb * (1 << 20) / 4 / tensors)
+    data = serde.save_bytes({f"t{i}": torch.randn(per) for i in range(tensors)})
+    staging = Staging()
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    on_gpu = load_model(data, device, staging)
+    figures: dict[str, Any] = {
+        "model_mb": round(len(data) / (1 << 20), 1),
+        "down_pinned_s": best(lambda: load_model(data, device, staging)),
+        "down_plain_s": best(lambda: {k: v.to(device) for k, v in serde.load_bytes(data).items()}),
+        "up_pinned_s": best(lambda: to_host(on_gpu)),
+        "up_plain_s": best(lambda: {k: v.cpu() for k, v in on_gpu.items()}),
+        "device": torch.cuda.get_device_name(device),
+    }
+    for key in [k for k in figures if k.endswith("_s")]:
+        figures[key] = round(float(figures[key]), 4)
+        figures[key.replace("_s", "_gb_per_s")] = round(len(data) / float(figures[key]) / 1e9, 2)
+    return format_report(list(figures.items()), figures)
+
+
+EVALUATE = """
+import fedbus.client as flare
+
+def run_task(site, model):
+    return flare.FLModel(metrics={"n": float(sum(v.numel() for v in model.params.values()))})
+"""
+
+
+JOB_TOML = """
+name = "transfer"
+model = "model.safetensors"
+[strategy]
+name = "fedavg"
+min_clients = 1
+num_rounds = 1
+[script]
+path = "eval.py"
+"""
+
+
+def ray_transfer(size_mb: float = 32, tasks: int = 64, workers: int = 2, versions: int = 4) -> str:
+    """How a model best reaches Ray actors: ``tasks`` evaluation tasks (the model down, a metric back) of a random
+    model of ``size_mb``, over ``versions`` distinct models, on ``workers`` actors of a local Ray instance, with the
+    model in the object store once per version (``object_store``) or as every task's argument (``inline``).
+    Figures per mode: wall ms per task, and this process's CPU ms per task (the site host's share, the figure to
+    read on a loaded machine). Needs Ray."""
+    from fedbus.modelio import serde
+    from fedbus.recipes.simtime.pool import JobCode, SiteTask
+    from fedbus.recipes.simtime.ray_pool import RayPool
+
+    rows: list[tuple[str, Any]] = []
+    result: dict[str, Any] = {"size_mb": size_mb, "tasks": tasks, "workers": workers, "versions": versions}
+    models = [serde.save_bytes(random_state_dict(size_mb)) for _ in range(versions)]
+    with tempfile.TemporaryDirectory(prefix="fedbus-bench-ray-") as tmp:
+        folder = Path(tmp)
+        (folder / "eval.py").write_text(EVALUATE)
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("eval.py", EVALUATE)
+            z.writestr("job.toml", JOB_TOML)
+        job = JobCode("transfer", folder, "eval.py", (), workers, archive.getvalue())
+        for mode in ("object_store", "inline"):
+            pool = RayPool(None, workers, num_cpus=1, models=mode)
+            try:
+                pool.wait_ready()
+                pool.open(job)
+                started, cpu = time.monotonic(), time.process_time()
+                futures = [
+                    pool.submit(
+                        SiteTask(
+                            "transfer",
+                            f"t{i}",
+                            f"s{i}",
+                            i,
+                            "evaluate",
+                            i % versions,
+                            0,
+                            1,
+                            models[i % versions],
+                            None,
+                            {},
+                            seed=i,
+                        )
+                    )
+                    for i in range(tasks)
+                ]
+                errors = [f.result().error for f in futures]
+                wall, cpu = time.monotonic() - started, time.process_time() - cpu
+            finally:
+                pool.close()
+            figures = {
+                "errors": sum(e is not None for e in errors),
+                "wall_ms_per_task": round(1000 * wall / tasks, 2),
+                "cpu_ms_per_task": round(1000 * cpu / tasks, 2),
+            }
+            result[mode] = figures
+            rows += [(f"{mode}: {k}", v) for k, v in figures.items()]
     return format_report(rows, result)

@@ -22,6 +22,11 @@ a record each) trained by a pool of ``num_threads`` workers (or the ``pool`` giv
 plus its model's transfer both ways over the site's ``bandwidth`` (bytes per simulated second: one number, or
 one per site). ``availability`` (an :class:`Availability`) makes sites come and go. With a modelled
 ``train_s``, a run is reproducible: the same recipe and ``seed`` give the same decisions and the same model.
+Where the workers train: ``gpus`` (``"auto"``: every visible CUDA device, or the CPU threads when there is none;
+a number of devices, or a list of device indices) puts ``workers_per_gpu`` worker threads on each device
+(``simtime.gpu``); ``ray`` (a Ray address, or ``"auto"``) trains on Ray actors instead (``simtime.ray_pool``):
+``num_threads`` actors of one CPU each, or with ``gpus`` (a number of devices), ``workers_per_gpu`` actors per
+device, each reserving that fraction of a GPU. A ``pool`` given is the caller's: used, not closed.
 
 FLARE's arguments: ``clients`` names the sites (default ``site-1`` ... ``site-N``), ``workspace_root`` is
 ``workspace`` under FLARE's name, ``log_config`` sets the level of fedbus's logs for the run (FLARE's
@@ -142,6 +147,9 @@ class SimEnv:
         availability: Availability | None = None,
         seed: int = 0,
         pool: WorkerPool | None = None,
+        gpus: int | Sequence[int] | str | None = None,
+        workers_per_gpu: int = 4,
+        ray: str | None = None,
     ) -> None:
         if clock not in ("real", "simulated"):
             raise ConfigError(f"clock must be 'real' or 'simulated', got {clock!r}")
@@ -168,9 +176,17 @@ class SimEnv:
         self.availability = availability
         self.seed = int(seed)
         self.pool = pool
+        self.gpus = _gpus(gpus, ray)
+        self.workers_per_gpu = _positive_int("workers_per_gpu", workers_per_gpu)
+        if ray is not None and (not isinstance(ray, str) or not ray):
+            raise ConfigError(f"ray must be a Ray address or 'auto', got {ray!r}")
+        self.ray = ray
+        if pool is not None and (gpus is not None or ray is not None):
+            raise ConfigError("give a pool, or gpus / ray for SimEnv to make one, not both")
         self._clock: SimClock | None = None
-        if clock == "real" and (availability is not None or pool is not None or bandwidth is not None):
-            raise ConfigError("availability, bandwidth and pool need clock='simulated'")
+        chosen = (availability, pool, bandwidth, gpus, ray)
+        if clock == "real" and any(v is not None for v in chosen):
+            raise ConfigError("availability, bandwidth, pool, gpus and ray need clock='simulated'")
 
     def execute(self, recipe: Recipe, wait: bool = True) -> Run:
         workspace = self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-sim-"))
@@ -191,7 +207,8 @@ class SimEnv:
         backend = SimTimeBackend(
             workspace,
             sites,
-            pool=self.pool,
+            pool=self.pool or self._make_pool(),
+            own_pool=self.pool is None,
             workers=self.num_threads,
             seed=self.seed,
             train_s=self.train_s,
@@ -200,9 +217,38 @@ class SimEnv:
         self._clock = backend.clock
         return backend
 
+    def _make_pool(self) -> WorkerPool | None:
+        """The pool ``gpus`` / ``ray`` ask for (None: the backend's CPU threads)."""
+        if self.ray is not None:
+            from fedbus.recipes.simtime.ray_pool import RayPool
+
+            if self.gpus is None:
+                return RayPool(self.ray, self.num_threads, num_cpus=1)
+            count = self.gpus if isinstance(self.gpus, int) else len(self.gpus)
+            return RayPool(self.ray, count * self.workers_per_gpu, num_cpus=1, num_gpus=1 / self.workers_per_gpu)
+        if self.gpus is None or (self.gpus == "auto" and not torch.cuda.is_available()):
+            return None
+        from fedbus.recipes.simtime.gpu import GpuWorkerPool
+
+        return GpuWorkerPool("all" if self.gpus == "auto" else self.gpus, self.workers_per_gpu)
+
     def __repr__(self) -> str:
         shown = self.clients if len(self.clients) <= 10 else f"{len(self.clients)} sites"
         return f"SimEnv(clients={shown}, num_threads={self.num_threads}, speed={self.speed!r}, clock={self.clock!r})"
+
+
+def _gpus(gpus: Any, ray: str | None) -> int | list[int] | str | None:
+    """``gpus`` checked: None, "auto", a number of devices >= 1, or (not with Ray) a list of device indices."""
+    if gpus is None or gpus == "auto":
+        if gpus == "auto" and ray is not None:
+            raise ConfigError("with ray, gpus is the number of GPUs the actors share (Ray places them), not 'auto'")
+        return gpus
+    from fedbus.recipes.simtime.gpu import check_gpus
+
+    checked = check_gpus(gpus)
+    if checked == "all" or (ray is not None and not isinstance(checked, int)):
+        raise ConfigError(f"gpus must be 'auto', a number of devices or (without ray) device indices, got {gpus!r}")
+    return checked
 
 
 def _bandwidths(bandwidth: Any, n: int) -> list[float | None]:

@@ -51,6 +51,7 @@ class SimTimeBackend:
         sites: Sequence[SiteRecord],
         *,
         pool: WorkerPool | None = None,
+        own_pool: bool = True,
         workers: int = 1,
         seed: int = 0,
         train_s: float | None = 1.0,
@@ -62,6 +63,7 @@ class SimTimeBackend:
         self.poll_s = POLL_S
         self.clock = SimClock()
         self.pool = pool if pool is not None else ThreadWorkerPool(workers)
+        self.own_pool = own_pool or pool is None  # a pool the caller made is the caller's to close (and reuse)
         self.seed = seed
         self.train_s = train_s
         self.availability = list(availability)
@@ -70,6 +72,7 @@ class SimTimeBackend:
         self.broker: Broker | None = None
         self.host: SiteHost | None = None
         self._torch: int | None = None
+        self._rng: torch.Tensor | None = None
         self.admin_options = {"timeout": 1e6}  # simulated seconds: a request never times out in a jump
 
     def loop_factory(self) -> asyncio.AbstractEventLoop:
@@ -80,6 +83,7 @@ class SimTimeBackend:
         # are deterministic for a given thread count), and small models train best that way.
         self._torch = torch.get_num_threads()
         torch.set_num_threads(1)
+        self._rng = torch.get_rng_state()  # a one-thread pool seeds the global generator per task: given back at stop
         hub = MemoryHub()
         address = f"inproc://fedbus-simtime-{secrets.token_hex(6)}"
         cfg = BrokerConfig(
@@ -115,7 +119,8 @@ class SimTimeBackend:
         if self.broker is not None:
             broker, self.broker = self.broker, None
             await broker.__aexit__()
-        await asyncio.to_thread(self.pool.close)
+        if self.own_pool:
+            await asyncio.to_thread(self.pool.close)
         self._restore()
 
     def kill(self) -> None:
@@ -123,6 +128,9 @@ class SimTimeBackend:
 
     def _restore(self) -> None:
         self.imports.restore()
+        if self._rng is not None:
+            state, self._rng = self._rng, None
+            torch.set_rng_state(state)
         if self._torch is not None:
             threads, self._torch = self._torch, None
             with contextlib.suppress(RuntimeError):

@@ -328,7 +328,8 @@ class SiteHost:
         """The task's model is here: the pool starts on it; its result is scheduled (see the module docstring)."""
         if not rec.online or task.job_id in self.ended:
             return
-        model = bytes(received.raw.numpy()) if received is not None else None
+        # the received stream's own buffer (a fresh one per stream, kept alive by the task): no copy here
+        model = received.raw.numpy().data if received is not None else None
         plain = task.task_id.rsplit(".", 1)[0]
         site_task = SiteTask(
             job_id=task.job_id,

@@ -10,7 +10,8 @@ cluster: an implementation needs three methods.
     sites. A remote pool ships the folder (or its archive, ``job.archive``) to its workers here.
 ``submit(task) -> concurrent.futures.Future[TaskOutcome]``
     Train (or evaluate) one site's task. ``task`` (``SiteTask``) carries the site's record (name, index),
-    the global model as safetensors bytes (``task.model``: what travels to a Ray actor or a GPU as it is), the
+    the global model as safetensors bytes (``task.model``: the received stream's buffer itself, read-only, which
+travels to a Ray actor or a GPU as it is; a pool that pickles tasks makes its own ``bytes``), the
     task's kind, version and options, and ``task.seed``, derived from (run seed, site, task) so that a task
     trains the same way whichever worker runs it. The future resolves to a ``TaskOutcome``: the update's
     params (a state dict on the CPU, or None), its type, weight and metrics, ``compute_s`` (the seconds the
@@ -32,7 +33,8 @@ executed once per task with a client-API session that ends after its one ``send`
 
 ``ThreadWorkerPool(n)`` runs tasks on ``n`` threads of this process. torch's global random generator is one
 per process, so a script that draws from it (rather than from ``site.generator``, or a generator seeded from
-the task's ``seed``) is reproducible with one worker only; everything else is reproducible whatever ``n``.
+the task's ``seed``) is reproducible with one worker only (which seeds it from the task's seed before each task,
+as the process and Ray pools do in each of theirs); everything else is reproducible whatever ``n``.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class SiteTask:
     version: int
     round: int
     total_rounds: int
-    model: bytes | None
+    model: bytes | memoryview | None
     params_type: str | None
     options: Mapping[str, Any]
     seed: int
@@ -127,6 +129,8 @@ class ThreadWorkerPool:
     def submit(self, task: SiteTask) -> concurrent.futures.Future[TaskOutcome]:
         from fedbus.recipes.simtime.tasks import run_task
 
+        if self.workers == 1:
+            return self._executor.submit(_seeded, self.jobs[task.job_id], task)
         return self._executor.submit(run_task, self.jobs[task.job_id], task)
 
     def close(self) -> None:
@@ -135,3 +139,11 @@ class ThreadWorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
         for job_id in self.jobs:
             forget_job(job_id)
+
+
+def _seeded(job: JobCode, task: SiteTask) -> TaskOutcome:
+    """``run_task`` with torch's global generator seeded from the task's seed (the only worker of its process)."""
+    from fedbus.recipes.simtime.tasks import run_task
+
+    torch.manual_seed(task.seed)
+    return run_task(job, task)

@@ -14,6 +14,10 @@ had one task. ``flare.system_info()`` gives the site's index and count, so the s
 the data. The session turns the result into what a site would upload (FULL or DIFF as the strategy asks, the
 weight from ``NUM_STEPS_CURRENT_ROUND``, SCAFFOLD's controls), in memory, without files.
 
+On a GPU worker (``fedbus.recipes.simtime.gpu``), ``run_task`` is given the worker's ``device``: the function
+form's model arrives there (``site.device``), the FLARE form's on the CPU as on a real site; the update comes back
+to the CPU once, whatever device the script left it on.
+
 ``run_task`` never raises: a script's exception is the outcome's ``error``.
 """
 
@@ -41,6 +45,7 @@ from fedbus.client.session import ClientSession
 from fedbus.errors import ConfigError, LocalProtocolError
 from fedbus.modelio import serde
 from fedbus.protocol.messages import Task
+from fedbus.recipes.simtime.gpu import Staging, load_model, state_to_host, to_host
 from fedbus.recipes.simtime.pool import JobCode, SiteTask, TaskOutcome
 
 FUNCTION = "run_task"
@@ -64,6 +69,8 @@ class SiteContext:
     generator: torch.Generator
     state: dict[str, Any] = field(default_factory=dict)
     params_type: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the task's model is, and where the worker trains (a CUDA device on a GPU worker)."""
 
 
 class _Code:
@@ -106,18 +113,24 @@ def forget_job(job_id: str) -> None:
     _Code.forget(job_id)
 
 
-def run_task(job: JobCode, task: SiteTask) -> TaskOutcome:
-    """Run ``task`` with the job's script (see the module docstring); never raises."""
+def run_task(
+    job: JobCode, task: SiteTask, *, device: torch.device | None = None, staging: Staging | None = None
+) -> TaskOutcome:
+    """Run ``task`` with the job's script (see the module docstring), on ``device`` (default: the CPU; a GPU
+    worker passes its device and staging buffer, and runs this with that device and its stream current);
+    never raises."""
     started = time.perf_counter()
+    device = device or torch.device("cpu")
     try:
         code = _Code.of(job)
-        model = serde.load_bytes(task.model) if task.model is not None else None
         state = dict(task.state) if task.state is not None else {}
         if code.module is not None:
-            outcome = _run_function(code.module, job, task, model, state)
+            model = load_model(task.model, device, staging) if task.model is not None else None
+            outcome = _run_function(code.module, job, task, model, state, device)
         else:
+            model = serde.load_bytes(task.model) if task.model is not None else None
             outcome = _run_flare(code, job, task, model, state)
-        outcome.state = state
+        outcome.state = state_to_host(state) if device.type == "cuda" else state
     except BaseException:  # a script's failure is its site's crash, never the simulator's
         outcome = TaskOutcome(error=traceback.format_exc())
     outcome.compute_s = time.perf_counter() - started
@@ -125,7 +138,12 @@ def run_task(job: JobCode, task: SiteTask) -> TaskOutcome:
 
 
 def _run_function(
-    module: ModuleType, job: JobCode, task: SiteTask, model: dict[str, torch.Tensor] | None, state: dict[str, Any]
+    module: ModuleType,
+    job: JobCode,
+    task: SiteTask,
+    model: dict[str, torch.Tensor] | None,
+    state: dict[str, Any],
+    device: torch.device,
 ) -> TaskOutcome:
     site = SiteContext(
         name=task.site,
@@ -140,6 +158,7 @@ def _run_function(
         generator=torch.Generator().manual_seed(task.seed),
         state=state,
         params_type=task.params_type,
+        device=device,
     )
     given = FLModel(params=model, meta=_meta_of(task), current_round=task.round, total_rounds=task.total_rounds)
     out = getattr(module, FUNCTION)(site, given)
@@ -160,17 +179,37 @@ def outcome_of(
     params_type = ParamsType(out.params_type or ParamsType.FULL)
     params = None
     if task.kind in ("train", "submit_model") and out.params is not None:
-        params = to_cpu_params(out.params)
+        params = _tensors(out.params)  # where the script left them: a GPU worker's diff is taken on its device
         controls: dict[str, torch.Tensor] = {}
         if scaffold is not None and scaffold.open and task.kind == "train":
+            params = to_host(params)
             controls = scaffold.finish(params, is_diff=params_type is ParamsType.DIFF)
         wants_diff = task.params_type == "DIFF" or TaskOptions.parse(task.options).transfer_type == "DIFF"
         if task.kind == "train" and wants_diff and params_type is ParamsType.FULL:
             if received is None:
                 raise ConfigError(f"cannot send DIFF for task {task.task_id}: the task carried no model")
-            params, params_type = diff_params(params, received), ParamsType.DIFF
-        params = {**params, **controls}
+            params, params_type = diff_params(params, _alongside(received, params)), ParamsType.DIFF
+        params = {**to_host(params), **controls}
     return TaskOutcome(params=params, params_type=str(params_type), weight=float(weight), metrics=metrics, meta=meta)
+
+
+def _tensors(params: Any) -> dict[str, torch.Tensor]:
+    """A script's params as detached tensors on their device (anything else validated and put on the CPU)."""
+    if isinstance(params, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()
+    ):
+        return {k: v.detach() for k, v in params.items()}
+    return to_cpu_params(params)
+
+
+def _alongside(received: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The received tensors on the devices of the script's (a diff needs both sides on one device)."""
+    out = dict(received)
+    for k, v in params.items():
+        base = out.get(k)
+        if base is not None and base.device != v.device:
+            out[k] = base.to(v.device)
+    return out
 
 
 class OneTaskSession(ClientSession):
