@@ -31,10 +31,9 @@ def keep_update(store: JobStore, job_id: str, wire: str, update: Update, action:
         return None
     params = update.params
     where: dict[str, Any] | None = None
-    folder = None
+    folder = store.kept_dir(job_id)
     try:
         if isinstance(params, SpooledParams):  # a large upload: its spool file is renamed into kept/
-            folder = store.kept_dir(job_id)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{wire}.safetensors"
             if params.keep_as(path):
@@ -45,13 +44,7 @@ def keep_update(store: JobStore, job_id: str, wire: str, update: Update, action:
             parts = [memoryview(raw.numpy())] if raw is not None else serde.layout(params).parts
             where = store.keep_small(job_id, action.version + action.staleness + 1, parts)
     except OSError as exc:
-        log.error(
-            "accepted update not kept on disk",
-            job=job_id,
-            task=wire,
-            path=str(folder or store.kept_dir(job_id)),
-            error=str(exc),
-        )
+        log.error("accepted update not kept on disk", job=job_id, task=wire, path=str(folder), error=str(exc))
         return None
     return {
         **where,

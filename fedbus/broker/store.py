@@ -87,8 +87,7 @@ class JobStore:
         # table grows, where a scan of every update ever recorded would grow each checkpoint's cost with the
         # job's age (the broker's loop waits for it).
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
-        # job -> (version its kept updates land in, open file, its path): one path built per version, not per update
-        self._kept_logs: dict[str, tuple[int, int, str]] = {}
+        self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
         self.faults = Faults()  # what cannot be written now and is being retried (fedbus.broker.faults)
         self.commits = Commits(self.db, self.db_path, self.faults, durable=self.durable)
 
@@ -147,7 +146,7 @@ class JobStore:
 
     def close(self) -> None:
         self.commits.close()
-        for _, fd, _ in self._kept_logs.values():
+        for _, fd in self._kept_logs.values():
             os.close(fd)
         self._kept_logs.clear()
         self.db.close()  # the last connection: SQLite checkpoints the WAL into the database and syncs it
@@ -301,17 +300,16 @@ class JobStore:
         Every update in one log lands in the same version, so one checkpoint releases the whole file.
         ``parts`` are the bytes of a safetensors file. Returns where it is (the ``kept`` entry's path, offset
         and length)."""
+        path = self.kept_dir(job_id) / f"lands-{lands}.log"
         current = self._kept_logs.get(job_id)
         if current is None or current[0] != lands:
             if current is not None:
                 os.close(current[1])
-            path = self.kept_dir(job_id) / f"lands-{lands}.log"
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            current = self._kept_logs[job_id] = (lands, fd, str(path))
+            current = self._kept_logs[job_id] = (lands, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         offset = serde.append_to(current[1], parts)
-        self.sync_soon(current[2])
-        return {"path": current[2], "offset": offset, "length": sum(memoryview(p).nbytes for p in parts)}
+        self.sync_soon(path)
+        return {"path": str(path), "offset": offset, "length": sum(memoryview(p).nbytes for p in parts)}
 
     def kept_updates(self, job_id: str, version: int) -> list[dict[str, Any]]:
         """Accepted updates kept on disk whose aggregate lands after ``version``, in the order they were accepted:

@@ -56,12 +56,14 @@ from fedbus.protocol.messages import (
     Task,
 )
 from fedbus.recipes.simtime.loop import SimClock
-from fedbus.recipes.simtime.pool import INLINE_BYTES, JobCode, SiteTask, TaskOutcome, WorkerPool, task_seed
+from fedbus.recipes.simtime.pool import JobCode, SiteTask, TaskOutcome, WorkerPool, task_seed
 from fedbus.recipes.simtime.wire import BROKER, frames_of, incoming
 from fedbus.transport.memory import MemoryHub
 from fedbus.transport.streams import StreamHub
 
 log = get_logger("recipes.simtime")
+INLINE_BYTES = 64 << 20
+"""Stream chunk size in a simulation: models ride whole in their offer (no chunk threads, nothing to pace)."""
 
 
 @dataclass(slots=True)
@@ -383,9 +385,7 @@ class SiteHost:
                 log.warning("simulated site's script failed", site=rec.name, task=t.task_id, error=outcome.error[-300:])
                 self.send_as(rec.identity, JobEvent(t.job_id, "crashed", code=1, detail=outcome.error[-4000:]))
                 return
-            source = outcome.source
-            if source is None and outcome.params is not None:
-                source = ModelSource.from_state_dict(outcome.params)
+            source = ModelSource.from_state_dict(outcome.params) if outcome.params is not None else None
             sid = (hash((t.task_id, rec.index)) & ((1 << 62) - 1)) if source is not None else None
             result = Result(
                 t.job_id, t.task_id, t.version, outcome.params_type, outcome.weight, outcome.metrics, outcome.meta, sid

@@ -30,10 +30,7 @@ the job's script either defines ``run_task(site, model) -> FLModel`` (the functi
 ``SiteContext``), or it is a FLARE-style script (``flare.init(); while flare.is_running(): ...``) that is
 executed once per task with a client-API session that ends after its one ``send``.
 
-``ThreadWorkerPool(n)`` runs tasks on ``n`` threads of this process. Once a task's ``compute_s`` is measured,
-its thread also lays the update out as the site streams it (``outcome.source``: the safetensors layout, its
-chunk sums and its one inline frame), the work a real site does in its own process before it uploads: the
-simulator's event loop, which every update goes through, then only sends it. torch's global random generator is one
+``ThreadWorkerPool(n)`` runs tasks on ``n`` threads of this process. torch's global random generator is one
 per process, so a script that draws from it (rather than from ``site.generator``, or a generator seeded from
 the task's ``seed``) is reproducible with one worker only; everything else is reproducible whatever ``n``.
 """
@@ -48,12 +45,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
-from fedbus import digest
-from fedbus.modelio.sources import ModelSource
-
-INLINE_BYTES = 64 << 20
-"""Stream chunk size in a simulation: models ride whole in their offer (no chunk threads, nothing to pace)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +91,6 @@ class TaskOutcome:
     compute_s: float = 0.0
     error: str | None = None
     state: dict[str, Any] | None = None
-    source: ModelSource | None = None
-    """The params as the site streams them, laid out and digested by a worker of this process (``upload_source``);
-    None: the site host lays them out."""
 
 
 class WorkerPool(Protocol):
@@ -115,28 +103,6 @@ class WorkerPool(Protocol):
     def submit(self, task: SiteTask) -> concurrent.futures.Future[TaskOutcome]: ...
 
     def close(self) -> None: ...
-
-
-def upload_source(params: Mapping[str, torch.Tensor]) -> ModelSource:
-    """``params`` as a site streams them in a simulation: laid out, digested and joined into the one frame that
-    rides in the offer (``StreamHub.send`` finds all three done)."""
-    source = ModelSource.from_state_dict(params)
-    source.sums(INLINE_BYTES, digest.DEFAULT_ALG).digest()
-    if source.total <= INLINE_BYTES:
-        source.whole()
-    return source
-
-
-def _run_and_lay_out(job: JobCode, task: SiteTask) -> TaskOutcome:
-    from fedbus.recipes.simtime.tasks import run_task
-
-    outcome = run_task(job, task)
-    if outcome.params is not None and outcome.error is None:
-        try:
-            outcome.source = upload_source(outcome.params)
-        except Exception:
-            outcome.source = None
-    return outcome
 
 
 def task_seed(seed: int, site: str, task_id: str) -> int:
@@ -159,7 +125,9 @@ class ThreadWorkerPool:
         self.jobs[job.job_id] = job
 
     def submit(self, task: SiteTask) -> concurrent.futures.Future[TaskOutcome]:
-        return self._executor.submit(_run_and_lay_out, self.jobs[task.job_id], task)
+        from fedbus.recipes.simtime.tasks import run_task
+
+        return self._executor.submit(run_task, self.jobs[task.job_id], task)
 
     def close(self) -> None:
         from fedbus.recipes.simtime.tasks import forget_job
