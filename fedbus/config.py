@@ -127,6 +127,8 @@ def _accountant(v: Any) -> Any:
 
 
 DURABILITY = ("full", "none")
+"""The broker's ``durability`` settings: "full" (every acknowledgement waits for its fsyncs, docs/daemons.md) or
+"none" (no fsync at all: a throwaway workspace, for simulations and tests)."""
 
 
 def _durability(v: Any) -> Any:

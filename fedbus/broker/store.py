@@ -32,6 +32,7 @@ import torch
 
 from fedbus.broker.commits import SYNCHRONOUS, Commits, fsync_path
 from fedbus.broker.faults import Faults
+from fedbus.config import DURABILITY
 from fedbus.modelio import serde
 
 SCHEMA = """
@@ -71,7 +72,7 @@ class JobStore:
     def __init__(self, workspace: str | Path, *, durability: str = "full") -> None:
         """``durability``: "full" (every acknowledgement waits for its fsyncs) or "none" (no fsync at all: a
         throwaway workspace, for simulations and tests; ``fedbus.broker.commits``)."""
-        if durability not in ("full", "none"):
+        if durability not in DURABILITY:
             raise ValueError(f"durability must be full or none, not {durability!r}")
         self.durable = durability == "full"
         self.root = Path(workspace)
