@@ -126,6 +126,17 @@ def _accountant(v: Any) -> Any:
     return v
 
 
+DURABILITY = ("full", "none")
+"""The broker's ``durability`` settings: "full" (every acknowledgement waits for its fsyncs, docs/daemons.md) or
+"none" (no fsync at all: a throwaway workspace, for simulations and tests)."""
+
+
+def _durability(v: Any) -> Any:
+    if v not in DURABILITY:
+        raise ValueError("must be full or none (none: a throwaway workspace, for simulations and tests only)")
+    return v
+
+
 def _log_level(v: Any) -> Any:
     if v.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -172,6 +183,7 @@ class BrokerConfig:
     run jobs with homomorphic encryption; a context holding a secret key is refused."""
     log_json: bool = False
     log_level: str = "info"
+    durability: str = "full"  # "none": no fsync at all, a throwaway workspace (simulations, tests; docs/daemons.md)
 
     def __post_init__(self) -> None:
         _validate_instance(self)
@@ -278,6 +290,7 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "dp_max_epsilon": _positive,
     "dp_accountant": _accountant,
     "log_level": _log_level,
+    "durability": _durability,
 }
 
 C = TypeVar("C", BrokerConfig, SiteConfig, AdminConfig)

@@ -14,6 +14,11 @@ and the kept statements run again, in order, after the backoff's delays, until t
 waits on. A failed WAL sync is never trusted to a second fsync (the kernel may have dropped the pages it could not
 write): the retry runs a full checkpoint, which writes the WAL into the database and syncs both. Outside an event
 loop (tools, tests) every write commits and syncs at once, and a failure raises.
+
+A store opened with ``durable=False`` (the broker's ``durability = "none"``: a throwaway workspace, for simulations
+and tests) syncs nothing: SQLite runs with ``synchronous=OFF``, a commit counts as synced at once, and
+``sync_soon`` does nothing. Commits stay batched and failed writes are still kept and retried; only the fsyncs,
+and the worker-thread hand-offs they cost, are gone, so a crash of the machine may lose what was acknowledged.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ and one sync covers every commit made while the previous one ran."""
 class Commits:
     """The durable, batched, retried writes of one SQLite connection, owned by the event loop's thread."""
 
-    def __init__(self, db: sqlite3.Connection, db_path: Path, faults: Faults) -> None:
+    def __init__(self, db: sqlite3.Connection, db_path: Path, faults: Faults, *, durable: bool = True) -> None:
         self.db = db
+        self.durable = durable
         self.db_path = db_path
         self.faults = faults
         self._pending: list[tuple[str, Sequence[Any], str | None]] = []  # writes since the last commit that succeeded
@@ -100,7 +106,9 @@ class Commits:
     def sync_soon(self, path: str | os.PathLike[str]) -> None:
         """fsync ``path`` and its folder in a worker thread at this turn's end (every file named in a turn in one
         thread call): ``when_recorded`` waits for it. For a kept update's file, whose fsync (a whole model, maybe)
-        would stall the loop. Outside an event loop it is synced at once."""
+        would stall the loop. Outside an event loop it is synced at once. Not durable: nothing."""
+        if not self.durable:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -193,6 +201,9 @@ class Commits:
         if self._syncing or self._synced >= self._committed:
             return
         target = self._committed
+        if not self.durable:
+            self._synced_to(target)
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

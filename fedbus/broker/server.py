@@ -80,7 +80,7 @@ class Broker:
         self.ctx, self._release_ctx = owned_context(ctx, server=True, shared=not self.guard.secure)
         self.session = os.urandom(8).hex()
         self.registry = Registry(config.heartbeat_s, config.liveness)
-        self.store = JobStore(config.workspace)
+        self.store = JobStore(config.workspace, durability=config.durability)
         self.meter = Meter(config, self.guard, answer=self._answer, holds=self._holds)
         self.limits = self.meter.limits
         self.metrics = Metrics(board_dir=lambda job_id: self.store.job_dir(job_id) / "tensorboard")

@@ -32,6 +32,7 @@ import torch
 
 from fedbus.broker.commits import SYNCHRONOUS, Commits, fsync_path
 from fedbus.broker.faults import Faults
+from fedbus.config import DURABILITY
 from fedbus.modelio import serde
 
 SCHEMA = """
@@ -68,13 +69,18 @@ FINAL_STATES = ("finished", "failed", "aborted")
 class JobStore:
     """Jobs and their history in one workspace folder."""
 
-    def __init__(self, workspace: str | Path) -> None:
+    def __init__(self, workspace: str | Path, *, durability: str = "full") -> None:
+        """``durability``: "full" (every acknowledgement waits for its fsyncs) or "none" (no fsync at all: a
+        throwaway workspace, for simulations and tests; ``fedbus.broker.commits``)."""
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be full or none, not {durability!r}")
+        self.durable = durability == "full"
         self.root = Path(workspace)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "fedbus.db"
         self.db = sqlite3.connect(self.db_path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+        self.db.execute(f"PRAGMA synchronous={SYNCHRONOUS if self.durable else 'OFF'}")
         self.db.executescript(SCHEMA)
         if "kept" not in [r[1] for r in self.db.execute("PRAGMA table_info(updates)")]:  # a workspace from before
             self.db.execute("ALTER TABLE updates ADD COLUMN kept TEXT")
@@ -84,7 +90,7 @@ class JobStore:
         self.db.execute("CREATE INDEX IF NOT EXISTS updates_kept ON updates (job_id) WHERE kept IS NOT NULL")
         self._kept_logs: dict[str, tuple[int, int]] = {}  # job -> (version its kept updates land in, open file)
         self.faults = Faults()  # what cannot be written now and is being retried (fedbus.broker.faults)
-        self.commits = Commits(self.db, self.db_path, self.faults)
+        self.commits = Commits(self.db, self.db_path, self.faults, durable=self.durable)
 
     # --- writes: batched, durable, kept and retried when the disk refuses them (fedbus.broker.commits) ------
 
@@ -123,7 +129,10 @@ class JobStore:
 
     def sync_files(self, folder: Path) -> None:
         """fsync every file under ``folder``, then each folder up to the workspace (its entry in its parent):
-        what a submit's reply promises is on stable storage (blocking: call it in a worker thread)."""
+        what a submit's reply promises is on stable storage (blocking: call it in a worker thread). Not durable:
+        nothing."""
+        if not self.durable:
+            return
         for path in sorted(folder.rglob("*"), reverse=True):
             if path.is_file() and not path.is_symlink():
                 fsync_path(path)
@@ -206,7 +215,7 @@ class JobStore:
         """Write the model file (blocking: call it in a worker thread)."""
         path = self.checkpoint_path(job_id, version)
         path.parent.mkdir(parents=True, exist_ok=True)
-        serde.write_file(path, serde.layout(model, {"job_id": job_id, "version": str(version)}))
+        serde.write_file(path, serde.layout(model, {"job_id": job_id, "version": str(version)}), durable=self.durable)
         return path
 
     def add_version(

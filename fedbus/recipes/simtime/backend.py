@@ -94,6 +94,7 @@ class SimTimeBackend:
             chunk_mb=64.0,
             max_requests_per_s=1e9,
             request_burst=10**9,
+            durability="none",  # the workspace is the simulation's own, thrown away with it: no fsync
         )
         self.broker = Broker(cfg, ctx=ctx, endpoint_wrapper=lambda router: SimBrokerEndpoint(router, hub))
         await self.broker.__aenter__()
