@@ -290,7 +290,11 @@ class _SimBackend:
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // min(self.env.num_threads, self.env.num_clients)))
         address = f"inproc://fedbus-sim-{secrets.token_hex(6)}"
-        cfg = BrokerConfig(bind=address, workspace=str(self.workspace / "broker"), heartbeat_s=1.0, liveness=10)
+        # durability "none": the whole federation lives in this process, so a crash ends the run whatever is on
+        # disk; the checkpoints are still written (the run's results), only not fsynced.
+        cfg = BrokerConfig(
+            bind=address, workspace=str(self.workspace / "broker"), heartbeat_s=1.0, liveness=10, durability="none"
+        )
         self.broker = Broker(cfg, ctx=ctx)
         await self.broker.__aenter__()
         factors: list[float | None] = [None] * self.env.num_clients
