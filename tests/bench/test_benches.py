@@ -36,7 +36,8 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert sum(threads.values()) == pytest.approx(out["cpu_s_per_round"]["broker"], abs=0.05)  # the same CPU, split
     per_gib = out["cpu_s_per_gib"]  # the same CPU over the GiB moved, each kind split by thread, and raw ZeroMQ's
     assert set(out["cpu_s_per_round_threads"]) == set(per_gib["threads"]) == {"broker", "sites", "scripts"}
-    assert per_gib["total"] > 0 and per_gib["raw_zmq"] > 0 and out["layout"] == "blocks"
+    # one measured round of a 0.5 MiB model may cost less than the CPU clock's 10 ms tick: total may read 0
+    assert per_gib["total"] >= 0 and per_gib["raw_zmq"] > 0 and out["layout"] == "blocks"
     assert per_gib["total"] == pytest.approx(sum(per_gib[k] for k in ("broker", "sites", "scripts")), abs=0.01)
 
 
