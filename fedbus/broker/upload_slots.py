@@ -16,8 +16,11 @@ Two rules keep the slots moving:
   stream that merely stalls is the stall timeout's business (it is resumed or aborted), as before.
 * **Turns go to those with least.** A freed slot goes to the waiting upload whose site holds fewest slots now,
   then whose site has had fewest uploads taken away for stalling (a site that stalled once waits behind those
-  that never did), then the one that came first. A site that stalled before loses its slot four times sooner
-  (``upload_stall_s / 4``) while others wait: it has shown what it does with one.
+  that never did), then the one that came first.
+* **Sites that stalled are on probation.** A site with an upload taken away (a strike) loses its slot four times
+  sooner (``upload_stall_s / 4``) while others wait, and such sites together hold at most all slots but one, so
+  one slot is always left to the sites that never stalled: a few stalling sites cannot make every honest upload
+  wait out a bound. A struck site is forgiven after ``FORGIVE_AFTER`` uploads it completed.
 
 Progress and aborts go through callables the caller passes (the stream hub's view of the stream), so this
 module holds only the turn-taking; it runs on the broker's event loop.
@@ -133,13 +136,22 @@ class UploadSlots:
                 h.seen, h.since = got, now
             elif now - h.since >= self._bound(h.site):
                 stalled.append(h)
+        if not any(not self._struck(w.site) for w in self.waiting) and not self._probation_free():
+            stalled = [h for h in stalled if self._struck(h.site)]  # only a struck upload could use the slot
         stalled.sort(key=lambda h: h.since)
         for h in stalled[: max(0, owed)]:
             self._take(h, now)
 
-    def _bound(self, site: str) -> float:
+    def _struck(self, site: str) -> bool:
         rec = self._sites.get(site)
-        return self.stall_s / STRUCK_FACTOR if rec is not None and rec.strikes else self.stall_s
+        return rec is not None and rec.strikes > 0
+
+    def _probation_free(self) -> bool:
+        """Whether a struck site's upload may take a slot now (see the module's doc)."""
+        return sum(1 for h in self.held if self._struck(h.site)) < max(1, self.slots - 1)
+
+    def _bound(self, site: str) -> float:
+        return self.stall_s / STRUCK_FACTOR if self._struck(site) else self.stall_s
 
     def _take(self, h: Holder, now: float) -> None:
         idle = now - h.since
@@ -166,8 +178,12 @@ class UploadSlots:
             rec.logged_at, rec.unlogged = now, 0
 
     def _grant(self) -> None:
-        while self.waiting and len(self.held) < self.slots:
-            best = min(self.waiting, key=self._rank)
+        while len(self.held) < self.slots:
+            allowed = self._probation_free()
+            eligible = [w for w in self.waiting if allowed or not self._struck(w.site)]
+            if not eligible:
+                return
+            best = min(eligible, key=self._rank)
             self.waiting.remove(best)
             best.since, best.seen = self.clock(), best.progress() or 0
             self.held.add(best)
