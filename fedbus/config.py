@@ -156,6 +156,7 @@ class BrokerConfig:
     max_model_mb: float = 16384
     upload_slots: int | None = None  # None: by the machine's cores (fedbus.broker.uploads.default_upload_slots)
     stall_timeout_s: float = 60.0
+    upload_stall_s: float = 10.0  # a big upload without a chunk this long loses its slot to a waiting one
     round_timeout_s: float | None = None
     keep_versions: int = 0
     max_requests_per_s: float = 200.0
@@ -262,6 +263,7 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_model_mb": _positive,
     "upload_slots": _at_least(1),
     "stall_timeout_s": _positive,
+    "upload_stall_s": _positive,
     "round_timeout_s": _positive,
     "task_timeout_s": _positive,
     "keep_versions": _at_least(0),

@@ -101,7 +101,7 @@ async def test_upload_slots_follow_the_cores_unless_the_profile_says(monkeypatch
     def slots_of(config: BrokerConfig) -> int:
         broker = server.Broker(config)  # not started: what it would receive uploads with
         try:
-            return broker.uploads.slots._value
+            return broker.uploads.slots.slots
         finally:
             broker.guard.close()
             broker._release_ctx()

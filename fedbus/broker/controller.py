@@ -49,6 +49,7 @@ from fedbus.broker.job_streams import Bus, InFlight, JobStreams
 from fedbus.broker.kept import keep_update, restore_kept
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.store import JobStore
+from fedbus.broker.upload_slots import UploadSlots
 from fedbus.daemon import SIM_TIME_KEY, Background, loop_is_simulated, loop_now
 from fedbus.errors import FedbusError, PeerError
 from fedbus.log import get_logger
@@ -101,7 +102,7 @@ class JobController:
         bus: Bus,
         *,
         max_model_bytes: int,
-        upload_slots: asyncio.Semaphore,
+        upload_slots: UploadSlots,
         on_end: Callable[[str], None] = lambda job_id: None,
         keep_versions: int = 0,
         metrics: Metrics | None = None,

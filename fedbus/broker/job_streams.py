@@ -11,7 +11,8 @@ and remembers what is in flight:
   one per named model a dispatch streams (cross-site evaluation), shared by the sites too.
 * **Uploads being collected**: a ``result`` message comes first (same connection, so ordered), then its
   stream's offer. An upload of one chunk goes to memory; a larger one waits for an upload slot and is spooled
-  to a file in the job's folder (page cache, not broker memory). Once complete and verified it is handed to the
+  to a file in the job's folder (page cache, not broker memory). One that stalls while others wait loses its
+  slot (``fedbus.broker.upload_slots``). Once complete and verified it is handed to the
   controller to decide; once that decision is in the store, the stream's ``ACK`` may go (``sink.settled``).
 * **The checkpoint chain**: each published version's checkpoint is written on a worker thread after the
   previous one's (in order, one at a time) and recorded in SQLite. Each unwritten checkpoint holds its model in
@@ -37,6 +38,7 @@ import torch
 
 from fedbus.broker.faults import Backoff, Fault, checkpoint_key
 from fedbus.broker.store import JobStore
+from fedbus.broker.upload_slots import Holder, UploadSlots
 from fedbus.errors import FedbusError
 from fedbus.log import get_logger
 from fedbus.modelio.sinks import BufferSink
@@ -46,7 +48,7 @@ from fedbus.protocol.messages import Message, Offer, Result, Task
 from fedbus.recycle import FilePool
 from fedbus.strategy import Dispatch, Publish
 from fedbus.strategy.base import Params
-from fedbus.transport.streams import DEFAULT_CHUNK
+from fedbus.transport.streams import DEFAULT_CHUNK, StreamHub
 
 CHECKPOINTS_BEHIND = 2
 """Published versions whose checkpoint has not landed, at most, while new tasks go out. Each holds its model in
@@ -60,6 +62,8 @@ SMALL_UPLOAD = DEFAULT_CHUNK
 
 class Bus(Protocol):
     """What a job's streams need from the broker daemon (``fedbus.broker.outbox.Outbox``)."""
+
+    hub: StreamHub | None
 
     def peer_of(self, site: str) -> bytes | None: ...
 
@@ -104,7 +108,7 @@ class JobStreams:
         *,
         task_fields: Mapping[str, Any],
         max_model_bytes: int,
-        upload_slots: asyncio.Semaphore,
+        upload_slots: UploadSlots,
         keep_versions: int,
         running: Callable[[], bool],
         task_failed: TaskFailed,
@@ -334,31 +338,52 @@ class JobStreams:
         offer's names, shapes and dtypes are checked against ``expected`` before any payload byte is taken."""
         small = offer.total <= min(offer.chunk, SMALL_UPLOAD)
         sink: BufferSink
+        holder: Holder | None = None
         if small:
             # One chunk, most likely already here inside the offer (the inline fast path): memory, not a
             # file, and no upload slot, which bounds the bytes of big uploads in flight (scale bench).
             sink = BufferSink(max_total=self.max_model_bytes, expected=expected, scan_finite=True)
         else:
-            await self.upload_slots.acquire()
-            spool = self.store.job_dir(self.job_id) / "incoming"
-            spool.mkdir(parents=True, exist_ok=True)
-            if self.spool_pool is None:  # recycled files: their page cache is reused (fedbus/recycle.py)
-                self.spool_pool = FilePool(spool)
-            sink = SpoolSink(
-                path=str(spool / f"{pending.result.task_id}.part"),
-                max_total=self.max_model_bytes,
-                expected=expected,
-                pool=self.spool_pool,
-                scan_finite=True,
-            )
+            holder = await self.upload_slots.acquire(self._holder(peer, offer.sid, pending.site))
+            try:
+                spool = self.store.job_dir(self.job_id) / "incoming"
+                spool.mkdir(parents=True, exist_ok=True)
+                if self.spool_pool is None:  # recycled files: their page cache is reused (fedbus/recycle.py)
+                    self.spool_pool = FilePool(spool)
+                sink = SpoolSink(
+                    path=str(spool / f"{pending.result.task_id}.part"),
+                    max_total=self.max_model_bytes,
+                    expected=expected,
+                    pool=self.spool_pool,
+                    scan_finite=True,
+                )
+            except BaseException:
+                self.upload_slots.release(holder, completed=False)
+                raise
         sink.settled = asyncio.get_running_loop().create_future()  # the site hears of it once it is recorded
-        self.spawn(self._collect(peer, offer.sid, pending, sink, slot=not small))
+        self.spawn(self._collect(peer, offer.sid, pending, sink, slot=holder))
         return sink
 
-    async def _collect(self, peer: bytes, sid: int, pending: PendingResult, sink: BufferSink, *, slot: bool) -> None:
+    def _holder(self, peer: bytes, sid: int, site: str) -> Holder:
+        """The upload as the slots see it: its progress and its abort are its stream's, in the broker's hub."""
+        hub = self.bus.hub
+
+        def progress() -> int | None:
+            return None if hub is None else hub.received(peer, sid)
+
+        def abort(reason: str) -> bool:
+            return hub is not None and hub.abort_incoming(peer, sid, reason)
+
+        return Holder(site, progress, abort)
+
+    async def _collect(
+        self, peer: bytes, sid: int, pending: PendingResult, sink: BufferSink, *, slot: Holder | None
+    ) -> None:
         started = time.monotonic()
+        completed = False
         try:
             params = await sink.result
+            completed = True
         except FedbusError as exc:
             # the broker's own disk refusing the spool (fedbus.modelio.spool) is not the site's fault
             blame = not isinstance(exc.__cause__, OSError)
@@ -366,14 +391,14 @@ class JobStreams:
             self.task_failed(pending.site, pending.result.task_id, reason, pending.task_sid, blame=blame)
             return
         finally:
-            if slot:
-                self.upload_slots.release()
+            if slot is not None:
+                self.upload_slots.release(slot, completed=completed)
             self.pending.pop((peer, sid), None)
         received = time.monotonic()
         task = pending.result.task_id
         self.log.debug("update received", site=pending.site, task=task, seconds=round(received - started, 4))
         try:
-            decided = self.decide(pending.site, pending.result, params, heavy=slot)
+            decided = self.decide(pending.site, pending.result, params, heavy=slot is not None)
             if decided is not None:
                 await decided
             seconds = round(time.monotonic() - received, 4)

@@ -19,6 +19,7 @@ from fedbus.broker.metrics import Metrics
 from fedbus.broker.outbox import Outbox
 from fedbus.broker.registry import Registry
 from fedbus.broker.store import JobStore
+from fedbus.broker.upload_slots import UploadSlots
 from fedbus.config import BrokerConfig, is_safe_name
 from fedbus.errors import ConfigError, FedbusError, PeerError, TransportError
 from fedbus.he.context import load_broker_context
@@ -66,7 +67,7 @@ class JobLauncher:
         outbox: Outbox,
         metrics: Metrics,
         controllers: dict[str, JobController],
-        upload_slots: asyncio.Semaphore,
+        upload_slots: UploadSlots,
         spawn: Callable[[Coroutine[Any, Any, Any]], object],
     ) -> None:
         self.config = config

@@ -379,6 +379,14 @@ def _hostile_peers(t: _Text, broker: Any) -> None:
     )
     t.family("fedbus_stream_messages_unmetered_total", "counter", "Messages of open streams (credit-bounded).")
     t.sample("fedbus_stream_messages_unmetered_total", lim.free)
+    uploads = getattr(broker, "uploads", None)
+    if uploads is not None:
+        t.family(
+            "fedbus_uploads_stalled_total",
+            "counter",
+            "Big uploads aborted for stalling while another waited for their slot (upload_stall_s).",
+        )
+        t.sample("fedbus_uploads_stalled_total", uploads.slots.taken_total)
     if router is None:
         return
     o = router.overflow

@@ -23,6 +23,7 @@ from fedbus.broker.limits import PeerLimits
 from fedbus.broker.metrics import Metrics
 from fedbus.broker.outbox import Outbox
 from fedbus.broker.store import JobStore
+from fedbus.broker.upload_slots import UploadSlots
 from fedbus.config import BrokerConfig
 from fedbus.errors import FedbusError
 from fedbus.log import get_logger
@@ -83,7 +84,7 @@ class Uploads:
         self.spawn = spawn
         self.on_job_ready = on_job_ready
         slots = config.upload_slots or default_upload_slots()
-        self.slots = asyncio.Semaphore(slots)
+        self.slots = UploadSlots(slots, config.upload_stall_s)
         """Big uploads received at once; every job's controller takes its turns on these."""
         self.window = config.window_bytes or default_window(slots, config.chunk_bytes)
         self._models: dict[str, tuple[bytes, int]] = {}  # job id -> (submitter, model size)

@@ -411,6 +411,27 @@ class StreamHub:
             if p == peer:
                 outbox.put_nowait(Abort(sid, reason))
 
+    def received(self, peer: bytes, sid: int) -> int | None:
+        """Bytes of incoming stream ``sid`` from ``peer`` that arrived so far; None if it is not being received."""
+        receiver = self._receivers.get((peer, sid))
+        return None if receiver is None else receiver.arrived
+
+    def abort_incoming(self, peer: bytes, sid: int, reason: str) -> bool:
+        """Give up one incoming stream on this side: its sender hears ``reason`` (an ABORT), its sink's result
+        fails with it. False if the stream is not being received."""
+        key = (peer, sid)
+        receiver, queue = self._receivers.get(key), self._incoming.get(key)
+        if receiver is None or queue is None:
+            return False
+        for m in receiver.abort(reason):
+            self._spawn(self._tell(peer, m))
+        queue.put_nowait(_WAKE)  # its task sees the stream failed and ends it
+        return True
+
+    async def _tell(self, peer: bytes, msg: Message) -> None:
+        with contextlib.suppress(TransportError):
+            await self.endpoint.send(peer, msg)
+
     async def resume_all(self, peer: bytes | None = None) -> None:
         """After a reconnect: ask every sender (of ``peer``) to continue from our last verified offset."""
         for (p, _sid), receiver in list(self._receivers.items()):
