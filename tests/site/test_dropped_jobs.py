@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
-import zmq.asyncio
 
 from fedbus.protocol.messages import Deploy, EndJob, Error
 from tests.site.helpers import FakeBroker, job_archive, running_site
 
 pytestmark = pytest.mark.timeout(60)
 SLEEPER = "import time\ntime.sleep(60)\n"
-
-
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[FakeBroker]:
-    ctx = zmq.asyncio.Context()
-    fake = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
-    try:
-        yield fake
-    finally:
-        await fake.close()
-        ctx.destroy(linger=0)
 
 
 def _gone(pid: int) -> bool:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-import zmq.asyncio
 
 from fedbus.errors import TransportError
 from fedbus.modelio.sources import ModelSource
@@ -33,17 +31,6 @@ CRASHER = """
 print("loading data", flush=True)
 raise RuntimeError("boom: the data folder is empty")
 """
-
-
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[FakeBroker]:
-    ctx = zmq.asyncio.Context()
-    fake = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
-    try:
-        yield fake
-    finally:
-        await fake.close()
-        ctx.destroy(linger=0)
 
 
 def deploy(job_id: str, **config: object) -> Deploy:

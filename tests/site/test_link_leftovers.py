@@ -10,28 +10,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import zmq.asyncio
 
 from fedbus.protocol.messages import Deploy, EndJob
 from fedbus.site.folder import LINK_DIR, link_prefix
 from tests.site.helpers import FakeBroker, job_archive, running_site
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[FakeBroker]:
-    ctx = zmq.asyncio.Context()
-    fake = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
-    try:
-        yield fake
-    finally:
-        await fake.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.fixture

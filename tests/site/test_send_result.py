@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import zmq.asyncio
 
 from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Deploy, EndJob, Task
@@ -26,17 +24,6 @@ while flare.is_running():
     delivered = flare.send(flare.FLModel(params=model.params, meta={flare.NUM_STEPS_CURRENT_ROUND: 1}))
     flare.log("delivered", int(delivered), model.current_round)
 """
-
-
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[FakeBroker]:
-    ctx = zmq.asyncio.Context()
-    fake = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
-    try:
-        yield fake
-    finally:
-        await fake.close()
-        ctx.destroy(linger=0)
 
 
 async def _task(broker: FakeBroker, task_id: str, round_: int) -> None:
