@@ -67,7 +67,7 @@ async def run_job(tmp: Path, client: str) -> Path:
         folder = broker.store.job_dir(job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while loop.time() < deadline and not all(
+        while "log_streaming" in client and loop.time() < deadline and not all(
             (folder / "logs" / f"{s}.log").exists() and "bye" in (folder / "logs" / f"{s}.log").read_text()
             for s in ("site-1", "site-2")
         ):
