@@ -67,9 +67,13 @@ async def run_job(tmp: Path, client: str) -> Path:
         folder = broker.store.job_dir(job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while "log_streaming" in client and loop.time() < deadline and not all(
-            (folder / "logs" / f"{s}.log").exists() and "bye" in (folder / "logs" / f"{s}.log").read_text()
-            for s in ("site-1", "site-2")
+        while (
+            "log_streaming" in client
+            and loop.time() < deadline
+            and not all(
+                (folder / "logs" / f"{s}.log").exists() and "bye" in (folder / "logs" / f"{s}.log").read_text()
+                for s in ("site-1", "site-2")
+            )
         ):
             await asyncio.sleep(0.1)  # the last lines follow the script's exit, after the job's end
     return folder
