@@ -20,6 +20,7 @@ import torch
 import zmq.asyncio
 
 from fedbus.config import SiteConfig
+from fedbus.errors import PeerUnreachable
 from fedbus.jobs import pack_job
 from fedbus.modelio import serde
 from fedbus.modelio.sinks import BufferSink
@@ -76,25 +77,31 @@ class FakeBroker:
                 inc = await self.ep.recv()
             except BadMessage:
                 continue
-            if inc.msg.TYPE in STREAM_TYPES:
-                await self.hub.dispatch(inc.peer, inc.msg, inc.payload)
-            elif isinstance(inc.msg, Hello):
-                self.hellos += 1
-                self.last_hello = inc.msg
-                self.peer = inc.peer
-                if self.welcome:
-                    self.known.add(inc.peer)
-                    await self.ep.send(inc.peer, Welcome("broker-1", HEARTBEAT_S, 5))
-            elif isinstance(inc.msg, Heartbeat):
-                self.heartbeats.append(asyncio.get_running_loop().time())
-                if inc.peer not in self.known:  # what a restarted broker says to a peer it forgot
-                    await self.ep.send(inc.peer, Error("hello_required", "say hello first", "heartbeat"))
-                elif self.answer_heartbeats:
-                    await self.ep.send(inc.peer, Heartbeat())
-            else:
-                if isinstance(inc.msg, Result) and inc.msg.sid is not None:
-                    self.results[(inc.peer, inc.msg.sid)] = inc.msg
-                await self.inbox.put(inc)
+            try:
+                await self._answer(inc)
+            except PeerUnreachable:
+                continue  # the site left (or reconnects) before the answer: lost, as at a real broker
+
+    async def _answer(self, inc: Incoming) -> None:
+        if inc.msg.TYPE in STREAM_TYPES:
+            await self.hub.dispatch(inc.peer, inc.msg, inc.payload)
+        elif isinstance(inc.msg, Hello):
+            self.hellos += 1
+            self.last_hello = inc.msg
+            self.peer = inc.peer
+            if self.welcome:
+                self.known.add(inc.peer)
+                await self.ep.send(inc.peer, Welcome("broker-1", HEARTBEAT_S, 5))
+        elif isinstance(inc.msg, Heartbeat):
+            self.heartbeats.append(asyncio.get_running_loop().time())
+            if inc.peer not in self.known:  # what a restarted broker says to a peer it forgot
+                await self.ep.send(inc.peer, Error("hello_required", "say hello first", "heartbeat"))
+            elif self.answer_heartbeats:
+                await self.ep.send(inc.peer, Heartbeat())
+        else:
+            if isinstance(inc.msg, Result) and inc.msg.sid is not None:
+                self.results[(inc.peer, inc.msg.sid)] = inc.msg
+            await self.inbox.put(inc)
 
     async def _on_offer(self, peer: bytes, offer: Offer) -> BufferSink | None:
         result = self.results.pop((peer, offer.sid), None)
