@@ -472,6 +472,7 @@ class _Tree:
         self.scripts: set[int] = set()
         """The training scripts seen running (a site's children running ``client.py``), connected or not."""
         self.cpu: list[tuple[float, dict[str, float]]] = []
+        self._seen: dict[tuple[int, str], float] = {}  # (pid, kind or kind:thread) -> its last CPU seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._procs: dict[int, psutil.Process] = {}
@@ -513,9 +514,12 @@ class _Tree:
                 except psutil.Error:
                     continue
                 kind = self.kind[p]
-                totals[kind] = totals.get(kind, 0.0) + t.user + t.system
+                self._seen[(p, kind)] = t.user + t.system
                 for part, seconds in thread_cpu(p).items():  # which threads: the loop, zmq's I/O, or the others
-                    totals[f"{kind}:{part}"] = totals.get(f"{kind}:{part}", 0.0) + seconds
+                    self._seen[(p, f"{kind}:{part}")] = seconds
+        # every process ever seen, at its last reading: one that exited (a script the job ended) keeps its CPU
+        for (_, key), seconds in self._seen.items():
+            totals[key] = totals.get(key, 0.0) + seconds
         self.cpu.append((time.time(), totals))
 
     def cpu_between(self, t0: float, t1: float) -> dict[str, float]:
