@@ -229,7 +229,14 @@ class Execution:
             if result_dir is None or not result_dir.is_dir():
                 result_dir = dest
                 await asyncio.to_thread(keep_download, data, dest)
-            run.fill(data, job=job, checkpoint_dir=self.backend.checkpoint_dir(self.job_id), result_dir=result_dir)
+            he = getattr(self.backend, "he_keys", None)  # SimEnv's and PocEnv's own keys: the model decrypted
+            run.fill(
+                data,
+                job=job,
+                checkpoint_dir=self.backend.checkpoint_dir(self.job_id),
+                result_dir=result_dir,
+                he_context=he.site if he is not None else None,
+            )
             self._timing["results_s"] = time.monotonic() - self.started
         finally:
             await self._close()

@@ -35,6 +35,7 @@ import psutil
 from fedbus.admin import from_kit
 from fedbus.errors import ConfigError, JobError
 from fedbus.recipes._driver import execute
+from fedbus.recipes._he_keys import HEKeys, execution_keys
 from fedbus.recipes.sim import _site_names
 from fedbus.transport.context import Context
 
@@ -72,7 +73,8 @@ class PocEnv:
 
     def execute(self, recipe: Recipe, wait: bool = True) -> Run:
         workspace = (self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-poc-"))).resolve()
-        return execute(_PocBackend(self.clients, workspace), recipe, wait=wait, progress=self.progress)
+        backend = _PocBackend(self.clients, workspace, execution_keys(recipe, workspace))
+        return execute(backend, recipe, wait=wait, progress=self.progress)
 
     def __repr__(self) -> str:
         return f"PocEnv(clients={self.clients})"
@@ -162,8 +164,9 @@ class _ProdBackend:
 class _PocBackend:
     """The daemon processes of one execution."""
 
-    def __init__(self, clients: list[str], workspace: Path) -> None:
+    def __init__(self, clients: list[str], workspace: Path, he_keys: HEKeys | None = None) -> None:
         self.clients = clients
+        self.he_keys = he_keys
         self.num_clients = num_clients = len(clients)
         self.workspace = workspace
         self.expected_sites: int | None = num_clients
@@ -189,11 +192,18 @@ class _PocBackend:
             # A free port picked here lets the sites start with the broker (each process spends seconds
             # importing torch) instead of after it; the sites dial until the broker listens.
             address = f"tcp://127.0.0.1:{_free_port()}"
-            config.write_text(BROKER_TOML.format(address=address, workspace=self.workspace / "broker"))
+            profile = BROKER_TOML.format(address=address, workspace=self.workspace / "broker")
+            if self.he_keys is not None:
+                profile += f'he_context = "{self.he_keys.broker}"\n'
+            config.write_text(profile)
             offset = log_path.stat().st_size if log_path.exists() else 0
             broker = self._spawn(["broker", "--config", str(config)], "broker", env)
             for name in self.clients:
                 args = ["site", "--name", name, "--broker", address, "--workspace", str(self.workspace / name)]
+                if self.he_keys is not None:  # the context is a config file's key only (a path checked as one)
+                    site_toml = self.workspace / f"{name}.toml"
+                    site_toml.write_text(f'he_context = "{self.he_keys.site}"\n')
+                    args += ["--config", str(site_toml)]
                 self._spawn(args, name, env)
             if self._listening(broker, log_path, offset):
                 return address

@@ -135,8 +135,10 @@ class Run:
         job: Mapping[str, Any],
         checkpoint_dir: Path | None,
         result_dir: Path | None = None,
+        he_context: Path | None = None,
     ) -> None:
-        """Take the broker's download (and the final status entry of the job) into this run."""
+        """Take the broker's download (and the final status entry of the job) into this run; ``he_context``
+        (the sites' secret CKKS context, where the environment made it) decrypts an encrypted job's model."""
         self.status = str(job.get("state", download.get("state", "failed")))
         self.reason = str(job.get("reason", ""))
         raw = list(download.get("history", []))
@@ -155,6 +157,11 @@ class Run:
             self.model = {
                 k: v.clone() for k, v in serde.read_file(self.model_path).items() if not k.startswith(SCAFFOLD_PREFIX)
             }
+            if he_context is not None:
+                from fedbus.he.codec import decrypt_params
+                from fedbus.he.context import load_site_context
+
+                self.model = decrypt_params(load_site_context(he_context), self.model)
         cross = download.get("cross_site")
         self.cross_site = {str(m): {str(s): dict(v) for s, v in row.items()} for m, row in (cross or {}).items()}
         self.result_dir = result_dir

@@ -58,6 +58,7 @@ from fedbus.broker import Broker
 from fedbus.config import BrokerConfig, SiteConfig, is_safe_name
 from fedbus.errors import ConfigError
 from fedbus.recipes._driver import execute
+from fedbus.recipes._he_keys import HEKeys, execution_keys, wants_he
 from fedbus.recipes._launch import SimLauncher
 from fedbus.recipes._threads import ScriptImports, ThreadLauncher
 from fedbus.recipes.simtime.availability import Availability
@@ -191,8 +192,10 @@ class SimEnv:
     def execute(self, recipe: Recipe, wait: bool = True) -> Run:
         workspace = self.workspace or Path(tempfile.mkdtemp(prefix="fedbus-sim-"))
         if self.clock == "simulated":
+            _check_simulable(recipe)
             return execute(self._simulated(workspace), recipe, wait=wait, progress=self.progress)
-        return execute(_SimBackend(self, workspace), recipe, wait=wait, progress=self.progress)
+        backend = _SimBackend(self, workspace, execution_keys(recipe, workspace))
+        return execute(backend, recipe, wait=wait, progress=self.progress)
 
     def sim_now(self) -> float:
         """Simulated seconds of the current (or last) simulated run, 0 before one; safe from any thread."""
@@ -237,6 +240,23 @@ class SimEnv:
         return f"SimEnv(clients={shown}, num_threads={self.num_threads}, speed={self.speed!r}, clock={self.clock!r})"
 
 
+def _check_simulable(recipe: Recipe) -> None:
+    """ConfigError for a job the simulated clock does not model: homomorphic encryption and secure aggregation
+    change no decision of the strategy (their sums equal the plaintext ones within CKKS / fixed-point precision)
+    but cost real cryptography per update (about a CPU second per million values); the job's DP and exclusion
+    filters do change the model, and run on the simulated sites as on real ones."""
+    if wants_he(recipe):
+        raise ConfigError(
+            "clock='simulated' does not simulate homomorphic encryption ([extra.privacy] he): simulate the "
+            "plaintext job (the same sums within CKKS precision), or run it with clock='real' or in PocEnv"
+        )
+    if "secure_aggregation" in recipe.strategy_args:
+        raise ConfigError(
+            "clock='simulated' does not simulate secure aggregation: simulate the plaintext job (the same sum "
+            "within the fixed-point precision), or run it with clock='real' or in PocEnv"
+        )
+
+
 def _gpus(gpus: Any, ray: str | None) -> int | list[int] | str | None:
     """``gpus`` checked: None, "auto", a number of devices >= 1, or (not with Ray) a list of device indices."""
     if gpus is None or gpus == "auto":
@@ -268,9 +288,10 @@ class _SimBackend:
 
     expected_sites: int | None
 
-    def __init__(self, env: SimEnv, workspace: Path) -> None:
+    def __init__(self, env: SimEnv, workspace: Path, he_keys: HEKeys | None = None) -> None:
         self.env = env
         self.workspace = workspace
+        self.he_keys = he_keys
         self.expected_sites = env.num_clients
         self.poll_s = env.poll_s
         self.broker: Broker | None = None
@@ -292,8 +313,14 @@ class _SimBackend:
         address = f"inproc://fedbus-sim-{secrets.token_hex(6)}"
         # durability "none": the whole federation lives in this process, so a crash ends the run whatever is on
         # disk; the checkpoints are still written (the run's results), only not fsynced.
+        he = self.he_keys
         cfg = BrokerConfig(
-            bind=address, workspace=str(self.workspace / "broker"), heartbeat_s=1.0, liveness=10, durability="none"
+            bind=address,
+            workspace=str(self.workspace / "broker"),
+            heartbeat_s=1.0,
+            liveness=10,
+            durability="none",
+            he_context=str(he.broker) if he is not None else None,
         )
         self.broker = Broker(cfg, ctx=ctx)
         await self.broker.__aenter__()
@@ -301,7 +328,13 @@ class _SimBackend:
         if self.env.factors is not None:
             factors = list(self.env.factors)
         for name, factor in zip(self.env.clients, factors, strict=True):
-            site_cfg = SiteConfig(name=name, broker=address, workspace=str(self.workspace / name), heartbeat_s=1.0)
+            site_cfg = SiteConfig(
+                name=name,
+                broker=address,
+                workspace=str(self.workspace / name),
+                heartbeat_s=1.0,
+                he_context=str(he.site) if he is not None else None,
+            )
             site = Site(
                 site_cfg,
                 ctx=ctx,

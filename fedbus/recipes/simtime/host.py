@@ -290,7 +290,7 @@ class SiteHost:
     async def _unpack(self, msg: Deploy, archive: bytes) -> JobCode:
         folder = self.workspace / "jobs" / msg.job_id
         folder.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(unpack_job, archive, folder, require_model=False, check_strategy=False)
+        spec = await asyncio.to_thread(unpack_job, archive, folder, require_model=False, check_strategy=False)
         num_sites = msg.config.get("num_sites")
         job = JobCode(
             msg.job_id,
@@ -299,6 +299,7 @@ class SiteHost:
             tuple(str(a) for a in msg.args),
             num_sites if isinstance(num_sites, int) else len(self.sites),
             archive,
+            dict(spec.extra.get("privacy", {})),
         )
         if self.prepare is not None:
             self.prepare(msg.job_id, folder / msg.script, job.args)

@@ -59,6 +59,8 @@ class JobCode:
     args: tuple[str, ...]
     num_sites: int
     archive: bytes = b""
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+    """The job's ``[extra.privacy]``: its filters (exclusion, DP) run on every update, as at a real site."""
 
 
 @dataclass(frozen=True)

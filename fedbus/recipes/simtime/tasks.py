@@ -47,10 +47,13 @@ from fedbus.modelio import serde
 from fedbus.protocol.messages import Task
 from fedbus.recipes.simtime.gpu import Staging, load_model, state_to_host, to_host
 from fedbus.recipes.simtime.pool import JobCode, SiteTask, TaskOutcome
+from fedbus.site.filters import FilterContext, GaussianDP, apply_filters, job_filters
 
 FUNCTION = "run_task"
 """The name of the function form's entry point in a job's script."""
 WEIGHT_KEY = "NUM_STEPS_CURRENT_ROUND"
+DP_SEED = 0x5EED_D1FF
+"""Mixed into a task's seed for its DP noise: the noise differs from what the script draws from the same seed."""
 
 
 @dataclass
@@ -130,11 +133,27 @@ def run_task(
         else:
             model = serde.load_bytes(task.model) if task.model is not None else None
             outcome = _run_flare(code, job, task, model, state)
+        if job.privacy and outcome.params is not None and task.kind == "train":
+            outcome.params = _filtered(job, task, outcome)
         outcome.state = state_to_host(state) if device.type == "cuda" else state
     except BaseException:  # a script's failure is its site's crash, never the simulator's
         outcome = TaskOutcome(error=traceback.format_exc())
     outcome.compute_s = time.perf_counter() - started
     return outcome
+
+
+def _filtered(job: JobCode, task: SiteTask, outcome: TaskOutcome) -> dict[str, torch.Tensor]:
+    """The update after the job's privacy filters (``fedbus.site.filters``: exclusion, then clipping and
+    Gaussian noise), as a site applies them before upload; the noise drawn from the task's seed, so a seeded
+    simulation stays reproducible. The base is the model as received (the script may have changed its copy)."""
+    assert outcome.params is not None
+    filters = job_filters({"privacy": job.privacy})
+    for f in filters:
+        if isinstance(f, GaussianDP):
+            f.generator = torch.Generator().manual_seed(task.seed ^ DP_SEED)
+    base = serde.load_bytes(task.model) if task.model is not None else None
+    ctx = FilterContext(task.job_id, task.task_id, outcome.params_type, base)
+    return apply_filters(filters, outcome.params, ctx)
 
 
 def _run_function(
