@@ -113,15 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--logs", type=Path, help="copy the daemons' logs (JSON lines, debug level) into this folder")
     rd.add_argument("--broker-config", type=Path, help="the broker's profile (TOML), e.g. brokers/local.toml")
     rd.add_argument("--he", action="store_true", help="run it again with homomorphic encryption (CKKS) and compare")
-    ck = bsub.add_parser("ckks", help="CKKS parameter candidates for encrypted jobs: speed against precision")
-    ck.add_argument("--values", type=_positive_int, default=262144, help="values a model holds (a quarter million)")
-    ck.add_argument("--sites", type=_positive_int, default=4, help="updates folded")
     rd.add_argument("--secagg", action="store_true", help="plain FedAvg, then with secure aggregation: both, compared")
-    pg = bsub.add_parser("prg", help="secure aggregation's mask generators: seconds and GB/s on this machine")
-    pg.add_argument("--size-mb", type=_positive_float, default=100)
+    rd.add_argument("--curve", action="store_true", help="every connection over CURVE, keys from fedbus provision")
     rd.add_argument("--layout", choices=("blocks", "llama-7b"), default="blocks", help="llama-7b ignores --size-mb")
     rd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     rd.add_argument("--layers", type=_positive_int, default=32, help="transformer layers of --layout llama-7b")
+    ck = bsub.add_parser("ckks", help="CKKS parameter candidates for encrypted jobs: speed against precision")
+    ck.add_argument("--values", type=_positive_int, default=262144, help="values a model holds (a quarter million)")
+    ck.add_argument("--sites", type=_positive_int, default=4, help="updates folded")
+    pg = bsub.add_parser("prg", help="secure aggregation's mask generators: seconds and GB/s on this machine")
+    pg.add_argument("--size-mb", type=_positive_float, default=100)
     sc = bsub.add_parser("scale", help="many simulated sites on one broker: FedBuff updates/s, heartbeat latency")
     sc.add_argument("--sites", type=_positive_int, default=1000)
     sc.add_argument("--size-kb", type=_positive_float, default=100)
@@ -322,6 +323,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 layout=args.layout,
                 dtype=args.dtype,
                 layers=args.layers,
+                curve=args.curve,
             )
         elif args.bench == "ckks":
             from fedbus.bench.ckks import run_ckks

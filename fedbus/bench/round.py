@@ -186,6 +186,33 @@ def _he_configs(tmp: Path, broker_config: Path | None) -> tuple[Path, Path]:
     return tmp / "broker.toml", tmp / "site.toml"
 
 
+def _curve_configs(
+    tmp: Path, sites: int, address: str, broker_config: Path | None, he: bool
+) -> tuple[Path, list[Path], Path]:
+    """Kits from ``fedbus provision`` for a run over CURVE (and, with ``he``, the project's CKKS context): the
+    broker's profile (``broker_config``'s keys over the kit's), each site's config, the admin kit."""
+    from fedbus.config import read_toml
+    from fedbus.provision import provision
+    from fedbus.toml_writer import dumps_toml
+
+    names = [f"s{i}" for i in range(sites)]
+    participants = "".join(f'\n[[participant]]\nname = "{n}"\nrole = "site"\n' for n in names)
+    project = tmp / "project.toml"
+    project.write_text(
+        f'name = "bench"\nbroker = "{address}"\n'
+        + ("he = true\n" if he else "")
+        + participants
+        + '\n[[participant]]\nname = "bench"\nrole = "admin"\n'
+    )
+    kits = tmp / "kits"
+    provision(project, kits)
+    if broker_config is not None:  # written beside the kit's own: its paths are relative to that folder
+        profile = {**read_toml(kits / "broker" / "broker.toml"), **read_toml(broker_config)}
+        (kits / "broker" / "bench.toml").write_text(dumps_toml(profile))
+        return kits / "broker" / "bench.toml", [kits / n / "site.toml" for n in names], kits / "bench"
+    return kits / "broker" / "broker.toml", [kits / n / "site.toml" for n in names], kits / "bench"
+
+
 def _wire_bytes(workspace: Path, sites: int, accepted: int, versions: int) -> tuple[int, int]:
     """Bytes a version moves: (up, down). Up: the updates the broker received (its audit log's sizes), per version;
     down: the newest checkpoint (what each site downloads) once per site."""
@@ -215,10 +242,10 @@ def _daemon(
         )
 
 
-async def _run_job(address: str, folder: Path, timeout: float) -> dict[str, Any]:
-    from fedbus.admin import Admin
+async def _run_job(address: str, folder: Path, timeout: float, kit: Path | None = None) -> dict[str, Any]:
+    from fedbus.admin import Admin, from_kit
 
-    async with Admin(address) as admin:
+    async with from_kit(kit) if kit is not None else Admin(address) as admin:
         job_id = await admin.submit(folder)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -247,14 +274,15 @@ def run_round(
     layout: str = "blocks",
     dtype: str = "float32",
     layers: int = 32,
+    curve: bool = False,
 ) -> str:
     """Run the benchmark and return the report (a table, then one JSON line). ``logs``: a folder to copy
     the daemons' logs into (debug level: a timeline of every stream and decision); ``broker_config``: the
     broker's profile (TOML); ``he``: the same job run again with homomorphic encryption, both reported;
     ``strategy_extra``: more lines of the job's ``[strategy]`` table (secure aggregation: ``fedbus.bench.secagg``);
     ``layout``: the model's tensors (``LAYOUTS``; ``llama-7b`` ignores ``size_mb``; ``layers`` of it: 32 for 7B,
-    fewer where the disk cannot hold the round's files), ``dtype`` theirs."""
-    shape: dict[str, Any] = {"layout": layout, "dtype": dtype, "layers": layers}
+    fewer where the disk cannot hold the round's files), ``dtype`` theirs; ``curve``: over CURVE, keys provisioned."""
+    shape: dict[str, Any] = {"layout": layout, "dtype": dtype, "layers": layers, "curve": curve}
     args = (size_mb, sites, rounds, strategy, timeout, logs, broker_config)
     if not he:
         return format_report(*measure_round(*args, strategy_extra=strategy_extra, **shape))
@@ -286,9 +314,11 @@ def measure_round(
     layout: str = "blocks",
     dtype: str = "float32",
     layers: int = 32,
+    curve: bool = False,
 ) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
     """One run of the benchmark (``he``: the job encrypted; ``strategy_extra``: lines of its ``[strategy]``;
-    ``layout``, ``dtype``, ``layers``: the model, as ``run_round``'s): its report rows and figures."""
+    ``layout``, ``dtype``, ``layers``: the model, as ``run_round``'s; ``curve``: every connection over CURVE,
+    keys from ``fedbus provision``): its report rows and figures."""
     from fedbus.bench.transfer import raw_zmq_run
 
     if rounds < 2:
@@ -298,14 +328,18 @@ def measure_round(
     peaks = _Tree()
     try:
         size = _write_job(tmp / "job", size_mb, sites, rounds, strategy, layout, dtype, layers, he, strategy_extra)
-        site_config: list[str] = []
-        if he:
-            broker_config, site_toml = _he_configs(tmp, broker_config)
-            site_config = ["--config", str(site_toml)]
-        reports = tmp / "memory"
-        reports.mkdir()
         sock = tmp / "broker.sock"
         address = f"ipc://{sock}" if os.environ.get("FEDBUS_BENCH_IPC") else _free_tcp()
+        site_configs: list[list[str]] = [[] for _ in range(sites)]
+        kit = None
+        if curve:
+            broker_config, site_tomls, kit = _curve_configs(tmp, sites, address, broker_config, he)
+            site_configs = [["--config", str(t)] for t in site_tomls]
+        elif he:
+            broker_config, site_toml = _he_configs(tmp, broker_config)
+            site_configs = [["--config", str(site_toml)]] * sites
+        reports = tmp / "memory"
+        reports.mkdir()
         cores = os.cpu_count() or 1
         threads = max(1, cores // (sites + 1))
         # The broker stands for a server with a machine of its own: half the cores for its folds, which run when
@@ -323,7 +357,16 @@ def measure_round(
         for i in range(sites):
             procs.append(
                 _daemon(
-                    ["site", "--name", f"s{i}", "--broker", address, "--workspace", str(tmp / f"s{i}"), *site_config],
+                    [
+                        "site",
+                        "--name",
+                        f"s{i}",
+                        "--broker",
+                        address,
+                        "--workspace",
+                        str(tmp / f"s{i}"),
+                        *site_configs[i],
+                    ],
                     tmp / f"s{i}.log",
                     threads,
                     level,
@@ -333,7 +376,7 @@ def measure_round(
         _wait_listening(tmp / "broker.log", broker)
         started = time.monotonic()
         peaks.start({p.pid: "broker" if p is broker else "sites" for p in procs})
-        result = asyncio.run(_run_job(address, tmp / "job", timeout))
+        result = asyncio.run(_run_job(address, tmp / "job", timeout, kit))
         wall = time.monotonic() - started
         peaks.stop()
         if result["state"] == "finished":
@@ -389,13 +432,18 @@ def measure_round(
         "wall_s": round(wall, 2),
         "accepted": accepted,
         "he": he,
+        "curve": curve,
         "up_bytes_per_round": up,
         "down_bytes_per_round": down,
         "wire_bytes_per_round": up + down,
     }
     shutil.rmtree(tmp, ignore_errors=True)
     rows = [
-        ("model / sites", f"{out['size_mb']} MiB ({layout}, {dtype}) x {sites} sites, {rounds} versions of {strategy}"),
+        (
+            "model / sites",
+            f"{out['size_mb']} MiB ({layout}, {dtype}) x {sites} sites, {rounds} versions of {strategy}"
+            + (", over CURVE" if curve else ""),
+        ),
         ("round", f"median {round_s:.3f} s after the first ({', '.join(f'{x:.3f}' for x in per_round)})"),
         ("throughput", f"{gbps:.2f} GB/s of model traffic; raw zmq {raw:.2f} GB/s; efficiency {gbps / raw:.0%}"),
         ("broker rss", f"peak growth {out['broker_rss_x']:.2f} x model"),

@@ -200,6 +200,7 @@ class Broker:
             address=self.address,
             workspace=str(self.store.root),
             session=self.session,
+            curve=self.config.secret_key is not None,
             placement_threads=placement_threads(),
             io_threads=io_threads(server=True),
         )

@@ -41,17 +41,18 @@ def test_bench_round_reports_its_figures(strategy: str) -> None:
     assert per_gib["total"] == pytest.approx(sum(per_gib[k] for k in ("broker", "sites", "scripts")), abs=0.01)
 
 
-def test_bench_round_keeps_a_timeline_and_takes_a_broker_profile(tmp_path: Path) -> None:
+def test_bench_round_over_curve_keeps_a_timeline_and_takes_a_broker_profile(tmp_path: Path) -> None:
     profile = tmp_path / "broker.toml"
     profile.write_text("heartbeat_s = 0.7\nchunk_mb = 1\n")  # 1 MiB chunks: a 3 MiB update is spooled
-    out = _last_json(run_round(3, 2, rounds=2, logs=tmp_path / "logs", broker_config=profile))
-    assert out["accepted"] == 4
+    out = _last_json(run_round(3, 2, rounds=2, logs=tmp_path / "logs", broker_config=profile, curve=True))
+    assert out["accepted"] == 4 and out["curve"]
     events = {}
     for name in ("broker", "s0", "s1"):
         for line in (tmp_path / "logs" / f"{name}.log").read_text().splitlines():
             record = json.loads(line)
             events.setdefault((name, record["event"]), []).append(record)
     assert [e["heartbeat_s"] for e in events[("s0", "welcomed by the broker")]] == [0.7]  # the profile's
+    assert [e["curve"] for e in events[("broker", "broker listening")]] == [True]  # the kit's keys, merged
     for event in ("model sent", "update received", "update decided"):
         assert sorted(e["site"] for e in events[("broker", event)]) == ["s0", "s0", "s1", "s1"], event
         assert all(e["seconds"] >= 0 for e in events[("broker", event)])
