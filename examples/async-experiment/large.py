@@ -40,6 +40,11 @@ import synthetic  # noqa: E402
 COLUMNS = ("strategy", "version", "sim_h", "wall_s", "client_updates", "heldout_acc", "mean_staleness")
 
 
+def _gpus(value: str | None) -> int | str | None:
+    """``--gpus``: None (CPU threads), "auto", or a number of devices."""
+    return int(value) if value is not None and value.isdigit() else value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", type=int, default=1000)
@@ -50,6 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="worker threads (default: cores)")
+    p.add_argument("--gpus", default=None, help="train on CUDA: 'auto' (every visible device) or a number of devices")
+    p.add_argument("--workers-per-gpu", type=int, default=4, help="worker threads per GPU (4)")
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--buffer-size", type=int, default=10)
     p.add_argument("--per-round", type=int, default=100, help="FedAvg sites per round (100)")
@@ -156,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             env = SimEnv(
                 args.sites,
                 num_threads=args.workers,
+                gpus=_gpus(args.gpus),
+                workers_per_gpu=args.workers_per_gpu,
                 clock="simulated",
                 train_s=args.task_s,
                 speed=speed,

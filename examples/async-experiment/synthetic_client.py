@@ -37,19 +37,20 @@ def local_sgd(
     """Softmax regression trained from ``params``; returns (params, steps, mean loss of the last epoch)."""
     w = params["linear.weight"].clone().requires_grad_(True)
     b = params["linear.bias"].clone().requires_grad_(True)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.from_numpy(x).to(w.device), torch.from_numpy(y).to(w.device)  # a GPU worker's device
     steps, losses = 0, []
     for _ in range(args.epochs):
         losses = []
-        for idx in torch.randperm(len(yt), generator=gen).split(args.batch_size):
+        for idx in torch.randperm(len(yt), generator=gen).to(w.device).split(args.batch_size):
             loss = nn.functional.cross_entropy(xt[idx] @ w.T + b, yt[idx])
             gw, gb = torch.autograd.grad(loss, (w, b))
             with torch.no_grad():
                 w -= args.lr * gw
                 b -= args.lr * gb
-            losses.append(loss.item())
+            losses.append(loss.detach())  # no device sync per step
             steps += 1
-    return {"linear.weight": w.detach(), "linear.bias": b.detach()}, steps, float(np.mean(losses)) if losses else 0.0
+    mean_loss = float(torch.stack(losses).mean()) if losses else 0.0
+    return {"linear.weight": w.detach(), "linear.bias": b.detach()}, steps, mean_loss
 
 
 def run_task(site, model: flare.FLModel) -> flare.FLModel:
