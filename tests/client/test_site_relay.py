@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import zmq.asyncio
 
 from fedbus.modelio.sources import ModelSource
 from fedbus.protocol.messages import Deploy, EndJob, Task
-from tests.site.helpers import FakeBroker, job_archive, running_site, sample_model
+from tests.site.helpers import FakeBroker, fake_broker, job_archive, running_site, sample_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,13 +37,8 @@ while flare.is_running():
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[FakeBroker]:
-    ctx = zmq.asyncio.Context()
-    fake = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
-    try:
+    async with fake_broker(tmp_path) as fake:
         yield fake
-    finally:
-        await fake.close()
-        ctx.destroy(linger=0)
 
 
 async def test_options_reach_the_script_and_a_submitted_model_is_uploaded(tmp_path: Path, broker: FakeBroker) -> None:

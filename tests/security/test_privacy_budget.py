@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import zmq.asyncio
 
 from fedbus import cli
 from fedbus.audit import AuditLog, read_audit
@@ -26,7 +25,7 @@ from fedbus.protocol.messages import Deploy, Task
 from fedbus.site import Site
 from fedbus.site.filters import FilterContext, GaussianDP, filter_metrics, site_filters
 from fedbus.site.privacy_budget import PrivacyBudget, PrivacyBudgetSpent, epsilon_of
-from tests.site.helpers import HEARTBEAT_S, PLUS_ONE, WAIT, FakeBroker, job_archive, sample_model
+from tests.site.helpers import HEARTBEAT_S, PLUS_ONE, WAIT, FakeBroker, fake_broker, job_archive, sample_model
 
 pytest.importorskip("opacus", reason="the privacy budget needs opacus (pip install 'fedbus[privacy]')")
 scipy_stats = pytest.importorskip("scipy.stats", reason="the closed form needs scipy (an opacus dependency)")
@@ -121,13 +120,8 @@ def test_budget_config_is_checked() -> None:
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[FakeBroker]:
-    ctx = zmq.asyncio.Context()
-    fake = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
-    try:
+    async with fake_broker(tmp_path) as fake:
         yield fake
-    finally:
-        await fake.close()
-        ctx.destroy(linger=0)
 
 
 @contextlib.asynccontextmanager

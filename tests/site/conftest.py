@@ -4,17 +4,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import zmq.asyncio
 
-from tests.site.helpers import FakeBroker
+from tests.site.helpers import FakeBroker, fake_broker
 
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[FakeBroker]:
-    ctx = zmq.asyncio.Context()
-    fake = FakeBroker(ctx, f"ipc://{tmp_path}/broker.sock")
-    try:
+    async with fake_broker(tmp_path) as fake:
         yield fake
-    finally:
-        await fake.close()
-        ctx.destroy(linger=0)

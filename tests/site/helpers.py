@@ -194,3 +194,15 @@ def evil_archive(valid: bytes, name: str = "../evil.py") -> bytes:
             dst.writestr(info, src.read(info))
         dst.writestr(name, "print('escaped')\n")
     return buf.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def fake_broker(folder: Path) -> AsyncIterator[FakeBroker]:
+    """A FakeBroker on an ipc socket in ``folder``, with a zmq context of its own, closed on the way out."""
+    ctx = zmq.asyncio.Context()
+    fake = FakeBroker(ctx, f"ipc://{folder}/broker.sock")
+    try:
+        yield fake
+    finally:
+        await fake.close()
+        ctx.destroy(linger=0)
