@@ -150,7 +150,9 @@ class BufferSink:
         if self.path is None and reuse is not None and reuse.dtype == torch.uint8 and reuse.numel() == offer.total:
             self.buffer = reuse
         elif self.path is None:
-            self.buffer = serde.allocate(offer.total, huge=placement_threads() > 0)
+            # (the thread count read only for a buffer placement threads may fill: not once per small model)
+            huge = offer.total >= PLACEMENT_MIN and placement_threads() > 0
+            self.buffer = serde.allocate(offer.total, huge=huge)
             # Only a buffer of its own mapping has fresh pages to populate; a small one comes from the heap
             # (a system call per chunk of a small upload would cost a broker at many sites for nothing).
             self._populate = offer.total >= PLACEMENT_MIN
