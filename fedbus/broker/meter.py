@@ -15,6 +15,14 @@ period) writes one log line and one audit record per burst with the count since,
 handful of lines whose ``count`` fields add up to N. A handler's refusal of an authorized request
 (code ``refused``) is answered every time, since an admin waits for its answer; the peer's budget bounds those.
 
+Shed. A routing id refused ``SHED_AFTER`` times within ``SHED_WINDOW_S`` floods: it is cut off for ``SHED_S``
+(``RouterEndpoint.cut``), so that its messages are dropped on receipt, before any decode, meter or answer (a
+dictionary lookup each instead of the whole refusal path), and what it left queued when it goes is drained as
+cheaply. No well-behaved peer comes near: the most refusals one can earn at once is a stream's credit window of
+chunks (at most 1,024 messages), sent to a restarted broker before the site says hello again. Logged and
+audited once per shedding; what it sends meanwhile is counted and reported with the refusals (``report``: code
+``cut_off``), so the records still account for every message. When the flood goes on, it is shed again.
+
 Cut off. The broker's ROUTER drops what does not fit a peer's queue and cuts off a peer that stays full
 (``fedbus.transport.overflow``); ``cut_off`` is then called (on the loop, soon after the send that found it):
 the peer's streams are aborted, a site is declared gone, an admin forgotten, and with CURVE its key is
@@ -36,10 +44,13 @@ from fedbus.protocol.messages import Message
 log = get_logger("broker")
 
 MiB = 1 << 20
-AUDITED = frozenset({"rate_limited", "unauthorized", "bad_message", "refused", "internal"})
+AUDITED = frozenset({"rate_limited", "unauthorized", "bad_message", "refused", "internal", "cut_off"})
 """Refusal codes written to the audit trail (``hello_required`` is what a broker restart makes every site hear)."""
 REPLY_EACH = frozenset({"refused"})
 """Refusal codes answered every time, not once per burst."""
+SHED_AFTER = 2048
+SHED_WINDOW_S = 1.0
+SHED_S = 2.0
 EVENTS = {
     "rate_limited": "peer over its request rate: refusing",
     "unauthorized": "message refused: not authorized",
@@ -68,6 +79,12 @@ class Meter:
         )
         self.refusals = Refusals()
         self._users: OrderedDict[bytes, str] = OrderedDict()  # routing id -> ZAP User-Id last seen on it
+        self._recent: OrderedDict[bytes, list[float]] = OrderedDict()  # routing id -> [window start, refusals]
+        self.shed: Any = None
+        """``shed(peer, seconds)``: drop a flooding routing id's messages on receipt for ``seconds``."""
+        self.dropped: Any = None
+        """``dropped()``: the messages of cut-off peers dropped unread since the last call, per peer."""
+        self.shed_total = 0
 
     @staticmethod
     def key(peer: bytes, user: str) -> bytes:
@@ -107,6 +124,9 @@ class Meter:
         key = self.key(peer, user)
         now = time.monotonic()
         first, answer = self.refusals.refuse(key, code, now, peer=peer, user=user, reason=reason, type=msg_type)
+        if self._floods(peer, now):
+            self._shed(peer, user)
+            return first
         if first:
             level = log.info if code == "hello_required" else log.warning
             level(
@@ -125,8 +145,36 @@ class Meter:
             await self.answer(peer, code, reason, msg_type)
         return first
 
+    def _floods(self, peer: bytes, now: float) -> bool:
+        """Count one refusal of ``peer``'s; True when that makes ``SHED_AFTER`` within ``SHED_WINDOW_S``."""
+        if self.shed is None:
+            return False
+        window = self._recent.get(peer)
+        if window is None or now - window[0] > SHED_WINDOW_S:
+            window = self._recent[peer] = [now, 0.0]
+            if len(self._recent) > self.limits.max_peers:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(peer)
+        window[1] += 1
+        if window[1] < SHED_AFTER:
+            return False
+        del self._recent[peer]
+        return True
+
+    def _shed(self, peer: bytes, user: str) -> None:
+        self.shed_total += 1
+        self.shed(peer, SHED_S)
+        log.warning("peer shed: it floods refused messages", peer=peer[:80], user=user, refusals=SHED_AFTER, for_s=SHED_S)
+        self.guard.audit.record("shed", peer=_text(peer), by=user or None, refusals=SHED_AFTER, for_s=SHED_S)
+
     def report(self, *, final: bool = False) -> None:
-        """Bursts with refusals not yet reported: one log line and one audit record each, with the count."""
+        """Bursts with refusals not yet reported: one log line and one audit record each, with the count; and the
+        messages cut-off peers sent that were dropped unread, one line and record per peer with the count."""
+        for peer, count in (self.dropped() if self.dropped is not None else {}).items():
+            user = self.user_of(peer)
+            reason = "dropped unread: the peer is cut off"
+            log.warning("messages of a cut-off peer dropped", peer=peer[:80], user=user, code="cut_off", count=count)
+            self.guard.refused(reason, peer=peer, user=user, type="", code="cut_off", count=count)
         for b in self.refusals.flush() if final else self.refusals.due(time.monotonic()):
             fields = {"peer": b.peer[:80], "user": b.user, "type": b.type, "code": b.code, "count": b.unreported}
             log.warning("refusals in a burst", reason=b.reason[:300], burst_s=round(b.last - b.first, 3), **fields)

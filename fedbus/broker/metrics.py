@@ -399,7 +399,11 @@ def _hostile_peers(t: _Text, broker: Any) -> None:
         f"Messages dropped because the peer's queue was full, per peer (the {PEER_ROWS} with most drops).",
         [(n, {"peer": p.decode("ascii", "replace") if p.isascii() else p.hex()}) for p, n in top],
     )
-    t.family("fedbus_peers_cut_off_total", "counter", "Peers cut off because their queue stayed full.")
+    t.family(
+        "fedbus_peers_cut_off_total",
+        "counter",
+        "Peers cut off: their queue stayed full, or they flooded refused messages.",
+    )
     t.sample("fedbus_peers_cut_off_total", o.cut_off_total)
     t.family("fedbus_peers_cut_off", "gauge", "Peers cut off now (cooling down).")
     t.sample("fedbus_peers_cut_off", o.cut_off_now(time.monotonic()))

@@ -163,6 +163,8 @@ class Broker:
                 cooldown=self.config.stuck_peer_cooldown_s,
             )
             self.router.on_stuck = self._on_stuck
+            self.meter.shed = self.router.cut
+            self.meter.dropped = self.router.take_dropped
         except TransportError:  # e.g. the port is taken: free what startup took, so a retry can start clean
             self.guard.close()
             self._release_ctx()

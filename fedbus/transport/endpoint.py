@@ -475,16 +475,21 @@ class RouterEndpoint(_ZmqEndpoint):
         """Whether ``peer`` is cut off now (its messages are dropped unread)."""
         return self.overflow.cut_off(peer, time.monotonic())
 
-    def cut(self, peer: bytes) -> None:
-        """Cut ``peer`` off now, for the cool-down (the owner's decision: e.g. the whole key was)."""
-        self.overflow.cut(peer, time.monotonic())
+    def cut(self, peer: bytes, seconds: float | None = None) -> None:
+        """Cut ``peer`` off now, for the cool-down or ``seconds`` (the owner's decision: e.g. the whole key was,
+        or the peer floods refused messages)."""
+        self.overflow.cut(peer, time.monotonic(), seconds)
 
     def _ignore(self, peer: bytes) -> bool:
         overflow = self.overflow
         if overflow.any_cut_off() and overflow.cut_off(peer, time.monotonic()):
-            overflow.ignored()
+            overflow.ignored(peer)
             return True
         return False
+
+    def take_dropped(self) -> dict[bytes, int]:
+        """Messages received from cut-off peers and dropped unread, per peer, since the last call."""
+        return self.overflow.take_dropped()
 
     async def rebind(self, timeout: float = 5.0) -> None:
         """Close every connection: a new socket takes the same address, and peers reconnect (passing the

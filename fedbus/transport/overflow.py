@@ -34,6 +34,8 @@ class Overflow:
         self.ignored_total = 0
         """Messages to or from a cut-off peer, dropped without trying."""
         self.cut_off_total = 0
+        self.dropped_from: dict[bytes, int] = {}
+        """Messages received from each cut-off peer and dropped unread, since the owner last took them."""
         self._full_since: dict[bytes, float] = {}
         self._cut_off: dict[bytes, float] = {}  # peer -> until when
 
@@ -51,9 +53,16 @@ class Overflow:
         del self._cut_off[peer]
         return False
 
-    def ignored(self) -> None:
-        """One message to or from a cut-off peer dropped."""
+    def ignored(self, sender: bytes | None = None) -> None:
+        """One message to or from (``sender``) a cut-off peer dropped."""
         self.ignored_total += 1
+        if sender is not None:
+            self.dropped_from[sender] = self.dropped_from.get(sender, 0) + 1
+
+    def take_dropped(self) -> dict[bytes, int]:
+        """The messages dropped unread per cut-off peer since the last call (then forgotten)."""
+        out, self.dropped_from = self.dropped_from, {}
+        return out
 
     def full(self, peer: bytes, now: float) -> bool:
         """A message to ``peer`` found its queue full and was dropped; True when this cuts the peer off (it has
@@ -76,12 +85,12 @@ class Overflow:
         if self._full_since:
             self._full_since.pop(peer, None)
 
-    def cut(self, peer: bytes, now: float) -> None:
-        """Cut ``peer`` off for the cool-down (the owner may do so for its own reasons too)."""
+    def cut(self, peer: bytes, now: float, seconds: float | None = None) -> None:
+        """Cut ``peer`` off for the cool-down, or ``seconds`` (the owner may do so for its own reasons too)."""
         self._full_since.pop(peer, None)
         if peer not in self._cut_off:
             self.cut_off_total += 1
-        self._cut_off[peer] = now + self.cooldown
+        self._cut_off[peer] = now + (self.cooldown if seconds is None else seconds)
         if len(self._cut_off) > 4 * self.max_peers:  # expired ones, from a storm of made-up routing ids
             self._cut_off = {p: t for p, t in self._cut_off.items() if t > now}
 

@@ -130,12 +130,14 @@ class NonReader:
                 sent += 1
         return sent
 
-    def keep_flooding(self, make: Callable[[int], list[bytes]]) -> None:
+    def keep_flooding(self, make: Callable[[int], list[bytes]], batch: int = 100) -> None:
+        """Send ``batch`` messages a millisecond (about) in a thread until closed."""
+
         def run() -> None:
             i = 0
             while not self._stop.is_set():
                 with self._lock, contextlib.suppress(zmq.Again):
-                    for _ in range(100):
+                    for _ in range(batch):
                         self.sock.send_multipart(make(i), zmq.NOBLOCK)
                         i += 1
                 time.sleep(0.001)

@@ -80,9 +80,11 @@ async def test_a_non_reading_flood_of_stream_messages_before_hello(plain, tmp_pa
         lines = await asyncio.to_thread(wait_counted, broker, "flood-a", N)
         assert counted(lines) == N  # every message counted: none slipped past the meter
         assert len(lines) <= 12, lines  # and a handful of records, not one per message
-        assert {r["code"] for r in lines} <= {"hello_required", "rate_limited"}
+        # past SHED_AFTER refusals the peer is shed: the rest dropped on receipt, before any decode, and counted
+        assert {r["code"] for r in lines if "code" in r} == {"hello_required", "rate_limited", "cut_off"}, lines
+        assert [r["for_s"] for r in lines if r["event"] == "peer shed: it floods refused messages"] == [2.0]
     records = _refused(tmp, "flood-a")  # rate_limited is audited (hello_required is what every restart makes)
-    assert 1 <= len(records) <= 12 and {r["code"] for r in records} == {"rate_limited"}
+    assert 1 <= len(records) <= 12 and {r["code"] for r in records} == {"rate_limited", "cut_off"}
 
 
 async def test_a_refused_message_flood_plaintext(plain, tmp_path: Path) -> None:
@@ -99,7 +101,7 @@ async def test_a_refused_message_flood_plaintext(plain, tmp_path: Path) -> None:
         assert counted(lines) == N and len(lines) <= 12, lines
     records = _refused(tmp, "flood-b")
     assert sum(r["count"] for r in records) == N and len(records) <= 12, records
-    assert {r["code"] for r in records} <= {"bad_message", "refused", "rate_limited"}
+    assert {r["code"] for r in records} <= {"bad_message", "refused", "rate_limited", "cut_off"}
 
 
 async def test_a_refused_message_flood_with_curve(tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ async def test_a_refused_message_flood_with_curve(tmp_path: Path) -> None:
             assert counted(lines) == N and len(lines) <= 12, lines
             records = _refused(tmp_path, "site-2")  # written with the log's records
             assert sum(r["count"] for r in records) == N and len(records) <= 12, records
-            assert {r["code"] for r in records} <= {"unauthorized", "rate_limited"}
+            assert {r["code"] for r in records} <= {"unauthorized", "rate_limited", "cut_off"}
             flood.keep_flooding(lambda i: [encode(Heartbeat(), i + 1)])  # still at it when SIGTERM comes
             assert await asyncio.to_thread(stop_promptly, broker) == 0
     finally:
@@ -140,7 +142,8 @@ async def test_a_peer_that_stops_reading_during_a_model_download(plain, tmp_path
             offer = await asyncio.to_thread(sponge.read_until, lambda m: isinstance(m, Offer) and "task_id" in m.route)
             assert isinstance(offer, Offer)
             sponge.send(Credit(offer.sid, offer.total))  # all of it, and then never read again
-            sponge.keep_flooding(lambda i: [encode(Heartbeat(), i + 1)])
+            # about 1,000 a second: answered within its budget, refused past it, never enough to be shed
+            sponge.keep_flooding(lambda i: [encode(Heartbeat(), i + 1)], batch=1)
             job = await run_job(admin, None, job_id=job_id)
         assert job["state"] == "finished", job
         cut = [r for r in broker.lines if r.get("event") == "peer cut off: its queue stayed full"]
