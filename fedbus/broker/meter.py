@@ -164,7 +164,9 @@ class Meter:
     def _shed(self, peer: bytes, user: str) -> None:
         self.shed_total += 1
         self.shed(peer, SHED_S)
-        log.warning("peer shed: it floods refused messages", peer=peer[:80], user=user, refusals=SHED_AFTER, for_s=SHED_S)
+        log.warning(
+            "peer shed: it floods refused messages", peer=peer[:80], user=user, refusals=SHED_AFTER, for_s=SHED_S
+        )
         self.guard.audit.record("shed", peer=_text(peer), by=user or None, refusals=SHED_AFTER, for_s=SHED_S)
 
     def report(self, *, final: bool = False) -> None:

@@ -80,8 +80,11 @@ class CipherFold:
                     want = min(self.slots, b.numel - i * self.slots)
                     if v.size() != want:
                         raise BlobError(f"{name!r}: ciphertext {i} holds {v.size()} values, expected {want}")
-                    term = v * coef
-                    acc[i] = term if acc[i] is None else acc[i] + term
+                    try:  # a ciphertext at another scale or level than the sum's: TenSEAL refuses the product or sum
+                        term = v * coef
+                        acc[i] = term if acc[i] is None else acc[i] + term
+                    except Exception as exc:  # TenSEAL raises ValueError or RuntimeError
+                        raise BlobError(f"{name!r}: ciphertext {i} does not fold with the sum: {exc}") from None
                     done.append((name, i))
         except BlobError:
             self._undo(params, coef, done)

@@ -91,6 +91,21 @@ def test_the_fold_matches_the_plaintext_weighted_sum_and_never_holds_an_update()
     assert found(windows(updates[0]["w"]), serde.layout(one).header + one["w"].numpy().tobytes())
 
 
+def test_a_ciphertext_at_another_scale_is_refused_and_leaves_the_sum_whole() -> None:
+    m = model()
+    fold = CipherFold(PUB, plain_spec(m), frozenset({"w"}))
+    good = encrypt_params(CTX, {"w": m["w"]}, HEOptions())
+    fold.add(good, 1.0)
+    held = list(fold.held())
+    other = site_context()
+    other.global_scale = 2.0**30  # the same ring, another scale: its header passes, the sum cannot take it
+    foreign = encrypt_params(other, {"w": m["w"]}, HEOptions())
+    assert fold.check("w", foreign["w"]) is None
+    with pytest.raises(blob.BlobError, match="does not fold with the sum"):
+        fold.add(foreign, 1.0)
+    assert fold.count == 1 and list(fold.held()) == held
+
+
 def test_the_fold_refuses_an_update_that_does_not_match() -> None:
     m = model()
     fold = CipherFold(PUB, plain_spec(m), frozenset({"w"}))
