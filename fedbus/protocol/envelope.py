@@ -27,6 +27,7 @@ MAX_DEPTH = 8
 """Deepest nesting accepted inside dict/list fields (metrics, meta, config)."""
 
 _PLAIN = (int, float, str, bytes, bool, type(None))
+_LEAVES = frozenset({int, str, bytes, bool, type(None)})  # exactly these need no check inside a dict or list
 _SCALARS: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (float, int),
@@ -170,14 +171,17 @@ def _check_plain(mtype: str, name: str, value: Any, depth: int) -> None:
     """Nested values must be plain msgpack data with string keys, bounded in depth."""
     if depth > MAX_DEPTH:
         raise RemoteProtocolError(f"{mtype}: field {name!r} nests deeper than {MAX_DEPTH}")
+    leaf = _LEAVES if depth < MAX_DEPTH else frozenset()  # a leaf one level down is within the depth: no call
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise RemoteProtocolError(f"{mtype}: field {name!r} has a non-string key")
-            _check_plain(mtype, name, v, depth + 1)
+            if type(v) not in leaf:
+                _check_plain(mtype, name, v, depth + 1)
     elif isinstance(value, list):
         for v in value:
-            _check_plain(mtype, name, v, depth + 1)
+            if type(v) not in leaf:
+                _check_plain(mtype, name, v, depth + 1)
     elif not isinstance(value, _PLAIN):
         raise RemoteProtocolError(f"{mtype}: field {name!r} holds a {type(value).__name__}")
     elif isinstance(value, float):
