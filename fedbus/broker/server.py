@@ -403,7 +403,7 @@ class Broker:
     ) -> bool:
         """A site named ``job_id``: when the store says it does not run there (``registry.held_job_verdict``, for
         one of ``causes``), the site is told to end it (``end_job`` with the cause and this session): True."""
-        verdict = held_job_verdict(job_id, self.store.job(job_id), site)
+        verdict = held_job_verdict(job_id, self.store.job_standing(job_id), site)
         if verdict is None or verdict[0] not in causes:
             return False
         cause, reason = verdict

@@ -15,6 +15,7 @@ from fedbus import digest
 from fedbus._memory import populate_for_write
 from fedbus.errors import RemoteProtocolError, TransportError
 from fedbus.modelio import serde
+from fedbus.modelio.buffers import HUGE_BUFFER_MIN
 from fedbus.modelio.finite import FiniteScan
 from fedbus.protocol.envelope import decode, encode
 from fedbus.protocol.messages import Offer
@@ -150,8 +151,8 @@ class BufferSink:
         if self.path is None and reuse is not None and reuse.dtype == torch.uint8 and reuse.numel() == offer.total:
             self.buffer = reuse
         elif self.path is None:
-            # (the thread count read only for a buffer placement threads may fill: not once per small model)
-            huge = offer.total >= PLACEMENT_MIN and placement_threads() > 0
+            # Only a large buffer may go on huge pages: a small one skips the environment read per stream.
+            huge = offer.total >= HUGE_BUFFER_MIN and placement_threads() > 0
             self.buffer = serde.allocate(offer.total, huge=huge)
             # Only a buffer of its own mapping has fresh pages to populate; a small one comes from the heap
             # (a system call per chunk of a small upload would cost a broker at many sites for nothing).

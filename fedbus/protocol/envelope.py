@@ -27,6 +27,7 @@ MAX_DEPTH = 8
 """Deepest nesting accepted inside dict/list fields (metrics, meta, config)."""
 
 _PLAIN = (int, float, str, bytes, bool, type(None))
+_LEAVES = frozenset({int, str, bytes, bool, type(None)})  # exactly these need no check inside a dict or list
 _SCALARS: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (float, int),
@@ -87,7 +88,8 @@ def encode(msg: Message, mid: int = 0) -> bytes:
     try:  # what we send must pass the checks the peer will apply: fail here, naming the field, not there
         for f in _SCHEMAS[msg.TYPE]:
             value = getattr(msg, f.name)
-            _check_field(msg.TYPE, f, value)
+            if type(value) not in f.simple:  # an int, str, bytes or bool of a field that takes it needs no more
+                _check_field(msg.TYPE, f, value)
             # A field at its default is left out: the peer fills in the same, and one that predates it accepts it.
             if f.required or type(value) is not type(f.default) or value != f.default:
                 body[f.name] = value
@@ -135,7 +137,8 @@ def decode(data: bytes | bytearray | memoryview, max_size: int = MAX_ENVELOPE) -
                 raise RemoteProtocolError(f"{mtype}: missing field {f.name!r}")
             continue
         value = body.pop(f.name)
-        _check_field(mtype, f, value)
+        if type(value) not in f.simple:  # the check's own fast path, without the call
+            _check_field(mtype, f, value)
         kwargs[f.name] = value
     if body:
         raise RemoteProtocolError(f"{mtype}: unknown field(s) {sorted(map(str, body))}")
@@ -168,14 +171,17 @@ def _check_plain(mtype: str, name: str, value: Any, depth: int) -> None:
     """Nested values must be plain msgpack data with string keys, bounded in depth."""
     if depth > MAX_DEPTH:
         raise RemoteProtocolError(f"{mtype}: field {name!r} nests deeper than {MAX_DEPTH}")
+    leaf = _LEAVES if depth < MAX_DEPTH else frozenset()  # a leaf one level down is within the depth: no call
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise RemoteProtocolError(f"{mtype}: field {name!r} has a non-string key")
-            _check_plain(mtype, name, v, depth + 1)
+            if type(v) not in leaf:
+                _check_plain(mtype, name, v, depth + 1)
     elif isinstance(value, list):
         for v in value:
-            _check_plain(mtype, name, v, depth + 1)
+            if type(v) not in leaf:
+                _check_plain(mtype, name, v, depth + 1)
     elif not isinstance(value, _PLAIN):
         raise RemoteProtocolError(f"{mtype}: field {name!r} holds a {type(value).__name__}")
     elif isinstance(value, float):

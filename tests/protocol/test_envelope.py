@@ -167,6 +167,12 @@ def test_rejects_non_string_keys_and_deep_nesting() -> None:
     for _ in range(MAX_DEPTH - 1):
         ok = [ok]
     assert decode(envelope(hello, caps={"d": ok}))[0].caps == {"d": ok}  # type: ignore[attr-defined]
+    for leaf in (1, "s", b"b", True, None):  # a leaf of any plain type one level past the limit is refused too
+        edge: Any = leaf
+        for _ in range(MAX_DEPTH):
+            edge = [edge]
+        reject(envelope(hello, caps={"d": edge}), f"hello: field 'caps' nests deeper than {MAX_DEPTH}")
+    reject(envelope(hello, caps={"d": [1, {"x": [float("nan")]}]}), "hello: field 'caps' is NaN")
     reject(envelope(hello, caps={"t": msgpack.ExtType(5, b"x")}), "hello: field 'caps' holds a ExtType")
 
 
