@@ -206,11 +206,12 @@ def _curve_configs(
     )
     kits = tmp / "kits"
     provision(project, kits)
+    profile_path = kits / "broker" / "broker.toml"
     if broker_config is not None:  # written beside the kit's own: its paths are relative to that folder
-        profile = {**read_toml(kits / "broker" / "broker.toml"), **read_toml(broker_config)}
-        (kits / "broker" / "bench.toml").write_text(dumps_toml(profile))
-        return kits / "broker" / "bench.toml", [kits / n / "site.toml" for n in names], kits / "bench"
-    return kits / "broker" / "broker.toml", [kits / n / "site.toml" for n in names], kits / "bench"
+        profile = {**read_toml(profile_path), **read_toml(broker_config)}
+        profile_path = kits / "broker" / "bench.toml"
+        profile_path.write_text(dumps_toml(profile))
+    return profile_path, [kits / n / "site.toml" for n in names], kits / "bench"
 
 
 def _wire_bytes(workspace: Path, sites: int, accepted: int, versions: int) -> tuple[int, int]:

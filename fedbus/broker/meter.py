@@ -84,7 +84,6 @@ class Meter:
         """``shed(peer, seconds)``: drop a flooding routing id's messages on receipt for ``seconds``."""
         self.dropped: Any = None
         """``dropped()``: the messages of cut-off peers dropped unread since the last call, per peer."""
-        self.shed_total = 0
 
     @staticmethod
     def key(peer: bytes, user: str) -> bytes:
@@ -162,7 +161,6 @@ class Meter:
         return True
 
     def _shed(self, peer: bytes, user: str) -> None:
-        self.shed_total += 1
         self.shed(peer, SHED_S)
         log.warning(
             "peer shed: it floods refused messages", peer=peer[:80], user=user, refusals=SHED_AFTER, for_s=SHED_S

@@ -402,7 +402,8 @@ class Broker:
         self, peer: bytes, site: str, job_id: str, causes: tuple[str, ...] = ("unknown", "ended")
     ) -> bool:
         """A site named ``job_id``: when the store says it does not run there (``registry.held_job_verdict``, for
-        one of ``causes``), the site is told to end it (``end_job`` with the cause and this session): True."""
+        one of ``causes``), the site is told to end it (``end_job`` with the cause and the broker's session id):
+        True."""
         verdict = held_job_verdict(job_id, self.store.job_standing(job_id), site)
         if verdict is None or verdict[0] not in causes:
             return False

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedbus.he.context import BROKER_FILE, SITE_FILE, broker_bytes, new_site_context, site_bytes, write_private
+from fedbus.he.options import he_options
 
 if TYPE_CHECKING:
     from fedbus.recipes.recipe import Recipe
@@ -28,8 +29,8 @@ class HEKeys:
 
 
 def wants_he(recipe: Recipe) -> bool:
-    privacy = recipe.extra.get("privacy", {})
-    return isinstance(privacy, dict) and privacy.get("he") is True
+    """Whether the recipe's job asks for homomorphic encryption (its ``[extra.privacy]``, checked as a job's)."""
+    return he_options(recipe.extra, f"recipe {recipe.name}") is not None
 
 
 def execution_keys(recipe: Recipe, workspace: Path) -> HEKeys | None:

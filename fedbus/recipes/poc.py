@@ -37,6 +37,7 @@ from fedbus.errors import ConfigError, JobError
 from fedbus.recipes._driver import execute
 from fedbus.recipes._he_keys import HEKeys, execution_keys
 from fedbus.recipes.sim import _site_names
+from fedbus.toml_writer import dumps_toml
 from fedbus.transport.context import Context
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class _PocBackend:
             address = f"tcp://127.0.0.1:{_free_port()}"
             profile = BROKER_TOML.format(address=address, workspace=self.workspace / "broker")
             if self.he_keys is not None:
-                profile += f'he_context = "{self.he_keys.broker}"\n'
+                profile += dumps_toml({"he_context": str(self.he_keys.broker)})
             config.write_text(profile)
             offset = log_path.stat().st_size if log_path.exists() else 0
             broker = self._spawn(["broker", "--config", str(config)], "broker", env)
@@ -202,7 +203,7 @@ class _PocBackend:
                 args = ["site", "--name", name, "--broker", address, "--workspace", str(self.workspace / name)]
                 if self.he_keys is not None:  # the context is a config file's key only (a path checked as one)
                     site_toml = self.workspace / f"{name}.toml"
-                    site_toml.write_text(f'he_context = "{self.he_keys.site}"\n')
+                    site_toml.write_text(dumps_toml({"he_context": str(self.he_keys.site)}))
                     args += ["--config", str(site_toml)]
                 self._spawn(args, name, env)
             if self._listening(broker, log_path, offset):
